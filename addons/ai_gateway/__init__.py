@@ -1,0 +1,1 @@
+"""AI gateway for mitmproxy: policies and exact token metering for OpenAI Realtime and HTTP APIs."""

@@ -1,0 +1,253 @@
+"""The gateway policy: which route type a request path has, and what to do with its headers.
+
+A policy is a small YAML file (see README, "Policy reference"). It is validated against the YAML
+node tree rather than the loaded data so that every error can name the line it came from: a
+platform team editing a ConfigMap needs "policies/x.yaml:7: routes./realtime.type: expected ...",
+not a traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+DEFAULT_POLICY = Path(__file__).resolve().parent.parent.parent / "policies" / "openai.yaml"
+CATCH_ALL = "*"
+
+_STR_TAG = "tag:yaml.org,2002:str"
+_NULL_TAG = "tag:yaml.org,2002:null"
+
+T = TypeVar("T")
+
+
+class RouteType(enum.StrEnum):
+    """agentgateway's route types: they decide how a request is metered."""
+
+    COMPLETIONS = "Completions"
+    RESPONSES = "Responses"
+    EMBEDDINGS = "Embeddings"
+    REALTIME = "Realtime"
+    PASSTHROUGH = "Passthrough"
+
+
+@dataclass(frozen=True)
+class HeaderPolicy:
+    """Request header edits, applied before anything goes upstream."""
+
+    remove: tuple[str, ...] = ()
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Route:
+    suffix: str
+    type: RouteType
+    request: HeaderPolicy = HeaderPolicy()
+
+
+@dataclass(frozen=True)
+class Auth:
+    """Where the upstream credential comes from and how it is sent."""
+
+    env: str
+    key: str = field(repr=False)
+    header: str = "authorization"
+
+    @property
+    def header_value(self) -> str:
+        return f"Bearer {self.key}" if self.header == "authorization" else self.key
+
+
+@dataclass(frozen=True)
+class Policy:
+    source: str
+    provider: str = "openai"
+    auth: Auth | None = None
+    routes: tuple[Route, ...] = field(default_factory=tuple)
+
+    def match(self, path: str) -> Route:
+        """agentgateway's matching: longest path suffix first (query excluded), "*" last."""
+        path = path.split("?", 1)[0]
+        for route in self.routes:
+            if route.suffix == CATCH_ALL or path.endswith(route.suffix):
+                return route
+        return NO_MATCH
+
+
+NO_MATCH = Route(suffix="", type=RouteType.COMPLETIONS)
+
+
+class PolicyError(ValueError):
+    """An invalid policy; str() is the one line shown to the user."""
+
+    def __init__(self, source: str, key: str, line: int | None, expected: str) -> None:
+        where = f"{source}:{line}" if line is not None else source
+        super().__init__(f"{where}: {key}: {expected}" if key else f"{where}: {expected}")
+
+
+def load_policy(path: str | os.PathLike[str], environ: Mapping[str, str] = os.environ) -> Policy:
+    """Read and validate a policy file. Raises PolicyError with a one-line message."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PolicyError(source, "", None, f"cannot read policy file ({e.__class__.__name__}: {e})") from None
+    return parse_policy(text, source, environ)
+
+
+def parse_policy(text: str, source: str, environ: Mapping[str, str] = os.environ) -> Policy:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else None
+        raise PolicyError(source, "", line, f"invalid YAML: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise PolicyError(source, "", None, f"invalid YAML: {e}") from None
+    if root is None:
+        raise PolicyError(source, "", None, "expected a mapping with at least 'routes', got an empty file")
+    return _Validator(source, environ).policy(root)
+
+
+class _Validator:
+    """Walks the YAML node tree; each method validates one part of the schema."""
+
+    def __init__(self, source: str, environ: Mapping[str, str]) -> None:
+        self.source = source
+        self.environ = environ
+
+    def fail(self, key: str, node: Node, expected: str) -> PolicyError:
+        return PolicyError(self.source, key, node.start_mark.line + 1, expected)
+
+    def mapping(self, key: str, node: Node, allowed: tuple[str, ...] | None) -> dict[str, tuple[Node, Node]]:
+        """Key name -> (key node, value node); rejects non-mappings, duplicates and unknown keys."""
+        if not isinstance(node, MappingNode):
+            raise self.fail(key, node, f"expected a mapping, got {_describe(node)}")
+        items: dict[str, tuple[Node, Node]] = {}
+        for key_node, value_node in node.value:
+            name = self.string(key or "(top level)", key_node)
+            child = f"{key}.{name}" if key else name
+            if name in items:
+                raise self.fail(child, key_node, "duplicate key")
+            if allowed is not None and name not in allowed:
+                raise self.fail(child, key_node, f"unknown key; expected one of {', '.join(allowed)}")
+            items[name] = (key_node, value_node)
+        return items
+
+    def string(self, key: str, node: Node) -> str:
+        if not (isinstance(node, ScalarNode) and node.tag == _STR_TAG) or not node.value:
+            raise self.fail(key, node, f"expected a non-empty string, got {_describe(node)}")
+        return node.value
+
+    def header_name(self, key: str, node: Node) -> str:
+        name = self.string(key, node)
+        if not name.isascii() or any(c in name for c in " \t\r\n:"):
+            raise self.fail(key, node, f"expected an HTTP header name, got {name!r}")
+        return name.lower()
+
+    def header_value(self, key: str, node: Node) -> str:
+        value = self.string(key, node)
+        if any(c in value for c in "\r\n\0"):
+            raise self.fail(key, node, "expected a header value without line breaks")
+        return value
+
+    def optional(
+        self, items: dict[str, tuple[Node, Node]], name: str, parse: Callable[[str, Node], T], key: str, default: T
+    ) -> T:
+        if name not in items:
+            return default
+        child = f"{key}.{name}" if key else name
+        return parse(child, items[name][1])
+
+    def policy(self, root: Node) -> Policy:
+        items = self.mapping("", root, ("provider", "auth", "routes"))
+        if "routes" not in items:
+            raise self.fail("routes", root, "missing; expected a mapping of path suffix to route type")
+        return Policy(
+            source=self.source,
+            provider=self.optional(items, "provider", self.string, "", "openai"),
+            auth=self.optional(items, "auth", self.auth, "", None),
+            routes=self.routes("routes", items["routes"][1]),
+        )
+
+    def auth(self, key: str, node: Node) -> Auth:
+        items = self.mapping(key, node, ("env", "header"))
+        if "env" not in items:
+            raise self.fail(f"{key}.env", node, "missing; expected the name of an environment variable holding the key")
+        env_node = items["env"][1]
+        env = self.string(f"{key}.env", env_node)
+        if not self.environ.get(env):
+            raise self.fail(
+                f"{key}.env", env_node, f"environment variable {env} is not set or empty; expected the upstream API key"
+            )
+        header = self.optional(items, "header", self.header_name, key, "authorization")
+        if header not in ("authorization", "api-key"):
+            raise self.fail(f"{key}.header", items["header"][1], f"expected authorization or api-key, got {header!r}")
+        return Auth(env=env, key=self.environ[env], header=header)
+
+    def routes(self, key: str, node: Node) -> tuple[Route, ...]:
+        items = self.mapping(key, node, None)
+        if not items:
+            raise self.fail(key, node, "expected at least one route")
+        routes = [self.route(f"{key}.{suffix}", suffix, value) for suffix, (_, value) in items.items()]
+        return tuple(sorted(routes, key=lambda r: (r.suffix == CATCH_ALL, -len(r.suffix))))
+
+    def route(self, key: str, suffix: str, node: Node) -> Route:
+        if isinstance(node, ScalarNode):
+            return Route(suffix, self.route_type(key, node))
+        items = self.mapping(key, node, ("type", "request"))
+        if "type" not in items:
+            raise self.fail(f"{key}.type", node, f"missing; expected one of {_ROUTE_TYPES}")
+        return Route(
+            suffix,
+            self.route_type(f"{key}.type", items["type"][1]),
+            self.optional(items, "request", self.header_policy, key, HeaderPolicy()),
+        )
+
+    def route_type(self, key: str, node: Node) -> RouteType:
+        if not (isinstance(node, ScalarNode) and node.value in RouteType._value2member_map_):
+            raise self.fail(key, node, f"expected one of {_ROUTE_TYPES}, got {_describe(node)}")
+        return RouteType(node.value)
+
+    def header_policy(self, key: str, node: Node) -> HeaderPolicy:
+        items = self.mapping(key, node, ("remove", "set", "add"))
+        return HeaderPolicy(
+            remove=self.optional(items, "remove", self.header_list, key, ()),
+            set=self.optional(items, "set", self.header_map, key, ()),
+            add=self.optional(items, "add", self.header_map, key, ()),
+        )
+
+    def header_list(self, key: str, node: Node) -> tuple[str, ...]:
+        if not isinstance(node, SequenceNode):
+            raise self.fail(key, node, f"expected a list of header names, got {_describe(node)}")
+        return tuple(self.header_name(f"{key}[{i}]", item) for i, item in enumerate(node.value))
+
+    def header_map(self, key: str, node: Node) -> tuple[tuple[str, str], ...]:
+        items = self.mapping(key, node, None)
+        return tuple(
+            (self.header_name(f"{key}.{name}", name_node), self.header_value(f"{key}.{name}", value_node))
+            for name, (name_node, value_node) in items.items()
+        )
+
+
+_ROUTE_TYPES = ", ".join(t.value for t in RouteType)
+
+
+def _describe(node: Node) -> str:
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    if node.tag == _NULL_TAG:
+        return "nothing"
+    if node.tag == _STR_TAG:
+        return repr(node.value)
+    return f"{node.tag.rsplit(':', 1)[-1]} {node.value}"

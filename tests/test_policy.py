@@ -1,0 +1,137 @@
+"""Policy loading, validation messages and agentgateway's route matching."""
+
+from pathlib import Path
+
+import pytest
+from ai_gateway.policy import DEFAULT_POLICY, HeaderPolicy, PolicyError, RouteType, load_policy, parse_policy
+
+POLICIES = Path(__file__).resolve().parent.parent / "policies"
+
+
+def parse(text: str, environ: dict[str, str] | None = None):
+    return parse_policy(text, "p.yaml", environ or {})
+
+
+def error_of(text: str, environ: dict[str, str] | None = None) -> str:
+    with pytest.raises(PolicyError) as e:
+        parse(text, environ)
+    message = str(e.value)
+    assert "\n" not in message
+    return message
+
+
+def test_default_policy_routes_realtime_and_strips_extensions():
+    policy = load_policy(DEFAULT_POLICY)
+    assert policy.provider == "openai"
+    assert policy.auth is None
+    for path in (
+        "/v1/realtime?model=gpt-realtime",
+        "/openai/realtime?api-version=2025-04-01-preview&deployment=x",
+        "/openai/v1/realtime",
+    ):
+        route = policy.match(path)
+        assert route.type is RouteType.REALTIME
+        assert route.request.remove == ("sec-websocket-extensions",)
+    assert policy.match("/v1/chat/completions").type is RouteType.COMPLETIONS
+    assert policy.match("/v1/responses").type is RouteType.RESPONSES
+    assert policy.match("/v1/embeddings").type is RouteType.EMBEDDINGS
+    assert policy.match("/v1/models").type is RouteType.PASSTHROUGH
+
+
+def test_azure_example_uses_api_key_header(monkeypatch):
+    policy = load_policy(POLICIES / "azure-openai.yaml", {"AZURE_OPENAI_API_KEY": "azure-secret"})
+    assert policy.auth is not None
+    assert policy.auth.header == "api-key"
+    assert policy.auth.header_value == "azure-secret"
+    assert "azure-secret" not in repr(policy)
+
+
+def test_longest_suffix_wins_and_catch_all_is_last():
+    policy = parse('routes:\n  "*": Passthrough\n  /completions: Embeddings\n  /chat/completions: Completions\n')
+    assert [r.suffix for r in policy.routes] == ["/chat/completions", "/completions", "*"]
+    assert policy.match("/v1/chat/completions").type is RouteType.COMPLETIONS
+    assert policy.match("/v1/completions").type is RouteType.EMBEDDINGS
+    assert policy.match("/v1/other").type is RouteType.PASSTHROUGH
+
+
+def test_query_is_not_part_of_the_match_and_no_match_means_completions():
+    policy = parse("routes:\n  /realtime: Realtime\n")
+    assert policy.match("/v1/x?next=/realtime").type is RouteType.COMPLETIONS
+    assert policy.match("/v1/realtime?model=m").type is RouteType.REALTIME
+
+
+def test_long_form_header_policy():
+    policy = parse(
+        "routes:\n  /realtime:\n    type: Realtime\n    request:\n      remove: [Sec-WebSocket-Extensions]\n"
+        "      set: {X-Team: voice}\n      add: {x-tag: a}\n"
+    )
+    assert policy.routes[0].request == HeaderPolicy(
+        remove=("sec-websocket-extensions",), set=(("x-team", "voice"),), add=(("x-tag", "a"),)
+    )
+
+
+def test_auth_reads_the_key_from_the_environment():
+    policy = parse("auth:\n  env: KEY\nroutes:\n  '*': Passthrough\n", {"KEY": "sk-live"})
+    assert policy.auth is not None and policy.auth.header_value == "Bearer sk-live"
+    assert "sk-live" not in repr(policy)
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "expected"),
+    [
+        (
+            "routes:\n  /realtime: Realtim\n",
+            {},
+            "p.yaml:2: routes./realtime: expected one of Completions, Responses, Embeddings, Realtime, Passthrough, got 'Realtim'",
+        ),
+        (
+            "routes:\n  /realtime:\n    type: 5\n",
+            {},
+            "p.yaml:3: routes./realtime.type: expected one of Completions, Responses, Embeddings, Realtime, Passthrough, got int 5",
+        ),
+        (
+            "routes:\n  /x: Realtime\nprovder: x\n",
+            {},
+            "p.yaml:3: provder: unknown key; expected one of provider, auth, routes",
+        ),
+        ("provider: openai\n", {}, "p.yaml:1: routes: missing; expected a mapping of path suffix to route type"),
+        ("routes: [a]\n", {}, "p.yaml:1: routes: expected a mapping, got a list"),
+        (
+            "routes:\n  /x:\n    type: Realtime\n    request:\n      remove: sec-websocket-extensions\n",
+            {},
+            "p.yaml:5: routes./x.request.remove: expected a list of header names, got 'sec-websocket-extensions'",
+        ),
+        (
+            "routes:\n  /x:\n    type: Realtime\n    request:\n      set: {x-a: 1}\n",
+            {},
+            "p.yaml:5: routes./x.request.set.x-a: expected a non-empty string, got int 1",
+        ),
+        (
+            "routes:\n  /x:\n    type: Realtime\n    reqest: {}\n",
+            {},
+            "p.yaml:4: routes./x.reqest: unknown key; expected one of type, request",
+        ),
+        (
+            "auth:\n  env: NOPE\nroutes:\n  /x: Realtime\n",
+            {},
+            "p.yaml:2: auth.env: environment variable NOPE is not set or empty; expected the upstream API key",
+        ),
+        (
+            "auth:\n  env: K\n  header: x-key\nroutes:\n  /x: Realtime\n",
+            {"K": "v"},
+            "p.yaml:3: auth.header: expected authorization or api-key, got 'x-key'",
+        ),
+        ("routes:\n  /x: Realtime\n  /x: Completions\n", {}, "p.yaml:3: routes./x: duplicate key"),
+        ("routes:\n  /x: [Realtime\n", {}, "p.yaml:3: invalid YAML: expected ',' or ']', but got '<stream end>'"),
+        ("provider: 3\nroutes:\n  /x: Realtime\n", {}, "p.yaml:1: provider: expected a non-empty string, got int 3"),
+        ("", {}, "p.yaml: expected a mapping with at least 'routes', got an empty file"),
+        ("routes: {}\n", {}, "p.yaml:1: routes: expected at least one route"),
+    ],
+)
+def test_invalid_policies_name_file_line_key_and_expectation(text, environ, expected):
+    assert error_of(text, environ) == expected
+
+
+def test_unreadable_file_is_a_policy_error(tmp_path):
+    with pytest.raises(PolicyError, match=r"missing\.yaml: cannot read policy file"):
+        load_policy(tmp_path / "missing.yaml")
