@@ -1,0 +1,161 @@
+"""Prometheus metrics, named and labelled as agentgateway exports them so dashboards carry over.
+
+Every metric lives on a per-instance CollectorRegistry: mitmproxy's script hot reload creates a
+new addon instance while the old module's metrics still exist, and the global registry would
+refuse the duplicate names.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.metrics import MetricWrapperBase
+
+from .usage import DurationUsage, TokenUsage
+
+# OpenTelemetry GenAI semantic conventions' advisory buckets for gen_ai.client.token.usage.
+TOKEN_BUCKETS = tuple(4**i for i in range(14))
+
+MODEL_LABELS = ("gen_ai_operation_name", "gen_ai_system", "gen_ai_request_model", "gen_ai_response_model")
+UNKNOWN = "unknown"
+MAX_LABEL_LENGTH = 128
+
+
+def label_value(value: str | None) -> str:
+    """A label value from untrusted input: printable, bounded in length, `unknown` when missing."""
+    if not value:
+        return UNKNOWN
+    value = value[:MAX_LABEL_LENGTH]
+    return value if value.isprintable() else "".join(c if c.isprintable() else "?" for c in value)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLabels:
+    operation: str
+    system: str
+    request_model: str = UNKNOWN
+    response_model: str = UNKNOWN
+
+    def values(self) -> tuple[str, str, str, str]:
+        return (self.operation, self.system, label_value(self.request_model), label_value(self.response_model))
+
+
+class GatewayMetrics:
+    """The gateway's metric families; `series()` binds them to one label set for cheap updates."""
+
+    def __init__(self, prefix: str) -> None:
+        self.registry = CollectorRegistry()
+        self.token_usage = Histogram(
+            f"{prefix}_gen_ai_client_token_usage",
+            "Number of tokens used per request, by token type (OpenTelemetry gen_ai.client.token.usage).",
+            ("gen_ai_token_type", *MODEL_LABELS),
+            buckets=TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.input_tokens = self._modality_counter(
+            f"{prefix}_gen_ai_client_inference_usage_input_tokens",
+            "Input tokens by modality (OpenTelemetry gen_ai.client.inference.usage.input_tokens).",
+        )
+        self.cache_read_tokens = self._modality_counter(
+            f"{prefix}_gen_ai_client_inference_usage_cache_read_input_tokens",
+            "Input tokens read from the prompt cache, by modality; a subset of input tokens.",
+        )
+        self.output_tokens = self._modality_counter(
+            f"{prefix}_gen_ai_client_inference_usage_output_tokens",
+            "Output tokens by modality (OpenTelemetry gen_ai.client.inference.usage.output_tokens).",
+        )
+        self.transcription_seconds = Counter(
+            f"{prefix}_gen_ai_client_transcription_audio_seconds",
+            "Seconds of input audio transcribed, for transcription billed by duration.",
+            MODEL_LABELS,
+            registry=self.registry,
+        )
+        self.responses = Counter(
+            f"{prefix}_gen_ai_client_responses",
+            "Metered responses by final status (completed, cancelled, failed, incomplete).",
+            ("status", *MODEL_LABELS),
+            registry=self.registry,
+        )
+        self.parse_errors = Counter(
+            f"{prefix}_gateway_parse_errors",
+            "Frames or bodies that looked metered but could not be read; they were forwarded unchanged.",
+            ("route_type", "reason"),
+            registry=self.registry,
+        )
+        self.realtime_sessions = Gauge(
+            f"{prefix}_gateway_realtime_sessions",
+            "Realtime WebSocket sessions currently open through the gateway.",
+            registry=self.registry,
+        )
+        self._series: dict[ModelLabels, Series] = {}
+
+    def _modality_counter(self, name: str, documentation: str) -> Counter:
+        return Counter(name, documentation, ("gen_ai_token_modality", *MODEL_LABELS), registry=self.registry)
+
+    def series(self, labels: ModelLabels) -> Series:
+        """Children of every model-labelled family for one label set, created once."""
+        series = self._series.get(labels)
+        if series is None:
+            series = self._series[labels] = Series(self, labels.values())
+        return series
+
+    def parse_error(self, route_type: str, reason: str) -> None:
+        self.parse_errors.labels(route_type, reason).inc()
+
+
+class Series:
+    """Metric children bound to one label set: a response.done costs a few increments, not label lookups."""
+
+    def __init__(self, metrics: GatewayMetrics, values: tuple[str, str, str, str]) -> None:
+        self._metrics = metrics
+        self._values = values
+        self._children: dict[tuple[int, str], Any] = {}
+
+    def _child(self, family: MetricWrapperBase, *first: str) -> Any:
+        key = (id(family), *first)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*first, *self._values)
+        return child
+
+    def record(self, usage: TokenUsage | DurationUsage) -> None:
+        metrics = self._metrics
+        if isinstance(usage, DurationUsage):
+            self._child(metrics.transcription_seconds).inc(usage.seconds)
+            return
+        self._child(metrics.token_usage, "input").observe(usage.input)
+        self._child(metrics.token_usage, "output").observe(usage.output)
+        if usage.cache_read is not None:
+            self._child(metrics.token_usage, "input_cache_read").observe(usage.cache_read)
+        for family, split in (
+            (metrics.input_tokens, usage.input_by_modality),
+            (metrics.cache_read_tokens, usage.cache_read_by_modality),
+            (metrics.output_tokens, usage.output_by_modality),
+        ):
+            for modality, count in split:
+                self._child(family, modality).inc(count)
+
+    def response(self, status: str) -> None:
+        self._child(self._metrics.responses, status).inc()
+
+
+class MetricsServer:
+    """prometheus_client's HTTP server in a daemon thread, stoppable so `done` can free the port."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self._server: WSGIServer
+        self._thread: threading.Thread
+        self._server, self._thread = start_http_server(port, host, registry)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_port
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)

@@ -1,0 +1,108 @@
+"""Token usage as the gateway meters it, and strict validation of usage objects from the wire.
+
+Usage comes from an upstream we do not control and is what a team is billed by, so a usage
+object is taken whole or not at all: one malformed field (a string, a float, a bool, a negative
+or absurd number, cached tokens exceeding input) rejects the object and nothing is counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+MODALITIES = ("text", "audio", "image")
+
+# No single response bills more than this; anything larger is a corrupt or hostile frame.
+MAX_TOKENS = 1_000_000_000
+MAX_SECONDS = 86_400.0
+
+
+class InvalidUsage(ValueError):
+    """The usage object is not something we can bill; str() says which field and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """One response's tokens; cache_read is None when the upstream did not report it."""
+
+    input: int
+    output: int
+    cache_read: int | None = None
+    input_by_modality: tuple[tuple[str, int], ...] = ()
+    cache_read_by_modality: tuple[tuple[str, int], ...] = ()
+    output_by_modality: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DurationUsage:
+    """Transcription billed by audio duration instead of tokens."""
+
+    seconds: float
+
+
+def tokens(obj: Mapping[str, Any], key: str, *, required: bool = True) -> int | None:
+    """A token count: a plain non-negative int within MAX_TOKENS, or None when absent and optional."""
+    if key not in obj:
+        if required:
+            raise InvalidUsage(f"missing {key}")
+        return None
+    value = obj[key]
+    if type(value) is not int or not 0 <= value <= MAX_TOKENS:
+        raise InvalidUsage(f"{key} is {value!r}, expected a token count")
+    return value
+
+
+def details(obj: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """An optional nested details object; absent or null means empty."""
+    value = obj.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidUsage(f"{key} is {type(value).__name__}, expected an object")
+    return value
+
+
+def by_modality(detail: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
+    counts = ((m, tokens(detail, f"{m}_tokens", required=False)) for m in MODALITIES)
+    return tuple((m, n) for m, n in counts if n is not None)
+
+
+def require_object(usage: Any) -> Mapping[str, Any]:
+    if not isinstance(usage, dict):
+        raise InvalidUsage(f"usage is {type(usage).__name__}, expected an object")
+    return usage
+
+
+def parse_realtime_usage(usage: Any) -> TokenUsage:
+    """Usage of a Realtime `response.done` (input/output tokens with modality and cache details)."""
+    usage = require_object(usage)
+    input_tokens = tokens(usage, "input_tokens")
+    output_tokens = tokens(usage, "output_tokens")
+    assert input_tokens is not None and output_tokens is not None
+    input_details = details(usage, "input_token_details")
+    cached = tokens(input_details, "cached_tokens", required=False)
+    if cached is not None and cached > input_tokens:
+        raise InvalidUsage(f"cached_tokens {cached} exceeds input_tokens {input_tokens}")
+    return TokenUsage(
+        input=input_tokens,
+        output=output_tokens,
+        cache_read=cached,
+        input_by_modality=by_modality(input_details),
+        cache_read_by_modality=by_modality(details(input_details, "cached_tokens_details")),
+        output_by_modality=by_modality(details(usage, "output_token_details")),
+    )
+
+
+def parse_transcription_usage(usage: Any) -> TokenUsage | DurationUsage:
+    """Usage of `conversation.item.input_audio_transcription.completed`: tokens or duration."""
+    usage = require_object(usage)
+    kind = usage.get("type")
+    if kind == "duration":
+        seconds = usage.get("seconds")
+        if type(seconds) not in (int, float) or not 0 <= seconds <= MAX_SECONDS:
+            raise InvalidUsage(f"seconds is {seconds!r}, expected a duration")
+        return DurationUsage(float(seconds))
+    if kind == "tokens":
+        return parse_realtime_usage(usage)
+    raise InvalidUsage(f"usage type is {kind!r}, expected tokens or duration")

@@ -1,0 +1,216 @@
+"""Reading usage and models from Realtime server frames, including hostile input."""
+
+import json
+
+import pytest
+from ai_gateway.realtime import (
+    Malformed,
+    ResponseDone,
+    SessionModels,
+    TranscriptionDone,
+    needs_decoding,
+    read_server_event,
+)
+from ai_gateway.simulator import EXAMPLE_USAGE
+from ai_gateway.usage import MAX_TOKENS, DurationUsage, TokenUsage
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+REFERENCE_USAGE = EXAMPLE_USAGE  # the reference documentation's response.done usage
+
+
+def frame(event: object) -> bytes:
+    return json.dumps(event).encode()
+
+
+def response_done(usage: object, status: str = "completed") -> bytes:
+    return frame(
+        {"type": "response.done", "event_id": "e1", "response": {"id": "r1", "status": status, "usage": usage}}
+    )
+
+
+def read(content: bytes):
+    assert needs_decoding(content)
+    return read_server_event(content)
+
+
+def test_response_done_usage_with_modality_and_cache_split():
+    event = read(response_done(REFERENCE_USAGE))
+    assert event == ResponseDone(
+        usage=TokenUsage(
+            input=132,
+            output=121,
+            cache_read=64,
+            input_by_modality=(("text", 119), ("audio", 13), ("image", 0)),
+            cache_read_by_modality=(("text", 64), ("audio", 0), ("image", 0)),
+            output_by_modality=(("text", 30), ("audio", 91)),
+        ),
+        status="completed",
+    )
+
+
+@pytest.mark.parametrize("status", ["cancelled", "failed", "incomplete"])
+def test_unfinished_responses_keep_their_usage(status):
+    event = read(response_done({"input_tokens": 5, "output_tokens": 1}, status))
+    assert event == ResponseDone(TokenUsage(5, 1), status)
+
+
+def test_unknown_status_is_bounded():
+    assert read(response_done({"input_tokens": 5, "output_tokens": 1}, "x" * 50)).status == "other"
+
+
+def test_session_models_ga_and_beta():
+    ga = {
+        "type": "session.created",
+        "session": {
+            "model": "gpt-realtime-2025-08-28",
+            "audio": {"input": {"transcription": {"model": "gpt-4o-transcribe"}}},
+        },
+    }
+    beta = {"type": "session.updated", "session": {"input_audio_transcription": {"model": "whisper-1"}}}
+    assert read(frame(ga)) == SessionModels("gpt-realtime-2025-08-28", "gpt-4o-transcribe")
+    assert read(frame(beta)) == SessionModels(None, "whisper-1")
+
+
+def test_transcription_usage_tokens_and_duration():
+    tokens = {
+        "type": "tokens",
+        "input_tokens": 13,
+        "output_tokens": 9,
+        "total_tokens": 22,
+        "input_token_details": {"text_tokens": 0, "audio_tokens": 13},
+    }
+    event = read(frame({"type": "conversation.item.input_audio_transcription.completed", "usage": tokens}))
+    assert event == TranscriptionDone(TokenUsage(13, 9, None, (("text", 0), ("audio", 13))))
+    event = read(
+        frame(
+            {
+                "type": "conversation.item.input_audio_transcription.completed",
+                "usage": {"type": "duration", "seconds": 3.2},
+            }
+        )
+    )
+    assert event == TranscriptionDone(DurationUsage(3.2))
+
+
+def test_type_need_not_be_the_first_key():
+    content = frame(
+        {"event_id": "e", "response": {"usage": {"input_tokens": 1, "output_tokens": 2}}, "type": "response.done"}
+    )
+    assert read(content) == ResponseDone(TokenUsage(1, 2), "other")
+
+
+def test_events_not_shaped_like_openai_events_are_decoded_and_ignored():
+    assert read(frame({"event_id": "e", "type": "response.output_text.delta", "delta": "hi"})) is None
+
+
+def test_deltas_are_not_decoded():
+    delta = frame({"type": "response.output_audio.delta", "delta": "A" * 64000})
+    assert not needs_decoding(delta)
+    assert not needs_decoding(frame({"type": "response.output_text.delta", "delta": "response.done"}))
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        None,
+        "lots",
+        [],
+        {"input_tokens": -1, "output_tokens": 1},
+        {"input_tokens": 1.0, "output_tokens": 1},
+        {"input_tokens": True, "output_tokens": 1},
+        {"input_tokens": 10**20, "output_tokens": 1},
+        {"input_tokens": MAX_TOKENS + 1, "output_tokens": 1},
+        {"input_tokens": 1},
+        {"input_tokens": 1, "output_tokens": 1, "input_token_details": "x"},
+        {"input_tokens": 1, "output_tokens": 1, "input_token_details": {"cached_tokens": 2}},
+        {"input_tokens": 1, "output_tokens": 1, "output_token_details": {"audio_tokens": "9"}},
+    ],
+)
+def test_invalid_usage_counts_nothing(usage):
+    event = read(response_done(usage))
+    assert isinstance(event, Malformed) and event.reason == "invalid_usage"
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"not json response.done", "invalid_json"),
+        (b'{"type":"response.done","response":{"usage":{"input_tokens":1', "invalid_json"),
+        (b'{"type":"response.done","response":{"usage":{"input_tokens":1e400,"output_tokens":1}}}', "invalid_usage"),
+        (b'{"type":"response.done"}', "invalid_event"),
+        (b'{"type":"session.created","session":[]}', "invalid_event"),
+        (b'"response.done"', "invalid_event"),
+        (b"[]", "invalid_event"),
+        (b'{"type":"response.done",' + b"[" * 100_000 + b"]" * 100_000 + b"}", "invalid_json"),
+        (b'{"type":"response.done","x":"\xff\xfe"}', "invalid_json"),
+    ],
+)
+def test_malformed_frames(content, reason):
+    event = read(content)
+    assert isinstance(event, Malformed) and event.reason == reason
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=20), children, max_size=5),
+    max_leaves=20,
+)
+usage_keys = st.sampled_from(
+    [
+        "input_tokens",
+        "output_tokens",
+        "cached_tokens",
+        "text_tokens",
+        "audio_tokens",
+        "input_token_details",
+        "output_token_details",
+        "cached_tokens_details",
+        "type",
+        "seconds",
+    ]
+)
+usage_like = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats() | st.text(max_size=3),
+    lambda children: st.dictionaries(usage_keys, children, max_size=6),
+    max_leaves=15,
+)
+
+
+def is_valid_count(value: object) -> bool:
+    return type(value) is int and 0 <= value <= MAX_TOKENS
+
+
+@settings(max_examples=300, deadline=None)
+@given(usage_like, st.sampled_from(["response.done", "conversation.item.input_audio_transcription.completed"]))
+def test_arbitrary_usage_never_raises_and_counts_only_valid_numbers(usage, kind):
+    key = "response" if kind == "response.done" else "usage"
+    body = {"usage": usage} if key == "response" else usage
+    event = read_server_event(frame({"type": kind, key: body}))
+    if isinstance(event, (ResponseDone, TranscriptionDone)) and isinstance(event.usage, TokenUsage):
+        assert is_valid_count(usage["input_tokens"]) and is_valid_count(usage["output_tokens"])
+        assert event.usage.input == usage["input_tokens"] and event.usage.output == usage["output_tokens"]
+        counts = [
+            event.usage.cache_read or 0,
+            *(n for _, n in event.usage.input_by_modality + event.usage.output_by_modality),
+        ]
+        assert all(is_valid_count(n) for n in counts)
+    else:
+        assert event is None or isinstance(event, (Malformed, TranscriptionDone))
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_arbitrary_json_events_never_raise(value):
+    content = frame({"type": "response.done", "response": value}) if isinstance(value, dict) else frame(value)
+    if needs_decoding(content):
+        read_server_event(content)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_raise(content):
+    for candidate in (content, b'{"type":"response.done"' + content):
+        if needs_decoding(candidate):
+            event = read_server_event(candidate)
+            assert event is None or isinstance(event, (Malformed, ResponseDone, SessionModels, TranscriptionDone))
