@@ -1,0 +1,636 @@
+"""A simulated OpenAI Realtime API upstream, for tests and the demo.
+
+A real WebSocket server on localhost that speaks enough of the Realtime protocol (GA and beta
+event names, OpenAI and Azure URLs, transcription sessions) for the official `openai` SDK to
+drive sessions through the gateway. Metering can only be checked against ground truth, so the
+simulator keeps an exact ledger of every usage object it sent; tests compare the gateway's
+metrics with it. Per-response misbehaviour (statuses, fragmented frames, malformed frames) is
+requested through `response.create`'s `response.metadata`, which the SDK passes through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import contextlib
+import itertools
+import json
+import random
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
+
+SNAPSHOT_DATE = "2025-08-28"
+DEFAULT_MODEL = "gpt-realtime"
+TRANSCRIPTION_MODEL = "gpt-4o-transcribe"
+RESPONSE_STATUSES = ("completed", "cancelled", "failed", "incomplete")
+PCM16_BYTES_PER_SECOND = 24_000 * 2  # the Realtime API's default audio: 24 kHz mono PCM16
+MAX_CLIENT_FRAME = 15 * 2**20  # OpenAI accepts audio appends up to 15 MiB
+
+_DATE_SUFFIX = re.compile(r"-\d{4}-\d{2}-\d{2}$")
+_TRANSCRIPT = ["Hello", "from", "the", "simulated", "upstream"]
+# Session keys a session.update cannot change.
+_FIXED_SESSION_KEYS = frozenset({"type", "object", "id", "model"})
+_RATE_LIMITS = [
+    {"name": "requests", "limit": 5000, "remaining": 4999, "reset_seconds": 0.012},
+    {"name": "tokens", "limit": 40000, "remaining": 36000, "reset_seconds": 6.0},
+]
+# The reference's response.done usage, the base of the malformed variants in junk_frames().
+EXAMPLE_USAGE: dict[str, Any] = {
+    "total_tokens": 253,
+    "input_tokens": 132,
+    "output_tokens": 121,
+    "input_token_details": {
+        "text_tokens": 119,
+        "audio_tokens": 13,
+        "image_tokens": 0,
+        "cached_tokens": 64,
+        "cached_tokens_details": {"text_tokens": 64, "audio_tokens": 0, "image_tokens": 0},
+    },
+    "output_token_details": {"text_tokens": 30, "audio_tokens": 91},
+}
+
+
+@dataclass(frozen=True)
+class SentUsage:
+    """One usage object as it went out on the wire: the ground truth for the gateway's metrics."""
+
+    session_id: str
+    kind: str  # "response" or "transcription"
+    request_model: str  # the model/deployment query value, or "unknown" when absent
+    response_model: str  # resolved snapshot for responses; transcription model for transcriptions
+    status: str  # response status; "completed" for transcriptions
+    usage: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """An opening handshake as the upstream saw it, to check what the gateway forwarded."""
+
+    path: str
+    query: dict[str, str]
+    headers: list[tuple[str, str]]  # lower-cased names, every value, in arrival order
+    session_id: str | None  # None when the handshake was rejected
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """Where the GA and beta protocols differ: event names and the session's layout."""
+
+    audio_delta: str
+    transcript_delta: str
+    text_delta: str
+    modalities_key: str
+    default_modalities: tuple[str, ...]
+    transcription_path: tuple[str, ...]  # where the session keeps its transcription config
+    typed_sessions: bool  # GA sessions carry session.type
+
+
+GA = Dialect(
+    audio_delta="response.output_audio.delta",
+    transcript_delta="response.output_audio_transcript.delta",
+    text_delta="response.output_text.delta",
+    modalities_key="output_modalities",
+    default_modalities=("audio",),
+    transcription_path=("audio", "input", "transcription"),
+    typed_sessions=True,
+)
+BETA = Dialect(
+    audio_delta="response.audio.delta",
+    transcript_delta="response.audio_transcript.delta",
+    text_delta="response.text.delta",
+    modalities_key="modalities",
+    default_modalities=("audio", "text"),
+    transcription_path=("input_audio_transcription",),
+    typed_sessions=False,
+)
+
+
+class ClientError(Exception):
+    """A client event the simulator refuses; it becomes an `error` event and the session goes on."""
+
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.param = param
+
+
+@dataclass
+class _Session:
+    """One connection's protocol state."""
+
+    id: str
+    ws: ServerConnection
+    tasks: asyncio.TaskGroup  # the responses in flight
+    dialect: Dialect
+    request_model: str
+    model: str | None  # None in a transcription session
+    config: dict[str, Any]
+    buffered_audio: int = 0  # bytes appended since the last commit
+    transcriptions: int = 0
+
+    @property
+    def transcription_model(self) -> str | None:
+        model = _get_path(self.config, (*self.dialect.transcription_path, "model"))
+        return model if isinstance(model, str) else None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one response.create asked for, with its sim_* overrides applied."""
+
+    status: str
+    fragment: bool
+    junk: bool
+    audio: bool
+    audio_deltas: int
+    metadata: dict[str, Any] | None
+
+
+def resolve_model(model: str | None) -> str:
+    """The snapshot a request model resolves to, as session.created reports it."""
+    if not model:
+        model = DEFAULT_MODEL
+    return model if _DATE_SUFFIX.search(model) else f"{model}-{SNAPSHOT_DATE}"
+
+
+def junk_frames() -> list[str | bytes]:
+    """Malformed frames a broken or hostile upstream might send; none of them is billable usage."""
+    return [
+        b'\x00\xff{"type":"response.done"\x80',  # binary: the Realtime API only sends text
+        "this is not JSON",
+        _junk_done(EXAMPLE_USAGE)[:80],  # truncated
+        _junk_done(None),
+        _junk_done("253 tokens"),
+        _junk_done({**EXAMPLE_USAGE, "output_tokens": -121}),
+        _junk_done({**EXAMPLE_USAGE, "input_tokens": 132.0}),
+        _junk_done({**EXAMPLE_USAGE, "input_tokens": True}),
+        _junk_done({**EXAMPLE_USAGE, "input_tokens": 1e30}),
+        _junk_done({**EXAMPLE_USAGE, "input_tokens": 10**20}),
+        "[]",
+        '"response.done"',
+    ]
+
+
+def _junk_done(usage: Any) -> str:
+    response = {"object": "realtime.response", "id": "resp_junk", "status": "completed", "usage": usage}
+    return json.dumps({"type": "response.done", "event_id": "event_junk", "response": response})
+
+
+def _response_usage(rng: random.Random) -> dict[str, Any]:
+    """A response.done usage, internally consistent the way OpenAI's is (cached within input)."""
+    text_in, audio_in = rng.randint(1, 4000), rng.randint(0, 4000)
+    image_in = rng.randint(1, 1500) if rng.random() < 0.25 else 0
+    cached = {m: rng.randint(0, n) for m, n in (("text", text_in), ("audio", audio_in), ("image", image_in))}
+    text_out, audio_out = rng.randint(0, 400), rng.randint(1, 4000)
+    input_tokens, output_tokens = text_in + audio_in + image_in, text_out + audio_out
+    return {
+        "total_tokens": input_tokens + output_tokens,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "input_token_details": {
+            "text_tokens": text_in,
+            "audio_tokens": audio_in,
+            "image_tokens": image_in,
+            "cached_tokens": sum(cached.values()),
+            "cached_tokens_details": {f"{m}_tokens": n for m, n in cached.items()},
+        },
+        "output_token_details": {"text_tokens": text_out, "audio_tokens": audio_out},
+    }
+
+
+def _transcription_usage(rng: random.Random, nth: int, audio_bytes: int) -> dict[str, Any]:
+    """Alternates token and duration billing so that a session exercises both."""
+    if nth % 2:
+        return {"type": "duration", "seconds": round(audio_bytes / PCM16_BYTES_PER_SECOND, 3)}
+    audio_in, text_out = rng.randint(1, 600), rng.randint(1, 200)
+    return {
+        "type": "tokens",
+        "input_tokens": audio_in,
+        "output_tokens": text_out,
+        "total_tokens": audio_in + text_out,
+        "input_token_details": {"text_tokens": 0, "audio_tokens": audio_in},
+    }
+
+
+def _initial_session(dialect: Dialect, session_id: str, model: str | None) -> dict[str, Any]:
+    """session.created's session; model None makes a transcription session."""
+    transcription_only = model is None
+    session: dict[str, Any] = {}
+    if dialect.typed_sessions:
+        session["type"] = "transcription" if transcription_only else "realtime"
+    session["object"] = "realtime.transcription_session" if transcription_only else "realtime.session"
+    session["id"] = session_id
+    if not transcription_only:
+        session["model"] = model
+        session[dialect.modalities_key] = list(dialect.default_modalities)
+    transcription = {"model": TRANSCRIPTION_MODEL} if transcription_only else None
+    _set_path(session, dialect.transcription_path, transcription)
+    return session
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """session.update semantics: nested objects merge, anything else replaces."""
+    merged = dict(base)
+    for key, value in update.items():
+        old = base.get(key)
+        merged[key] = _merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return merged
+
+
+def _get_path(obj: Any, path: Sequence[str]) -> Any:
+    for key in path:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def _set_path(obj: dict[str, Any], path: Sequence[str], value: Any) -> None:
+    for key in path[:-1]:
+        obj = obj.setdefault(key, {})
+    obj[path[-1]] = value
+
+
+def _fragments(text: str, count: int = 4) -> list[str]:
+    size = -(-len(text) // count)
+    return [text[i : i + size] for i in range(0, len(text), size)]
+
+
+def _is_beta(headers: Headers) -> bool:
+    """Beta is asked for by header from servers, by subprotocol from browsers."""
+    beta_header = any("realtime=v1" in v for v in headers.get_all("openai-beta"))
+    offered = ",".join(headers.get_all("sec-websocket-protocol")).split(",")
+    return beta_header or "openai-beta.realtime-v1" in (p.strip() for p in offered)
+
+
+def _select_subprotocol(_: ServerConnection, offered: Sequence[Subprotocol]) -> Subprotocol | None:
+    """Browsers offer `realtime` (with the key as a second subprotocol) and need it echoed."""
+    return Subprotocol("realtime") if "realtime" in offered else None
+
+
+def _client_event(message: str | bytes) -> dict[str, Any]:
+    if isinstance(message, bytes):
+        raise ClientError("invalid_frame", "binary frames are not accepted; send JSON text")
+    try:
+        event = json.loads(message)
+    except (ValueError, RecursionError) as e:
+        raise ClientError("invalid_json", f"the frame is not JSON: {e}") from None
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        raise ClientError("invalid_event", "expected a JSON object with a string type")
+    return event
+
+
+def _object_field(event: dict[str, Any], key: str, param: str) -> dict[str, Any]:
+    """An optional object-valued field; absent or null means empty."""
+    value = event.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ClientError("invalid_type", f"{param} must be an object", param)
+    return value
+
+
+def _count(value: Any, param: str) -> int:
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise ClientError("invalid_value", f"{param} must be an integer", param) from None
+    if count < 0:
+        raise ClientError("invalid_value", f"{param} must not be negative", param)
+    return count
+
+
+def _audio_length(audio: Any) -> int:
+    """Bytes of PCM in an input_audio_buffer.append's base64 audio."""
+    if isinstance(audio, str):
+        try:
+            return len(base64.b64decode(audio, validate=True))
+        except binascii.Error:
+            pass
+    raise ClientError("invalid_value", "audio must be a base64 string", "audio")
+
+
+def _plan(response: dict[str, Any], session: _Session, default_deltas: int) -> _Plan:
+    metadata = _object_field(response, "metadata", "response.metadata")
+    status = metadata.get("sim_status", "completed")
+    if status not in RESPONSE_STATUSES:
+        choices = ", ".join(RESPONSE_STATUSES)
+        raise ClientError("invalid_value", f"sim_status must be one of {choices}", "response.metadata")
+    deltas = metadata.get("sim_deltas")
+    key = session.dialect.modalities_key
+    modalities = response.get(key) or session.config.get(key)
+    return _Plan(
+        status=status,
+        fragment=metadata.get("sim_fragment") == "1",
+        junk=metadata.get("sim_junk") == "1",
+        audio=not isinstance(modalities, list) or "audio" in modalities,
+        audio_deltas=default_deltas if deltas is None else _count(deltas, "response.metadata.sim_deltas"),
+        metadata=response.get("metadata"),
+    )
+
+
+class Simulator:
+    """The simulated upstream; `async with Simulator() as sim` starts and stops it."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        seed: int = 0,
+        audio_deltas: int = 5,
+        transcript_deltas: int = 5,
+        audio_bytes: int = 4800,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.audio_deltas = audio_deltas
+        self.transcript_deltas = transcript_deltas
+        self.ledger: list[SentUsage] = []
+        self.handshakes: list[Handshake] = []
+        self.junk_sent = 0
+        self._rng = random.Random(seed)
+        # Noise rather than silence so that compression sees realistic audio; its own generator
+        # keeps the usage sequence independent of audio_bytes.
+        self._audio_delta = base64.b64encode(random.Random(seed).randbytes(audio_bytes)).decode()
+        self._ids = itertools.count(1)
+        self._server: Server | None = None
+        self._handlers = {
+            "session.update": self._update_session,
+            "response.create": self._create_response,
+            "input_audio_buffer.append": self._append_audio,
+            "input_audio_buffer.commit": self._commit_audio,
+        }
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def usage_for(self, request_model: str) -> list[SentUsage]:
+        return [u for u in self.ledger if u.request_model == request_model]
+
+    async def start(self) -> None:
+        self._server = await serve(
+            self._serve,
+            self.host,
+            self.port,
+            process_request=self._check_handshake,
+            select_subprotocol=_select_subprotocol,
+            compression="deflate",
+            max_size=MAX_CLIENT_FRAME,
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+
+    async def __aenter__(self) -> Simulator:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    def _check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Records every handshake and turns away anything but a Realtime path with 404."""
+        url = urlsplit(request.path)
+        accepted = url.path.endswith("/realtime")
+        self.handshakes.append(
+            Handshake(
+                path=url.path,
+                query=dict(parse_qsl(url.query, keep_blank_values=True)),
+                headers=[(name.lower(), value) for name, value in request.headers.raw_items()],
+                session_id=_session_id(connection) if accepted else None,
+            )
+        )
+        return None if accepted else connection.respond(HTTPStatus.NOT_FOUND, "not a Realtime path\n")
+
+    async def _serve(self, ws: ServerConnection) -> None:
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                session = self._open_session(ws, tasks)
+                await self._send_event(session, self._event("session.created", session=session.config))
+                async for message in ws:
+                    await self._receive(session, message)
+        except* ConnectionClosed:
+            pass  # the client left; responses still in flight have nowhere to go
+
+    def _open_session(self, ws: ServerConnection, tasks: asyncio.TaskGroup) -> _Session:
+        assert ws.request is not None  # the handler only runs after a handshake
+        query = dict(parse_qsl(urlsplit(ws.request.path).query))
+        dialect = BETA if _is_beta(ws.request.headers) else GA
+        requested = query.get("model") or query.get("deployment")  # OpenAI, Azure
+        model = None if query.get("intent") == "transcription" else resolve_model(requested)
+        session_id = _session_id(ws)
+        return _Session(
+            id=session_id,
+            ws=ws,
+            tasks=tasks,
+            dialect=dialect,
+            request_model=requested or "unknown",
+            model=model,
+            config=_initial_session(dialect, session_id, model),
+        )
+
+    async def _receive(self, session: _Session, message: str | bytes) -> None:
+        event: dict[str, Any] = {}
+        try:
+            event = _client_event(message)
+            handler = self._handlers.get(event["type"])
+            if handler is not None:  # unknown events are ignored, as a lenient upstream would
+                await handler(session, event)
+        except ClientError as error:
+            details = {
+                "type": "invalid_request_error",
+                "code": error.code,
+                "message": str(error),
+                "param": error.param,
+                "event_id": event.get("event_id"),
+            }
+            await self._send_event(session, self._event("error", error=details))
+
+    async def _update_session(self, session: _Session, event: dict[str, Any]) -> None:
+        update = _object_field(event, "session", "session")
+        changes = {k: v for k, v in update.items() if k not in _FIXED_SESSION_KEYS}
+        session.config = _merge(session.config, changes)
+        await self._send_event(session, self._event("session.updated", session=session.config))
+
+    async def _create_response(self, session: _Session, event: dict[str, Any]) -> None:
+        model = session.model
+        if model is None:
+            raise ClientError("invalid_request", "transcription sessions do not create responses")
+        plan = _plan(_object_field(event, "response", "response"), session, self.audio_deltas)
+        session.tasks.create_task(self._respond(session, model, plan))
+
+    async def _append_audio(self, session: _Session, event: dict[str, Any]) -> None:
+        session.buffered_audio += _audio_length(event.get("audio"))
+
+    async def _commit_audio(self, session: _Session, event: dict[str, Any]) -> None:
+        item_id = self._id("item")
+        audio_bytes, session.buffered_audio = session.buffered_audio, 0
+        committed = self._event("input_audio_buffer.committed", previous_item_id=None, item_id=item_id)
+        await self._send_event(session, committed)
+        model = session.transcription_model
+        if model is None:
+            return
+        usage = _transcription_usage(self._rng, session.transcriptions, audio_bytes)
+        session.transcriptions += 1
+        completed = self._event(
+            "conversation.item.input_audio_transcription.completed",
+            item_id=item_id,
+            content_index=0,
+            transcript=" ".join(_TRANSCRIPT),
+            usage=usage,
+        )
+        entry = SentUsage(session.id, "transcription", session.request_model, model, "completed", usage)
+        await self._send_usage(session, entry, json.dumps(completed))
+
+    async def _respond(self, session: _Session, model: str, plan: _Plan) -> None:
+        """One response, start to response.done; runs as its own task so responses interleave."""
+        response_id, item_id = self._id("resp"), self._id("item")
+        response = _response(response_id, "in_progress", plan.metadata, None)
+        await self._send_event(session, self._event("response.created", response=response))
+        await self._send_event(session, self._event("rate_limits.updated", rate_limits=_RATE_LIMITS))
+        for delta in self._deltas(session.dialect, plan, response_id, item_id):
+            await self._send_event(session, delta)
+        if plan.junk:
+            for frame in junk_frames():
+                await self._send_frame(session, frame)
+                self.junk_sent += 1
+        usage = _response_usage(self._rng)
+        entry = SentUsage(session.id, "response", session.request_model, model, plan.status, usage)
+        response = _response(response_id, plan.status, plan.metadata, usage)
+        done = json.dumps(self._event("response.done", response=response))
+        await self._send_usage(session, entry, _fragments(done) if plan.fragment else done)
+
+    def _deltas(self, dialect: Dialect, plan: _Plan, response_id: str, item_id: str) -> Iterator[dict[str, Any]]:
+        """Audio then its transcript; a text-only response has text deltas instead."""
+        where = {"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0}
+        if plan.audio:
+            for _ in range(plan.audio_deltas):
+                yield self._event(dialect.audio_delta, **where, delta=self._audio_delta)
+        text_delta = dialect.transcript_delta if plan.audio else dialect.text_delta
+        for i in range(self.transcript_deltas):
+            word = _TRANSCRIPT[i % len(_TRANSCRIPT)]
+            yield self._event(text_delta, **where, delta=word if i == 0 else f" {word}")
+
+    async def _send_usage(self, session: _Session, entry: SentUsage, frame: str | list[str]) -> None:
+        """Ledgered before sending, so that no reader sees usage the ledger lacks; taken back if
+        the connection had closed, so that the ledger holds only what went out."""
+        self.ledger.append(entry)
+        try:
+            await self._send_frame(session, frame)
+        except ConnectionClosed:
+            self.ledger.remove(entry)
+            raise
+
+    async def _send_event(self, session: _Session, event: dict[str, Any]) -> None:
+        await self._send_frame(session, json.dumps(event))
+
+    async def _send_frame(self, session: _Session, frame: str | bytes | list[str]) -> None:
+        """A list of strings goes out as one fragmented message. Yields after every frame so
+        that concurrent responses interleave on the wire."""
+        await session.ws.send(frame)
+        await asyncio.sleep(0)
+
+    def _event(self, event_type: str, **fields: Any) -> dict[str, Any]:
+        return {"type": event_type, "event_id": self._id("event"), **fields}
+
+    def _id(self, prefix: str) -> str:
+        return f"{prefix}_{next(self._ids)}"
+
+
+def _response(response_id: str, status: str, metadata: Any, usage: dict[str, Any] | None) -> dict[str, Any]:
+    """The response object of response.created/done; metadata is echoed, as OpenAI does."""
+    return {
+        "object": "realtime.response",
+        "id": response_id,
+        "status": status,
+        "metadata": metadata,
+        "usage": usage,
+    }
+
+
+def _session_id(connection: ServerConnection) -> str:
+    """Derived from the connection so that the handshake record and the session agree."""
+    return f"sess_{connection.id.hex[:24]}"
+
+
+class SimulatorThread:
+    """Runs a Simulator on its own event loop in a daemon thread, for synchronous tests and the demo."""
+
+    def __init__(self, **simulator_kwargs: Any) -> None:
+        self.simulator = Simulator(**simulator_kwargs)
+        self._thread = threading.Thread(target=self._main, name="realtime-simulator", daemon=True)
+        self._ready = threading.Event()
+        self._stopping = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> Simulator:
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+        return self.simulator
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._loop is not None  # set before _ready
+        self._loop.call_soon_threadsafe(self._stopping.set)
+        self._thread.join()
+
+    def _main(self) -> None:
+        asyncio.run(self._run())
+
+    async def _run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self.simulator.start()
+        except Exception as e:  # e.g. the port is taken: __enter__ raises it in the caller's thread
+            self._error = e
+            return
+        finally:
+            self._ready.set()
+        try:
+            await self._stopping.wait()
+        finally:
+            await self.simulator.stop()
+
+
+async def _serve_forever(args: argparse.Namespace) -> None:
+    async with Simulator(host=args.host, port=args.port, seed=args.seed) as sim:
+        print(f"Simulated OpenAI Realtime upstream listening on {sim.url}", flush=True)
+        await asyncio.Future()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run the simulated OpenAI Realtime upstream until Ctrl-C.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the usage numbers")
+    args = parser.parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve_forever(args))
+
+
+if __name__ == "__main__":
+    main()
