@@ -1,0 +1,209 @@
+"""Running the real gateway as a child process and reading its metrics: for the demo, tests and benchmarks.
+
+The tests and the demo exercise exactly what users run, `mitmdump -s addons/gateway.py`, on
+real sockets; this module starts it, waits for it to be ready (a poll with a deadline, never a
+fixed sleep) and reads /metrics back with prometheus_client's own parser.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.utils import floatToGoString
+
+GATEWAY_SCRIPT = Path(__file__).resolve().parent.parent / "gateway.py"
+SampleKey = tuple[str, frozenset[tuple[str, str]]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class GatewayProcess:
+    """`mitmdump` (or `mitmweb`) with the gateway script, in reverse mode in front of `upstream`."""
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        options: Mapping[str, str] | None = None,
+        env: Mapping[str, str] | None = None,
+        tool: str = "mitmdump",
+        args: Iterable[str] = (),
+    ) -> None:
+        self.port = free_port()
+        self.metrics_port = free_port()
+        self.upstream = upstream
+        self.options = {"gateway_metrics_port": str(self.metrics_port), **(options or {})}
+        self.env = {**os.environ, **(env or {})}
+        self.tool = str(Path(sys.executable).parent / tool)
+        self.args = list(args)
+        self.process: subprocess.Popen[bytes] | None = None
+        # Outlives the process so a test can read the log after stopping it; closed when collected.
+        self._log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        sets = [arg for name, value in self.options.items() for arg in ("--set", f"{name}={value}")]
+        return [
+            self.tool, "-s", str(GATEWAY_SCRIPT), "--mode", f"reverse:{self.upstream}",
+            "--listen-host", "127.0.0.1", "-p", str(self.port), *sets, *self.args,
+        ]  # fmt: skip
+
+    def start(self, timeout: float = 30.0) -> GatewayProcess:
+        self.process = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{Path(self.tool).name} exited with {self.process.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"{Path(self.tool).name} not ready after {timeout}s:\n{self.log()}")
+            time.sleep(0.05)
+        return self
+
+    def ready(self) -> bool:
+        """The metrics server starts once the proxy listens; without it, mitmproxy's own log line tells.
+
+        Probing the proxy port itself would make mitmproxy open (and drop) an upstream connection.
+        """
+        if self.options["gateway_metrics_port"] == "0":
+            return " listening at " in self.log()
+        try:
+            socket.create_connection(("127.0.0.1", self.metrics_port), timeout=1).close()
+        except OSError:
+            return False
+        return True
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM (mitmproxy runs its `done` hooks), then SIGKILL if it hangs."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def log(self) -> str:
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")
+
+    def __enter__(self) -> GatewayProcess:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def scrape(metrics_url: str) -> dict[SampleKey, float]:
+    """Every sample on a /metrics page, keyed by name and labels; `_created` samples left out."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    }
+
+
+def select(samples: Mapping[SampleKey, float], **labels: str) -> dict[SampleKey, float]:
+    """The samples whose labels include all of `labels`."""
+    wanted = set(labels.items())
+    return {key: value for key, value in samples.items() if wanted <= key[1]}
+
+
+# The OpenTelemetry token buckets, written out so the oracle does not share the gateway's constant.
+_TOKEN_BUCKETS = (
+    1,
+    4,
+    16,
+    64,
+    256,
+    1024,
+    4096,
+    16384,
+    65536,
+    262144,
+    1048576,
+    4194304,
+    16777216,
+    67108864,
+    float("inf"),
+)
+_MODALITY_DETAILS = (
+    ("input_tokens", ("input_token_details",)),
+    ("cache_read_input_tokens", ("input_token_details", "cached_tokens_details")),
+    ("output_tokens", ("output_token_details",)),
+)
+
+
+def expected_samples(
+    sent: Iterable[Any], *, system: str = "openai", prefix: str = "agentgateway"
+) -> dict[SampleKey, float]:
+    """What /metrics must show for usage the simulator sent (its ledger entries), computed independently."""
+    out: dict[SampleKey, float] = {}
+
+    def add(name: str, labels: Mapping[str, str], value: float) -> None:
+        key = (f"{prefix}_{name}", frozenset(labels.items()))
+        out[key] = out.get(key, 0) + value
+
+    for entry in sent:
+        usage = entry.usage
+        labels = {
+            "gen_ai_operation_name": "realtime" if entry.kind == "response" else "transcription",
+            "gen_ai_system": system,
+            "gen_ai_request_model": entry.request_model,
+            "gen_ai_response_model": entry.response_model,
+        }
+        if entry.kind == "response":
+            add("gen_ai_client_responses_total", {**labels, "status": entry.status}, 1)
+        if usage.get("type") == "duration":
+            add("gen_ai_client_transcription_audio_seconds_total", labels, usage["seconds"])
+            continue
+        observations = {"input": usage["input_tokens"], "output": usage["output_tokens"]}
+        if "cached_tokens" in (usage.get("input_token_details") or {}):
+            observations["input_cache_read"] = usage["input_token_details"]["cached_tokens"]
+        for token_type, count in observations.items():
+            typed = {**labels, "gen_ai_token_type": token_type}
+            add("gen_ai_client_token_usage_sum", typed, count)
+            add("gen_ai_client_token_usage_count", typed, 1)
+            for bound in _TOKEN_BUCKETS:
+                le = floatToGoString(bound)
+                add("gen_ai_client_token_usage_bucket", {**typed, "le": le}, 1 if count <= bound else 0)
+        for family, path in _MODALITY_DETAILS:
+            details: Any = usage
+            for key in path:
+                details = (details or {}).get(key)
+            for modality in ("text", "audio", "image"):
+                if details and f"{modality}_tokens" in details:
+                    add(
+                        f"gen_ai_client_inference_usage_{family}_total",
+                        {**labels, "gen_ai_token_modality": modality},
+                        details[f"{modality}_tokens"],
+                    )
+    return out

@@ -1,0 +1,89 @@
+"""Real Realtime clients driving sessions through the gateway: the openai SDK and plain websockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import websockets
+from openai import AsyncOpenAI
+
+RESPONSE_DONE = "response.done"
+
+
+def websocket_base(http_url: str) -> str:
+    return http_url.replace("http://", "ws://", 1)
+
+
+async def sdk_session(
+    gateway_url: str,
+    model: str,
+    *,
+    beta: bool = False,
+    metadata: Iterable[Mapping[str, str]] = ({}, {}, {}),
+    concurrent: bool = False,
+    api_key: str = "sk-client-own-key",
+) -> list[Any]:
+    """One session with the official SDK (GA `client.realtime` or `client.beta.realtime`).
+
+    Creates one response per metadata entry, one after another, or all at once when
+    `concurrent`; returns the `response.done` events the client received.
+    """
+    client = AsyncOpenAI(api_key=api_key, websocket_base_url=websocket_base(gateway_url) + "/v1")
+    connect = client.beta.realtime.connect if beta else client.realtime.connect
+    metadata = list(metadata)
+    done: list[Any] = []
+    async with connect(model=model) as connection:
+        for i, meta in enumerate(metadata):
+            await connection.response.create(response={"metadata": dict(meta)} if meta else None)  # type: ignore[arg-type]
+            if not concurrent or i == len(metadata) - 1:
+                async for event in connection:
+                    if event.type == RESPONSE_DONE:
+                        done.append(event)
+                        if len(done) == (len(metadata) if concurrent else i + 1):
+                            break
+    return done
+
+
+async def raw_session(
+    url: str,
+    client_events: Iterable[Mapping[str, Any]],
+    *,
+    until: str = RESPONSE_DONE,
+    count: int = 1,
+    compression: str | None = "deflate",
+    headers: Mapping[str, str] | None = None,
+    subprotocols: list[str] | None = None,
+) -> tuple[list[str | bytes], list[str]]:
+    """A plain `websockets` client (offering permessage-deflate by default).
+
+    Sends the client events, then reads until `count` events of type `until` arrived. Returns the
+    frames received and the extensions negotiated on the client's leg.
+    """
+    received: list[str | bytes] = []
+    async with websockets.connect(
+        url,
+        compression=compression,
+        additional_headers=dict(headers or {}),
+        subprotocols=subprotocols,  # type: ignore[arg-type]
+        max_size=None,
+    ) as ws:
+        extensions = [e.name for e in ws.protocol.extensions]
+        for event in client_events:
+            await ws.send(json.dumps(event))
+        seen = 0
+        while seen < count:
+            frame = await asyncio.wait_for(ws.recv(), timeout=20)
+            received.append(frame)
+            if isinstance(frame, str) and frame.startswith("{") and _type_of(frame) == until:
+                seen += 1
+    return received, extensions
+
+
+def _type_of(frame: str) -> str | None:
+    try:
+        return json.loads(frame).get("type")
+    except (ValueError, AttributeError):
+        return None

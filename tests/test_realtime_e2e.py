@@ -1,0 +1,225 @@
+"""End to end: real mitmdump with the gateway, the simulated upstream, real clients, /metrics compared
+to exactly what the upstream sent."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from pathlib import Path
+
+from ai_gateway.harness import GatewayProcess, expected_samples, scrape, select
+from ai_gateway.simulator import Simulator, junk_frames
+
+from .clients import raw_session, sdk_session, websocket_base
+
+PARSE_ERRORS = "agentgateway_gateway_parse_errors_total"
+POLICIES = Path(__file__).resolve().parent.parent / "policies"
+
+
+def metered(gateway: GatewayProcess, **labels: str) -> dict:
+    return select(scrape(gateway.metrics_url), **labels)
+
+
+def assert_metered_exactly(gateway: GatewayProcess, simulator: Simulator, model: str, responses: int) -> None:
+    sent = simulator.usage_for(model)
+    assert sum(e.kind == "response" for e in sent) == responses
+    expected = expected_samples(sent)
+    assert expected, "the upstream sent no usage"
+    assert metered(gateway, gen_ai_request_model=model) == expected
+
+
+def parse_errors(gateway: GatewayProcess) -> float:
+    return sum(v for (name, _), v in scrape(gateway.metrics_url).items() if name == PARSE_ERRORS)
+
+
+def test_ga_sdk_session_is_metered_exactly(gateway, simulator, model):
+    done = asyncio.run(sdk_session(gateway.url, model))
+    sent = simulator.usage_for(model)
+    assert [d.response.usage.input_tokens for d in done] == [e.usage["input_tokens"] for e in sent]
+    assert {e.response_model for e in sent} == {f"{model}-2025-08-28"}
+    assert_metered_exactly(gateway, simulator, model, responses=3)
+
+
+def test_beta_sdk_session_is_metered_exactly(gateway, simulator, model):
+    done = asyncio.run(sdk_session(gateway.url, model, beta=True))
+    assert len(done) == 3
+    assert simulator.handshakes[-1].query.get("model") == model
+    assert ("openai-beta", "realtime=v1") in simulator.handshakes[-1].headers
+    assert_metered_exactly(gateway, simulator, model, responses=3)
+
+
+def test_each_response_is_metered_while_the_session_is_open(gateway, simulator, model):
+    async def session() -> list[float]:
+        sums = []
+        url = f"{websocket_base(gateway.url)}/v1/realtime?model={model}"
+        import websockets
+
+        async with websockets.connect(url) as ws:
+            for _ in range(3):
+                await ws.send(json.dumps({"type": "response.create"}))
+                while json.loads(await ws.recv())["type"] != "response.done":
+                    pass
+                samples = await asyncio.to_thread(
+                    metered, gateway, gen_ai_request_model=model, gen_ai_token_type="output"
+                )
+                sums.append(sum(v for (name, _), v in samples.items() if name.endswith("_count")))
+        return sums
+
+    assert asyncio.run(session()) == [1, 2, 3]
+    assert_metered_exactly(gateway, simulator, model, responses=3)
+
+
+def test_concurrent_responses_are_all_counted(gateway, simulator, model):
+    done = asyncio.run(sdk_session(gateway.url, model, metadata=[{"sim_deltas": "8"}] * 4, concurrent=True))
+    assert len({d.response.id for d in done}) == 4
+    assert_metered_exactly(gateway, simulator, model, responses=4)
+
+
+def test_cancelled_failed_and_incomplete_responses_are_counted(gateway, simulator, model):
+    statuses = ["completed", "cancelled", "failed", "incomplete"]
+    done = asyncio.run(sdk_session(gateway.url, model, metadata=[{"sim_status": s} for s in statuses]))
+    assert [d.response.status for d in done] == statuses
+    assert_metered_exactly(gateway, simulator, model, responses=4)
+    responses = metered(gateway, gen_ai_request_model=model)
+    assert {dict(labels)["status"] for (name, labels) in responses if name.endswith("_responses_total")} == set(
+        statuses
+    )
+
+
+def test_fragmented_response_done_is_metered(gateway, simulator, model):
+    asyncio.run(sdk_session(gateway.url, model, metadata=[{"sim_fragment": "1"}, {}]))
+    assert_metered_exactly(gateway, simulator, model, responses=2)
+
+
+def test_extension_header_is_stripped_before_the_upstream(gateway, simulator, model):
+    url = f"{websocket_base(gateway.url)}/v1/realtime?model={model}"
+    _, extensions = asyncio.run(raw_session(url, [{"type": "response.create"}]))
+    handshake = next(h for h in simulator.handshakes if h.query.get("model") == model)
+    assert not [name for name, _ in handshake.headers if name == "sec-websocket-extensions"]
+    assert extensions == []
+    assert_metered_exactly(gateway, simulator, model, responses=1)
+
+
+def test_compressed_session_is_metered(simulator, model, tmp_path):
+    policy = tmp_path / "keep-compression.yaml"
+    policy.write_text("routes:\n  /realtime: Realtime\n")
+    with GatewayProcess(simulator.url, options={"gateway_policy": str(policy)}) as gateway:
+        url = f"{websocket_base(gateway.url)}/v1/realtime?model={model}"
+        events = [
+            {"type": "response.create"},
+            {"type": "response.create", "response": {"metadata": {"sim_fragment": "1"}}},
+        ]
+        _, extensions = asyncio.run(raw_session(url, events, count=2))
+        assert extensions == ["permessage-deflate"]
+        handshake = next(h for h in simulator.handshakes if h.query.get("model") == model)
+        assert any(
+            name == "sec-websocket-extensions" and "permessage-deflate" in value for name, value in handshake.headers
+        )
+        assert_metered_exactly(gateway, simulator, model, responses=2)
+
+
+def test_malformed_frames_are_relayed_unchanged_and_counted(gateway, simulator, model):
+    before = parse_errors(gateway)
+    url = f"{websocket_base(gateway.url)}/v1/realtime?model={model}"
+    junk = junk_frames()
+    lookalikes = sum(isinstance(f, str) and f.startswith('{"type": "response.done"') and f.endswith("}") for f in junk)
+    events = [{"type": "response.create", "response": {"metadata": {"sim_junk": "1"}}}]
+    received, _ = asyncio.run(raw_session(url, events, count=lookalikes + 1))
+    # The junk arrives byte for byte, in order, between the session's other events.
+    position = received.index(junk[0])
+    assert received[position : position + len(junk)] == junk
+    assert parse_errors(gateway) - before == len(junk)
+    assert_metered_exactly(gateway, simulator, model, responses=1)
+    # The session survived: a second session on the same gateway still works.
+    asyncio.run(sdk_session(gateway.url, model, metadata=[{}]))
+    assert_metered_exactly(gateway, simulator, model, responses=2)
+
+
+def test_transcription_usage_is_metered_under_the_transcription_model(gateway, simulator, model):
+    audio = base64.b64encode(bytes(48_000)).decode()  # one second of PCM16 at 24 kHz
+    events = [
+        {
+            "type": "session.update",
+            "session": {"type": "realtime", "audio": {"input": {"transcription": {"model": "gpt-4o-mini-transcribe"}}}},
+        },
+        {"type": "input_audio_buffer.append", "audio": audio},
+        {"type": "input_audio_buffer.commit"},
+        {"type": "input_audio_buffer.append", "audio": audio},
+        {"type": "input_audio_buffer.commit"},
+        {"type": "response.create"},
+    ]
+    url = f"{websocket_base(gateway.url)}/v1/realtime?model={model}"
+    asyncio.run(raw_session(url, events))
+    sent = simulator.usage_for(model)
+    transcriptions = [e for e in sent if e.kind == "transcription"]
+    assert [e.usage["type"] for e in transcriptions] == ["tokens", "duration"]
+    assert {e.response_model for e in transcriptions} == {"gpt-4o-mini-transcribe"}
+    assert_metered_exactly(gateway, simulator, model, responses=1)
+
+
+def test_transcription_only_session(gateway, simulator):
+    audio = base64.b64encode(bytes(24_000)).decode()
+    events = [{"type": "input_audio_buffer.append", "audio": audio}, {"type": "input_audio_buffer.commit"}]
+    url = f"{websocket_base(gateway.url)}/v1/realtime?intent=transcription"
+    before = metered(gateway, gen_ai_operation_name="transcription", gen_ai_request_model="unknown")
+    asyncio.run(raw_session(url, events, until="conversation.item.input_audio_transcription.completed"))
+    sent = [e for e in simulator.usage_for("unknown") if e.kind == "transcription"]
+    assert sent and sent[-1].response_model == "gpt-4o-transcribe"
+    after = metered(gateway, gen_ai_operation_name="transcription", gen_ai_request_model="unknown")
+    delta = {key: value - before.get(key, 0) for key, value in after.items() if value != before.get(key, 0)}
+    assert delta == {key: value for key, value in expected_samples(sent[-1:]).items() if value}
+
+
+def test_azure_deployment_url(simulator, model):
+    with GatewayProcess(
+        simulator.url,
+        options={"gateway_policy": str(POLICIES / "azure-openai.yaml")},
+        env={"AZURE_OPENAI_API_KEY": "azure-upstream-key"},
+    ) as gateway:
+        url = f"{websocket_base(gateway.url)}/openai/realtime?api-version=2025-04-01-preview&deployment={model}"
+        asyncio.run(raw_session(url, [{"type": "response.create"}], headers={"api-key": "client-key"}))
+        handshake = next(h for h in simulator.handshakes if h.query.get("deployment") == model)
+        assert ("api-key", "azure-upstream-key") in handshake.headers
+        assert not [v for n, v in handshake.headers if n == "authorization" or v == "client-key"]
+        assert_metered_exactly_azure = expected_samples(simulator.usage_for(model), system="azure.ai.openai")
+        assert metered(gateway, gen_ai_request_model=model) == assert_metered_exactly_azure
+
+
+def test_upstream_key_is_injected_and_never_shown(simulator, model, tmp_path):
+    secret = "sk-upstream-SECRET-7f3a9c"
+    policy = tmp_path / "auth.yaml"
+    policy.write_text(
+        "auth:\n  env: GATEWAY_TEST_KEY\nroutes:\n  /realtime:\n    type: Realtime\n    request:\n      remove: [sec-websocket-extensions]\n"
+    )
+    saved = tmp_path / "flows.mitm"
+    gateway = GatewayProcess(
+        simulator.url,
+        options={
+            "gateway_policy": str(policy),
+            "flow_detail": "4",
+            "save_stream_file": str(saved),
+            "gateway_websocket_history": "all",
+        },
+        env={"GATEWAY_TEST_KEY": secret},
+    )
+    with gateway:
+        asyncio.run(sdk_session(gateway.url, model, metadata=[{}]))
+        url = f"{websocket_base(gateway.url)}/v1/realtime?model={model}"
+        asyncio.run(
+            raw_session(
+                url, [{"type": "response.create"}], subprotocols=["realtime", "openai-insecure-api-key.sk-browser-key"]
+            )
+        )
+        metrics_text = json.dumps(sorted(map(str, scrape(gateway.metrics_url).items())))
+    handshakes = [h for h in simulator.handshakes if h.query.get("model") == model]
+    assert len(handshakes) == 2
+    for handshake in handshakes:
+        assert [v for n, v in handshake.headers if n == "authorization"] == [f"Bearer {secret}"]
+        assert not [v for n, v in handshake.headers if "sk-client-own-key" in v or "sk-browser-key" in v]
+    assert "realtime" in dict(handshakes[1].headers)["sec-websocket-protocol"]
+    log = gateway.log()
+    assert "Authorization" in log or "authorization" in log, "flow_detail=4 should print request headers"
+    for channel in (log, saved.read_bytes().decode(errors="replace"), metrics_text):
+        assert secret not in channel
+    assert "redacted" in saved.read_bytes().decode(errors="replace")

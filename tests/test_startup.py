@@ -1,0 +1,61 @@
+"""Startup behaviour of the real mitmdump with the gateway: clear one-line errors, clean shutdown."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+
+import pytest
+from ai_gateway.harness import GatewayProcess
+
+
+def run_until_exit(gateway: GatewayProcess, timeout: float = 30) -> tuple[int, str]:
+    result = subprocess.run(gateway.command(), capture_output=True, text=True, timeout=timeout, env=gateway.env)
+    return result.returncode, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("policy", "environ", "message"),
+    [
+        (
+            "routes:\n  /realtime: Realtim\n",
+            {},
+            "policy.yaml:2: routes./realtime: expected one of Completions, Responses, Embeddings, Realtime, Passthrough, got 'Realtim'",
+        ),
+        (
+            "auth:\n  env: GATEWAY_UNSET_KEY\nroutes:\n  '*': Passthrough\n",
+            {},
+            "policy.yaml:2: auth.env: environment variable GATEWAY_UNSET_KEY is not set or empty",
+        ),
+    ],
+)
+def test_invalid_policy_stops_startup_with_one_line(tmp_path, policy, environ, message):
+    path = tmp_path / "policy.yaml"
+    path.write_text(policy)
+    returncode, output = run_until_exit(
+        GatewayProcess("http://127.0.0.1:9", options={"gateway_policy": str(path)}, env=environ)
+    )
+    assert returncode != 0
+    assert message in output
+    assert "Traceback" not in output
+    assert sum("policy.yaml" in line for line in output.splitlines()) == 1
+
+
+def test_metrics_port_in_use_is_one_clear_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        returncode, output = run_until_exit(
+            GatewayProcess("http://127.0.0.1:9", options={"gateway_metrics_port": str(port)})
+        )
+    assert returncode != 0
+    assert f"ai-gateway: cannot serve metrics on 127.0.0.1:{port}: Address already in use" in output
+    assert "Traceback" not in output
+
+
+def test_sigterm_stops_cleanly_and_frees_the_metrics_port():
+    gateway = GatewayProcess("http://127.0.0.1:9").start()
+    assert gateway.stop() == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", gateway.metrics_port))
