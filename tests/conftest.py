@@ -6,6 +6,7 @@ import itertools
 from collections.abc import Iterator
 
 import pytest
+
 from ai_gateway.harness import GatewayProcess
 from ai_gateway.simulator import Simulator, SimulatorThread
 

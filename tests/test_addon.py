@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from ai_gateway.addon import Gateway, parse_history
-from ai_gateway.headers import REDACTED
-from ai_gateway.policy import DEFAULT_POLICY
 from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow
 from mitmproxy.websocket import WebSocketMessage
+
+from ai_gateway.addon import Gateway, parse_history
+from ai_gateway.headers import REDACTED
+from ai_gateway.policy import DEFAULT_POLICY
 
 
 def realtime_flow():

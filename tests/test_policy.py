@@ -3,7 +3,8 @@
 from pathlib import Path
 
 import pytest
-from ai_gateway.policy import DEFAULT_POLICY, HeaderPolicy, PolicyError, RouteType, load_policy, parse_policy
+
+from ai_gateway.policy import DEFAULT_POLICY, NO_MATCH, HeaderPolicy, PolicyError, RouteType, load_policy, parse_policy
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 
@@ -70,6 +71,15 @@ def test_long_form_header_policy():
     )
 
 
+def test_model_override_on_a_route_or_the_whole_policy():
+    policy = parse(
+        "model: gpt-4o-mini\nroutes:\n  /realtime:\n    type: Realtime\n    model: gpt-realtime-mini\n  '*': Passthrough\n"
+    )
+    assert policy.model_for(policy.match("/v1/realtime")) == "gpt-realtime-mini"
+    assert policy.model_for(policy.match("/v1/chat/completions")) == "gpt-4o-mini"
+    assert parse("routes:\n  /x: Realtime\n").model_for(NO_MATCH) is None
+
+
 def test_auth_reads_the_key_from_the_environment():
     policy = parse("auth:\n  env: KEY\nroutes:\n  '*': Passthrough\n", {"KEY": "sk-live"})
     assert policy.auth is not None and policy.auth.header_value == "Bearer sk-live"
@@ -92,7 +102,7 @@ def test_auth_reads_the_key_from_the_environment():
         (
             "routes:\n  /x: Realtime\nprovder: x\n",
             {},
-            "p.yaml:3: provder: unknown key; expected one of provider, auth, routes",
+            "p.yaml:3: provder: unknown key; expected one of provider, auth, model, routes",
         ),
         ("provider: openai\n", {}, "p.yaml:1: routes: missing; expected a mapping of path suffix to route type"),
         ("routes: [a]\n", {}, "p.yaml:1: routes: expected a mapping, got a list"),
@@ -109,7 +119,7 @@ def test_auth_reads_the_key_from_the_environment():
         (
             "routes:\n  /x:\n    type: Realtime\n    reqest: {}\n",
             {},
-            "p.yaml:4: routes./x.reqest: unknown key; expected one of type, request",
+            "p.yaml:4: routes./x.reqest: unknown key; expected one of type, request, model",
         ),
         (
             "auth:\n  env: NOPE\nroutes:\n  /x: Realtime\n",

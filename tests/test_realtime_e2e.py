@@ -8,7 +8,7 @@ import base64
 import json
 from pathlib import Path
 
-from ai_gateway.harness import GatewayProcess, expected_samples, scrape, select
+from ai_gateway.harness import GatewayProcess, expected_samples, scrape, select, usage_only
 from ai_gateway.simulator import Simulator, junk_frames
 
 from .clients import raw_session, sdk_session, websocket_base
@@ -26,7 +26,7 @@ def assert_metered_exactly(gateway: GatewayProcess, simulator: Simulator, model:
     assert sum(e.kind == "response" for e in sent) == responses
     expected = expected_samples(sent)
     assert expected, "the upstream sent no usage"
-    assert metered(gateway, gen_ai_request_model=model) == expected
+    assert usage_only(metered(gateway, gen_ai_request_model=model)) == expected
 
 
 def parse_errors(gateway: GatewayProcess) -> float:
@@ -39,6 +39,18 @@ def test_ga_sdk_session_is_metered_exactly(gateway, simulator, model):
     assert [d.response.usage.input_tokens for d in done] == [e.usage["input_tokens"] for e in sent]
     assert {e.response_model for e in sent} == {f"{model}-2025-08-28"}
     assert_metered_exactly(gateway, simulator, model, responses=3)
+
+
+def test_realtime_latency_from_response_create_to_first_delta_and_done(gateway, simulator, model):
+    asyncio.run(sdk_session(gateway.url, model))
+    samples = metered(gateway, gen_ai_request_model=model)
+    labels = {"gen_ai_operation_name": "realtime", "gen_ai_response_model": f"{model}-2025-08-28"}
+    for metric in ("time_to_first_token", "time_per_output_token"):
+        (count,) = [v for (name, ls), v in samples.items() if name == f"agentgateway_gen_ai_server_{metric}_count"]
+        (total,) = [v for (name, ls), v in samples.items() if name == f"agentgateway_gen_ai_server_{metric}_sum"]
+        assert count == 3
+        assert 0 < total < 30
+        assert all(labels.items() <= dict(ls).items() for (name, ls) in samples if metric in name)
 
 
 def test_beta_sdk_session_is_metered_exactly(gateway, simulator, model):
@@ -167,7 +179,7 @@ def test_transcription_only_session(gateway, simulator):
     sent = [e for e in simulator.usage_for("unknown") if e.kind == "transcription"]
     assert sent and sent[-1].response_model == "gpt-4o-transcribe"
     after = metered(gateway, gen_ai_operation_name="transcription", gen_ai_request_model="unknown")
-    delta = {key: value - before.get(key, 0) for key, value in after.items() if value != before.get(key, 0)}
+    delta = {key: value - before.get(key, 0) for key, value in usage_only(after).items() if value != before.get(key, 0)}
     assert delta == {key: value for key, value in expected_samples(sent[-1:]).items() if value}
 
 
@@ -183,7 +195,17 @@ def test_azure_deployment_url(simulator, model):
         assert ("api-key", "azure-upstream-key") in handshake.headers
         assert not [v for n, v in handshake.headers if n == "authorization" or v == "client-key"]
         assert_metered_exactly_azure = expected_samples(simulator.usage_for(model), system="azure.ai.openai")
-        assert metered(gateway, gen_ai_request_model=model) == assert_metered_exactly_azure
+        assert usage_only(metered(gateway, gen_ai_request_model=model)) == assert_metered_exactly_azure
+
+
+def test_policy_model_override_rewrites_the_realtime_query(simulator, model, tmp_path):
+    policy = tmp_path / "override.yaml"
+    policy.write_text(f"routes:\n  /realtime:\n    type: Realtime\n    model: {model}\n")
+    with GatewayProcess(simulator.url, options={"gateway_policy": str(policy)}) as gateway:
+        asyncio.run(sdk_session(gateway.url, "gpt-client-asked-for-this", metadata=[{}]))
+        assert simulator.handshakes[-1].query["model"] == model
+        assert_metered_exactly(gateway, simulator, model, responses=1)
+        assert not metered(gateway, gen_ai_request_model="gpt-client-asked-for-this")
 
 
 def test_upstream_key_is_injected_and_never_shown(simulator, model, tmp_path):

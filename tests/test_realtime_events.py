@@ -3,18 +3,21 @@
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from ai_gateway.realtime import (
     Malformed,
+    ResponseCreated,
     ResponseDone,
     SessionModels,
     TranscriptionDone,
+    delta_response_id,
     needs_decoding,
     read_server_event,
 )
 from ai_gateway.simulator import EXAMPLE_USAGE
 from ai_gateway.usage import MAX_TOKENS, DurationUsage, TokenUsage
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 REFERENCE_USAGE = EXAMPLE_USAGE  # the reference documentation's response.done usage
 
@@ -46,13 +49,26 @@ def test_response_done_usage_with_modality_and_cache_split():
             output_by_modality=(("text", 30), ("audio", 91)),
         ),
         status="completed",
+        response_id="r1",
     )
 
 
 @pytest.mark.parametrize("status", ["cancelled", "failed", "incomplete"])
 def test_unfinished_responses_keep_their_usage(status):
     event = read(response_done({"input_tokens": 5, "output_tokens": 1}, status))
-    assert event == ResponseDone(TokenUsage(5, 1), status)
+    assert event == ResponseDone(TokenUsage(5, 1), status, "r1")
+
+
+def test_response_created_and_delta_response_ids():
+    created = frame(
+        {"type": "response.created", "event_id": "e", "response": {"id": "resp_9", "status": "in_progress"}}
+    )
+    assert read(created) == ResponseCreated("resp_9")
+    delta = frame(
+        {"type": "response.output_audio.delta", "event_id": "e", "response_id": "resp_9", "delta": "AAAA" * 5000}
+    )
+    assert delta_response_id(delta) == "resp_9"
+    assert delta_response_id(frame({"type": "response.output_audio.delta", "delta": "AAAA"})) is None
 
 
 def test_unknown_status_is_bounded():

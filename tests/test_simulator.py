@@ -16,11 +16,12 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
-from ai_gateway.simulator import SentUsage, Simulator, SimulatorThread, junk_frames, resolve_model
 from openai import AsyncOpenAI
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as sync_connect
+
+from ai_gateway.simulator import SentUsage, Simulator, SimulatorThread, junk_frames, resolve_model
 
 T = TypeVar("T")
 DONE = "response.done"

@@ -6,6 +6,7 @@ import socket
 import subprocess
 
 import pytest
+
 from ai_gateway.harness import GatewayProcess
 
 

@@ -13,7 +13,8 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
 from .headers import apply_header_policy, redact, remove_client_credentials
-from .meter import RealtimeMeter, requested_model
+from .http_meter import METERED_HTTP, HttpExchange, rewrite_request
+from .meter import RealtimeMeter, ResponsesSocketMeter, SessionMeter, requested_model
 from .metrics import GatewayMetrics, MetricsServer
 from .policy import DEFAULT_POLICY, Auth, Policy, PolicyError, RouteType, load_policy
 
@@ -61,7 +62,8 @@ class Gateway:
         self.credential = UpstreamCredential()
         self.history: int | None = 1
         self.is_running = False
-        self.sessions: dict[str, RealtimeMeter] = {}
+        self.sessions: dict[str, SessionMeter] = {}
+        self.exchanges: dict[str, HttpExchange] = {}
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -150,18 +152,57 @@ class Gateway:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if self.policy is None:
             return
-        headers = flow.request.headers
+        request = flow.request
         if self.policy.auth is not None:
-            remove_client_credentials(headers)
-        apply_header_policy(headers, self.policy.match(flow.request.path).request)
+            remove_client_credentials(request.headers)
+        route = self.policy.match(request.path)
+        apply_header_policy(request.headers, route.request)
+        model = self.policy.model_for(route)
+        if route.type is RouteType.REALTIME and model is not None:
+            request.query["model"] = model
+
+    @never_raises
+    def request(self, flow: http.HTTPFlow) -> None:
+        if self.policy is None or is_websocket_upgrade(flow.request):
+            return
+        route = self.policy.match(flow.request.path)
+        if route.type not in METERED_HTTP:
+            return
+        body = flow.request.get_content(strict=False) or b""
+        request_model, rewritten = rewrite_request(route.type, body, self.policy.model_for(route))
+        if rewritten is not None:
+            flow.request.content = rewritten
+        self.exchanges[flow.id] = HttpExchange(self.metrics, route.type, self.policy.provider, request_model)
 
     @never_raises
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         self.redact_credential(flow)
+        exchange = self.exchanges.get(flow.id)
+        response = flow.response
+        if exchange is None or response is None or not 200 <= response.status_code < 300:
+            return
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            response.stream = exchange.streaming(response.headers.get("content-encoding", ""))
+
+    @never_raises
+    def response(self, flow: http.HTTPFlow) -> None:
+        exchange = self.exchanges.pop(flow.id, None)
+        if exchange is None or flow.response is None:
+            return
+        status = flow.response.status_code
+        if status >= 400:
+            exchange.finish(str(status))
+            return
+        if exchange.stream is None and flow.websocket is None:
+            exchange.body(flow.response.get_content(strict=False) or b"")
+        exchange.finish("")
 
     @never_raises
     def error(self, flow: http.HTTPFlow) -> None:
         self.redact_credential(flow)
+        exchange = self.exchanges.pop(flow.id, None)
+        if exchange is not None and flow.error is not None:
+            exchange.finish(error_type(flow.error.msg))
 
     def redact_credential(self, flow: http.HTTPFlow) -> None:
         if self.policy is not None and (auth := self.policy.auth) is not None:
@@ -169,10 +210,12 @@ class Gateway:
 
     @never_raises
     def websocket_start(self, flow: http.HTTPFlow) -> None:
-        if self.policy is None or self.policy.match(flow.request.path).type is not RouteType.REALTIME:
+        if self.policy is None:
             return
-        self.sessions[flow.id] = RealtimeMeter(self.metrics, self.policy.provider, requested_model(flow.request.url))
-        self.metrics.realtime_sessions.inc()
+        meter = SESSION_METERS.get(self.policy.match(flow.request.path).type)
+        if meter is not None:
+            self.sessions[flow.id] = meter(self.metrics, self.policy.provider, requested_model(flow.request.url))
+            self.metrics.realtime_sessions.inc()
 
     @never_raises
     def websocket_message(self, flow: http.HTTPFlow) -> None:
@@ -180,10 +223,11 @@ class Gateway:
         messages = flow.websocket.messages
         message = messages[-1]
         meter = self.sessions.get(flow.id)
-        if meter is not None and not message.from_client:
-            problem = meter.server_frame(message.content, message.is_text)
-            if problem is not None:
-                logger.debug("ai-gateway: unreadable Realtime frame (%s): %s", problem.reason, problem.detail)
+        if meter is not None:
+            if message.from_client:
+                meter.client_frame(message.content)
+            elif problem := meter.server_frame(message.content, message.is_text):
+                logger.debug("ai-gateway: unreadable server frame (%s): %s", problem.reason, problem.detail)
         if self.history is not None and len(messages) > self.history:
             del messages[: -self.history]
 
@@ -191,6 +235,25 @@ class Gateway:
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         if self.sessions.pop(flow.id, None) is not None:
             self.metrics.realtime_sessions.dec()
+
+
+SESSION_METERS = {RouteType.REALTIME: RealtimeMeter, RouteType.RESPONSES: ResponsesSocketMeter}
+
+
+def is_websocket_upgrade(request: http.Request) -> bool:
+    return "websocket" in request.headers.get("upgrade", "").lower()
+
+
+def error_type(message: str) -> str:
+    """A bounded error_type label from mitmproxy's error message."""
+    lowered = message.lower()
+    if "certificate" in lowered or "tls" in lowered or "ssl" in lowered:
+        return "tls_error"
+    if "timeout" in lowered or "timed out" in lowered:
+        return "timeout"
+    if "killed" in lowered or "client disconnected" in lowered:
+        return "client_disconnected"
+    return "connection_error"
 
 
 def parse_history(value: str, under_web: bool) -> int | None:

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 
 from openai import AsyncOpenAI
 
-from .harness import GatewayProcess, SampleKey, expected_samples, scrape, select
+from .harness import GatewayProcess, SampleKey, expected_samples, scrape, select, usage_only
 from .simulator import Simulator, SimulatorThread
 
 PREFIX = "agentgateway"
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway   mitmdump -s addons/gateway.py --mode reverse:{url} -p {gateway.port}")
         print(f"metrics   {gateway.metrics_url}\n")
         asyncio.run(drive_session(gateway.url, args.model, args.responses, real=simulator is None))
-        samples = select(scrape(gateway.metrics_url), gen_ai_request_model=args.model)
+        samples = usage_only(select(scrape(gateway.metrics_url), gen_ai_request_model=args.model))
         print(render(samples))
         if simulator is None:
             return 0

@@ -137,6 +137,11 @@ def select(samples: Mapping[SampleKey, float], **labels: str) -> dict[SampleKey,
     return {key: value for key, value in samples.items() if wanted <= key[1]}
 
 
+def usage_only(samples: Mapping[SampleKey, float]) -> dict[SampleKey, float]:
+    """The usage samples (what expected_samples predicts), without the latency histograms."""
+    return {key: value for key, value in samples.items() if "_gen_ai_server_" not in key[0]}
+
+
 # The OpenTelemetry token buckets, written out so the oracle does not share the gateway's constant.
 _TOKEN_BUCKETS = (
     1,

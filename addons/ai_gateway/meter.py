@@ -1,21 +1,44 @@
-"""Per-session Realtime accounting: which models a session uses, and what each server event bills."""
+"""Per-session WebSocket accounting: which models a session uses, and what each server event bills.
+
+Two protocols run over WebSockets: the Realtime API, and the Responses API's WebSocket mode.
+Each session gets one meter; the addon hands it every frame, in order, as it is relayed.
+"""
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
-from .metrics import UNKNOWN, GatewayMetrics, ModelLabels
+from .http_usage import RESPONSES_FINAL_EVENTS, Billed, decode_json, read_responses_event
+from .metrics import UNKNOWN, GatewayMetrics, ModelLabels, Series
 from .policy import RouteType
-from .realtime import Malformed, ResponseDone, SessionModels, TranscriptionDone, needs_decoding, read_server_event
+from .realtime import (
+    RESPONSE_CREATE,
+    Malformed,
+    ResponseCreated,
+    ResponseDone,
+    ServerEvent,
+    SessionModels,
+    TranscriptionDone,
+    delta_response_id,
+    leading_type,
+    needs_decoding,
+    read_server_event,
+)
 from .usage import TokenUsage
 
 REALTIME = "realtime"
 TRANSCRIPTION = "transcription"
+CHAT = "chat"
+# response.create events waiting for their response.created; more than this is not a real client.
+MAX_PENDING_CREATES = 64
 
 
 def requested_model(url: str) -> str:
-    """The model a Realtime client asked for: `model` (OpenAI, Azure v1) or `deployment` (Azure)."""
+    """The model a client asked for in the URL: `model` (OpenAI, Azure v1) or `deployment` (Azure)."""
     query = parse_qs(urlsplit(url).query)
     for name in ("model", "deployment"):
         if values := query.get(name):
@@ -33,9 +56,22 @@ class SessionTotals:
     output: int = 0
     transcription_seconds: float = 0.0
 
+    def add(self, usage: TokenUsage) -> None:
+        self.input += usage.input
+        self.cached += usage.cache_read or 0
+        self.output += usage.output or 0
+
+
+class SessionMeter(Protocol):
+    totals: SessionTotals
+
+    def client_frame(self, content: bytes) -> None: ...
+
+    def server_frame(self, content: bytes, is_text: bool) -> Malformed | None: ...
+
 
 class RealtimeMeter:
-    """Meters one Realtime WebSocket session from its server frames, as each event arrives."""
+    """Meters one Realtime session from its frames, each response as its response.done arrives."""
 
     def __init__(self, metrics: GatewayMetrics, system: str, request_model: str) -> None:
         self.metrics = metrics
@@ -44,45 +80,102 @@ class RealtimeMeter:
         self.response_model = UNKNOWN
         self.transcription_model = UNKNOWN
         self.totals = SessionTotals()
+        # Latency: response.create time, paired in order with response.created, then the first delta.
+        self.pending_creates: deque[float] = deque(maxlen=MAX_PENDING_CREATES)
+        self.awaiting_first_delta: dict[str, float] = {}
+        self.timings: dict[str, tuple[float, float]] = {}
+
+    def client_frame(self, content: bytes) -> None:
+        if leading_type(content) == RESPONSE_CREATE:
+            self.pending_creates.append(time.monotonic())
 
     def server_frame(self, content: bytes, is_text: bool) -> Malformed | None:
         """Meter one server frame. Returns the problem when the frame could not be read."""
         if not is_text:
-            problem = Malformed("binary", f"{len(content)} bytes")
-        elif not needs_decoding(content):
-            return None
-        else:
+            problem: Malformed | None = Malformed("binary", f"{len(content)} bytes")
+        elif needs_decoding(content):
             problem = self.apply(read_server_event(content))
+        else:
+            if self.awaiting_first_delta:
+                self.first_delta(content)
+            return None
         if problem is not None:
             self.metrics.parse_error(RouteType.REALTIME.value, problem.reason)
         return problem
 
-    def apply(self, event: SessionModels | ResponseDone | TranscriptionDone | Malformed | None) -> Malformed | None:
+    def first_delta(self, content: bytes) -> None:
+        response_id = delta_response_id(content)
+        if response_id is not None and (created := self.awaiting_first_delta.pop(response_id, None)) is not None:
+            self.timings[response_id] = (created, time.monotonic())
+
+    def apply(self, event: ServerEvent | None) -> Malformed | None:
         match event:
             case SessionModels(model=model, transcription_model=transcription_model):
                 self.response_model = model or self.response_model
                 self.transcription_model = transcription_model or self.transcription_model
-            case ResponseDone(usage=usage, status=status):
+            case ResponseCreated(response_id=response_id):
+                if response_id is not None and self.pending_creates:
+                    self.awaiting_first_delta[response_id] = self.pending_creates.popleft()
+            case ResponseDone(usage=usage, status=status, response_id=response_id):
                 series = self.metrics.series(self.labels(REALTIME, self.response_model))
                 series.record(usage)
                 series.response(status)
+                self.latency(series, response_id, usage)
                 self.totals.responses += 1
-                self.add_to_totals(usage)
+                self.totals.add(usage)
             case TranscriptionDone(usage=usage):
                 self.metrics.series(self.labels(TRANSCRIPTION, self.transcription_model)).record(usage)
                 if isinstance(usage, TokenUsage):
-                    self.add_to_totals(usage)
+                    self.totals.add(usage)
                 else:
                     self.totals.transcription_seconds += usage.seconds
             case Malformed():
                 return event
         return None
 
+    def latency(self, series: Series, response_id: str | None, usage: TokenUsage) -> None:
+        if response_id is None:
+            return
+        self.awaiting_first_delta.pop(response_id, None)
+        timing = self.timings.pop(response_id, None)
+        if timing is not None:
+            created, first = timing
+            series.latency(first - created, time.monotonic() - created, usage.output)
+
     def labels(self, operation: str, response_model: str) -> ModelLabels:
         return ModelLabels(operation, self.system, self.request_model, response_model)
 
-    def add_to_totals(self, usage: TokenUsage) -> None:
-        totals = self.totals
-        totals.input += usage.input
-        totals.cached += usage.cache_read or 0
-        totals.output += usage.output
+
+class ResponsesSocketMeter:
+    """Meters the Responses API's WebSocket mode: each response.completed frame bills one response."""
+
+    def __init__(self, metrics: GatewayMetrics, system: str, request_model: str) -> None:
+        self.metrics = metrics
+        self.system = system
+        self.request_model = request_model
+        self.totals = SessionTotals()
+
+    def client_frame(self, content: bytes) -> None:
+        """The model of the next response comes with its response.create."""
+        if leading_type(content) == RESPONSE_CREATE:
+            document = decode_json(content)
+            model = document.get("model") if isinstance(document, dict) else None
+            if isinstance(model, str) and model:
+                self.request_model = model
+
+    def server_frame(self, content: bytes, is_text: bool) -> Malformed | None:
+        kind = leading_type(content) if is_text else None
+        if is_text and kind is not None and kind not in RESPONSES_FINAL_EVENTS:
+            return None
+        document = decode_json(content) if is_text else Malformed("binary", f"{len(content)} bytes")
+        item = read_responses_event(document) if isinstance(document, dict) else document
+        if isinstance(item, Billed):
+            series = self.metrics.series(ModelLabels(CHAT, self.system, self.request_model, item.response_model or ""))
+            series.record(item.usage)
+            series.response(item.status)
+            self.totals.responses += 1
+            self.totals.add(item.usage)
+        elif isinstance(item, Malformed):
+            self.metrics.parse_error(RouteType.RESPONSES.value, item.reason)
+            return item
+        return None

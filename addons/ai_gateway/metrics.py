@@ -17,8 +17,11 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from .usage import DurationUsage, TokenUsage
 
-# OpenTelemetry GenAI semantic conventions' advisory buckets for gen_ai.client.token.usage.
+# OpenTelemetry GenAI semantic conventions' advisory buckets, as agentgateway uses them.
 TOKEN_BUCKETS = tuple(4**i for i in range(14))
+DURATION_BUCKETS = tuple(0.01 * 2**i for i in range(14))
+TIME_TO_FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
+TIME_PER_OUTPUT_TOKEN_BUCKETS = (0.001, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5)
 
 MODEL_LABELS = ("gen_ai_operation_name", "gen_ai_system", "gen_ai_request_model", "gen_ai_response_model")
 UNKNOWN = "unknown"
@@ -68,6 +71,12 @@ class GatewayMetrics:
             f"{prefix}_gen_ai_client_inference_usage_output_tokens",
             "Output tokens by modality (OpenTelemetry gen_ai.client.inference.usage.output_tokens).",
         )
+        self.reasoning_tokens = Counter(
+            f"{prefix}_gen_ai_client_inference_usage_reasoning_output_tokens",
+            "Output tokens spent on reasoning; a subset of output tokens.",
+            MODEL_LABELS,
+            registry=self.registry,
+        )
         self.transcription_seconds = Counter(
             f"{prefix}_gen_ai_client_transcription_audio_seconds",
             "Seconds of input audio transcribed, for transcription billed by duration.",
@@ -78,6 +87,27 @@ class GatewayMetrics:
             f"{prefix}_gen_ai_client_responses",
             "Metered responses by final status (completed, cancelled, failed, incomplete).",
             ("status", *MODEL_LABELS),
+            registry=self.registry,
+        )
+        self.request_duration = Histogram(
+            f"{prefix}_gen_ai_server_request_duration",
+            "Seconds from request to the end of the response; error_type is set for failures.",
+            (*MODEL_LABELS, "error_type"),
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            f"{prefix}_gen_ai_server_time_to_first_token",
+            "Seconds from request (Realtime: response.create) to the first generated content.",
+            MODEL_LABELS,
+            buckets=TIME_TO_FIRST_TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.time_per_output_token = Histogram(
+            f"{prefix}_gen_ai_server_time_per_output_token",
+            "Seconds per output token after the first one.",
+            MODEL_LABELS,
+            buckets=TIME_PER_OUTPUT_TOKEN_BUCKETS,
             registry=self.registry,
         )
         self.parse_errors = Counter(
@@ -128,7 +158,10 @@ class Series:
             self._child(metrics.transcription_seconds).inc(usage.seconds)
             return
         self._child(metrics.token_usage, "input").observe(usage.input)
-        self._child(metrics.token_usage, "output").observe(usage.output)
+        if usage.output is not None:
+            self._child(metrics.token_usage, "output").observe(usage.output)
+        if usage.reasoning is not None:
+            self._child(metrics.reasoning_tokens).inc(usage.reasoning)
         if usage.cache_read is not None:
             self._child(metrics.token_usage, "input_cache_read").observe(usage.cache_read)
         for family, split in (
@@ -141,6 +174,17 @@ class Series:
 
     def response(self, status: str) -> None:
         self._child(self._metrics.responses, status).inc()
+
+    def latency(self, first_token: float | None, done: float, output_tokens: int | None) -> None:
+        """Time to first token and per output token after it, from seconds since the request."""
+        if first_token is None:
+            return
+        self._child(self._metrics.time_to_first_token).observe(first_token)
+        if output_tokens is not None and output_tokens > 1:
+            self._child(self._metrics.time_per_output_token).observe((done - first_token) / (output_tokens - 1))
+
+    def duration(self, seconds: float, error_type: str) -> None:
+        self._metrics.request_duration.labels(*self._values, error_type).observe(seconds)
 
 
 class MetricsServer:

@@ -51,6 +51,7 @@ class Route:
     suffix: str
     type: RouteType
     request: HeaderPolicy = HeaderPolicy()
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Policy:
     source: str
     provider: str = "openai"
     auth: Auth | None = None
+    model: str | None = None
     routes: tuple[Route, ...] = field(default_factory=tuple)
 
     def match(self, path: str) -> Route:
@@ -80,6 +82,10 @@ class Policy:
             if route.suffix == CATCH_ALL or path.endswith(route.suffix):
                 return route
         return NO_MATCH
+
+    def model_for(self, route: Route) -> str | None:
+        """The model to request upstream instead of the client's, if the policy overrides it."""
+        return route.model or self.model
 
 
 NO_MATCH = Route(suffix="", type=RouteType.COMPLETIONS)
@@ -168,13 +174,14 @@ class _Validator:
         return parse(child, items[name][1])
 
     def policy(self, root: Node) -> Policy:
-        items = self.mapping("", root, ("provider", "auth", "routes"))
+        items = self.mapping("", root, ("provider", "auth", "model", "routes"))
         if "routes" not in items:
             raise self.fail("routes", root, "missing; expected a mapping of path suffix to route type")
         return Policy(
             source=self.source,
             provider=self.optional(items, "provider", self.string, "", "openai"),
             auth=self.optional(items, "auth", self.auth, "", None),
+            model=self.optional(items, "model", self.string, "", None),
             routes=self.routes("routes", items["routes"][1]),
         )
 
@@ -203,13 +210,14 @@ class _Validator:
     def route(self, key: str, suffix: str, node: Node) -> Route:
         if isinstance(node, ScalarNode):
             return Route(suffix, self.route_type(key, node))
-        items = self.mapping(key, node, ("type", "request"))
+        items = self.mapping(key, node, ("type", "request", "model"))
         if "type" not in items:
             raise self.fail(f"{key}.type", node, f"missing; expected one of {_ROUTE_TYPES}")
         return Route(
             suffix,
             self.route_type(f"{key}.type", items["type"][1]),
             self.optional(items, "request", self.header_policy, key, HeaderPolicy()),
+            self.optional(items, "model", self.string, key, None),
         )
 
     def route_type(self, key: str, node: Node) -> RouteType:

@@ -14,15 +14,19 @@ from typing import Any
 
 from .usage import DurationUsage, InvalidUsage, TokenUsage, parse_realtime_usage, parse_transcription_usage
 
+RESPONSE_CREATE = "response.create"
+RESPONSE_CREATED = "response.created"
 RESPONSE_DONE = "response.done"
 SESSION_CREATED = "session.created"
 SESSION_UPDATED = "session.updated"
 TRANSCRIPTION_COMPLETED = "conversation.item.input_audio_transcription.completed"
 RESPONSE_STATUSES = frozenset({"completed", "cancelled", "failed", "incomplete", "in_progress"})
-METERED_EVENTS = frozenset({RESPONSE_DONE, SESSION_CREATED, SESSION_UPDATED, TRANSCRIPTION_COMPLETED})
+METERED_EVENTS = frozenset({RESPONSE_CREATED, RESPONSE_DONE, SESSION_CREATED, SESSION_UPDATED, TRANSCRIPTION_COMPLETED})
 
 # Every OpenAI server event starts with its type; this reads it without decoding the frame.
 _LEADING_TYPE = re.compile(rb'\s*\{\s*"type"\s*:\s*"([a-z0-9_.]{1,128})"')
+# Deltas name their response near the start; only searched while a response awaits its first delta.
+_RESPONSE_ID = re.compile(rb'"response_id"\s*:\s*"([^"\\]{1,128})"')
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,9 +38,15 @@ class SessionModels:
 
 
 @dataclass(frozen=True, slots=True)
+class ResponseCreated:
+    response_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class ResponseDone:
     usage: TokenUsage
     status: str
+    response_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +66,18 @@ class InvalidEvent(ValueError):
     """A metered event without the object that should carry its data."""
 
 
-ServerEvent = SessionModels | ResponseDone | TranscriptionDone | Malformed
+ServerEvent = SessionModels | ResponseCreated | ResponseDone | TranscriptionDone | Malformed
+
+
+def leading_type(content: bytes) -> str | None:
+    """The event type when the frame starts with it, as OpenAI's events do; read without decoding."""
+    match = _LEADING_TYPE.match(content)
+    return match.group(1).decode() if match else None
+
+
+def delta_response_id(content: bytes) -> str | None:
+    match = _RESPONSE_ID.search(content, 0, 512)
+    return match.group(1).decode(errors="replace") if match else None
 
 
 def needs_decoding(content: bytes) -> bool:
@@ -65,8 +86,8 @@ def needs_decoding(content: bytes) -> bool:
     OpenAI always sends the type first, so deltas are skipped unread; a frame that does not start
     with its type is rare and is decoded in full, to meter it or to count it as malformed.
     """
-    match = _LEADING_TYPE.match(content)
-    return match is None or match.group(1).decode() in METERED_EVENTS
+    kind = leading_type(content)
+    return kind is None or kind in METERED_EVENTS
 
 
 def read_server_event(content: bytes) -> ServerEvent | None:
@@ -81,6 +102,9 @@ def read_server_event(content: bytes) -> ServerEvent | None:
     try:
         if kind == RESPONSE_DONE:
             return read_response_done(event)
+        if kind == RESPONSE_CREATED:
+            response = event.get("response")
+            return ResponseCreated(_string(response.get("id")) if isinstance(response, dict) else None)
         if kind == TRANSCRIPTION_COMPLETED:
             return TranscriptionDone(parse_transcription_usage(event.get("usage")))
         if kind in (SESSION_CREATED, SESSION_UPDATED):
@@ -100,6 +124,7 @@ def read_response_done(event: dict[str, Any]) -> ResponseDone:
     return ResponseDone(
         usage=parse_realtime_usage(response.get("usage")),
         status=status if status in RESPONSE_STATUSES else "other",
+        response_id=_string(response.get("id")),
     )
 
 

@@ -24,14 +24,33 @@ class InvalidUsage(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class TokenUsage:
-    """One response's tokens; cache_read is None when the upstream did not report it."""
+    """One response's tokens; None where the upstream did not report a count (embeddings have no output)."""
 
     input: int
-    output: int
+    output: int | None
     cache_read: int | None = None
     input_by_modality: tuple[tuple[str, int], ...] = ()
     cache_read_by_modality: tuple[tuple[str, int], ...] = ()
     output_by_modality: tuple[tuple[str, int], ...] = ()
+    reasoning: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageShape:
+    """Where an API puts its counts: the same ideas under different names per API."""
+
+    input: str
+    output: str | None
+    input_details: str
+    output_details: str | None
+
+
+REALTIME_USAGE = UsageShape("input_tokens", "output_tokens", "input_token_details", "output_token_details")
+RESPONSES_USAGE = UsageShape("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details")
+COMPLETIONS_USAGE = UsageShape(
+    "prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details"
+)
+EMBEDDINGS_USAGE = UsageShape("prompt_tokens", None, "prompt_tokens_details", None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,24 +93,31 @@ def require_object(usage: Any) -> Mapping[str, Any]:
     return usage
 
 
-def parse_realtime_usage(usage: Any) -> TokenUsage:
-    """Usage of a Realtime `response.done` (input/output tokens with modality and cache details)."""
+def parse_usage(usage: Any, shape: UsageShape) -> TokenUsage:
+    """A usage object of the given API: counts, cache, modality and reasoning details."""
     usage = require_object(usage)
-    input_tokens = tokens(usage, "input_tokens")
-    output_tokens = tokens(usage, "output_tokens")
-    assert input_tokens is not None and output_tokens is not None
-    input_details = details(usage, "input_token_details")
+    input_tokens = tokens(usage, shape.input)
+    assert input_tokens is not None
+    output_tokens = tokens(usage, shape.output) if shape.output else None
+    input_details = details(usage, shape.input_details)
+    output_details = details(usage, shape.output_details) if shape.output_details else {}
     cached = tokens(input_details, "cached_tokens", required=False)
     if cached is not None and cached > input_tokens:
-        raise InvalidUsage(f"cached_tokens {cached} exceeds input_tokens {input_tokens}")
+        raise InvalidUsage(f"cached_tokens {cached} exceeds {shape.input} {input_tokens}")
     return TokenUsage(
         input=input_tokens,
         output=output_tokens,
         cache_read=cached,
         input_by_modality=by_modality(input_details),
         cache_read_by_modality=by_modality(details(input_details, "cached_tokens_details")),
-        output_by_modality=by_modality(details(usage, "output_token_details")),
+        output_by_modality=by_modality(output_details),
+        reasoning=tokens(output_details, "reasoning_tokens", required=False),
     )
+
+
+def parse_realtime_usage(usage: Any) -> TokenUsage:
+    """Usage of a Realtime `response.done` (input/output tokens with modality and cache details)."""
+    return parse_usage(usage, REALTIME_USAGE)
 
 
 def parse_transcription_usage(usage: Any) -> TokenUsage | DurationUsage:

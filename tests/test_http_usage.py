@@ -1,0 +1,189 @@
+"""Reading usage from OpenAI-style HTTP bodies and SSE streams, including hostile input."""
+
+import gzip
+import json
+import zlib
+
+import brotli
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ai_gateway.decoding import stream_decoder, zstd
+from ai_gateway.http_meter import rewrite_request
+from ai_gateway.http_usage import Billed, FirstToken, SseStream, read_body, read_responses_event
+from ai_gateway.policy import RouteType
+from ai_gateway.realtime import Malformed
+from ai_gateway.usage import TokenUsage
+
+CHAT_USAGE = {
+    "prompt_tokens": 100,
+    "completion_tokens": 40,
+    "total_tokens": 140,
+    "prompt_tokens_details": {"cached_tokens": 64, "audio_tokens": 10},
+    "completion_tokens_details": {"reasoning_tokens": 12, "audio_tokens": 5},
+}
+RESPONSES_USAGE = {
+    "input_tokens": 50,
+    "input_tokens_details": {"cached_tokens": 20},
+    "output_tokens": 30,
+    "output_tokens_details": {"reasoning_tokens": 7},
+    "total_tokens": 80,
+}
+
+
+def sse(*events: object, done: bool = True) -> bytes:
+    body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    return body + (b"data: [DONE]\n\n" if done else b"")
+
+
+def test_completions_body():
+    body = json.dumps({"object": "chat.completion", "model": "gpt-4o-2024-08-06", "usage": CHAT_USAGE}).encode()
+    assert read_body(RouteType.COMPLETIONS, body) == Billed(
+        TokenUsage(100, 40, 64, (("audio", 10),), (), (("audio", 5),), reasoning=12), "gpt-4o-2024-08-06"
+    )
+
+
+def test_responses_and_embeddings_bodies():
+    body = json.dumps({"object": "response", "model": "gpt-5", "usage": RESPONSES_USAGE}).encode()
+    assert read_body(RouteType.RESPONSES, body) == Billed(TokenUsage(50, 30, 20, reasoning=7), "gpt-5")
+    body = json.dumps(
+        {"object": "list", "model": "text-embedding-3-small", "usage": {"prompt_tokens": 8, "total_tokens": 8}}
+    ).encode()
+    assert read_body(RouteType.EMBEDDINGS, body) == Billed(TokenUsage(8, None), "text-embedding-3-small")
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"{not json", "invalid_json"),
+        (b"[]", "invalid_json"),
+        (b'{"model": "m"}', "missing_usage"),
+        (b'{"usage": {"prompt_tokens": "9", "completion_tokens": 1}}', "invalid_usage"),
+        (b'{"usage": {"prompt_tokens": 1, "completion_tokens": -1}}', "invalid_usage"),
+    ],
+)
+def test_bad_bodies(body, reason):
+    result = read_body(RouteType.COMPLETIONS, body)
+    assert isinstance(result, Malformed) and result.reason == reason
+
+
+def test_completions_stream_in_arbitrary_chunks():
+    body = sse(
+        {"model": "m-1", "choices": [{"delta": {"role": "assistant", "content": ""}}]},
+        {"model": "m-1", "choices": [{"delta": {"content": "Hi"}}]},
+        {"model": "m-1", "choices": [], "usage": CHAT_USAGE},
+    ).replace(b"\n", b"\r\n")
+    for size in (1, 7, 64, len(body)):
+        stream = SseStream(RouteType.COMPLETIONS)
+        items = [item for i in range(0, len(body), size) for item in stream.feed(body[i : i + size])]
+        assert items[0] == FirstToken()
+        assert isinstance(items[1], Billed) and items[1].usage.input == 100 and items[1].response_model == "m-1"
+        assert len(items) == 2 and stream.finished
+
+
+def test_responses_stream_events():
+    events = b"".join(
+        f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+        for kind, data in [
+            ("response.created", {"type": "response.created", "response": {"model": "gpt-5"}}),
+            ("response.output_text.delta", {"type": "response.output_text.delta", "delta": "Hi"}),
+            (
+                "response.completed",
+                {"type": "response.completed", "response": {"model": "gpt-5", "usage": RESPONSES_USAGE}},
+            ),
+        ]
+    )
+    stream = SseStream(RouteType.RESPONSES)
+    items = stream.feed(events)
+    assert items == [FirstToken(), Billed(TokenUsage(50, 30, 20, reasoning=7), "gpt-5")]
+    assert stream.finished
+
+
+def test_failed_response_without_usage_is_missing_usage():
+    item = read_responses_event({"type": "response.failed", "response": {"status": "failed", "usage": None}})
+    assert isinstance(item, Malformed) and item.reason == "missing_usage"
+
+
+def test_malformed_sse_line_is_reported_and_the_stream_goes_on():
+    stream = SseStream(RouteType.COMPLETIONS)
+    items = stream.feed(b"data: {broken\n\n" + sse({"choices": [], "usage": CHAT_USAGE}))
+    assert isinstance(items[0], Malformed) and items[0].reason == "invalid_json"
+    assert isinstance(items[1], Billed)
+
+
+def test_an_event_without_end_is_bounded():
+    stream = SseStream(RouteType.COMPLETIONS)
+    items = stream.feed(b"data: " + b"x" * (5 * 1024 * 1024))
+    assert [i.reason for i in items if isinstance(i, Malformed)] == ["invalid_sse"]
+
+
+def raw_deflate(data: bytes) -> bytes:
+    compressor = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return compressor.compress(data) + compressor.flush()
+
+
+@pytest.mark.parametrize(
+    ("encoding", "compress"),
+    [
+        ("gzip", gzip.compress),
+        ("deflate", zlib.compress),
+        ("deflate", raw_deflate),
+        ("br", brotli.compress),
+        ("zstd", zstd.compress),
+        ("identity", lambda data: data),
+    ],
+)
+def test_stream_decoders_work_chunk_by_chunk(encoding, compress):
+    original = sse({"choices": [], "usage": CHAT_USAGE}) * 20
+    compressed = compress(original)
+    decode = stream_decoder(encoding)
+    assert decode is not None
+    assert b"".join(decode(compressed[i : i + 13]) for i in range(0, len(compressed), 13)) == original
+
+
+def test_unknown_encoding_has_no_decoder():
+    assert stream_decoder("gzip, br") is None
+
+
+def test_streaming_completions_request_gets_include_usage_and_model_override():
+    model, body = rewrite_request(RouteType.COMPLETIONS, b'{"model": "a", "stream": true, "messages": []}', "b")
+    assert model == "b"
+    assert json.loads(body) == {"model": "b", "stream": True, "messages": [], "stream_options": {"include_usage": True}}
+    model, body = rewrite_request(RouteType.COMPLETIONS, b'{"model": "a", "stream": true, "stream_options": {}}', None)
+    assert (model, body) == ("a", None)
+    assert rewrite_request(RouteType.COMPLETIONS, b"not json", "b") == (None, None)
+    assert rewrite_request(RouteType.RESPONSES, b'{"model": "a", "stream": true}', None) == ("a", None)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400), st.sampled_from([RouteType.COMPLETIONS, RouteType.RESPONSES]))
+def test_arbitrary_stream_bytes_never_raise(data, route_type):
+    stream = SseStream(route_type)
+    for item in stream.feed(data) + stream.feed(b"\n\n"):
+        assert isinstance(item, (Billed, FirstToken, Malformed))
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(
+                ["usage", "model", "choices", "delta", "prompt_tokens", "completion_tokens", "type", "response"]
+            ),
+            children,
+            max_size=4,
+        )
+    ),
+    max_leaves=15,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values, st.sampled_from(list(RouteType)[:3]))
+def test_arbitrary_json_bodies_never_raise_and_bill_only_valid_counts(value, route_type):
+    result = read_body(route_type, json.dumps(value).encode())
+    assert isinstance(result, (Billed, Malformed))
+    if isinstance(result, Billed):
+        assert type(result.usage.input) is int and result.usage.input >= 0
