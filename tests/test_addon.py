@@ -50,7 +50,7 @@ def test_history_option(gateway):
     assert parse_history("auto", under_web=True) is None
     assert parse_history("all", under_web=False) is None
     assert parse_history("50", under_web=False) == 50
-    with pytest.raises(exceptions.OptionsError, match="gateway_websocket_history"):
+    with pytest.raises(ValueError, match="gateway_websocket_history"):
         parse_history("-3", under_web=False)
 
 

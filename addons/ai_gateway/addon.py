@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import logging
+import os
 import re
 from collections.abc import Callable
 from typing import TypeVar
@@ -12,11 +14,16 @@ from typing import TypeVar
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
+from .accounting import Accounting
 from .headers import apply_header_policy, redact, remove_client_credentials
 from .http_meter import METERED_HTTP, HttpExchange, rewrite_request
+from .ledger import Source, UsageLedger
 from .meter import RealtimeMeter, ResponsesSocketMeter, SessionMeter, requested_model
-from .metrics import GatewayMetrics, MetricsServer
+from .metrics import DEFAULT_MAX_MODEL_LABELS, GatewayMetrics, MetricsServer
 from .policy import DEFAULT_POLICY, Auth, Policy, PolicyError, RouteType, load_policy
+
+POLICY_POLL_SECONDS = 1.0
+METRICS_OPTIONS = {"gateway_metrics_host", "gateway_metrics_port", "gateway_metrics_prefix", "gateway_max_model_labels"}
 
 logger = logging.getLogger(__name__)
 
@@ -53,35 +60,47 @@ class UpstreamCredential:
 
 
 class Gateway:
-    """Applies the policy to requests and meters Realtime sessions into Prometheus metrics."""
+    """Applies the policy to requests and meters usage into Prometheus metrics and the ledger."""
 
     def __init__(self) -> None:
         self.policy: Policy | None = None
         self.metrics = GatewayMetrics("agentgateway")
+        self.ledger: UsageLedger | None = None
+        self.accounting = Accounting(self.metrics)
         self.server: MetricsServer | None = None
         self.credential = UpstreamCredential()
         self.history: int | None = 1
         self.is_running = False
+        self.watcher: asyncio.Task[None] | None = None
         self.sessions: dict[str, SessionMeter] = {}
         self.exchanges: dict[str, HttpExchange] = {}
 
     def load(self, loader: Loader) -> None:
-        loader.add_option(
+        option = loader.add_option
+        option(
             "gateway_policy",
             str,
             str(DEFAULT_POLICY),
-            "Gateway policy file (YAML): route types, header policies, upstream credential.",
+            "Policy file (YAML): route types, header policies, upstream key.",
         )
-        loader.add_option(
-            "gateway_metrics_host", str, "127.0.0.1", "Address the Prometheus /metrics endpoint listens on."
+        option(
+            "gateway_policy_reload", bool, True, "Apply edits of the policy file to new connections without restart."
         )
-        loader.add_option(
-            "gateway_metrics_port", int, 15020, "Port of the Prometheus /metrics endpoint; 0 turns it off."
-        )
-        loader.add_option(
+        option("gateway_metrics_host", str, "127.0.0.1", "Address the Prometheus /metrics endpoint listens on.")
+        option("gateway_metrics_port", int, 15020, "Port of the Prometheus /metrics endpoint; 0 turns it off.")
+        option(
             "gateway_metrics_prefix", str, "agentgateway", "Prefix of every metric name (agentgateway's by default)."
         )
-        loader.add_option(
+        option(
+            "gateway_max_model_labels",
+            int,
+            DEFAULT_MAX_MODEL_LABELS,
+            "Distinct values kept per model label; later ones are recorded as 'other' (clients choose model names).",
+        )
+        option(
+            "gateway_usage_log", str, "", "Append one JSON line per metered response to this file (the usage ledger)."
+        )
+        option(
             "gateway_websocket_history",
             str,
             "auto",
@@ -90,44 +109,94 @@ class Gateway:
         )
 
     def configure(self, updated: set[str]) -> None:
+        options = ctx.options
         if "gateway_policy" in updated:
-            self.policy = self.read_policy(ctx.options.gateway_policy)
-            self.credential.auth = self.policy.auth
-        if "gateway_metrics_prefix" in updated:
-            prefix = ctx.options.gateway_metrics_prefix
+            self.set_policy(options.gateway_policy)
+        if updated & {"gateway_metrics_prefix", "gateway_max_model_labels"}:
+            prefix, max_labels = options.gateway_metrics_prefix, options.gateway_max_model_labels
             if not _METRIC_PREFIX.fullmatch(prefix):
-                raise exceptions.OptionsError(
-                    f"gateway_metrics_prefix: expected a Prometheus metric name prefix, got {prefix!r}"
-                )
-            self.metrics = GatewayMetrics(prefix)
+                self.refuse(f"gateway_metrics_prefix: expected a Prometheus metric name prefix, got {prefix!r}")
+            elif max_labels < 1:
+                self.refuse(f"gateway_max_model_labels: expected a positive number, got {max_labels}")
+            else:
+                self.metrics = GatewayMetrics(prefix, max_labels)
+        if "gateway_usage_log" in updated:
+            self.open_ledger(options.gateway_usage_log)
+        self.accounting = Accounting(self.metrics, self.ledger)
         if "gateway_websocket_history" in updated:
-            self.history = parse_history(ctx.options.gateway_websocket_history, under_web="web_port" in ctx.options)
-        if self.is_running and updated & {"gateway_metrics_host", "gateway_metrics_port", "gateway_metrics_prefix"}:
+            try:
+                self.history = parse_history(options.gateway_websocket_history, under_web="web_port" in options)
+            except ValueError as e:
+                self.refuse(str(e))
+        if self.is_running and updated & METRICS_OPTIONS:
             self.restart_metrics_server()
 
-    def read_policy(self, path: str) -> Policy:
+    def refuse(self, message: str) -> None:
+        """An invalid setting: refused while running (the previous value stays), fatal at startup.
+
+        At startup mitmproxy would print a traceback for an exception; one logged line is clearer,
+        and a logged error makes mitmproxy's startup check exit non-zero.
+        """
+        if self.is_running:
+            raise exceptions.OptionsError(message)
+        logger.error("ai-gateway: %s", message)
+
+    def set_policy(self, path: str) -> None:
+        try:
+            self.policy = load_policy(path)
+        except PolicyError as e:
+            self.refuse(f"invalid policy: {e}")
+            return
+        self.credential.auth = self.policy.auth
+        logger.info("ai-gateway: policy %s (%d routes)", path, len(self.policy.routes))
+
+    def open_ledger(self, path: str) -> None:
+        if self.ledger is not None:
+            self.ledger.close()
+            self.ledger = None
+        if path:
+            try:
+                self.ledger = UsageLedger(path)
+            except OSError as e:
+                self.refuse(f"gateway_usage_log: cannot append to {path}: {e.strerror or e}")
+
+    async def watch_policy(self) -> None:
+        """mitmproxy's script watcher does the same for scripts: poll the file's stat every second."""
+        path = ctx.options.gateway_policy
+        last = policy_stamp(path)
+        while True:
+            await asyncio.sleep(POLICY_POLL_SECONDS)
+            stamp = policy_stamp(path)
+            if stamp != last and stamp is not None:
+                last = stamp
+                self.reload_policy(path)
+
+    def reload_policy(self, path: str) -> None:
         try:
             policy = load_policy(path)
         except PolicyError as e:
-            if self.is_running:
-                raise exceptions.OptionsError(str(e)) from None
-            # At startup mitmproxy would print a traceback for an exception; one line is clearer,
-            # and the logged error makes mitmproxy's startup check exit non-zero.
-            logger.error("ai-gateway: invalid policy: %s", e)
-            return Policy(source=path)
-        logger.info("ai-gateway: policy %s (%d routes)", path, len(policy.routes))
-        return policy
+            logger.error("ai-gateway: policy change refused, the previous policy stays in force: %s", e)
+            return
+        self.policy = policy
+        self.credential.auth = policy.auth
+        logger.info("ai-gateway: policy reloaded: %s (%d routes), applies to new connections", path, len(policy.routes))
 
     def running(self) -> None:
         self.is_running = True
         ctx.master.addons.add(self.credential)
         self.restart_metrics_server()
+        if ctx.options.gateway_policy_reload:
+            self.watcher = asyncio.get_running_loop().create_task(self.watch_policy())
 
     def done(self) -> None:
         self.is_running = False
+        if self.watcher is not None:
+            self.watcher.cancel()
         if ctx.master.addons.get("upstreamcredential") is self.credential:
             ctx.master.addons.remove(self.credential)
         self.stop_metrics_server()
+        if self.ledger is not None:
+            self.ledger.close()
 
     def restart_metrics_server(self) -> None:
         self.stop_metrics_server()
@@ -172,7 +241,8 @@ class Gateway:
         request_model, rewritten = rewrite_request(route.type, body, self.policy.model_for(route))
         if rewritten is not None:
             flow.request.content = rewritten
-        self.exchanges[flow.id] = HttpExchange(self.metrics, route.type, self.policy.provider, request_model)
+        source = Source(flow.id, route.type.value)
+        self.exchanges[flow.id] = HttpExchange(self.accounting, source, route.type, self.policy.provider, request_model)
 
     @never_raises
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -187,6 +257,8 @@ class Gateway:
     @never_raises
     def response(self, flow: http.HTTPFlow) -> None:
         exchange = self.exchanges.pop(flow.id, None)
+        if flow.response is not None and flow.response.status_code >= 400 and (source := self.upgrade_source(flow)):
+            self.accounting.error(source, str(flow.response.status_code))
         if exchange is None or flow.response is None:
             return
         status = flow.response.status_code
@@ -201,8 +273,19 @@ class Gateway:
     def error(self, flow: http.HTTPFlow) -> None:
         self.redact_credential(flow)
         exchange = self.exchanges.pop(flow.id, None)
-        if exchange is not None and flow.error is not None:
+        if flow.error is None:
+            return
+        if exchange is not None:
             exchange.finish(error_type(flow.error.msg))
+        elif flow.websocket is None and (source := self.upgrade_source(flow)):
+            self.accounting.error(source, error_type(flow.error.msg))
+
+    def upgrade_source(self, flow: http.HTTPFlow) -> Source | None:
+        """The source of a WebSocket handshake on a metered route, for counting its failure."""
+        if self.policy is None or not is_websocket_upgrade(flow.request):
+            return None
+        route_type = self.policy.match(flow.request.path).type
+        return Source(flow.id, route_type.value) if route_type in SESSION_METERS else None
 
     def redact_credential(self, flow: http.HTTPFlow) -> None:
         if self.policy is not None and (auth := self.policy.auth) is not None:
@@ -212,10 +295,14 @@ class Gateway:
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         if self.policy is None:
             return
-        meter = SESSION_METERS.get(self.policy.match(flow.request.path).type)
+        route_type = self.policy.match(flow.request.path).type
+        meter = SESSION_METERS.get(route_type)
         if meter is not None:
-            self.sessions[flow.id] = meter(self.metrics, self.policy.provider, requested_model(flow.request.url))
-            self.metrics.realtime_sessions.inc()
+            source = Source(flow.id, route_type.value)
+            self.sessions[flow.id] = meter(
+                self.accounting, source, self.policy.provider, requested_model(flow.request.url)
+            )
+            self.metrics.websocket_sessions.labels(route_type.value).inc()
 
     @never_raises
     def websocket_message(self, flow: http.HTTPFlow) -> None:
@@ -233,8 +320,12 @@ class Gateway:
 
     @never_raises
     def websocket_end(self, flow: http.HTTPFlow) -> None:
-        if self.sessions.pop(flow.id, None) is not None:
-            self.metrics.realtime_sessions.dec()
+        meter = self.sessions.pop(flow.id, None)
+        if meter is None or flow.websocket is None:
+            return
+        self.metrics.websocket_sessions.labels(meter.source.route_type).dec()
+        if failure := close_error(flow.websocket.close_code, flow.websocket.closed_by_client, meter.in_flight):
+            self.accounting.error(meter.source, failure)
 
 
 SESSION_METERS = {RouteType.REALTIME: RealtimeMeter, RouteType.RESPONSES: ResponsesSocketMeter}
@@ -256,6 +347,19 @@ def error_type(message: str) -> str:
     return "connection_error"
 
 
+def close_error(code: int | None, by_client: bool | None, in_flight: bool) -> str | None:
+    """The error_type of a WebSocket session's end, None for a normal end; a bounded set of values."""
+    if by_client:
+        return "client_disconnected" if in_flight else None
+    if code in (None, 1000, 1001, 1005):
+        return None
+    if code == 1006:
+        return "connection_reset"
+    if 1002 <= code <= 1015:
+        return f"ws_close_{code}"
+    return "ws_close_application" if 3000 <= code <= 4999 else "ws_close_other"
+
+
 def parse_history(value: str, under_web: bool) -> int | None:
     """Messages to keep per WebSocket flow; None keeps all."""
     if value == "all" or (value == "auto" and under_web):
@@ -264,9 +368,15 @@ def parse_history(value: str, under_web: bool) -> int | None:
         return 1
     if value.isdigit() and int(value) > 0:
         return int(value)
-    raise exceptions.OptionsError(
-        f"gateway_websocket_history: expected a positive number, 'all' or 'auto', got {value!r}"
-    )
+    raise ValueError(f"gateway_websocket_history: expected a positive number, 'all' or 'auto', got {value!r}")
+
+
+def policy_stamp(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
 
 
 def is_loopback(host: str) -> bool:

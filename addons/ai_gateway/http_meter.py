@@ -7,9 +7,11 @@ import json
 import time
 from collections.abc import Callable
 
+from .accounting import Accounting
 from .decoding import stream_decoder
 from .http_usage import Billed, FirstToken, SseStream, read_body
-from .metrics import GatewayMetrics, ModelLabels
+from .ledger import Source
+from .metrics import ModelLabels
 from .policy import RouteType
 from .realtime import Malformed
 
@@ -43,8 +45,11 @@ def rewrite_request(route_type: RouteType, body: bytes, model: str | None) -> tu
 class HttpExchange:
     """Meters one request/response on a Completions, Responses or Embeddings route."""
 
-    def __init__(self, metrics: GatewayMetrics, route_type: RouteType, system: str, request_model: str | None) -> None:
-        self.metrics = metrics
+    def __init__(
+        self, accounting: Accounting, source: Source, route_type: RouteType, system: str, request_model: str | None
+    ) -> None:
+        self.accounting = accounting
+        self.source = source
         self.route_type = route_type
         self.system = system
         self.request_model = request_model
@@ -92,16 +97,14 @@ class HttpExchange:
             self.problem(Malformed("duplicate_usage", "a second usage in one response"))
             return
         self.billed = billed
-        series = self.metrics.series(self.labels())
-        series.record(billed.usage)
-        series.response(billed.status)
+        self.accounting.bill(self.source, self.labels(), billed.usage, billed.status)
 
     def problem(self, problem: Malformed) -> None:
-        self.metrics.parse_error(self.route_type.value, problem.reason)
+        self.accounting.parse_error(self.source, problem.reason)
 
     def labels(self) -> ModelLabels:
         response_model = self.billed.response_model if self.billed else None
-        return ModelLabels(OPERATIONS[self.route_type], self.system, self.request_model or "", response_model or "")
+        return ModelLabels(OPERATIONS[self.route_type], self.system, self.request_model, response_model)
 
     def finish(self, error_type: str) -> None:
         """The exchange ended (response complete, or error_type set): latencies and what never came."""
@@ -109,7 +112,9 @@ class HttpExchange:
         if self.stream is not None and self.billed is None:
             reason = "missing_usage" if self.stream.finished else "truncated"
             self.problem(Malformed(reason, "the stream ended without usage"))
-        series = self.metrics.series(self.labels())
+        if error_type:
+            self.accounting.error(self.source, error_type)
+        series = self.accounting.metrics.series(self.labels())
         series.duration(ended - self.started, error_type)
         if self.stream is not None and self.first_token is not None:
             output = self.billed.usage.output if self.billed else None

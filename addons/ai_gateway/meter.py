@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
+from .accounting import Accounting
 from .http_usage import RESPONSES_FINAL_EVENTS, Billed, decode_json, read_responses_event
-from .metrics import UNKNOWN, GatewayMetrics, ModelLabels, Series
-from .policy import RouteType
+from .ledger import Source
+from .metrics import UNKNOWN, ModelLabels, Series
 from .realtime import (
     RESPONSE_CREATE,
     Malformed,
@@ -63,7 +64,11 @@ class SessionTotals:
 
 
 class SessionMeter(Protocol):
+    source: Source
     totals: SessionTotals
+
+    @property
+    def in_flight(self) -> bool: ...
 
     def client_frame(self, content: bytes) -> None: ...
 
@@ -73,8 +78,9 @@ class SessionMeter(Protocol):
 class RealtimeMeter:
     """Meters one Realtime session from its frames, each response as its response.done arrives."""
 
-    def __init__(self, metrics: GatewayMetrics, system: str, request_model: str) -> None:
-        self.metrics = metrics
+    def __init__(self, accounting: Accounting, source: Source, system: str, request_model: str) -> None:
+        self.accounting = accounting
+        self.source = source
         self.system = system
         self.request_model = request_model
         self.response_model = UNKNOWN
@@ -84,6 +90,11 @@ class RealtimeMeter:
         self.pending_creates: deque[float] = deque(maxlen=MAX_PENDING_CREATES)
         self.awaiting_first_delta: dict[str, float] = {}
         self.timings: dict[str, tuple[float, float]] = {}
+
+    @property
+    def in_flight(self) -> bool:
+        """A response was asked for or started and has not finished."""
+        return bool(self.pending_creates or self.awaiting_first_delta or self.timings)
 
     def client_frame(self, content: bytes) -> None:
         if leading_type(content) == RESPONSE_CREATE:
@@ -100,7 +111,7 @@ class RealtimeMeter:
                 self.first_delta(content)
             return None
         if problem is not None:
-            self.metrics.parse_error(RouteType.REALTIME.value, problem.reason)
+            self.accounting.parse_error(self.source, problem.reason)
         return problem
 
     def first_delta(self, content: bytes) -> None:
@@ -117,14 +128,13 @@ class RealtimeMeter:
                 if response_id is not None and self.pending_creates:
                     self.awaiting_first_delta[response_id] = self.pending_creates.popleft()
             case ResponseDone(usage=usage, status=status, response_id=response_id):
-                series = self.metrics.series(self.labels(REALTIME, self.response_model))
-                series.record(usage)
-                series.response(status)
+                labels = self.labels(REALTIME, self.response_model)
+                series = self.accounting.bill(self.source, labels, usage, status, response_id)
                 self.latency(series, response_id, usage)
                 self.totals.responses += 1
                 self.totals.add(usage)
             case TranscriptionDone(usage=usage):
-                self.metrics.series(self.labels(TRANSCRIPTION, self.transcription_model)).record(usage)
+                self.accounting.bill(self.source, self.labels(TRANSCRIPTION, self.transcription_model), usage)
                 if isinstance(usage, TokenUsage):
                     self.totals.add(usage)
                 else:
@@ -149,15 +159,18 @@ class RealtimeMeter:
 class ResponsesSocketMeter:
     """Meters the Responses API's WebSocket mode: each response.completed frame bills one response."""
 
-    def __init__(self, metrics: GatewayMetrics, system: str, request_model: str) -> None:
-        self.metrics = metrics
+    def __init__(self, accounting: Accounting, source: Source, system: str, request_model: str) -> None:
+        self.accounting = accounting
+        self.source = source
         self.system = system
         self.request_model = request_model
         self.totals = SessionTotals()
+        self.in_flight = False
 
     def client_frame(self, content: bytes) -> None:
         """The model of the next response comes with its response.create."""
         if leading_type(content) == RESPONSE_CREATE:
+            self.in_flight = True
             document = decode_json(content)
             model = document.get("model") if isinstance(document, dict) else None
             if isinstance(model, str) and model:
@@ -170,12 +183,12 @@ class ResponsesSocketMeter:
         document = decode_json(content) if is_text else Malformed("binary", f"{len(content)} bytes")
         item = read_responses_event(document) if isinstance(document, dict) else document
         if isinstance(item, Billed):
-            series = self.metrics.series(ModelLabels(CHAT, self.system, self.request_model, item.response_model or ""))
-            series.record(item.usage)
-            series.response(item.status)
+            self.in_flight = False
+            labels = ModelLabels(CHAT, self.system, self.request_model, item.response_model)
+            self.accounting.bill(self.source, labels, item.usage, item.status)
             self.totals.responses += 1
             self.totals.add(item.usage)
         elif isinstance(item, Malformed):
-            self.metrics.parse_error(RouteType.RESPONSES.value, item.reason)
+            self.accounting.parse_error(self.source, item.reason)
             return item
         return None

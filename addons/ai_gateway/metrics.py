@@ -25,7 +25,9 @@ TIME_PER_OUTPUT_TOKEN_BUCKETS = (0.001, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2
 
 MODEL_LABELS = ("gen_ai_operation_name", "gen_ai_system", "gen_ai_request_model", "gen_ai_response_model")
 UNKNOWN = "unknown"
+OTHER = "other"
 MAX_LABEL_LENGTH = 128
+DEFAULT_MAX_MODEL_LABELS = 100
 
 
 def label_value(value: str | None) -> str:
@@ -36,22 +38,42 @@ def label_value(value: str | None) -> str:
     return value if value.isprintable() else "".join(c if c.isprintable() else "?" for c in value)
 
 
+class LabelBound:
+    """At most `limit` distinct values for one label; later newcomers are recorded as `other`.
+
+    Model names come from clients (query parameters, request bodies), so without a bound any
+    client could create unbounded time series in every metric family.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.seen: set[str] = set()
+
+    def __call__(self, value: str | None) -> str:
+        value = label_value(value)
+        if value in self.seen:
+            return value
+        if len(self.seen) < self.limit:
+            self.seen.add(value)
+            return value
+        return OTHER
+
+
 @dataclass(frozen=True, slots=True)
 class ModelLabels:
     operation: str
     system: str
-    request_model: str = UNKNOWN
-    response_model: str = UNKNOWN
-
-    def values(self) -> tuple[str, str, str, str]:
-        return (self.operation, self.system, label_value(self.request_model), label_value(self.response_model))
+    request_model: str | None = None
+    response_model: str | None = None
 
 
 class GatewayMetrics:
     """The gateway's metric families; `series()` binds them to one label set for cheap updates."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, max_model_labels: int = DEFAULT_MAX_MODEL_LABELS) -> None:
         self.registry = CollectorRegistry()
+        self.request_models = LabelBound(max_model_labels)
+        self.response_models = LabelBound(max_model_labels)
         self.token_usage = Histogram(
             f"{prefix}_gen_ai_client_token_usage",
             "Number of tokens used per request, by token type (OpenTelemetry gen_ai.client.token.usage).",
@@ -116,21 +138,34 @@ class GatewayMetrics:
             ("route_type", "reason"),
             registry=self.registry,
         )
-        self.realtime_sessions = Gauge(
-            f"{prefix}_gateway_realtime_sessions",
-            "Realtime WebSocket sessions currently open through the gateway.",
+        self.upstream_errors = Counter(
+            f"{prefix}_gateway_upstream_errors",
+            "Metered requests and sessions that failed: HTTP status, connection, TLS, timeout, WebSocket close.",
+            ("route_type", "error_type"),
             registry=self.registry,
         )
-        self._series: dict[ModelLabels, Series] = {}
+        self.websocket_sessions = Gauge(
+            f"{prefix}_gateway_websocket_sessions",
+            "Metered WebSocket sessions (Realtime, Responses WebSocket mode) open now.",
+            ("route_type",),
+            registry=self.registry,
+        )
+        self._series: dict[tuple[str, str, str, str], Series] = {}
 
     def _modality_counter(self, name: str, documentation: str) -> Counter:
         return Counter(name, documentation, ("gen_ai_token_modality", *MODEL_LABELS), registry=self.registry)
 
     def series(self, labels: ModelLabels) -> Series:
         """Children of every model-labelled family for one label set, created once."""
-        series = self._series.get(labels)
+        values = (
+            labels.operation,
+            labels.system,
+            self.request_models(labels.request_model),
+            self.response_models(labels.response_model),
+        )
+        series = self._series.get(values)
         if series is None:
-            series = self._series[labels] = Series(self, labels.values())
+            series = self._series[values] = Series(self, values)
         return series
 
     def parse_error(self, route_type: str, reason: str) -> None:
