@@ -100,3 +100,49 @@ def test_invalid_policy_change_while_running_is_refused(tmp_path):
             tctx.configure(addon, gateway_policy=str(bad))
         assert addon.policy is not None and addon.policy.source == str(DEFAULT_POLICY)
         assert tctx.options.gateway_policy == str(DEFAULT_POLICY)
+
+
+def audio_delta(i: int) -> bytes:
+    return json.dumps(
+        {"type": "response.output_audio.delta", "response_id": "resp_1", "delta": "QUJD" * 1600, "i": i}
+    ).encode()
+
+
+def test_relayed_audio_is_replaced_by_a_placeholder_in_kept_history(tmp_path):
+    addon = Gateway()
+    with taddons.context(addon) as tctx:
+        tctx.configure(
+            addon, gateway_metrics_port=0, gateway_policy=str(DEFAULT_POLICY), gateway_websocket_history="all"
+        )
+        flow = realtime_flow()
+        addon.websocket_start(flow)
+        for i in range(3):
+            relay(addon, flow, audio_delta(i))
+            # the newest message is relayed after the hook: it must still carry its audio
+            assert flow.websocket.messages[-1].content == audio_delta(i)
+        assert len(flow.websocket.messages) == 3
+        for message in flow.websocket.messages[:-1]:
+            event = json.loads(message.content)
+            assert event["delta"] == "<audio pcm16 24 kHz: 4,800 bytes, 100 ms>"
+        addon.websocket_end(flow)
+        assert b"QUJD" not in flow.websocket.messages[-1].content
+
+
+def test_session_totals_become_the_flow_comment_and_errors_mark_it(gateway):
+    flow = realtime_flow()
+    gateway.websocket_start(flow)
+    relay(
+        gateway, flow, json.dumps({"type": "session.created", "session": {"model": "gpt-realtime-2025-08-28"}}).encode()
+    )
+    usage = {"input_tokens": 1200, "output_tokens": 30, "input_token_details": {"cached_tokens": 1000}}
+    for _ in range(2):
+        relay(
+            gateway,
+            flow,
+            json.dumps({"type": "response.done", "response": {"status": "completed", "usage": usage}}).encode(),
+        )
+    assert flow.comment == "2 responses · input 2,400 (cached 2,000) · output 60 tokens · gpt-realtime-2025-08-28"
+    assert not flow.marked
+    relay(gateway, flow, b'{"type":"error","error":{"type":"invalid_request_error","message":"bad"}}')
+    assert flow.comment.endswith("· 1 error")
+    assert flow.marked == ":exclamation:"

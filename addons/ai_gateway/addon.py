@@ -11,10 +11,12 @@ import re
 from collections.abc import Callable
 from typing import TypeVar
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import contentviews, ctx, exceptions, hooks, http
 from mitmproxy.addonmanager import Loader
+from mitmproxy.websocket import WebSocketMessage
 
 from .accounting import Accounting
+from .contentview import realtime_view, strip_audio
 from .headers import apply_header_policy, redact, remove_client_credentials
 from .http_meter import METERED_HTTP, HttpExchange, rewrite_request
 from .ledger import Source, UsageLedger
@@ -70,12 +72,15 @@ class Gateway:
         self.server: MetricsServer | None = None
         self.credential = UpstreamCredential()
         self.history: int | None = 1
+        self.shrink_relayed_audio = True
+        self.view: object | None = None
         self.is_running = False
         self.watcher: asyncio.Task[None] | None = None
         self.sessions: dict[str, SessionMeter] = {}
         self.exchanges: dict[str, HttpExchange] = {}
 
     def load(self, loader: Loader) -> None:
+        contentviews.add(realtime_view)
         option = loader.add_option
         option(
             "gateway_policy",
@@ -99,6 +104,12 @@ class Gateway:
         )
         option(
             "gateway_usage_log", str, "", "Append one JSON line per metered response to this file (the usage ledger)."
+        )
+        option(
+            "gateway_strip_audio",
+            bool,
+            True,
+            "Replace audio payloads of kept WebSocket messages by a short placeholder once they were relayed.",
         )
         option(
             "gateway_websocket_history",
@@ -128,6 +139,8 @@ class Gateway:
                 self.history = parse_history(options.gateway_websocket_history, under_web="web_port" in options)
             except ValueError as e:
                 self.refuse(str(e))
+        if "gateway_strip_audio" in updated:
+            self.shrink_relayed_audio = options.gateway_strip_audio
         if self.is_running and updated & METRICS_OPTIONS:
             self.restart_metrics_server()
 
@@ -183,6 +196,7 @@ class Gateway:
 
     def running(self) -> None:
         self.is_running = True
+        self.view = ctx.master.addons.get("view")
         ctx.master.addons.add(self.credential)
         self.restart_metrics_server()
         if ctx.options.gateway_policy_reload:
@@ -315,11 +329,27 @@ class Gateway:
                 meter.client_frame(message.content)
             elif problem := meter.server_frame(message.content, message.is_text):
                 logger.debug("ai-gateway: unreadable server frame (%s): %s", problem.reason, problem.detail)
+            if meter.totals.changed:
+                self.show_totals(flow, meter)
+        # The current message is relayed after this hook returns; the one before it has gone.
+        if self.shrink_relayed_audio and len(messages) >= 2 and (self.history is None or self.history > 1):
+            shrink_audio(messages[-2])
         if self.history is not None and len(messages) > self.history:
             del messages[: -self.history]
 
+    def show_totals(self, flow: http.HTTPFlow, meter: SessionMeter) -> None:
+        """The session's spend as the flow's comment, live in mitmweb's flow list; marked on errors."""
+        meter.totals.changed = False
+        flow.comment = meter.totals.summary()
+        if meter.totals.errors:
+            flow.marked = ":exclamation:"
+        if self.view is not None:
+            ctx.master.addons.trigger(hooks.UpdateHook([flow]))
+
     @never_raises
     def websocket_end(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is not None and self.shrink_relayed_audio and flow.websocket.messages:
+            shrink_audio(flow.websocket.messages[-1])
         meter = self.sessions.pop(flow.id, None)
         if meter is None or flow.websocket is None:
             return
@@ -345,6 +375,11 @@ def error_type(message: str) -> str:
     if "killed" in lowered or "client disconnected" in lowered:
         return "client_disconnected"
     return "connection_error"
+
+
+def shrink_audio(message: WebSocketMessage) -> None:
+    if (stripped := strip_audio(message.content)) is not None:
+        message.content = stripped
 
 
 def close_error(code: int | None, by_client: bool | None, in_flight: bool) -> str | None:

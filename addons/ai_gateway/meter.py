@@ -17,6 +17,8 @@ from .http_usage import RESPONSES_FINAL_EVENTS, Billed, decode_json, read_respon
 from .ledger import Source
 from .metrics import UNKNOWN, ModelLabels, Series
 from .realtime import (
+    ERROR,
+    METERED_EVENTS,
     RESPONSE_CREATE,
     Malformed,
     ResponseCreated,
@@ -26,7 +28,6 @@ from .realtime import (
     TranscriptionDone,
     delta_response_id,
     leading_type,
-    needs_decoding,
     read_server_event,
 )
 from .usage import TokenUsage
@@ -49,18 +50,43 @@ def requested_model(url: str) -> str:
 
 @dataclass
 class SessionTotals:
-    """Running totals of one session, for people looking at the flow."""
+    """Running totals of one session, for people looking at the flow (mitmweb shows its comment)."""
 
     responses: int = 0
     input: int = 0
     cached: int = 0
     output: int = 0
     transcription_seconds: float = 0.0
+    errors: int = 0
+    model: str = UNKNOWN
+    changed: bool = False  # since the addon last showed the totals
 
     def add(self, usage: TokenUsage) -> None:
         self.input += usage.input
         self.cached += usage.cache_read or 0
         self.output += usage.output or 0
+        self.changed = True
+
+    def error(self) -> None:
+        self.errors += 1
+        self.changed = True
+
+    def summary(self) -> str:
+        parts = [
+            _count(self.responses, "response"),
+            f"input {self.input:,} (cached {self.cached:,})",
+            f"output {self.output:,} tokens",
+            self.model,
+        ]
+        if self.transcription_seconds:
+            parts.append(f"{self.transcription_seconds:,.1f} s transcribed")
+        if self.errors:
+            parts.append(_count(self.errors, "error"))
+        return " · ".join(parts)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 class SessionMeter(Protocol):
@@ -102,12 +128,15 @@ class RealtimeMeter:
 
     def server_frame(self, content: bytes, is_text: bool) -> Malformed | None:
         """Meter one server frame. Returns the problem when the frame could not be read."""
+        kind = leading_type(content) if is_text else None
         if not is_text:
             problem: Malformed | None = Malformed("binary", f"{len(content)} bytes")
-        elif needs_decoding(content):
+        elif kind is None or kind in METERED_EVENTS:
             problem = self.apply(read_server_event(content))
         else:
-            if self.awaiting_first_delta:
+            if kind == ERROR:
+                self.totals.error()
+            elif self.awaiting_first_delta:
                 self.first_delta(content)
             return None
         if problem is not None:
@@ -122,7 +151,7 @@ class RealtimeMeter:
     def apply(self, event: ServerEvent | None) -> Malformed | None:
         match event:
             case SessionModels(model=model, transcription_model=transcription_model):
-                self.response_model = model or self.response_model
+                self.response_model = self.totals.model = model or self.response_model
                 self.transcription_model = transcription_model or self.transcription_model
             case ResponseCreated(response_id=response_id):
                 if response_id is not None and self.pending_creates:
@@ -133,12 +162,15 @@ class RealtimeMeter:
                 self.latency(series, response_id, usage)
                 self.totals.responses += 1
                 self.totals.add(usage)
+                if status == "failed":
+                    self.totals.error()
             case TranscriptionDone(usage=usage):
                 self.accounting.bill(self.source, self.labels(TRANSCRIPTION, self.transcription_model), usage)
                 if isinstance(usage, TokenUsage):
                     self.totals.add(usage)
                 else:
                     self.totals.transcription_seconds += usage.seconds
+                    self.totals.changed = True
             case Malformed():
                 return event
         return None
@@ -187,7 +219,10 @@ class ResponsesSocketMeter:
             labels = ModelLabels(CHAT, self.system, self.request_model, item.response_model)
             self.accounting.bill(self.source, labels, item.usage, item.status)
             self.totals.responses += 1
+            self.totals.model = item.response_model or self.totals.model
             self.totals.add(item.usage)
+            if item.status == "failed":
+                self.totals.error()
         elif isinstance(item, Malformed):
             self.accounting.parse_error(self.source, item.reason)
             return item

@@ -14,6 +14,7 @@ from typing import Any
 
 from .usage import DurationUsage, InvalidUsage, TokenUsage, parse_realtime_usage, parse_transcription_usage
 
+ERROR = "error"
 RESPONSE_CREATE = "response.create"
 RESPONSE_CREATED = "response.created"
 RESPONSE_DONE = "response.done"
