@@ -102,7 +102,7 @@ def test_auth_reads_the_key_from_the_environment():
         (
             "routes:\n  /x: Realtime\nprovder: x\n",
             {},
-            "p.yaml:3: provder: unknown key; expected one of provider, auth, model, routes",
+            "p.yaml:3: provder: unknown key; expected one of provider, auth, model, prices, budgets, routes",
         ),
         ("provider: openai\n", {}, "p.yaml:1: routes: missing; expected a mapping of path suffix to route type"),
         ("routes: [a]\n", {}, "p.yaml:1: routes: expected a mapping, got a list"),
@@ -136,6 +136,26 @@ def test_auth_reads_the_key_from_the_environment():
         ("provider: 3\nroutes:\n  /x: Realtime\n", {}, "p.yaml:1: provider: expected a non-empty string, got int 3"),
         ("", {}, "p.yaml: expected a mapping with at least 'routes', got an empty file"),
         ("routes: {}\n", {}, "p.yaml:1: routes: expected at least one route"),
+        (
+            "budgets:\n  session: {tokens: -5}\nroutes:\n  /x: Realtime\n",
+            {},
+            "p.yaml:2: budgets.session.tokens: expected a positive number, got int -5",
+        ),
+        (
+            "budgets:\n  session: {tokens: 1.5}\nroutes:\n  /x: Realtime\n",
+            {},
+            "p.yaml:2: budgets.session.tokens: expected a whole number of tokens, got 1.5",
+        ),
+        (
+            "budgets:\n  client_key: {usd: x}\nroutes:\n  /x: Realtime\n",
+            {},
+            "p.yaml:2: budgets.client_key.usd: expected a positive number, got 'x'",
+        ),
+        (
+            "budgets:\n  session: {}\nroutes:\n  /x: Realtime\n",
+            {},
+            "p.yaml:2: budgets.session: expected tokens and/or usd",
+        ),
     ],
 )
 def test_invalid_policies_name_file_line_key_and_expectation(text, environ, expected):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import json
 import logging
 import os
 import re
+import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -16,15 +18,20 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.websocket import WebSocketMessage
 
 from .accounting import Accounting
+from .budget import CLIENT_KEY, SESSION, BudgetPolicy, Budgets, client_key_digest
 from .contentview import realtime_view, strip_audio
-from .headers import apply_header_policy, redact, remove_client_credentials
+from .headers import apply_header_policy, client_credential, redact, remove_client_credentials
 from .http_meter import METERED_HTTP, HttpExchange, rewrite_request
+from .http_usage import decode_json
 from .ledger import Source, UsageLedger
 from .meter import RealtimeMeter, ResponsesSocketMeter, SessionMeter, requested_model
 from .metrics import DEFAULT_MAX_MODEL_LABELS, GatewayMetrics, MetricsServer
 from .policy import DEFAULT_POLICY, Auth, Policy, PolicyError, RouteType, load_policy
+from .pricing import PriceCatalog, load_catalog
+from .realtime import RESPONSE_CREATE, leading_type
 
 POLICY_POLL_SECONDS = 1.0
+CLIENT_KEY_METADATA = "ai_gateway.client_key"
 METRICS_OPTIONS = {"gateway_metrics_host", "gateway_metrics_port", "gateway_metrics_prefix", "gateway_max_model_labels"}
 
 logger = logging.getLogger(__name__)
@@ -66,6 +73,8 @@ class Gateway:
 
     def __init__(self) -> None:
         self.policy: Policy | None = None
+        self.catalog: PriceCatalog | None = None
+        self.budgets: Budgets | None = None
         self.metrics = GatewayMetrics("agentgateway")
         self.ledger: UsageLedger | None = None
         self.accounting = Accounting(self.metrics)
@@ -133,7 +142,7 @@ class Gateway:
                 self.metrics = GatewayMetrics(prefix, max_labels)
         if "gateway_usage_log" in updated:
             self.open_ledger(options.gateway_usage_log)
-        self.accounting = Accounting(self.metrics, self.ledger)
+        self.accounting = Accounting(self.metrics, self.ledger, self.catalog, self.budgets)
         if "gateway_websocket_history" in updated:
             try:
                 self.history = parse_history(options.gateway_websocket_history, under_web="web_port" in options)
@@ -156,10 +165,11 @@ class Gateway:
 
     def set_policy(self, path: str) -> None:
         try:
-            self.policy = load_policy(path)
+            self.policy, self.catalog = read_policy(path)
         except PolicyError as e:
             self.refuse(f"invalid policy: {e}")
             return
+        self.budgets = update_budgets(self.budgets, self.policy.budgets)
         self.credential.auth = self.policy.auth
         logger.info("ai-gateway: policy %s (%d routes)", path, len(self.policy.routes))
 
@@ -186,11 +196,13 @@ class Gateway:
 
     def reload_policy(self, path: str) -> None:
         try:
-            policy = load_policy(path)
+            policy, self.catalog = read_policy(path)
         except PolicyError as e:
             logger.error("ai-gateway: policy change refused, the previous policy stays in force: %s", e)
             return
         self.policy = policy
+        self.budgets = update_budgets(self.budgets, policy.budgets)
+        self.accounting = Accounting(self.metrics, self.ledger, self.catalog, self.budgets)
         self.credential.auth = policy.auth
         logger.info("ai-gateway: policy reloaded: %s (%d routes), applies to new connections", path, len(policy.routes))
 
@@ -236,6 +248,8 @@ class Gateway:
         if self.policy is None:
             return
         request = flow.request
+        if credential := client_credential(request.headers):
+            flow.metadata[CLIENT_KEY_METADATA] = client_key_digest(credential)
         if self.policy.auth is not None:
             remove_client_credentials(request.headers)
         route = self.policy.match(request.path)
@@ -246,17 +260,27 @@ class Gateway:
 
     @never_raises
     def request(self, flow: http.HTTPFlow) -> None:
-        if self.policy is None or is_websocket_upgrade(flow.request):
+        if self.policy is None:
             return
         route = self.policy.match(flow.request.path)
-        if route.type not in METERED_HTTP:
+        upgrade = is_websocket_upgrade(flow.request)
+        if route.type not in (SESSION_METERS if upgrade else METERED_HTTP):
+            return
+        source = self.source(flow, route.type)
+        if scope := self.accounting.exhausted(source):
+            flow.response = budget_response(scope)
+            self.accounting.enforced(scope, "rejected_request")
+            return
+        if upgrade:
             return
         body = flow.request.get_content(strict=False) or b""
         request_model, rewritten = rewrite_request(route.type, body, self.policy.model_for(route))
         if rewritten is not None:
             flow.request.content = rewritten
-        source = Source(flow.id, route.type.value)
         self.exchanges[flow.id] = HttpExchange(self.accounting, source, route.type, self.policy.provider, request_model)
+
+    def source(self, flow: http.HTTPFlow, route_type: RouteType) -> Source:
+        return Source(flow.id, route_type.value, flow.metadata.get(CLIENT_KEY_METADATA))
 
     @never_raises
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -299,7 +323,7 @@ class Gateway:
         if self.policy is None or not is_websocket_upgrade(flow.request):
             return None
         route_type = self.policy.match(flow.request.path).type
-        return Source(flow.id, route_type.value) if route_type in SESSION_METERS else None
+        return self.source(flow, route_type) if route_type in SESSION_METERS else None
 
     def redact_credential(self, flow: http.HTTPFlow) -> None:
         if self.policy is not None and (auth := self.policy.auth) is not None:
@@ -312,7 +336,7 @@ class Gateway:
         route_type = self.policy.match(flow.request.path).type
         meter = SESSION_METERS.get(route_type)
         if meter is not None:
-            source = Source(flow.id, route_type.value)
+            source = self.source(flow, route_type)
             self.sessions[flow.id] = meter(
                 self.accounting, source, self.policy.provider, requested_model(flow.request.url)
             )
@@ -326,7 +350,12 @@ class Gateway:
         meter = self.sessions.get(flow.id)
         if meter is not None:
             if message.from_client:
-                meter.client_frame(message.content)
+                if leading_type(message.content) == RESPONSE_CREATE and (
+                    scope := self.accounting.exhausted(meter.source)
+                ):
+                    self.refuse_response(flow, message, scope)
+                else:
+                    meter.client_frame(message.content)
             elif problem := meter.server_frame(message.content, message.is_text):
                 logger.debug("ai-gateway: unreadable server frame (%s): %s", problem.reason, problem.detail)
             if meter.totals.changed:
@@ -336,6 +365,20 @@ class Gateway:
             shrink_audio(messages[-2])
         if self.history is not None and len(messages) > self.history:
             del messages[: -self.history]
+
+    def client_frame(self, flow: http.HTTPFlow, message: WebSocketMessage, meter: SessionMeter) -> None:
+        """A client frame: metered, unless it asks for a response the budget no longer allows."""
+        if leading_type(message.content) == RESPONSE_CREATE and (scope := self.accounting.exhausted(meter.source)):
+            self.refuse_response(flow, message, scope)
+        else:
+            meter.client_frame(message.content)
+
+    def refuse_response(self, flow: http.HTTPFlow, message: WebSocketMessage, scope: str) -> None:
+        """Over budget: the response.create never reaches the upstream; the client gets an error event."""
+        message.drop()
+        event = budget_error_event(scope, message.content)
+        ctx.master.commands.call("inject.websocket", flow, True, event)
+        self.accounting.enforced(scope, "refused_response")
 
     def show_totals(self, flow: http.HTTPFlow, meter: SessionMeter) -> None:
         """The session's spend as the flow's comment, live in mitmweb's flow list; marked on errors."""
@@ -351,6 +394,8 @@ class Gateway:
         if flow.websocket is not None and self.shrink_relayed_audio and flow.websocket.messages:
             shrink_audio(flow.websocket.messages[-1])
         meter = self.sessions.pop(flow.id, None)
+        if self.budgets is not None:
+            self.budgets.end_session(flow.id)
         if meter is None or flow.websocket is None:
             return
         self.metrics.websocket_sessions.labels(meter.source.route_type).dec()
@@ -375,6 +420,47 @@ def error_type(message: str) -> str:
     if "killed" in lowered or "client disconnected" in lowered:
         return "client_disconnected"
     return "connection_error"
+
+
+def update_budgets(budgets: Budgets | None, policy: BudgetPolicy | None) -> Budgets | None:
+    """New limits keep the spend already counted; no budgets in the policy drops the state."""
+    if policy is None:
+        return None
+    if budgets is None:
+        return Budgets(policy)
+    budgets.policy = policy
+    return budgets
+
+
+BUDGET_MESSAGES = {
+    SESSION: "This session's budget is used up: the gateway refused the response.",
+    CLIENT_KEY: "This API key's budget for the current window is used up: the gateway refused the request.",
+}
+
+
+def budget_error_event(scope: str, client_event: bytes) -> bytes:
+    """A well-formed Realtime `error` event, naming the refused client event as OpenAI's errors do."""
+    refused = decode_json(client_event)
+    event_id = refused.get("event_id") if isinstance(refused, dict) else None
+    error = {"type": "invalid_request_error", "code": "budget_exceeded", "message": BUDGET_MESSAGES[scope]}
+    event = {
+        "type": "error",
+        "event_id": f"event_gateway_{uuid.uuid4().hex[:12]}",
+        "error": {**error, "param": None, "event_id": event_id},
+    }
+    return json.dumps(event).encode()
+
+
+def budget_response(scope: str) -> http.Response:
+    """HTTP over budget: 429 with an OpenAI-shaped error body."""
+    error = {"message": BUDGET_MESSAGES[scope], "type": "budget_exceeded", "param": None, "code": "budget_exceeded"}
+    return http.Response.make(429, json.dumps({"error": error}), {"content-type": "application/json"})
+
+
+def read_policy(path: str) -> tuple[Policy, PriceCatalog | None]:
+    """The policy and the price catalog it names; either may raise PolicyError."""
+    policy = load_policy(path)
+    return policy, load_catalog(policy.prices) if policy.prices else None
 
 
 def shrink_audio(message: WebSocketMessage) -> None:

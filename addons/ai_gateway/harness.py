@@ -137,9 +137,12 @@ def select(samples: Mapping[SampleKey, float], **labels: str) -> dict[SampleKey,
     return {key: value for key, value in samples.items() if wanted <= key[1]}
 
 
+_NOT_USAGE = ("_gen_ai_server_", "_cost_usd", "_price_lookups")
+
+
 def usage_only(samples: Mapping[SampleKey, float]) -> dict[SampleKey, float]:
-    """The usage samples (what expected_samples predicts), without the latency histograms."""
-    return {key: value for key, value in samples.items() if "_gen_ai_server_" not in key[0]}
+    """The usage samples (what expected_samples predicts), without latency and cost."""
+    return {key: value for key, value in samples.items() if not any(part in key[0] for part in _NOT_USAGE)}
 
 
 # The OpenTelemetry token buckets, written out so the oracle does not share the gateway's constant.

@@ -21,6 +21,20 @@ def apply_header_policy(headers: Headers, policy: HeaderPolicy) -> None:
         headers.add(name, value)
 
 
+def client_credential(headers: Headers) -> str | None:
+    """The key a client presented, in any of the places OpenAI accepts one."""
+    authorization = headers.get("authorization", "")
+    if authorization.lower().startswith("bearer "):
+        return authorization[7:].strip() or None
+    if api_key := headers.get("api-key"):
+        return api_key
+    for value in headers.get_all("sec-websocket-protocol"):
+        for protocol in value.split(","):
+            if protocol.strip().startswith(INSECURE_KEY_PROTOCOL):
+                return protocol.strip().removeprefix(INSECURE_KEY_PROTOCOL) or None
+    return None
+
+
 def remove_client_credentials(headers: Headers) -> None:
     """Drop every credential a client may present, so only the gateway's key goes upstream."""
     for name in CLIENT_CREDENTIAL_HEADERS:

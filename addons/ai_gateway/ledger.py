@@ -26,6 +26,7 @@ class Source:
 
     flow_id: str
     route_type: str
+    client_key: str | None = None  # digest of the credential the client presented
 
 
 def usage_fields(usage: TokenUsage | DurationUsage) -> dict[str, Any]:
@@ -57,11 +58,13 @@ class UsageLedger:
         usage: TokenUsage | DurationUsage,
         status: str | None,
         response_id: str | None,
+        cost_usd: float | None,
     ) -> None:
         record = {
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "flow_id": source.flow_id,
             "route": source.route_type,
+            "client_key": source.client_key,
             "operation": labels.operation,
             "system": labels.system,
             "request_model": labels.request_model,
@@ -69,6 +72,7 @@ class UsageLedger:
             "response_id": response_id,
             "status": status,
             **usage_fields(usage),
+            "cost_usd": cost_usd,
         }
         try:
             self._file.write(json.dumps(record, separators=(",", ":")) + "\n")

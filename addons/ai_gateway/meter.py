@@ -21,6 +21,7 @@ from .realtime import (
     METERED_EVENTS,
     RESPONSE_CREATE,
     Malformed,
+    RateLimits,
     ResponseCreated,
     ResponseDone,
     ServerEvent,
@@ -171,6 +172,8 @@ class RealtimeMeter:
                 else:
                     self.totals.transcription_seconds += usage.seconds
                     self.totals.changed = True
+            case RateLimits(limits=limits):
+                self.accounting.rate_limits(limits)
             case Malformed():
                 return event
         return None

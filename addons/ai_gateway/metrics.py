@@ -73,6 +73,7 @@ class GatewayMetrics:
     def __init__(self, prefix: str, max_model_labels: int = DEFAULT_MAX_MODEL_LABELS) -> None:
         self.registry = CollectorRegistry()
         self.request_models = LabelBound(max_model_labels)
+        self.client_keys = LabelBound(max_model_labels)
         self.response_models = LabelBound(max_model_labels)
         self.token_usage = Histogram(
             f"{prefix}_gen_ai_client_token_usage",
@@ -130,6 +131,42 @@ class GatewayMetrics:
             "Seconds per output token after the first one.",
             MODEL_LABELS,
             buckets=TIME_PER_OUTPUT_TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.cost_usd = Counter(
+            f"{prefix}_gen_ai_client_cost_usd",
+            "Estimated cost in USD at the price catalog's list prices (policy key `prices`).",
+            MODEL_LABELS,
+            registry=self.registry,
+        )
+        self.price_lookups = Counter(
+            f"{prefix}_gateway_price_lookups",
+            "Price catalog lookups per metered usage, by status (priced, unpriced).",
+            ("status", *MODEL_LABELS),
+            registry=self.registry,
+        )
+        self.budget_remaining = Gauge(
+            f"{prefix}_gateway_budget_remaining",
+            "What is left of a client key's budget in the current window (client_key: a SHA-256 digest prefix).",
+            ("client_key", "unit"),
+            registry=self.registry,
+        )
+        self.budget_enforcements = Counter(
+            f"{prefix}_gateway_budget_enforcements",
+            "Budget enforcement actions: refused_response, closed_session, rejected_request.",
+            ("scope", "action"),
+            registry=self.registry,
+        )
+        self.rate_limit_remaining = Gauge(
+            f"{prefix}_gateway_upstream_rate_limit_remaining",
+            "The upstream's own remaining rate limit from Realtime rate_limits.updated events.",
+            ("name",),
+            registry=self.registry,
+        )
+        self.rate_limit_limit = Gauge(
+            f"{prefix}_gateway_upstream_rate_limit_limit",
+            "The upstream's rate limit from Realtime rate_limits.updated events.",
+            ("name",),
             registry=self.registry,
         )
         self.parse_errors = Counter(
@@ -209,6 +246,11 @@ class Series:
 
     def response(self, status: str) -> None:
         self._child(self._metrics.responses, status).inc()
+
+    def priced(self, status: str, usd: float | None) -> None:
+        self._child(self._metrics.price_lookups, status).inc()
+        if usd is not None:
+            self._child(self._metrics.cost_usd).inc(usd)
 
     def latency(self, first_token: float | None, done: float, output_tokens: int | None) -> None:
         """Time to first token and per output token after it, from seconds since the request."""

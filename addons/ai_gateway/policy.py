@@ -8,6 +8,7 @@ not a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 from collections.abc import Callable, Mapping
@@ -18,11 +19,15 @@ from typing import TypeVar
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from .budget import BudgetPolicy, Limit
+
 DEFAULT_POLICY = Path(__file__).resolve().parent.parent.parent / "policies" / "openai.yaml"
 CATCH_ALL = "*"
 
-_STR_TAG = "tag:yaml.org,2002:str"
+STR_TAG = "tag:yaml.org,2002:str"
 _NULL_TAG = "tag:yaml.org,2002:null"
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAG = "tag:yaml.org,2002:float"
 
 T = TypeVar("T")
 
@@ -73,6 +78,8 @@ class Policy:
     provider: str = "openai"
     auth: Auth | None = None
     model: str | None = None
+    prices: Path | None = None
+    budgets: BudgetPolicy | None = None
     routes: tuple[Route, ...] = field(default_factory=tuple)
 
     def match(self, path: str) -> Route:
@@ -110,6 +117,12 @@ def load_policy(path: str | os.PathLike[str], environ: Mapping[str, str] = os.en
 
 
 def parse_policy(text: str, source: str, environ: Mapping[str, str] = os.environ) -> Policy:
+    root = compose_yaml(text, source, "a mapping with at least 'routes'")
+    return Validator(source, environ).policy(root)
+
+
+def compose_yaml(text: str, source: str, expected: str) -> Node:
+    """The YAML node tree (it keeps line numbers), or a PolicyError naming the line YAML gave up on."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
@@ -119,11 +132,11 @@ def parse_policy(text: str, source: str, environ: Mapping[str, str] = os.environ
     except yaml.YAMLError as e:
         raise PolicyError(source, "", None, f"invalid YAML: {e}") from None
     if root is None:
-        raise PolicyError(source, "", None, "expected a mapping with at least 'routes', got an empty file")
-    return _Validator(source, environ).policy(root)
+        raise PolicyError(source, "", None, f"expected {expected}, got an empty file")
+    return root
 
 
-class _Validator:
+class Validator:
     """Walks the YAML node tree; each method validates one part of the schema."""
 
     def __init__(self, source: str, environ: Mapping[str, str]) -> None:
@@ -136,7 +149,7 @@ class _Validator:
     def mapping(self, key: str, node: Node, allowed: tuple[str, ...] | None) -> dict[str, tuple[Node, Node]]:
         """Key name -> (key node, value node); rejects non-mappings, duplicates and unknown keys."""
         if not isinstance(node, MappingNode):
-            raise self.fail(key, node, f"expected a mapping, got {_describe(node)}")
+            raise self.fail(key, node, f"expected a mapping, got {describe(node)}")
         items: dict[str, tuple[Node, Node]] = {}
         for key_node, value_node in node.value:
             name = self.string(key or "(top level)", key_node)
@@ -149,8 +162,8 @@ class _Validator:
         return items
 
     def string(self, key: str, node: Node) -> str:
-        if not (isinstance(node, ScalarNode) and node.tag == _STR_TAG) or not node.value:
-            raise self.fail(key, node, f"expected a non-empty string, got {_describe(node)}")
+        if not (isinstance(node, ScalarNode) and node.tag == STR_TAG) or not node.value:
+            raise self.fail(key, node, f"expected a non-empty string, got {describe(node)}")
         return node.value
 
     def header_name(self, key: str, node: Node) -> str:
@@ -174,7 +187,7 @@ class _Validator:
         return parse(child, items[name][1])
 
     def policy(self, root: Node) -> Policy:
-        items = self.mapping("", root, ("provider", "auth", "model", "routes"))
+        items = self.mapping("", root, ("provider", "auth", "model", "prices", "budgets", "routes"))
         if "routes" not in items:
             raise self.fail("routes", root, "missing; expected a mapping of path suffix to route type")
         return Policy(
@@ -182,8 +195,42 @@ class _Validator:
             provider=self.optional(items, "provider", self.string, "", "openai"),
             auth=self.optional(items, "auth", self.auth, "", None),
             model=self.optional(items, "model", self.string, "", None),
+            prices=self.optional(items, "prices", self.relative_path, "", None),
+            budgets=self.optional(items, "budgets", self.budgets, "", None),
             routes=self.routes("routes", items["routes"][1]),
         )
+
+    def relative_path(self, key: str, node: Node) -> Path:
+        """A file named relative to the policy file, as a ConfigMap mounts them side by side."""
+        return Path(self.source).parent / self.string(key, node)
+
+    def budgets(self, key: str, node: Node) -> BudgetPolicy:
+        items = self.mapping(key, node, ("session", "client_key", "window"))
+        return BudgetPolicy(
+            session=self.optional(items, "session", self.limit, key, None),
+            client_key=self.optional(items, "client_key", self.limit, key, None),
+            window_seconds=self.optional(items, "window", self.positive_number, key, 3600.0),
+        )
+
+    def limit(self, key: str, node: Node) -> Limit:
+        items = self.mapping(key, node, ("tokens", "usd"))
+        if not items:
+            raise self.fail(key, node, "expected tokens and/or usd")
+        tokens = self.optional(items, "tokens", self.positive_number, key, None)
+        if tokens is not None and tokens != int(tokens):
+            raise self.fail(f"{key}.tokens", items["tokens"][1], f"expected a whole number of tokens, got {tokens}")
+        return Limit(
+            tokens=None if tokens is None else int(tokens),
+            usd=self.optional(items, "usd", self.positive_number, key, None),
+        )
+
+    def positive_number(self, key: str, node: Node) -> float:
+        if isinstance(node, ScalarNode) and node.tag in (_INT_TAG, _FLOAT_TAG):
+            with contextlib.suppress(ValueError):
+                value = float(yaml.safe_load(node.value))
+                if 0 < value < float("inf"):
+                    return value
+        raise self.fail(key, node, f"expected a positive number, got {describe(node)}")
 
     def auth(self, key: str, node: Node) -> Auth:
         items = self.mapping(key, node, ("env", "header"))
@@ -222,7 +269,7 @@ class _Validator:
 
     def route_type(self, key: str, node: Node) -> RouteType:
         if not (isinstance(node, ScalarNode) and node.value in RouteType._value2member_map_):
-            raise self.fail(key, node, f"expected one of {_ROUTE_TYPES}, got {_describe(node)}")
+            raise self.fail(key, node, f"expected one of {_ROUTE_TYPES}, got {describe(node)}")
         return RouteType(node.value)
 
     def header_policy(self, key: str, node: Node) -> HeaderPolicy:
@@ -235,7 +282,7 @@ class _Validator:
 
     def header_list(self, key: str, node: Node) -> tuple[str, ...]:
         if not isinstance(node, SequenceNode):
-            raise self.fail(key, node, f"expected a list of header names, got {_describe(node)}")
+            raise self.fail(key, node, f"expected a list of header names, got {describe(node)}")
         return tuple(self.header_name(f"{key}[{i}]", item) for i, item in enumerate(node.value))
 
     def header_map(self, key: str, node: Node) -> tuple[tuple[str, str], ...]:
@@ -249,13 +296,13 @@ class _Validator:
 _ROUTE_TYPES = ", ".join(t.value for t in RouteType)
 
 
-def _describe(node: Node) -> str:
+def describe(node: Node) -> str:
     if isinstance(node, MappingNode):
         return "a mapping"
     if isinstance(node, SequenceNode):
         return "a list"
     if node.tag == _NULL_TAG:
         return "nothing"
-    if node.tag == _STR_TAG:
+    if node.tag == STR_TAG:
         return repr(node.value)
     return f"{node.tag.rsplit(':', 1)[-1]} {node.value}"

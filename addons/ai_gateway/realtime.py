@@ -21,8 +21,12 @@ RESPONSE_DONE = "response.done"
 SESSION_CREATED = "session.created"
 SESSION_UPDATED = "session.updated"
 TRANSCRIPTION_COMPLETED = "conversation.item.input_audio_transcription.completed"
+RATE_LIMITS_UPDATED = "rate_limits.updated"
+RATE_LIMIT_NAMES = frozenset({"requests", "tokens"})
 RESPONSE_STATUSES = frozenset({"completed", "cancelled", "failed", "incomplete", "in_progress"})
-METERED_EVENTS = frozenset({RESPONSE_CREATED, RESPONSE_DONE, SESSION_CREATED, SESSION_UPDATED, TRANSCRIPTION_COMPLETED})
+METERED_EVENTS = frozenset(
+    {RESPONSE_CREATED, RESPONSE_DONE, SESSION_CREATED, SESSION_UPDATED, TRANSCRIPTION_COMPLETED, RATE_LIMITS_UPDATED}
+)
 
 # Every OpenAI server event starts with its type; this reads it without decoding the frame.
 _LEADING_TYPE = re.compile(rb'\s*\{\s*"type"\s*:\s*"([a-z0-9_.]{1,128})"')
@@ -56,6 +60,13 @@ class TranscriptionDone:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimits:
+    """The upstream's own limits: (name, limit, remaining) for `requests` and `tokens`."""
+
+    limits: tuple[tuple[str, float, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Malformed:
     """A frame that looked metered but could not be read; reason is a short label value."""
 
@@ -67,7 +78,7 @@ class InvalidEvent(ValueError):
     """A metered event without the object that should carry its data."""
 
 
-ServerEvent = SessionModels | ResponseCreated | ResponseDone | TranscriptionDone | Malformed
+ServerEvent = SessionModels | ResponseCreated | ResponseDone | TranscriptionDone | RateLimits | Malformed
 
 
 def leading_type(content: bytes) -> str | None:
@@ -110,6 +121,8 @@ def read_server_event(content: bytes) -> ServerEvent | None:
             return TranscriptionDone(parse_transcription_usage(event.get("usage")))
         if kind in (SESSION_CREATED, SESSION_UPDATED):
             return read_session(event)
+        if kind == RATE_LIMITS_UPDATED:
+            return read_rate_limits(event)
     except InvalidEvent as e:
         return Malformed("invalid_event", f"{kind}: {e}")
     except InvalidUsage as e:
@@ -127,6 +140,25 @@ def read_response_done(event: dict[str, Any]) -> ResponseDone:
         status=status if status in RESPONSE_STATUSES else "other",
         response_id=_string(response.get("id")),
     )
+
+
+def read_rate_limits(event: dict[str, Any]) -> RateLimits:
+    entries = event.get("rate_limits")
+    if not isinstance(entries, list):
+        raise InvalidEvent("rate_limits is missing or not a list")
+    return RateLimits(
+        tuple(
+            (entry["name"], entry["limit"], entry["remaining"])
+            for entry in entries
+            if isinstance(entry, dict)
+            and entry.get("name") in RATE_LIMIT_NAMES
+            and all(_is_number(entry.get(k)) for k in ("limit", "remaining"))
+        )
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float) and 0 <= value < float("inf")
 
 
 def read_session(event: dict[str, Any]) -> SessionModels:
