@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol, overload
 from urllib.parse import parse_qsl, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -574,18 +574,38 @@ def _session_id(connection: ServerConnection) -> str:
     return f"sess_{connection.id.hex[:24]}"
 
 
-class SimulatorThread:
-    """Runs a Simulator on its own event loop in a daemon thread, for synchronous tests and the demo."""
+class Upstream(Protocol):
+    """What SimulatorThread can run: a server that starts and stops on the thread's event loop."""
 
-    def __init__(self, **simulator_kwargs: Any) -> None:
-        self.simulator = Simulator(**simulator_kwargs)
-        self._thread = threading.Thread(target=self._main, name="realtime-simulator", daemon=True)
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class SimulatorThread[U: Upstream]:
+    """Runs a simulated upstream on its own event loop in a daemon thread, for synchronous tests and the demo.
+
+    `SimulatorThread(**kwargs)` runs a Realtime `Simulator(**kwargs)`; `SimulatorThread(server=...)` runs
+    any other upstream, such as the HTTP simulator, without this module having to know it.
+    """
+
+    @overload
+    def __init__(self: SimulatorThread[Simulator], **simulator_kwargs: Any) -> None: ...
+
+    @overload
+    def __init__(self, *, server: U) -> None: ...
+
+    def __init__(self, *, server: Any = None, **simulator_kwargs: Any) -> None:
+        if server is not None and simulator_kwargs:
+            raise TypeError("pass either server or Simulator arguments, not both")
+        self.simulator: U = Simulator(**simulator_kwargs) if server is None else server
+        self._thread = threading.Thread(target=self._main, name=type(self.simulator).__name__, daemon=True)
         self._ready = threading.Event()
         self._stopping = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._error: BaseException | None = None
 
-    def __enter__(self) -> Simulator:
+    def __enter__(self) -> U:
         self._thread.start()
         self._ready.wait()
         if self._error is not None:
