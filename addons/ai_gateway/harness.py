@@ -16,6 +16,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -163,17 +164,38 @@ _TOKEN_BUCKETS = (
     67108864,
     float("inf"),
 )
-_MODALITY_DETAILS = (
-    ("input_tokens", ("input_token_details",)),
-    ("cache_read_input_tokens", ("input_token_details", "cached_tokens_details")),
-    ("output_tokens", ("output_token_details",)),
-)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """Where each kind of ledger entry keeps its counts, written out independently of the gateway."""
+
+    operation: str
+    input: str
+    output: str | None
+    input_details: str
+    output_details: str | None
+    counts_responses: bool = True
+
+
+_SHAPES = {
+    "response": _Shape("realtime", "input_tokens", "output_tokens", "input_token_details", "output_token_details"),
+    "transcription": _Shape(
+        "transcription", "input_tokens", "output_tokens", "input_token_details", "output_token_details", False
+    ),
+    "chat": _Shape("chat", "prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details"),
+    "responses": _Shape("chat", "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details"),
+    "embeddings": _Shape("embeddings", "prompt_tokens", None, "prompt_tokens_details", None),
+}
 
 
 def expected_samples(
     sent: Iterable[Any], *, system: str = "openai", prefix: str = "agentgateway"
 ) -> dict[SampleKey, float]:
-    """What /metrics must show for usage the simulator sent (its ledger entries), computed independently."""
+    """What /metrics must show for usage the simulators sent (their ledger entries), computed independently.
+
+    Passthrough entries are left out: the gateway must never meter them.
+    """
     out: dict[SampleKey, float] = {}
 
     def add(name: str, labels: Mapping[str, str], value: float) -> None:
@@ -181,37 +203,48 @@ def expected_samples(
         out[key] = out.get(key, 0) + value
 
     for entry in sent:
+        shape = _SHAPES.get(entry.kind)
+        if shape is None:
+            continue
         usage = entry.usage
         labels = {
-            "gen_ai_operation_name": "realtime" if entry.kind == "response" else "transcription",
+            "gen_ai_operation_name": shape.operation,
             "gen_ai_system": system,
             "gen_ai_request_model": entry.request_model,
             "gen_ai_response_model": entry.response_model,
         }
-        if entry.kind == "response":
+        if shape.counts_responses:
             add("gen_ai_client_responses_total", {**labels, "status": entry.status}, 1)
         if usage.get("type") == "duration":
             add("gen_ai_client_transcription_audio_seconds_total", labels, usage["seconds"])
             continue
-        observations = {"input": usage["input_tokens"], "output": usage["output_tokens"]}
-        if "cached_tokens" in (usage.get("input_token_details") or {}):
-            observations["input_cache_read"] = usage["input_token_details"]["cached_tokens"]
+        input_details = usage.get(shape.input_details) or {}
+        output_details = (usage.get(shape.output_details) or {}) if shape.output_details else {}
+        observations = {"input": usage[shape.input]}
+        if shape.output:
+            observations["output"] = usage[shape.output]
+        if "cached_tokens" in input_details:
+            observations["input_cache_read"] = input_details["cached_tokens"]
         for token_type, count in observations.items():
             typed = {**labels, "gen_ai_token_type": token_type}
             add("gen_ai_client_token_usage_sum", typed, count)
             add("gen_ai_client_token_usage_count", typed, 1)
             for bound in _TOKEN_BUCKETS:
-                le = floatToGoString(bound)
-                add("gen_ai_client_token_usage_bucket", {**typed, "le": le}, 1 if count <= bound else 0)
-        for family, path in _MODALITY_DETAILS:
-            details: Any = usage
-            for key in path:
-                details = (details or {}).get(key)
+                add("gen_ai_client_token_usage_bucket", {**typed, "le": floatToGoString(bound)}, count <= bound)
+        families = (
+            ("input_tokens", input_details),
+            ("cache_read_input_tokens", input_details.get("cached_tokens_details") or {}),
+            ("output_tokens", output_details),
+        )
+        for family, details in families:
             for modality in ("text", "audio", "image"):
-                if details and f"{modality}_tokens" in details:
-                    add(
-                        f"gen_ai_client_inference_usage_{family}_total",
-                        {**labels, "gen_ai_token_modality": modality},
-                        details[f"{modality}_tokens"],
-                    )
+                if f"{modality}_tokens" in details:
+                    modal = {**labels, "gen_ai_token_modality": modality}
+                    add(f"gen_ai_client_inference_usage_{family}_total", modal, details[f"{modality}_tokens"])
+        if "reasoning_tokens" in output_details:
+            add(
+                "gen_ai_client_inference_usage_reasoning_output_tokens_total",
+                labels,
+                output_details["reasoning_tokens"],
+            )
     return out
