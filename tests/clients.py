@@ -85,5 +85,5 @@ async def raw_session(
 def _type_of(frame: str) -> str | None:
     try:
         return json.loads(frame).get("type")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return None

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 from mitmproxy import contentviews, ctx, exceptions, hooks, http
 from mitmproxy.addonmanager import Loader
+from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.websocket import WebSocketMessage
 
 from .accounting import Accounting
@@ -317,6 +318,13 @@ class Gateway:
             exchange.finish(error_type(flow.error.msg))
         elif flow.websocket is None and (source := self.upgrade_source(flow)):
             self.accounting.error(source, error_type(flow.error.msg))
+
+    def server_connect_error(self, data: ServerConnectionHookData) -> None:
+        """With mitmproxy's eager connection strategy the upstream is dialled before any request
+        (so before any flow): count the failure here, under route_type `unknown`. Lazily, the
+        flow's `error` hook counts it with its route type, and this one stays out of the way."""
+        if ctx.options.connection_strategy == "eager":
+            self.metrics.upstream_errors.labels("unknown", error_type(data.server.error or "")).inc()
 
     def upgrade_source(self, flow: http.HTTPFlow) -> Source | None:
         """The source of a WebSocket handshake on a metered route, for counting its failure."""

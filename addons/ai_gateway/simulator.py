@@ -19,6 +19,7 @@ import itertools
 import json
 import random
 import re
+import ssl
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -154,7 +155,8 @@ class _Plan:
 
     status: str
     fragment: bool
-    junk: bool
+    junk: int  # times junk_frames() goes out before response.done
+    fault: str | None
     audio: bool
     audio_deltas: int
     metadata: dict[str, Any] | None
@@ -182,6 +184,8 @@ def junk_frames() -> list[str | bytes]:
         _junk_done({**EXAMPLE_USAGE, "input_tokens": 10**20}),
         "[]",
         '"response.done"',
+        _junk_done("x" * 65_536),  # huge
+        '{"type":"response.done","response":' + "[" * 50_000 + "]" * 50_000 + "}",  # deeply nested
     ]
 
 
@@ -324,6 +328,16 @@ def _audio_length(audio: Any) -> int:
     raise ClientError("invalid_value", "audio must be a base64 string", "audio")
 
 
+FAULTS = ("reset", "close", "stall")
+
+
+def _fault(value: Any) -> str | None:
+    """sim_fault: instead of response.done, reset the TCP connection, close with 1011, or go silent."""
+    if value is not None and value not in FAULTS:
+        raise ClientError("invalid_value", f"sim_fault must be one of {', '.join(FAULTS)}", "response.metadata")
+    return value
+
+
 def _plan(response: dict[str, Any], session: _Session, default_deltas: int) -> _Plan:
     metadata = _object_field(response, "metadata", "response.metadata")
     status = metadata.get("sim_status", "completed")
@@ -336,7 +350,8 @@ def _plan(response: dict[str, Any], session: _Session, default_deltas: int) -> _
     return _Plan(
         status=status,
         fragment=metadata.get("sim_fragment") == "1",
-        junk=metadata.get("sim_junk") == "1",
+        junk=_count(metadata.get("sim_junk", "0"), "response.metadata.sim_junk"),
+        fault=_fault(metadata.get("sim_fault")),
         audio=not isinstance(modalities, list) or "audio" in modalities,
         audio_deltas=default_deltas if deltas is None else _count(deltas, "response.metadata.sim_deltas"),
         metadata=response.get("metadata"),
@@ -354,8 +369,10 @@ class Simulator:
         audio_deltas: int = 5,
         transcript_deltas: int = 5,
         audio_bytes: int = 4800,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
+        self.ssl_context = ssl_context
         self.port = port
         self.audio_deltas = audio_deltas
         self.transcript_deltas = transcript_deltas
@@ -377,7 +394,7 @@ class Simulator:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}"
 
     def usage_for(self, request_model: str) -> list[SentUsage]:
         return [u for u in self.ledger if u.request_model == request_model]
@@ -391,6 +408,7 @@ class Simulator:
             select_subprotocol=_select_subprotocol,
             compression="deflate",
             max_size=MAX_CLIENT_FRAME,
+            ssl=self.ssl_context,
         )
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -511,15 +529,26 @@ class Simulator:
         await self._send_event(session, self._event("rate_limits.updated", rate_limits=_RATE_LIMITS))
         for delta in self._deltas(session.dialect, plan, response_id, item_id):
             await self._send_event(session, delta)
-        if plan.junk:
-            for frame in junk_frames():
-                await self._send_frame(session, frame)
-                self.junk_sent += 1
+        for frame in junk_frames() * plan.junk:
+            await self._send_frame(session, frame)
+            self.junk_sent += 1
+        if plan.fault is not None:
+            await self._fail(session, plan.fault)
+            return
         usage = _response_usage(self._rng)
         entry = SentUsage(session.id, "response", session.request_model, model, plan.status, usage)
         response = _response(response_id, plan.status, plan.metadata, usage)
         done = json.dumps(self._event("response.done", response=response))
         await self._send_usage(session, entry, _fragments(done) if plan.fragment else done)
+
+    async def _fail(self, session: _Session, fault: str) -> None:
+        """A response that never finishes: no usage is sent, so none is ledgered."""
+        if fault == "reset":
+            session.ws.transport.abort()
+        elif fault == "close":
+            await session.ws.close(1011, "simulated upstream failure")
+        else:
+            await session.ws.wait_closed()
 
     def _deltas(self, dialect: Dialect, plan: _Plan, response_id: str, item_id: str) -> Iterator[dict[str, Any]]:
         """Audio then its transcript; a text-only response has text deltas instead."""
