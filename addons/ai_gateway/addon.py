@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable
 from typing import TypeVar
 
-from mitmproxy import contentviews, ctx, exceptions, hooks, http
+from mitmproxy import contentviews, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.websocket import WebSocketMessage
@@ -83,7 +83,6 @@ class Gateway:
         self.credential = UpstreamCredential()
         self.history: int | None = 1
         self.shrink_relayed_audio = True
-        self.view: object | None = None
         self.is_running = False
         self.watcher: asyncio.Task[None] | None = None
         self.sessions: dict[str, SessionMeter] = {}
@@ -209,7 +208,7 @@ class Gateway:
 
     def running(self) -> None:
         self.is_running = True
-        self.view = ctx.master.addons.get("view")
+        show_comment_column()
         ctx.master.addons.add(self.credential)
         self.restart_metrics_server()
         if ctx.options.gateway_policy_reload:
@@ -389,13 +388,12 @@ class Gateway:
         self.accounting.enforced(scope, "refused_response")
 
     def show_totals(self, flow: http.HTTPFlow, meter: SessionMeter) -> None:
-        """The session's spend as the flow's comment, live in mitmweb's flow list; marked on errors."""
+        """The session's spend as the flow's comment, marked on errors. mitmproxy sends every flow a
+        hook touched to mitmweb's list after the hook, so the comment updates live there."""
         meter.totals.changed = False
         flow.comment = meter.totals.summary()
         if meter.totals.errors:
             flow.marked = ":exclamation:"
-        if self.view is not None:
-            ctx.master.addons.trigger(hooks.UpdateHook([flow]))
 
     @never_raises
     def websocket_end(self, flow: http.HTTPFlow) -> None:
@@ -463,6 +461,13 @@ def budget_response(scope: str) -> http.Response:
     """HTTP over budget: 429 with an OpenAI-shaped error body."""
     error = {"message": BUDGET_MESSAGES[scope], "type": "budget_exceeded", "param": None, "code": "budget_exceeded"}
     return http.Response.make(429, json.dumps({"error": error}), {"content-type": "application/json"})
+
+
+def show_comment_column() -> None:
+    """Under mitmweb, add the comment column (where session totals show) to the flow list."""
+    columns = getattr(ctx.options, "web_columns", None)
+    if columns is not None and "comment" not in columns:
+        ctx.options.update(web_columns=[*columns, "comment"])
 
 
 def read_policy(path: str) -> tuple[Policy, PriceCatalog | None]:

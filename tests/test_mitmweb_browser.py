@@ -1,0 +1,148 @@
+"""mitmweb in a real browser: session totals updated live in the flow list, the "OpenAI Realtime" view on messages.
+
+The other tests prove what the addon does to flows; only a browser proves what a developer sees in
+mitmweb. Debian's Chromium is the browser, driven by Playwright: test tools cannot download browser
+builds of their own here, and a missing Chromium is installed by scripts/install-browser. The
+browser and the openai SDK share one event loop, so the test can look at the page between two
+responses of the session. `UPDATE_SCREENSHOT=1` refreshes docs/mitmweb.png with the page it ends on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from openai import AsyncOpenAI
+
+from ai_gateway.debug import mitmweb, web_url
+from ai_gateway.harness import free_port
+from ai_gateway.simulator import SimulatorThread, resolve_model
+
+from .clients import RESPONSE_DONE, websocket_base
+
+pytest.importorskip("playwright", reason="playwright is not installed (the test extra has it)")
+from playwright.async_api import Locator, Page, ViewportSize, async_playwright, expect  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")
+INSTALL_BROWSER = ROOT / "scripts" / "install-browser"
+SCREENSHOT = ROOT / "docs" / "mitmweb.png"
+# Without these, Chromium's own background connections are refused by a closed network and slow it down;
+# Playwright adds --headless and a fresh temporary --user-data-dir itself.
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+# Wide enough for the whole session comment beside the messages, tall enough for a response's deltas
+# and its response.done with the usage table, in one screenshot.
+VIEWPORT: ViewportSize = {"width": 1920, "height": 1560}
+UI_TIMEOUT_MS = 15_000
+MODEL = "gpt-realtime"
+RESPONSES = 3
+AUDIO_DELTAS = 2  # per response; few, so that a whole response fits the screenshot
+AUDIO_PLACEHOLDER = "<audio pcm16 24 kHz:"
+USAGE_BANNER = "══ usage: response.done, completed ══"
+MESSAGES_CONTENT = re.compile(r"/flows/[^/]+/messages/content/[^/]+\.json")
+
+expect.set_options(timeout=UI_TIMEOUT_MS)
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Path:
+    """Debian's Chromium, installed on first use; the test is skipped only where it cannot be installed."""
+    if not CHROMIUM.exists():
+        result = subprocess.run([INSTALL_BROWSER], capture_output=True, text=True, check=False)
+        if not CHROMIUM.exists():
+            detail = result.stderr.strip() or f"exit code {result.returncode}"
+            pytest.skip(f"no Chromium at {CHROMIUM}, and scripts/install-browser could not install it: {detail}")
+    return CHROMIUM
+
+
+def test_mitmweb_shows_live_session_totals_and_the_realtime_view(chromium: Path, tmp_path: Path) -> None:
+    with (
+        SimulatorThread(seed=20261124, audio_deltas=AUDIO_DELTAS, transcript_deltas=1) as simulator,
+        mitmweb(simulator.url, web_port=free_port()) as gateway,
+    ):
+        asyncio.run(watch_session(chromium, web_url(gateway), gateway.url, tmp_path / "mitmweb.png"))
+
+
+async def watch_session(chromium: Path, ui_url: str, gateway_url: str, screenshot_path: Path) -> None:
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        page = await browser.new_page(viewport=VIEWPORT)
+        page.set_default_timeout(UI_TIMEOUT_MS)
+        await page.goto(ui_url)
+        # Connected before the session starts: whatever the flow list shows next came as a live update.
+        await expect(page.locator(".connection-indicator.established")).to_be_attached()
+        row = page.locator(".flow-table tbody tr", has_text="/v1/realtime")
+        await drive_session(gateway_url, row.locator("td.col-comment"))
+        await row.click()
+        focus = await check_messages(page)
+        await screenshot(page, focus, screenshot_path)
+        await browser.close()
+
+
+async def drive_session(gateway_url: str, comment: Locator) -> None:
+    """A session with the openai SDK; after each response.done the comment must show the new total."""
+    client = AsyncOpenAI(api_key="sk-client-own-key", websocket_base_url=websocket_base(gateway_url) + "/v1")
+    async with client.realtime.connect(model=MODEL) as connection:
+        for n in range(1, RESPONSES + 1):
+            await connection.response.create()
+            async for event in connection:
+                if event.type == RESPONSE_DONE:
+                    break
+            await expect(comment).to_contain_text(re.compile(rf"^{n} responses? · input "))
+    await expect(comment).to_contain_text(resolve_model(MODEL))
+
+
+async def check_messages(page: Page) -> Locator:
+    """Every message rendered by the gateway's view, chosen automatically; returns the first response.done."""
+    async with page.expect_response(MESSAGES_CONTENT) as messages_response:
+        await page.locator(".nav-tabs a", has_text="WebSocket").click()
+    views = {message["view_name"] for message in await (await messages_response.value).json()}
+    assert views == {"OpenAI Realtime"}, "mitmweb's automatic view is not the gateway's"
+    messages = page.locator(".websocket pre")
+    await expect(messages.filter(has_text=AUDIO_PLACEHOLDER)).to_have_count(RESPONSES * AUDIO_DELTAS)
+    done = messages.filter(has_text=USAGE_BANNER)
+    await expect(done).to_have_count(RESPONSES)
+    return done.first
+
+
+async def screenshot(page: Page, focus: Locator, path: Path) -> None:
+    """The page with the whole session comment in view and `focus` at the bottom of the message pane.
+
+    mitmweb gives the comment column 150 pixels and the flow list half the window; the test fits the
+    columns to their content and widens the list to them as a user would (double-clicks on column
+    edges, a drag of the splitter). `focus` at the bottom shows the messages that led to it above it.
+    """
+    for column in ("path", "comment"):
+        await page.locator(f"th.col-{column} .col-resize-handle").dblclick()
+    columns_width = await page.locator(".flow-table th:not(.col-filler)").evaluate_all(
+        "columns => columns.reduce((width, column) => width + column.offsetWidth, 0)"
+    )
+    await drag_splitter(page, to_x=columns_width)
+    await focus.evaluate("element => element.scrollIntoView({block: 'end'})")
+    await page.screenshot(path=path, full_page=True)
+    if os.environ.get("UPDATE_SCREENSHOT") == "1":
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        SCREENSHOT.write_bytes(path.read_bytes())
+
+
+async def drag_splitter(page: Page, to_x: float) -> None:
+    box = await page.locator(".splitter").bounding_box()
+    assert box is not None, "no splitter: the flow details are not open"
+    y = box["y"] + box["height"] / 2
+    await page.mouse.move(box["x"] + box["width"] / 2, y)
+    await page.mouse.down()
+    await page.mouse.move(to_x + box["width"] / 2, y, steps=5)
+    await page.mouse.up()
