@@ -3,14 +3,36 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import Iterable, Mapping
+import signal
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import websockets
 from openai import AsyncOpenAI
 
 RESPONSE_DONE = "response.done"
+
+
+@contextlib.contextmanager
+def served_module(module: str, timeout: float = 10) -> Iterator[str]:
+    """`python -m <module> --port 0` as a user runs a simulator: yields the URL it prints, then
+    checks that Ctrl-C (SIGINT) stops it cleanly."""
+    command = [sys.executable, "-m", module, "--port", "0", "--seed", "1"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None
+            url = proc.stdout.readline().split()[-1]
+            assert url.startswith("http://127.0.0.1:")
+            yield url
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=timeout) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
 
 
 def websocket_base(http_url: str) -> str:

@@ -18,6 +18,7 @@ from ai_gateway.pricing import (
     load_catalog,
     parse_catalog,
 )
+from ai_gateway.simulator import EXAMPLE_USAGE
 from ai_gateway.usage import (
     COMPLETIONS_USAGE,
     EMBEDDINGS_USAGE,
@@ -101,19 +102,7 @@ def test_reasoning_tokens_are_not_counted_twice():
 
 def test_reference_realtime_response_with_audio_and_cached_text():
     usage = parse_realtime_usage(
-        {
-            "total_tokens": 253,
-            "input_tokens": 132,
-            "output_tokens": 121,
-            "input_token_details": {
-                "text_tokens": 119,
-                "audio_tokens": 13,
-                "image_tokens": 0,
-                "cached_tokens": 64,
-                "cached_tokens_details": {"text_tokens": 64, "audio_tokens": 0, "image_tokens": 0},
-            },
-            "output_token_details": {"text_tokens": 30, "audio_tokens": 91},
-        }
+        EXAMPLE_USAGE  # the reference documentation's response.done usage
     )
     # text: (119 - 64) fresh * 4 + 64 cached * 0.40; audio: 13 * 32; output: 30 * 16 + 91 * 64
     expected = (55 * 4 + 64 * 0.4 + 13 * 32 + 30 * 16 + 91 * 64) / 1e6

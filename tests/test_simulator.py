@@ -9,9 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import signal
-import subprocess
-import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -22,6 +19,8 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as sync_connect
 
 from ai_gateway.simulator import SentUsage, Simulator, SimulatorThread, junk_frames, resolve_model
+
+from .clients import served_module
 
 T = TypeVar("T")
 DONE = "response.done"
@@ -443,16 +442,6 @@ def test_simulator_thread_for_synchronous_callers():
 
 
 def test_main_serves_until_interrupted():
-    command = [sys.executable, "-m", "ai_gateway.simulator", "--port", "0", "--seed", "1"]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:
-        try:
-            assert proc.stdout is not None
-            url = proc.stdout.readline().split()[-1]
-            assert url.startswith("http://127.0.0.1:")
-            with sync_connect(url.replace("http://", "ws://") + "/v1/realtime", open_timeout=2) as ws:
-                assert json.loads(ws.recv(timeout=2))["session"]["model"] == "gpt-realtime-2025-08-28"
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=5) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    with served_module("ai_gateway.simulator") as url:
+        with sync_connect(url.replace("http://", "ws://") + "/v1/realtime", open_timeout=2) as ws:
+            assert json.loads(ws.recv(timeout=2))["session"]["model"] == "gpt-realtime-2025-08-28"

@@ -8,9 +8,6 @@ does what those tests rely on.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -25,6 +22,8 @@ from websockets.sync.client import ClientConnection, connect
 
 from ai_gateway.simulator import SentUsage, SimulatorThread, resolve_model
 from ai_gateway.simulator_http import DEFAULT_MODEL, EMBEDDING_DIMENSIONS, SHUTDOWN_GRACE, TEXT, HttpSimulator
+
+from .clients import served_module
 
 TIMEOUT = 5  # seconds: a missing chunk or event fails the test instead of hanging it
 MODEL = "gpt-4o-mini"
@@ -432,18 +431,6 @@ def test_simulator_thread_runs_any_upstream(sim: HttpSimulator):
 
 
 def test_main_serves_until_interrupted():
-    command = [sys.executable, "-m", "ai_gateway.simulator_http", "--port", "0", "--seed", "1"]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as proc:
-        try:
-            assert proc.stdout is not None
-            url = proc.stdout.readline().split()[-1]
-            assert url.startswith("http://127.0.0.1:")
-            completion = OpenAI(
-                api_key="sk-test", base_url=url + "/v1", max_retries=0, timeout=TIMEOUT
-            ).chat.completions
-            assert completion.create(model=MODEL, messages=MESSAGES).model == SNAPSHOT
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=TIMEOUT) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    with served_module("ai_gateway.simulator_http", timeout=TIMEOUT) as url:
+        completion = OpenAI(api_key="sk-test", base_url=url + "/v1", max_retries=0, timeout=TIMEOUT).chat.completions
+        assert completion.create(model=MODEL, messages=MESSAGES).model == SNAPSHOT

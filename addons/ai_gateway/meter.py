@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from .accounting import Accounting
@@ -90,29 +89,33 @@ def _count(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
-class SessionMeter(Protocol):
-    source: Source
-    totals: SessionTotals
+class SessionMeter:
+    """What the addon needs of a WebSocket session's meter; each protocol fills in the frames."""
 
-    @property
-    def in_flight(self) -> bool: ...
-
-    def client_frame(self, content: bytes) -> None: ...
-
-    def server_frame(self, content: bytes, is_text: bool) -> Malformed | None: ...
-
-
-class RealtimeMeter:
-    """Meters one Realtime session from its frames, each response as its response.done arrives."""
+    in_flight: bool  # a response was asked for or started and has not finished
 
     def __init__(self, accounting: Accounting, source: Source, system: str, request_model: str) -> None:
         self.accounting = accounting
         self.source = source
         self.system = system
         self.request_model = request_model
+        self.totals = SessionTotals()
+
+    def client_frame(self, content: bytes) -> None:
+        raise NotImplementedError
+
+    def server_frame(self, content: bytes, is_text: bool) -> Malformed | None:
+        """Meter one server frame. Returns the problem when the frame could not be read."""
+        raise NotImplementedError
+
+
+class RealtimeMeter(SessionMeter):
+    """Meters one Realtime session from its frames, each response as its response.done arrives."""
+
+    def __init__(self, accounting: Accounting, source: Source, system: str, request_model: str) -> None:
+        super().__init__(accounting, source, system, request_model)
         self.response_model = UNKNOWN
         self.transcription_model = UNKNOWN
-        self.totals = SessionTotals()
         # Latency: response.create time, paired in order with response.created, then the first delta.
         self.pending_creates: deque[float] = deque(maxlen=MAX_PENDING_CREATES)
         self.awaiting_first_delta: dict[str, float] = {}
@@ -128,7 +131,6 @@ class RealtimeMeter:
             self.pending_creates.append(time.monotonic())
 
     def server_frame(self, content: bytes, is_text: bool) -> Malformed | None:
-        """Meter one server frame. Returns the problem when the frame could not be read."""
         kind = leading_type(content) if is_text else None
         if not is_text:
             problem: Malformed | None = Malformed("binary", f"{len(content)} bytes")
@@ -191,15 +193,11 @@ class RealtimeMeter:
         return ModelLabels(operation, self.system, self.request_model, response_model)
 
 
-class ResponsesSocketMeter:
+class ResponsesSocketMeter(SessionMeter):
     """Meters the Responses API's WebSocket mode: each response.completed frame bills one response."""
 
     def __init__(self, accounting: Accounting, source: Source, system: str, request_model: str) -> None:
-        self.accounting = accounting
-        self.source = source
-        self.system = system
-        self.request_model = request_model
-        self.totals = SessionTotals()
+        super().__init__(accounting, source, system, request_model)
         self.in_flight = False
 
     def client_frame(self, content: bytes) -> None:
