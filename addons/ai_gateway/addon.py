@@ -5,13 +5,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
-import json
 import logging
 import os
 import re
-import uuid
 from collections.abc import Callable
-from typing import TypeVar
 
 from mitmproxy import contentviews, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
@@ -19,11 +16,12 @@ from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.websocket import WebSocketMessage
 
 from .accounting import Accounting
-from .budget import CLIENT_KEY, SESSION, BudgetPolicy, Budgets, client_key_digest
+from .budget import Budgets, client_key_digest
 from .contentview import realtime_view, strip_audio
+from .enforcement import budget_error_event, budget_response, update_budgets
+from .failures import close_error, error_type
 from .headers import apply_header_policy, client_credential, redact, remove_client_credentials
 from .http_meter import METERED_HTTP, HttpExchange, rewrite_request
-from .http_usage import decode_json
 from .ledger import Source, UsageLedger
 from .meter import RealtimeMeter, ResponsesSocketMeter, SessionMeter, requested_model
 from .metrics import DEFAULT_MAX_MODEL_LABELS, GatewayMetrics, MetricsServer
@@ -38,7 +36,6 @@ METRICS_OPTIONS = {"gateway_metrics_host", "gateway_metrics_port", "gateway_metr
 logger = logging.getLogger(__name__)
 
 _METRIC_PREFIX = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
-Hook = TypeVar("Hook", bound=Callable[..., None])
 
 
 def never_raises[Hook: Callable[..., None]](hook: Hook) -> Hook:
@@ -416,53 +413,6 @@ def is_websocket_upgrade(request: http.Request) -> bool:
     return "websocket" in request.headers.get("upgrade", "").lower()
 
 
-def error_type(message: str) -> str:
-    """A bounded error_type label from mitmproxy's error message."""
-    lowered = message.lower()
-    if "certificate" in lowered or "tls" in lowered or "ssl" in lowered:
-        return "tls_error"
-    if "timeout" in lowered or "timed out" in lowered:
-        return "timeout"
-    if "killed" in lowered or "client disconnected" in lowered:
-        return "client_disconnected"
-    return "connection_error"
-
-
-def update_budgets(budgets: Budgets | None, policy: BudgetPolicy | None) -> Budgets | None:
-    """New limits keep the spend already counted; no budgets in the policy drops the state."""
-    if policy is None:
-        return None
-    if budgets is None:
-        return Budgets(policy)
-    budgets.policy = policy
-    return budgets
-
-
-BUDGET_MESSAGES = {
-    SESSION: "This session's budget is used up: the gateway refused the response.",
-    CLIENT_KEY: "This API key's budget for the current window is used up: the gateway refused the request.",
-}
-
-
-def budget_error_event(scope: str, client_event: bytes) -> bytes:
-    """A well-formed Realtime `error` event, naming the refused client event as OpenAI's errors do."""
-    refused = decode_json(client_event)
-    event_id = refused.get("event_id") if isinstance(refused, dict) else None
-    error = {"type": "invalid_request_error", "code": "budget_exceeded", "message": BUDGET_MESSAGES[scope]}
-    event = {
-        "type": "error",
-        "event_id": f"event_gateway_{uuid.uuid4().hex[:12]}",
-        "error": {**error, "param": None, "event_id": event_id},
-    }
-    return json.dumps(event).encode()
-
-
-def budget_response(scope: str) -> http.Response:
-    """HTTP over budget: 429 with an OpenAI-shaped error body."""
-    error = {"message": BUDGET_MESSAGES[scope], "type": "budget_exceeded", "param": None, "code": "budget_exceeded"}
-    return http.Response.make(429, json.dumps({"error": error}), {"content-type": "application/json"})
-
-
 def show_comment_column() -> None:
     """Under mitmweb, add the comment column (where session totals show) to the flow list."""
     columns = getattr(ctx.options, "web_columns", None)
@@ -479,19 +429,6 @@ def read_policy(path: str) -> tuple[Policy, PriceCatalog | None]:
 def shrink_audio(message: WebSocketMessage) -> None:
     if (stripped := strip_audio(message.content)) is not None:
         message.content = stripped
-
-
-def close_error(code: int | None, by_client: bool | None, in_flight: bool) -> str | None:
-    """The error_type of a WebSocket session's end, None for a normal end; a bounded set of values."""
-    if by_client:
-        return "client_disconnected" if in_flight else None
-    if code in (None, 1000, 1001, 1005):
-        return None
-    if code == 1006:
-        return "connection_reset"
-    if 1002 <= code <= 1015:
-        return f"ws_close_{code}"
-    return "ws_close_application" if 3000 <= code <= 4999 else "ws_close_other"
 
 
 def parse_history(value: str, under_web: bool) -> int | None:
