@@ -1,0 +1,127 @@
+"""scripts/bench keeps working: its smoke run end to end, and the parts its figures rest on.
+
+No test here asserts a performance figure: the machines are shared and timings are noise.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ai_gateway.bench import (
+    BEGIN,
+    BENCHMARKS,
+    CONFIGS,
+    DEFAULT_CONFIGS,
+    END,
+    PLOT_NAME,
+    Target,
+    Workdir,
+    keep_compression_policy,
+    parse_args,
+    percentile,
+    serpentine,
+    splice,
+)
+from ai_gateway.loadgen import Traffic, event_type, pcm16_bytes
+from ai_gateway.policy import DEFAULT_POLICY, load_policy
+
+
+def test_smoke_run_writes_a_table_with_exact_accounting(tmp_path: Path) -> None:
+    before = BENCHMARKS.read_bytes() if BENCHMARKS.exists() else None
+    output = tmp_path / "BENCH.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "ai_gateway.bench", "--smoke", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = output.read_text()
+    for config in DEFAULT_CONFIGS:
+        row = next(line for line in text.splitlines() if line.startswith(f"| **{config.name}** | ") and "exact" in line)
+        assert "MISMATCH" not in row
+    assert "| server audio delta |" in text and "| response.done |" in text
+    assert "### Targets" in text and "scripts/bench --smoke" in text
+    assert (tmp_path / PLOT_NAME).read_bytes().startswith(b"\x89PNG")
+    assert (BENCHMARKS.read_bytes() if BENCHMARKS.exists() else None) == before
+
+
+def test_smoke_never_writes_benchmarks_md_by_default() -> None:
+    args = parse_args(["--smoke"])
+    assert args.output != BENCHMARKS
+    assert args.output.parent.is_dir()
+    shutil.rmtree(args.output.parent)
+    assert args.rounds == 1 and args.soak_mb < 10
+    assert parse_args(["--smoke", "--rounds", "2", "--output", "x.md"]).rounds == 2
+    assert parse_args([]).output == BENCHMARKS
+
+
+def test_unknown_configuration_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--configs", "gateway,nginx"])
+    assert "nginx" in capsys.readouterr().err
+
+
+def test_splice_keeps_the_hand_written_analysis() -> None:
+    first = splice(None, "tables v1")
+    assert first.startswith("# Benchmarks") and "tables v1" in first
+    edited = first.replace("# Benchmarks\n", "# Benchmarks\n\nIntro.\n") + "\n## Findings\nKept.\n"
+    second = splice(edited, "tables v2")
+    assert "Intro." in second and "## Findings\nKept." in second
+    assert "tables v2" in second and "tables v1" not in second
+    assert second.count(BEGIN) == second.count(END) == 1
+
+
+def test_keep_compression_policy_drops_only_the_extension_header(tmp_path: Path) -> None:
+    default, kept = load_policy(DEFAULT_POLICY), load_policy(keep_compression_policy(tmp_path))
+    realtime = "/v1/realtime"
+    assert "sec-websocket-extensions" in default.match(realtime).request.remove
+    assert "sec-websocket-extensions" not in kept.match(realtime).request.remove
+    assert [(r.suffix, r.type) for r in kept.routes] == [(r.suffix, r.type) for r in default.routes]
+
+
+def test_the_empty_addon_is_a_script_mitmproxy_can_load(tmp_path: Path) -> None:
+    namespace: dict[str, object] = {}
+    exec(Workdir.create(tmp_path).empty_addon.read_text(), namespace)
+    (addon,) = namespace["addons"]  # type: ignore[misc]
+    assert addon.websocket_message(None) is None  # type: ignore[attr-defined]
+
+
+def test_serpentine_alternates_the_order_of_configurations() -> None:
+    order = [(r, c.name) for r, c in serpentine(CONFIGS[:3], 2)]
+    names = [c.name for c in CONFIGS[:3]]
+    assert order == [(0, n) for n in names] + [(1, n) for n in reversed(names)]
+
+
+def test_percentile_is_an_observed_value() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile([3.0], 99) == 3.0
+
+
+def test_targets_are_floors_or_ceilings() -> None:
+    assert Target("ratio", 0.98, 0.97, at_least=True).met
+    assert not Target("ratio", 0.96, 0.97, at_least=True).met
+    assert Target("growth", 19.0, 20.0, " MB").met
+    assert not Target("growth", 21.0, 20.0, " MB").met
+
+
+def test_traffic_is_sized_as_realtime_audio() -> None:
+    append = json.loads(Traffic(append_ms=100).append(random.Random(0)))
+    assert pcm16_bytes(100) == 4800
+    assert len(append["audio"]) == 6400
+    assert json.loads(Traffic(audio_deltas=7).response_create())["response"]["metadata"] == {"sim_deltas": "7"}
+
+
+def test_event_type_is_read_from_the_first_bytes() -> None:
+    assert event_type('{"type": "response.done", "response": {}}') == "response.done"
+    assert event_type(b'{"type":"response.output_audio.delta","delta":"AAAA"}') == "response.output_audio.delta"
+    assert event_type('{"event_id": "e1", "type": "response.done"}') is None
