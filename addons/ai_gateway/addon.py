@@ -354,12 +354,7 @@ class Gateway:
         meter = self.sessions.get(flow.id)
         if meter is not None:
             if message.from_client:
-                if leading_type(message.content) == RESPONSE_CREATE and (
-                    scope := self.accounting.exhausted(meter.source)
-                ):
-                    self.refuse_response(flow, message, scope)
-                else:
-                    meter.client_frame(message.content)
+                self.client_frame(flow, message, meter)
             elif problem := meter.server_frame(message.content, message.is_text):
                 logger.debug("ai-gateway: unreadable server frame (%s): %s", problem.reason, problem.detail)
             if meter.totals.changed:
@@ -372,10 +367,11 @@ class Gateway:
 
     def client_frame(self, flow: http.HTTPFlow, message: WebSocketMessage, meter: SessionMeter) -> None:
         """A client frame: metered, unless it asks for a response the budget no longer allows."""
-        if leading_type(message.content) == RESPONSE_CREATE and (scope := self.accounting.exhausted(meter.source)):
+        kind = leading_type(message.content)
+        if kind == RESPONSE_CREATE and (scope := self.accounting.exhausted(meter.source)):
             self.refuse_response(flow, message, scope)
         else:
-            meter.client_frame(message.content)
+            meter.client_frame(kind, message.content)
 
     def refuse_response(self, flow: http.HTTPFlow, message: WebSocketMessage, scope: str) -> None:
         """Over budget: the response.create never reaches the upstream; the client gets an error event."""

@@ -101,7 +101,8 @@ class SessionMeter:
         self.request_model = request_model
         self.totals = SessionTotals()
 
-    def client_frame(self, content: bytes) -> None:
+    def client_frame(self, kind: str | None, content: bytes) -> None:
+        """A client frame, with its leading event type already read (None when it has none)."""
         raise NotImplementedError
 
     def server_frame(self, content: bytes, is_text: bool) -> Malformed | None:
@@ -126,8 +127,8 @@ class RealtimeMeter(SessionMeter):
         """A response was asked for or started and has not finished."""
         return bool(self.pending_creates or self.awaiting_first_delta or self.timings)
 
-    def client_frame(self, content: bytes) -> None:
-        if leading_type(content) == RESPONSE_CREATE:
+    def client_frame(self, kind: str | None, content: bytes) -> None:
+        if kind == RESPONSE_CREATE:
             self.pending_creates.append(time.monotonic())
 
     def server_frame(self, content: bytes, is_text: bool) -> Malformed | None:
@@ -200,9 +201,9 @@ class ResponsesSocketMeter(SessionMeter):
         super().__init__(accounting, source, system, request_model)
         self.in_flight = False
 
-    def client_frame(self, content: bytes) -> None:
+    def client_frame(self, kind: str | None, content: bytes) -> None:
         """The model of the next response comes with its response.create."""
-        if leading_type(content) == RESPONSE_CREATE:
+        if kind == RESPONSE_CREATE:
             self.in_flight = True
             document = decode_json(content)
             model = document.get("model") if isinstance(document, dict) else None

@@ -150,6 +150,7 @@ class GatewayMetrics:
             "What is left of a client key's budget in the current window (client_key: a SHA-256 digest prefix).",
             ("client_key", "unit"),
             registry=self.registry,
+            multiprocess_mode="livemin",
         )
         self.budget_enforcements = Counter(
             f"{prefix}_gateway_budget_enforcements",
@@ -162,12 +163,14 @@ class GatewayMetrics:
             "The upstream's own remaining rate limit from Realtime rate_limits.updated events.",
             ("name",),
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.rate_limit_limit = Gauge(
             f"{prefix}_gateway_upstream_rate_limit_limit",
             "The upstream's rate limit from Realtime rate_limits.updated events.",
             ("name",),
             registry=self.registry,
+            multiprocess_mode="mostrecent",
         )
         self.parse_errors = Counter(
             f"{prefix}_gateway_parse_errors",
@@ -186,6 +189,7 @@ class GatewayMetrics:
             "Metered WebSocket sessions (Realtime, Responses WebSocket mode) open now.",
             ("route_type",),
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self._series: dict[tuple[str, str, str, str], Series] = {}
 
@@ -215,13 +219,14 @@ class Series:
     def __init__(self, metrics: GatewayMetrics, values: tuple[str, str, str, str]) -> None:
         self._metrics = metrics
         self._values = values
-        self._children: dict[tuple[int, str], Any] = {}
+        self._children: dict[tuple[MetricWrapperBase, str | None], Any] = {}
 
-    def _child(self, family: MetricWrapperBase, *first: str) -> Any:
-        key = (id(family), *first)
-        child = self._children.get(key)
+    def _child(self, family: MetricWrapperBase, first: str | None = None) -> Any:
+        """The family's child for this series, `first` being the label before the model labels."""
+        child = self._children.get((family, first))
         if child is None:
-            child = self._children[key] = family.labels(*first, *self._values)
+            labels = self._values if first is None else (first, *self._values)
+            child = self._children[family, first] = family.labels(*labels)
         return child
 
     def record(self, usage: TokenUsage | DurationUsage) -> None:
@@ -242,7 +247,9 @@ class Series:
             (metrics.output_tokens, usage.output_by_modality),
         ):
             for modality, count in split:
-                self._child(family, modality).inc(count)
+                child = self._child(family, modality)  # reported zeros still make the series exist
+                if count:
+                    child.inc(count)
 
     def response(self, status: str) -> None:
         self._child(self._metrics.responses, status).inc()

@@ -47,7 +47,7 @@ import os
 import re
 from collections.abc import Mapping
 from contextlib import suppress
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import date
 from pathlib import Path
 
@@ -63,6 +63,8 @@ PRICED = "priced"
 UNPRICED = "unpriced"
 
 DURATION_RATE = "audio_minute"
+TOKEN_KINDS = ("input", "cached_input", "output")
+MAX_RESOLVED = 4096
 PER_MILLION = 1_000_000
 
 _SNAPSHOT_DATE = re.compile(r"-[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")
@@ -98,9 +100,18 @@ class ModelPrices:
     cached_image_input: float | None = None
     image_output: float | None = None
     audio_minute: float | None = None
+    # The rate each (modality, kind) is billed at, fallbacks applied once: pricing runs per response.
+    rates: Mapping[tuple[str, str], float | None] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        rates = {(m, k): self._fallback(m, k) for m in MODALITIES for k in TOKEN_KINDS}
+        object.__setattr__(self, "rates", rates)
 
     def rate(self, modality: str, kind: str) -> float | None:
         """The rate a token is billed at, with the fallbacks of the module docstring."""
+        return self.rates[modality, kind]
+
+    def _fallback(self, modality: str, kind: str) -> float | None:
         for m in dict.fromkeys((modality, "text")):
             for k in dict.fromkeys((kind, kind.removeprefix("cached_"))):
                 value = getattr(self, rate_name(m, k))
@@ -109,7 +120,7 @@ class ModelPrices:
         return None
 
 
-RATE_KEYS = tuple(f.name for f in fields(ModelPrices))
+RATE_KEYS = tuple(f.name for f in fields(ModelPrices) if f.init)
 
 
 @dataclass(frozen=True)
@@ -120,13 +131,17 @@ class PriceCatalog:
     taken: date
     source: str
     models: Mapping[str, ModelPrices]
+    _resolved: dict[str, str | None] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def resolve(self, model: str) -> str | None:
         """The listed name a model is priced as: itself, else itself without its snapshot date."""
-        for name in (model, _SNAPSHOT_DATE.sub("", model)):
-            if name in self.models:
-                return name
-        return None
+        if model in self._resolved:
+            return self._resolved[model]
+        if len(self._resolved) >= MAX_RESOLVED:  # model names come from clients: bound the cache
+            self._resolved.clear()
+        name = next((n for n in (model, _SNAPSHOT_DATE.sub("", model)) if n in self.models), None)
+        self._resolved[model] = name
+        return name
 
     def price(self, model: str) -> ModelPrices | None:
         name = self.resolve(model)
@@ -159,7 +174,8 @@ def cost_usd(usage: TokenUsage | DurationUsage, prices: ModelPrices) -> float:
     if isinstance(usage, DurationUsage):
         return _charge(usage.seconds / 60, prices.audio_minute, DURATION_RATE)
     counts = _token_counts(usage)
-    return sum(_charge(n, prices.rate(m, k), rate_name(m, k)) for (m, k), n in counts.items()) / PER_MILLION
+    rates = prices.rates
+    return sum(_charge(n, rates[key], rate_name(*key)) for key, n in counts.items() if n) / PER_MILLION
 
 
 def _charge(quantity: float, rate: float | None, name: str) -> float:
