@@ -40,8 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway   mitmdump -s addons/gateway.py --mode reverse:{url} -p {gateway.port}")
         print(f"metrics   {gateway.metrics_url}\n")
         asyncio.run(drive_session(gateway.url, args.model, args.responses, real=simulator is None))
-        samples = usage_only(select(scrape(gateway.metrics_url), gen_ai_request_model=args.model))
+        scraped = select(scrape(gateway.metrics_url), gen_ai_request_model=args.model)
+        samples = usage_only(scraped)
         print(render(samples))
+        cost = sum(v for (name, _), v in scraped.items() if name == f"{PREFIX}_gen_ai_client_cost_usd_total")
+        print(f"{'cost':<32}${cost:.4f} at the list prices in policies/prices.yaml")
         if simulator is None:
             return 0
         expected = expected_samples(simulator.usage_for(args.model))
