@@ -34,7 +34,8 @@ def free_port() -> int:
 
 
 class GatewayProcess:
-    """`mitmdump` (or `mitmweb`) with the gateway script, in reverse mode in front of `upstream`."""
+    """`mitmdump` (or `mitmweb`) with the gateway script, in reverse mode in front of `upstream`;
+    with `launcher="serve"`, the production launcher (`python -m ai_gateway.serve`) instead."""
 
     def __init__(
         self,
@@ -44,6 +45,7 @@ class GatewayProcess:
         env: Mapping[str, str] | None = None,
         tool: str = "mitmdump",
         args: Iterable[str] = (),
+        launcher: str = "mitmdump",
     ) -> None:
         self.port = free_port()
         self.metrics_port = free_port()
@@ -52,6 +54,7 @@ class GatewayProcess:
         self.env = {**os.environ, **(env or {})}
         self.tool = str(Path(sys.executable).parent / tool)
         self.args = list(args)
+        self.launcher = launcher
         self.process: subprocess.Popen[bytes] | None = None
         # Outlives the process so a test can read the log after stopping it; closed when collected.
         self._log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
@@ -66,20 +69,29 @@ class GatewayProcess:
 
     def command(self) -> list[str]:
         sets = [arg for name, value in self.options.items() for arg in ("--set", f"{name}={value}")]
+        program = (
+            [sys.executable, "-m", "ai_gateway.serve"]
+            if self.launcher == "serve"
+            else [self.tool, "-s", str(GATEWAY_SCRIPT)]
+        )
         return [
-            self.tool, "-s", str(GATEWAY_SCRIPT), "--mode", f"reverse:{self.upstream}",
+            *program, "--mode", f"reverse:{self.upstream}",
             "--listen-host", "127.0.0.1", "-p", str(self.port), *sets, *self.args,
         ]  # fmt: skip
+
+    @property
+    def name(self) -> str:
+        return "serve" if self.launcher == "serve" else Path(self.tool).name
 
     def start(self, timeout: float = 30.0) -> GatewayProcess:
         self.process = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout
         while not self.ready():
             if self.process.poll() is not None:
-                raise RuntimeError(f"{Path(self.tool).name} exited with {self.process.returncode}:\n{self.log()}")
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError(f"{Path(self.tool).name} not ready after {timeout}s:\n{self.log()}")
+                raise TimeoutError(f"{self.name} not ready after {timeout}s:\n{self.log()}")
             time.sleep(0.05)
         return self
 
