@@ -8,7 +8,8 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import websockets
@@ -33,6 +34,16 @@ def served_module(module: str, timeout: float = 10) -> Iterator[str]:
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def wait_until[T](probe: Callable[[], T], timeout: float = 15) -> T:
+    """Polls `probe` until it returns something true, within a deadline: a poll, never a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while not (result := probe()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{probe} still false after {timeout}s")
+        time.sleep(0.02)
+    return result
 
 
 def websocket_base(http_url: str) -> str:

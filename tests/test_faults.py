@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from ai_gateway.harness import GatewayProcess, expected_samples, free_port, scrape, select, usage_only
 from ai_gateway.simulator import Simulator, SimulatorThread, junk_frames
 
-from .clients import websocket_base
+from .clients import wait_until, websocket_base
 
 ERRORS = "agentgateway_gateway_upstream_errors_total"
 
@@ -109,19 +109,7 @@ def test_stalled_upstream_does_not_hold_up_other_sessions(gateway, upstream, mod
     def counted() -> bool:
         return upstream_errors(gateway).get("client_disconnected", 0) == before + 1
 
-    assert wait_until(counted)
-
-
-def wait_until(predicate, timeout: float = 10.0) -> bool:
-    """A poll with a deadline: the gateway sees a client leave a moment after the client does."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+    wait_until(counted)
 
 
 def test_client_disconnects_mid_response(gateway, upstream, model):
@@ -134,7 +122,7 @@ def test_client_disconnects_mid_response(gateway, upstream, model):
                 pass
 
     asyncio.run(leave_early())
-    assert wait_until(lambda: upstream_errors(gateway).get("client_disconnected", 0) == before + 1)
+    wait_until(lambda: upstream_errors(gateway).get("client_disconnected", 0) == before + 1)
     # The upstream may have written its response.done into a connection the gateway was closing:
     # what was relayed is counted once, what never arrived is not counted at all.
     sent = upstream.usage_for(model)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import time
 
 import websockets
 
@@ -14,16 +13,7 @@ from ai_gateway.metrics import OTHER, GatewayMetrics, ModelLabels
 from ai_gateway.simulator import SimulatorThread
 from ai_gateway.usage import TokenUsage
 
-from .clients import sdk_session, websocket_base
-
-
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not (result := predicate()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return result
+from .clients import sdk_session, wait_until, websocket_base
 
 
 async def responses_in_turn(url: str, responses: int, seen: list[str] | None = None) -> int:
@@ -68,11 +58,11 @@ def test_policy_edits_apply_to_new_connections_and_invalid_edits_are_refused(tmp
     ):
         asyncio.run(sdk_session(gateway.url, "gpt-realtime-before", metadata=[{}]))
         policy.write_text("provider: team-b\nroutes:\n  /realtime: Realtime\n")
-        wait_for(lambda: "policy reloaded" in gateway.log(), what="the reload log line")
+        wait_until(lambda: "policy reloaded" in gateway.log())
         assert sum("policy reloaded" in line for line in gateway.log().splitlines()) == 1
         asyncio.run(sdk_session(gateway.url, "gpt-realtime-after", metadata=[{}]))
         policy.write_text("provider: team-c\nroutes:\n  /realtime: Realtim\n")
-        wait_for(lambda: "policy change refused" in gateway.log(), what="the refusal log line")
+        wait_until(lambda: "policy change refused" in gateway.log())
         asyncio.run(sdk_session(gateway.url, "gpt-realtime-refused", metadata=[{}]))
         samples = scrape(gateway.metrics_url)
     refusal = next(line for line in gateway.log().splitlines() if "policy change refused" in line)

@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from ai_gateway.harness import GatewayProcess, expected_samples, scrape, select,
 from ai_gateway.simulator import Simulator, SimulatorThread
 from ai_gateway.simulator_http import HttpSimulator
 
-from .clients import websocket_base
+from .clients import wait_until, websocket_base
 
 WORKERS = ["--workers", "2"]
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -53,16 +52,6 @@ def upstream() -> Iterator[Simulator]:
 
 def serve(upstream_url: str, *args: str, **options: str) -> GatewayProcess:
     return GatewayProcess(upstream_url, launcher="serve", args=args, options=options)
-
-
-def wait_until[T](probe: Callable[[], T], timeout: float = 15) -> T:
-    """Polls `probe` until it returns something true, within a deadline."""
-    deadline = time.monotonic() + timeout
-    while not (result := probe()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{probe} still false after {timeout}s")
-        time.sleep(0.02)
-    return result
 
 
 def run_until_exit(gateway: GatewayProcess) -> tuple[int, str]:
