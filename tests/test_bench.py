@@ -5,14 +5,17 @@ No test here asserts a performance figure: the machines are shared and timings a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ai_gateway.bench import (
     BEGIN,
@@ -20,6 +23,7 @@ from ai_gateway.bench import (
     CONFIGS,
     DEFAULT_CONFIGS,
     END,
+    LITELLM,
     PLOT_NAME,
     Target,
     Workdir,
@@ -29,8 +33,10 @@ from ai_gateway.bench import (
     serpentine,
     splice,
 )
+from ai_gateway.bench_litellm import CALLBACK_SOURCE, USAGE_LOG_ENV, Metered, Tally, read_log, write_config
 from ai_gateway.loadgen import Traffic, event_type, pcm16_bytes
 from ai_gateway.policy import DEFAULT_POLICY, load_policy
+from ai_gateway.simulator import EXAMPLE_USAGE, SentUsage
 
 
 def test_smoke_run_writes_a_table_with_exact_accounting(tmp_path: Path) -> None:
@@ -125,3 +131,52 @@ def test_event_type_is_read_from_the_first_bytes() -> None:
     assert event_type('{"type": "response.done", "response": {}}') == "response.done"
     assert event_type(b'{"type":"response.output_audio.delta","delta":"AAAA"}') == "response.output_audio.delta"
     assert event_type('{"event_id": "e1", "type": "response.done"}') is None
+
+
+def test_litellm_is_opt_in_so_the_smoke_run_never_installs_it() -> None:
+    assert LITELLM not in DEFAULT_CONFIGS
+    assert parse_args(["--configs", "mitmdump,litellm"]).configs == ["mitmdump", "litellm"]
+
+
+def test_litellm_config_routes_every_model_to_the_simulator(tmp_path: Path) -> None:
+    config = yaml.safe_load(write_config(tmp_path, "http://127.0.0.1:9", "sk-key").read_text())
+    (route,) = config["model_list"]
+    assert route["model_name"] == "*"
+    assert route["litellm_params"]["model"] == "openai/*"
+    assert route["litellm_params"]["api_base"] == "http://127.0.0.1:9"
+    assert config["general_settings"]["master_key"] == "sk-key"
+    module = config["litellm_settings"]["callbacks"].rsplit(".", 1)[0]
+    assert (tmp_path / f"{module}.py").read_text() == CALLBACK_SOURCE
+
+
+def test_litellm_callback_writes_what_tally_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The callback runs inside LiteLLM; here with a stand-in for its base class, on what LiteLLM hands
+    it when a Realtime session closes: the session's stored events and its standard logging object."""
+    for name in ("litellm", "litellm.integrations", "litellm.integrations.custom_logger"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules["litellm.integrations.custom_logger"].CustomLogger = object  # type: ignore[attr-defined]
+    monkeypatch.setenv(USAGE_LOG_ENV, str(tmp_path / "usage.jsonl"))
+    namespace: dict[str, object] = {}
+    exec(CALLBACK_SOURCE, namespace)
+    events = [{"type": "session.created"}, {"type": "response.done"}, {"type": "response.done"}]
+    details = {"usage_object": {"prompt_tokens_details": {"cached_tokens": 4}}}
+    logged = {"model_group": "m", "prompt_tokens": 30, "completion_tokens": 7, "metadata": details}
+    callback = namespace["usage_log"].async_log_success_event  # type: ignore[attr-defined]
+    asyncio.run(callback({"standard_logging_object": logged}, events, None, None))
+    (record,) = read_log(tmp_path / "usage.jsonl")
+    assert record["model"] == "m"
+    assert Tally.of_log([record]) == Tally(sessions=1, responses=2, input_tokens=30, output_tokens=7, cached_tokens=4)
+
+
+def test_litellm_metering_is_compared_with_the_ledger() -> None:
+    response = SentUsage("sess_1", "response", "m", "m-2025-08-28", "completed", EXAMPLE_USAGE)
+    transcription = SentUsage("sess_1", "transcription", "m", "gpt-4o-transcribe", "completed", {"type": "duration"})
+    sent = Tally.of_ledger([response, response, transcription])
+    assert sent == Tally(sessions=1, responses=2, input_tokens=264, output_tokens=242, cached_tokens=128)
+    assert (
+        Metered(sent, sent).summary().endswith("2/2 responses in 1/1 sessions, input, output and cached tokens exact")
+    )
+    lost = Metered(Tally(), sent) + Metered(sent, sent)
+    assert lost.summary().endswith(
+        "2/4 responses in 1/2 sessions, input tokens 264/528, output tokens 242/484, cached tokens 128/256"
+    )

@@ -8,7 +8,8 @@ to bare mitmdump. Memory is measured on fresh processes, and the per-frame hook 
 
 Every run also checks the accounting: the response.done usage each client received equals what
 the simulated upstream ledgered, and for the gateway configurations /metrics equals
-harness.expected_samples of that ledger. A difference makes the run fail.
+harness.expected_samples of that ledger. A difference makes the run fail. The peer, LiteLLM's
+proxy, has its own usage log compared with the ledger too, and reported without failing the run.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -43,10 +44,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
 from .addon import Gateway
+from .bench_litellm import LITELLM_VERSION, LitellmProcess, Metered, install
 from .harness import GatewayProcess, expected_samples, scrape, select, usage_only
 from .loadgen import LoadStats, Stop, Traffic, UpstreamProcess, audio_base64, canonical_usage, drive, pcm16_bytes
 from .policy import DEFAULT_POLICY, load_policy
-from .simulator import EXAMPLE_USAGE, GA
+from .simulator import EXAMPLE_USAGE, GA, SentUsage
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 BENCHMARKS = ROOT / "BENCHMARKS.md"
@@ -89,13 +91,14 @@ class Workdir:
 
     policy: Path  # the default policy, keeping compression
     empty_addon: Path  # a script whose websocket_message does nothing
+    directory: Path  # where a proxy writes its own files (LiteLLM: its config and usage log)
 
     @classmethod
     def create(cls, directory: Path) -> Workdir:
         empty_addon = directory / "empty_addon.py"
         source = inspect.getsource(EmptyHook)  # the same floor as the microbenchmark's
         empty_addon.write_text(f"from __future__ import annotations\n\n\n{source}\n\naddons = [EmptyHook()]\n")
-        return cls(keep_compression_policy(directory), empty_addon)
+        return cls(keep_compression_policy(directory), empty_addon, directory)
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,12 @@ GATEWAY_DEFLATE = Config(
     lambda upstream, work: GatewayProcess(upstream, options={"gateway_policy": str(work.policy)}),
     metered=True,
 )
+SERVE = Config(
+    "serve",
+    "`scripts/serve` (the lean launcher: only the addons a reverse gateway needs, uvloop), default policy",
+    lambda upstream, work: GatewayProcess(upstream, launcher="serve"),
+    metered=True,
+)
 # Not run by default: where the gateway misses a relay target, it tells how much of the cost any
 # addon has (mitmproxy dispatching the hook to a script) and how much is the gateway's own.
 EMPTY_ADDON = Config(
@@ -131,11 +140,20 @@ EMPTY_ADDON = Config(
     "`mitmdump -s` an addon whose `websocket_message` does nothing: what any addon costs",
     lambda upstream, work: BareMitmdump(upstream, args=["-s", str(work.empty_addon)]),
 )
-CONFIGS = (DIRECT, MITMDUMP, EMPTY_ADDON, GATEWAY, GATEWAY_DEFLATE)
-DEFAULT_CONFIGS = (DIRECT, MITMDUMP, GATEWAY, GATEWAY_DEFLATE)
+# The peer (issue #8), not run by default: its first run installs LiteLLM from PyPI (about 730 MB),
+# it adds about 100 s to the 6 minutes of a default run, and the gateway's own targets do not need it.
+LITELLM = Config(
+    "litellm",
+    f"LiteLLM {LITELLM_VERSION}'s proxy, `litellm --config … --num_workers 1` (in its own venv, no database): "
+    "its `/v1/realtime` relay, every model routed to the simulator as `openai/*`; permessage-deflate on both "
+    "legs (its defaults); metering from its own success callback, at session close",
+    lambda upstream, work: LitellmProcess(upstream, work.directory),
+)
+CONFIGS = (DIRECT, MITMDUMP, EMPTY_ADDON, GATEWAY, GATEWAY_DEFLATE, SERVE, LITELLM)
+DEFAULT_CONFIGS = (DIRECT, MITMDUMP, GATEWAY, GATEWAY_DEFLATE, SERVE)
 # Measured in this order (and back): mitmdump sits next to each gateway, so the pairs that make
 # the ratios are measured one right after the other.
-RUN_ORDER = (DIRECT, GATEWAY, MITMDUMP, GATEWAY_DEFLATE, EMPTY_ADDON)
+RUN_ORDER = (DIRECT, GATEWAY, MITMDUMP, GATEWAY_DEFLATE, SERVE, LITELLM, EMPTY_ADDON)
 
 
 def keep_compression_policy(directory: Path) -> Path:
@@ -200,6 +218,7 @@ class Results:
     hooks: list[HookCost] = field(default_factory=list)
     accounting: dict[str, list[str]] = field(default_factory=dict)  # config -> problems (empty: exact)
     responses: dict[str, int] = field(default_factory=dict)  # config -> response.done checked
+    peer: dict[str, Metered] = field(default_factory=dict)  # config -> the peer's own usage log against the ledger
     seconds: float = 0.0
 
 
@@ -216,19 +235,35 @@ def proxy_process(proxy: GatewayProcess | None) -> psutil.Process | None:
     return None if proxy is None or proxy.process is None else psutil.Process(proxy.process.pid)
 
 
-def relay_round(url: str, model: str, proxy: psutil.Process | None, args: argparse.Namespace) -> RelayRound:
+@dataclass(frozen=True)
+class Address:
+    """Where the clients connect (a proxy, or the simulator), with the headers that proxy wants."""
+
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def drive(self, model: str, traffic: Traffic, stop: Stop, **options: Any) -> Awaitable[LoadStats]:
+        return drive(self.url, model, traffic, stop, headers=self.headers, **options)
+
+
+def address(proxy: GatewayProcess | None, upstream: UpstreamProcess) -> Address:
+    """The proxy's address, or the simulator's when there is none; LiteLLM also wants its key."""
+    if proxy is None:
+        return Address(upstream.url)
+    return Address(proxy.url, proxy.headers if isinstance(proxy, LitellmProcess) else {})
+
+
+def relay_round(to: Address, model: str, proxy: psutil.Process | None, args: argparse.Namespace) -> RelayRound:
     """Closed-loop sessions as fast as the relay goes, then paced sessions streaming audio in real time."""
     before = cpu_seconds(proxy) if proxy else 0.0
     throughput = asyncio.run(
-        drive(url, model, traffic(args), Stop(seconds=args.seconds), sessions=args.sessions, seed=args.seed)
+        to.drive(model, traffic(args), Stop(seconds=args.seconds), sessions=args.sessions, seed=args.seed)
     )
     used = cpu_seconds(proxy) - before if proxy else None
     paced = traffic(args, append_interval=args.append_ms / 1000)
     turn = paced.appends * paced.append_interval
     latency = asyncio.run(
-        drive(
-            url, model, paced, Stop(seconds=args.seconds), sessions=args.latency_sessions, seed=args.seed, spread=turn
-        )
+        to.drive(model, paced, Stop(seconds=args.seconds), sessions=args.latency_sessions, seed=args.seed, spread=turn)
     )
     return RelayRound(throughput, latency, used)
 
@@ -239,9 +274,9 @@ def traffic(args: argparse.Namespace, append_interval: float = 0.0) -> Traffic:
     )
 
 
-async def soak(url: str, model: str, process: psutil.Process, args: argparse.Namespace, run: MemoryRun) -> list[str]:
+async def soak(to: Address, model: str, process: psutil.Process, args: argparse.Namespace, run: MemoryRun) -> list[str]:
     """One session relaying `--soak-mb` of audio, RSS sampled throughout. Returns the usage received."""
-    warm = await drive(url, model, traffic(args), Stop(turns=1), seed=args.seed)
+    warm = await to.drive(model, traffic(args), Stop(turns=1), seed=args.seed)
     await asyncio.sleep(SETTLE)
     run.soak_baseline = rss_mb(process)
     started = time.perf_counter()
@@ -253,7 +288,7 @@ async def soak(url: str, model: str, process: psutil.Process, args: argparse.Nam
 
     sampler = asyncio.create_task(sample())
     try:
-        stats = await drive(url, model, traffic(args), Stop(megabytes=args.soak_mb), seed=args.seed)
+        stats = await to.drive(model, traffic(args), Stop(megabytes=args.soak_mb), seed=args.seed)
     finally:
         sampler.cancel()
     run.soak.append((time.perf_counter() - started, rss_mb(process)))
@@ -263,7 +298,9 @@ async def soak(url: str, model: str, process: psutil.Process, args: argparse.Nam
     return warm.usages + stats.usages
 
 
-async def churn(url: str, model: str, process: psutil.Process, args: argparse.Namespace, run: MemoryRun) -> list[str]:
+async def churn(
+    to: Address, model: str, process: psutil.Process, args: argparse.Namespace, run: MemoryRun
+) -> list[str]:
     """`--churn-sessions` short sessions opened and closed one after another; RSS after each."""
 
     async def sample(_: int) -> None:
@@ -271,8 +308,8 @@ async def churn(url: str, model: str, process: psutil.Process, args: argparse.Na
         run.churn.append(rss_mb(process))
 
     stop = Stop(turns=args.churn_turns)
-    stats = await drive(
-        url, model, traffic(args), stop, sessions=args.churn_sessions, seed=args.seed, after_session=sample
+    stats = await to.drive(
+        model, traffic(args), stop, sessions=args.churn_sessions, seed=args.seed, after_session=sample
     )
     return stats.usages
 
@@ -281,10 +318,9 @@ MEMORY_PHASES = {"soak": soak, "churn": churn}
 
 
 def accounting_problems(
-    config: Config, upstream: UpstreamProcess, model: str, received: Sequence[str], proxy: GatewayProcess | None
+    config: Config, ledger: Sequence[SentUsage], model: str, received: Sequence[str], proxy: GatewayProcess | None
 ) -> tuple[list[str], int]:
     """Relayed exactly (clients got every usage the upstream sent) and, through a gateway, metered exactly."""
-    ledger = upstream.ledger(model)
     sent = sorted(canonical_usage(entry.usage) for entry in ledger if entry.kind == "response")
     problems = []
     if sorted(received) != sent:
@@ -395,10 +431,6 @@ def endpoint(config: Config, upstream: UpstreamProcess, work: Workdir) -> Iterat
         yield proxy
 
 
-def target_url(proxy: GatewayProcess | None, upstream: UpstreamProcess) -> str:
-    return upstream.url if proxy is None else proxy.url
-
-
 class Bench:
     """One run: every phase, every configuration, results and accounting collected as it goes."""
 
@@ -452,14 +484,14 @@ class Bench:
             received: dict[str, list[str]] = {c.name: [] for c in self.configs}
             for config in self.configs:  # the first sessions through a fresh process run slower
                 self.step(f"warm-up {config.name}")
-                url = target_url(proxies[config.name], upstream)
-                warm = asyncio.run(drive(url, model(config, "relay"), traffic(args), Stop(turns=2), sessions=2))
+                to = address(proxies[config.name], upstream)
+                warm = asyncio.run(to.drive(model(config, "relay"), traffic(args), Stop(turns=2), sessions=2))
                 received[config.name] += warm.usages
                 self.done()
             for r, config in serpentine(self.configs, args.rounds):
                 self.step(f"round {r + 1}/{args.rounds} {config.name}")
                 proxy = proxies[config.name]
-                measured = relay_round(target_url(proxy, upstream), model(config, "relay"), proxy_process(proxy), args)
+                measured = relay_round(address(proxy, upstream), model(config, "relay"), proxy_process(proxy), args)
                 self.results.relay.setdefault(config.name, []).append(measured)
                 received[config.name] += measured.throughput.usages + measured.latency.usages
                 self.done()
@@ -474,7 +506,7 @@ class Bench:
             with endpoint(config, upstream, work) as proxy:
                 process = proxy_process(proxy)
                 assert proxy is not None and process is not None
-                received = asyncio.run(measure(proxy.url, model(config, phase), process, self.args, run))
+                received = asyncio.run(measure(address(proxy, upstream), model(config, phase), process, self.args, run))
                 self.check(config, upstream, phase, received, proxy)
             self.done()
         self.results.memory[config.name] = run
@@ -482,9 +514,13 @@ class Bench:
     def check(
         self, config: Config, upstream: UpstreamProcess, phase: str, received: list[str], proxy: GatewayProcess | None
     ) -> None:
-        problems, responses = accounting_problems(config, upstream, model(config, phase), received, proxy)
+        ledger = upstream.ledger(model(config, phase))
+        problems, responses = accounting_problems(config, ledger, model(config, phase), received, proxy)
         self.results.accounting.setdefault(config.name, []).extend(problems)
         self.results.responses[config.name] = self.results.responses.get(config.name, 0) + responses
+        if isinstance(proxy, LitellmProcess):  # the peer's own metering: reported, never a failure
+            metered = proxy.metered(model(config, phase), ledger)
+            self.results.peer[config.name] = self.results.peer.get(config.name, Metered()) + metered
 
 
 def model(config: Config, phase: str) -> str:
@@ -550,8 +586,11 @@ class Report:
         problems = self.results.accounting.get(name)
         if problems is None:
             return "—"
-        responses = self.results.responses.get(name, 0)
-        return f"exact ({responses} responses)" if not problems else f"MISMATCH: {'; '.join(problems)}"
+        if problems:
+            return f"MISMATCH: {'; '.join(problems)}"
+        relayed = f"exact ({self.results.responses.get(name, 0)} responses)"
+        metered = self.results.peer.get(name)
+        return relayed if metered is None else f"relay {relayed}; {metered.summary()}"
 
     def relay_table(self) -> str:
         rows = []
@@ -716,7 +755,7 @@ figure is message payload, both directions; clients offer permessage-deflate.
 
 {report.relay_table()}
 
-### Memory (mitmdump's RSS; each phase on a fresh process)
+### Memory (the proxy's RSS; each phase on a fresh process)
 
 {report.memory_table()}
 
@@ -834,6 +873,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if LITELLM.name in args.configs:
+        try:
+            install()  # before the clock starts: the first time, this downloads LiteLLM
+        except RuntimeError as e:
+            print(f"scripts/bench: {e}", file=sys.stderr)
+            return 2
     load = os.getloadavg()
     results = Bench(args).run()
     generated = document(results, args, argv, load)

@@ -21,7 +21,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -128,13 +128,14 @@ async def drive(
     seed: int = 0,
     spread: float = 0.0,
     after_session: Callable[[int], Awaitable[None]] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> LoadStats:
     """Run `sessions` voice sessions against `http_url` until `stop`.
 
     Concurrent, their starts spread evenly over `spread` seconds (paced sessions that start
     together stay in step, and their responses would all burst at once); or one after another
     when `after_session` is given: it is awaited after the n-th session closed, with nothing else
-    in flight (memory is sampled there).
+    in flight (memory is sampled there). `headers` go with every handshake (a proxy's key).
     """
     stats = LoadStats()
     url = http_url.replace("http://", "ws://", 1) + f"/v1/realtime?model={model}"
@@ -143,19 +144,29 @@ async def drive(
 
     if after_session is not None:
         for n in range(1, sessions + 1):
-            await _session(url, traffic, append, stop, stats)
+            await _session(url, traffic, append, stop, stats, headers=headers)
             await after_session(n)
     else:
         async with asyncio.TaskGroup() as group:
             for n in range(sessions):
-                group.create_task(_session(url, traffic, append, stop, stats, delay=n * spread / sessions))
+                group.create_task(
+                    _session(url, traffic, append, stop, stats, delay=n * spread / sessions, headers=headers)
+                )
     stats.seconds = time.perf_counter() - started
     return stats
 
 
-async def _session(url: str, traffic: Traffic, append: str, stop: Stop, stats: LoadStats, delay: float = 0) -> None:
+async def _session(
+    url: str,
+    traffic: Traffic,
+    append: str,
+    stop: Stop,
+    stats: LoadStats,
+    delay: float = 0,
+    headers: Mapping[str, str] | None = None,
+) -> None:
     await asyncio.sleep(delay)
-    async with connect(url, max_size=None) as ws:
+    async with connect(url, max_size=None, additional_headers=headers) as ws:
         await _receive_until(ws, "session.created", stats)
         turns = 0
         while not stop.reached(stats, turns):
