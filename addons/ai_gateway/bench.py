@@ -741,8 +741,8 @@ def document(results: Results, args: argparse.Namespace, argv: Sequence[str], lo
         f"{args.transcript_deltas} transcript deltas and `response.done`"
     )
     return f"""
-Measured {when} with `{command}` in {results.seconds:.0f} s on a **shared** machine (other developers' tests
-ran at the same time; load average {load[0]:.2f} at the start): {machine()}.
+Measured {when} with `{command}` in {results.seconds:.0f} s on a **shared** machine (other
+work may run beside it; load average {load[0]:.2f} at the start): {machine()}.
 
 Traffic: {shape}. Throughput: {args.sessions} sessions in a closed loop for {args.seconds:g} s per configuration
 and round; latency: {args.latency_sessions} sessions streaming their audio in real time for {args.seconds:g} s,
