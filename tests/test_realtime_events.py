@@ -13,6 +13,7 @@ from ai_gateway.realtime import (
     SessionModels,
     TranscriptionDone,
     delta_response_id,
+    leading_type,
     needs_decoding,
     read_server_event,
 )
@@ -33,7 +34,7 @@ def response_done(usage: object, status: str = "completed") -> bytes:
 
 
 def read(content: bytes):
-    assert needs_decoding(content)
+    assert needs_decoding(leading_type(content))
     return read_server_event(content)
 
 
@@ -122,8 +123,8 @@ def test_events_not_shaped_like_openai_events_are_decoded_and_ignored():
 
 def test_deltas_are_not_decoded():
     delta = frame({"type": "response.output_audio.delta", "delta": "A" * 64000})
-    assert not needs_decoding(delta)
-    assert not needs_decoding(frame({"type": "response.output_text.delta", "delta": "response.done"}))
+    assert not needs_decoding(leading_type(delta))
+    assert not needs_decoding(leading_type(frame({"type": "response.output_text.delta", "delta": "response.done"})))
 
 
 @pytest.mark.parametrize(
@@ -219,7 +220,7 @@ def test_arbitrary_usage_never_raises_and_counts_only_valid_numbers(usage, kind)
 @given(json_values)
 def test_arbitrary_json_events_never_raise(value):
     content = frame({"type": "response.done", "response": value}) if isinstance(value, dict) else frame(value)
-    if needs_decoding(content):
+    if needs_decoding(leading_type(content)):
         read_server_event(content)
 
 
@@ -227,6 +228,6 @@ def test_arbitrary_json_events_never_raise(value):
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_never_raise(content):
     for candidate in (content, b'{"type":"response.done"' + content):
-        if needs_decoding(candidate):
+        if needs_decoding(leading_type(candidate)):
             event = read_server_event(candidate)
             assert event is None or isinstance(event, (Malformed, ResponseDone, SessionModels, TranscriptionDone))

@@ -17,7 +17,6 @@ from .ledger import Source
 from .metrics import UNKNOWN, ModelLabels, Series
 from .realtime import (
     ERROR,
-    METERED_EVENTS,
     RESPONSE_CREATE,
     Malformed,
     RateLimits,
@@ -28,6 +27,7 @@ from .realtime import (
     TranscriptionDone,
     delta_response_id,
     leading_type,
+    needs_decoding,
     read_server_event,
 )
 from .usage import TokenUsage
@@ -135,7 +135,7 @@ class RealtimeMeter(SessionMeter):
         kind = leading_type(content) if is_text else None
         if not is_text:
             problem: Malformed | None = Malformed("binary", f"{len(content)} bytes")
-        elif kind is None or kind in METERED_EVENTS:
+        elif needs_decoding(kind):
             problem = self.apply(read_server_event(content))
         else:
             if kind == ERROR:

@@ -92,13 +92,13 @@ def delta_response_id(content: bytes) -> str | None:
     return match.group(1).decode(errors="replace") if match else None
 
 
-def needs_decoding(content: bytes) -> bool:
-    """Whether a server frame must be decoded: a metered event, or a frame not shaped like an event.
+def needs_decoding(kind: str | None) -> bool:
+    """Whether a server frame with this leading type must be decoded: a metered event, or a frame
+    not shaped like an event (no leading type).
 
     OpenAI always sends the type first, so deltas are skipped unread; a frame that does not start
     with its type is rare and is decoded in full, to meter it or to count it as malformed.
     """
-    kind = leading_type(content)
     return kind is None or kind in METERED_EVENTS
 
 
