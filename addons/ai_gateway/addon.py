@@ -162,13 +162,18 @@ class Gateway:
 
     def set_policy(self, path: str) -> None:
         try:
-            self.policy, self.catalog = read_policy(path)
+            self.apply_policy(*read_policy(path))
         except PolicyError as e:
             self.refuse(f"invalid policy: {e}")
             return
-        self.budgets = update_budgets(self.budgets, self.policy.budgets)
-        self.credential.auth = self.policy.auth
         logger.info("ai-gateway: policy %s (%d routes)", path, len(self.policy.routes))
+
+    def apply_policy(self, policy: Policy, catalog: PriceCatalog | None) -> None:
+        """Everything that follows from a policy; spend already counted against budgets is kept."""
+        self.policy, self.catalog = policy, catalog
+        self.budgets = update_budgets(self.budgets, policy.budgets)
+        self.accounting = Accounting(self.metrics, self.ledger, self.catalog, self.budgets)
+        self.credential.auth = policy.auth
 
     def open_ledger(self, path: str) -> None:
         if self.ledger is not None:
@@ -181,11 +186,17 @@ class Gateway:
                 self.refuse(f"gateway_usage_log: cannot append to {path}: {e.strerror or e}")
 
     async def watch_policy(self) -> None:
-        """mitmproxy's script watcher does the same for scripts: poll the file's stat every second."""
+        """mitmproxy's script watcher does the same for scripts: poll the file's stat every second.
+
+        It follows `gateway_policy`: a policy set through the option is watched from then on."""
         path = ctx.options.gateway_policy
         last = policy_stamp(path)
         while True:
             await asyncio.sleep(POLICY_POLL_SECONDS)
+            if ctx.options.gateway_policy != path:  # configure() already loaded the new file
+                path = ctx.options.gateway_policy
+                last = policy_stamp(path)
+                continue
             stamp = policy_stamp(path)
             if stamp != last and stamp is not None:
                 last = stamp
@@ -193,15 +204,13 @@ class Gateway:
 
     def reload_policy(self, path: str) -> None:
         try:
-            policy, self.catalog = read_policy(path)
+            self.apply_policy(*read_policy(path))
         except PolicyError as e:
             logger.error("ai-gateway: policy change refused, the previous policy stays in force: %s", e)
             return
-        self.policy = policy
-        self.budgets = update_budgets(self.budgets, policy.budgets)
-        self.accounting = Accounting(self.metrics, self.ledger, self.catalog, self.budgets)
-        self.credential.auth = policy.auth
-        logger.info("ai-gateway: policy reloaded: %s (%d routes), applies to new connections", path, len(policy.routes))
+        logger.info(
+            "ai-gateway: policy reloaded: %s (%d routes), applies to new connections", path, len(self.policy.routes)
+        )
 
     def running(self) -> None:
         self.is_running = True
