@@ -283,7 +283,7 @@ class Gateway:
         request_model, rewritten = rewrite_request(route.type, body, self.policy.model_for(route))
         if rewritten is not None:
             flow.request.content = rewritten
-        self.exchanges[flow.id] = HttpExchange(self.accounting, source, route.type, self.policy.provider, request_model)
+        self.exchanges[flow.id] = HttpExchange(self.accounting, source, self.policy.provider, request_model)
 
     def source(self, flow: http.HTTPFlow, route_type: RouteType) -> Source:
         return Source(flow.id, route_type.value, flow.metadata.get(CLIENT_KEY_METADATA))

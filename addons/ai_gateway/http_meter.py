@@ -45,12 +45,10 @@ def rewrite_request(route_type: RouteType, body: bytes, model: str | None) -> tu
 class HttpExchange:
     """Meters one request/response on a Completions, Responses or Embeddings route."""
 
-    def __init__(
-        self, accounting: Accounting, source: Source, route_type: RouteType, system: str, request_model: str | None
-    ) -> None:
+    def __init__(self, accounting: Accounting, source: Source, system: str, request_model: str | None) -> None:
         self.accounting = accounting
         self.source = source
-        self.route_type = route_type
+        self.route_type = RouteType(source.route_type)
         self.system = system
         self.request_model = request_model
         self.started = time.time()
