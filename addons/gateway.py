@@ -11,6 +11,6 @@ _here = str(Path(__file__).resolve().parent)
 if _here not in sys.path:
     sys.path.insert(0, _here)
 
-from ai_gateway.addon import Gateway  # noqa: E402
+from ai_gateway.proxy.addon import Gateway  # noqa: E402
 
 addons = [Gateway()]

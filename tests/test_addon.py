@@ -9,9 +9,9 @@ from mitmproxy import exceptions
 from mitmproxy.test import taddons, tflow
 from mitmproxy.websocket import WebSocketMessage
 
-from ai_gateway.addon import Gateway, parse_history
-from ai_gateway.headers import REDACTED
-from ai_gateway.policy import DEFAULT_POLICY
+from ai_gateway.config.policy import DEFAULT_POLICY
+from ai_gateway.proxy.addon import Gateway, parse_history
+from ai_gateway.proxy.headers import REDACTED
 
 
 def realtime_flow():

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ai_gateway.bench import (
+from ai_gateway.config.policy import DEFAULT_POLICY, load_policy
+from ai_gateway.tools.bench.litellm import CALLBACK_SOURCE, USAGE_LOG_ENV, Metered, Tally, read_log, write_config
+from ai_gateway.tools.bench.suite import (
     BEGIN,
     BENCHMARKS,
     CONFIGS,
@@ -33,17 +35,15 @@ from ai_gateway.bench import (
     serpentine,
     splice,
 )
-from ai_gateway.bench_litellm import CALLBACK_SOURCE, USAGE_LOG_ENV, Metered, Tally, read_log, write_config
-from ai_gateway.loadgen import Traffic, event_type, pcm16_bytes
-from ai_gateway.policy import DEFAULT_POLICY, load_policy
-from ai_gateway.simulator import EXAMPLE_USAGE, SentUsage
+from ai_gateway.tools.loadgen import Traffic, event_type, pcm16_bytes
+from ai_gateway.tools.simulators.realtime import EXAMPLE_USAGE, SentUsage
 
 
 def test_smoke_run_writes_a_table_with_exact_accounting(tmp_path: Path) -> None:
     before = BENCHMARKS.read_bytes() if BENCHMARKS.exists() else None
     output = tmp_path / "BENCH.md"
     result = subprocess.run(
-        [sys.executable, "-m", "ai_gateway.bench", "--smoke", "--output", str(output)],
+        [sys.executable, "-m", "ai_gateway.tools.bench.suite", "--smoke", "--output", str(output)],
         capture_output=True,
         text=True,
         timeout=120,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ai_gateway.budget import CLIENT_KEY, SESSION, BudgetPolicy, Budgets, Limit, client_key_digest
+from ai_gateway.accounting.budget import CLIENT_KEY, SESSION, BudgetPolicy, Budgets, Limit, client_key_digest
 
 
 def test_session_budget_is_per_session():

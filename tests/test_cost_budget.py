@@ -8,9 +8,9 @@ import pytest
 import websockets
 from openai import AsyncOpenAI
 
-from ai_gateway.harness import GatewayProcess, scrape, select
-from ai_gateway.pricing import DEFAULT_PRICES, ModelPrices, load_catalog
-from ai_gateway.simulator import SimulatorThread
+from ai_gateway.accounting.pricing import DEFAULT_PRICES, ModelPrices, load_catalog
+from ai_gateway.tools.harness import GatewayProcess, scrape, select
+from ai_gateway.tools.simulators.realtime import SimulatorThread
 
 from .clients import sdk_session, websocket_base
 

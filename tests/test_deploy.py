@@ -7,7 +7,7 @@ Validators (the test extra; each test skips with its reason when its tool is mis
 - promtool (Debian's prometheus package): rules, their unit tests (rules.test.yaml), the scrape config.
 
 Beyond syntax, everything is checked against the project itself: every metric and label name a
-query uses is one that `ai_gateway.metrics.GatewayMetrics` exports, the ConfigMap's policy loads
+query uses is one that `ai_gateway.accounting.metrics.GatewayMetrics` exports, the ConfigMap's policy loads
 with the gateway's own policy parser, and the container's command line starts the real gateway.
 """
 
@@ -31,9 +31,9 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from ai_gateway.harness import free_port
-from ai_gateway.metrics import GatewayMetrics
-from ai_gateway.policy import load_policy, parse_policy
+from ai_gateway.accounting.metrics import GatewayMetrics
+from ai_gateway.config.policy import load_policy, parse_policy
+from ai_gateway.tools.harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

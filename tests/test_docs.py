@@ -6,8 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ai_gateway.metrics import GatewayMetrics
-from ai_gateway.policy import parse_policy
+from ai_gateway.accounting.metrics import GatewayMetrics
+from ai_gateway.config.policy import parse_policy
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
 

@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ai_gateway.decoding import stream_decoder, zstd
-from ai_gateway.http_meter import rewrite_request
-from ai_gateway.http_usage import Billed, FirstToken, SseStream, read_body, read_responses_event
-from ai_gateway.policy import RouteType
-from ai_gateway.realtime import Malformed
-from ai_gateway.usage import TokenUsage
+from ai_gateway.accounting.http_exchange import rewrite_request
+from ai_gateway.accounting.usage import TokenUsage
+from ai_gateway.config.policy import RouteType
+from ai_gateway.protocols.encoding import stream_decoder, zstd
+from ai_gateway.protocols.openai_http import Billed, FirstToken, SseStream, read_body, read_responses_event
+from ai_gateway.protocols.openai_realtime import Malformed
 
 CHAT_USAGE = {
     "prompt_tokens": 100,

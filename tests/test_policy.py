@@ -4,7 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from ai_gateway.policy import DEFAULT_POLICY, NO_MATCH, HeaderPolicy, PolicyError, RouteType, load_policy, parse_policy
+from ai_gateway.config.policy import (
+    DEFAULT_POLICY,
+    NO_MATCH,
+    HeaderPolicy,
+    PolicyError,
+    RouteType,
+    load_policy,
+    parse_policy,
+)
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 

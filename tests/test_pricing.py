@@ -6,8 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ai_gateway.policy import PolicyError
-from ai_gateway.pricing import (
+from ai_gateway.accounting.pricing import (
     DEFAULT_PRICES,
     PRICED,
     RATE_KEYS,
@@ -18,8 +17,7 @@ from ai_gateway.pricing import (
     load_catalog,
     parse_catalog,
 )
-from ai_gateway.simulator import EXAMPLE_USAGE
-from ai_gateway.usage import (
+from ai_gateway.accounting.usage import (
     COMPLETIONS_USAGE,
     EMBEDDINGS_USAGE,
     MODALITIES,
@@ -29,6 +27,8 @@ from ai_gateway.usage import (
     parse_transcription_usage,
     parse_usage,
 )
+from ai_gateway.config.policy import PolicyError
+from ai_gateway.tools.simulators.realtime import EXAMPLE_USAGE
 
 # The shipped list prices, fixed here so the hand computations do not change when prices.yaml does.
 CATALOG = parse_catalog(

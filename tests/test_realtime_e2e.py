@@ -8,8 +8,8 @@ import base64
 import json
 from pathlib import Path
 
-from ai_gateway.harness import GatewayProcess, expected_samples, scrape, select, usage_only
-from ai_gateway.simulator import Simulator, junk_frames
+from ai_gateway.tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
+from ai_gateway.tools.simulators.realtime import Simulator, junk_frames
 
 from .clients import raw_session, sdk_session, websocket_base
 

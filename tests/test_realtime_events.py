@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ai_gateway.realtime import (
+from ai_gateway.accounting.usage import MAX_TOKENS, DurationUsage, TokenUsage
+from ai_gateway.protocols.openai_realtime import (
     Malformed,
     ResponseCreated,
     ResponseDone,
@@ -17,8 +18,7 @@ from ai_gateway.realtime import (
     needs_decoding,
     read_server_event,
 )
-from ai_gateway.simulator import EXAMPLE_USAGE
-from ai_gateway.usage import MAX_TOKENS, DurationUsage, TokenUsage
+from ai_gateway.tools.simulators.realtime import EXAMPLE_USAGE
 
 REFERENCE_USAGE = EXAMPLE_USAGE  # the reference documentation's response.done usage
 

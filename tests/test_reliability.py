@@ -8,10 +8,10 @@ import signal
 
 import websockets
 
-from ai_gateway.harness import GatewayProcess, expected_samples, scrape, select, usage_only
-from ai_gateway.metrics import OTHER, GatewayMetrics, ModelLabels
-from ai_gateway.simulator import SimulatorThread
-from ai_gateway.usage import TokenUsage
+from ai_gateway.accounting.metrics import OTHER, GatewayMetrics, ModelLabels
+from ai_gateway.accounting.usage import TokenUsage
+from ai_gateway.tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
+from ai_gateway.tools.simulators.realtime import SimulatorThread
 
 from .clients import sdk_session, wait_until, websocket_base
 

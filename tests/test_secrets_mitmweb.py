@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 
-from ai_gateway.debug import mitmweb, web_url
-from ai_gateway.harness import free_port
-from ai_gateway.simulator import SimulatorThread
+from ai_gateway.tools.debug import mitmweb, web_url
+from ai_gateway.tools.harness import free_port
+from ai_gateway.tools.simulators.realtime import SimulatorThread
 
 from .clients import sdk_session
 

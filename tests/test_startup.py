@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from ai_gateway.harness import GatewayProcess
+from ai_gateway.tools.harness import GatewayProcess
 
 
 def run_until_exit(gateway: GatewayProcess, timeout: float = 30) -> tuple[int, str]:

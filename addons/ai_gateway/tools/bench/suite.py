@@ -43,14 +43,23 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from tqdm import tqdm
 
-from .addon import Gateway
-from .bench_litellm import LITELLM_VERSION, LitellmProcess, Metered, install
-from .harness import GatewayProcess, expected_samples, scrape, select, usage_only
-from .loadgen import LoadStats, Stop, Traffic, UpstreamProcess, audio_base64, canonical_usage, drive, pcm16_bytes
-from .policy import DEFAULT_POLICY, load_policy
-from .simulator import EXAMPLE_USAGE, GA, SentUsage
+from ai_gateway.config.policy import DEFAULT_POLICY, load_policy
+from ai_gateway.proxy.addon import Gateway
+from ai_gateway.tools.bench.litellm import LITELLM_VERSION, LitellmProcess, Metered, install
+from ai_gateway.tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
+from ai_gateway.tools.loadgen import (
+    LoadStats,
+    Stop,
+    Traffic,
+    UpstreamProcess,
+    audio_base64,
+    canonical_usage,
+    drive,
+    pcm16_bytes,
+)
+from ai_gateway.tools.simulators.realtime import EXAMPLE_USAGE, GA, SentUsage
 
-ROOT = Path(__file__).resolve().parent.parent.parent
+ROOT = Path(__file__).resolve().parents[4]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 PLOT_NAME = "bench-rss.png"
 BEGIN = "<!-- bench:begin: written by scripts/bench; text outside these markers is kept -->"

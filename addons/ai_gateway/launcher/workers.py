@@ -37,8 +37,8 @@ from mitmproxy.proxy import mode_specs
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from .addon import is_loopback
-from .metrics import MetricsServer
+from ai_gateway.accounting.metrics import MetricsServer
+from ai_gateway.proxy.addon import is_loopback
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 RESTART_DELAY = 1.0  # seconds before restarting a worker that died before serving: no tight crash loop
@@ -111,7 +111,16 @@ class Supervisor:
                 server.stop()
 
     def command(self, slot: int, fd: int) -> list[str]:
-        return [sys.executable, "-m", "ai_gateway.serve", *self.argv, "--worker", str(slot), "--supervisor-fd", str(fd)]
+        return [
+            sys.executable,
+            "-m",
+            "ai_gateway.launcher.serve",
+            *self.argv,
+            "--worker",
+            str(slot),
+            "--supervisor-fd",
+            str(fd),
+        ]
 
     async def start(self, slot: int) -> bool:
         """Start the worker for `slot` and wait until it serves; False if it exited first."""

@@ -19,9 +19,9 @@ from typing import TypeVar
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from .budget import BudgetPolicy, Limit
+from ai_gateway.accounting.budget import BudgetPolicy, Limit
 
-DEFAULT_POLICY = Path(__file__).resolve().parent.parent.parent / "policies" / "openai.yaml"
+DEFAULT_POLICY = Path(__file__).resolve().parents[3] / "policies" / "openai.yaml"
 CATCH_ALL = "*"
 
 STR_TAG = "tag:yaml.org,2002:str"

@@ -7,13 +7,13 @@ import json
 import time
 from collections.abc import Callable
 
-from .accounting import Accounting
-from .decoding import stream_decoder
-from .http_usage import Billed, FirstToken, SseStream, read_body
-from .ledger import Source
-from .metrics import ModelLabels
-from .policy import RouteType
-from .realtime import Malformed
+from ai_gateway.accounting.billing import Accounting
+from ai_gateway.accounting.ledger import Source
+from ai_gateway.accounting.metrics import ModelLabels
+from ai_gateway.config.policy import RouteType
+from ai_gateway.protocols.encoding import stream_decoder
+from ai_gateway.protocols.openai_http import Billed, FirstToken, SseStream, read_body
+from ai_gateway.protocols.openai_realtime import Malformed
 
 OPERATIONS = {RouteType.COMPLETIONS: "chat", RouteType.RESPONSES: "chat", RouteType.EMBEDDINGS: "embeddings"}
 METERED_HTTP = frozenset(OPERATIONS)

@@ -18,8 +18,15 @@ from mitmproxy import http
 from mitmproxy.contentviews import Contentview, Metadata, SyntaxHighlight
 from mitmproxy.utils import strutils
 
-from .http_usage import Billed, decode_json, read_completions_chunk, read_responses_event
-from .realtime import (
+from ai_gateway.accounting.usage import (
+    MODALITIES,
+    DurationUsage,
+    InvalidUsage,
+    TokenUsage,
+    parse_transcription_usage,
+)
+from ai_gateway.protocols.openai_http import Billed, decode_json, read_completions_chunk, read_responses_event
+from ai_gateway.protocols.openai_realtime import (
     RESPONSE_DONE,
     TRANSCRIPTION_COMPLETED,
     InvalidEvent,
@@ -27,7 +34,6 @@ from .realtime import (
     leading_type,
     read_response_done,
 )
-from .usage import MODALITIES, DurationUsage, InvalidUsage, TokenUsage, parse_transcription_usage
 
 # The field holding base64 PCM16 audio, per event type (beta and GA names; the client's append).
 AUDIO_FIELDS: dict[str, str] = {

@@ -7,8 +7,8 @@ import uuid
 
 from mitmproxy import http
 
-from .budget import CLIENT_KEY, SESSION, BudgetPolicy, Budgets
-from .http_usage import decode_json
+from ai_gateway.accounting.budget import CLIENT_KEY, SESSION, BudgetPolicy, Budgets
+from ai_gateway.protocols.openai_http import decode_json
 
 
 def update_budgets(budgets: Budgets | None, policy: BudgetPolicy | None) -> Budgets | None:

@@ -11,9 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .policy import RouteType
-from .realtime import Malformed
-from .usage import (
+from ai_gateway.accounting.usage import (
     COMPLETIONS_USAGE,
     EMBEDDINGS_USAGE,
     RESPONSES_USAGE,
@@ -22,6 +20,8 @@ from .usage import (
     UsageShape,
     parse_usage,
 )
+from ai_gateway.config.policy import RouteType
+from ai_gateway.protocols.openai_realtime import Malformed
 
 USAGE_SHAPES: dict[RouteType, UsageShape] = {
     RouteType.COMPLETIONS: COMPLETIONS_USAGE,

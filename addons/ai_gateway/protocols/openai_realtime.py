@@ -12,7 +12,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .usage import DurationUsage, InvalidUsage, TokenUsage, parse_realtime_usage, parse_transcription_usage
+from ai_gateway.accounting.usage import (
+    DurationUsage,
+    InvalidUsage,
+    TokenUsage,
+    parse_realtime_usage,
+    parse_transcription_usage,
+)
 
 ERROR = "error"
 RESPONSE_CREATE = "response.create"

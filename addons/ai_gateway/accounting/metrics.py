@@ -15,7 +15,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.metrics import MetricWrapperBase
 
-from .usage import DurationUsage, TokenUsage
+from ai_gateway.accounting.usage import DurationUsage, TokenUsage
 
 # OpenTelemetry GenAI semantic conventions' advisory buckets, as agentgateway uses them.
 TOKEN_BUCKETS = tuple(4**i for i in range(14))

@@ -34,7 +34,7 @@ from typing import Any
 import brotli
 from aiohttp import WSMsgType, web
 
-from .simulator import SentUsage, SimulatorThread, resolve_model
+from ai_gateway.tools.simulators.realtime import SentUsage, SimulatorThread, resolve_model
 
 try:
     from compression import zstd  # Python 3.14

@@ -11,11 +11,12 @@ from collections import deque
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
-from .accounting import Accounting
-from .http_usage import RESPONSES_FINAL_EVENTS, Billed, decode_json, read_responses_event
-from .ledger import Source
-from .metrics import UNKNOWN, ModelLabels, Series
-from .realtime import (
+from ai_gateway.accounting.billing import Accounting
+from ai_gateway.accounting.ledger import Source
+from ai_gateway.accounting.metrics import UNKNOWN, ModelLabels, Series
+from ai_gateway.accounting.usage import TokenUsage
+from ai_gateway.protocols.openai_http import RESPONSES_FINAL_EVENTS, Billed, decode_json, read_responses_event
+from ai_gateway.protocols.openai_realtime import (
     ERROR,
     RESPONSE_CREATE,
     Malformed,
@@ -30,7 +31,6 @@ from .realtime import (
     needs_decoding,
     read_server_event,
 )
-from .usage import TokenUsage
 
 REALTIME = "realtime"
 TRANSCRIPTION = "transcription"

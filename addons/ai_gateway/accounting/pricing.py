@@ -54,8 +54,8 @@ from pathlib import Path
 from yaml.constructor import SafeConstructor
 from yaml.nodes import Node, ScalarNode
 
-from .policy import DEFAULT_POLICY, STR_TAG, PolicyError, Validator, compose_yaml, describe
-from .usage import MODALITIES, DurationUsage, TokenUsage
+from ai_gateway.accounting.usage import MODALITIES, DurationUsage, TokenUsage
+from ai_gateway.config.policy import DEFAULT_POLICY, STR_TAG, PolicyError, Validator, compose_yaml, describe
 
 DEFAULT_PRICES = DEFAULT_POLICY.with_name("prices.yaml")
 

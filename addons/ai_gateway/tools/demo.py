@@ -18,8 +18,8 @@ from collections.abc import Iterator, Mapping
 
 from openai import AsyncOpenAI
 
-from .harness import GatewayProcess, SampleKey, expected_samples, scrape, select, usage_only
-from .simulator import Simulator, SimulatorThread
+from ai_gateway.tools.harness import GatewayProcess, SampleKey, expected_samples, scrape, select, usage_only
+from ai_gateway.tools.simulators.realtime import Simulator, SimulatorThread
 
 PREFIX = "agentgateway"
 

@@ -15,7 +15,7 @@ take most of a core, which caps what `--workers 2` can show). Linux only: it rea
 
 `dispatch_cost()` times mitmproxy's hook dispatch alone for one WebSocket message, in process.
 
-    python -m ai_gateway.bench_serve [--sessions 100] [--responses 20] [--rounds 5]
+    python -m ai_gateway.tools.bench.serve [--sessions 100] [--responses 20] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ from mitmproxy.test import tflow
 from mitmproxy.tools.dump import DumpMaster
 from websockets.asyncio.client import connect
 
-from .addon import Gateway
-from .harness import GatewayProcess, scrape, select
-from .serve import GatewayMaster, HookDispatch
-from .simulator import Simulator, SimulatorThread
+from ai_gateway.launcher.serve import GatewayMaster, HookDispatch
+from ai_gateway.proxy.addon import Gateway
+from ai_gateway.tools.harness import GatewayProcess, scrape, select
+from ai_gateway.tools.simulators.realtime import Simulator, SimulatorThread
 
 CONFIGS: dict[str, dict[str, object]] = {
     "mitmdump": {},

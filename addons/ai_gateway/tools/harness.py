@@ -23,7 +23,7 @@ from typing import IO, Any
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
-GATEWAY_SCRIPT = Path(__file__).resolve().parent.parent / "gateway.py"
+GATEWAY_SCRIPT = Path(__file__).resolve().parents[2] / "gateway.py"
 SampleKey = tuple[str, frozenset[tuple[str, str]]]
 
 
@@ -35,7 +35,7 @@ def free_port() -> int:
 
 class GatewayProcess:
     """`mitmdump` (or `mitmweb`) with the gateway script, in reverse mode in front of `upstream`;
-    with `launcher="serve"`, the production launcher (`python -m ai_gateway.serve`) instead."""
+    with `launcher="serve"`, the production launcher (`python -m ai_gateway.launcher.serve`) instead."""
 
     def __init__(
         self,
@@ -70,7 +70,7 @@ class GatewayProcess:
     def command(self) -> list[str]:
         sets = [arg for name, value in self.options.items() for arg in ("--set", f"{name}={value}")]
         program = (
-            [sys.executable, "-m", "ai_gateway.serve"]
+            [sys.executable, "-m", "ai_gateway.launcher.serve"]
             if self.launcher == "serve"
             else [self.tool, "-s", str(GATEWAY_SCRIPT)]
         )

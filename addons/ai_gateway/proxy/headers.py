@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mitmproxy.http import Headers
 
-from .policy import HeaderPolicy
+from ai_gateway.config.policy import HeaderPolicy
 
 # Browsers cannot set headers on a WebSocket, so OpenAI accepts the key as a subprotocol.
 INSECURE_KEY_PROTOCOL = "openai-insecure-api-key."

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import time
 
-from .budget import Budgets
-from .ledger import Source, UsageLedger
-from .metrics import UNKNOWN, GatewayMetrics, ModelLabels, Series
-from .pricing import PriceCatalog
-from .usage import DurationUsage, TokenUsage
+from ai_gateway.accounting.budget import Budgets
+from ai_gateway.accounting.ledger import Source, UsageLedger
+from ai_gateway.accounting.metrics import UNKNOWN, GatewayMetrics, ModelLabels, Series
+from ai_gateway.accounting.pricing import PriceCatalog
+from ai_gateway.accounting.usage import DurationUsage, TokenUsage
 
 
 def pricing_model(labels: ModelLabels) -> str:

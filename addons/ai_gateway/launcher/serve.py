@@ -51,8 +51,8 @@ from mitmproxy.options import Options
 from mitmproxy.proxy import mode_specs
 from mitmproxy.utils import debug
 
-from . import workers
-from .addon import Gateway
+from ai_gateway.launcher import workers
+from ai_gateway.proxy.addon import Gateway
 
 uvloop: ModuleType | None
 try:

@@ -15,19 +15,24 @@ from mitmproxy.addonmanager import Loader
 from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.websocket import WebSocketMessage
 
-from .accounting import Accounting
-from .budget import Budgets, client_key_digest
-from .contentview import realtime_view, strip_audio
-from .enforcement import budget_error_event, budget_response, update_budgets
-from .failures import close_error, error_type
-from .headers import apply_header_policy, client_credential, redact, remove_client_credentials
-from .http_meter import METERED_HTTP, HttpExchange, rewrite_request
-from .ledger import Source, UsageLedger
-from .meter import RealtimeMeter, ResponsesSocketMeter, SessionMeter, requested_model
-from .metrics import DEFAULT_MAX_MODEL_LABELS, GatewayMetrics, MetricsServer
-from .policy import DEFAULT_POLICY, Auth, Policy, PolicyError, RouteType, load_policy
-from .pricing import PriceCatalog, load_catalog
-from .realtime import RESPONSE_CREATE, leading_type
+from ai_gateway.accounting.billing import Accounting
+from ai_gateway.accounting.budget import Budgets, client_key_digest
+from ai_gateway.accounting.http_exchange import METERED_HTTP, HttpExchange, rewrite_request
+from ai_gateway.accounting.ledger import Source, UsageLedger
+from ai_gateway.accounting.metrics import DEFAULT_MAX_MODEL_LABELS, GatewayMetrics, MetricsServer
+from ai_gateway.accounting.pricing import PriceCatalog, load_catalog
+from ai_gateway.accounting.session_meters import (
+    RealtimeMeter,
+    ResponsesSocketMeter,
+    SessionMeter,
+    requested_model,
+)
+from ai_gateway.config.policy import DEFAULT_POLICY, Auth, Policy, PolicyError, RouteType, load_policy
+from ai_gateway.protocols.openai_realtime import RESPONSE_CREATE, leading_type
+from ai_gateway.proxy.contentview import realtime_view, strip_audio
+from ai_gateway.proxy.failures import close_error, error_type
+from ai_gateway.proxy.headers import apply_header_policy, client_credential, redact, remove_client_credentials
+from ai_gateway.proxy.refusals import budget_error_event, budget_response, update_budgets
 
 POLICY_POLL_SECONDS = 1.0
 CLIENT_KEY_METADATA = "ai_gateway.client_key"

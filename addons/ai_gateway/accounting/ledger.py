@@ -14,8 +14,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from .metrics import ModelLabels
-from .usage import DurationUsage, TokenUsage
+from ai_gateway.accounting.metrics import ModelLabels
+from ai_gateway.accounting.usage import DurationUsage, TokenUsage
 
 logger = logging.getLogger(__name__)
 
