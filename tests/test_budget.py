@@ -2,7 +2,8 @@
 
 import pytest
 
-from ai_gateway.accounting.budget import CLIENT_KEY, SESSION, BudgetPolicy, Budgets, Limit, client_key_digest
+from ai_gateway.accounting.budget import CLIENT_KEY, SESSION, Budgets, client_key_digest
+from ai_gateway.config.policy import BudgetPolicy, Limit
 
 
 def test_session_budget_is_per_session():

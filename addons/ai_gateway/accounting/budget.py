@@ -11,22 +11,11 @@ import hashlib
 from collections import deque
 from dataclasses import dataclass, field
 
+from ai_gateway.config.policy import BudgetPolicy, Limit
+
 SESSION = "session"
 CLIENT_KEY = "client_key"
 MAX_IDLE_KEYS = 10_000
-
-
-@dataclass(frozen=True, slots=True)
-class Limit:
-    tokens: int | None = None
-    usd: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class BudgetPolicy:
-    session: Limit | None = None
-    client_key: Limit | None = None
-    window_seconds: float = 3600.0
 
 
 def client_key_digest(key: str) -> str:
@@ -108,3 +97,13 @@ class Budgets:
 
     def end_session(self, session: str) -> None:
         self.sessions.pop(session, None)
+
+
+def update_budgets(budgets: Budgets | None, policy: BudgetPolicy | None) -> Budgets | None:
+    """New limits keep the spend already counted; no budgets in the policy drops the state."""
+    if policy is None:
+        return None
+    if budgets is None:
+        return Budgets(policy)
+    budgets.policy = policy
+    return budgets

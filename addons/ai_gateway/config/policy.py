@@ -19,8 +19,6 @@ from typing import TypeVar
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from ai_gateway.accounting.budget import BudgetPolicy, Limit
-
 DEFAULT_POLICY = Path(__file__).resolve().parents[3] / "policies" / "openai.yaml"
 CATCH_ALL = "*"
 
@@ -40,6 +38,23 @@ class RouteType(enum.StrEnum):
     EMBEDDINGS = "Embeddings"
     REALTIME = "Realtime"
     PASSTHROUGH = "Passthrough"
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """A budget in tokens and/or USD; None where the policy sets none in that unit."""
+
+    tokens: int | None = None
+    usd: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetPolicy:
+    """The policy's `budgets:` section."""
+
+    session: Limit | None = None
+    client_key: Limit | None = None
+    window_seconds: float = 3600.0
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.websocket import WebSocketMessage
 
 from ai_gateway.accounting.billing import Accounting
-from ai_gateway.accounting.budget import Budgets, client_key_digest
+from ai_gateway.accounting.budget import Budgets, client_key_digest, update_budgets
 from ai_gateway.accounting.http_exchange import METERED_HTTP, HttpExchange, rewrite_request
 from ai_gateway.accounting.ledger import Source, UsageLedger
 from ai_gateway.accounting.metrics import DEFAULT_MAX_MODEL_LABELS, GatewayMetrics, MetricsServer
@@ -32,7 +32,7 @@ from ai_gateway.protocols.openai_realtime import RESPONSE_CREATE, leading_type
 from ai_gateway.proxy.contentview import realtime_view, strip_audio
 from ai_gateway.proxy.failures import close_error, error_type
 from ai_gateway.proxy.headers import apply_header_policy, client_credential, redact, remove_client_credentials
-from ai_gateway.proxy.refusals import budget_error_event, budget_response, update_budgets
+from ai_gateway.proxy.refusals import budget_error_event, budget_response
 
 POLICY_POLL_SECONDS = 1.0
 CLIENT_KEY_METADATA = "ai_gateway.client_key"

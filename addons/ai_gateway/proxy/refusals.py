@@ -7,19 +7,8 @@ import uuid
 
 from mitmproxy import http
 
-from ai_gateway.accounting.budget import CLIENT_KEY, SESSION, BudgetPolicy, Budgets
+from ai_gateway.accounting.budget import CLIENT_KEY, SESSION
 from ai_gateway.protocols.openai_http import decode_json
-
-
-def update_budgets(budgets: Budgets | None, policy: BudgetPolicy | None) -> Budgets | None:
-    """New limits keep the spend already counted; no budgets in the policy drops the state."""
-    if policy is None:
-        return None
-    if budgets is None:
-        return Budgets(policy)
-    budgets.policy = policy
-    return budgets
-
 
 BUDGET_MESSAGES = {
     SESSION: "This session's budget is used up: the gateway refused the response.",
