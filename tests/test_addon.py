@@ -10,8 +10,9 @@ from mitmproxy.test import taddons, tflow
 from mitmproxy.websocket import WebSocketMessage
 
 from ai_gateway.config.policy import DEFAULT_POLICY
-from ai_gateway.proxy.addon import Gateway, parse_history
+from ai_gateway.proxy.addon import Gateway
 from ai_gateway.proxy.headers import REDACTED
+from ai_gateway.proxy.history import parse_history
 
 
 def realtime_flow():

@@ -16,7 +16,8 @@ from mitmproxy.test import taddons, tflow
 from mitmproxy.websocket import WebSocketMessage
 from wsproto.frame_protocol import Opcode
 
-from ai_gateway.proxy.contentview import AUDIO_FIELDS, audio_placeholder, realtime_view, strip_audio
+from ai_gateway.proxy.contentview import realtime_view
+from ai_gateway.proxy.history import AUDIO_FIELDS, audio_placeholder, strip_audio
 from ai_gateway.tools.simulators.realtime import EXAMPLE_USAGE
 
 VIEW = "OpenAI Realtime"

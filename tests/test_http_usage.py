@@ -9,12 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ai_gateway.accounting.http_exchange import rewrite_request
+from ai_gateway.accounting.items import FirstDelta, Malformed, ResponseDone
 from ai_gateway.accounting.usage import TokenUsage
 from ai_gateway.config.policy import RouteType
 from ai_gateway.protocols.encoding import stream_decoder, zstd
-from ai_gateway.protocols.openai_http import Billed, FirstToken, SseStream, read_body, read_responses_event
-from ai_gateway.protocols.openai_realtime import Malformed
+from ai_gateway.protocols.openai_http import SseStream, read_body, read_responses_event, rewrite_request
 
 CHAT_USAGE = {
     "prompt_tokens": 100,
@@ -39,18 +38,23 @@ def sse(*events: object, done: bool = True) -> bytes:
 
 def test_completions_body():
     body = json.dumps({"object": "chat.completion", "model": "gpt-4o-2024-08-06", "usage": CHAT_USAGE}).encode()
-    assert read_body(RouteType.COMPLETIONS, body) == Billed(
-        TokenUsage(100, 40, 64, (("audio", 10),), (), (("audio", 5),), reasoning=12), "gpt-4o-2024-08-06"
+    assert read_body(RouteType.COMPLETIONS, body) == ResponseDone(
+        TokenUsage(100, 40, 64, (("audio", 10),), (), (("audio", 5),), reasoning=12),
+        response_model="gpt-4o-2024-08-06",
     )
 
 
 def test_responses_and_embeddings_bodies():
     body = json.dumps({"object": "response", "model": "gpt-5", "usage": RESPONSES_USAGE}).encode()
-    assert read_body(RouteType.RESPONSES, body) == Billed(TokenUsage(50, 30, 20, reasoning=7), "gpt-5")
+    assert read_body(RouteType.RESPONSES, body) == ResponseDone(
+        TokenUsage(50, 30, 20, reasoning=7), response_model="gpt-5"
+    )
     body = json.dumps(
         {"object": "list", "model": "text-embedding-3-small", "usage": {"prompt_tokens": 8, "total_tokens": 8}}
     ).encode()
-    assert read_body(RouteType.EMBEDDINGS, body) == Billed(TokenUsage(8, None), "text-embedding-3-small")
+    assert read_body(RouteType.EMBEDDINGS, body) == ResponseDone(
+        TokenUsage(8, None), response_model="text-embedding-3-small"
+    )
 
 
 @pytest.mark.parametrize(
@@ -77,8 +81,8 @@ def test_completions_stream_in_arbitrary_chunks():
     for size in (1, 7, 64, len(body)):
         stream = SseStream(RouteType.COMPLETIONS)
         items = [item for i in range(0, len(body), size) for item in stream.feed(body[i : i + size])]
-        assert items[0] == FirstToken()
-        assert isinstance(items[1], Billed) and items[1].usage.input == 100 and items[1].response_model == "m-1"
+        assert items[0] == FirstDelta()
+        assert isinstance(items[1], ResponseDone) and items[1].usage.input == 100 and items[1].response_model == "m-1"
         assert len(items) == 2 and stream.finished
 
 
@@ -96,7 +100,7 @@ def test_responses_stream_events():
     )
     stream = SseStream(RouteType.RESPONSES)
     items = stream.feed(events)
-    assert items == [FirstToken(), Billed(TokenUsage(50, 30, 20, reasoning=7), "gpt-5")]
+    assert items == [FirstDelta(), ResponseDone(TokenUsage(50, 30, 20, reasoning=7), response_model="gpt-5")]
     assert stream.finished
 
 
@@ -109,7 +113,7 @@ def test_malformed_sse_line_is_reported_and_the_stream_goes_on():
     stream = SseStream(RouteType.COMPLETIONS)
     items = stream.feed(b"data: {broken\n\n" + sse({"choices": [], "usage": CHAT_USAGE}))
     assert isinstance(items[0], Malformed) and items[0].reason == "invalid_json"
-    assert isinstance(items[1], Billed)
+    assert isinstance(items[1], ResponseDone)
 
 
 def test_an_event_without_end_is_bounded():
@@ -161,7 +165,7 @@ def test_streaming_completions_request_gets_include_usage_and_model_override():
 def test_arbitrary_stream_bytes_never_raise(data, route_type):
     stream = SseStream(route_type)
     for item in stream.feed(data) + stream.feed(b"\n\n"):
-        assert isinstance(item, (Billed, FirstToken, Malformed))
+        assert isinstance(item, (ResponseDone, FirstDelta, Malformed))
 
 
 json_values = st.recursive(
@@ -184,6 +188,6 @@ json_values = st.recursive(
 @given(json_values, st.sampled_from(list(RouteType)[:3]))
 def test_arbitrary_json_bodies_never_raise_and_bill_only_valid_counts(value, route_type):
     result = read_body(route_type, json.dumps(value).encode())
-    assert isinstance(result, (Billed, Malformed))
-    if isinstance(result, Billed):
+    assert isinstance(result, (ResponseDone, Malformed))
+    if isinstance(result, ResponseDone):
         assert type(result.usage.input) is int and result.usage.input >= 0

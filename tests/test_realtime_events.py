@@ -6,18 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ai_gateway.accounting.items import Malformed, ResponseDone, ResponseStarted, SessionModels, TranscriptionDone
 from ai_gateway.accounting.usage import MAX_TOKENS, DurationUsage, TokenUsage
-from ai_gateway.protocols.openai_realtime import (
-    Malformed,
-    ResponseCreated,
-    ResponseDone,
-    SessionModels,
-    TranscriptionDone,
-    delta_response_id,
-    leading_type,
-    needs_decoding,
-    read_server_event,
-)
+from ai_gateway.protocols.json_events import leading_type
+from ai_gateway.protocols.openai_realtime import delta_response_id, needs_decoding, read_server_event
 from ai_gateway.tools.simulators.realtime import EXAMPLE_USAGE
 
 REFERENCE_USAGE = EXAMPLE_USAGE  # the reference documentation's response.done usage
@@ -64,7 +56,7 @@ def test_response_created_and_delta_response_ids():
     created = frame(
         {"type": "response.created", "event_id": "e", "response": {"id": "resp_9", "status": "in_progress"}}
     )
-    assert read(created) == ResponseCreated("resp_9")
+    assert read(created) == ResponseStarted("resp_9")
     delta = frame(
         {"type": "response.output_audio.delta", "event_id": "e", "response_id": "resp_9", "delta": "AAAA" * 5000}
     )

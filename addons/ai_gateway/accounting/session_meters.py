@@ -1,7 +1,8 @@
-"""Per-session WebSocket accounting: which models a session uses, and what each server event bills.
+"""Per-session WebSocket accounting: which models a session uses, and what each usage item bills.
 
-Two protocols run over WebSockets: the Realtime API, and the Responses API's WebSocket mode.
-Each session gets one meter; the addon hands it every frame, in order, as it is relayed.
+A protocol adapter turns each frame into usage items; the session's meter bills them, in order,
+as the frames are relayed. Two protocols run over WebSockets so far: the Realtime API, and the
+Responses API's WebSocket mode.
 """
 
 from __future__ import annotations
@@ -9,43 +10,29 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from urllib.parse import parse_qs, urlsplit
 
 from ai_gateway.accounting.billing import Accounting
+from ai_gateway.accounting.items import (
+    FirstDelta,
+    Malformed,
+    RateLimits,
+    ResponseDone,
+    ResponseRequested,
+    ResponseStarted,
+    SessionModels,
+    TranscriptionDone,
+    UpstreamError,
+    UsageItem,
+)
 from ai_gateway.accounting.ledger import Source
 from ai_gateway.accounting.metrics import UNKNOWN, ModelLabels, Series
 from ai_gateway.accounting.usage import TokenUsage
-from ai_gateway.protocols.openai_http import RESPONSES_FINAL_EVENTS, Billed, decode_json, read_responses_event
-from ai_gateway.protocols.openai_realtime import (
-    ERROR,
-    RESPONSE_CREATE,
-    Malformed,
-    RateLimits,
-    ResponseCreated,
-    ResponseDone,
-    ServerEvent,
-    SessionModels,
-    TranscriptionDone,
-    delta_response_id,
-    leading_type,
-    needs_decoding,
-    read_server_event,
-)
 
 REALTIME = "realtime"
 TRANSCRIPTION = "transcription"
 CHAT = "chat"
 # response.create events waiting for their response.created; more than this is not a real client.
 MAX_PENDING_CREATES = 64
-
-
-def requested_model(url: str) -> str:
-    """The model a client asked for in the URL: `model` (OpenAI, Azure v1) or `deployment` (Azure)."""
-    query = parse_qs(urlsplit(url).query)
-    for name in ("model", "deployment"):
-        if values := query.get(name):
-            return values[0]
-    return UNKNOWN
 
 
 @dataclass
@@ -90,7 +77,7 @@ def _count(n: int, noun: str) -> str:
 
 
 class SessionMeter:
-    """What the addon needs of a WebSocket session's meter; each protocol fills in the frames."""
+    """What the addon needs of a WebSocket session's meter; each protocol's meter bills its items."""
 
     in_flight: bool  # a response was asked for or started and has not finished
 
@@ -101,17 +88,26 @@ class SessionMeter:
         self.request_model = request_model
         self.totals = SessionTotals()
 
-    def client_frame(self, kind: str | None, content: bytes) -> None:
-        """A client frame, with its leading event type already read (None when it has none)."""
+    def apply(self, item: UsageItem) -> Malformed | None:
+        """Bill one usage item. Returns the problem when its frame could not be read."""
         raise NotImplementedError
 
-    def server_frame(self, content: bytes, is_text: bool) -> Malformed | None:
-        """Meter one server frame. Returns the problem when the frame could not be read."""
-        raise NotImplementedError
+    def problem(self, item: Malformed) -> Malformed:
+        self.accounting.parse_error(self.source, item.reason)
+        return item
+
+    def finished(self, labels: ModelLabels, done: ResponseDone) -> Series:
+        """A response ended: billed, and added to the totals people see."""
+        series = self.accounting.bill(self.source, labels, done.usage, done.status, done.response_id)
+        self.totals.responses += 1
+        self.totals.add(done.usage)
+        if done.status == "failed":
+            self.totals.error()
+        return series
 
 
 class RealtimeMeter(SessionMeter):
-    """Meters one Realtime session from its frames, each response as its response.done arrives."""
+    """Meters one Realtime session, each response as its response.done arrives."""
 
     def __init__(self, accounting: Accounting, source: Source, system: str, request_model: str) -> None:
         super().__init__(accounting, source, system, request_model)
@@ -127,47 +123,25 @@ class RealtimeMeter(SessionMeter):
         """A response was asked for or started and has not finished."""
         return bool(self.pending_creates or self.awaiting_first_delta or self.timings)
 
-    def client_frame(self, kind: str | None, content: bytes) -> None:
-        if kind == RESPONSE_CREATE:
-            self.pending_creates.append(time.monotonic())
-
-    def server_frame(self, content: bytes, is_text: bool) -> Malformed | None:
-        kind = leading_type(content) if is_text else None
-        if not is_text:
-            problem: Malformed | None = Malformed("binary", f"{len(content)} bytes")
-        elif needs_decoding(kind):
-            problem = self.apply(read_server_event(content))
-        else:
-            if kind == ERROR:
+    def apply(self, item: UsageItem) -> Malformed | None:
+        match item:
+            case FirstDelta(response_id=response_id):
+                created = self.awaiting_first_delta.pop(response_id, None) if response_id is not None else None
+                if created is not None:
+                    self.timings[response_id] = (created, time.monotonic())
+            case ResponseRequested():
+                self.pending_creates.append(time.monotonic())
+            case ResponseStarted(response_id=response_id):
+                if response_id is not None and self.pending_creates:
+                    self.awaiting_first_delta[response_id] = self.pending_creates.popleft()
+            case ResponseDone(response_id=response_id):
+                series = self.finished(self.labels(REALTIME, self.response_model), item)
+                self.latency(series, response_id, item.usage)
+            case UpstreamError():
                 self.totals.error()
-            elif self.awaiting_first_delta:
-                self.first_delta(content)
-            return None
-        if problem is not None:
-            self.accounting.parse_error(self.source, problem.reason)
-        return problem
-
-    def first_delta(self, content: bytes) -> None:
-        response_id = delta_response_id(content)
-        if response_id is not None and (created := self.awaiting_first_delta.pop(response_id, None)) is not None:
-            self.timings[response_id] = (created, time.monotonic())
-
-    def apply(self, event: ServerEvent | None) -> Malformed | None:
-        match event:
             case SessionModels(model=model, transcription_model=transcription_model):
                 self.response_model = self.totals.model = model or self.response_model
                 self.transcription_model = transcription_model or self.transcription_model
-            case ResponseCreated(response_id=response_id):
-                if response_id is not None and self.pending_creates:
-                    self.awaiting_first_delta[response_id] = self.pending_creates.popleft()
-            case ResponseDone(usage=usage, status=status, response_id=response_id):
-                labels = self.labels(REALTIME, self.response_model)
-                series = self.accounting.bill(self.source, labels, usage, status, response_id)
-                self.latency(series, response_id, usage)
-                self.totals.responses += 1
-                self.totals.add(usage)
-                if status == "failed":
-                    self.totals.error()
             case TranscriptionDone(usage=usage):
                 self.accounting.bill(self.source, self.labels(TRANSCRIPTION, self.transcription_model), usage)
                 if isinstance(usage, TokenUsage):
@@ -178,7 +152,7 @@ class RealtimeMeter(SessionMeter):
             case RateLimits(limits=limits):
                 self.accounting.rate_limits(limits)
             case Malformed():
-                return event
+                return self.problem(item)
         return None
 
     def latency(self, series: Series, response_id: str | None, usage: TokenUsage) -> None:
@@ -195,37 +169,21 @@ class RealtimeMeter(SessionMeter):
 
 
 class ResponsesSocketMeter(SessionMeter):
-    """Meters the Responses API's WebSocket mode: each response.completed frame bills one response."""
+    """Meters the Responses API's WebSocket mode: each final response event bills one response."""
 
     def __init__(self, accounting: Accounting, source: Source, system: str, request_model: str) -> None:
         super().__init__(accounting, source, system, request_model)
         self.in_flight = False
 
-    def client_frame(self, kind: str | None, content: bytes) -> None:
-        """The model of the next response comes with its response.create."""
-        if kind == RESPONSE_CREATE:
-            self.in_flight = True
-            document = decode_json(content)
-            model = document.get("model") if isinstance(document, dict) else None
-            if isinstance(model, str) and model:
-                self.request_model = model
-
-    def server_frame(self, content: bytes, is_text: bool) -> Malformed | None:
-        kind = leading_type(content) if is_text else None
-        if is_text and kind is not None and kind not in RESPONSES_FINAL_EVENTS:
-            return None
-        document = decode_json(content) if is_text else Malformed("binary", f"{len(content)} bytes")
-        item = read_responses_event(document) if isinstance(document, dict) else document
-        if isinstance(item, Billed):
-            self.in_flight = False
-            labels = ModelLabels(CHAT, self.system, self.request_model, item.response_model)
-            self.accounting.bill(self.source, labels, item.usage, item.status)
-            self.totals.responses += 1
-            self.totals.model = item.response_model or self.totals.model
-            self.totals.add(item.usage)
-            if item.status == "failed":
-                self.totals.error()
-        elif isinstance(item, Malformed):
-            self.accounting.parse_error(self.source, item.reason)
-            return item
+    def apply(self, item: UsageItem) -> Malformed | None:
+        match item:
+            case ResponseRequested(model=model):
+                self.in_flight = True
+                self.request_model = model or self.request_model
+            case ResponseDone(response_model=response_model):
+                self.in_flight = False
+                self.finished(ModelLabels(CHAT, self.system, self.request_model, response_model), item)
+                self.totals.model = response_model or self.totals.model
+            case Malformed():
+                return self.problem(item)
         return None

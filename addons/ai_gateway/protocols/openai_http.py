@@ -1,4 +1,5 @@
-"""Usage of OpenAI-style HTTP APIs: JSON bodies, and server-sent event streams read as they pass.
+"""OpenAI-style HTTP APIs: request bodies, JSON response bodies, and server-sent event streams
+read as they pass, turned into usage items.
 
 One reader per route type knows where that API puts usage and model: Chat Completions sends
 usage in a final chunk with no choices, Responses in its `response.completed` event (on SSE and
@@ -8,62 +9,60 @@ on its WebSocket mode alike), Embeddings only as input tokens.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
+from ai_gateway.accounting.items import FirstDelta, Malformed, ResponseDone
 from ai_gateway.accounting.usage import (
     COMPLETIONS_USAGE,
     EMBEDDINGS_USAGE,
     RESPONSES_USAGE,
     InvalidUsage,
-    TokenUsage,
     UsageShape,
     parse_usage,
 )
 from ai_gateway.config.policy import RouteType
-from ai_gateway.protocols.openai_realtime import Malformed
+from ai_gateway.protocols.encoding import Decoder, stream_decoder
+from ai_gateway.protocols.json_events import decode_json
 
 USAGE_SHAPES: dict[RouteType, UsageShape] = {
     RouteType.COMPLETIONS: COMPLETIONS_USAGE,
     RouteType.RESPONSES: RESPONSES_USAGE,
     RouteType.EMBEDDINGS: EMBEDDINGS_USAGE,
 }
+OPERATIONS = {RouteType.COMPLETIONS: "chat", RouteType.RESPONSES: "chat", RouteType.EMBEDDINGS: "embeddings"}
+METERED_HTTP = frozenset(OPERATIONS)
 # Responses events that end a response and may carry its usage.
 RESPONSES_FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 # No legitimate event comes near this; a stream without event boundaries must not grow memory.
 MAX_EVENT_BYTES = 4 * 1024 * 1024
 
-
-@dataclass(frozen=True, slots=True)
-class Billed:
-    """What one HTTP exchange (or one Responses response) billed."""
-
-    usage: TokenUsage
-    response_model: str | None
-    status: str = "completed"
+StreamItem = ResponseDone | FirstDelta | Malformed
 
 
-@dataclass(frozen=True, slots=True)
-class FirstToken:
-    """The stream carried its first generated content."""
+def rewrite_request(route_type: RouteType, body: bytes, model: str | None) -> tuple[str | None, bytes | None]:
+    """The request's model, and a new body when the policy changes it (else None: forward untouched).
 
-
-StreamItem = Billed | FirstToken | Malformed
-
-
-def decode_json(data: bytes) -> dict[str, Any] | Malformed:
+    The model override replaces the body's `model`; a streaming Chat Completions request without
+    `stream_options` gets `include_usage`, as agentgateway does, or its usage would never be sent.
+    """
     try:
-        value = json.loads(data)
-    except (ValueError, RecursionError) as e:
-        return Malformed("invalid_json", str(e)[:200])
-    return (
-        value
-        if isinstance(value, dict)
-        else Malformed("invalid_json", f"expected an object, got {type(value).__name__}")
-    )
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, None
+    if not isinstance(document, dict):
+        return None, None
+    changed = False
+    if model is not None and document.get("model") != model:
+        document["model"] = model
+        changed = True
+    if route_type is RouteType.COMPLETIONS and document.get("stream") is True and "stream_options" not in document:
+        document["stream_options"] = {"include_usage": True}
+        changed = True
+    requested = document.get("model")
+    return requested if isinstance(requested, str) else None, json.dumps(document).encode() if changed else None
 
 
-def read_body(route_type: RouteType, body: bytes) -> Billed | Malformed:
+def read_body(route_type: RouteType, body: bytes) -> ResponseDone | Malformed:
     """A whole JSON response body (non-streaming)."""
     document = decode_json(body)
     if isinstance(document, Malformed):
@@ -71,7 +70,7 @@ def read_body(route_type: RouteType, body: bytes) -> Billed | Malformed:
     return _billed(document, USAGE_SHAPES[route_type], "completed")
 
 
-def _billed(document: dict[str, Any], shape: UsageShape, status: str) -> Billed | Malformed:
+def _billed(document: dict[str, Any], shape: UsageShape, status: str) -> ResponseDone | Malformed:
     if document.get("usage") is None:
         return Malformed("missing_usage", "no usage in the response")
     try:
@@ -79,7 +78,7 @@ def _billed(document: dict[str, Any], shape: UsageShape, status: str) -> Billed 
     except InvalidUsage as e:
         return Malformed("invalid_usage", str(e))
     model = document.get("model")
-    return Billed(usage, model if isinstance(model, str) and model else None, status)
+    return ResponseDone(usage, status, response_model=model if isinstance(model, str) and model else None)
 
 
 def read_completions_chunk(chunk: dict[str, Any]) -> StreamItem | None:
@@ -88,7 +87,7 @@ def read_completions_chunk(chunk: dict[str, Any]) -> StreamItem | None:
         return _billed(chunk, COMPLETIONS_USAGE, "completed")
     choices = chunk.get("choices")
     if isinstance(choices, list) and any(_has_content(choice) for choice in choices):
-        return FirstToken()
+        return FirstDelta()
     return None
 
 
@@ -103,7 +102,7 @@ def read_responses_event(event: dict[str, Any]) -> StreamItem | None:
     if not isinstance(kind, str):
         return None
     if kind.endswith(".delta"):
-        return FirstToken()
+        return FirstDelta()
     if kind in RESPONSES_FINAL_EVENTS:
         response = event.get("response")
         if not isinstance(response, dict):
@@ -144,6 +143,31 @@ class SseStream:
         if isinstance(document, Malformed):
             return document
         item = self._read(document)
-        if isinstance(item, Billed) or document.get("type") in RESPONSES_FINAL_EVENTS:
+        if isinstance(item, ResponseDone) or document.get("type") in RESPONSES_FINAL_EVENTS:
             self.finished = True
         return item
+
+
+class StreamReader:
+    """A streamed response body as it passes: decoded (gzip, br, zstd, ...) and read as SSE.
+
+    The client gets the original bytes; a body that cannot be decoded is relayed and read no more.
+    """
+
+    def __init__(self, route_type: RouteType, content_encoding: str) -> None:
+        self.sse = SseStream(route_type)
+        self._decode: Decoder | None = stream_decoder(content_encoding)
+        self.unsupported = Malformed("unsupported_encoding", content_encoding[:64]) if self._decode is None else None
+
+    @property
+    def finished(self) -> bool:
+        return self.sse.finished
+
+    def feed(self, chunk: bytes) -> list[StreamItem]:
+        if self._decode is None:
+            return []
+        try:
+            return self.sse.feed(self._decode(chunk))
+        except Exception as e:  # a corrupt compressed stream: relay it, meter nothing more
+            self._decode = None
+            return [Malformed("invalid_encoding", str(e)[:200])]

@@ -1,4 +1,4 @@
-"""Reading the Realtime server events that carry models and usage.
+"""OpenAI's Realtime API over WebSocket: client and server events turned into usage items.
 
 Most of a voice session is audio deltas of 6-100 KB of base64, and the relay hook runs
 synchronously for every frame, so the event type is read from the first bytes of the frame
@@ -9,16 +9,24 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+import uuid
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
-from ai_gateway.accounting.usage import (
-    DurationUsage,
-    InvalidUsage,
-    TokenUsage,
-    parse_realtime_usage,
-    parse_transcription_usage,
+from ai_gateway.accounting.items import (
+    UPSTREAM_ERROR,
+    FirstDelta,
+    Malformed,
+    RateLimits,
+    ResponseDone,
+    ResponseRequested,
+    ResponseStarted,
+    SessionModels,
+    TranscriptionDone,
+    UsageItem,
 )
+from ai_gateway.accounting.usage import InvalidUsage, parse_realtime_usage, parse_transcription_usage
+from ai_gateway.protocols.json_events import decode_json, leading_type
 
 ERROR = "error"
 RESPONSE_CREATE = "response.create"
@@ -33,64 +41,62 @@ RESPONSE_STATUSES = frozenset({"completed", "cancelled", "failed", "incomplete",
 METERED_EVENTS = frozenset(
     {RESPONSE_CREATED, RESPONSE_DONE, SESSION_CREATED, SESSION_UPDATED, TRANSCRIPTION_COMPLETED, RATE_LIMITS_UPDATED}
 )
+# Started responses whose first delta is still awaited; more than this is not a real upstream.
+MAX_AWAITED_RESPONSES = 64
+UNKNOWN_MODEL = "unknown"
 
-# Every OpenAI server event starts with its type; this reads it without decoding the frame.
-_LEADING_TYPE = re.compile(rb'\s*\{\s*"type"\s*:\s*"([a-z0-9_.]{1,128})"')
 # Deltas name their response near the start; only searched while a response awaits its first delta.
 _RESPONSE_ID = re.compile(rb'"response_id"\s*:\s*"([^"\\]{1,128})"')
-
-
-@dataclass(frozen=True, slots=True)
-class SessionModels:
-    """Models announced by `session.created`/`session.updated`; None where the event had none."""
-
-    model: str | None
-    transcription_model: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class ResponseCreated:
-    response_id: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class ResponseDone:
-    usage: TokenUsage
-    status: str
-    response_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class TranscriptionDone:
-    usage: TokenUsage | DurationUsage
-
-
-@dataclass(frozen=True, slots=True)
-class RateLimits:
-    """The upstream's own limits: (name, limit, remaining) for `requests` and `tokens`."""
-
-    limits: tuple[tuple[str, float, float], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Malformed:
-    """A frame that looked metered but could not be read; reason is a short label value."""
-
-    reason: str
-    detail: str
 
 
 class InvalidEvent(ValueError):
     """A metered event without the object that should carry its data."""
 
 
-ServerEvent = SessionModels | ResponseCreated | ResponseDone | TranscriptionDone | RateLimits | Malformed
+class RealtimeProtocol:
+    """One Realtime session's frames as usage items.
+
+    It remembers which started responses have not streamed yet, so that only then are deltas
+    searched for their response id (time to first token), and never after.
+    """
+
+    def __init__(self) -> None:
+        self.awaiting_first_delta: set[str] = set()
+
+    def client_frame(self, content: bytes, is_text: bool) -> UsageItem | None:
+        if is_text and leading_type(content) == RESPONSE_CREATE:
+            return ResponseRequested()
+        return None
+
+    def server_frame(self, content: bytes, is_text: bool) -> UsageItem | None:
+        if not is_text:
+            return Malformed("binary", f"{len(content)} bytes")
+        kind = leading_type(content)
+        if needs_decoding(kind):
+            item = read_server_event(content)
+            if isinstance(item, ResponseStarted) and item.response_id is not None:
+                if len(self.awaiting_first_delta) < MAX_AWAITED_RESPONSES:
+                    self.awaiting_first_delta.add(item.response_id)
+            elif isinstance(item, ResponseDone) and item.response_id is not None:
+                self.awaiting_first_delta.discard(item.response_id)
+            return item
+        if kind == ERROR:
+            return UPSTREAM_ERROR
+        if self.awaiting_first_delta:
+            response_id = delta_response_id(content)
+            if response_id in self.awaiting_first_delta:
+                self.awaiting_first_delta.discard(response_id)
+                return FirstDelta(response_id)
+        return None
 
 
-def leading_type(content: bytes) -> str | None:
-    """The event type when the frame starts with it, as OpenAI's events do; read without decoding."""
-    match = _LEADING_TYPE.match(content)
-    return match.group(1).decode() if match else None
+def requested_model(url: str) -> str:
+    """The model a client asked for in the URL: `model` (OpenAI, Azure v1) or `deployment` (Azure)."""
+    query = parse_qs(urlsplit(url).query)
+    for name in ("model", "deployment"):
+        if values := query.get(name):
+            return values[0]
+    return UNKNOWN_MODEL
 
 
 def delta_response_id(content: bytes) -> str | None:
@@ -108,21 +114,18 @@ def needs_decoding(kind: str | None) -> bool:
     return kind is None or kind in METERED_EVENTS
 
 
-def read_server_event(content: bytes) -> ServerEvent | None:
+def read_server_event(content: bytes) -> UsageItem | None:
     """Decode a server frame for which needs_decoding() was true. None: not metered after all."""
-    try:
-        event = json.loads(content)
-    except (ValueError, RecursionError) as e:
-        return Malformed("invalid_json", str(e)[:200])
-    if not isinstance(event, dict):
-        return Malformed("invalid_event", f"expected an event object, got {type(event).__name__}")
+    event = decode_json(content, not_object="invalid_event")
+    if isinstance(event, Malformed):
+        return event
     kind = event.get("type")
     try:
         if kind == RESPONSE_DONE:
             return read_response_done(event)
         if kind == RESPONSE_CREATED:
             response = event.get("response")
-            return ResponseCreated(_string(response.get("id")) if isinstance(response, dict) else None)
+            return ResponseStarted(_string(response.get("id")) if isinstance(response, dict) else None)
         if kind == TRANSCRIPTION_COMPLETED:
             return TranscriptionDone(parse_transcription_usage(event.get("usage")))
         if kind in (SESSION_CREATED, SESSION_UPDATED):
@@ -190,3 +193,21 @@ def _path(obj: Any, *keys: str) -> Any:
 
 def _string(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+def error_event(code: str, message: str, refused_event: bytes) -> bytes:
+    """A well-formed Realtime `error` event, naming the refused client event as OpenAI's errors do."""
+    refused = decode_json(refused_event)
+    event_id = refused.get("event_id") if isinstance(refused, dict) else None
+    event = {
+        "type": "error",
+        "event_id": f"event_gateway_{uuid.uuid4().hex[:12]}",
+        "error": {
+            "type": "invalid_request_error",
+            "code": code,
+            "message": message,
+            "param": None,
+            "event_id": event_id,
+        },
+    }
+    return json.dumps(event).encode()

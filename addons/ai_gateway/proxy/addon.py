@@ -9,6 +9,7 @@ import logging
 import os
 import re
 from collections.abc import Callable
+from typing import NamedTuple
 
 from mitmproxy import contentviews, ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
@@ -17,21 +18,20 @@ from mitmproxy.websocket import WebSocketMessage
 
 from ai_gateway.accounting.billing import Accounting
 from ai_gateway.accounting.budget import Budgets, client_key_digest, update_budgets
-from ai_gateway.accounting.http_exchange import METERED_HTTP, HttpExchange, rewrite_request
+from ai_gateway.accounting.http_exchange import HttpExchange
+from ai_gateway.accounting.items import ResponseRequested
 from ai_gateway.accounting.ledger import Source, UsageLedger
 from ai_gateway.accounting.metrics import DEFAULT_MAX_MODEL_LABELS, GatewayMetrics, MetricsServer
 from ai_gateway.accounting.pricing import PriceCatalog, load_catalog
-from ai_gateway.accounting.session_meters import (
-    RealtimeMeter,
-    ResponsesSocketMeter,
-    SessionMeter,
-    requested_model,
-)
+from ai_gateway.accounting.session_meters import RealtimeMeter, ResponsesSocketMeter, SessionMeter
 from ai_gateway.config.policy import DEFAULT_POLICY, Auth, Policy, PolicyError, RouteType, load_policy
-from ai_gateway.protocols.openai_realtime import RESPONSE_CREATE, leading_type
-from ai_gateway.proxy.contentview import realtime_view, strip_audio
+from ai_gateway.protocols.openai_http import METERED_HTTP, OPERATIONS, StreamReader, read_body, rewrite_request
+from ai_gateway.protocols.openai_realtime import RealtimeProtocol, requested_model
+from ai_gateway.protocols.openai_responses_socket import ResponsesSocketProtocol
+from ai_gateway.proxy.contentview import realtime_view
 from ai_gateway.proxy.failures import close_error, error_type
 from ai_gateway.proxy.headers import apply_header_policy, client_credential, redact, remove_client_credentials
+from ai_gateway.proxy.history import parse_history, shrink_audio, trim
 from ai_gateway.proxy.refusals import budget_error_event, budget_response
 
 POLICY_POLL_SECONDS = 1.0
@@ -87,7 +87,7 @@ class Gateway:
         self.shrink_relayed_audio = True
         self.is_running = False
         self.watcher: asyncio.Task[None] | None = None
-        self.sessions: dict[str, SessionMeter] = {}
+        self.sessions: dict[str, Session] = {}
         self.exchanges: dict[str, HttpExchange] = {}
 
     def load(self, loader: Loader) -> None:
@@ -275,7 +275,7 @@ class Gateway:
             return
         route = self.policy.match(flow.request.path)
         upgrade = is_websocket_upgrade(flow.request)
-        if route.type not in (SESSION_METERS if upgrade else METERED_HTTP):
+        if route.type not in (SESSION_KINDS if upgrade else METERED_HTTP):
             return
         source = self.source(flow, route.type)
         if scope := self.accounting.exhausted(source):
@@ -288,7 +288,8 @@ class Gateway:
         request_model, rewritten = rewrite_request(route.type, body, self.policy.model_for(route))
         if rewritten is not None:
             flow.request.content = rewritten
-        self.exchanges[flow.id] = HttpExchange(self.accounting, source, self.policy.provider, request_model)
+        operation = OPERATIONS[route.type]
+        self.exchanges[flow.id] = HttpExchange(self.accounting, source, operation, self.policy.provider, request_model)
 
     def source(self, flow: http.HTTPFlow, route_type: RouteType) -> Source:
         return Source(flow.id, route_type.value, flow.metadata.get(CLIENT_KEY_METADATA))
@@ -301,7 +302,8 @@ class Gateway:
         if exchange is None or response is None or not 200 <= response.status_code < 300:
             return
         if response.headers.get("content-type", "").startswith("text/event-stream"):
-            response.stream = exchange.streaming(response.headers.get("content-encoding", ""))
+            reader = StreamReader(RouteType(exchange.source.route_type), response.headers.get("content-encoding", ""))
+            response.stream = metered_stream(exchange, reader)
 
     @never_raises
     def response(self, flow: http.HTTPFlow) -> None:
@@ -314,8 +316,9 @@ class Gateway:
         if status >= 400:
             exchange.finish(str(status))
             return
-        if exchange.stream is None and flow.websocket is None:
-            exchange.body(flow.response.get_content(strict=False) or b"")
+        if not exchange.streamed and flow.websocket is None:
+            route_type = RouteType(exchange.source.route_type)
+            exchange.apply(read_body(route_type, flow.response.get_content(strict=False) or b""))
         exchange.finish("")
 
     @never_raises
@@ -341,7 +344,7 @@ class Gateway:
         if self.policy is None or not is_websocket_upgrade(flow.request):
             return None
         route_type = self.policy.match(flow.request.path).type
-        return self.source(flow, route_type) if route_type in SESSION_METERS else None
+        return self.source(flow, route_type) if route_type in SESSION_KINDS else None
 
     def redact_credential(self, flow: http.HTTPFlow) -> None:
         if self.policy is not None and (auth := self.policy.auth) is not None:
@@ -352,12 +355,12 @@ class Gateway:
         if self.policy is None:
             return
         route_type = self.policy.match(flow.request.path).type
-        meter = SESSION_METERS.get(route_type)
-        if meter is not None:
+        kinds = SESSION_KINDS.get(route_type)
+        if kinds is not None:
+            protocol, meter = kinds
             source = self.source(flow, route_type)
-            self.sessions[flow.id] = meter(
-                self.accounting, source, self.policy.provider, requested_model(flow.request.url)
-            )
+            model = requested_model(flow.request.url)
+            self.sessions[flow.id] = Session(protocol(), meter(self.accounting, source, self.policy.provider, model))
             self.metrics.websocket_sessions.labels(route_type.value).inc()
 
     @never_raises
@@ -365,27 +368,31 @@ class Gateway:
         assert flow.websocket is not None
         messages = flow.websocket.messages
         message = messages[-1]
-        meter = self.sessions.get(flow.id)
-        if meter is not None:
+        session = self.sessions.get(flow.id)
+        if session is not None:
             if message.from_client:
-                self.client_frame(flow, message, meter)
-            elif problem := meter.server_frame(message.content, message.is_text):
-                logger.debug("ai-gateway: unreadable server frame (%s): %s", problem.reason, problem.detail)
-            if meter.totals.changed:
-                self.show_totals(flow, meter)
+                self.client_frame(flow, message, session)
+            else:
+                self.server_frame(message, session)
+            if session.meter.totals.changed:
+                self.show_totals(flow, session.meter)
         # The current message is relayed after this hook returns; the one before it has gone.
-        if self.shrink_relayed_audio and len(messages) >= 2 and (self.history is None or self.history > 1):
-            shrink_audio(messages[-2])
-        if self.history is not None and len(messages) > self.history:
-            del messages[: -self.history]
+        trim(messages, self.history, self.shrink_relayed_audio)
 
-    def client_frame(self, flow: http.HTTPFlow, message: WebSocketMessage, meter: SessionMeter) -> None:
+    def server_frame(self, message: WebSocketMessage, session: Session) -> None:
+        item = session.protocol.server_frame(message.content, message.is_text)
+        if item is not None and (problem := session.meter.apply(item)):
+            logger.debug("ai-gateway: unreadable server frame (%s): %s", problem.reason, problem.detail)
+
+    def client_frame(self, flow: http.HTTPFlow, message: WebSocketMessage, session: Session) -> None:
         """A client frame: metered, unless it asks for a response the budget no longer allows."""
-        kind = leading_type(message.content)
-        if kind == RESPONSE_CREATE and (scope := self.accounting.exhausted(meter.source)):
+        item = session.protocol.client_frame(message.content, message.is_text)
+        if item is None:
+            return
+        if isinstance(item, ResponseRequested) and (scope := self.accounting.exhausted(session.meter.source)):
             self.refuse_response(flow, message, scope)
         else:
-            meter.client_frame(kind, message.content)
+            session.meter.apply(item)
 
     def refuse_response(self, flow: http.HTTPFlow, message: WebSocketMessage, scope: str) -> None:
         """Over budget: the response.create never reaches the upstream; the client gets an error event."""
@@ -406,17 +413,43 @@ class Gateway:
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         if flow.websocket is not None and self.shrink_relayed_audio and flow.websocket.messages:
             shrink_audio(flow.websocket.messages[-1])
-        meter = self.sessions.pop(flow.id, None)
+        session = self.sessions.pop(flow.id, None)
         if self.budgets is not None:
             self.budgets.end_session(flow.id)
-        if meter is None or flow.websocket is None:
+        if session is None or flow.websocket is None:
             return
+        meter = session.meter
         self.metrics.websocket_sessions.labels(meter.source.route_type).dec()
         if failure := close_error(flow.websocket.close_code, flow.websocket.closed_by_client, meter.in_flight):
             self.accounting.error(meter.source, failure)
 
 
-SESSION_METERS = {RouteType.REALTIME: RealtimeMeter, RouteType.RESPONSES: ResponsesSocketMeter}
+class Session(NamedTuple):
+    """A metered WebSocket session: its protocol's adapter reads the frames, its meter bills them."""
+
+    protocol: RealtimeProtocol | ResponsesSocketProtocol
+    meter: SessionMeter
+
+
+SESSION_KINDS: dict[RouteType, tuple[type[RealtimeProtocol | ResponsesSocketProtocol], type[SessionMeter]]] = {
+    RouteType.REALTIME: (RealtimeProtocol, RealtimeMeter),
+    RouteType.RESPONSES: (ResponsesSocketProtocol, ResponsesSocketMeter),
+}
+
+
+def metered_stream(exchange: HttpExchange, reader: StreamReader) -> Callable[[bytes], bytes]:
+    """A chunk callback for mitmproxy's response streaming: each chunk is read, then forwarded unchanged."""
+    exchange.streamed = True
+    if reader.unsupported is not None:
+        exchange.apply(reader.unsupported)
+
+    def read(chunk: bytes) -> bytes:
+        for item in reader.feed(chunk):
+            exchange.apply(item)
+        exchange.stream_finished = reader.finished
+        return chunk
+
+    return read
 
 
 def is_websocket_upgrade(request: http.Request) -> bool:
@@ -434,22 +467,6 @@ def read_policy(path: str) -> tuple[Policy, PriceCatalog | None]:
     """The policy and the price catalog it names; either may raise PolicyError."""
     policy = load_policy(path)
     return policy, load_catalog(policy.prices) if policy.prices else None
-
-
-def shrink_audio(message: WebSocketMessage) -> None:
-    if (stripped := strip_audio(message.content)) is not None:
-        message.content = stripped
-
-
-def parse_history(value: str, under_web: bool) -> int | None:
-    """Messages to keep per WebSocket flow; None keeps all."""
-    if value == "all" or (value == "auto" and under_web):
-        return None
-    if value == "auto":
-        return 1
-    if value.isdigit() and int(value) > 0:
-        return int(value)
-    raise ValueError(f"gateway_websocket_history: expected a positive number, 'all' or 'auto', got {value!r}")
 
 
 def policy_stamp(path: str) -> tuple[int, int] | None:

@@ -3,8 +3,7 @@
 A voice session is mostly base64 audio (about 64 KB per second of speech), which buries the few
 events a developer debugs. The view shows each event as JSON with its type first, each audio
 payload as a one-line size, and under the events that carry usage the counts the gateway meters.
-`strip_audio` puts the same placeholder into the raw frame, so the addon can shrink the messages
-mitmproxy keeps once they were forwarded.
+The placeholder is the one proxy/history.py puts into the messages mitmproxy keeps.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from mitmproxy import http
 from mitmproxy.contentviews import Contentview, Metadata, SyntaxHighlight
 from mitmproxy.utils import strutils
 
+from ai_gateway.accounting.items import Malformed, ResponseDone
 from ai_gateway.accounting.usage import (
     MODALITIES,
     DurationUsage,
@@ -25,28 +25,18 @@ from ai_gateway.accounting.usage import (
     TokenUsage,
     parse_transcription_usage,
 )
-from ai_gateway.protocols.openai_http import Billed, decode_json, read_completions_chunk, read_responses_event
+from ai_gateway.protocols.json_events import decode_json, leading_type
+from ai_gateway.protocols.openai_http import read_completions_chunk, read_responses_event
 from ai_gateway.protocols.openai_realtime import (
     RESPONSE_DONE,
     TRANSCRIPTION_COMPLETED,
     InvalidEvent,
-    Malformed,
-    leading_type,
     read_response_done,
 )
+from ai_gateway.proxy.history import COMPLETIONS_CHUNK, replace_audio
 
-# The field holding base64 PCM16 audio, per event type (beta and GA names; the client's append).
-AUDIO_FIELDS: dict[str, str] = {
-    "response.output_audio.delta": "delta",
-    "response.audio.delta": "delta",
-    "input_audio_buffer.append": "audio",
-}
-PLACEHOLDER_PREFIX = "<audio "
-# The Realtime default format: 24 kHz mono 16-bit PCM, 48 bytes per millisecond.
-BYTES_PER_MS = 48
 # Above JSON (1) and Raw (0.1): WebSocket messages have no content type for other views to claim them by.
 PRIORITY = 2.0
-COMPLETIONS_CHUNK = "chat.completion.chunk"
 HEXDUMP_BYTES = 4096
 
 # Event type namespaces of the Realtime API and of the Responses API's stream and WebSocket mode.
@@ -63,95 +53,11 @@ _OPENAI_NAMESPACES = frozenset(
         "transcription_session",
     }
 )
-# A top-level key, recognisable without decoding: inside a JSON string `"` is always escaped, so
-# `{` or `,` then `"key"` can only open a member name.
-_AUDIO_KEYS = {field: re.compile(rb'[{,]\s*"' + field.encode() + rb'"\s*:\s*"') for field in set(AUDIO_FIELDS.values())}
-# For frames that do not start with their type: only these can be audio events worth decoding.
-_AUDIO_TYPE_MARKERS = tuple(f'"{kind}"'.encode() for kind in AUDIO_FIELDS)
 # An OpenAI stream shows itself in its first data line: a Chat Completions chunk or a Responses event.
 _OPENAI_SSE = re.compile(
     rb'^data: ?\{[^\n]*?(?:"object"\s*:\s*"chat\.completion\.chunk"|"type"\s*:\s*"response\.)', re.MULTILINE
 )
 _SSE_SNIFF_BYTES = 4096
-
-
-def audio_placeholder(base64_text: str) -> str:
-    """What the audio amounts to, from the base64 length alone: decoding 64 KB to measure it would be waste."""
-    return _describe_audio(len(base64_text), _padding(base64_text[-2:]))
-
-
-def _describe_audio(length: int, padding: int) -> str:
-    size = (length - padding) * 3 // 4
-    ms = f"{size / BYTES_PER_MS:,.1f}".removesuffix(".0")
-    return f"{PLACEHOLDER_PREFIX}pcm16 24 kHz: {size:,} bytes, {ms} ms>"
-
-
-def _padding(tail: str) -> int:
-    """The `=` that end a base64 text, given its last two characters (valid base64 has at most two)."""
-    return len(tail) - len(tail.rstrip("="))
-
-
-def strip_audio(content: bytes) -> bytes | None:
-    """The frame with its audio payload replaced by the placeholder; None when it carries none.
-
-    Called for every frame of a session, so the type is read from the leading bytes and an audio
-    string is cut out of the bytes; a frame is decoded only when its bytes are not plain enough.
-    """
-    kind = leading_type(content)
-    if kind is None:
-        return _strip_decoded(content) if any(marker in content for marker in _AUDIO_TYPE_MARKERS) else None
-    field = AUDIO_FIELDS.get(kind)
-    if field is None:
-        return None
-    stripped = _strip_in_place(content, field)
-    return stripped if stripped is not None else _strip_decoded(content)
-
-
-def _strip_in_place(content: bytes, field: str) -> bytes | None:
-    """Replace the audio string in the bytes; None unless the field is surely a top-level, unescaped string."""
-    key = _AUDIO_KEYS[field].search(content)
-    if key is None or content.count(b"{", 0, key.start() + 1) != 1 or content.find(b"[", 0, key.start()) >= 0:
-        return None  # absent, or after a nested object or array: its key might not be the event's
-    start = key.end()
-    end = content.find(b'"', start)
-    if end < 0 or content.find(b"\\", start, end) >= 0 or content.startswith(PLACEHOLDER_PREFIX.encode(), start):
-        return None
-    padding = _padding(content[max(start, end - 2) : end].decode("latin-1"))
-    return b"".join((content[:start], _describe_audio(end - start, padding).encode(), content[end:]))
-
-
-def _strip_decoded(content: bytes) -> bytes | None:
-    event = decode_json(content)
-    if isinstance(event, Malformed) or not _replace_audio(event):
-        return None
-    try:
-        return json.dumps(event, separators=(",", ":")).encode()
-    except RecursionError:
-        return None
-
-
-def _replace_audio(event: dict[str, Any]) -> bool:
-    """Put a placeholder wherever the event carries audio; False when it carries none (or no longer)."""
-    replaced = False
-    for holder, key in _audio_slots(event):
-        value = holder.get(key)
-        if isinstance(value, str) and not value.startswith(PLACEHOLDER_PREFIX):
-            holder[key] = audio_placeholder(value)
-            replaced = True
-    return replaced
-
-
-def _audio_slots(event: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str]]:
-    """Objects and keys that hold base64 audio: Realtime deltas and appends, Chat Completions audio chunks."""
-    kind = event.get("type")
-    if isinstance(kind, str) and kind in AUDIO_FIELDS:
-        yield event, AUDIO_FIELDS[kind]
-    choices = event.get("choices") if event.get("object") == COMPLETIONS_CHUNK else None
-    for choice in choices if isinstance(choices, list) else ():
-        delta = choice.get("delta") if isinstance(choice, dict) else None
-        audio = delta.get("audio") if isinstance(delta, dict) else None
-        if isinstance(audio, dict):
-            yield audio, "data"
 
 
 class RealtimeView(Contentview):
@@ -200,7 +106,7 @@ def _render_frame(data: bytes) -> str:
 
 
 def _render_event(event: dict[str, Any]) -> str:
-    _replace_audio(event)
+    replace_audio(event)
     kind = event.get("type")
     shown = {"type": kind, **event} if "type" in event else event
     text = json.dumps(shown, indent=2, ensure_ascii=False)
@@ -255,7 +161,7 @@ def _usage_block(event: dict[str, Any]) -> str | None:
     except (InvalidEvent, InvalidUsage) as e:
         return _banner(f"{kind}, not metered", [str(e)])
     billed = read_completions_chunk(event) if event.get("object") == COMPLETIONS_CHUNK else read_responses_event(event)
-    if isinstance(billed, Billed):
+    if isinstance(billed, ResponseDone):
         return _banner(f"{billed.response_model or 'model unknown'}, {billed.status}", _usage_table(billed.usage))
     if isinstance(billed, Malformed):
         return _banner("not metered", [f"{billed.reason}: {billed.detail}"])

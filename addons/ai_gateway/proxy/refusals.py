@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import uuid
 
 from mitmproxy import http
 
 from ai_gateway.accounting.budget import CLIENT_KEY, SESSION
-from ai_gateway.protocols.openai_http import decode_json
+from ai_gateway.protocols.openai_realtime import error_event
 
 BUDGET_MESSAGES = {
     SESSION: "This session's budget is used up: the gateway refused the response.",
@@ -17,16 +16,8 @@ BUDGET_MESSAGES = {
 
 
 def budget_error_event(scope: str, client_event: bytes) -> bytes:
-    """A well-formed Realtime `error` event, naming the refused client event as OpenAI's errors do."""
-    refused = decode_json(client_event)
-    event_id = refused.get("event_id") if isinstance(refused, dict) else None
-    error = {"type": "invalid_request_error", "code": "budget_exceeded", "message": BUDGET_MESSAGES[scope]}
-    event = {
-        "type": "error",
-        "event_id": f"event_gateway_{uuid.uuid4().hex[:12]}",
-        "error": {**error, "param": None, "event_id": event_id},
-    }
-    return json.dumps(event).encode()
+    """The Realtime `error` event that tells the client its `response.create` was refused."""
+    return error_event("budget_exceeded", BUDGET_MESSAGES[scope], client_event)
 
 
 def budget_response(scope: str) -> http.Response:

@@ -1,0 +1,90 @@
+"""Usage items: what a protocol adapter reads from a frame or body, and a meter bills.
+
+Every wire protocol (Realtime, the Responses WebSocket mode, HTTP JSON and SSE) turns what it
+reads into these few facts, so the meters and everything below them never parse a protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ai_gateway.accounting.usage import DurationUsage, TokenUsage
+
+
+@dataclass(frozen=True, slots=True)
+class SessionModels:
+    """Models a session announced (`session.created`/`session.updated`); None where it named none."""
+
+    model: str | None
+    transcription_model: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseRequested:
+    """The client asked for a response (`response.create`); model when the request names one."""
+
+    model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseStarted:
+    """The upstream started a response (`response.created`)."""
+
+    response_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class FirstDelta:
+    """The first generated content of a response (of the HTTP exchange, where response_id is None)."""
+
+    response_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseDone:
+    """A finished response and what it billed; response_model None where the session's model applies."""
+
+    usage: TokenUsage
+    status: str = "completed"
+    response_id: str | None = None
+    response_model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptionDone:
+    usage: TokenUsage | DurationUsage
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    """The upstream's own limits: (name, limit, remaining) for `requests` and `tokens`."""
+
+    limits: tuple[tuple[str, float, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamError:
+    """The upstream reported an error event inside a session."""
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A frame or body that looked metered but could not be read; reason is a short label value."""
+
+    reason: str
+    detail: str
+
+
+UPSTREAM_ERROR = UpstreamError()
+
+UsageItem = (
+    SessionModels
+    | ResponseRequested
+    | ResponseStarted
+    | FirstDelta
+    | ResponseDone
+    | TranscriptionDone
+    | RateLimits
+    | UpstreamError
+    | Malformed
+)
