@@ -193,7 +193,7 @@ def test_transcription_usage(usage, expected):
 def test_usage_the_gateway_rejects_says_why():
     event = {**RESPONSE_DONE, "response": {"status": "completed", "usage": {"input_tokens": 1, "output_tokens": "2"}}}
     assert realtime_view.prettify(frame(event), Metadata()).endswith(
-        "══ usage: response.done, not metered ══\noutput_tokens is '2', expected a token count"
+        "══ usage: response.done, completed, not metered ══\noutput_tokens is '2', expected a token count"
     )
 
 

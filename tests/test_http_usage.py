@@ -104,9 +104,9 @@ def test_responses_stream_events():
     assert stream.finished
 
 
-def test_failed_response_without_usage_is_missing_usage():
-    item = read_responses_event({"type": "response.failed", "response": {"status": "failed", "usage": None}})
-    assert isinstance(item, Malformed) and item.reason == "missing_usage"
+def test_failed_response_without_usage_still_counts_as_a_response():
+    event = {"type": "response.failed", "response": {"id": "resp_1", "status": "failed", "usage": None}}
+    assert read_responses_event(event) == ResponseDone(None, "failed", "resp_1", unread="missing_usage")
 
 
 def test_malformed_sse_line_is_reported_and_the_stream_goes_on():

@@ -6,10 +6,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ai_gateway.accounting.items import Malformed, ResponseDone, ResponseStarted, SessionModels, TranscriptionDone
+from ai_gateway.accounting.items import (
+    FirstDelta,
+    Malformed,
+    ResponseDone,
+    ResponseRequested,
+    ResponseStarted,
+    SessionModels,
+    TranscriptionDone,
+    UpstreamError,
+)
 from ai_gateway.accounting.usage import MAX_TOKENS, DurationUsage, TokenUsage
-from ai_gateway.protocols.json_events import leading_type
-from ai_gateway.protocols.openai_realtime import delta_response_id, needs_decoding, read_server_event
+from ai_gateway.protocols.json_events import event_type
+from ai_gateway.protocols.openai_realtime import RealtimeProtocol, delta_response_id, needs_decoding, read_server_event
 from ai_gateway.tools.simulators.realtime import EXAMPLE_USAGE
 
 REFERENCE_USAGE = EXAMPLE_USAGE  # the reference documentation's response.done usage
@@ -26,7 +35,7 @@ def response_done(usage: object, status: str = "completed") -> bytes:
 
 
 def read(content: bytes):
-    assert needs_decoding(leading_type(content))
+    assert needs_decoding(event_type(content))
     return read_server_event(content)
 
 
@@ -109,14 +118,56 @@ def test_type_need_not_be_the_first_key():
     assert read(content) == ResponseDone(TokenUsage(1, 2), "other")
 
 
-def test_events_not_shaped_like_openai_events_are_decoded_and_ignored():
-    assert read(frame({"event_id": "e", "type": "response.output_text.delta", "delta": "hi"})) is None
+def test_events_with_their_type_far_from_either_end_are_decoded_and_ignored():
+    event = {"event_id": "e", "padding": "x" * 1000, "type": "response.output_text.delta", "delta": "hi"}
+    assert read(frame(event)) is None
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        frame({"type": "response.output_audio.delta", "delta": "A" * 48_000}),  # OpenAI
+        frame({"event_id": "event_1", "type": "response.output_audio.delta", "delta": "A" * 48_000}),  # DashScope
+        json.dumps({"type": "response.output_audio.delta", "delta": "A" * 48_000}, sort_keys=True).encode(),
+        b'{\n  "event_id" : "e1" ,\n  "type" : "response.output_audio.delta", "delta": "AAAA"\n}\n',
+    ],
+)
+def test_the_type_is_found_without_decoding_first_after_event_id_or_last(content):
+    assert event_type(content) == "response.output_audio.delta"
+    assert not needs_decoding(event_type(content))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        frame({"response": {"type": "response.done"}, "x": 1}),  # a nested type is not the event's
+        frame({"items": [{"type": "response.done"}], "type2": 1}),
+        frame({"response": {"status": "x", "type": "response.done"}}),  # nested, last: `}}` at the end
+        b'{"type":"response\\u002edone","response":{}}',  # escaped: only decoding can tell
+        b'{"delta":"\\"type\\":\\"response.done\\"}"}',  # a type inside a string
+    ],
+)
+def test_a_type_that_is_not_plainly_the_events_own_is_left_to_decoding(content):
+    assert event_type(content) is None
+
+
+def test_sorted_keys_response_done_is_read_and_its_type_found_last():
+    content = json.dumps(
+        {
+            "type": "response.done",
+            "event_id": "e",
+            "response": {"id": "r", "status": "completed", "usage": REFERENCE_USAGE},
+        },
+        sort_keys=True,
+    ).encode()
+    assert event_type(content) == "response.done"
+    assert read(content).usage.input == REFERENCE_USAGE["input_tokens"]
 
 
 def test_deltas_are_not_decoded():
     delta = frame({"type": "response.output_audio.delta", "delta": "A" * 64000})
-    assert not needs_decoding(leading_type(delta))
-    assert not needs_decoding(leading_type(frame({"type": "response.output_text.delta", "delta": "response.done"})))
+    assert not needs_decoding(event_type(delta))
+    assert not needs_decoding(event_type(frame({"type": "response.output_text.delta", "delta": "response.done"})))
 
 
 @pytest.mark.parametrize(
@@ -136,9 +187,10 @@ def test_deltas_are_not_decoded():
         {"input_tokens": 1, "output_tokens": 1, "output_token_details": {"audio_tokens": "9"}},
     ],
 )
-def test_invalid_usage_counts_nothing(usage):
+def test_invalid_usage_counts_the_response_and_bills_nothing(usage):
     event = read(response_done(usage))
-    assert isinstance(event, Malformed) and event.reason == "invalid_usage"
+    reason = "missing_usage" if usage is None else "invalid_usage"
+    assert event == ResponseDone(None, "completed", "r1", unread=reason)
 
 
 @pytest.mark.parametrize(
@@ -146,7 +198,6 @@ def test_invalid_usage_counts_nothing(usage):
     [
         (b"not json response.done", "invalid_json"),
         (b'{"type":"response.done","response":{"usage":{"input_tokens":1', "invalid_json"),
-        (b'{"type":"response.done","response":{"usage":{"input_tokens":1e400,"output_tokens":1}}}', "invalid_usage"),
         (b'{"type":"response.done"}', "invalid_event"),
         (b'{"type":"session.created","session":[]}', "invalid_event"),
         (b'"response.done"', "invalid_event"),
@@ -204,6 +255,8 @@ def test_arbitrary_usage_never_raises_and_counts_only_valid_numbers(usage, kind)
             *(n for _, n in event.usage.input_by_modality + event.usage.output_by_modality),
         ]
         assert all(is_valid_count(n) for n in counts)
+    elif isinstance(event, ResponseDone):  # counted as a response, nothing billed from its usage
+        assert event.usage is None and event.unread in ("missing_usage", "invalid_usage")
     else:
         assert event is None or isinstance(event, (Malformed, TranscriptionDone))
 
@@ -212,7 +265,7 @@ def test_arbitrary_usage_never_raises_and_counts_only_valid_numbers(usage, kind)
 @given(json_values)
 def test_arbitrary_json_events_never_raise(value):
     content = frame({"type": "response.done", "response": value}) if isinstance(value, dict) else frame(value)
-    if needs_decoding(leading_type(content)):
+    if needs_decoding(event_type(content)):
         read_server_event(content)
 
 
@@ -220,6 +273,57 @@ def test_arbitrary_json_events_never_raise(value):
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_never_raise(content):
     for candidate in (content, b'{"type":"response.done"' + content):
-        if needs_decoding(leading_type(candidate)):
+        if needs_decoding(event_type(candidate)):
             event = read_server_event(candidate)
             assert event is None or isinstance(event, (Malformed, ResponseDone, SessionModels, TranscriptionDone))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"type":"response.create","event_id":"c1"}',  # OpenAI's SDKs
+        b'{"event_id":"c1","type":"response.create","response":{}}',  # pipecat
+        json.dumps(
+            {"type": "response.create", "event_id": "c1", "response": {"instructions": "x"}}, sort_keys=True
+        ).encode(),
+        b'{"event_id":"c1","type":"response\\u002ecreate"}',  # escaped
+        b'{"event_id":"c1","type":"input_audio_buffer.append","audio":"","type":"response.create"}',  # named twice
+        b'{"event_id":"c1","type":"response.create","type":"input_audio_buffer.append","audio":""}',
+        b'{"event_id":"c1","padding":"' + b"x" * 4096 + b'","type":"response.create","response":{}}',
+    ],
+)
+def test_a_response_create_is_recognised_in_any_key_order_and_spelling(content):
+    assert RealtimeProtocol().client_frame(content, True) == ResponseRequested(None, "c1")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        frame({"type": "input_audio_buffer.append", "audio": "A" * 6400}),
+        frame({"type": "session.update", "session": {"type": "realtime", "instructions": "response.create"}}),
+        frame({"type": "conversation.item.create", "item": {"type": "response.create"}}),  # nested: not a request
+        b"not json",
+    ],
+)
+def test_other_client_frames_are_not_response_requests(content):
+    assert RealtimeProtocol().client_frame(content, True) is None
+    assert RealtimeProtocol().client_frame(b'{"type":"response.create"}', False) is None  # binary
+
+
+def test_error_events_name_the_client_event_they_refuse():
+    error = {"type": "invalid_request_error", "code": "conversation_already_has_active_response", "event_id": "c2"}
+    for content in (
+        frame({"type": "error", "event_id": "e", "error": error}),
+        json.dumps({"type": "error", "event_id": "e", "error": error}, sort_keys=True).encode(),
+    ):
+        item = RealtimeProtocol().server_frame(content, True)
+        assert item == UpstreamError("c2", "conversation_already_has_active_response")
+
+
+def test_the_first_delta_of_each_started_response_is_reported_once():
+    protocol = RealtimeProtocol()
+    created = frame({"type": "response.created", "response": {"id": "r1"}})
+    delta = frame({"type": "response.output_audio.delta", "response_id": "r1", "delta": "AAAA"})
+    assert protocol.server_frame(created, True) == ResponseStarted("r1")
+    assert protocol.server_frame(delta, True) == FirstDelta("r1")
+    assert protocol.server_frame(delta, True) is None

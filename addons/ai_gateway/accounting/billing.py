@@ -61,6 +61,17 @@ class Accounting:
             self.charge(source, usage.input + (usage.output or 0), cost or 0.0)
         return series
 
+    def unbilled(
+        self, source: Source, labels: ModelLabels, status: str, response_id: str | None, reason: str
+    ) -> Series:
+        """A response whose usage could not be read: it counts, with its status, and bills nothing."""
+        series = self.metrics.series(labels)
+        series.response(status)
+        self.parse_error(source, reason)
+        if self.ledger is not None:
+            self.ledger.append(source, labels, None, status, response_id, None)
+        return series
+
     def charge(self, source: Source, tokens: int, usd: float) -> None:
         assert self.budgets is not None
         now = time.monotonic()

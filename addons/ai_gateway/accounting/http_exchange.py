@@ -42,7 +42,10 @@ class HttpExchange:
             self.problem(Malformed("duplicate_usage", "a second usage in one response"))
             return
         self.billed = done
-        self.accounting.bill(self.source, self.labels(), done.usage, done.status)
+        if done.usage is None:
+            self.accounting.unbilled(self.source, self.labels(), done.status, done.response_id, done.unread or "")
+        else:
+            self.accounting.bill(self.source, self.labels(), done.usage, done.status)
 
     def problem(self, problem: Malformed) -> None:
         self.accounting.parse_error(self.source, problem.reason)
@@ -62,5 +65,5 @@ class HttpExchange:
         series = self.accounting.metrics.series(self.labels())
         series.duration(ended - self.started, error_type)
         if self.streamed and self.first_token is not None:
-            output = self.billed.usage.output if self.billed else None
+            output = self.billed.usage.output if self.billed and self.billed.usage else None
             series.latency(self.first_token - self.started, ended - self.started, output)

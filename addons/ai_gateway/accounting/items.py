@@ -21,9 +21,11 @@ class SessionModels:
 
 @dataclass(frozen=True, slots=True)
 class ResponseRequested:
-    """The client asked for a response (`response.create`); model when the request names one."""
+    """The client asked for a response (`response.create`); model when the request names one,
+    event_id so that the upstream's refusal of it can be told."""
 
     model: str | None = None
+    event_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +44,17 @@ class FirstDelta:
 
 @dataclass(frozen=True, slots=True)
 class ResponseDone:
-    """A finished response and what it billed; response_model None where the session's model applies."""
+    """A finished response and what it billed; response_model None where the session's model applies.
 
-    usage: TokenUsage
+    usage None: the response happened but its usage could not be read; `unread` says why
+    (`missing_usage`, `invalid_usage`). It counts as a response and bills nothing.
+    """
+
+    usage: TokenUsage | None
     status: str = "completed"
     response_id: str | None = None
     response_model: str | None = None
+    unread: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +71,10 @@ class RateLimits:
 
 @dataclass(frozen=True, slots=True)
 class UpstreamError:
-    """The upstream reported an error event inside a session."""
+    """The upstream reported an error inside a session; event_id names the client event it refused."""
+
+    event_id: str | None = None
+    code: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +84,6 @@ class Malformed:
     reason: str
     detail: str
 
-
-UPSTREAM_ERROR = UpstreamError()
 
 UsageItem = (
     SessionModels

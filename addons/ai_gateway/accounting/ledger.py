@@ -29,7 +29,9 @@ class Source:
     client_key: str | None = None  # digest of the credential the client presented
 
 
-def usage_fields(usage: TokenUsage | DurationUsage) -> dict[str, Any]:
+def usage_fields(usage: TokenUsage | DurationUsage | None) -> dict[str, Any]:
+    if usage is None:
+        return {"usage": None}  # a response whose usage could not be read
     if isinstance(usage, DurationUsage):
         return {"audio_seconds": usage.seconds}
     fields: dict[str, Any] = {"input_tokens": usage.input, "output_tokens": usage.output}
@@ -55,7 +57,7 @@ class UsageLedger:
         self,
         source: Source,
         labels: ModelLabels,
-        usage: TokenUsage | DurationUsage,
+        usage: TokenUsage | DurationUsage | None,
         status: str | None,
         response_id: str | None,
         cost_usd: float | None,

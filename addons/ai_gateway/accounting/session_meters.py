@@ -33,6 +33,8 @@ TRANSCRIPTION = "transcription"
 CHAT = "chat"
 # response.create events waiting for their response.created; more than this is not a real client.
 MAX_PENDING_CREATES = 64
+# Response ids remembered per session so that none is billed twice; the oldest are forgotten first.
+MAX_BILLED_IDS = 1024
 
 
 @dataclass
@@ -87,6 +89,8 @@ class SessionMeter:
         self.system = system
         self.request_model = request_model
         self.totals = SessionTotals()
+        self.billed_ids: set[str] = set()
+        self.billed_order: deque[str] = deque(maxlen=MAX_BILLED_IDS)
 
     def apply(self, item: UsageItem) -> Malformed | None:
         """Bill one usage item. Returns the problem when its frame could not be read."""
@@ -96,14 +100,30 @@ class SessionMeter:
         self.accounting.parse_error(self.source, item.reason)
         return item
 
-    def finished(self, labels: ModelLabels, done: ResponseDone) -> Series:
-        """A response ended: billed, and added to the totals people see."""
-        series = self.accounting.bill(self.source, labels, done.usage, done.status, done.response_id)
+    def finished(self, labels: ModelLabels, done: ResponseDone) -> Series | None:
+        """A response ended: billed once (None when its id was billed already), added to the totals."""
+        if done.response_id is not None:
+            if done.response_id in self.billed_ids:
+                self.problem(Malformed("duplicate_usage", f"{done.response_id} was billed already"))
+                return None
+            if done.usage is not None:
+                self.remember_billed(done.response_id)
+        if done.usage is None:
+            series = self.accounting.unbilled(self.source, labels, done.status, done.response_id, done.unread or "")
+        else:
+            series = self.accounting.bill(self.source, labels, done.usage, done.status, done.response_id)
+            self.totals.add(done.usage)
         self.totals.responses += 1
-        self.totals.add(done.usage)
+        self.totals.changed = True
         if done.status == "failed":
             self.totals.error()
         return series
+
+    def remember_billed(self, response_id: str) -> None:
+        if len(self.billed_order) == MAX_BILLED_IDS:
+            self.billed_ids.discard(self.billed_order[0])
+        self.billed_order.append(response_id)
+        self.billed_ids.add(response_id)
 
 
 class RealtimeMeter(SessionMeter):
@@ -113,8 +133,9 @@ class RealtimeMeter(SessionMeter):
         super().__init__(accounting, source, system, request_model)
         self.response_model = UNKNOWN
         self.transcription_model = UNKNOWN
-        # Latency: response.create time, paired in order with response.created, then the first delta.
-        self.pending_creates: deque[float] = deque(maxlen=MAX_PENDING_CREATES)
+        # Latency: response.create (event id, time), paired in order with response.created, then the
+        # first delta; a create the upstream refuses (an error naming its event id) is dropped.
+        self.pending_creates: deque[tuple[str | None, float]] = deque(maxlen=MAX_PENDING_CREATES)
         self.awaiting_first_delta: dict[str, float] = {}
         self.timings: dict[str, tuple[float, float]] = {}
 
@@ -129,16 +150,19 @@ class RealtimeMeter(SessionMeter):
                 created = self.awaiting_first_delta.pop(response_id, None) if response_id is not None else None
                 if created is not None:
                     self.timings[response_id] = (created, time.monotonic())
-            case ResponseRequested():
-                self.pending_creates.append(time.monotonic())
+            case ResponseRequested(event_id=event_id):
+                self.pending_creates.append((event_id, time.monotonic()))
             case ResponseStarted(response_id=response_id):
                 if response_id is not None and self.pending_creates:
-                    self.awaiting_first_delta[response_id] = self.pending_creates.popleft()
+                    self.awaiting_first_delta[response_id] = self.pending_creates.popleft()[1]
             case ResponseDone(response_id=response_id):
                 series = self.finished(self.labels(REALTIME, self.response_model), item)
-                self.latency(series, response_id, item.usage)
-            case UpstreamError():
+                if series is not None and item.usage is not None:
+                    self.latency(series, response_id, item.usage)
+            case UpstreamError(event_id=event_id):
                 self.totals.error()
+                self.accounting.error(self.source, "error_event")
+                self.refused(event_id)
             case SessionModels(model=model, transcription_model=transcription_model):
                 self.response_model = self.totals.model = model or self.response_model
                 self.transcription_model = transcription_model or self.transcription_model
@@ -154,6 +178,15 @@ class RealtimeMeter(SessionMeter):
             case Malformed():
                 return self.problem(item)
         return None
+
+    def refused(self, event_id: str | None) -> None:
+        """The upstream refused a client event: if it was a response.create, no response follows it."""
+        if event_id is None:
+            return
+        for pending in self.pending_creates:
+            if pending[0] == event_id:
+                self.pending_creates.remove(pending)
+                return
 
     def latency(self, series: Series, response_id: str | None, usage: TokenUsage) -> None:
         if response_id is None:

@@ -13,14 +13,37 @@ from typing import Any
 
 from ai_gateway.accounting.items import Malformed
 
-# OpenAI's servers send each event's type first; this reads it without decoding the frame.
-_LEADING_TYPE = re.compile(rb'\s*\{\s*"type"\s*:\s*"([a-z0-9_.]{1,128})"')
+# An event's type as a member `"type": "<name>"`. Inside a JSON string every `"` is escaped, so the
+# pattern can only be a member name and its value; an escaped name (`response\u002ecreate`) does
+# not match, and such a frame is decoded in full.
+_TYPE_MEMBER = re.compile(rb'"type"\s*:\s*"([a-z0-9_.]{1,128})"')
+# The type as the last member of the event: what servers that sort keys (openai-python models
+# serialised alphabetically) send. One closing brace after it means the top level.
+_TRAILING_TYPE = re.compile(rb'"type"\s*:\s*"([a-z0-9_.]{1,128})"\s*\}\s*$')
+# Where the type is looked for: near the start (OpenAI puts it first; pipecat and DashScope put
+# `event_id` before it) and at the very end; never in the middle of a 100 KB audio payload.
+HEAD_BYTES = 512
+TAIL_BYTES = 256
 
 
-def leading_type(content: bytes) -> str | None:
-    """The event type when the frame starts with it, as OpenAI's events do; read without decoding."""
-    match = _LEADING_TYPE.match(content)
-    return match.group(1).decode() if match else None
+def event_type(content: bytes) -> str | None:
+    """The event's top-level type, read without decoding the frame; None when it is not plainly
+    near the start or at the end (then only decoding can tell).
+
+    Near the start, the member counts as the event's own only when no object or array opened
+    before it: `{"event_id": "e1", "type": ...}` does, `{"response": {"type": ...` does not.
+    """
+    head = _TYPE_MEMBER.search(content, 0, HEAD_BYTES)
+    if head is not None and content.count(b"{", 0, head.start()) == 1 and content.find(b"[", 0, head.start()) < 0:
+        return head.group(1).decode()
+    tail = _TRAILING_TYPE.search(content, max(len(content) - TAIL_BYTES, 0))
+    return tail.group(1).decode() if tail is not None else None
+
+
+def names_type_twice(content: bytes) -> bool:
+    """Whether the frame names a type twice (`{"type": "a", ..., "type": "b"}`): which one a server
+    honours is its parser's choice, so such a frame must be decoded, not classified by its first."""
+    return content.count(b'"type"') > 1
 
 
 def decode_json(data: bytes, not_object: str = "invalid_json") -> dict[str, Any] | Malformed:

@@ -9,6 +9,7 @@ on its WebSocket mode alike), Embeddings only as input tokens.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 from ai_gateway.accounting.items import FirstDelta, Malformed, ResponseDone
@@ -77,8 +78,20 @@ def _billed(document: dict[str, Any], shape: UsageShape, status: str) -> Respons
         usage = parse_usage(document["usage"], shape)
     except InvalidUsage as e:
         return Malformed("invalid_usage", str(e))
-    model = document.get("model")
-    return ResponseDone(usage, status, response_model=model if isinstance(model, str) and model else None)
+    return ResponseDone(usage, status, response_model=_string(document.get("model")))
+
+
+def _final_response(response: dict[str, Any], status: str) -> ResponseDone:
+    """A Responses API response that ended: counted whatever its usage, billed when the usage is whole."""
+    done = _billed(response, RESPONSES_USAGE, status)
+    response_id = _string(response.get("id"))
+    if isinstance(done, Malformed):
+        return ResponseDone(None, status, response_id, _string(response.get("model")), unread=done.reason)
+    return replace(done, response_id=response_id)
+
+
+def _string(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def read_completions_chunk(chunk: dict[str, Any]) -> StreamItem | None:
@@ -107,7 +120,7 @@ def read_responses_event(event: dict[str, Any]) -> StreamItem | None:
         response = event.get("response")
         if not isinstance(response, dict):
             return Malformed("invalid_event", f"{kind} without a response object")
-        return _billed(response, RESPONSES_USAGE, kind.removeprefix("response."))
+        return _final_response(response, kind.removeprefix("response."))
     return None
 
 

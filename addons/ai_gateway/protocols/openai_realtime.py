@@ -1,8 +1,10 @@
 """OpenAI's Realtime API over WebSocket: client and server events turned into usage items.
 
 Most of a voice session is audio deltas of 6-100 KB of base64, and the relay hook runs
-synchronously for every frame, so the event type is read from the first bytes of the frame
-and only the few metered event types are ever JSON-decoded.
+synchronously for every frame, so the event type is read without decoding (near the start, or
+at the very end for servers that sort keys) and only the few metered event types are decoded.
+Client events other than audio appends are small, and are decoded: whatever the key order or
+escaping, a `response.create` is recognised.
 """
 
 from __future__ import annotations
@@ -10,11 +12,11 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from dataclasses import replace
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from ai_gateway.accounting.items import (
-    UPSTREAM_ERROR,
     FirstDelta,
     Malformed,
     RateLimits,
@@ -23,23 +25,29 @@ from ai_gateway.accounting.items import (
     ResponseStarted,
     SessionModels,
     TranscriptionDone,
+    UpstreamError,
     UsageItem,
 )
 from ai_gateway.accounting.usage import InvalidUsage, parse_realtime_usage, parse_transcription_usage
-from ai_gateway.protocols.json_events import decode_json, leading_type
+from ai_gateway.protocols.json_events import decode_json, event_type, names_type_twice
 
 ERROR = "error"
+AUDIO_APPEND = "input_audio_buffer.append"
 RESPONSE_CREATE = "response.create"
 RESPONSE_CREATED = "response.created"
 RESPONSE_DONE = "response.done"
 SESSION_CREATED = "session.created"
 SESSION_UPDATED = "session.updated"
+# The beta API's transcription-only sessions announce their model in these.
+SESSION_EVENTS = frozenset(
+    {SESSION_CREATED, SESSION_UPDATED, "transcription_session.created", "transcription_session.updated"}
+)
 TRANSCRIPTION_COMPLETED = "conversation.item.input_audio_transcription.completed"
 RATE_LIMITS_UPDATED = "rate_limits.updated"
 RATE_LIMIT_NAMES = frozenset({"requests", "tokens"})
 RESPONSE_STATUSES = frozenset({"completed", "cancelled", "failed", "incomplete", "in_progress"})
 METERED_EVENTS = frozenset(
-    {RESPONSE_CREATED, RESPONSE_DONE, SESSION_CREATED, SESSION_UPDATED, TRANSCRIPTION_COMPLETED, RATE_LIMITS_UPDATED}
+    {ERROR, RESPONSE_CREATED, RESPONSE_DONE, TRANSCRIPTION_COMPLETED, RATE_LIMITS_UPDATED, *SESSION_EVENTS}
 )
 # Started responses whose first delta is still awaited; more than this is not a real upstream.
 MAX_AWAITED_RESPONSES = 64
@@ -64,14 +72,15 @@ class RealtimeProtocol:
         self.awaiting_first_delta: set[str] = set()
 
     def client_frame(self, content: bytes, is_text: bool) -> UsageItem | None:
-        if is_text and leading_type(content) == RESPONSE_CREATE:
-            return ResponseRequested()
-        return None
+        """A `response.create`, recognised in any key order and spelling; audio appends stay unread."""
+        if not is_text or (event_type(content) == AUDIO_APPEND and not names_type_twice(content)):
+            return None
+        return read_client_event(content)
 
     def server_frame(self, content: bytes, is_text: bool) -> UsageItem | None:
         if not is_text:
             return Malformed("binary", f"{len(content)} bytes")
-        kind = leading_type(content)
+        kind = event_type(content)
         if needs_decoding(kind):
             item = read_server_event(content)
             if isinstance(item, ResponseStarted) and item.response_id is not None:
@@ -80,8 +89,6 @@ class RealtimeProtocol:
             elif isinstance(item, ResponseDone) and item.response_id is not None:
                 self.awaiting_first_delta.discard(item.response_id)
             return item
-        if kind == ERROR:
-            return UPSTREAM_ERROR
         if self.awaiting_first_delta:
             response_id = delta_response_id(content)
             if response_id in self.awaiting_first_delta:
@@ -114,6 +121,30 @@ def needs_decoding(kind: str | None) -> bool:
     return kind is None or kind in METERED_EVENTS
 
 
+def read_client_event(content: bytes) -> ResponseRequested | None:
+    """A client event decoded: a response request, when any `type` member of it asks for one.
+
+    A frame naming its type twice is read as a request if either name asks for one: which of the
+    two the upstream honours is its JSON parser's choice, and a budget must not depend on it.
+    """
+    top: list[tuple[str, Any]] = []
+
+    def members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal top
+        top = pairs  # objects close innermost first: the last one is the event itself
+        return dict(pairs)
+
+    try:
+        event = json.loads(content, object_pairs_hook=members)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(event, dict) or ("type", RESPONSE_CREATE) not in top:
+        return None
+    response = event.get("response")
+    model = response.get("model") if isinstance(response, dict) else None
+    return ResponseRequested(_string(model), _string(event.get("event_id")))
+
+
 def read_server_event(content: bytes) -> UsageItem | None:
     """Decode a server frame for which needs_decoding() was true. None: not metered after all."""
     event = decode_json(content, not_object="invalid_event")
@@ -123,12 +154,14 @@ def read_server_event(content: bytes) -> UsageItem | None:
     try:
         if kind == RESPONSE_DONE:
             return read_response_done(event)
+        if kind == ERROR:
+            return read_error(event)
         if kind == RESPONSE_CREATED:
             response = event.get("response")
             return ResponseStarted(_string(response.get("id")) if isinstance(response, dict) else None)
         if kind == TRANSCRIPTION_COMPLETED:
             return TranscriptionDone(parse_transcription_usage(event.get("usage")))
-        if kind in (SESSION_CREATED, SESSION_UPDATED):
+        if kind in SESSION_EVENTS:
             return read_session(event)
         if kind == RATE_LIMITS_UPDATED:
             return read_rate_limits(event)
@@ -140,15 +173,29 @@ def read_server_event(content: bytes) -> UsageItem | None:
 
 
 def read_response_done(event: dict[str, Any]) -> ResponseDone:
+    """A finished response: counted whatever its usage, billed only when the usage is whole."""
     response = event.get("response")
     if not isinstance(response, dict):
         raise InvalidEvent("response is missing or not an object")
     status = response.get("status")
-    return ResponseDone(
-        usage=parse_realtime_usage(response.get("usage")),
+    done = ResponseDone(
+        usage=None,
         status=status if status in RESPONSE_STATUSES else "other",
         response_id=_string(response.get("id")),
     )
+    if response.get("usage") is None:
+        return replace(done, unread="missing_usage")
+    try:
+        return replace(done, usage=parse_realtime_usage(response["usage"]))
+    except InvalidUsage:
+        return replace(done, unread="invalid_usage")
+
+
+def read_error(event: dict[str, Any]) -> UpstreamError:
+    error = event.get("error")
+    if not isinstance(error, dict):
+        return UpstreamError()
+    return UpstreamError(_string(error.get("event_id")), _string(error.get("code")))
 
 
 def read_rate_limits(event: dict[str, Any]) -> RateLimits:

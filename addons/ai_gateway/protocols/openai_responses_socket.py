@@ -6,7 +6,7 @@ Its events are the ones Responses streams over SSE, so the same reader bills eac
 from __future__ import annotations
 
 from ai_gateway.accounting.items import Malformed, ResponseRequested, UsageItem
-from ai_gateway.protocols.json_events import decode_json, leading_type
+from ai_gateway.protocols.json_events import decode_json, event_type
 from ai_gateway.protocols.openai_http import RESPONSES_FINAL_EVENTS, read_responses_event
 from ai_gateway.protocols.openai_realtime import RESPONSE_CREATE
 
@@ -16,7 +16,7 @@ class ResponsesSocketProtocol:
 
     def client_frame(self, content: bytes, is_text: bool) -> UsageItem | None:
         """The model of the next response comes with its response.create."""
-        if not is_text or leading_type(content) != RESPONSE_CREATE:
+        if not is_text or event_type(content) != RESPONSE_CREATE:
             return None
         document = decode_json(content)
         model = document.get("model") if isinstance(document, dict) else None
@@ -25,7 +25,7 @@ class ResponsesSocketProtocol:
     def server_frame(self, content: bytes, is_text: bool) -> UsageItem | None:
         if not is_text:
             return Malformed("binary", f"{len(content)} bytes")
-        kind = leading_type(content)
+        kind = event_type(content)
         if kind is not None and kind not in RESPONSES_FINAL_EVENTS:
             return None
         document = decode_json(content)

@@ -23,9 +23,10 @@ from ai_gateway.accounting.usage import (
     DurationUsage,
     InvalidUsage,
     TokenUsage,
+    parse_realtime_usage,
     parse_transcription_usage,
 )
-from ai_gateway.protocols.json_events import decode_json, leading_type
+from ai_gateway.protocols.json_events import decode_json, event_type
 from ai_gateway.protocols.openai_http import read_completions_chunk, read_responses_event
 from ai_gateway.protocols.openai_realtime import (
     RESPONSE_DONE,
@@ -91,7 +92,7 @@ def _websocket_flow(metadata: Metadata) -> http.HTTPFlow | None:
 
 
 def _is_openai_event(data: bytes) -> bool:
-    kind = leading_type(data)
+    kind = event_type(data)
     return kind is not None and kind.split(".", 1)[0] in _OPENAI_NAMESPACES
 
 
@@ -155,6 +156,8 @@ def _usage_block(event: dict[str, Any]) -> str | None:
     try:
         if kind == RESPONSE_DONE:
             done = read_response_done(event)
+            if done.usage is None:  # counted as a response, billed nothing: say why
+                return _banner(f"{RESPONSE_DONE}, {done.status}, not metered", [_unread_usage(event)])
             return _banner(f"{RESPONSE_DONE}, {done.status}", _usage_table(done.usage))
         if kind == TRANSCRIPTION_COMPLETED:
             return _banner("transcription", _transcription_lines(parse_transcription_usage(event.get("usage"))))
@@ -162,10 +165,21 @@ def _usage_block(event: dict[str, Any]) -> str | None:
         return _banner(f"{kind}, not metered", [str(e)])
     billed = read_completions_chunk(event) if event.get("object") == COMPLETIONS_CHUNK else read_responses_event(event)
     if isinstance(billed, ResponseDone):
-        return _banner(f"{billed.response_model or 'model unknown'}, {billed.status}", _usage_table(billed.usage))
+        title = f"{billed.response_model or 'model unknown'}, {billed.status}"
+        if billed.usage is None:
+            return _banner(f"{title}, not metered", [billed.unread or ""])
+        return _banner(title, _usage_table(billed.usage))
     if isinstance(billed, Malformed):
         return _banner("not metered", [f"{billed.reason}: {billed.detail}"])
     return None
+
+
+def _unread_usage(event: dict[str, Any]) -> str:
+    try:
+        parse_realtime_usage(event["response"].get("usage"))
+    except InvalidUsage as e:
+        return str(e)
+    return "no usage"
 
 
 def _transcription_lines(usage: TokenUsage | DurationUsage) -> list[str]:

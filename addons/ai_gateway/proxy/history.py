@@ -16,7 +16,7 @@ from typing import Any
 from mitmproxy.websocket import WebSocketMessage
 
 from ai_gateway.accounting.items import Malformed
-from ai_gateway.protocols.json_events import decode_json, leading_type
+from ai_gateway.protocols.json_events import decode_json, event_type
 
 # The field holding base64 PCM16 audio, per event type (beta and GA names; the client's append).
 AUDIO_FIELDS: dict[str, str] = {
@@ -57,7 +57,7 @@ def strip_audio(content: bytes) -> bytes | None:
     Called for every frame of a session, so the type is read from the leading bytes and an audio
     string is cut out of the bytes; a frame is decoded only when its bytes are not plain enough.
     """
-    kind = leading_type(content)
+    kind = event_type(content)
     if kind is None:
         return _strip_decoded(content) if any(marker in content for marker in _AUDIO_TYPE_MARKERS) else None
     field = AUDIO_FIELDS.get(kind)

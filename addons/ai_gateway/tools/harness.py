@@ -192,6 +192,7 @@ class _Shape:
 
 _SHAPES = {
     "response": _Shape("realtime", "input_tokens", "output_tokens", "input_token_details", "output_token_details"),
+    "unbilled_response": _Shape("realtime", "", None, "", None),
     "transcription": _Shape(
         "transcription", "input_tokens", "output_tokens", "input_token_details", "output_token_details", False
     ),
@@ -227,6 +228,8 @@ def expected_samples(
         }
         if shape.counts_responses:
             add("gen_ai_client_responses_total", {**labels, "status": entry.status}, 1)
+        if entry.kind == "unbilled_response":
+            continue
         if usage.get("type") == "duration":
             add("gen_ai_client_transcription_audio_seconds_total", labels, usage["seconds"])
             continue

@@ -70,7 +70,7 @@ class SentUsage:
     """One usage object as it went out on the wire: the ground truth for the gateway's metrics."""
 
     session_id: str
-    kind: str  # "response" or "transcription"
+    kind: str  # "response", "transcription", or "unbilled_response" (a response.done whose usage is unusable)
     request_model: str  # the model/deployment query value, or "unknown" when absent
     response_model: str  # resolved snapshot for responses; transcription model for transcriptions
     status: str  # response status; "completed" for transcriptions
@@ -85,6 +85,9 @@ class Handshake:
     query: dict[str, str]
     headers: list[tuple[str, str]]  # lower-cased names, every value, in arrival order
     session_id: str | None  # None when the handshake was rejected
+
+
+KEY_ORDERS = ("openai", "sorted", "event_id_first")
 
 
 @dataclass(frozen=True)
@@ -141,6 +144,7 @@ class _Session:
     model: str | None  # None in a transcription session
     config: dict[str, Any]
     buffered_audio: int = 0  # bytes appended since the last commit
+    active_responses: int = 0
     transcriptions: int = 0
 
     @property
@@ -160,6 +164,8 @@ class _Plan:
     audio: bool
     audio_deltas: int
     metadata: dict[str, Any] | None
+    usage_null: bool  # response.done says `usage: null`, as the SDK's types allow
+    repeat_done: bool  # response.done goes out twice, as a faulty upstream might send it
 
 
 def resolve_model(model: str | None) -> str:
@@ -187,6 +193,16 @@ def junk_frames() -> list[str | bytes]:
         _junk_done("x" * 65_536),  # huge
         '{"type":"response.done","response":' + "[" * 50_000 + "]" * 50_000 + "}",  # deeply nested
     ]
+
+
+def is_unbilled_response(frame: str | bytes) -> bool:
+    """A `response.done` text event whose response object is readable but whose usage is not: the
+    response happened (it counts, with its status), its tokens cannot be known."""
+    try:
+        event = json.loads(frame) if isinstance(frame, str) else None
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(event, dict) and event.get("type") == "response.done" and isinstance(event.get("response"), dict)
 
 
 def _junk_done(usage: Any) -> str:
@@ -355,6 +371,8 @@ def _plan(response: dict[str, Any], session: _Session, default_deltas: int) -> _
         audio=not isinstance(modalities, list) or "audio" in modalities,
         audio_deltas=default_deltas if deltas is None else _count(deltas, "response.metadata.sim_deltas"),
         metadata=response.get("metadata"),
+        usage_null=metadata.get("sim_usage") == "null",
+        repeat_done=metadata.get("sim_repeat_done") == "1",
     )
 
 
@@ -370,8 +388,16 @@ class Simulator:
         transcript_deltas: int = 5,
         audio_bytes: int = 4800,
         ssl_context: ssl.SSLContext | None = None,
+        key_order: str = "openai",
+        exclusive_responses: bool = False,
     ) -> None:
+        if key_order not in KEY_ORDERS:
+            raise ValueError(f"key_order must be one of {', '.join(KEY_ORDERS)}")
         self.host = host
+        self.key_order = key_order
+        # OpenAI refuses a response.create while a response is in progress; by default the simulator
+        # runs them concurrently, which the gateway must meter too.
+        self.exclusive_responses = exclusive_responses
         self.ssl_context = ssl_context
         self.port = port
         self.audio_deltas = audio_deltas
@@ -496,6 +522,11 @@ class Simulator:
         if model is None:
             raise ClientError("invalid_request", "transcription sessions do not create responses")
         plan = _plan(_object_field(event, "response", "response"), session, self.audio_deltas)
+        if self.exclusive_responses and session.active_responses:
+            raise ClientError(
+                "conversation_already_has_active_response",
+                "Conversation already has an active response in progress. Wait until the response is finished.",
+            )
         session.tasks.create_task(self._respond(session, model, plan))
 
     async def _append_audio(self, session: _Session, event: dict[str, Any]) -> None:
@@ -519,10 +550,17 @@ class Simulator:
             usage=usage,
         )
         entry = SentUsage(session.id, "transcription", session.request_model, model, "completed", usage)
-        await self._send_usage(session, entry, json.dumps(completed))
+        await self._send_usage(session, entry, self._dumps(completed))
 
     async def _respond(self, session: _Session, model: str, plan: _Plan) -> None:
         """One response, start to response.done; runs as its own task so responses interleave."""
+        session.active_responses += 1
+        try:
+            await self._run_response(session, model, plan)
+        finally:
+            session.active_responses -= 1
+
+    async def _run_response(self, session: _Session, model: str, plan: _Plan) -> None:
         response_id, item_id = self._id("resp"), self._id("item")
         response = _response(response_id, "in_progress", plan.metadata, None)
         await self._send_event(session, self._event("response.created", response=response))
@@ -530,16 +568,23 @@ class Simulator:
         for delta in self._deltas(session.dialect, plan, response_id, item_id):
             await self._send_event(session, delta)
         for frame in junk_frames() * plan.junk:
-            await self._send_frame(session, frame)
+            if is_unbilled_response(frame):  # a response all the same: counted with its status, no tokens
+                entry = SentUsage(session.id, "unbilled_response", session.request_model, model, "completed", {})
+                await self._send_usage(session, entry, frame)
+            else:
+                await self._send_frame(session, frame)
             self.junk_sent += 1
         if plan.fault is not None:
             await self._fail(session, plan.fault)
             return
-        usage = _response_usage(self._rng)
-        entry = SentUsage(session.id, "response", session.request_model, model, plan.status, usage)
+        usage = None if plan.usage_null else _response_usage(self._rng)
+        kind = "unbilled_response" if usage is None else "response"
+        entry = SentUsage(session.id, kind, session.request_model, model, plan.status, usage or {})
         response = _response(response_id, plan.status, plan.metadata, usage)
-        done = json.dumps(self._event("response.done", response=response))
+        done = self._dumps(self._event("response.done", response=response))
         await self._send_usage(session, entry, _fragments(done) if plan.fragment else done)
+        if plan.repeat_done:  # the same response, billed once: the ledger has it once
+            await self._send_frame(session, done)
 
     async def _fail(self, session: _Session, fault: str) -> None:
         """A response that never finishes: no usage is sent, so none is ledgered."""
@@ -572,7 +617,16 @@ class Simulator:
             raise
 
     async def _send_event(self, session: _Session, event: dict[str, Any]) -> None:
-        await self._send_frame(session, json.dumps(event))
+        await self._send_frame(session, self._dumps(event))
+
+    def _dumps(self, event: dict[str, Any]) -> str:
+        """An event as servers serialise it: OpenAI type first, DashScope and pipecat event_id first,
+        servers that dump openai-python models with sorted keys (type last)."""
+        if self.key_order == "sorted":
+            return json.dumps(event, sort_keys=True)
+        if self.key_order == "event_id_first":
+            return json.dumps({"event_id": event.get("event_id"), **event})
+        return json.dumps(event)
 
     async def _send_frame(self, session: _Session, frame: str | bytes | list[str]) -> None:
         """A list of strings goes out as one fragmented message. Yields after every frame so
