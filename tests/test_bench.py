@@ -19,7 +19,7 @@ import yaml
 
 from ai_gateway.config.policy import DEFAULT_POLICY, load_policy
 from ai_gateway.tools.bench.litellm import CALLBACK_SOURCE, USAGE_LOG_ENV, Metered, Tally, read_log, write_config
-from ai_gateway.tools.bench.suite import (
+from ai_gateway.tools.bench.relay import (
     BEGIN,
     BENCHMARKS,
     CONFIGS,
@@ -43,7 +43,7 @@ def test_smoke_run_writes_a_table_with_exact_accounting(tmp_path: Path) -> None:
     before = BENCHMARKS.read_bytes() if BENCHMARKS.exists() else None
     output = tmp_path / "BENCH.md"
     result = subprocess.run(
-        [sys.executable, "-m", "ai_gateway.tools.bench.suite", "--smoke", "--output", str(output)],
+        [sys.executable, "-m", "ai_gateway.tools.bench.relay", "--smoke", "--output", str(output)],
         capture_output=True,
         text=True,
         timeout=120,
