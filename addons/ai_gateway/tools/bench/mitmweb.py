@@ -19,7 +19,7 @@ from pathlib import Path
 
 import websockets
 
-from ai_gateway.tools.bench.relay import BareMitmdump
+from ai_gateway.tools.bench.configs import BareMitmdump
 from ai_gateway.tools.debug import web_url
 from ai_gateway.tools.harness import GatewayProcess, free_port
 from ai_gateway.tools.simulators.realtime import SimulatorThread
