@@ -18,23 +18,11 @@ import pytest
 import yaml
 
 from ai_gateway.config.policy import DEFAULT_POLICY, load_policy
+from ai_gateway.tools.bench.__main__ import parse_args
+from ai_gateway.tools.bench.configs import CONFIGS, DEFAULT_CONFIGS, LITELLM, Workdir, keep_compression_policy
 from ai_gateway.tools.bench.litellm import CALLBACK_SOURCE, USAGE_LOG_ENV, Metered, Tally, read_log, write_config
-from ai_gateway.tools.bench.suite import (
-    BEGIN,
-    BENCHMARKS,
-    CONFIGS,
-    DEFAULT_CONFIGS,
-    END,
-    LITELLM,
-    PLOT_NAME,
-    Target,
-    Workdir,
-    keep_compression_policy,
-    parse_args,
-    percentile,
-    serpentine,
-    splice,
-)
+from ai_gateway.tools.bench.measure import percentile, serpentine
+from ai_gateway.tools.bench.report import BEGIN, BENCHMARKS, END, PLOT_NAME, Target, splice
 from ai_gateway.tools.loadgen import Traffic, event_type, pcm16_bytes
 from ai_gateway.tools.simulators.realtime import EXAMPLE_USAGE, SentUsage
 
@@ -43,7 +31,7 @@ def test_smoke_run_writes_a_table_with_exact_accounting(tmp_path: Path) -> None:
     before = BENCHMARKS.read_bytes() if BENCHMARKS.exists() else None
     output = tmp_path / "BENCH.md"
     result = subprocess.run(
-        [sys.executable, "-m", "ai_gateway.tools.bench.suite", "--smoke", "--output", str(output)],
+        [sys.executable, "-m", "ai_gateway.tools.bench", "--smoke", "--output", str(output)],
         capture_output=True,
         text=True,
         timeout=120,

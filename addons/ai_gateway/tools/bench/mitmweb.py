@@ -15,11 +15,12 @@ import time
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
+import psutil
 import websockets
 
-from ai_gateway.tools.bench.suite import BareMitmdump
+from ai_gateway.tools.bench.configs import BareMitmdump
+from ai_gateway.tools.bench.measure import MB, rss_mb
 from ai_gateway.tools.debug import web_url
 from ai_gateway.tools.harness import GatewayProcess, free_port
 from ai_gateway.tools.simulators.realtime import SimulatorThread
@@ -41,11 +42,6 @@ CONFIGURATIONS: dict[str, dict[str, str] | None] = {
     "mitmweb + gateway (audio placeholders)": {"gateway_strip_audio": "true"},
     "mitmweb + gateway (full audio kept)": {"gateway_strip_audio": "false"},
 }
-
-
-def rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) / 1024
 
 
 async def relay(url: str, messages: int) -> tuple[float, float]:
@@ -71,7 +67,7 @@ def measure(name: str, options: dict[str, str] | None, upstream: str, messages: 
         url = gateway.url.replace("http://", "ws://") + "/v1/realtime?model=gpt-realtime"
         early, late = asyncio.run(relay(url, messages))
         assert gateway.process is not None
-        return Run(name, early, late, kept_mb(gateway, int(web[1])), rss_mb(gateway.process.pid))
+        return Run(name, early, late, kept_mb(gateway, int(web[1])), rss_mb(psutil.Process(gateway.process.pid)))
 
 
 def kept_mb(gateway: GatewayProcess, web_port: int) -> float:
@@ -80,7 +76,7 @@ def kept_mb(gateway: GatewayProcess, web_port: int) -> float:
     request = urllib.request.Request(f"http://127.0.0.1:{web_port}/flows", headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=30) as response:
         flows = json.loads(response.read())
-    return sum(f["websocket"]["messages_meta"]["contentLength"] for f in flows if f.get("websocket")) / 2**20
+    return sum(f["websocket"]["messages_meta"]["contentLength"] for f in flows if f.get("websocket")) / MB
 
 
 def table(runs: Sequence[Run], messages: int) -> str:

@@ -11,7 +11,7 @@ simulator's ledger: a fast but wrong gateway fails instead of winning.
 
 On a shared machine the gateway's CPU seconds are steadier than wall time; the load's own CPU
 seconds show when the clients and the simulator, not the gateway, set the pace (on 2 cores they
-take most of a core, which caps what `--workers 2` can show). Linux only: it reads /proc.
+take most of a core, which caps what `--workers 2` can show).
 
 `dispatch_cost()` times mitmproxy's hook dispatch alone for one WebSocket message, in process.
 
@@ -24,14 +24,13 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
+import psutil
 from mitmproxy import hooks, options
 from mitmproxy.addonmanager import AddonManager
 from mitmproxy.master import Master
@@ -42,6 +41,7 @@ from websockets.asyncio.client import connect
 
 from ai_gateway.launcher.serve import GatewayMaster, HookDispatch
 from ai_gateway.proxy.addon import Gateway
+from ai_gateway.tools.bench.measure import cpu_seconds, rss_mb, serpentine
 from ai_gateway.tools.harness import GatewayProcess, scrape, select
 from ai_gateway.tools.simulators.realtime import Simulator, SimulatorThread
 
@@ -52,7 +52,6 @@ CONFIGS: dict[str, dict[str, object]] = {
     "serve-workers2": {"launcher": "serve", "args": ["--workers", "2"]},
 }
 RESPONSES_TOTAL = "agentgateway_gen_ai_client_responses_total"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -70,26 +69,15 @@ class Results:
     rss_loaded_mb: dict[str, list[float]] = field(default_factory=dict)  # per process, after the last round
 
 
-def process_tree(pid: int) -> list[int]:
-    """The process and its children (a supervisor's workers), from /proc."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [pid, *map(int, children)]
+def process_tree(gateway: GatewayProcess) -> list[psutil.Process]:
+    """The gateway's process and its children (a supervisor's workers)."""
+    assert gateway.process is not None
+    process = psutil.Process(gateway.process.pid)
+    return [process, *process.children()]
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """User plus system time, fields 14 and 15 of /proc/PID/stat (after the parenthesised name)."""
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / CLOCK_TICKS
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise ValueError(f"no VmRSS for {pid}")
+def gateway_cpu(processes: Sequence[psutil.Process]) -> float:
+    return sum(cpu_seconds(process) for process in processes)
 
 
 async def session(url: str, responses: int) -> int:
@@ -113,11 +101,10 @@ async def load(http_url: str, model: str, sessions: int, responses: int) -> int:
 
 
 def run_round(gateway: GatewayProcess, simulator: Simulator, model: str, sessions: int, responses: int) -> Round:
-    assert gateway.process is not None
-    pids = process_tree(gateway.process.pid)
-    cpu_before, load_before, started = cpu_seconds(pids), time.process_time(), time.perf_counter()
+    processes = process_tree(gateway)
+    cpu_before, load_before, started = gateway_cpu(processes), time.process_time(), time.perf_counter()
     frames = asyncio.run(load(gateway.url, model, sessions, responses))
-    seconds, cpu = time.perf_counter() - started, cpu_seconds(pids) - cpu_before
+    seconds, cpu = time.perf_counter() - started, gateway_cpu(processes) - cpu_before
     load_cpu = time.process_time() - load_before
     metered = sum(v for (name, _), v in select(scrape(gateway.metrics_url), gen_ai_request_model=model).items()
                   if name == RESPONSES_TOTAL)  # fmt: skip
@@ -127,15 +114,8 @@ def run_round(gateway: GatewayProcess, simulator: Simulator, model: str, session
     return Round(seconds, cpu, load_cpu, frames)
 
 
-def serpentine(names: Sequence[str], rounds: int) -> Iterator[tuple[int, str]]:
-    for n in range(rounds):
-        for name in names if n % 2 == 0 else reversed(names):
-            yield n, name
-
-
 def process_rss(gateway: GatewayProcess) -> list[float]:
-    assert gateway.process is not None
-    return [rss_mb(pid) for pid in process_tree(gateway.process.pid)]
+    return [rss_mb(process) for process in process_tree(gateway)]
 
 
 def compare(

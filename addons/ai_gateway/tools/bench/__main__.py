@@ -1,0 +1,114 @@
+"""scripts/bench: what the gateway costs on top of mitmproxy, measured side by side in one run.
+
+These machines are shared and noisy, so absolute figures drift from run to run; what holds is a
+comparison made within one run. Every relay figure is therefore measured for all configurations
+in the same run, round after round, in serpentine order (relay.py), and the gateway is reported
+as a ratio to bare mitmdump. Memory is measured on fresh processes (memory.py), and the per-frame
+hook cost in-process (hooks.py). Every phase also checks the accounting (checks.py): a difference
+makes the run fail. report.py writes BENCHMARKS.md and the RSS plot.
+
+    python -m ai_gateway.tools.bench [--smoke] [--output FILE] [--configs …]   (what scripts/bench runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from ai_gateway.tools.bench.configs import CONFIGS, DEFAULT_CONFIGS, LITELLM
+from ai_gateway.tools.bench.litellm import install
+from ai_gateway.tools.bench.report import BENCHMARKS, PLOT_NAME, document, plot, splice
+from ai_gateway.tools.bench.runner import Bench
+
+# The sizes of a run: flag, type, default, what it sizes.
+SIZES: tuple[tuple[str, type, float, str], ...] = (
+    ("--rounds", int, 8, "rounds over all configurations"),
+    ("--seconds", float, 3, "per load, configuration and round"),
+    ("--sessions", int, 8, "concurrent sessions, throughput"),
+    ("--latency-sessions", int, 8, "paced sessions, latency"),
+    ("--appends", int, 10, "client audio appends per turn"),
+    ("--append-ms", float, 100, "audio per client append"),
+    ("--audio-deltas", int, 24, "server audio deltas per response"),
+    ("--delta-ms", float, 100, "audio per server delta"),
+    ("--transcript-deltas", int, 6, "per response"),
+    ("--soak-mb", float, 250, "payload of the long session"),
+    ("--churn-sessions", int, 50, "sessions opened and closed"),
+    ("--churn-turns", int, 2, "turns per churn session"),
+    ("--hook-iterations", int, 200_000, "calls per hook timing"),
+)
+# What --smoke shrinks them to, where the command line does not set them.
+SMOKE = {
+    "rounds": 1,
+    "seconds": 0.5,
+    "sessions": 2,
+    "latency_sessions": 2,
+    "appends": 3,
+    "audio_deltas": 6,
+    "soak_mb": 3.0,
+    "churn_sessions": 3,
+    "churn_turns": 1,
+    "hook_iterations": 2000,
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="a few seconds' run for CI; writes to a new temp directory")
+    p.add_argument("--output", type=Path, help="the Markdown file to write (default: BENCHMARKS.md)")
+    p.add_argument(
+        "--configs",
+        default=",".join(c.name for c in DEFAULT_CONFIGS),
+        help=f"comma-separated, of {', '.join(c.name for c in CONFIGS)} (default: %(default)s)",
+    )
+    for flag, kind, default, about in SIZES:
+        p.add_argument(flag, type=kind, default=default, help=f"{about} (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="of the simulator's usage numbers and the audio noise")
+    return p
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """--smoke shrinks every size the command line does not set, and never writes BENCHMARKS.md."""
+    p = parser()
+    args = p.parse_args(argv)
+    if args.smoke:
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
+        if args.output is None:
+            args.output = Path(tempfile.mkdtemp(prefix="bench-smoke-")) / "BENCHMARKS.md"
+    args.output = args.output or BENCHMARKS
+    args.configs = [name.strip() for name in args.configs.split(",")]
+    unknown = set(args.configs) - {c.name for c in CONFIGS}
+    if unknown:
+        p.error(f"unknown configurations: {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if LITELLM.name in args.configs:
+        try:
+            install()  # before the clock starts: the first time, this downloads LiteLLM
+        except RuntimeError as e:
+            print(f"scripts/bench: {e}", file=sys.stderr)
+            return 2
+    load = os.getloadavg()
+    results = Bench(args).run()
+    generated = document(results, args, argv, load)
+    output: Path = args.output
+    output.write_text(splice(output.read_text(encoding="utf-8") if output.exists() else None, generated))
+    plot(results, output.parent / PLOT_NAME)
+    print(generated)
+    print(f"written: {output} and {output.parent / PLOT_NAME}")
+    problems = [problem for found in results.checks.problems.values() for problem in found]
+    for problem in problems:
+        print(f"ACCOUNTING MISMATCH: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

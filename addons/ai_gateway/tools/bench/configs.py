@@ -1,0 +1,152 @@
+"""The configurations scripts/bench compares, how each one's proxy starts, and where its clients connect."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import shutil
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ai_gateway.config.policy import DEFAULT_POLICY, load_policy
+from ai_gateway.tools.bench.hooks import EmptyHook
+from ai_gateway.tools.bench.litellm import LITELLM_VERSION, LitellmProcess
+from ai_gateway.tools.harness import GatewayProcess
+from ai_gateway.tools.loadgen import LoadStats, Stop, Traffic, UpstreamProcess, drive
+
+
+class BareMitmdump(GatewayProcess):
+    """mitmdump in reverse mode without the gateway script: the relay's own cost."""
+
+    def command(self) -> list[str]:
+        return [
+            self.tool, "--mode", f"reverse:{self.upstream}",
+            "--listen-host", "127.0.0.1", "-p", str(self.port), *self.args,
+        ]  # fmt: skip
+
+    def ready(self) -> bool:
+        """No metrics endpoint to probe: mitmproxy's own startup line tells."""
+        return " listening at " in self.log()
+
+
+@dataclass(frozen=True)
+class Workdir:
+    """Files some configurations start their proxy with, written to the run's temp directory."""
+
+    policy: Path  # the default policy, keeping compression
+    empty_addon: Path  # a script whose websocket_message does nothing
+    directory: Path  # where a proxy writes its own files (LiteLLM: its config and usage log)
+
+    @classmethod
+    def create(cls, directory: Path) -> Workdir:
+        empty_addon = directory / "empty_addon.py"
+        source = inspect.getsource(EmptyHook)  # the same floor as the microbenchmark's
+        empty_addon.write_text(f"from __future__ import annotations\n\n\n{source}\n\naddons = [EmptyHook()]\n")
+        return cls(keep_compression_policy(directory), empty_addon, directory)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    description: str
+    proxy: Callable[[str, Workdir], GatewayProcess] | None  # (upstream URL, files) -> proxy; None: direct
+    metered: bool = False
+
+
+DIRECT = Config("direct", "the client talks to the simulator, no proxy", None)
+MITMDUMP = Config(
+    "mitmdump",
+    "bare `mitmdump --mode reverse:…`, no `-s`: the ceiling",
+    lambda upstream, work: BareMitmdump(upstream),
+)
+GATEWAY = Config(
+    "gateway",
+    "`mitmdump -s addons/gateway.py`, default policy (removes `sec-websocket-extensions`: no compression)",
+    lambda upstream, work: GatewayProcess(upstream),
+    metered=True,
+)
+GATEWAY_DEFLATE = Config(
+    "gateway-deflate",
+    "the gateway with the default policy minus that removal: permessage-deflate on both legs, as mitmdump",
+    lambda upstream, work: GatewayProcess(upstream, options={"gateway_policy": str(work.policy)}),
+    metered=True,
+)
+SERVE = Config(
+    "serve",
+    "`scripts/serve` (the lean launcher: only the addons a reverse gateway needs, uvloop), default policy",
+    lambda upstream, work: GatewayProcess(upstream, launcher="serve"),
+    metered=True,
+)
+# Not run by default: where the gateway misses a relay target, it tells how much of the cost any
+# addon has (mitmproxy dispatching the hook to a script) and how much is the gateway's own.
+EMPTY_ADDON = Config(
+    "empty-addon",
+    "`mitmdump -s` an addon whose `websocket_message` does nothing: what any addon costs",
+    lambda upstream, work: BareMitmdump(upstream, args=["-s", str(work.empty_addon)]),
+)
+# The peer (issue #8), not run by default: its first run installs LiteLLM from PyPI (about 730 MB),
+# it adds about 100 s to the 6 minutes of a default run, and the gateway's own targets do not need it.
+LITELLM = Config(
+    "litellm",
+    f"LiteLLM {LITELLM_VERSION}'s proxy, `litellm --config … --num_workers 1` (in its own venv, no database): "
+    "its `/v1/realtime` relay, every model routed to the simulator as `openai/*`; permessage-deflate on both "
+    "legs (its defaults); metering from its own success callback, at session close",
+    lambda upstream, work: LitellmProcess(upstream, work.directory),
+)
+CONFIGS = (DIRECT, MITMDUMP, EMPTY_ADDON, GATEWAY, GATEWAY_DEFLATE, SERVE, LITELLM)
+DEFAULT_CONFIGS = (DIRECT, MITMDUMP, GATEWAY, GATEWAY_DEFLATE, SERVE)
+# Measured in this order (and back): mitmdump sits next to each gateway, so the pairs that make
+# the ratios are measured one right after the other.
+RUN_ORDER = (DIRECT, GATEWAY, MITMDUMP, GATEWAY_DEFLATE, SERVE, LITELLM, EMPTY_ADDON)
+
+
+def keep_compression_policy(directory: Path) -> Path:
+    """The default policy without its `remove: [sec-websocket-extensions]`, in a copy of its directory
+    (so that files it names relative to itself, such as the price list, are found)."""
+    copy = Path(shutil.copytree(DEFAULT_POLICY.parent, directory / DEFAULT_POLICY.parent.name))
+    document = yaml.safe_load(DEFAULT_POLICY.read_text(encoding="utf-8"))
+    for route in document["routes"].values():
+        request = route.get("request", {}) if isinstance(route, dict) else {}
+        if "remove" in request:
+            request["remove"] = [h for h in request["remove"] if h.lower() != "sec-websocket-extensions"]
+    path = copy / f"keep-compression-{DEFAULT_POLICY.name}"
+    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    load_policy(path)  # the gateway must accept it; fail here rather than in mitmdump's log
+    return path
+
+
+@contextlib.contextmanager
+def endpoint(config: Config, upstream: UpstreamProcess, work: Workdir) -> Iterator[GatewayProcess | None]:
+    """The configuration's proxy in front of the upstream, running for the block (None: direct)."""
+    if config.proxy is None:
+        yield None
+        return
+    with config.proxy(upstream.url, work) as proxy:
+        yield proxy
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where the clients connect (a proxy, or the simulator), with the headers that proxy wants."""
+
+    url: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def drive(self, model: str, traffic: Traffic, stop: Stop, **options: Any) -> Awaitable[LoadStats]:
+        return drive(self.url, model, traffic, stop, headers=self.headers, **options)
+
+
+def address(proxy: GatewayProcess | None, upstream: UpstreamProcess) -> Address:
+    """The proxy's address, or the simulator's when there is none; LiteLLM also wants its key."""
+    if proxy is None:
+        return Address(upstream.url)
+    return Address(proxy.url, proxy.headers if isinstance(proxy, LitellmProcess) else {})
+
+
+def model(config: Config, phase: str) -> str:
+    """A request model per configuration and phase, so that each reads only its own ledger and metrics."""
+    return f"bench-{phase}-{config.name}"

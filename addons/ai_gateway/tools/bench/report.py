@@ -1,0 +1,289 @@
+"""What scripts/bench writes: the Markdown tables (every comparison made between runs of the same
+round), spliced into BENCHMARKS.md between its markers, and the plot of RSS over time."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import operator
+import os
+import platform
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import psutil
+
+from ai_gateway.tools.bench.configs import CONFIGS, DIRECT, MITMDUMP, Config
+from ai_gateway.tools.bench.measure import spread
+from ai_gateway.tools.bench.memory import CHURN_GROWTH_MB, SOAK_GROWTH_MB
+from ai_gateway.tools.bench.relay import (
+    ADDED_P99_MS,
+    THROUGHPUT_RATIO,
+    Figure,
+    cpu_per_10k,
+    latency_ms,
+    messages_per_second,
+)
+from ai_gateway.tools.bench.runner import Results
+from ai_gateway.tools.loadgen import pcm16_bytes
+
+ROOT = Path(__file__).resolve().parents[4]
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+PLOT_NAME = "bench-rss.png"
+BEGIN = "<!-- bench:begin: written by scripts/bench; text outside these markers is kept -->"
+END = "<!-- bench:end -->"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+@dataclass(frozen=True)
+class Target:
+    goal: str
+    value: float
+    limit: float
+    unit: str = ""
+    at_least: bool = False  # the limit is a floor, not a ceiling
+
+    @property
+    def met(self) -> bool:
+        return self.value >= self.limit if self.at_least else self.value <= self.limit
+
+
+class Report:
+    """Figures derived from the results: medians over rounds of per-round figures, and every
+    comparison (ratio to mitmdump, latency added to direct) made between runs of the same round."""
+
+    def __init__(self, results: Results) -> None:
+        self.results = results
+
+    def per_round(self, name: str, figure: Figure) -> list[float]:
+        return [value for r in self.results.relay.get(name, []) if (value := figure(r)) is not None]
+
+    def paired(self, name: str, base: Config, figure: Figure, combine: Callable[[float, float], float]) -> list[float]:
+        """`combine(figure of name, figure of base)` round by round: both measured within the same minute."""
+        pairs = zip(self.results.relay.get(name, []), self.results.relay.get(base.name, []), strict=False)
+        return [combine(a, b) for x, y in pairs if (a := figure(x)) is not None and (b := figure(y)) is not None]
+
+    def ratios(self, name: str, figure: Figure) -> list[float]:
+        return self.paired(name, MITMDUMP, figure, operator.truediv)
+
+    def accounting(self, name: str) -> str:
+        checks = self.results.checks
+        problems = checks.problems.get(name)
+        if problems is None:
+            return "—"
+        if problems:
+            return f"MISMATCH: {'; '.join(problems)}"
+        relayed = f"exact ({checks.responses.get(name, 0)} responses)"
+        metered = checks.peer.get(name)
+        return relayed if metered is None else f"relay {relayed}; {metered.summary()}"
+
+    def relay_table(self) -> str:
+        rows = []
+        for name, _ in ordered(self.results.relay):
+            rows.append(
+                [
+                    f"**{name}**",
+                    spread(self.per_round(name, messages_per_second), 0),
+                    spread(self.per_round(name, lambda r: r.throughput.megabytes_per_second), 1),
+                    _or_dash(self.ratios(name, messages_per_second)),
+                    *(_or_dash(self.per_round(name, latency_ms(q))) for q in (50, 99)),
+                    *(_or_dash(self.paired(name, DIRECT, latency_ms(q), operator.sub)) for q in (50, 99)),
+                    _or_dash(self.per_round(name, cpu_per_10k)),
+                    _or_dash(self.ratios(name, cpu_per_10k)),
+                    self.accounting(name),
+                ]
+            )
+        header = [
+            "configuration", "msg/s", "MB/s", "msg/s vs mitmdump", "latency p50 (ms)", "p99 (ms)",
+            "added p50 vs direct (ms)", "added p99 vs direct (ms)", "CPU s / 10k frames", "CPU vs mitmdump",
+            "accounting (all phases)",
+        ]  # fmt: skip
+        return table(header, rows)
+
+    def memory_table(self) -> str:
+        rows = []
+        for name, run in ordered(self.results.memory):
+            first, last = (run.churn[0], run.churn[-1]) if run.churn else (0.0, 0.0)
+            rows.append(
+                [
+                    f"**{name}**",
+                    f"{run.soak_megabytes:.0f}",
+                    f"{run.soak_baseline:.1f}",
+                    f"{run.soak_peak:.1f}",
+                    f"{run.soak_final:.1f}",
+                    f"**{run.soak_peak - run.soak_baseline:+.1f}**",
+                    f"{first:.1f}",
+                    f"{last:.1f}",
+                    f"**{last - first:+.1f}**",
+                ]
+            )
+        sessions = len(next(iter(self.results.memory.values())).churn) if self.results.memory else 0
+        header = [
+            "configuration", "long session: MB relayed", "RSS before (MB)", "peak (MB)", "after close (MB)",
+            "growth (peak − before)", "churn: RSS after session 1 (MB)", f"after session {sessions} (MB)",
+            "growth after the first",
+        ]  # fmt: skip
+        return table(header, rows)
+
+    def hook_table(self) -> str:
+        rows = [
+            [
+                cost.frame,
+                f"{cost.gateway_us:.2f}",
+                f"{cost.empty_us:.2f}",
+                f"**{cost.gateway_us - cost.empty_us:.2f}**",
+                f"< {cost.target_us:g}" if cost.target_us else "—",
+            ]
+            for cost in self.results.hooks
+        ]
+        header = ["frame", "Gateway.websocket_message (µs)", "empty hook (µs)", "gateway − empty (µs)", "target (µs)"]
+        return table(header, rows)
+
+    def targets(self) -> list[Target]:
+        found = []
+        for name in (c.name for c in CONFIGS if c.metered):
+            if ratios := self.ratios(name, messages_per_second):
+                found.append(
+                    Target(f"{name}: msg/s ÷ mitmdump's", statistics.median(ratios), THROUGHPUT_RATIO, "", True)
+                )
+            if added := self.paired(name, MITMDUMP, latency_ms(99), operator.sub):
+                found.append(Target(f"{name}: p99 latency − mitmdump's", statistics.median(added), ADDED_P99_MS, " ms"))
+            if (run := self.results.memory.get(name)) is not None:
+                growth = run.soak_peak - run.soak_baseline
+                found.append(
+                    Target(
+                        f"{name}: RSS growth, one {run.soak_megabytes:.0f} MB session", growth, SOAK_GROWTH_MB, " MB"
+                    )
+                )
+                if run.churn:
+                    growth = run.churn[-1] - run.churn[0]
+                    goal = f"{name}: RSS growth after the first of {len(run.churn)} sessions"
+                    found.append(Target(goal, growth, CHURN_GROWTH_MB, " MB"))
+        for cost in self.results.hooks:
+            if cost.target_us is not None:
+                found.append(Target(f"hook cost, {cost.frame}", cost.gateway_us - cost.empty_us, cost.target_us, " µs"))
+        return found
+
+    def targets_table(self) -> str:
+        rows = [
+            [
+                t.goal,
+                f"{t.value:.2f}{t.unit}",
+                f"{'≥' if t.at_least else '≤'} {t.limit:g}{t.unit}",
+                "met" if t.met else "**missed**",
+            ]
+            for t in self.targets()
+        ]
+        return table(["target", "measured", "goal", ""], rows)
+
+
+def ordered[T](by_config: dict[str, T]) -> list[tuple[str, T]]:
+    """Results in the order of CONFIGS (they were collected in the order they ran)."""
+    return [(c.name, by_config[c.name]) for c in CONFIGS if c.name in by_config]
+
+
+def _or_dash(values: Sequence[float]) -> str:
+    return spread(values) if values else "—"
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    memory = psutil.virtual_memory().total / 2**30
+    return (
+        f"{cpu_model()}, {os.cpu_count()} cores, {memory:.0f} GiB; {platform.system()} {platform.release()}; "
+        f"Python {platform.python_version()}, mitmproxy {version('mitmproxy')}, websockets {version('websockets')}"
+    )
+
+
+def document(results: Results, args: argparse.Namespace, argv: Sequence[str], load: tuple[float, ...]) -> str:
+    """The generated part of BENCHMARKS.md: how it was measured, then the tables."""
+    report = Report(results)
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command = " ".join(["scripts/bench", *argv])
+    shape = (
+        f"{args.appends} client appends of {args.append_ms:g} ms ({pcm16_bytes(args.append_ms)} bytes PCM16) per turn, "
+        f"then a response of {args.audio_deltas} audio deltas of {args.delta_ms:g} ms, "
+        f"{args.transcript_deltas} transcript deltas and `response.done`"
+    )
+    return f"""
+Measured {when} with `{command}` in {results.seconds:.0f} s on a **shared** machine (other
+work may run beside it; load average {load[0]:.2f} at the start): {machine()}.
+
+Traffic: {shape}. Throughput: {args.sessions} sessions in a closed loop for {args.seconds:g} s per configuration
+and round; latency: {args.latency_sessions} sessions streaming their audio in real time for {args.seconds:g} s,
+each server frame timed from the client's `response.create`. {args.rounds} rounds in serpentine order. Every
+figure is message payload, both directions; clients offer permessage-deflate.
+
+{configurations(args.configs)}
+
+### Relay (medians over rounds, range in brackets; ratios are per round, against mitmdump in the same round)
+
+{report.relay_table()}
+
+### Memory (the proxy's RSS; each phase on a fresh process)
+
+{report.memory_table()}
+
+![RSS over time]({PLOT_NAME})
+
+### Per-frame hook cost (in-process, mitmproxy's test context; median of 5 repeats)
+
+{report.hook_table()}
+
+### Targets (issue #5)
+
+{report.targets_table()}
+"""
+
+
+def configurations(names: Sequence[str]) -> str:
+    return "\n".join(f"- **{c.name}**: {c.description}" for c in CONFIGS if c.name in names)
+
+
+def splice(existing: str | None, generated: str) -> str:
+    """Replace what lies between the markers, keeping the hand-written analysis around them."""
+    block = f"{BEGIN}\n{generated}\n{END}"
+    if existing and BEGIN in existing and END in existing:
+        head, rest = existing.split(BEGIN, 1)
+        return head + block + rest.split(END, 1)[1]
+    return f"# Benchmarks\n\n{block}\n"
+
+
+def plot(results: Results, path: Path) -> None:
+    """RSS over time during the long session, and after each short session of the churn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+    from matplotlib.ticker import MaxNLocator
+
+    figure, (soaked, churned) = pyplot.subplots(1, 2, figsize=(12, 4.5))
+    for name, run in ordered(results.memory):
+        soaked.plot(
+            [t for t, _ in run.soak], [rss for _, rss in run.soak], label=f"{name} ({run.soak_megabytes:.0f} MB)"
+        )
+        churned.plot(range(1, len(run.churn) + 1), run.churn, marker=".", label=name)
+    soaked.set(title="One long session", xlabel="seconds", ylabel="RSS (MB)")
+    churned.set(title="Sessions opened and closed in turn", xlabel="sessions closed", ylabel="RSS (MB)")
+    churned.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for axes in (soaked, churned):
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
