@@ -44,32 +44,41 @@ class EmptyHook:
         pass
 
 
-def realtime_frames(args: argparse.Namespace) -> dict[str, WebSocketMessage]:
-    """The frames a voice session is made of, as the simulator and a client send them."""
+def realtime_frames(args: argparse.Namespace, responses: int) -> dict[str, list[WebSocketMessage]]:
+    """The frames a voice session is made of, as the simulator and a client send them: audio deltas
+    with their type first (OpenAI), after event_id (DashScope) and last (sorted keys), and
+    `responses` response.done frames, each of its own response (a response id is billed once)."""
     rng = random.Random(args.seed)
     where = {"response_id": "resp_1", "item_id": "item_2", "output_index": 0, "content_index": 0}
-    response = {"object": "realtime.response", "id": "resp_1", "status": "completed", "metadata": None}
+    response = {"object": "realtime.response", "status": "completed", "metadata": None, "usage": EXAMPLE_USAGE}
     delta = {"type": GA.audio_delta, "event_id": "event_7", **where, "delta": audio_base64(rng, args.delta_ms)}
-    done = {"type": "response.done", "event_id": "event_9", "response": {**response, "usage": EXAMPLE_USAGE}}
-    events = {
-        "server audio delta": (False, delta),
-        "client audio append": (True, json.loads(traffic(args).append(rng))),
-        "response.done": (False, done),
-    }
+    append = json.loads(traffic(args).append(rng))
+
+    def server(event: dict[str, Any], **dumps: Any) -> WebSocketMessage:
+        return WebSocketMessage(1, False, json.dumps(event, **dumps).encode())
+
     return {
-        name: WebSocketMessage(1, from_client, json.dumps(event).encode())
-        for name, (from_client, event) in events.items()
+        "server audio delta": [server(delta)],
+        "server audio delta, event_id first": [server({"event_id": "event_7", **delta})],
+        "server audio delta, type last": [server(delta, sort_keys=True)],
+        "client audio append": [WebSocketMessage(1, True, json.dumps(append).encode())],
+        "response.done": [
+            server({"type": "response.done", "event_id": f"event_{i}", "response": {**response, "id": f"resp_{i}"}})
+            for i in range(responses)
+        ],
     }
 
 
-def time_hook(hook: Callable[[Any], None], flow: Any, message: WebSocketMessage, iterations: int) -> float:
-    """Microseconds per call, the median of 5 repeats; each call sees `message` appended as mitmproxy does."""
+def time_hook(hook: Callable[[Any], None], flow: Any, frames: list[WebSocketMessage], iterations: int) -> float:
+    """Microseconds per call, the median of 5 repeats; each call sees the next frame appended as mitmproxy does."""
     messages = flow.websocket.messages
     per_call = []
+    sent = 0
     for _ in range(5):
         started = time.perf_counter_ns()
         for _ in range(iterations):
-            messages.append(message)
+            messages.append(frames[sent % len(frames)])
+            sent += 1
             hook(flow)
         per_call.append((time.perf_counter_ns() - started) / iterations / 1000)
         del messages[:]
@@ -79,7 +88,10 @@ def time_hook(hook: Callable[[Any], None], flow: Any, message: WebSocketMessage,
 def hook_costs(args: argparse.Namespace) -> list[HookCost]:
     """Gateway.websocket_message on a Realtime session in mitmproxy's test context, against an empty hook."""
     gateway, empty = Gateway(), EmptyHook()
-    targets = {"server audio delta": HOOK_DELTA_US, "response.done": HOOK_DONE_US}
+    targets = {"response.done": HOOK_DONE_US} | {
+        name: HOOK_DELTA_US
+        for name in ("server audio delta", "server audio delta, event_id first", "server audio delta, type last")
+    }
     with taddons.context(gateway) as context:
         context.configure(gateway, gateway_metrics_port=0, gateway_policy=str(DEFAULT_POLICY))
         flow = tflow.twebsocketflow()
@@ -91,13 +103,14 @@ def hook_costs(args: argparse.Namespace) -> list[HookCost]:
         flow.websocket.messages.append(WebSocketMessage(1, False, json.dumps(session).encode()))
         gateway.websocket_message(flow)
         costs = []
-        for name, message in realtime_frames(args).items():
-            # response.done bills on every call (tens of µs), so fewer calls take as long.
-            iterations = max(1, args.hook_iterations // (10 if name == "response.done" else 1))
-            gateway_us = time_hook(gateway.websocket_message, flow, message, iterations)
+        # response.done bills on every call (tens of µs), so fewer calls take as long.
+        done_iterations = max(1, args.hook_iterations // 10)
+        for name, frames in realtime_frames(args, 5 * done_iterations).items():
+            iterations = done_iterations if name == "response.done" else args.hook_iterations
+            gateway_us = time_hook(gateway.websocket_message, flow, frames, iterations)
             costs.append(
                 HookCost(
-                    name, gateway_us, time_hook(empty.websocket_message, flow, message, iterations), targets.get(name)
+                    name, gateway_us, time_hook(empty.websocket_message, flow, frames, iterations), targets.get(name)
                 )
             )
             if name == "response.done":
