@@ -20,7 +20,7 @@ from ai_gateway.accounting.budget import Budgets, client_key_digest, update_budg
 from ai_gateway.accounting.http_exchange import METERED_HTTP, HttpExchange, rewrite_request
 from ai_gateway.accounting.ledger import Source, UsageLedger
 from ai_gateway.accounting.metrics import DEFAULT_MAX_MODEL_LABELS, GatewayMetrics, MetricsServer
-from ai_gateway.accounting.pricing import PriceCatalog, load_catalog
+from ai_gateway.accounting.pricing import PriceCatalog, catalog_for
 from ai_gateway.accounting.session_meters import (
     RealtimeMeter,
     ResponsesSocketMeter,
@@ -430,10 +430,10 @@ def show_comment_column() -> None:
         ctx.options.update(web_columns=[*columns, "comment"])
 
 
-def read_policy(path: str) -> tuple[Policy, PriceCatalog | None]:
-    """The policy and the price catalog it names; either may raise PolicyError."""
+def read_policy(path: str) -> tuple[Policy, PriceCatalog]:
+    """The policy and its price catalog (its `prices` file over the database); either may raise PolicyError."""
     policy = load_policy(path)
-    return policy, load_catalog(policy.prices) if policy.prices else None
+    return policy, catalog_for(policy.provider, policy.prices)
 
 
 def shrink_audio(message: WebSocketMessage) -> None:
