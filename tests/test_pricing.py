@@ -83,6 +83,29 @@ REQUIRED_MODELS = (
 )
 
 
+# Real usage shapes: a chat completion with cached and reasoning tokens (1,000 prompt of which 200
+# cached, 500 completion of which 100 reasoning), a token-billed transcription, an embedding.
+CHAT = parse_usage(
+    {
+        "prompt_tokens": 1000,
+        "completion_tokens": 500,
+        "prompt_tokens_details": {"cached_tokens": 200},
+        "completion_tokens_details": {"reasoning_tokens": 100},
+    },
+    COMPLETIONS_USAGE,
+)
+TRANSCRIPTION = parse_transcription_usage(
+    {
+        "type": "tokens",
+        "input_tokens": 13,
+        "output_tokens": 9,
+        "total_tokens": 22,
+        "input_token_details": {"text_tokens": 0, "audio_tokens": 13},
+    }
+)
+EMBEDDING = parse_usage({"prompt_tokens": 1000, "total_tokens": 1000}, EMBEDDINGS_USAGE)
+
+
 def cost(model: str, usage: TokenUsage | DurationUsage, catalog: PriceCatalog = FILE) -> float:
     prices = catalog.price(model)
     assert prices is not None, model
@@ -162,15 +185,7 @@ def test_database_gpt_realtime_mini():
 
 
 def test_database_transcription_by_tokens():
-    usage = parse_transcription_usage(
-        {
-            "type": "tokens",
-            "input_tokens": 13,
-            "output_tokens": 9,
-            "total_tokens": 22,
-            "input_token_details": {"text_tokens": 0, "audio_tokens": 13},
-        }
-    )
+    usage = TRANSCRIPTION
     assert cost("gpt-4o-mini-transcribe", usage, OPENAI) == pytest.approx((13 * 3 + 9 * 5) / 1e6, rel=1e-12)
 
 
@@ -179,21 +194,13 @@ def test_database_transcription_by_duration():
 
 
 def test_database_chat_model_with_cache_and_reasoning():
-    usage = parse_usage(
-        {
-            "prompt_tokens": 1000,
-            "completion_tokens": 500,
-            "prompt_tokens_details": {"cached_tokens": 200},
-            "completion_tokens_details": {"reasoning_tokens": 100},
-        },
-        COMPLETIONS_USAGE,
-    )
+    usage = CHAT
     expected = (800 * 0.15 + 200 * 0.075 + 500 * 0.6) / 1e6
     assert cost("gpt-4o-mini-2024-07-18", usage, OPENAI) == pytest.approx(expected, rel=1e-12)
 
 
 def test_database_embedding_model():
-    usage = parse_usage({"prompt_tokens": 1000, "total_tokens": 1000}, EMBEDDINGS_USAGE)
+    usage = EMBEDDING
     assert cost("text-embedding-3-small", usage, OPENAI) == pytest.approx(1000 * 0.02 / 1e6, rel=1e-12)
 
 
@@ -394,15 +401,7 @@ def test_unpriced_in_the_database(model, usage):
 
 
 def test_text_only_response_with_cache_and_reasoning():
-    usage = parse_usage(
-        {
-            "prompt_tokens": 1000,
-            "completion_tokens": 500,
-            "prompt_tokens_details": {"cached_tokens": 200},
-            "completion_tokens_details": {"reasoning_tokens": 100},
-        },
-        COMPLETIONS_USAGE,
-    )
+    usage = CHAT
     # 800 fresh * 2.50 + 200 cached * 1.25 + 500 output * 10.00 (reasoning is inside the 500)
     assert cost("gpt-4o", usage) == pytest.approx((800 * 2.5 + 200 * 1.25 + 500 * 10) / 1e6)
 
@@ -448,15 +447,7 @@ def test_missing_audio_rates_fall_back_to_text_and_missing_cached_audio_to_fresh
 
 
 def test_transcription_billed_by_tokens():
-    usage = parse_transcription_usage(
-        {
-            "type": "tokens",
-            "input_tokens": 13,
-            "output_tokens": 9,
-            "total_tokens": 22,
-            "input_token_details": {"text_tokens": 0, "audio_tokens": 13},
-        }
-    )
+    usage = TRANSCRIPTION
     assert cost("gpt-4o-transcribe", usage) == pytest.approx((13 * 6 + 9 * 10) / 1e6)
 
 
@@ -466,7 +457,7 @@ def test_transcription_billed_by_duration():
 
 
 def test_embeddings_bill_input_only():
-    usage = parse_usage({"prompt_tokens": 1000, "total_tokens": 1000}, EMBEDDINGS_USAGE)
+    usage = EMBEDDING
     assert usage.output is None
     assert cost("text-embedding-3-small", usage) == pytest.approx(1000 * 0.02 / 1e6)
 

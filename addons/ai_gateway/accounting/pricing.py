@@ -54,9 +54,11 @@ Cost of a TokenUsage, per modality m in text, audio, image:
                        + output_m * rate(m, output)) / 1e6
 
 This is genai-prices' own decomposition (input_tokens includes the cached and the audio and image
-tokens; each price applies to what its more specific prices leave). Reasoning tokens are part of
-output and are not added again. Derived counts never go below zero. A rate a model lacks falls
-back to the same modality's uncached rate, then to the text rates (cached audio:
+tokens; each price applies to what its more specific prices leave), tested against its calc_price.
+They differ only for a model with a text cache rate and an audio (image) rate but no cached audio
+(image) rate, where genai-prices would subtract those cached tokens from text twice. Reasoning
+tokens are part of output and are not added again. Derived counts never go below zero. A rate a
+model lacks falls back to the same modality's uncached rate, then to the text rates (cached audio:
 cached_audio_input, audio_input, cached_input, input): a model without audio rates bills audio as
 text, and a modality without a cache discount is billed in full rather than at text's cheaper
 cached rate. A DurationUsage costs seconds / 60 * audio_minute. A non-zero count whose rate is
