@@ -185,10 +185,6 @@ class ModelPrices:
     def __post_init__(self) -> None:
         object.__setattr__(self, "rates", tuple(self._fallback(m, k) for m, k in COUNT_KEYS))
 
-    def rate(self, modality: str, kind: str) -> float | None:
-        """The rate a token is billed at, with the fallbacks of the module docstring."""
-        return self.rates[COUNT_KEYS.index((modality, kind))]
-
     def tier(self, input_tokens: int) -> ModelPrices:
         """The prices a request with this many input tokens pays."""
         for threshold, prices in reversed(self.tiers):
