@@ -12,7 +12,16 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "addons" / "ai_gateway"
 DOC = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
 # Third-party imports the gateway process may make: its own dependencies and what mitmproxy installs.
-RUNTIME_IMPORTS = {"mitmproxy", "prometheus_client", "yaml", "uvloop", "brotli", "backports", "compression"}
+RUNTIME_IMPORTS = {
+    "mitmproxy",
+    "prometheus_client",
+    "yaml",
+    "uvloop",
+    "genai_prices",
+    "brotli",
+    "backports",
+    "compression",
+}
 TOOL_ONLY = {"websockets", "aiohttp", "openai", "psutil", "tqdm", "matplotlib", "playwright", "pytest"}
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 
 import pytest
 import websockets
 from openai import AsyncOpenAI
 
-from ai_gateway.accounting.pricing import DEFAULT_PRICES, ModelPrices, load_catalog
+from ai_gateway.accounting.pricing import DATABASE, DATABASE_RELEASES, ModelPrices, catalog_for
 from ai_gateway.tools.harness import GatewayProcess, scrape, select
 from ai_gateway.tools.simulators.realtime import SimulatorThread
 
@@ -19,6 +20,13 @@ MODALITY_RATES = {
     "audio": ("audio_input", "cached_audio_input"),
     "image": ("image_input", "cached_image_input"),
 }
+
+
+def database_prices(model: str) -> ModelPrices:
+    """The rates the default policy prices a model at: the database's, for provider openai."""
+    prices = catalog_for("openai", None).price(model)
+    assert prices is not None
+    return prices
 
 
 def hand_cost(usage: dict, prices: ModelPrices) -> float:
@@ -36,8 +44,7 @@ def hand_cost(usage: dict, prices: ModelPrices) -> float:
 
 def test_cost_equals_catalog_rates_applied_to_what_the_upstream_sent(gateway, simulator):
     asyncio.run(sdk_session(gateway.url, "gpt-realtime", metadata=[{}] * 4))
-    prices = load_catalog(DEFAULT_PRICES).price("gpt-realtime")
-    assert prices is not None
+    prices = database_prices("gpt-realtime")
     sent = simulator.usage_for("gpt-realtime")
     assert sent and any(e.usage["input_token_details"]["cached_tokens_details"]["audio_tokens"] for e in sent)
     samples = select(scrape(gateway.metrics_url), gen_ai_request_model="gpt-realtime")
@@ -62,11 +69,52 @@ def test_unpriced_models_are_counted_not_priced(gateway, simulator, model):
     ] == [1]
 
 
+def catalog_info(samples) -> dict[str, tuple[str, str, float]]:
+    """source -> (version, data_date, value) of the price catalog info metric."""
+    return {
+        dict(labels)["source"]: (dict(labels)["version"], dict(labels)["data_date"], v)
+        for (name, labels), v in samples.items()
+        if name == "agentgateway_gateway_price_catalog_info"
+    }
+
+
+def test_price_catalog_info_names_the_database_version_and_date(gateway):
+    version = importlib.metadata.version("genai-prices")
+    assert catalog_info(scrape(gateway.metrics_url)) == {DATABASE: (version, DATABASE_RELEASES[version], 1.0)}
+
+
+def test_override_file_wins_over_the_database_end_to_end(tmp_path):
+    override = tmp_path / "negotiated.yaml"
+    override.write_text(
+        "taken: 2026-12-01\nsource: contract\nmodels:\n"
+        "  gpt-realtime: {input: 1, cached_input: 0.5, output: 2, audio_input: 3, cached_audio_input: 1.5, audio_output: 6, image_input: 4, cached_image_input: 2}\n"
+    )
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(f"prices: {override}\nroutes:\n  /realtime: Realtime\n")
+    with SimulatorThread(seed=5) as simulator:
+        with GatewayProcess(simulator.url, options={"gateway_policy": str(policy)}) as gateway:
+            asyncio.run(sdk_session(gateway.url, "gpt-realtime", metadata=[{}] * 2))
+            asyncio.run(sdk_session(gateway.url, "gpt-realtime-mini", metadata=[{}]))
+            samples = scrape(gateway.metrics_url)
+    overridden = catalog_for("openai", override).price("gpt-realtime")
+    assert overridden is not None and overridden != database_prices("gpt-realtime")
+    for model, prices in (("gpt-realtime", overridden), ("gpt-realtime-mini", database_prices("gpt-realtime-mini"))):
+        (cost,) = [
+            v
+            for (name, _), v in select(samples, gen_ai_request_model=model).items()
+            if name == "agentgateway_gen_ai_client_cost_usd_total"
+        ]
+        assert cost == pytest.approx(sum(hand_cost(e.usage, prices) for e in simulator.usage_for(model)), rel=1e-12)
+    version = importlib.metadata.version("genai-prices")
+    assert catalog_info(samples) == {
+        "negotiated.yaml": ("", "2026-12-01", 1.0),
+        DATABASE: (version, DATABASE_RELEASES[version], 1.0),
+    }
+
+
 def budget_policy(tmp_path, budgets: str):
     policy = tmp_path / "budget.yaml"
-    policy.write_text(
-        f"prices: {DEFAULT_PRICES}\nbudgets:\n{budgets}routes:\n  /realtime: Realtime\n  /embeddings: Embeddings\n"
-    )
+    policy.write_text(f"budgets:\n{budgets}routes:\n  /realtime: Realtime\n  /embeddings: Embeddings\n")
     return policy
 
 
@@ -113,8 +161,7 @@ def test_session_budget_refuses_the_third_response_with_an_error_event(tmp_path)
         ]
         == 1
     )
-    prices = load_catalog(DEFAULT_PRICES).price("gpt-realtime")
-    assert prices is not None
+    prices = database_prices("gpt-realtime")
     costs = [v for (name, _), v in samples.items() if name == "agentgateway_gen_ai_client_cost_usd_total"]
     assert costs == [pytest.approx(hand_cost(first, prices) + hand_cost(second, prices), rel=1e-12)]
 

@@ -37,6 +37,8 @@ class Accounting:
         self.ledger = ledger
         self.catalog = catalog
         self.budgets = budgets
+        if catalog is not None:
+            metrics.price_catalog(catalog.sources)
 
     def bill(
         self,

@@ -8,6 +8,7 @@ refuse the duplicate names.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -145,6 +146,14 @@ class GatewayMetrics:
             ("status", *MODEL_LABELS),
             registry=self.registry,
         )
+        self.price_catalog_info = Gauge(
+            f"{prefix}_gateway_price_catalog_info",
+            "Sources of the price catalog in use (1): genai-prices with its version and data date, the override file.",
+            ("source", "version", "data_date"),
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self._catalog_sources: set[tuple[str, str, str]] = set()
         self.budget_remaining = Gauge(
             f"{prefix}_gateway_budget_remaining",
             "What is left of a client key's budget in the current window (client_key: a SHA-256 digest prefix).",
@@ -192,6 +201,18 @@ class GatewayMetrics:
             multiprocess_mode="livesum",
         )
         self._series: dict[tuple[str, str, str, str], Series] = {}
+
+    def price_catalog(self, sources: Iterable[tuple[str, str, str]]) -> None:
+        """Show the catalog's (source, version, data_date); one a new policy dropped reads 0.
+
+        Set to 0 rather than removed: under --workers the multiprocess files keep every series.
+        """
+        current = set(sources)
+        for labels in self._catalog_sources - current:
+            self.price_catalog_info.labels(*labels).set(0)
+        for labels in current:
+            self.price_catalog_info.labels(*labels).set(1)
+        self._catalog_sources = current
 
     def _modality_counter(self, name: str, documentation: str) -> Counter:
         return Counter(name, documentation, ("gen_ai_token_modality", *MODEL_LABELS), registry=self.registry)

@@ -1,7 +1,19 @@
 """Model prices, and what one metered usage costs at them.
 
-The price catalog is a YAML file (policies/prices.yaml), validated on the node tree like the policy
-so that a typo in a price is reported as "prices.yaml:12: models.gpt-realtime.audio_input: ...":
+Rates come from two sources, asked in this order for each model:
+
+1. the policy's `prices:` file, if it names one: an OVERRIDE for negotiated, Azure or missing
+   prices. A model listed there is priced by that entry alone (it replaces the database's rates
+   for that model, it does not merge with them);
+2. the price database: pydantic's genai-prices package, pinned in constraints.txt, read from the
+   data bundled in the installed wheel only. genai-prices can fetch fresher data (UpdatePrices);
+   the gateway never starts that, and reads `genai_prices.data.providers` rather than the
+   package's process-wide snapshot, so another library starting an update in the same process
+   cannot change the gateway's rates either. The provider is the policy's `provider:` (its
+   gen_ai_system), mapped to the database's provider ids by SYSTEM_PROVIDERS.
+
+The override file is validated on the node tree like the policy, so that a typo in a price is
+reported as "prices.yaml:12: models.gpt-realtime.audio_input: ...":
 
     taken: 2025-10-15           # the date the prices were read (YYYY-MM-DD)
     source: <where from>        # a note: page, tier, contract
@@ -15,11 +27,22 @@ so that a typo in a price is reported as "prices.yaml:12: models.gpt-realtime.au
 Duration is priced per minute because that is how OpenAI lists it (whisper-1: $0.006/min); a
 per-second figure would be a conversion someone gets wrong when updating the file.
 
-Model resolution: a model is priced under its own name if listed, else under its name without a
-trailing `-YYYY-MM-DD` snapshot date (`gpt-realtime-2025-08-28` -> `gpt-realtime`), else not at
-all. List a snapshot to price it apart from its alias. There is deliberately no longest-prefix
-match: `gpt-5-nano` would be priced as `gpt-5` and `gpt-4o-audio-preview` as `gpt-4o`, quietly and
-wrongly; an unpriced model is visible in the lookup counter and fixed by adding it.
+Model resolution. In the file: a model is priced under its own name if listed, else under its
+name without a trailing `-YYYY-MM-DD` snapshot date (`gpt-realtime-2025-08-28` -> `gpt-realtime`).
+There is deliberately no longest-prefix match there: `gpt-5-nano` would be priced as `gpt-5`,
+quietly and wrongly. In the database: its own curated match rules (which list snapshots such as
+`gpt-realtime-2025-08-28`, and match a family by prefix only where its prices are one), then the
+name without its snapshot date. An unpriced model is visible in the lookup counter.
+
+The database's rates map onto ours one to one (USD per 1M tokens): input_mtok -> input,
+cache_read_mtok -> cached_input, output_mtok -> output, input_audio_mtok -> audio_input,
+cache_audio_read_mtok -> cached_audio_input, output_audio_mtok -> audio_output, and the same for
+image; input_audio_hours (else audio_hours) / 60 -> audio_minute. Its tiered prices (every token
+of a request at a higher rate once its input exceeds a threshold) become ModelPrices.tiers; dated
+prices are resolved for the day of the request and resolved again when the next one starts.
+Rates for what the gateway does not meter (cache writes, web or file searches, characters of
+speech input, per-request fees) are not charged: the cost covers tokens and transcribed seconds.
+Standard tier only: Batch, Flex and Priority variants are not applied.
 
 Cost of a TokenUsage, per modality m in text, audio, image:
 
@@ -30,32 +53,45 @@ Cost of a TokenUsage, per modality m in text, audio, image:
     cost      = sum_m (fresh_m * rate(m, input) + cached_m * rate(m, cached_input)
                        + output_m * rate(m, output)) / 1e6
 
-Reasoning tokens are part of output and are not added again. Derived counts never go below zero.
-A rate a model lacks falls back to the same modality's uncached rate, then to the text rates
-(cached audio: cached_audio_input, audio_input, cached_input, input): a model without audio rates
-bills audio as text, and a modality without a cache discount is billed in full rather than at
-text's cheaper cached rate. A DurationUsage costs seconds / 60 * audio_minute. A non-zero count
-whose rate is still missing makes the usage unpriced (UnpricedUsage): guessing would misstate a bill.
+This is genai-prices' own decomposition (input_tokens includes the cached and the audio and image
+tokens; each price applies to what its more specific prices leave), tested against its calc_price.
+They differ only for a model with a text cache rate and an audio (image) rate but no cached audio
+(image) rate, where genai-prices would subtract those cached tokens from text twice. Reasoning
+tokens are part of output and are not added again. Derived counts never go below zero. A rate a
+model lacks falls back to the same modality's uncached rate, then to the text rates (cached audio:
+cached_audio_input, audio_input, cached_input, input): a model without audio rates bills audio as
+text, and a modality without a cache discount is billed in full rather than at text's cheaper
+cached rate. A DurationUsage costs seconds / 60 * audio_minute. A non-zero count whose rate is
+still missing makes the usage unpriced (UnpricedUsage): guessing would misstate a bill.
 
-Costs stay floats: they feed a Prometheus counter, which is a float anyway.
+Costs stay floats: they feed a Prometheus counter, which is a float anyway. Rates are resolved
+once per model name and kept (MAX_RESOLVED names): pricing runs on every response.done.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import os
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field, fields
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
+from datetime import time as time_of_day
+from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from yaml.constructor import SafeConstructor
 from yaml.nodes import Node, ScalarNode
 
 from ai_gateway.accounting.usage import MODALITIES, DurationUsage, TokenUsage
 from ai_gateway.config.policy import DEFAULT_POLICY, STR_TAG, PolicyError, Validator, compose_yaml, describe
+
+if TYPE_CHECKING:
+    from genai_prices.types import ModelInfo, Provider
 
 DEFAULT_PRICES = DEFAULT_POLICY.with_name("prices.yaml")
 
@@ -64,8 +100,45 @@ UNPRICED = "unpriced"
 
 DURATION_RATE = "audio_minute"
 TOKEN_KINDS = ("input", "cached_input", "output")
+COUNT_KEYS = tuple((m, k) for m in MODALITIES for k in TOKEN_KINDS)
 MAX_RESOLVED = 4096
 PER_MILLION = 1_000_000
+
+DATABASE = "genai-prices"
+# The day each genai-prices release was published on PyPI: its bundled data is as of then (the
+# package records no date of its own). Add the new release's date when raising the pin.
+DATABASE_RELEASES = {"0.2.3": "2026-11-10"}
+# gen_ai_system values (OpenTelemetry's gen_ai.provider.name) -> the database's provider ids.
+SYSTEM_PROVIDERS = {
+    "openai": "openai",
+    "azure.ai.openai": "azure",  # Azure's own prices where listed, else OpenAI's
+    "gcp.gemini": "google",
+    "gcp.vertex_ai": "google",
+    "gcp.gen_ai": "google",
+    "xai": "x-ai",
+    "x_ai": "x-ai",
+    "anthropic": "anthropic",
+    "aws.bedrock": "aws",
+    "mistral_ai": "mistral",
+    "groq": "groq",
+    "deepseek": "deepseek",
+    "perplexity": "perplexity",
+    "cohere": "cohere",
+}
+# Our token rate -> the database's price key; both USD per 1M tokens.
+DATABASE_RATES = {
+    "input": "input_mtok",
+    "cached_input": "cache_read_mtok",
+    "output": "output_mtok",
+    "audio_input": "input_audio_mtok",
+    "cached_audio_input": "cache_audio_read_mtok",
+    "audio_output": "output_audio_mtok",
+    "image_input": "input_image_mtok",
+    "cached_image_input": "cache_image_read_mtok",
+    "image_output": "output_image_mtok",
+}
+# USD per hour of audio, the input's own rate first; audio_minute is a sixtieth of it.
+DATABASE_DURATION_RATES = ("input_audio_hours", "audio_hours")
 
 _SNAPSHOT_DATE = re.compile(r"-[0-9]{4}-[0-9]{2}-[0-9]{2}\Z")
 _INT_TAG = "tag:yaml.org,2002:int"
@@ -88,7 +161,11 @@ def rate_name(modality: str, kind: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ModelPrices:
-    """One model's rates: USD per 1M tokens, audio_minute in USD per minute; None where not listed."""
+    """One model's rates: USD per 1M tokens, audio_minute in USD per minute; None where not listed.
+
+    `tiers` are (threshold, prices) by rising threshold: a request with more input tokens than a
+    threshold pays that tier's rates for all its tokens (the providers' "cliff" pricing).
+    """
 
     input: float | None = None
     cached_input: float | None = None
@@ -100,16 +177,20 @@ class ModelPrices:
     cached_image_input: float | None = None
     image_output: float | None = None
     audio_minute: float | None = None
-    # The rate each (modality, kind) is billed at, fallbacks applied once: pricing runs per response.
-    rates: Mapping[tuple[str, str], float | None] = field(init=False, repr=False, compare=False)
+    tiers: tuple[tuple[int, ModelPrices], ...] = ()
+    # The rate each (modality, kind) of COUNT_KEYS is billed at, fallbacks applied once: pricing
+    # runs on every response.
+    rates: tuple[float | None, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        rates = {(m, k): self._fallback(m, k) for m in MODALITIES for k in TOKEN_KINDS}
-        object.__setattr__(self, "rates", rates)
+        object.__setattr__(self, "rates", tuple(self._fallback(m, k) for m, k in COUNT_KEYS))
 
-    def rate(self, modality: str, kind: str) -> float | None:
-        """The rate a token is billed at, with the fallbacks of the module docstring."""
-        return self.rates[modality, kind]
+    def tier(self, input_tokens: int) -> ModelPrices:
+        """The prices a request with this many input tokens pays."""
+        for threshold, prices in reversed(self.tiers):
+            if input_tokens > threshold:
+                return prices
+        return self
 
     def _fallback(self, modality: str, kind: str) -> float | None:
         for m in dict.fromkeys((modality, "text")):
@@ -120,32 +201,171 @@ class ModelPrices:
         return None
 
 
-RATE_KEYS = tuple(f.name for f in fields(ModelPrices) if f.init)
+RATE_KEYS = tuple(f.name for f in fields(ModelPrices) if f.init and f.name != "tiers")
+
+
+@dataclass(frozen=True, slots=True)
+class PricedAs:
+    """Where a model's rates come from: the source, the name it lists them under, the rates."""
+
+    source: str
+    name: str
+    prices: ModelPrices
+
+
+class CatalogSource(NamedTuple):
+    """One source of rates, as the price catalog info metric labels it."""
+
+    source: str
+    version: str
+    data_date: str
 
 
 @dataclass(frozen=True)
-class PriceCatalog:
-    """A validated catalog: `path` is the file it came from, `taken` and `source` its provenance."""
+class PriceFile:
+    """A validated override file: `path` is the file it came from, `taken` and `source` its provenance."""
 
     path: str
     taken: date
     source: str
     models: Mapping[str, ModelPrices]
-    _resolved: dict[str, str | None] = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def resolve(self, model: str) -> str | None:
-        """The listed name a model is priced as: itself, else itself without its snapshot date."""
+    def find(self, model: str) -> PricedAs | None:
+        """The entry a model is priced by: its own, else its name's without the snapshot date."""
+        name = next((n for n in (model, _SNAPSHOT_DATE.sub("", model)) if n in self.models), None)
+        return None if name is None else PricedAs(self.path, name, self.models[name])
+
+    def describe(self) -> CatalogSource:
+        return CatalogSource(Path(self.path).name, "", self.taken.isoformat())
+
+
+class PriceDatabase:
+    """genai-prices' bundled rates for one provider."""
+
+    def __init__(self, provider: Provider, providers: list[Provider], version: str) -> None:
+        self.provider = provider
+        self.providers = providers  # for the provider's fallbacks (Azure -> OpenAI)
+        self.version = version
+
+    def find(self, model: str, now: datetime) -> tuple[PricedAs, float] | None:
+        """The model's rates on `now`'s day, and when (epoch seconds) they next change."""
+        for name in dict.fromkeys((model, _SNAPSHOT_DATE.sub("", model))):
+            # Provider.find_model, not DataSnapshot.find_provider_model: the latter keeps every
+            # name it matched, unbounded, and model names come from clients.
+            info = self.provider.find_model(name, all_providers=self.providers)
+            if info is not None:
+                return PricedAs(DATABASE, info.id, database_prices(info, now)), next_change(info, now)
+        return None
+
+    def describe(self) -> CatalogSource:
+        return CatalogSource(DATABASE, self.version, DATABASE_RELEASES.get(self.version, "unknown"))
+
+
+def database_for(system: str) -> PriceDatabase | None:
+    """The database's rates for a gen_ai_system, or None when the database has no such provider."""
+    provider_id = SYSTEM_PROVIDERS.get(system)
+    if provider_id is None:
+        return None
+    # Imported here, when a policy is applied: the bundled data takes 0.3 s and 30 MB to load,
+    # which tools and tests that never price anything need not pay.
+    from genai_prices.data import providers
+    from genai_prices.data_snapshot import find_provider_by_id
+
+    provider = find_provider_by_id(providers, provider_id)
+    if provider is None:
+        return None
+    return PriceDatabase(provider, providers, importlib.metadata.version("genai-prices"))
+
+
+def database_prices(info: ModelInfo, now: datetime) -> ModelPrices:
+    """A database model's standard-tier rates on `now`'s day, as ModelPrices (mapping in the module docstring)."""
+    from genai_prices.types import TieredPrices
+
+    price = info.get_prices(now)
+    values = {ours: getattr(price, theirs) for ours, theirs in DATABASE_RATES.items()}
+    thresholds = sorted({t.start for v in values.values() if isinstance(v, TieredPrices) for t in v.tiers})
+    hourly = next((v for key in DATABASE_DURATION_RATES if (v := getattr(price, key)) is not None), None)
+    minute = None if hourly is None else float(Decimal(hourly) / 60)
+    return ModelPrices(
+        **_at_tier(values, None),
+        audio_minute=minute,
+        tiers=tuple((t, ModelPrices(**_at_tier(values, t), audio_minute=minute)) for t in thresholds),
+    )
+
+
+def _at_tier(values: Mapping[str, Any], threshold: int | None) -> dict[str, float | None]:
+    """Each rate for input above `threshold` tokens (None: the base rates)."""
+    from genai_prices.types import TieredPrices
+
+    rates: dict[str, float | None] = {}
+    for name, value in values.items():
+        if isinstance(value, TieredPrices):  # the last tier starting at or below the threshold
+            tiers = [t.price for t in value.tiers if threshold is not None and t.start <= threshold]
+            value = tiers[-1] if tiers else value.base
+        rates[name] = None if value is None else float(value)
+    return rates
+
+
+def next_change(info: ModelInfo, now: datetime) -> float:
+    """When (epoch seconds) a model's dated or time-of-day prices next change; inf if they never do."""
+    from genai_prices.types import StartDateConstraint, TimeOfDateConstraint
+
+    changes: list[datetime] = []
+    for conditional in info.prices if isinstance(info.prices, list) else ():
+        constraint = conditional.constraint
+        if isinstance(constraint, StartDateConstraint):
+            changes.append(datetime.combine(constraint.start_date, time_of_day(), UTC))
+        elif isinstance(constraint, TimeOfDateConstraint):
+            changes.extend(_next_time(t, now) for t in (constraint.start_time, constraint.end_time))
+    return min((c.timestamp() for c in changes if c > now), default=math.inf)
+
+
+def _next_time(at: time_of_day, now: datetime) -> datetime:
+    """The next moment after `now` that is `at` o'clock (naive times are UTC, as genai-prices reads them)."""
+    moment = datetime.combine(now.date(), at if at.tzinfo else at.replace(tzinfo=UTC))
+    while moment <= now:
+        moment += timedelta(days=1)
+    return moment
+
+
+class PriceCatalog:
+    """Rates per model: the override file's first, then the database's; resolved once per name."""
+
+    def __init__(
+        self,
+        file: PriceFile | None = None,
+        database: PriceDatabase | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.file = file
+        self.database = database
+        self.clock = clock  # the day a usage is priced for: dated prices change on it
+        self._resolved: dict[str, PricedAs | None] = {}
+        self._expires = math.inf  # when a resolved database rate changes: resolve again from then
+
+    @property
+    def sources(self) -> tuple[CatalogSource, ...]:
+        """Where the rates come from, override first (the info metric's series)."""
+        return tuple(s.describe() for s in (self.file, self.database) if s is not None)
+
+    def resolve(self, model: str) -> PricedAs | None:
+        """The source and entry a model is priced by, or None when no source lists it."""
         if model in self._resolved:
             return self._resolved[model]
         if len(self._resolved) >= MAX_RESOLVED:  # model names come from clients: bound the cache
             self._resolved.clear()
-        name = next((n for n in (model, _SNAPSHOT_DATE.sub("", model)) if n in self.models), None)
-        self._resolved[model] = name
-        return name
+        priced = self.file.find(model) if self.file is not None else None
+        if priced is None and self.database is not None:
+            found = self.database.find(model, datetime.fromtimestamp(self.clock(), UTC))
+            if found is not None:
+                priced, expires = found
+                self._expires = min(self._expires, expires)
+        self._resolved[model] = priced
+        return priced
 
     def price(self, model: str) -> ModelPrices | None:
-        name = self.resolve(model)
-        return None if name is None else self.models[name]
+        priced = self.resolve(model)
+        return None if priced is None else priced.prices
 
     def lookup(self, model: str) -> tuple[ModelPrices | None, str]:
         """The model's prices and `priced`, or None and `unpriced`: the status is a metric label."""
@@ -157,6 +377,9 @@ class PriceCatalog:
 
         The one call metering needs: it never raises, so a gap in the catalog cannot break metering.
         """
+        if self.clock() >= self._expires:
+            self._resolved.clear()
+            self._expires = math.inf
         prices, status = self.lookup(model)
         if prices is None:
             return None, status
@@ -166,51 +389,61 @@ class PriceCatalog:
             return None, UNPRICED
 
 
+def catalog_for(system: str, prices: str | os.PathLike[str] | None) -> PriceCatalog:
+    """A policy's catalog: its override file, if any, over the database's rates for its provider.
+
+    Raises PolicyError (one line) for an invalid override file.
+    """
+    return PriceCatalog(load_catalog(prices) if prices is not None else None, database_for(system))
+
+
 def cost_usd(usage: TokenUsage | DurationUsage, prices: ModelPrices) -> float:
     """USD for one usage at a model's prices (formula in the module docstring).
 
     Raises UnpricedUsage when a non-zero count has no rate, even after fallbacks.
     """
     if isinstance(usage, DurationUsage):
-        return _charge(usage.seconds / 60, prices.audio_minute, DURATION_RATE)
-    counts = _token_counts(usage)
-    rates = prices.rates
-    return sum(_charge(n, rates[key], rate_name(*key)) for key, n in counts.items() if n) / PER_MILLION
+        if usage.seconds and prices.audio_minute is None:
+            raise UnpricedUsage(f"no {DURATION_RATE} rate for {usage.seconds:g} s")
+        return usage.seconds / 60 * (prices.audio_minute or 0.0)
+    if prices.tiers:
+        prices = prices.tier(usage.input)
+    total = 0.0
+    for n, rate, key in zip(_token_counts(usage), prices.rates, COUNT_KEYS, strict=True):
+        if n:
+            if rate is None:
+                raise UnpricedUsage(f"no {rate_name(*key)} rate for {n}")
+            total += n * rate
+    return total / PER_MILLION
 
 
-def _charge(quantity: float, rate: float | None, name: str) -> float:
-    """quantity * rate; nothing to charge needs no rate."""
-    if not quantity:
-        return 0.0
-    if rate is None:
-        raise UnpricedUsage(f"no {name} rate for {quantity:g}")
-    return quantity * rate
+def _token_counts(usage: TokenUsage) -> tuple[int, ...]:
+    """Tokens in COUNT_KEYS order; every input token is either fresh or cached, never both."""
+    text, audio, image = _split(usage.input, usage.input_by_modality)
+    cached_text, cached_audio, cached_image = _split(usage.cache_read or 0, usage.cache_read_by_modality)
+    text_out, audio_out, image_out = _split(usage.output or 0, usage.output_by_modality)
+    return (
+        *(max(text - cached_text, 0), cached_text, text_out),
+        *(max(audio - cached_audio, 0), cached_audio, audio_out),
+        *(max(image - cached_image, 0), cached_image, image_out),
+    )
 
 
-def _token_counts(usage: TokenUsage) -> dict[tuple[str, str], int]:
-    """Tokens by (modality, kind); every input token is either fresh or cached, never both."""
-    inputs = _split(usage.input, usage.input_by_modality)
-    cached = _split(usage.cache_read or 0, usage.cache_read_by_modality)
-    outputs = _split(usage.output or 0, usage.output_by_modality)
-    counts: dict[tuple[str, str], int] = {}
-    for m in MODALITIES:
-        counts[m, "input"] = max(inputs[m] - cached[m], 0)
-        counts[m, "cached_input"] = cached[m]
-        counts[m, "output"] = outputs[m]
-    return counts
+def _split(total: int, by_modality: tuple[tuple[str, int], ...]) -> tuple[int, int, int]:
+    """Text, audio and image counts; text, unless reported, is what audio and image leave of the total."""
+    text, audio, image = None, 0, 0
+    for modality, n in by_modality:
+        if modality == "audio":
+            audio = n
+        elif modality == "image":
+            image = n
+        else:
+            text = n
+    return (max(total - audio - image, 0) if text is None else text), audio, image
 
 
-def _split(total: int, by_modality: tuple[tuple[str, int], ...]) -> dict[str, int]:
-    """Counts per modality; text, unless reported, is what audio and image leave of the total."""
-    reported = dict(by_modality)
-    counts = dict.fromkeys(MODALITIES, 0) | reported
-    if "text" not in reported:
-        counts["text"] = max(total - counts["audio"] - counts["image"], 0)
-    return counts
-
-
-def load_catalog(path: str | os.PathLike[str]) -> PriceCatalog:
-    """Read and validate a price catalog. Raises PolicyError with a one-line file:line: key: message."""
+def load_catalog(path: str | os.PathLike[str]) -> PriceFile:
+    """Read and validate a price override file. Raises PolicyError with a one-line file:line: key: message."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -219,7 +452,7 @@ def load_catalog(path: str | os.PathLike[str]) -> PriceCatalog:
     return parse_catalog(text, source)
 
 
-def parse_catalog(text: str, source: str) -> PriceCatalog:
+def parse_catalog(text: str, source: str) -> PriceFile:
     return _CatalogValidator(source).catalog(compose_yaml(text, source, "a mapping with taken, source and models"))
 
 
@@ -235,7 +468,7 @@ class _CatalogValidator(Validator):
             if name not in items:
                 raise self.fail(f"{key}.{name}" if key else name, node, f"missing; expected {what}")
 
-    def catalog(self, root: Node) -> PriceCatalog:
+    def catalog(self, root: Node) -> PriceFile:
         items = self.mapping("", root, ("taken", "source", "models"))
         self.require(
             items,
@@ -247,7 +480,7 @@ class _CatalogValidator(Validator):
                 "models": "a mapping of model name to rates",
             },
         )
-        return PriceCatalog(
+        return PriceFile(
             path=self.source,
             taken=self.date("taken", items["taken"][1]),
             source=self.string("source", items["source"][1]),

@@ -22,7 +22,7 @@ from ai_gateway.accounting.http_exchange import HttpExchange
 from ai_gateway.accounting.items import ResponseRequested
 from ai_gateway.accounting.ledger import Source, UsageLedger
 from ai_gateway.accounting.metrics import DEFAULT_MAX_MODEL_LABELS, GatewayMetrics, MetricsServer
-from ai_gateway.accounting.pricing import PriceCatalog, load_catalog
+from ai_gateway.accounting.pricing import PriceCatalog, catalog_for
 from ai_gateway.accounting.session_meters import RealtimeMeter, ResponsesSocketMeter, SessionMeter
 from ai_gateway.config.policy import DEFAULT_POLICY, Auth, Policy, PolicyError, RouteType, load_policy
 from ai_gateway.protocols.openai_http import METERED_HTTP, OPERATIONS, StreamReader, read_body, rewrite_request
@@ -463,10 +463,10 @@ def show_comment_column() -> None:
         ctx.options.update(web_columns=[*columns, "comment"])
 
 
-def read_policy(path: str) -> tuple[Policy, PriceCatalog | None]:
-    """The policy and the price catalog it names; either may raise PolicyError."""
+def read_policy(path: str) -> tuple[Policy, PriceCatalog]:
+    """The policy and its price catalog (its `prices` file over the database); either may raise PolicyError."""
     policy = load_policy(path)
-    return policy, load_catalog(policy.prices) if policy.prices else None
+    return policy, catalog_for(policy.provider, policy.prices)
 
 
 def policy_stamp(path: str) -> tuple[int, int] | None:

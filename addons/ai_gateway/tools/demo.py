@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         samples = usage_only(scraped)
         print(render(samples))
         cost = sum(v for (name, _), v in scraped.items() if name == f"{PREFIX}_gen_ai_client_cost_usd_total")
-        print(f"{'cost':<32}${cost:.4f} at the list prices in policies/prices.yaml")
+        print(f"{'cost':<32}${cost:.4f} at the list prices of the genai-prices database")
         if simulator is None:
             return 0
         expected = expected_samples(simulator.usage_for(args.model))
