@@ -10,6 +10,7 @@ import threading
 import urllib.request
 from pathlib import Path
 
+import pytest
 import websockets
 from mitmproxy import io
 
@@ -91,7 +92,19 @@ def test_mitmweb_never_sees_the_upstream_key(tmp_path):
     assert ("authorization", f"Bearer {SECRET}") in simulator.handshakes[-1].headers
 
 
-async def hold_a_request(gateway: GatewayProcess, upstream: StalledUpstream, har: Path) -> dict[str, bytes]:
+# What the held requests look like: a metered HTTP request, and a Realtime WebSocket handshake.
+HELD = {
+    "http": b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+    b"Authorization: Bearer %s\r\nContent-Length: 2\r\n\r\n{}" % CLIENT_KEY.encode(),
+    "websocket": b"GET /v1/realtime?model=gpt-held HTTP/1.1\r\nHost: gateway\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    b"Sec-WebSocket-Protocol: realtime, openai-insecure-api-key.%s\r\n\r\n" % CLIENT_KEY.encode(),
+}
+
+
+async def hold_a_request(
+    gateway: GatewayProcess, upstream: StalledUpstream, request: bytes, har: Path
+) -> dict[str, bytes]:
     """Sends a request the upstream holds; meanwhile reads every mitmweb channel, then stops mitmweb
     (its `-w` file is written at shutdown, with the request still held). Returns what each channel showed."""
     token = web_url(gateway).split("token=", 1)[1]
@@ -108,11 +121,7 @@ async def hold_a_request(gateway: GatewayProcess, upstream: StalledUpstream, har
 
         collector = asyncio.create_task(collect())
         _, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-        body = b'{"model": "gpt-held", "messages": [{"role": "user", "content": "hi"}]}'
-        writer.write(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
-            b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s" % (CLIENT_KEY.encode(), len(body), body)
-        )
+        writer.write(request)
         await writer.drain()
         assert await asyncio.to_thread(upstream.received.wait, 15), "the upstream never got the request"
         seen["/flows"] = await asyncio.to_thread(fetch, base, "/flows", token)
@@ -130,17 +139,20 @@ async def hold_a_request(gateway: GatewayProcess, upstream: StalledUpstream, har
     return seen
 
 
-def test_a_held_request_never_shows_the_key(tmp_path):
+@pytest.mark.parametrize("kind", HELD)
+def test_a_held_request_never_shows_the_key(tmp_path, kind):
     """Row 4 of issue 13: the key used to sit on the flow until the response began."""
     policy = tmp_path / "auth.yaml"
-    policy.write_text("auth:\n  env: GATEWAY_WEB_KEY\nroutes:\n  /chat/completions: Completions\n")
+    policy.write_text(
+        "auth:\n  env: GATEWAY_WEB_KEY\nroutes:\n  /chat/completions: Completions\n  /realtime: Realtime\n"
+    )
     saved = tmp_path / "flows.mitm"
     with SimulatorThread(server=StalledUpstream()) as upstream:
         gateway = mitmweb(upstream.url, web_port=free_port())
         gateway.options |= {"gateway_policy": str(policy), "save_stream_file": str(saved)}
         gateway.env["GATEWAY_WEB_KEY"] = SECRET
         with gateway:
-            seen = asyncio.run(hold_a_request(gateway, upstream, tmp_path / "flows.har"))
+            seen = asyncio.run(hold_a_request(gateway, upstream, HELD[kind], tmp_path / "flows.har"))
     (head,) = upstream.heads
     fields = [line.partition(b":") for line in head.split(b"\r\n")[1:] if line]
     assert [value.strip() for name, _, value in fields if name.lower() == b"authorization"] == [
@@ -149,10 +161,11 @@ def test_a_held_request_never_shows_the_key(tmp_path):
     assert CLIENT_KEY.encode() not in head
     with saved.open("rb") as f:
         (held,) = io.FlowReader(f).stream()
-    assert held.response is None and held.request.path == "/v1/chat/completions"
+    path = HELD[kind].split(b" ")[1].decode()
+    assert held.response is None and held.request.path == path
     seen["-w file"] = saved.read_bytes()
     seen["log"] = gateway.log().encode()
     for channel in ("/flows", "/flows/dump", *EXPORTS, "har", "/updates", "-w file"):
-        assert b"chat/completions" in seen[channel], f"{channel} does not show the held request"
+        assert path.split("?")[0].encode() in seen[channel], f"{channel} does not show the held request"
     leaks = [channel for channel, shown in seen.items() if SECRET.encode() in shown]
     assert not leaks, f"the upstream key is visible in {leaks}"
