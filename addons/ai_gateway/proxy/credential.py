@@ -60,8 +60,9 @@ class CredentialHttpLayer(HttpLayer):
 
     def event_to_child(self, child: layer.Layer | HttpStream, event: events.Event) -> Iterator[commands.Command]:
         # A RequestHeaders event goes to a connection layer (not a stream) only when the request is sent upstream.
+        # Installed whether or not the policy has `auth`, so that a reload adding it applies to open connections.
         auth = self.credential.auth
-        if auth is not None and isinstance(event, RequestHeaders) and not isinstance(child, HttpStream):
+        if isinstance(event, RequestHeaders) and auth is not None and not isinstance(child, HttpStream):
             event = dataclasses.replace(event, request=with_credential(event.request, auth))
         return super().event_to_child(child, event)
 
