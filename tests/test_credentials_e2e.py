@@ -190,3 +190,18 @@ def test_http2_upstream_gets_the_key(launcher, policy, tmp_path):
     assert (b":path", b"/v1/models") in headers
     assert [value for name, value in headers if name == b"authorization"] == [f"Bearer {SECRET}".encode()]
     assert not [field for field in headers if b"sk-client" in field[1]]
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_streamed_request_body_goes_with_the_key(launcher, policy):
+    """Past `stream_large_bodies`, mitmproxy sends the head before the `request` hook runs."""
+    body = b"x" * 20_000
+    with SimulatorThread(server=HttpSimulator()) as upstream:
+        with gateway_for(upstream.url, policy, launcher, stream_large_bodies="1k") as gateway:
+            connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
+            connection.request("POST", "/v1/files", body, {"Authorization": "Bearer sk-client-streamed"})
+            assert connection.getresponse().status == 200
+            connection.close()
+    (seen,) = upstream.requests
+    assert seen.body == body
+    assert upstream_authorization(seen.headers) == [f"Bearer {SECRET}"]
