@@ -24,13 +24,14 @@ from ai_gateway.accounting.ledger import Source, UsageLedger
 from ai_gateway.accounting.metrics import DEFAULT_MAX_MODEL_LABELS, GatewayMetrics, MetricsServer
 from ai_gateway.accounting.pricing import PriceCatalog, catalog_for
 from ai_gateway.accounting.session_meters import RealtimeMeter, ResponsesSocketMeter, SessionMeter
-from ai_gateway.config.policy import DEFAULT_POLICY, Auth, Policy, PolicyError, RouteType, load_policy
+from ai_gateway.config.policy import DEFAULT_POLICY, Policy, PolicyError, RouteType, load_policy
 from ai_gateway.protocols.openai_http import METERED_HTTP, OPERATIONS, StreamReader, read_body, rewrite_request
 from ai_gateway.protocols.openai_realtime import RealtimeProtocol, requested_model
 from ai_gateway.protocols.openai_responses_socket import ResponsesSocketProtocol
 from ai_gateway.proxy.contentview import realtime_view
+from ai_gateway.proxy.credential import UpstreamCredential
 from ai_gateway.proxy.failures import close_error, error_type
-from ai_gateway.proxy.headers import apply_header_policy, client_credential, redact, remove_client_credentials
+from ai_gateway.proxy.headers import apply_header_policy, client_credential, remove_client_credentials
 from ai_gateway.proxy.history import parse_history, shrink_audio, trim
 from ai_gateway.proxy.refusals import budget_error_event, budget_response
 
@@ -54,21 +55,6 @@ def never_raises[Hook: Callable[..., None]](hook: Hook) -> Hook:
             logger.exception("ai-gateway: %s failed for %s", hook.__name__, flow.request.path.split("?", 1)[0])
 
     return guarded  # type: ignore[return-value]
-
-
-class UpstreamCredential:
-    """Sets the upstream key on requests as the last addon in the chain.
-
-    Running last means no other addon (mitmweb's view, interception, dumpers) sees the key
-    before the request leaves; Gateway redacts it again as soon as the response begins.
-    """
-
-    def __init__(self) -> None:
-        self.auth: Auth | None = None
-
-    def request(self, flow: http.HTTPFlow) -> None:
-        if self.auth is not None and flow.response is None and flow.error is None:
-            flow.request.headers[self.auth.header] = self.auth.header_value
 
 
 class Gateway:
@@ -259,10 +245,10 @@ class Gateway:
         if self.policy is None:
             return
         request = flow.request
-        if credential := client_credential(request.headers):
+        if credential := client_credential(request):
             flow.metadata[CLIENT_KEY_METADATA] = client_key_digest(credential)
         if self.policy.auth is not None:
-            remove_client_credentials(request.headers)
+            remove_client_credentials(request)
         route = self.policy.match(request.path)
         apply_header_policy(request.headers, route.request)
         model = self.policy.model_for(route)
@@ -296,7 +282,6 @@ class Gateway:
 
     @never_raises
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        self.redact_credential(flow)
         exchange = self.exchanges.get(flow.id)
         response = flow.response
         if exchange is None or response is None or not 200 <= response.status_code < 300:
@@ -323,7 +308,6 @@ class Gateway:
 
     @never_raises
     def error(self, flow: http.HTTPFlow) -> None:
-        self.redact_credential(flow)
         exchange = self.exchanges.pop(flow.id, None)
         if flow.error is None:
             return
@@ -345,10 +329,6 @@ class Gateway:
             return None
         route_type = self.policy.match(flow.request.path).type
         return self.source(flow, route_type) if route_type in SESSION_KINDS else None
-
-    def redact_credential(self, flow: http.HTTPFlow) -> None:
-        if self.policy is not None and (auth := self.policy.auth) is not None:
-            redact(flow.request.headers, auth.header, auth.key)
 
     @never_raises
     def websocket_start(self, flow: http.HTTPFlow) -> None:

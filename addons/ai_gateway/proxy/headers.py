@@ -1,15 +1,21 @@
-"""Request header edits: the route's header policy and the client's credentials."""
+"""Request edits: the route's header policy and the client's credentials."""
 
 from __future__ import annotations
 
-from mitmproxy.http import Headers
+from collections.abc import Iterator
+from urllib.parse import unquote_plus
+
+from mitmproxy.http import Headers, Request
 
 from ai_gateway.config.policy import HeaderPolicy
 
-# Browsers cannot set headers on a WebSocket, so OpenAI accepts the key as a subprotocol.
+# Every place OpenAI or Azure OpenAI accepts a key (and what SDKs and proxies send one in).
+# Browsers cannot set headers on a WebSocket, so OpenAI accepts the key as a subprotocol and
+# Azure as the `api-key` query parameter.
 INSECURE_KEY_PROTOCOL = "openai-insecure-api-key."
-CLIENT_CREDENTIAL_HEADERS = ("authorization", "api-key")
-REDACTED = "[redacted by ai-gateway]"
+BEARER_HEADERS = ("authorization", "proxy-authorization")
+KEY_HEADERS = ("api-key", "x-api-key", "openai-api-key")
+KEY_QUERY_PARAMETERS = frozenset({"api-key", "api_key", "key"})
 
 
 def apply_header_policy(headers: Headers, policy: HeaderPolicy) -> None:
@@ -21,33 +27,66 @@ def apply_header_policy(headers: Headers, policy: HeaderPolicy) -> None:
         headers.add(name, value)
 
 
-def client_credential(headers: Headers) -> str | None:
-    """The key a client presented, in any of the places OpenAI accepts one."""
-    authorization = headers.get("authorization", "")
-    if authorization.lower().startswith("bearer "):
-        return authorization[7:].strip() or None
-    if api_key := headers.get("api-key"):
-        return api_key
-    for value in headers.get_all("sec-websocket-protocol"):
-        for protocol in value.split(","):
-            if protocol.strip().startswith(INSECURE_KEY_PROTOCOL):
-                return protocol.strip().removeprefix(INSECURE_KEY_PROTOCOL) or None
-    return None
+def client_credential(request: Request) -> str | None:
+    """The key a client presented, from the first of the places a key is accepted that has one."""
+    return next(_presented_keys(request), None)
 
 
-def remove_client_credentials(headers: Headers) -> None:
+def _presented_keys(request: Request) -> Iterator[str]:
+    headers = request.headers
+    for name in BEARER_HEADERS:
+        for value in headers.get_all(name):
+            if value[:7].lower() == "bearer " and (token := value[7:].strip()):
+                yield token
+    for name in KEY_HEADERS:
+        yield from filter(None, (value.strip() for value in headers.get_all(name)))
+    for protocol in _offered_protocols(headers):
+        if _is_key_protocol(protocol) and (key := protocol[len(INSECURE_KEY_PROTOCOL) :]):
+            yield key
+    yield from filter(None, split_query_keys(request.path)[1])
+
+
+def remove_client_credentials(request: Request) -> None:
     """Drop every credential a client may present, so only the gateway's key goes upstream."""
-    for name in CLIENT_CREDENTIAL_HEADERS:
-        headers.pop(name, None)
-    offered = [protocol.strip() for value in headers.get_all("sec-websocket-protocol") for protocol in value.split(",")]
-    kept = [p for p in offered if p and not p.startswith(INSECURE_KEY_PROTOCOL)]
+    headers = request.headers
+    for name in (*BEARER_HEADERS, *KEY_HEADERS):
+        headers.pop(name, None)  # every field of that name, in any case
+    offered = list(_offered_protocols(headers))
+    kept = [protocol for protocol in offered if not _is_key_protocol(protocol)]
     if len(kept) != len(offered):
         headers.pop("sec-websocket-protocol", None)
         if kept:
             headers["sec-websocket-protocol"] = ", ".join(kept)
+    path, keys = split_query_keys(request.path)
+    if keys:
+        request.path = path
 
 
-def redact(headers: Headers, name: str, secret: str) -> None:
-    """Replace a header carrying the secret, once the request that needed it has gone upstream."""
-    if secret in headers.get(name, ""):
-        headers[name] = headers[name].replace(secret, REDACTED)
+def split_query_keys(path: str) -> tuple[str, list[str]]:
+    """The path without its key parameters, and their values.
+
+    The other parameters are kept byte for byte (mitmproxy's `query` setter would re-encode them).
+    Names are matched case-insensitively, after percent-decoding, as a server might read them.
+    """
+    base, mark, query = path.partition("?")
+    if not mark:
+        return path, []
+    kept, keys = [], []
+    for item in query.split("&"):
+        name, _, value = item.partition("=")
+        if unquote_plus(name).strip().lower() in KEY_QUERY_PARAMETERS:
+            keys.append(unquote_plus(value))
+        else:
+            kept.append(item)
+    if not keys:
+        return path, []
+    return (f"{base}?{'&'.join(kept)}" if kept else base), keys
+
+
+def _offered_protocols(headers: Headers) -> Iterator[str]:
+    for value in headers.get_all("sec-websocket-protocol"):
+        yield from filter(None, (protocol.strip() for protocol in value.split(",")))
+
+
+def _is_key_protocol(protocol: str) -> bool:
+    return protocol[: len(INSECURE_KEY_PROTOCOL)].lower() == INSECURE_KEY_PROTOCOL
