@@ -156,7 +156,7 @@ def test_session_budget_refuses_the_third_response_with_an_error_event(tmp_path)
         samples[
             (
                 "agentgateway_gateway_budget_enforcements_total",
-                frozenset({("scope", "session"), ("action", "refused_response")}),
+                frozenset({("scope", "session"), ("action", "refused_response"), ("reason", "budget_exceeded")}),
             )
         ]
         == 1
@@ -200,7 +200,7 @@ def test_client_key_budget_spans_sessions_and_rejects_http_with_429(tmp_path):
         samples[
             (
                 "agentgateway_gateway_budget_enforcements_total",
-                frozenset({("scope", "client_key"), ("action", "rejected_request")}),
+                frozenset({("scope", "client_key"), ("action", "rejected_session"), ("reason", "budget_exceeded")}),
             )
         ]
         == 1

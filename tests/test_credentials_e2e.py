@@ -16,7 +16,7 @@ import h2.events
 import pytest
 from mitmproxy import certs
 
-from ai_gateway.accounting.budget import client_key_digest
+from ai_gateway.accounting.limits import client_key_digest
 from ai_gateway.tools.harness import GatewayProcess
 from ai_gateway.tools.simulators.http import HttpSimulator
 from ai_gateway.tools.simulators.realtime import SimulatorThread

@@ -110,7 +110,7 @@ def test_auth_reads_the_key_from_the_environment():
         (
             "routes:\n  /x: Realtime\nprovder: x\n",
             {},
-            "p.yaml:3: provder: unknown key; expected one of provider, auth, model, prices, budgets, routes",
+            "p.yaml:3: provder: unknown key; expected one of provider, auth, model, prices, budgets, limits, client_keys, routes",
         ),
         ("provider: openai\n", {}, "p.yaml:1: routes: missing; expected a mapping of path suffix to route type"),
         ("routes: [a]\n", {}, "p.yaml:1: routes: expected a mapping, got a list"),
@@ -152,7 +152,7 @@ def test_auth_reads_the_key_from_the_environment():
         (
             "budgets:\n  session: {tokens: 1.5}\nroutes:\n  /x: Realtime\n",
             {},
-            "p.yaml:2: budgets.session.tokens: expected a whole number of tokens, got 1.5",
+            "p.yaml:2: budgets.session.tokens: expected a whole number, got 1.5",
         ),
         (
             "budgets:\n  client_key: {usd: x}\nroutes:\n  /x: Realtime\n",

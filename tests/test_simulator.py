@@ -18,7 +18,14 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as sync_connect
 
-from ai_gateway.tools.simulators.realtime import SentUsage, Simulator, SimulatorThread, junk_frames, resolve_model
+from ai_gateway.tools.simulators.realtime import (
+    SentUsage,
+    Simulator,
+    SimulatorThread,
+    is_unbilled_response,
+    junk_frames,
+    resolve_model,
+)
 
 from .clients import served_module
 
@@ -278,8 +285,12 @@ def test_junk_frames_arrive_as_sent_and_stay_out_of_the_ledger():
 
     sim, frames = run(main())
     assert frames[-1 - len(junk) : -1] == junk  # byte for byte, binary stays binary
-    assert sim.junk_sent == len(junk) and len(sim.ledger) == 1
-    assert sim.ledger[0].usage == json.loads(frames[-1])["response"]["usage"]
+    billed = [e for e in sim.ledger if e.kind == "response"]
+    assert sim.junk_sent == len(junk) and len(billed) == 1
+    assert billed[0].usage == json.loads(frames[-1])["response"]["usage"]
+    # junk response.done events with readable response objects are responses that bill nothing
+    unbilled = [e for e in sim.ledger if e.kind == "unbilled_response"]
+    assert len(unbilled) == sum(map(is_unbilled_response, junk)) == 8 and all(not e.usage for e in unbilled)
     assert sum(isinstance(f, bytes) for f in junk) == 1
     for frame in junk:
         try:

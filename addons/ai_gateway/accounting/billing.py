@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import time
 
-from ai_gateway.accounting.budget import Budgets
 from ai_gateway.accounting.ledger import Source, UsageLedger
+from ai_gateway.accounting.limits import Refusal, SpendControl, Ticket
 from ai_gateway.accounting.metrics import UNKNOWN, GatewayMetrics, ModelLabels, Series
 from ai_gateway.accounting.pricing import PriceCatalog
 from ai_gateway.accounting.usage import DurationUsage, TokenUsage
@@ -31,12 +31,12 @@ class Accounting:
         metrics: GatewayMetrics,
         ledger: UsageLedger | None = None,
         catalog: PriceCatalog | None = None,
-        budgets: Budgets | None = None,
+        control: SpendControl | None = None,
     ) -> None:
         self.metrics = metrics
         self.ledger = ledger
         self.catalog = catalog
-        self.budgets = budgets
+        self.control = control
         if catalog is not None:
             metrics.price_catalog(catalog.sources)
 
@@ -47,6 +47,7 @@ class Accounting:
         usage: TokenUsage | DurationUsage,
         status: str | None = None,
         response_id: str | None = None,
+        ticket: Ticket | None = None,
     ) -> Series:
         """Record one response's (or transcription's) usage; returns its series for latency figures."""
         series = self.metrics.series(labels)
@@ -59,8 +60,9 @@ class Accounting:
             series.priced(lookup, cost)
         if self.ledger is not None:
             self.ledger.append(source, labels, usage, status, response_id, cost)
-        if self.budgets is not None and isinstance(usage, TokenUsage):
-            self.charge(source, usage.input + (usage.output or 0), cost or 0.0)
+        if self.control is not None:
+            tokens = usage.input + (usage.output or 0) if isinstance(usage, TokenUsage) else 0
+            self.settle(source, ticket, tokens, cost or 0.0)
         return series
 
     def unbilled(
@@ -74,24 +76,52 @@ class Accounting:
             self.ledger.append(source, labels, None, status, response_id, None)
         return series
 
-    def charge(self, source: Source, tokens: int, usd: float) -> None:
-        assert self.budgets is not None
+    def settle(self, source: Source, ticket: Ticket | None, tokens: int, usd: float) -> None:
+        """Spend arrived: it replaces the ticket's reservation, and the key's gauges follow."""
+        assert self.control is not None
         now = time.monotonic()
-        self.budgets.charge(source.flow_id, source.client_key, tokens, usd, now)
-        if source.client_key is not None:
-            key = self.metrics.client_keys(source.client_key)
-            for unit, left in zip(("tokens", "usd"), self.budgets.remaining(source.client_key, now), strict=True):
-                if left is not None:
-                    self.metrics.budget_remaining.labels(key, unit).set(left)
+        self.control.settle(ticket, source.client_key, source.flow_id if source.session else None, now, tokens, usd)
+        self.show_headroom(source.client_key, now)
 
-    def exhausted(self, source: Source) -> str | None:
-        """The budget scope that refuses more spend for this source, if any."""
-        if self.budgets is None:
+    def release(self, ticket: Ticket) -> None:
+        """An admitted response that will bill nothing (refused upstream, its session gone)."""
+        if self.control is not None and ticket.open:
+            now = time.monotonic()
+            self.control.release(ticket, now)
+            self.show_headroom(ticket.key, now)
+
+    def admit(self, source: Source) -> Ticket | Refusal | None:
+        """A new response or request on a metered route; None when no budgets or limits apply."""
+        if self.control is None:
             return None
-        return self.budgets.exhausted(source.flow_id, source.client_key, time.monotonic())
+        now = time.monotonic()
+        verdict = self.control.admit(source.client_key, source.flow_id if source.session else None, now)
+        self.show_headroom(source.client_key, now)
+        return verdict
 
-    def enforced(self, scope: str, action: str) -> None:
-        self.metrics.budget_enforcements.labels(scope, action).inc()
+    def open_session(self, source: Source) -> Refusal | None:
+        if self.control is None:
+            return None
+        verdict = self.control.open_session(source.client_key, source.flow_id, time.monotonic())
+        self.show_headroom(source.client_key, time.monotonic())
+        return verdict
+
+    def close_session(self, source: Source) -> None:
+        if self.control is not None:
+            self.control.close_session(source.client_key, source.flow_id)
+            self.show_headroom(source.client_key, time.monotonic())
+
+    def show_headroom(self, client_key: str, now: float) -> None:
+        assert self.control is not None
+        key = self.metrics.client_keys(client_key)
+        for unit, left in zip(("tokens", "usd"), self.control.remaining(client_key, now), strict=True):
+            if left is not None:
+                self.metrics.budget_remaining.labels(key, unit).set(left)
+        for limit, left in self.control.headroom(client_key, now).items():
+            self.metrics.limit_headroom.labels(key, limit).set(left)
+
+    def enforced(self, refusal: Refusal, action: str) -> None:
+        self.metrics.budget_enforcements.labels(refusal.scope, action, refusal.code).inc()
 
     def parse_error(self, source: Source, reason: str) -> None:
         self.metrics.parse_error(source.route_type, reason)

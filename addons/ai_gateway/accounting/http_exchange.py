@@ -8,6 +8,7 @@ import time
 from ai_gateway.accounting.billing import Accounting
 from ai_gateway.accounting.items import FirstDelta, Malformed, ResponseDone, UsageItem
 from ai_gateway.accounting.ledger import Source
+from ai_gateway.accounting.limits import Ticket
 from ai_gateway.accounting.metrics import ModelLabels
 
 
@@ -15,7 +16,13 @@ class HttpExchange:
     """Meters one request/response on a Completions, Responses or Embeddings route."""
 
     def __init__(
-        self, accounting: Accounting, source: Source, operation: str, system: str, request_model: str | None
+        self,
+        accounting: Accounting,
+        source: Source,
+        operation: str,
+        system: str,
+        request_model: str | None,
+        ticket: Ticket | None = None,
     ) -> None:
         self.accounting = accounting
         self.source = source
@@ -25,6 +32,7 @@ class HttpExchange:
         self.started = time.time()
         self.first_token: float | None = None
         self.billed: ResponseDone | None = None
+        self.ticket = ticket  # its admission against budgets and limits, settled by its usage
         self.streamed = False  # the body is a stream, read as it passes
         self.stream_finished = False  # the stream reached its end marker (`[DONE]` or a final event)
 
@@ -45,7 +53,7 @@ class HttpExchange:
         if done.usage is None:
             self.accounting.unbilled(self.source, self.labels(), done.status, done.response_id, done.unread or "")
         else:
-            self.accounting.bill(self.source, self.labels(), done.usage, done.status)
+            self.accounting.bill(self.source, self.labels(), done.usage, done.status, ticket=self.ticket)
 
     def problem(self, problem: Malformed) -> None:
         self.accounting.parse_error(self.source, problem.reason)
@@ -57,6 +65,8 @@ class HttpExchange:
     def finish(self, error_type: str) -> None:
         """The exchange ended (response complete, or error_type set): latencies and what never came."""
         ended = time.time()
+        if self.ticket is not None:
+            self.accounting.release(self.ticket)  # nothing, when its usage settled it already
         if self.streamed and self.billed is None:
             reason = "missing_usage" if self.stream_finished else "truncated"
             self.problem(Malformed(reason, "the stream ended without usage"))

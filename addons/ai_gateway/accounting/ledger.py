@@ -26,7 +26,8 @@ class Source:
 
     flow_id: str
     route_type: str
-    client_key: str | None = None  # digest of the credential the client presented
+    client_key: str = "anonymous"  # the client's identity: a known key's name, a digest prefix, or anonymous
+    session: bool = False  # a WebSocket session (its flow id is the session's), not one HTTP exchange
 
 
 def usage_fields(usage: TokenUsage | DurationUsage | None) -> dict[str, Any]:

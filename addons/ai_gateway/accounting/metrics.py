@@ -156,15 +156,26 @@ class GatewayMetrics:
         self._catalog_sources: set[tuple[str, str, str]] = set()
         self.budget_remaining = Gauge(
             f"{prefix}_gateway_budget_remaining",
-            "What is left of a client key's budget in the current window (client_key: a SHA-256 digest prefix).",
+            "What is left of a client key's budget in the current window, reservations of responses in flight"
+            " deducted (client_key: the policy's name for the key, else a SHA-256 digest prefix, or anonymous).",
             ("client_key", "unit"),
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
+        self.limit_headroom = Gauge(
+            f"{prefix}_gateway_rate_limit_headroom",
+            "What is left of a client key's rate limits now: requests_per_minute, tokens_per_minute,"
+            " concurrent_sessions.",
+            ("client_key", "limit"),
             registry=self.registry,
             multiprocess_mode="livemin",
         )
         self.budget_enforcements = Counter(
             f"{prefix}_gateway_budget_enforcements",
-            "Budget enforcement actions: refused_response, closed_session, rejected_request.",
-            ("scope", "action"),
+            "Budget and limit enforcement: refused_response, cancelled_response, rejected_request,"
+            " rejected_session, closed_session; reason budget_exceeded, rate_limit_exceeded, unknown_client_key,"
+            " session_too_long, session_idle.",
+            ("scope", "action", "reason"),
             registry=self.registry,
         )
         self.rate_limit_remaining = Gauge(

@@ -25,6 +25,7 @@ from ai_gateway.accounting.items import (
     UsageItem,
 )
 from ai_gateway.accounting.ledger import Source
+from ai_gateway.accounting.limits import Refusal, Ticket
 from ai_gateway.accounting.metrics import UNKNOWN, ModelLabels, Series
 from ai_gateway.accounting.usage import TokenUsage
 
@@ -92,15 +93,20 @@ class SessionMeter:
         self.billed_ids: set[str] = set()
         self.billed_order: deque[str] = deque(maxlen=MAX_BILLED_IDS)
 
-    def apply(self, item: UsageItem) -> Malformed | None:
-        """Bill one usage item. Returns the problem when its frame could not be read."""
+    def apply(self, item: UsageItem) -> Malformed | Refusal | None:
+        """Bill one usage item. Returns the problem when its frame could not be read, or the refusal
+        when the item starts a response the budgets and limits do not allow."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """The session ended: what its unfinished responses reserved is freed."""
         raise NotImplementedError
 
     def problem(self, item: Malformed) -> Malformed:
         self.accounting.parse_error(self.source, item.reason)
         return item
 
-    def finished(self, labels: ModelLabels, done: ResponseDone) -> Series | None:
+    def finished(self, labels: ModelLabels, done: ResponseDone, ticket: Ticket | None) -> Series | None:
         """A response ended: billed once (None when its id was billed already), added to the totals."""
         if done.response_id is not None:
             if done.response_id in self.billed_ids:
@@ -110,8 +116,10 @@ class SessionMeter:
                 self.remember_billed(done.response_id)
         if done.usage is None:
             series = self.accounting.unbilled(self.source, labels, done.status, done.response_id, done.unread or "")
+            if ticket is not None:
+                self.accounting.release(ticket)
         else:
-            series = self.accounting.bill(self.source, labels, done.usage, done.status, done.response_id)
+            series = self.accounting.bill(self.source, labels, done.usage, done.status, done.response_id, ticket)
             self.totals.add(done.usage)
         self.totals.responses += 1
         self.totals.changed = True
@@ -133,9 +141,10 @@ class RealtimeMeter(SessionMeter):
         super().__init__(accounting, source, system, request_model)
         self.response_model = UNKNOWN
         self.transcription_model = UNKNOWN
-        # Latency: response.create (event id, time), paired in order with response.created, then the
-        # first delta; a create the upstream refuses (an error naming its event id) is dropped.
-        self.pending_creates: deque[tuple[str | None, float]] = deque(maxlen=MAX_PENDING_CREATES)
+        # response.create (event id, time, admission ticket), paired in order with response.created,
+        # then the first delta; a create the upstream refuses (an error naming its event id) is dropped.
+        self.pending_creates: deque[tuple[str | None, float, Ticket | None]] = deque()
+        self.tickets: dict[str, Ticket] = {}  # started responses' admissions, until their response.done
         self.awaiting_first_delta: dict[str, float] = {}
         self.timings: dict[str, tuple[float, float]] = {}
 
@@ -144,19 +153,19 @@ class RealtimeMeter(SessionMeter):
         """A response was asked for or started and has not finished."""
         return bool(self.pending_creates or self.awaiting_first_delta or self.timings)
 
-    def apply(self, item: UsageItem) -> Malformed | None:
+    def apply(self, item: UsageItem) -> Malformed | Refusal | None:
         match item:
             case FirstDelta(response_id=response_id):
                 created = self.awaiting_first_delta.pop(response_id, None) if response_id is not None else None
                 if created is not None:
                     self.timings[response_id] = (created, time.monotonic())
             case ResponseRequested(event_id=event_id):
-                self.pending_creates.append((event_id, time.monotonic()))
+                return self.requested(event_id)
             case ResponseStarted(response_id=response_id):
-                if response_id is not None and self.pending_creates:
-                    self.awaiting_first_delta[response_id] = self.pending_creates.popleft()[1]
+                return self.started(response_id)
             case ResponseDone(response_id=response_id):
-                series = self.finished(self.labels(REALTIME, self.response_model), item)
+                ticket = self.tickets.pop(response_id, None) if response_id is not None else None
+                series = self.finished(self.labels(REALTIME, self.response_model), item, ticket)
                 if series is not None and item.usage is not None:
                     self.latency(series, response_id, item.usage)
             case UpstreamError(event_id=event_id):
@@ -179,6 +188,36 @@ class RealtimeMeter(SessionMeter):
                 return self.problem(item)
         return None
 
+    def requested(self, event_id: str | None) -> Refusal | None:
+        """The client asks for a response: admitted (and its reservation held) or refused."""
+        verdict = self.accounting.admit(self.source)
+        if isinstance(verdict, Refusal):
+            return verdict
+        if len(self.pending_creates) == MAX_PENDING_CREATES:  # not a real client: forget the oldest
+            self.release(self.pending_creates.popleft()[2])
+        self.pending_creates.append((event_id, time.monotonic(), verdict))
+        return None
+
+    def started(self, response_id: str | None) -> Refusal | None:
+        """A response started: the client's oldest waiting request, or the upstream's own (server
+        VAD), which must pass the same checks; refused, the addon cancels it."""
+        created: float | None = None
+        if self.pending_creates:
+            _, created, ticket = self.pending_creates.popleft()
+        else:
+            verdict = self.accounting.admit(self.source)
+            if isinstance(verdict, Refusal):
+                return verdict
+            ticket = verdict
+        if response_id is None:  # no response.done can be matched to it: hold nothing for it
+            self.release(ticket)
+            return None
+        if created is not None:
+            self.awaiting_first_delta[response_id] = created
+        if ticket is not None:
+            self.tickets[response_id] = ticket
+        return None
+
     def refused(self, event_id: str | None) -> None:
         """The upstream refused a client event: if it was a response.create, no response follows it."""
         if event_id is None:
@@ -186,7 +225,20 @@ class RealtimeMeter(SessionMeter):
         for pending in self.pending_creates:
             if pending[0] == event_id:
                 self.pending_creates.remove(pending)
+                self.release(pending[2])
                 return
+
+    def release(self, ticket: Ticket | None) -> None:
+        if ticket is not None:
+            self.accounting.release(ticket)
+
+    def close(self) -> None:
+        for _, _, ticket in self.pending_creates:
+            self.release(ticket)
+        for ticket in self.tickets.values():
+            self.release(ticket)
+        self.pending_creates.clear()
+        self.tickets.clear()
 
     def latency(self, series: Series, response_id: str | None, usage: TokenUsage) -> None:
         if response_id is None:
@@ -202,21 +254,36 @@ class RealtimeMeter(SessionMeter):
 
 
 class ResponsesSocketMeter(SessionMeter):
-    """Meters the Responses API's WebSocket mode: each final response event bills one response."""
+    """Meters the Responses API's WebSocket mode: each final response event bills one response.
+
+    Its responses run one after another, so each final event settles the oldest admission."""
 
     def __init__(self, accounting: Accounting, source: Source, system: str, request_model: str) -> None:
         super().__init__(accounting, source, system, request_model)
-        self.in_flight = False
+        self.admitted: deque[Ticket | None] = deque()
 
-    def apply(self, item: UsageItem) -> Malformed | None:
+    @property
+    def in_flight(self) -> bool:
+        return bool(self.admitted)
+
+    def apply(self, item: UsageItem) -> Malformed | Refusal | None:
         match item:
             case ResponseRequested(model=model):
-                self.in_flight = True
+                verdict = self.accounting.admit(self.source)
+                if isinstance(verdict, Refusal):
+                    return verdict
+                self.admitted.append(verdict)
                 self.request_model = model or self.request_model
             case ResponseDone(response_model=response_model):
-                self.in_flight = False
-                self.finished(ModelLabels(CHAT, self.system, self.request_model, response_model), item)
+                ticket = self.admitted.popleft() if self.admitted else None
+                self.finished(ModelLabels(CHAT, self.system, self.request_model, response_model), item, ticket)
                 self.totals.model = response_model or self.totals.model
             case Malformed():
                 return self.problem(item)
         return None
+
+    def close(self) -> None:
+        for ticket in self.admitted:
+            if ticket is not None:
+                self.accounting.release(ticket)
+        self.admitted.clear()

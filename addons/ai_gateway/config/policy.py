@@ -12,7 +12,7 @@ import contextlib
 import enum
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -26,6 +26,7 @@ STR_TAG = "tag:yaml.org,2002:str"
 _NULL_TAG = "tag:yaml.org,2002:null"
 _INT_TAG = "tag:yaml.org,2002:int"
 _FLOAT_TAG = "tag:yaml.org,2002:float"
+_BOOL_TAG = "tag:yaml.org,2002:bool"
 
 T = TypeVar("T")
 
@@ -48,6 +49,11 @@ class Limit:
     usd: float | None = None
 
 
+# What an admitted response holds against budgets until its usage settles it, unless the policy
+# says otherwise: about one long voice answer at gpt-realtime's audio rates.
+DEFAULT_RESERVE = Limit(tokens=4096, usd=0.05)
+
+
 @dataclass(frozen=True, slots=True)
 class BudgetPolicy:
     """The policy's `budgets:` section."""
@@ -55,6 +61,57 @@ class BudgetPolicy:
     session: Limit | None = None
     client_key: Limit | None = None
     window_seconds: float = 3600.0
+    reserve: Limit = DEFAULT_RESERVE
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimits:
+    """Per client key: request and token rates over a rolling minute, sessions open at once, and how
+    long a session may last or stay idle. None: no limit of that kind."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    concurrent_sessions: int | None = None
+    max_session_seconds: float | None = None
+    idle_session_seconds: float | None = None
+
+    def over(self, override: RateLimits | None) -> RateLimits:
+        """These limits with the ones `override` sets replacing them."""
+        if override is None:
+            return self
+        return RateLimits(
+            *(mine if theirs is None else theirs for mine, theirs in zip(astuple(self), astuple(override), strict=True))
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LimitPolicy:
+    """The policy's `limits:` section."""
+
+    store: str = "memory"
+    on_store_error: str = "open"
+    client_key: RateLimits = RateLimits()
+
+
+@dataclass(frozen=True, slots=True)
+class KnownKey:
+    """A client key the policy names: known by its SHA-256 only, shown by its name."""
+
+    sha256: str
+    name: str
+    budget: Limit | None = None
+    limits: RateLimits | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientKeys:
+    """The policy's `client_keys:` section."""
+
+    require: bool = False
+    keys: tuple[KnownKey, ...] = ()
+
+    def find(self, sha256: str | None) -> KnownKey | None:
+        return next((key for key in self.keys if key.sha256 == sha256), None) if sha256 else None
 
 
 @dataclass(frozen=True)
@@ -95,6 +152,8 @@ class Policy:
     model: str | None = None
     prices: Path | None = None
     budgets: BudgetPolicy | None = None
+    limits: LimitPolicy = LimitPolicy()
+    client_keys: ClientKeys = ClientKeys()
     routes: tuple[Route, ...] = field(default_factory=tuple)
 
     def match(self, path: str) -> Route:
@@ -202,7 +261,9 @@ class Validator:
         return parse(child, items[name][1])
 
     def policy(self, root: Node) -> Policy:
-        items = self.mapping("", root, ("provider", "auth", "model", "prices", "budgets", "routes"))
+        items = self.mapping(
+            "", root, ("provider", "auth", "model", "prices", "budgets", "limits", "client_keys", "routes")
+        )
         if "routes" not in items:
             raise self.fail("routes", root, "missing; expected a mapping of path suffix to route type")
         return Policy(
@@ -212,6 +273,8 @@ class Validator:
             model=self.optional(items, "model", self.string, "", None),
             prices=self.optional(items, "prices", self.relative_path, "", None),
             budgets=self.optional(items, "budgets", self.budgets, "", None),
+            limits=self.optional(items, "limits", self.limits, "", LimitPolicy()),
+            client_keys=self.optional(items, "client_keys", self.client_keys, "", ClientKeys()),
             routes=self.routes("routes", items["routes"][1]),
         )
 
@@ -220,22 +283,90 @@ class Validator:
         return Path(self.source).parent / self.string(key, node)
 
     def budgets(self, key: str, node: Node) -> BudgetPolicy:
-        items = self.mapping(key, node, ("session", "client_key", "window"))
+        items = self.mapping(key, node, ("session", "client_key", "window", "reserve"))
         return BudgetPolicy(
             session=self.optional(items, "session", self.limit, key, None),
             client_key=self.optional(items, "client_key", self.limit, key, None),
             window_seconds=self.optional(items, "window", self.positive_number, key, 3600.0),
+            reserve=self.optional(items, "reserve", self.limit, key, DEFAULT_RESERVE),
         )
+
+    def limits(self, key: str, node: Node) -> LimitPolicy:
+        items = self.mapping(key, node, ("store", "on_store_error", "client_key"))
+        store = self.optional(items, "store", self.string, key, "memory")
+        if store != "memory" and not store.startswith(("redis://", "rediss://", "unix://")):
+            raise self.fail(f"{key}.store", items["store"][1], f"expected memory or a redis:// URL, got {store!r}")
+        on_error = self.optional(items, "on_store_error", self.string, key, "open")
+        if on_error not in ("open", "closed"):
+            raise self.fail(
+                f"{key}.on_store_error", items["on_store_error"][1], f"expected open or closed, got {on_error!r}"
+            )
+        return LimitPolicy(store, on_error, self.optional(items, "client_key", self.rate_limits, key, RateLimits()))
+
+    def rate_limits(self, key: str, node: Node) -> RateLimits:
+        names = ("requests_per_minute", "tokens_per_minute", "concurrent_sessions")
+        seconds = ("max_session_seconds", "idle_session_seconds")
+        items = self.mapping(key, node, names + seconds)
+        return RateLimits(
+            *(self.optional(items, name, self.whole_number, key, None) for name in names),
+            *(self.optional(items, name, self.positive_number, key, None) for name in seconds),
+        )
+
+    def client_keys(self, key: str, node: Node) -> ClientKeys:
+        items = self.mapping(key, node, ("require", "keys"))
+        require = self.optional(items, "require", self.boolean, key, False)
+        keys_node = items["keys"][1] if "keys" in items else None
+        if keys_node is not None and not isinstance(keys_node, SequenceNode):
+            raise self.fail(f"{key}.keys", keys_node, f"expected a list of keys, got {describe(keys_node)}")
+        keys = tuple(
+            self.known_key(f"{key}.keys[{i}]", item)
+            for i, item in enumerate(keys_node.value if keys_node is not None else ())
+        )
+        for field_name in ("sha256", "name"):
+            seen: set[str] = set()
+            for i, known in enumerate(keys):
+                value = getattr(known, field_name)
+                if value in seen:
+                    raise self.fail(
+                        f"{key}.keys[{i}].{field_name}", keys_node.value[i], f"duplicate {field_name} {value!r}"
+                    )
+                seen.add(value)
+        return ClientKeys(require, keys)
+
+    def known_key(self, key: str, node: Node) -> KnownKey:
+        items = self.mapping(key, node, ("sha256", "name", "budgets", "limits"))
+        for required in ("sha256", "name"):
+            if required not in items:
+                raise self.fail(f"{key}.{required}", node, "missing")
+        digest = self.string(f"{key}.sha256", items["sha256"][1]).lower()
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise self.fail(
+                f"{key}.sha256", items["sha256"][1], "expected the 64 hex digits of the key's SHA-256, never the key"
+            )
+        return KnownKey(
+            sha256=digest,
+            name=self.string(f"{key}.name", items["name"][1]),
+            budget=self.optional(items, "budgets", self.limit, key, None),
+            limits=self.optional(items, "limits", self.rate_limits, key, None),
+        )
+
+    def whole_number(self, key: str, node: Node) -> int:
+        value = self.positive_number(key, node)
+        if value != int(value):
+            raise self.fail(key, node, f"expected a whole number, got {value:g}")
+        return int(value)
+
+    def boolean(self, key: str, node: Node) -> bool:
+        if isinstance(node, ScalarNode) and node.tag == _BOOL_TAG:
+            return bool(yaml.safe_load(node.value))
+        raise self.fail(key, node, f"expected true or false, got {describe(node)}")
 
     def limit(self, key: str, node: Node) -> Limit:
         items = self.mapping(key, node, ("tokens", "usd"))
         if not items:
             raise self.fail(key, node, "expected tokens and/or usd")
-        tokens = self.optional(items, "tokens", self.positive_number, key, None)
-        if tokens is not None and tokens != int(tokens):
-            raise self.fail(f"{key}.tokens", items["tokens"][1], f"expected a whole number of tokens, got {tokens}")
         return Limit(
-            tokens=None if tokens is None else int(tokens),
+            tokens=self.optional(items, "tokens", self.whole_number, key, None),
             usd=self.optional(items, "usd", self.positive_number, key, None),
         )
 

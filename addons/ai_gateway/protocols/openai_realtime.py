@@ -242,9 +242,16 @@ def _string(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def cancel_event(response_id: str) -> bytes:
+    """The client event that cancels a response in progress, as the gateway sends it upstream."""
+    return json.dumps(
+        {"type": "response.cancel", "event_id": f"event_gateway_{uuid.uuid4().hex[:12]}", "response_id": response_id}
+    ).encode()
+
+
 def error_event(code: str, message: str, refused_event: bytes) -> bytes:
     """A well-formed Realtime `error` event, naming the refused client event as OpenAI's errors do."""
-    refused = decode_json(refused_event)
+    refused = decode_json(refused_event) if refused_event else None
     event_id = refused.get("event_id") if isinstance(refused, dict) else None
     event = {
         "type": "error",

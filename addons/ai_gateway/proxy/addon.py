@@ -17,26 +17,33 @@ from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from mitmproxy.websocket import WebSocketMessage
 
 from ai_gateway.accounting.billing import Accounting
-from ai_gateway.accounting.budget import Budgets, client_key_digest, update_budgets
 from ai_gateway.accounting.http_exchange import HttpExchange
-from ai_gateway.accounting.items import ResponseRequested
+from ai_gateway.accounting.items import ResponseStarted
 from ai_gateway.accounting.ledger import Source, UsageLedger
+from ai_gateway.accounting.limits import ANONYMOUS, Refusal, SpendControl, client_key_sha256, identify
 from ai_gateway.accounting.metrics import DEFAULT_MAX_MODEL_LABELS, GatewayMetrics, MetricsServer
 from ai_gateway.accounting.pricing import PriceCatalog, catalog_for
 from ai_gateway.accounting.session_meters import RealtimeMeter, ResponsesSocketMeter, SessionMeter
-from ai_gateway.config.policy import DEFAULT_POLICY, Policy, PolicyError, RouteType, load_policy
+from ai_gateway.config.policy import DEFAULT_POLICY, Policy, PolicyError, RateLimits, RouteType, load_policy
 from ai_gateway.protocols.openai_http import METERED_HTTP, OPERATIONS, StreamReader, read_body, rewrite_request
-from ai_gateway.protocols.openai_realtime import RealtimeProtocol, requested_model
+from ai_gateway.protocols.openai_realtime import RealtimeProtocol, cancel_event, requested_model
 from ai_gateway.protocols.openai_responses_socket import ResponsesSocketProtocol
 from ai_gateway.proxy.contentview import realtime_view
 from ai_gateway.proxy.credential import UpstreamCredential
 from ai_gateway.proxy.failures import close_error, error_type
 from ai_gateway.proxy.headers import apply_header_policy, client_credential, remove_client_credentials
 from ai_gateway.proxy.history import parse_history, shrink_audio, trim
-from ai_gateway.proxy.refusals import budget_error_event, budget_response
+from ai_gateway.proxy.refusals import (
+    UNKNOWN_CLIENT_KEY,
+    refusal_event,
+    refusal_response,
+    unknown_key_response,
+)
 
 POLICY_POLL_SECONDS = 1.0
-CLIENT_KEY_METADATA = "ai_gateway.client_key"
+CLIENT_KEY_METADATA = "ai_gateway.client_key"  # the client's identity label (never the key)
+KNOWN_KEY_METADATA = "ai_gateway.known_client_key"
+SESSION_OPEN_METADATA = "ai_gateway.session_admitted"  # counted against concurrent_sessions until it ends
 METRICS_OPTIONS = {"gateway_metrics_host", "gateway_metrics_port", "gateway_metrics_prefix", "gateway_max_model_labels"}
 
 logger = logging.getLogger(__name__)
@@ -63,7 +70,7 @@ class Gateway:
     def __init__(self) -> None:
         self.policy: Policy | None = None
         self.catalog: PriceCatalog | None = None
-        self.budgets: Budgets | None = None
+        self.control: SpendControl | None = None
         self.metrics = GatewayMetrics("agentgateway")
         self.ledger: UsageLedger | None = None
         self.accounting = Accounting(self.metrics)
@@ -130,7 +137,7 @@ class Gateway:
                 self.metrics = GatewayMetrics(prefix, max_labels)
         if "gateway_usage_log" in updated:
             self.open_ledger(options.gateway_usage_log)
-        self.accounting = Accounting(self.metrics, self.ledger, self.catalog, self.budgets)
+        self.accounting = Accounting(self.metrics, self.ledger, self.catalog, self.control)
         if "gateway_websocket_history" in updated:
             try:
                 self.history = parse_history(options.gateway_websocket_history, under_web="web_port" in options)
@@ -162,8 +169,8 @@ class Gateway:
     def apply_policy(self, policy: Policy, catalog: PriceCatalog | None) -> None:
         """Everything that follows from a policy; spend already counted against budgets is kept."""
         self.policy, self.catalog = policy, catalog
-        self.budgets = update_budgets(self.budgets, policy.budgets)
-        self.accounting = Accounting(self.metrics, self.ledger, self.catalog, self.budgets)
+        self.control = controls_for(self.control, policy)
+        self.accounting = Accounting(self.metrics, self.ledger, self.catalog, self.control)
         self.credential.auth = policy.auth
 
     def open_ledger(self, path: str) -> None:
@@ -245,8 +252,10 @@ class Gateway:
         if self.policy is None:
             return
         request = flow.request
-        if credential := client_credential(request):
-            flow.metadata[CLIENT_KEY_METADATA] = client_key_digest(credential)
+        credential = client_credential(request)
+        identity = identify(self.policy.client_keys, client_key_sha256(credential) if credential else None)
+        flow.metadata[CLIENT_KEY_METADATA] = identity.label
+        flow.metadata[KNOWN_KEY_METADATA] = identity.known
         if self.policy.auth is not None:
             remove_client_credentials(request)
         route = self.policy.match(request.path)
@@ -263,22 +272,41 @@ class Gateway:
         upgrade = is_websocket_upgrade(flow.request)
         if route.type not in (SESSION_KINDS if upgrade else METERED_HTTP):
             return
-        source = self.source(flow, route.type)
-        if scope := self.accounting.exhausted(source):
-            flow.response = budget_response(scope)
-            self.accounting.enforced(scope, "rejected_request")
+        source = self.source(flow, route.type, session=upgrade)
+        action = "rejected_session" if upgrade else "rejected_request"
+        if self.policy.client_keys.require and not flow.metadata.get(KNOWN_KEY_METADATA):
+            flow.response = unknown_key_response()
+            self.accounting.enforced(Refusal("client_key", UNKNOWN_CLIENT_KEY), action)
             return
         if upgrade:
+            if refusal := self.accounting.open_session(source):
+                flow.response = refusal_response(refusal)
+                self.accounting.enforced(refusal, action)
+            else:
+                flow.metadata[SESSION_OPEN_METADATA] = True
+            return
+        verdict = self.accounting.admit(source)
+        if isinstance(verdict, Refusal):
+            flow.response = refusal_response(verdict)
+            self.accounting.enforced(verdict, action)
             return
         body = flow.request.get_content(strict=False) or b""
         request_model, rewritten = rewrite_request(route.type, body, self.policy.model_for(route))
         if rewritten is not None:
             flow.request.content = rewritten
         operation = OPERATIONS[route.type]
-        self.exchanges[flow.id] = HttpExchange(self.accounting, source, operation, self.policy.provider, request_model)
+        self.exchanges[flow.id] = HttpExchange(
+            self.accounting, source, operation, self.policy.provider, request_model, verdict
+        )
 
-    def source(self, flow: http.HTTPFlow, route_type: RouteType) -> Source:
-        return Source(flow.id, route_type.value, flow.metadata.get(CLIENT_KEY_METADATA))
+    def source(self, flow: http.HTTPFlow, route_type: RouteType, session: bool = False) -> Source:
+        return Source(flow.id, route_type.value, flow.metadata.get(CLIENT_KEY_METADATA, ANONYMOUS), session)
+
+    def end_session(self, flow: http.HTTPFlow) -> None:
+        """A handshake admitted against concurrent_sessions ended (closed, refused upstream, failed)."""
+        if flow.metadata.pop(SESSION_OPEN_METADATA, False):
+            route_type = self.policy.match(flow.request.path).type if self.policy else RouteType.REALTIME
+            self.accounting.close_session(self.source(flow, route_type, session=True))
 
     @never_raises
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -295,6 +323,8 @@ class Gateway:
         exchange = self.exchanges.pop(flow.id, None)
         if flow.response is not None and flow.response.status_code >= 400 and (source := self.upgrade_source(flow)):
             self.accounting.error(source, str(flow.response.status_code))
+        if flow.websocket is None:
+            self.end_session(flow)
         if exchange is None or flow.response is None:
             return
         status = flow.response.status_code
@@ -309,6 +339,8 @@ class Gateway:
     @never_raises
     def error(self, flow: http.HTTPFlow) -> None:
         exchange = self.exchanges.pop(flow.id, None)
+        if flow.websocket is None:
+            self.end_session(flow)
         if flow.error is None:
             return
         if exchange is not None:
@@ -338,7 +370,7 @@ class Gateway:
         kinds = SESSION_KINDS.get(route_type)
         if kinds is not None:
             protocol, meter = kinds
-            source = self.source(flow, route_type)
+            source = self.source(flow, route_type, session=True)
             model = requested_model(flow.request.url)
             self.sessions[flow.id] = Session(protocol(), meter(self.accounting, source, self.policy.provider, model))
             self.metrics.websocket_sessions.labels(route_type.value).inc()
@@ -353,33 +385,40 @@ class Gateway:
             if message.from_client:
                 self.client_frame(flow, message, session)
             else:
-                self.server_frame(message, session)
+                self.server_frame(flow, message, session)
             if session.meter.totals.changed:
                 self.show_totals(flow, session.meter)
         # The current message is relayed after this hook returns; the one before it has gone.
         trim(messages, self.history, self.shrink_relayed_audio)
 
-    def server_frame(self, message: WebSocketMessage, session: Session) -> None:
+    def server_frame(self, flow: http.HTTPFlow, message: WebSocketMessage, session: Session) -> None:
         item = session.protocol.server_frame(message.content, message.is_text)
-        if item is not None and (problem := session.meter.apply(item)):
-            logger.debug("ai-gateway: unreadable server frame (%s): %s", problem.reason, problem.detail)
-
-    def client_frame(self, flow: http.HTTPFlow, message: WebSocketMessage, session: Session) -> None:
-        """A client frame: metered, unless it asks for a response the budget no longer allows."""
-        item = session.protocol.client_frame(message.content, message.is_text)
         if item is None:
             return
-        if isinstance(item, ResponseRequested) and (scope := self.accounting.exhausted(session.meter.source)):
-            self.refuse_response(flow, message, scope)
-        else:
-            session.meter.apply(item)
+        outcome = session.meter.apply(item)
+        if isinstance(outcome, Refusal) and isinstance(item, ResponseStarted) and item.response_id is not None:
+            self.cancel_response(flow, item.response_id, outcome)
+        elif outcome is not None and not isinstance(outcome, Refusal):
+            logger.debug("ai-gateway: unreadable server frame (%s): %s", outcome.reason, outcome.detail)
 
-    def refuse_response(self, flow: http.HTTPFlow, message: WebSocketMessage, scope: str) -> None:
-        """Over budget: the response.create never reaches the upstream; the client gets an error event."""
+    def client_frame(self, flow: http.HTTPFlow, message: WebSocketMessage, session: Session) -> None:
+        """A client frame: metered, unless it asks for a response the budgets and limits no longer allow."""
+        item = session.protocol.client_frame(message.content, message.is_text)
+        if item is not None and isinstance(refusal := session.meter.apply(item), Refusal):
+            self.refuse_response(flow, message, refusal)
+
+    def refuse_response(self, flow: http.HTTPFlow, message: WebSocketMessage, refusal: Refusal) -> None:
+        """The response.create never reaches the upstream; the client gets an error event."""
         message.drop()
-        event = budget_error_event(scope, message.content)
-        ctx.master.commands.call("inject.websocket", flow, True, event)
-        self.accounting.enforced(scope, "refused_response")
+        ctx.master.commands.call("inject.websocket", flow, True, refusal_event(refusal, message.content))
+        self.accounting.enforced(refusal, "refused_response")
+
+    def cancel_response(self, flow: http.HTTPFlow, response_id: str, refusal: Refusal) -> None:
+        """A response the upstream started by itself (server VAD) while over a budget or limit: the
+        upstream is asked to cancel it, the client is told why. What it still bills is counted."""
+        ctx.master.commands.call("inject.websocket", flow, False, cancel_event(response_id))
+        ctx.master.commands.call("inject.websocket", flow, True, refusal_event(refusal))
+        self.accounting.enforced(refusal, "cancelled_response")
 
     def show_totals(self, flow: http.HTTPFlow, meter: SessionMeter) -> None:
         """The session's spend as the flow's comment, marked on errors. mitmproxy sends every flow a
@@ -394,11 +433,11 @@ class Gateway:
         if flow.websocket is not None and self.shrink_relayed_audio and flow.websocket.messages:
             shrink_audio(flow.websocket.messages[-1])
         session = self.sessions.pop(flow.id, None)
-        if self.budgets is not None:
-            self.budgets.end_session(flow.id)
+        self.end_session(flow)
         if session is None or flow.websocket is None:
             return
         meter = session.meter
+        meter.close()
         self.metrics.websocket_sessions.labels(meter.source.route_type).dec()
         if failure := close_error(flow.websocket.close_code, flow.websocket.closed_by_client, meter.in_flight):
             self.accounting.error(meter.source, failure)
@@ -441,6 +480,18 @@ def show_comment_column() -> None:
     columns = getattr(ctx.options, "web_columns", None)
     if columns is not None and "comment" not in columns:
         ctx.options.update(web_columns=[*columns, "comment"])
+
+
+def controls_for(control: SpendControl | None, policy: Policy) -> SpendControl | None:
+    """The budgets and limits of a new policy, keeping the spend already counted; None when the
+    policy sets none (nothing is then held or checked per response)."""
+    limits, keys = policy.limits, policy.client_keys
+    if policy.budgets is None and limits.client_key == RateLimits() and not keys.keys:
+        return None
+    if control is None:
+        return SpendControl(policy.budgets, limits, keys)
+    control.update(policy.budgets, limits, keys)
+    return control
 
 
 def read_policy(path: str) -> tuple[Policy, PriceCatalog]:

@@ -1,26 +1,52 @@
-"""What clients see when a budget refuses them: OpenAI-shaped errors, so SDKs surface them as usual."""
+"""What clients see when a budget or limit refuses them: OpenAI-shaped errors, so SDKs surface them
+as usual (an `error` event inside a session, an HTTP error with `retry-after` otherwise)."""
 
 from __future__ import annotations
 
 import json
+import math
 
 from mitmproxy import http
 
-from ai_gateway.accounting.budget import CLIENT_KEY, SESSION
+from ai_gateway.accounting.limits import BUDGET_EXCEEDED, CLIENT_KEY, RATE_LIMITED, SESSION, Refusal
 from ai_gateway.protocols.openai_realtime import error_event
 
-BUDGET_MESSAGES = {
-    SESSION: "This session's budget is used up: the gateway refused the response.",
-    CLIENT_KEY: "This API key's budget for the current window is used up: the gateway refused the request.",
+UNKNOWN_CLIENT_KEY = "invalid_api_key"
+MESSAGES = {
+    (SESSION, BUDGET_EXCEEDED): "This session's budget is used up: the gateway refused the response.",
+    (CLIENT_KEY, BUDGET_EXCEEDED): "This API key's budget for the current window is used up: the gateway refused"
+    " the request.",
+    (CLIENT_KEY, RATE_LIMITED): "This API key is over its rate limit: the gateway refused the request.",
 }
 
 
-def budget_error_event(scope: str, client_event: bytes) -> bytes:
-    """The Realtime `error` event that tells the client its `response.create` was refused."""
-    return error_event("budget_exceeded", BUDGET_MESSAGES[scope], client_event)
+def message(refusal: Refusal) -> str:
+    return MESSAGES.get((refusal.scope, refusal.code), "The gateway refused the request.")
 
 
-def budget_response(scope: str) -> http.Response:
-    """HTTP over budget: 429 with an OpenAI-shaped error body."""
-    error = {"message": BUDGET_MESSAGES[scope], "type": "budget_exceeded", "param": None, "code": "budget_exceeded"}
-    return http.Response.make(429, json.dumps({"error": error}), {"content-type": "application/json"})
+def refusal_event(refusal: Refusal, client_event: bytes = b"") -> bytes:
+    """The Realtime `error` event that tells the client its `response.create` was refused (or that a
+    response the upstream started by itself was cancelled)."""
+    return error_event(refusal.code, message(refusal), client_event)
+
+
+def refusal_response(refusal: Refusal) -> http.Response:
+    """HTTP, or a WebSocket handshake, refused: 429 with an OpenAI-shaped body and, where waiting
+    helps, `retry-after` in whole seconds."""
+    error = {"message": message(refusal), "type": refusal.code, "param": None, "code": refusal.code}
+    headers = {"content-type": "application/json"}
+    if refusal.retry_after is not None:
+        headers["retry-after"] = str(max(1, math.ceil(refusal.retry_after)))
+    return http.Response.make(429, json.dumps({"error": error}), headers)
+
+
+def unknown_key_response() -> http.Response:
+    """A client key the policy does not know (or none) where the policy requires a known one: 401,
+    as OpenAI answers an invalid key."""
+    error = {
+        "message": "The gateway does not know this API key.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": UNKNOWN_CLIENT_KEY,
+    }
+    return http.Response.make(401, json.dumps({"error": error}), {"content-type": "application/json"})

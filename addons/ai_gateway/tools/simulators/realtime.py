@@ -22,7 +22,7 @@ import re
 import ssl
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from types import TracebackType
 from typing import Any, Protocol, overload
@@ -144,7 +144,7 @@ class _Session:
     model: str | None  # None in a transcription session
     config: dict[str, Any]
     buffered_audio: int = 0  # bytes appended since the last commit
-    active_responses: int = 0
+    active_responses: set[str] = field(default_factory=set)
     transcriptions: int = 0
 
     @property
@@ -554,14 +554,15 @@ class Simulator:
 
     async def _respond(self, session: _Session, model: str, plan: _Plan) -> None:
         """One response, start to response.done; runs as its own task so responses interleave."""
-        session.active_responses += 1
+        response_id = self._id("resp")
+        session.active_responses.add(response_id)
         try:
-            await self._run_response(session, model, plan)
+            await self._run_response(session, model, plan, response_id)
         finally:
-            session.active_responses -= 1
+            session.active_responses.discard(response_id)
 
-    async def _run_response(self, session: _Session, model: str, plan: _Plan) -> None:
-        response_id, item_id = self._id("resp"), self._id("item")
+    async def _run_response(self, session: _Session, model: str, plan: _Plan, response_id: str) -> None:
+        item_id = self._id("item")
         response = _response(response_id, "in_progress", plan.metadata, None)
         await self._send_event(session, self._event("response.created", response=response))
         await self._send_event(session, self._event("rate_limits.updated", rate_limits=_RATE_LIMITS))
@@ -582,6 +583,7 @@ class Simulator:
         entry = SentUsage(session.id, kind, session.request_model, model, plan.status, usage or {})
         response = _response(response_id, plan.status, plan.metadata, usage)
         done = self._dumps(self._event("response.done", response=response))
+        session.active_responses.discard(response_id)  # as OpenAI: once response.done is out, a create is accepted
         await self._send_usage(session, entry, _fragments(done) if plan.fragment else done)
         if plan.repeat_done:  # the same response, billed once: the ledger has it once
             await self._send_frame(session, done)

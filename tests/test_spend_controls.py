@@ -1,0 +1,218 @@
+"""Spend controls that hold, end to end: concurrency cannot multiply a budget, responses the upstream
+starts by itself are checked too, known keys and rate limits; the overshoot figures are printed."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import websockets
+from openai import AsyncOpenAI, RateLimitError
+from websockets.asyncio.server import ServerConnection, serve
+
+from ai_gateway.tools.harness import GatewayProcess, scrape, select
+from ai_gateway.tools.simulators.http import HttpSimulator
+from ai_gateway.tools.simulators.realtime import SimulatorThread
+
+from .clients import websocket_base
+
+LIMIT = 100_000  # tokens
+RESERVE = 15_000  # at least what one simulated response bills, so the bound below is the documented one
+TARGET = 1.25
+
+
+def policy(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "limits.yaml"
+    path.write_text(text + "routes:\n  /realtime: Realtime\n  /chat/completions: Completions\n")
+    return str(path)
+
+
+def budget(tmp_path: Path, scope: str, tokens: int = LIMIT) -> str:
+    return policy(tmp_path, f"budgets:\n  {scope}: {{tokens: {tokens}}}\n  reserve: {{tokens: {RESERVE}}}\n")
+
+
+def tokens(entries) -> int:
+    return sum(e.usage["input_tokens"] + e.usage["output_tokens"] for e in entries if e.kind == "response")
+
+
+async def respond_until_refused(url: str, key: str, pipelined: int = 1) -> int:
+    """Asks for responses (`pipelined` at a time, pipecat's event_id-first spelling) until a whole
+    round is refused, as a client that keeps trying would; returns the responses that finished."""
+    finished = 0
+    async with websockets.connect(url, additional_headers={"authorization": f"Bearer {key}"}) as ws:
+        await ws.recv()
+        while True:
+            for i in range(pipelined):
+                await ws.send(json.dumps({"event_id": f"c{finished}-{i}", "type": "response.create"}))
+            outstanding, refused = pipelined, 0
+            while outstanding:
+                event = json.loads(await ws.recv())
+                if event["type"] == "error" and event["error"]["code"] == "budget_exceeded":
+                    outstanding, refused = outstanding - 1, refused + 1
+                elif event["type"] == "response.done":
+                    outstanding, finished = outstanding - 1, finished + 1
+            if refused == pipelined:
+                return finished
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator:
+    with SimulatorThread(seed=21) as simulator:
+        yield simulator
+
+
+def test_two_concurrent_sessions_on_one_key_stay_within_the_key_budget(tmp_path, upstream, capsys):
+    model = "gpt-realtime-limits-a"
+    with GatewayProcess(upstream.url, options={"gateway_policy": budget(tmp_path, "client_key")}) as gateway:
+        url = f"{websocket_base(gateway.url)}/v1/realtime?model={model}"
+
+        async def both() -> list[int]:
+            return await asyncio.gather(*(respond_until_refused(url, "sk-one-key") for _ in range(2)))
+
+        finished = asyncio.run(both())
+    spent = tokens(upstream.usage_for(model))
+    with capsys.disabled():
+        print(f"\n2 concurrent sessions, one key: {spent:,} tokens for a {LIMIT:,} budget = {spent / LIMIT:.2f}x")
+    assert all(finished) and spent <= TARGET * LIMIT
+    assert spent >= LIMIT - RESERVE  # the budget was used, not refused early
+
+
+def test_pipelined_response_creates_cannot_multiply_a_session_budget(tmp_path, upstream, capsys):
+    model = "gpt-realtime-limits-b"
+    with GatewayProcess(upstream.url, options={"gateway_policy": budget(tmp_path, "session")}) as gateway:
+        url = f"{websocket_base(gateway.url)}/v1/realtime?model={model}"
+        asyncio.run(respond_until_refused(url, "sk-pipeliner", pipelined=10))
+    spent = tokens(upstream.usage_for(model))
+    with capsys.disabled():
+        print(f"\n10 pipelined response.create: {spent:,} tokens for a {LIMIT:,} budget = {spent / LIMIT:.2f}x")
+    assert LIMIT - RESERVE <= spent <= TARGET * LIMIT
+
+
+def test_forty_concurrent_http_requests_stay_within_the_key_budget(tmp_path, capsys):
+    limit = 20_000
+    with (
+        SimulatorThread(server=HttpSimulator(seed=22)) as upstream,
+        GatewayProcess(upstream.url, options={"gateway_policy": budget(tmp_path, "client_key", limit)}) as gateway,
+    ):
+        client = AsyncOpenAI(api_key="sk-http-key", base_url=f"{gateway.url}/v1", max_retries=0)
+
+        async def one() -> bool:
+            try:
+                await client.chat.completions.create(
+                    model="gpt-4o-mini",
+                    messages=[{"role": "user", "content": "hi"}],
+                    extra_headers={"x-sim-delay-ms": "200"},  # all forty are in flight at once
+                )
+            except RateLimitError as e:
+                assert e.response.headers["retry-after"].isdigit()
+                return False
+            return True
+
+        async def forty() -> list[bool]:
+            return await asyncio.gather(*(one() for _ in range(40)))
+
+        admitted = sum(asyncio.run(forty()))
+        spent = sum(e.usage["prompt_tokens"] + e.usage["completion_tokens"] for e in upstream.ledger)
+    with capsys.disabled():
+        print(
+            f"\n40 concurrent HTTP requests: {admitted} admitted, {spent:,} tokens for {limit:,} = {spent / limit:.2f}x"
+        )
+    assert 0 < admitted < 40 and spent <= TARGET * limit
+
+
+async def vad_upstream(ws: ServerConnection) -> None:
+    """An upstream with server VAD: every committed turn starts a response by itself; response.cancel
+    ends it early (status cancelled), as OpenAI does, still billing what it used."""
+    await ws.send(json.dumps({"type": "session.created", "session": {"model": "gpt-realtime-2025-08-28"}}))
+    turn = 0
+    async for message in ws:
+        event = json.loads(message)
+        if event["type"] == "input_audio_buffer.commit":
+            turn += 1
+            rid = f"resp_vad_{turn}"
+            await ws.send(json.dumps({"type": "input_audio_buffer.committed", "item_id": f"item_{turn}"}))
+            await ws.send(json.dumps({"type": "response.created", "response": {"id": rid, "status": "in_progress"}}))
+            await ws.send(json.dumps({"type": "response.output_audio.delta", "response_id": rid, "delta": "AAAA"}))
+            # the client says when it heard the delta; a cancel sent as the response started comes first
+            heard = json.loads(await ws.recv())
+            cancelled = heard.get("type") == "response.cancel" and heard["response_id"] == rid
+            status = "cancelled" if cancelled else "completed"
+            if cancelled:
+                await ws.recv()  # the client's marker
+            usage = {"input_tokens": 600, "output_tokens": 500 if status == "completed" else 5}
+            await ws.send(
+                json.dumps({"type": "response.done", "response": {"id": rid, "status": status, "usage": usage}})
+            )
+
+
+def test_responses_the_upstream_starts_by_itself_are_cancelled_over_budget(tmp_path):
+    async def scenario(gateway_url: str) -> list[dict]:
+        seen = []
+        async with websockets.connect(f"{websocket_base(gateway_url)}/v1/realtime?model=gpt-realtime") as ws:
+            await ws.recv()
+            for _ in range(3):
+                await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+                while (event := json.loads(await ws.recv()))["type"] != "response.done":
+                    seen.append(event)
+                    if event["type"].endswith(".delta"):  # heard it: tell the upstream
+                        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": ""}))
+                seen.append(event)
+        return seen
+
+    async def run() -> tuple[list[dict], dict]:
+        async with serve(vad_upstream, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            options = {
+                "gateway_policy": policy(tmp_path, "budgets:\n  session: {tokens: 1000}\n  reserve: {tokens: 1}\n")
+            }
+            with GatewayProcess(f"http://127.0.0.1:{port}", options=options) as gateway:
+                seen = await scenario(gateway.url)
+                return seen, scrape(gateway.metrics_url)
+
+    seen, samples = asyncio.run(run())
+    done = [e["response"]["status"] for e in seen if e["type"] == "response.done"]
+    # 1,100 tokens: the first turn spends the budget; the next two are cancelled as they start
+    assert done == ["completed", "cancelled", "cancelled"]
+    errors = [e for e in seen if e["type"] == "error"]
+    assert [e["error"]["code"] for e in errors] == ["budget_exceeded"] * 2
+    enforced = select(samples, action="cancelled_response", scope="session", reason="budget_exceeded")
+    assert sum(enforced.values()) == 2
+    billed = select(samples, gen_ai_token_type="output")
+    assert sum(v for (name, _), v in billed.items() if name.endswith("_token_usage_sum")) == 500 + 5 + 5
+
+
+SHA = hashlib.sha256(b"sk-known").hexdigest()
+
+
+def test_unknown_keys_are_refused_and_known_keys_limited_by_their_own_entry(tmp_path, upstream):
+    text = (
+        f"limits:\n  client_key: {{concurrent_sessions: 5}}\n"
+        f"client_keys:\n  require: true\n  keys:\n    - {{sha256: {SHA}, name: voice, limits: {{concurrent_sessions: 1}}}}\n"
+    )
+    with GatewayProcess(upstream.url, options={"gateway_policy": policy(tmp_path, text)}) as gateway:
+        url = f"{websocket_base(gateway.url)}/v1/realtime?model=gpt-realtime"
+
+        async def status(key: str | None) -> int:
+            headers = {"authorization": f"Bearer {key}"} if key else {}
+            try:
+                async with websockets.connect(url, additional_headers=headers):
+                    return 101
+            except websockets.InvalidStatus as e:
+                return e.response.status_code
+
+        async def second_while_first_open() -> tuple[int, int]:
+            async with websockets.connect(url, additional_headers={"authorization": "Bearer sk-known"}) as ws:
+                await ws.recv()
+                return 101, await status("sk-known")
+
+        assert asyncio.run(status(None)) == 401 and asyncio.run(status("sk-stranger")) == 401
+        assert asyncio.run(second_while_first_open()) == (101, 429)
+        assert asyncio.run(status("sk-known")) == 101  # the first session's end freed its place
+        samples = scrape(gateway.metrics_url)
+    assert sum(select(samples, reason="invalid_api_key").values()) == 2
+    assert sum(select(samples, action="rejected_session", reason="rate_limit_exceeded").values()) == 1
+    assert {dict(k[1]).get("client_key") for k in select(samples, limit="concurrent_sessions")} == {"voice"}
