@@ -27,6 +27,7 @@ class HttpExchange:
         self.billed: ResponseDone | None = None
         self.streamed = False  # the body is a stream, read as it passes
         self.stream_finished = False  # the stream reached its end marker (`[DONE]` or a final event)
+        self.stream_unread = False  # the stream could not be read on (already counted): nothing more to count
 
     def apply(self, item: UsageItem) -> None:
         if isinstance(item, FirstDelta):
@@ -54,7 +55,7 @@ class HttpExchange:
     def finish(self, error_type: str) -> None:
         """The exchange ended (response complete, or error_type set): latencies and what never came."""
         ended = time.time()
-        if self.streamed and self.billed is None:
+        if self.streamed and self.billed is None and not self.stream_unread:
             reason = "missing_usage" if self.stream_finished else "truncated"
             self.problem(Malformed(reason, "the stream ended without usage"))
         if error_type:
