@@ -12,17 +12,22 @@ import gzip
 import hashlib
 import http.client
 import json
+import subprocess
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import brotli
 import psutil
 import pytest
 from aiohttp import web
+from openai import OpenAI
 
-from ai_gateway.tools.harness import GatewayProcess, scrape
+from ai_gateway.protocols.encoding import zstd
+from ai_gateway.tools.harness import GatewayProcess, scrape, select
+from ai_gateway.tools.simulators.http import HttpSimulator
 from ai_gateway.tools.simulators.realtime import SimulatorThread
 
 PARSE_ERRORS = "agentgateway_gateway_parse_errors_total"
@@ -212,3 +217,92 @@ def test_row_3_request_body_of_100_mb(upstream):
         assert (sent.size, sent.sha256) == (len(encoded), hashlib.sha256(encoded).hexdigest())
 
     compare(upstream, probe, "row 3, 100 MiB request body")
+
+
+# Below the cap and at a small cap, with the project's simulated upstream and the openai SDK.
+
+
+@pytest.fixture(scope="module")
+def simulator() -> Iterator[HttpSimulator]:
+    with SimulatorThread(server=HttpSimulator(seed=13)) as sim:
+        yield sim
+
+
+@pytest.fixture(scope="module")
+def small_cap(simulator) -> Iterator[GatewayProcess]:
+    """A gateway that reads at most 1,500 decoded bytes of a body: the simulator's streams pass it."""
+    with GatewayProcess(simulator.url, options={"gateway_max_body_bytes": "1500"}) as gateway:
+        yield gateway
+
+
+def sdk(gateway: GatewayProcess) -> OpenAI:
+    return OpenAI(api_key="sk-client", base_url=f"{gateway.url}/v1", max_retries=0)
+
+
+def metered_tokens(gateway: GatewayProcess, model: str) -> float:
+    samples = select(scrape(gateway.metrics_url), gen_ai_request_model=model)
+    return sum(v for (name, _), v in samples.items() if name.endswith("_token_usage_sum"))
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd", "deflate"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_bodies_past_a_small_cap_are_relayed_unread_and_counted(small_cap, simulator, model, encoding, stream):
+    before = too_large(small_cap)
+    headers = {"x-sim-encoding": encoding}
+    messages = [{"role": "user", "content": "hi"}]
+    if stream:
+        chunks = list(
+            sdk(small_cap).chat.completions.create(model=model, messages=messages, stream=True, extra_headers=headers)
+        )
+        assert chunks[-1].usage is not None  # the client got the whole stream
+        assert len("".join(json.dumps(c.model_dump()) for c in chunks)) > 1500
+    else:
+        raw = sdk(small_cap).embeddings.with_raw_response.create(
+            model=model, input=["word"] * 40, dimensions=64, encoding_format="float", extra_headers=headers
+        )
+        assert raw.headers["content-encoding"] == encoding and len(raw.content) > 1500
+        assert raw.parse().usage.prompt_tokens == simulator.usage_for(model)[0].usage["prompt_tokens"]
+    assert too_large(small_cap) == before + 1
+    assert metered_tokens(small_cap, model) == 0
+    samples = scrape(small_cap.metrics_url)
+    assert not any(  # a stream read no further is not also counted as truncated or missing its usage
+        ("reason", reason) in labels and value
+        for (name, labels), value in samples.items()
+        if name == PARSE_ERRORS
+        for reason in ("truncated", "missing_usage")
+    )
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd", "deflate"])
+def test_compressed_streaming_request_is_sent_decoded_with_include_usage(simulator, model, encoding, tmp_path):
+    """A compressed request cannot slip past the rewrite: it is decoded (within the cap), spliced,
+    and sent uncompressed; the simulator (which reads no Content-Encoding) parses it."""
+    body = json.dumps({"model": "client-choice", "stream": True, "messages": [], "n": 1e400}).encode()
+    body = body.replace(b"Infinity", b"1e400")
+    policy = tmp_path / "override.yaml"
+    policy.write_text(f"model: {model}\nroutes:\n  /chat/completions: Completions\n")
+    with GatewayProcess(simulator.url, options={"gateway_policy": str(policy)}) as gateway:
+        status, _, _ = post(gateway, ENCODE[encoding](body), {"content-encoding": encoding})
+        assert status == 200
+        seen = simulator.requests[-1]
+        assert "content-encoding" not in dict(seen.headers)
+        assert seen.body.endswith(b'"model": "' + model.encode() + b'", "stream": true, "messages": [], "n": 1e400}')
+        assert json.loads(seen.body)["stream_options"] == {"include_usage": True}
+        assert metered_tokens(gateway, model) > 0
+
+
+ENCODE: dict[str, Callable[[bytes], bytes]] = {
+    "gzip": gzip.compress,
+    "br": brotli.compress,
+    "zstd": zstd.compress,
+    "deflate": zlib.compress,
+}
+
+
+def test_invalid_cap_is_one_line_at_startup():
+    gateway = GatewayProcess("http://127.0.0.1:9", options={"gateway_max_body_bytes": "0"})
+    result = subprocess.run(gateway.command(), capture_output=True, text=True, timeout=30, env=gateway.env)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "ai-gateway: gateway_max_body_bytes: expected a positive number, got 0" in output
+    assert "Traceback" not in output
