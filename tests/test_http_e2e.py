@@ -257,3 +257,17 @@ def test_policy_model_override_rewrites_the_body(http_simulator, model, tmp_path
         client.chat.completions.create(model="gpt-client-choice", messages=MESSAGES)
         assert last_request_body(http_simulator)["model"] == model
         assert_metered_exactly(gateway, http_simulator, model, 1)
+
+
+def test_issue_13_row_13_rewrite_keeps_the_clients_bytes(http_gateway, http_simulator, model):
+    """The stream_options rewrite is a splice: numbers json.dumps would turn into Infinity or 0.0,
+    duplicate keys and spacing reach the upstream as sent, and the body grows by the insertion only."""
+    body = (
+        b'{ "model" : "%s", "stream": true, "messages": [{"role": "user", "content": "hi"}],\n'
+        b'  "temperature": 1e400, "top_p": 1e-400, "n": 1, "n": 1, "user": "\\u00e9" }' % model.encode()
+    )
+    status, _ = post(http_gateway, "/v1/chat/completions", body, {})
+    assert status == 200
+    sent = http_simulator.requests[-1].body
+    assert sent == b'{"stream_options":{"include_usage":true},' + body[1:]
+    assert_metered_exactly(http_gateway, http_simulator, model, 1)
