@@ -79,16 +79,18 @@ def test_streaming_chat_with_stream_options(client, http_gateway, http_simulator
     assert_metered_exactly(http_gateway, http_simulator, model, 1)
 
 
-def test_streaming_chat_that_opted_out_of_usage_is_reported(client, http_gateway, http_simulator, model):
+@pytest.mark.parametrize("options", [{"include_usage": False}, {"include_usage": None}, {}, None])
+def test_streaming_chat_cannot_switch_usage_off(client, http_gateway, http_simulator, model, options):
+    """Issue 12 point 7: the upstream is always asked for usage; the client sees the usage chunk
+    (`choices: []`) as it does when it sends no stream_options, and the SDK reads it."""
     before = parse_errors(http_gateway, "missing_usage")
-    list(
-        client.chat.completions.create(
-            model=model, messages=MESSAGES, stream=True, stream_options={"include_usage": False}
-        )
-    )
-    assert last_request_body(http_simulator)["stream_options"] == {"include_usage": False}
-    assert parse_errors(http_gateway, "missing_usage") == before + 1
-    assert_metered_exactly(http_gateway, http_simulator, model, 0)
+    extra = {"extra_body": {"stream_options": options}} if options is None else {"stream_options": options}
+    chunks = list(client.chat.completions.create(model=model, messages=MESSAGES, stream=True, **extra))
+    assert last_request_body(http_simulator)["stream_options"]["include_usage"] is True
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.prompt_tokens == http_simulator.usage_for(model)[0].usage["prompt_tokens"]
+    assert parse_errors(http_gateway, "missing_usage") == before
+    assert_metered_exactly(http_gateway, http_simulator, model, 1)
 
 
 def test_responses_json_and_streaming(client, http_gateway, http_simulator, model):
@@ -255,3 +257,17 @@ def test_policy_model_override_rewrites_the_body(http_simulator, model, tmp_path
         client.chat.completions.create(model="gpt-client-choice", messages=MESSAGES)
         assert last_request_body(http_simulator)["model"] == model
         assert_metered_exactly(gateway, http_simulator, model, 1)
+
+
+def test_issue_13_row_13_rewrite_keeps_the_clients_bytes(http_gateway, http_simulator, model):
+    """The stream_options rewrite is a splice: numbers json.dumps would turn into Infinity or 0.0,
+    duplicate keys and spacing reach the upstream as sent, and the body grows by the insertion only."""
+    body = (
+        b'{ "model" : "%s", "stream": true, "messages": [{"role": "user", "content": "hi"}],\n'
+        b'  "temperature": 1e400, "top_p": 1e-400, "n": 1, "n": 1, "user": "\\u00e9" }' % model.encode()
+    )
+    status, _ = post(http_gateway, "/v1/chat/completions", body, {})
+    assert status == 200
+    sent = http_simulator.requests[-1].body
+    assert sent == b'{"stream_options":{"include_usage":true},' + body[1:]
+    assert_metered_exactly(http_gateway, http_simulator, model, 1)

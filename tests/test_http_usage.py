@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from ai_gateway.accounting.items import FirstDelta, Malformed, ResponseDone
 from ai_gateway.accounting.usage import TokenUsage
 from ai_gateway.config.policy import RouteType
-from ai_gateway.protocols.encoding import stream_decoder, zstd
-from ai_gateway.protocols.openai_http import SseStream, read_body, read_responses_event, rewrite_request
+from ai_gateway.protocols.encoding import BodyDecoder, BodyTooLarge, UnsupportedEncoding, decode_body, zstd
+from ai_gateway.protocols.openai_http import SseStream, StreamReader, read_body, read_response, read_responses_event
 
 CHAT_USAGE = {
     "prompt_tokens": 100,
@@ -127,37 +127,76 @@ def raw_deflate(data: bytes) -> bytes:
     return compressor.compress(data) + compressor.flush()
 
 
-@pytest.mark.parametrize(
-    ("encoding", "compress"),
-    [
-        ("gzip", gzip.compress),
-        ("deflate", zlib.compress),
-        ("deflate", raw_deflate),
-        ("br", brotli.compress),
-        ("zstd", zstd.compress),
-        ("identity", lambda data: data),
-    ],
-)
-def test_stream_decoders_work_chunk_by_chunk(encoding, compress):
+ENCODINGS = [
+    ("gzip", gzip.compress),
+    ("deflate", zlib.compress),
+    ("deflate", raw_deflate),
+    ("br", brotli.compress),
+    ("zstd", zstd.compress),
+    ("identity", lambda data: data),
+]
+
+
+@pytest.mark.parametrize(("encoding", "compress"), ENCODINGS)
+def test_decoders_work_chunk_by_chunk(encoding, compress):
     original = sse({"choices": [], "usage": CHAT_USAGE}) * 20
     compressed = compress(original)
-    decode = stream_decoder(encoding)
-    assert decode is not None
-    assert b"".join(decode(compressed[i : i + 13]) for i in range(0, len(compressed), 13)) == original
+    for size in (1, 13, len(compressed)):
+        decoder = BodyDecoder(encoding, len(original))
+        assert b"".join(decoder.feed(compressed[i : i + size]) for i in range(0, len(compressed), size)) == original
 
 
-def test_unknown_encoding_has_no_decoder():
-    assert stream_decoder("gzip, br") is None
+@pytest.mark.parametrize(("encoding", "compress"), ENCODINGS)
+def test_decoding_stops_at_the_limit(encoding, compress):
+    """A bomb (64 MiB of zeros, a few KB compressed) is decoded to the limit and no further."""
+    bomb = compress(bytes(64 * 2**20))
+    limit = 2**20
+    decoder = BodyDecoder(encoding, limit)
+    with pytest.raises(BodyTooLarge):
+        decoder.feed(bomb)
+    assert limit < decoder.decoded <= limit + 2 * 2**20  # at most about one step past the limit
+    assert len(decode_body(compress(b"x" * limit), encoding, limit)) == limit
 
 
-def test_streaming_completions_request_gets_include_usage_and_model_override():
-    model, body = rewrite_request(RouteType.COMPLETIONS, b'{"model": "a", "stream": true, "messages": []}', "b")
-    assert model == "b"
-    assert json.loads(body) == {"model": "b", "stream": True, "messages": [], "stream_options": {"include_usage": True}}
-    model, body = rewrite_request(RouteType.COMPLETIONS, b'{"model": "a", "stream": true, "stream_options": {}}', None)
-    assert (model, body) == ("a", None)
-    assert rewrite_request(RouteType.COMPLETIONS, b"not json", "b") == (None, None)
-    assert rewrite_request(RouteType.RESPONSES, b'{"model": "a", "stream": true}', None) == ("a", None)
+def test_unknown_and_chained_encodings_are_refused():
+    for encoding in ("gzip, br", "compress", "utf-8"):
+        with pytest.raises(UnsupportedEncoding):
+            BodyDecoder(encoding, 100)
+
+
+def test_identity_body_is_not_copied():
+    body = b'{"usage": null}' * 10
+    assert decode_body(body, "", len(body)) is body
+
+
+def test_response_bodies_past_the_limit_or_corrupt_are_not_read():
+    body = json.dumps({"model": "m", "usage": CHAT_USAGE}).encode()
+    assert isinstance(read_response(RouteType.COMPLETIONS, gzip.compress(body), "gzip", len(body)), ResponseDone)
+    problems = [
+        read_response(RouteType.COMPLETIONS, gzip.compress(body), "gzip", len(body) - 1),
+        read_response(RouteType.COMPLETIONS, body, "identity", len(body) - 1),
+        read_response(RouteType.COMPLETIONS, body[:5] + b"garbage", "gzip", 10**6),
+        read_response(RouteType.COMPLETIONS, body, "gzip, br", 10**6),
+    ]
+    assert [p.reason for p in problems] == ["too_large", "too_large", "invalid_encoding", "unsupported_encoding"]
+
+
+def test_stream_past_the_limit_is_read_no_more():
+    events = sse({"choices": [{"delta": {"content": "Hi"}}]}) + sse({"choices": [], "usage": CHAT_USAGE})
+    reader = StreamReader(RouteType.COMPLETIONS, "gzip", len(events) // 2)
+    compressed = gzip.compress(events)
+    items = reader.feed(compressed[: len(compressed) // 2]) + reader.feed(compressed[len(compressed) // 2 :])
+    assert not reader.readable
+    assert not any(isinstance(item, ResponseDone) for item in items)
+    assert [item.reason for item in items if isinstance(item, Malformed)] == ["too_large"]
+    assert reader.feed(b"more") == []
+
+
+def test_response_body_reads_only_usage_and_model():
+    body = b'{"data": [{"embedding": [1e400, -0.5, {"a": [1, 2]}]}], "model": "m", "usage": {"prompt_tokens": 8}}'
+    assert read_body(RouteType.EMBEDDINGS, body) == ResponseDone(TokenUsage(8, None), response_model="m")
+    assert isinstance(read_body(RouteType.EMBEDDINGS, body + b" trailing"), Malformed)
+    assert isinstance(read_body(RouteType.EMBEDDINGS, b"\xff" + body), Malformed)
 
 
 @settings(max_examples=300, deadline=None)

@@ -35,6 +35,7 @@ class HttpExchange:
         self.ticket = ticket  # its admission against budgets and limits, settled by its usage
         self.streamed = False  # the body is a stream, read as it passes
         self.stream_finished = False  # the stream reached its end marker (`[DONE]` or a final event)
+        self.stream_unread = False  # the stream could not be read on (already counted): nothing more to count
 
     def apply(self, item: UsageItem) -> None:
         if isinstance(item, FirstDelta):
@@ -67,7 +68,7 @@ class HttpExchange:
         ended = time.time()
         if self.ticket is not None:
             self.accounting.release(self.ticket)  # nothing, when its usage settled it already
-        if self.streamed and self.billed is None:
+        if self.streamed and self.billed is None and not self.stream_unread:
             reason = "missing_usage" if self.stream_finished else "truncated"
             self.problem(Malformed(reason, "the stream ended without usage"))
         if error_type:

@@ -9,8 +9,9 @@ on its WebSocket mode alike), Embeddings only as input tokens.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from ai_gateway.accounting.items import FirstDelta, Malformed, ResponseDone
 from ai_gateway.accounting.usage import (
@@ -22,7 +23,7 @@ from ai_gateway.accounting.usage import (
     parse_usage,
 )
 from ai_gateway.config.policy import RouteType
-from ai_gateway.protocols.encoding import Decoder, stream_decoder
+from ai_gateway.protocols.encoding import BodyDecoder, BodyTooLarge, UnsupportedEncoding, decode_body
 from ai_gateway.protocols.json_events import decode_json
 
 USAGE_SHAPES: dict[RouteType, UsageShape] = {
@@ -40,35 +41,178 @@ MAX_EVENT_BYTES = 4 * 1024 * 1024
 StreamItem = ResponseDone | FirstDelta | Malformed
 
 
+def _skipped(_: object) -> None:
+    """Stands for a value the gateway does not need: parsed (so the body is checked), never kept."""
+    return None
+
+
+# The C scanner still checks every byte, but with these hooks a skipped `messages` array or
+# embeddings `data` keeps no numbers or objects, only its strings until the array ends.
+_SKIP = json.JSONDecoder(object_pairs_hook=_skipped, parse_float=_skipped, parse_int=_skipped)
+_KEEP = json.JSONDecoder()
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+
+
+class Member(NamedTuple):
+    """A member of a JSON object: its key, where its value is in the text, and the value if kept."""
+
+    key: str
+    start: int
+    end: int
+    value: Any
+
+
+def object_members(text: str, start: int, keep: frozenset[str]) -> tuple[list[Member], int]:
+    """The members of the object at `start` and the index after it; only `keep` values are decoded.
+
+    Raises ValueError (json.JSONDecodeError) or RecursionError for text that is not a JSON object.
+    """
+    skip = _WHITESPACE.match
+    if text[start : start + 1] != "{":
+        raise ValueError("not a JSON object")
+    members: list[Member] = []
+    i = skip(text, start + 1).end()
+    if text[i : i + 1] == "}":
+        return members, i + 1
+    while True:
+        if text[i : i + 1] != '"':
+            raise ValueError("expected a key")
+        key, i = json.decoder.scanstring(text, i + 1)
+        i = skip(text, i).end()
+        if text[i : i + 1] != ":":
+            raise ValueError("expected ':'")
+        i = skip(text, i + 1).end()
+        kept = key in keep
+        value, end = (_KEEP if kept else _SKIP).raw_decode(text, i)
+        members.append(Member(key, i, end, value if kept else None))
+        i = skip(text, end).end()
+        if text[i : i + 1] == "}":
+            return members, i + 1
+        if text[i : i + 1] != ",":
+            raise ValueError("expected ',' or '}'")
+        i = skip(text, i + 1).end()
+
+
+def top_level(body: bytes, keep: frozenset[str]) -> tuple[str, int, list[Member]] | None:
+    """A body that is one JSON object (UTF-8, as JSON on the wire must be): its text, where the
+    object starts, and its members; None for anything else."""
+    try:
+        text = body.decode("utf-8")
+        start = _WHITESPACE.match(text, 1 if text.startswith("\ufeff") else 0).end()
+        members, end = object_members(text, start, keep)
+    except (ValueError, RecursionError):
+        return None
+    return (text, start, members) if _WHITESPACE.match(text, end).end() == len(text) else None
+
+
+def last(members: list[Member], key: str) -> Member | None:
+    """The member JSON parsers (and so the upstream) read for a duplicated key: the last one."""
+    return next((m for m in reversed(members) if m.key == key), None)
+
+
+_REQUEST_KEYS = frozenset({"model", "stream", "stream_options"})
+_INCLUDE_USAGE = frozenset({"include_usage"})
+Edit = tuple[int, int, str]  # replace text[start:end] by the string
+
+
 def rewrite_request(route_type: RouteType, body: bytes, model: str | None) -> tuple[str | None, bytes | None]:
     """The request's model, and a new body when the policy changes it (else None: forward untouched).
 
-    The model override replaces the body's `model`; a streaming Chat Completions request without
-    `stream_options` gets `include_usage`, as agentgateway does, or its usage would never be sent.
+    The model override replaces the body's `model`; a streaming Chat Completions request gets
+    `stream_options.include_usage: true` (added, or replacing false or null), as agentgateway
+    does for a missing one, or its usage would never be sent. The new body is the original with
+    only those values replaced (or inserted after the opening brace): never re-serialised, so
+    numbers, duplicate keys, spacing and size stay what the client sent. A body that is not one
+    JSON object is forwarded unchanged.
     """
+    document = top_level(body, _REQUEST_KEYS)
+    if document is None:
+        return None, None
+    text, start, members = document
+    edits: list[Edit] = []
+    inserted: list[str] = []
+    found = last(members, "model")
+    requested = found.value if found else None
+    if model is not None and requested != model:
+        replacement = json.dumps(model)
+        edits += [(m.start, m.end, replacement) for m in members if m.key == "model"]
+        inserted += [] if found else [f'"model":{replacement}']
+        requested = model
+    stream = last(members, "stream")
+    if route_type is RouteType.COMPLETIONS and stream is not None and stream.value is True:
+        options = [m for m in members if m.key == "stream_options"]
+        if not options:
+            inserted.append('"stream_options":{"include_usage":true}')
+        elif _include_usage(text, options[-1]):  # the one parsers read does not ask for usage
+            for option in options:
+                edits += _include_usage(text, option)
+    if inserted:
+        edits.append((start + 1, start + 1, ",".join(inserted) + ("," if members else "")))
+    model_name = requested if isinstance(requested, str) else None
+    return model_name, _spliced(text, edits).encode() if edits else None
+
+
+def _include_usage(text: str, options: Member) -> list[Edit]:
+    """Edits that make a `stream_options` value ask for usage; an invalid one is left to the upstream to refuse."""
+    if options.value is None:
+        return [(options.start, options.end, '{"include_usage":true}')]
+    if not isinstance(options.value, dict) or options.value.get("include_usage") is True:
+        return []
+    members, _ = object_members(text, options.start, _INCLUDE_USAGE)
+    found = [(m.start, m.end, "true") for m in members if m.key == "include_usage"]
+    brace = options.start + 1
+    return found or [(brace, brace, '"include_usage":true' + ("," if members else ""))]
+
+
+def _spliced(text: str, edits: list[Edit]) -> str:
+    pieces, position = [], 0
+    for start, end, replacement in sorted(edits):
+        pieces += [text[position:start], replacement]
+        position = end
+    pieces.append(text[position:])
+    return "".join(pieces)
+
+
+def read_request(
+    route_type: RouteType, raw: bytes, content_encoding: str, model: str | None, limit: int
+) -> tuple[str | None, bytes | None, Malformed | None]:
+    """A request body as it arrived: its model, the new (decoded) body if the policy changes it,
+    and why it was not read. Bodies past `limit` decoded are not read (forwarded unchanged)."""
+    body = decoded(raw, content_encoding, limit)
+    if isinstance(body, Malformed):
+        return None, None, body
+    requested, rewritten = rewrite_request(route_type, body, model)
+    return requested, rewritten, None
+
+
+def decoded(raw: bytes, content_encoding: str, limit: int) -> bytes | Malformed:
+    """A whole body decoded, or why not; at most `limit` decoded bytes ever exist."""
     try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
-        return None, None
-    if not isinstance(document, dict):
-        return None, None
-    changed = False
-    if model is not None and document.get("model") != model:
-        document["model"] = model
-        changed = True
-    if route_type is RouteType.COMPLETIONS and document.get("stream") is True and "stream_options" not in document:
-        document["stream_options"] = {"include_usage": True}
-        changed = True
-    requested = document.get("model")
-    return requested if isinstance(requested, str) else None, json.dumps(document).encode() if changed else None
+        return decode_body(raw, content_encoding, limit)
+    except BodyTooLarge as e:
+        return Malformed("too_large", str(e))
+    except UnsupportedEncoding as e:
+        return Malformed("unsupported_encoding", str(e))
+    except Exception as e:  # a corrupt body: zlib.error, brotli.error, ZstdError, EOFError
+        return Malformed("invalid_encoding", str(e)[:200])
+
+
+_RESPONSE_KEYS = frozenset({"model", "usage"})
+
+
+def read_response(route_type: RouteType, raw: bytes, content_encoding: str, limit: int) -> ResponseDone | Malformed:
+    """A whole JSON response body (non-streaming) as it arrived, decoded within `limit`."""
+    body = decoded(raw, content_encoding, limit)
+    return body if isinstance(body, Malformed) else read_body(route_type, body)
 
 
 def read_body(route_type: RouteType, body: bytes) -> ResponseDone | Malformed:
-    """A whole JSON response body (non-streaming)."""
-    document = decode_json(body)
-    if isinstance(document, Malformed):
-        return document
-    return _billed(document, USAGE_SHAPES[route_type], "completed")
+    """A decoded JSON response body: only its `usage` and `model` are decoded."""
+    document = top_level(body, _RESPONSE_KEYS)
+    if document is None:
+        return Malformed("invalid_json", "the body is not a JSON object")
+    _, _, members = document
+    return _billed({m.key: m.value for m in members if m.key in _RESPONSE_KEYS}, USAGE_SHAPES[route_type], "completed")
 
 
 def _billed(document: dict[str, Any], shape: UsageShape, status: str) -> ResponseDone | Malformed:
@@ -164,23 +308,35 @@ class SseStream:
 class StreamReader:
     """A streamed response body as it passes: decoded (gzip, br, zstd, ...) and read as SSE.
 
-    The client gets the original bytes; a body that cannot be decoded is relayed and read no more.
+    The client gets the original bytes. A body that cannot be decoded, or that passes `limit`
+    decoded bytes, is relayed and read no more (`readable` turns False).
     """
 
-    def __init__(self, route_type: RouteType, content_encoding: str) -> None:
+    def __init__(self, route_type: RouteType, content_encoding: str, limit: int) -> None:
         self.sse = SseStream(route_type)
-        self._decode: Decoder | None = stream_decoder(content_encoding)
-        self.unsupported = Malformed("unsupported_encoding", content_encoding[:64]) if self._decode is None else None
+        self.unsupported: Malformed | None = None
+        self._decoder: BodyDecoder | None = None
+        try:
+            self._decoder = BodyDecoder(content_encoding, limit)
+        except UnsupportedEncoding as e:
+            self.unsupported = Malformed("unsupported_encoding", str(e))
 
     @property
     def finished(self) -> bool:
         return self.sse.finished
 
+    @property
+    def readable(self) -> bool:
+        return self._decoder is not None
+
     def feed(self, chunk: bytes) -> list[StreamItem]:
-        if self._decode is None:
+        if self._decoder is None:
             return []
         try:
-            return self.sse.feed(self._decode(chunk))
+            return self.sse.feed(self._decoder.feed(chunk))
+        except BodyTooLarge as e:
+            self._decoder = None
+            return [Malformed("too_large", str(e))]
         except Exception as e:  # a corrupt compressed stream: relay it, meter nothing more
-            self._decode = None
+            self._decoder = None
             return [Malformed("invalid_encoding", str(e)[:200])]

@@ -25,7 +25,8 @@ from ai_gateway.accounting.metrics import DEFAULT_MAX_MODEL_LABELS, GatewayMetri
 from ai_gateway.accounting.pricing import PriceCatalog, catalog_for
 from ai_gateway.accounting.session_meters import RealtimeMeter, ResponsesSocketMeter, SessionMeter
 from ai_gateway.config.policy import DEFAULT_POLICY, Policy, PolicyError, RateLimits, RouteType, load_policy
-from ai_gateway.protocols.openai_http import METERED_HTTP, OPERATIONS, StreamReader, read_body, rewrite_request
+from ai_gateway.protocols.encoding import DEFAULT_MAX_BODY_BYTES
+from ai_gateway.protocols.openai_http import METERED_HTTP, OPERATIONS, StreamReader, read_request, read_response
 from ai_gateway.protocols.openai_realtime import RealtimeProtocol, cancel_event, requested_model
 from ai_gateway.protocols.openai_responses_socket import ResponsesSocketProtocol
 from ai_gateway.proxy.contentview import realtime_view
@@ -78,6 +79,7 @@ class Gateway:
         self.credential = UpstreamCredential()
         self.history: int | None = 1
         self.shrink_relayed_audio = True
+        self.max_body_bytes = DEFAULT_MAX_BODY_BYTES
         self.is_running = False
         self.watcher: asyncio.Task[None] | None = None
         self.sessions: dict[str, Session] = {}
@@ -122,6 +124,13 @@ class Gateway:
             "WebSocket messages kept per flow: a number, 'all', or 'auto' (the last one under mitmdump, "
             "all under mitmweb). mitmproxy otherwise keeps every message of a session until it closes.",
         )
+        option(
+            "gateway_max_body_bytes",
+            int,
+            DEFAULT_MAX_BODY_BYTES,
+            "Decoded bytes read of a body on a metered route; a larger (or inflating) body is forwarded "
+            "unchanged and unread, counted as parse_errors_total{reason=too_large}.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         options = ctx.options
@@ -145,6 +154,11 @@ class Gateway:
                 self.refuse(str(e))
         if "gateway_strip_audio" in updated:
             self.shrink_relayed_audio = options.gateway_strip_audio
+        if "gateway_max_body_bytes" in updated:
+            if options.gateway_max_body_bytes < 1:
+                self.refuse(f"gateway_max_body_bytes: expected a positive number, got {options.gateway_max_body_bytes}")
+            else:
+                self.max_body_bytes = options.gateway_max_body_bytes
         if self.is_running and updated & METRICS_OPTIONS:
             self.restart_metrics_server()
 
@@ -290,14 +304,20 @@ class Gateway:
             flow.response = refusal_response(verdict)
             self.accounting.enforced(verdict, action)
             return
-        body = flow.request.get_content(strict=False) or b""
-        request_model, rewritten = rewrite_request(route.type, body, self.policy.model_for(route))
-        if rewritten is not None:
-            flow.request.content = rewritten
-        operation = OPERATIONS[route.type]
-        self.exchanges[flow.id] = HttpExchange(
-            self.accounting, source, operation, self.policy.provider, request_model, verdict
+        request = flow.request
+        encoding = request.headers.get("content-encoding", "")
+        model = self.policy.model_for(route)
+        request_model, rewritten, problem = read_request(
+            route.type, request.raw_content or b"", encoding, model, self.max_body_bytes
         )
+        if rewritten is not None:  # decoded: sent as it is, never compressed again
+            request.headers.pop("content-encoding", None)
+            request.content = rewritten
+        operation = OPERATIONS[route.type]
+        exchange = HttpExchange(self.accounting, source, operation, self.policy.provider, request_model, verdict)
+        if problem is not None:
+            exchange.apply(problem)
+        self.exchanges[flow.id] = exchange
 
     def source(self, flow: http.HTTPFlow, route_type: RouteType, session: bool = False) -> Source:
         return Source(flow.id, route_type.value, flow.metadata.get(CLIENT_KEY_METADATA, ANONYMOUS), session)
@@ -315,7 +335,8 @@ class Gateway:
         if exchange is None or response is None or not 200 <= response.status_code < 300:
             return
         if response.headers.get("content-type", "").startswith("text/event-stream"):
-            reader = StreamReader(RouteType(exchange.source.route_type), response.headers.get("content-encoding", ""))
+            encoding = response.headers.get("content-encoding", "")
+            reader = StreamReader(RouteType(exchange.source.route_type), encoding, self.max_body_bytes)
             response.stream = metered_stream(exchange, reader)
 
     @never_raises
@@ -333,7 +354,9 @@ class Gateway:
             return
         if not exchange.streamed and flow.websocket is None:
             route_type = RouteType(exchange.source.route_type)
-            exchange.apply(read_body(route_type, flow.response.get_content(strict=False) or b""))
+            encoding = flow.response.headers.get("content-encoding", "")
+            raw = flow.response.raw_content or b""
+            exchange.apply(read_response(route_type, raw, encoding, self.max_body_bytes))
         exchange.finish("")
 
     @never_raises
@@ -459,6 +482,7 @@ SESSION_KINDS: dict[RouteType, tuple[type[RealtimeProtocol | ResponsesSocketProt
 def metered_stream(exchange: HttpExchange, reader: StreamReader) -> Callable[[bytes], bytes]:
     """A chunk callback for mitmproxy's response streaming: each chunk is read, then forwarded unchanged."""
     exchange.streamed = True
+    exchange.stream_unread = not reader.readable
     if reader.unsupported is not None:
         exchange.apply(reader.unsupported)
 
@@ -466,6 +490,7 @@ def metered_stream(exchange: HttpExchange, reader: StreamReader) -> Callable[[by
         for item in reader.feed(chunk):
             exchange.apply(item)
         exchange.stream_finished = reader.finished
+        exchange.stream_unread = not reader.readable
         return chunk
 
     return read
