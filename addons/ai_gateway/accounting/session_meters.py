@@ -187,3 +187,12 @@ class ResponsesSocketMeter(SessionMeter):
             case Malformed():
                 return self.problem(item)
         return None
+
+
+class GeminiLiveMeter(RealtimeMeter):
+    """Meters a Gemini Live session: the client's setup message names the model, for request and response alike."""
+
+    def apply(self, item: UsageItem) -> Malformed | None:
+        if isinstance(item, SessionModels) and item.model:
+            self.request_model = item.model
+        return super().apply(item)
