@@ -25,7 +25,13 @@ from ai_gateway.accounting.items import (
     TranscriptionDone,
     UsageItem,
 )
-from ai_gateway.accounting.usage import InvalidUsage, parse_realtime_usage, parse_transcription_usage
+from ai_gateway.accounting.usage import (
+    COMPLETIONS_USAGE,
+    InvalidUsage,
+    parse_realtime_usage,
+    parse_transcription_usage,
+    parse_usage,
+)
 from ai_gateway.protocols.json_events import decode_json, leading_type
 
 ERROR = "error"
@@ -36,10 +42,19 @@ SESSION_CREATED = "session.created"
 SESSION_UPDATED = "session.updated"
 TRANSCRIPTION_COMPLETED = "conversation.item.input_audio_transcription.completed"
 RATE_LIMITS_UPDATED = "rate_limits.updated"
+VLLM_TRANSCRIPTION_DONE = "transcription.done"  # vLLM's /v1/realtime
 RATE_LIMIT_NAMES = frozenset({"requests", "tokens"})
 RESPONSE_STATUSES = frozenset({"completed", "cancelled", "failed", "incomplete", "in_progress"})
 METERED_EVENTS = frozenset(
-    {RESPONSE_CREATED, RESPONSE_DONE, SESSION_CREATED, SESSION_UPDATED, TRANSCRIPTION_COMPLETED, RATE_LIMITS_UPDATED}
+    {
+        RESPONSE_CREATED,
+        RESPONSE_DONE,
+        SESSION_CREATED,
+        SESSION_UPDATED,
+        TRANSCRIPTION_COMPLETED,
+        RATE_LIMITS_UPDATED,
+        VLLM_TRANSCRIPTION_DONE,
+    }
 )
 # Started responses whose first delta is still awaited; more than this is not a real upstream.
 MAX_AWAITED_RESPONSES = 64
@@ -132,6 +147,8 @@ def read_server_event(content: bytes) -> UsageItem | None:
             return read_session(event)
         if kind == RATE_LIMITS_UPDATED:
             return read_rate_limits(event)
+        if kind == VLLM_TRANSCRIPTION_DONE and event.get("usage") is not None:
+            return TranscriptionDone(parse_usage(event["usage"], COMPLETIONS_USAGE))
     except InvalidEvent as e:
         return Malformed("invalid_event", f"{kind}: {e}")
     except InvalidUsage as e:
@@ -172,8 +189,10 @@ def _is_number(value: Any) -> bool:
 
 def read_session(event: dict[str, Any]) -> SessionModels:
     session = event.get("session")
+    if session is None:  # vLLM's session.created names no session
+        return SessionModels(model=None, transcription_model=None)
     if not isinstance(session, dict):
-        raise InvalidEvent("session is missing or not an object")
+        raise InvalidEvent("session is not an object")
     return SessionModels(model=_string(session.get("model")), transcription_model=_transcription_model(session))
 
 

@@ -198,6 +198,19 @@ _SHAPES = {
     "chat": _Shape("chat", "prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details"),
     "responses": _Shape("chat", "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details"),
     "embeddings": _Shape("embeddings", "prompt_tokens", None, "prompt_tokens_details", None),
+    # OpenAI-compatible realtime servers: Qwen/DashScope spells the details as the Responses API
+    # does; vLLM's transcription.done carries Chat Completions' usage.
+    "qwen_response": _Shape(
+        "realtime", "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details"
+    ),
+    "vllm_transcription": _Shape(
+        "transcription",
+        "prompt_tokens",
+        "completion_tokens",
+        "prompt_tokens_details",
+        "completion_tokens_details",
+        False,
+    ),
 }
 
 
