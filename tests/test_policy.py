@@ -127,7 +127,7 @@ def test_auth_reads_the_key_from_the_environment():
         (
             "routes:\n  /x:\n    type: Realtime\n    reqest: {}\n",
             {},
-            "p.yaml:4: routes./x.reqest: unknown key; expected one of type, request, model",
+            "p.yaml:4: routes./x.reqest: unknown key; expected one of type, request, model, protocol, provider",
         ),
         (
             "auth:\n  env: NOPE\nroutes:\n  /x: Realtime\n",
@@ -137,7 +137,7 @@ def test_auth_reads_the_key_from_the_environment():
         (
             "auth:\n  env: K\n  header: x-key\nroutes:\n  /x: Realtime\n",
             {"K": "v"},
-            "p.yaml:3: auth.header: expected authorization or api-key, got 'x-key'",
+            "p.yaml:3: auth.header: expected one of authorization, api-key, x-goog-api-key, got 'x-key'",
         ),
         ("routes:\n  /x: Realtime\n  /x: Completions\n", {}, "p.yaml:3: routes./x: duplicate key"),
         ("routes:\n  /x: [Realtime\n", {}, "p.yaml:3: invalid YAML: expected ',' or ']', but got '<stream end>'"),

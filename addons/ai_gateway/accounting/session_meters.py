@@ -287,3 +287,12 @@ class ResponsesSocketMeter(SessionMeter):
             if ticket is not None:
                 self.accounting.release(ticket)
         self.admitted.clear()
+
+
+class GeminiLiveMeter(RealtimeMeter):
+    """Meters a Gemini Live session: the client's setup message names the model, for request and response alike."""
+
+    def apply(self, item: UsageItem) -> Malformed | Refusal | None:
+        if isinstance(item, SessionModels) and item.model:
+            self.request_model = item.model
+        return super().apply(item)

@@ -116,8 +116,17 @@ def parse_usage(usage: Any, shape: UsageShape) -> TokenUsage:
 
 
 def parse_realtime_usage(usage: Any) -> TokenUsage:
-    """Usage of a Realtime `response.done` (input/output tokens with modality and cache details)."""
+    """Usage of a Realtime `response.done` (input/output tokens with modality and cache details).
+
+    Alibaba's Qwen/DashScope realtime spells the details as the Responses API does
+    (`input_tokens_details`); that spelling is read when OpenAI's is absent."""
+    if isinstance(usage, dict) and not _has_any(usage, REALTIME_USAGE) and _has_any(usage, RESPONSES_USAGE):
+        return parse_usage(usage, RESPONSES_USAGE)
     return parse_usage(usage, REALTIME_USAGE)
+
+
+def _has_any(usage: Mapping[str, Any], shape: UsageShape) -> bool:
+    return shape.input_details in usage or (shape.output_details or "") in usage
 
 
 def parse_transcription_usage(usage: Any) -> TokenUsage | DurationUsage:

@@ -19,6 +19,8 @@ from typing import TypeVar
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+# Headers the gateway can send the upstream key in (`auth.header`).
+AUTH_HEADERS = ("authorization", "api-key", "x-goog-api-key")
 DEFAULT_POLICY = Path(__file__).resolve().parents[3] / "policies" / "openai.yaml"
 CATCH_ALL = "*"
 
@@ -39,6 +41,17 @@ class RouteType(enum.StrEnum):
     EMBEDDINGS = "Embeddings"
     REALTIME = "Realtime"
     PASSTHROUGH = "Passthrough"
+
+
+class WireProtocol(enum.StrEnum):
+    """The wire protocol a route speaks; it picks the protocol adapter that reads its frames."""
+
+    OPENAI = "openai"  # OpenAI's APIs and the servers speaking their dialects (Azure, xAI, Qwen, vLLM)
+    GEMINI_LIVE = "gemini-live"  # Google's BidiGenerateContent (AI Studio and Vertex AI)
+
+
+# Route types each non-default protocol can meter.
+PROTOCOL_ROUTE_TYPES = {WireProtocol.GEMINI_LIVE: (RouteType.REALTIME,)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +142,8 @@ class Route:
     type: RouteType
     request: HeaderPolicy = HeaderPolicy()
     model: str | None = None
+    protocol: WireProtocol = WireProtocol.OPENAI
+    provider: str | None = None  # gen_ai_system for this route; the policy's provider when None
 
 
 @dataclass(frozen=True)
@@ -137,7 +152,7 @@ class Auth:
 
     env: str
     key: str = field(repr=False)
-    header: str = "authorization"
+    header: str = "authorization"  # or api-key (Azure), x-goog-api-key (Gemini)
 
     @property
     def header_value(self) -> str:
@@ -167,6 +182,10 @@ class Policy:
     def model_for(self, route: Route) -> str | None:
         """The model to request upstream instead of the client's, if the policy overrides it."""
         return route.model or self.model
+
+    def provider_for(self, route: Route) -> str:
+        """The gen_ai_system of a route's usage: its own provider, else the policy's."""
+        return route.provider or self.provider
 
 
 NO_MATCH = Route(suffix="", type=RouteType.COMPLETIONS)
@@ -389,8 +408,9 @@ class Validator:
                 f"{key}.env", env_node, f"environment variable {env} is not set or empty; expected the upstream API key"
             )
         header = self.optional(items, "header", self.header_name, key, "authorization")
-        if header not in ("authorization", "api-key"):
-            raise self.fail(f"{key}.header", items["header"][1], f"expected authorization or api-key, got {header!r}")
+        if header not in AUTH_HEADERS:
+            expected = ", ".join(AUTH_HEADERS)
+            raise self.fail(f"{key}.header", items["header"][1], f"expected one of {expected}, got {header!r}")
         return Auth(env=env, key=self.environ[env], header=header)
 
     def routes(self, key: str, node: Node) -> tuple[Route, ...]:
@@ -403,15 +423,34 @@ class Validator:
     def route(self, key: str, suffix: str, node: Node) -> Route:
         if isinstance(node, ScalarNode):
             return Route(suffix, self.route_type(key, node))
-        items = self.mapping(key, node, ("type", "request", "model"))
+        items = self.mapping(key, node, ("type", "request", "model", "protocol", "provider"))
         if "type" not in items:
             raise self.fail(f"{key}.type", node, f"missing; expected one of {_ROUTE_TYPES}")
+        route_type = self.route_type(f"{key}.type", items["type"][1])
+        protocol = self.optional(items, "protocol", self.protocol, key, WireProtocol.OPENAI)
+        allowed = PROTOCOL_ROUTE_TYPES.get(protocol)
+        if allowed is not None and route_type not in allowed:
+            expected = " or ".join(t.value for t in allowed)
+            raise self.fail(f"{key}.type", items["type"][1], f"expected {expected} for protocol {protocol}")
+        if protocol is WireProtocol.GEMINI_LIVE and "model" in items:
+            raise self.fail(
+                f"{key}.model",
+                items["model"][1],
+                "not supported for protocol gemini-live (the client's setup message names the model)",
+            )
         return Route(
             suffix,
-            self.route_type(f"{key}.type", items["type"][1]),
+            route_type,
             self.optional(items, "request", self.header_policy, key, HeaderPolicy()),
             self.optional(items, "model", self.string, key, None),
+            protocol,
+            self.optional(items, "provider", self.string, key, None),
         )
+
+    def protocol(self, key: str, node: Node) -> WireProtocol:
+        if not (isinstance(node, ScalarNode) and node.value in WireProtocol._value2member_map_):
+            raise self.fail(key, node, f"expected one of {_PROTOCOLS}, got {describe(node)}")
+        return WireProtocol(node.value)
 
     def route_type(self, key: str, node: Node) -> RouteType:
         if not (isinstance(node, ScalarNode) and node.value in RouteType._value2member_map_):
@@ -440,6 +479,7 @@ class Validator:
 
 
 _ROUTE_TYPES = ", ".join(t.value for t in RouteType)
+_PROTOCOLS = ", ".join(p.value for p in WireProtocol)
 
 
 def describe(node: Node) -> str:

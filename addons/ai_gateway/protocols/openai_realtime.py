@@ -28,7 +28,13 @@ from ai_gateway.accounting.items import (
     UpstreamError,
     UsageItem,
 )
-from ai_gateway.accounting.usage import InvalidUsage, parse_realtime_usage, parse_transcription_usage
+from ai_gateway.accounting.usage import (
+    COMPLETIONS_USAGE,
+    InvalidUsage,
+    parse_realtime_usage,
+    parse_transcription_usage,
+    parse_usage,
+)
 from ai_gateway.protocols.json_events import decode_json, event_type, names_type_twice
 
 ERROR = "error"
@@ -44,10 +50,19 @@ SESSION_EVENTS = frozenset(
 )
 TRANSCRIPTION_COMPLETED = "conversation.item.input_audio_transcription.completed"
 RATE_LIMITS_UPDATED = "rate_limits.updated"
+VLLM_TRANSCRIPTION_DONE = "transcription.done"  # vLLM's /v1/realtime
 RATE_LIMIT_NAMES = frozenset({"requests", "tokens"})
 RESPONSE_STATUSES = frozenset({"completed", "cancelled", "failed", "incomplete", "in_progress"})
 METERED_EVENTS = frozenset(
-    {ERROR, RESPONSE_CREATED, RESPONSE_DONE, TRANSCRIPTION_COMPLETED, RATE_LIMITS_UPDATED, *SESSION_EVENTS}
+    {
+        ERROR,
+        RESPONSE_CREATED,
+        RESPONSE_DONE,
+        TRANSCRIPTION_COMPLETED,
+        RATE_LIMITS_UPDATED,
+        VLLM_TRANSCRIPTION_DONE,
+        *SESSION_EVENTS,
+    }
 )
 # Started responses whose first delta is still awaited; more than this is not a real upstream.
 MAX_AWAITED_RESPONSES = 64
@@ -165,6 +180,8 @@ def read_server_event(content: bytes) -> UsageItem | None:
             return read_session(event)
         if kind == RATE_LIMITS_UPDATED:
             return read_rate_limits(event)
+        if kind == VLLM_TRANSCRIPTION_DONE and event.get("usage") is not None:
+            return TranscriptionDone(parse_usage(event["usage"], COMPLETIONS_USAGE))
     except InvalidEvent as e:
         return Malformed("invalid_event", f"{kind}: {e}")
     except InvalidUsage as e:
@@ -219,8 +236,10 @@ def _is_number(value: Any) -> bool:
 
 def read_session(event: dict[str, Any]) -> SessionModels:
     session = event.get("session")
+    if session is None:  # vLLM's session.created names no session
+        return SessionModels(model=None, transcription_model=None)
     if not isinstance(session, dict):
-        raise InvalidEvent("session is missing or not an object")
+        raise InvalidEvent("session is not an object")
     return SessionModels(model=_string(session.get("model")), transcription_model=_transcription_model(session))
 
 

@@ -23,16 +23,33 @@ from ai_gateway.accounting.ledger import Source, UsageLedger
 from ai_gateway.accounting.limits import ANONYMOUS, Refusal, SpendControl, client_key_sha256, identify
 from ai_gateway.accounting.metrics import DEFAULT_MAX_MODEL_LABELS, GatewayMetrics, MetricsServer
 from ai_gateway.accounting.pricing import PriceCatalog, catalog_for
-from ai_gateway.accounting.session_meters import RealtimeMeter, ResponsesSocketMeter, SessionMeter
-from ai_gateway.config.policy import DEFAULT_POLICY, Policy, PolicyError, RateLimits, RouteType, load_policy
+from ai_gateway.accounting.session_meters import GeminiLiveMeter, RealtimeMeter, ResponsesSocketMeter, SessionMeter
+from ai_gateway.config.policy import (
+    DEFAULT_POLICY,
+    Policy,
+    PolicyError,
+    RateLimits,
+    Route,
+    RouteType,
+    WireProtocol,
+    load_policy,
+)
 from ai_gateway.protocols.encoding import DEFAULT_MAX_BODY_BYTES
+from ai_gateway.protocols.gemini_live import GeminiLiveProtocol
 from ai_gateway.protocols.openai_http import METERED_HTTP, OPERATIONS, StreamReader, read_request, read_response
 from ai_gateway.protocols.openai_realtime import RealtimeProtocol, cancel_event, requested_model
 from ai_gateway.protocols.openai_responses_socket import ResponsesSocketProtocol
 from ai_gateway.proxy.contentview import realtime_view
 from ai_gateway.proxy.credential import UpstreamCredential
 from ai_gateway.proxy.failures import close_error, error_type
-from ai_gateway.proxy.headers import apply_header_policy, client_credential, remove_client_credentials
+from ai_gateway.proxy.headers import (
+    CREDENTIAL_PLACES,
+    apply_header_policy,
+    client_credential,
+    protocol_credential,
+    remove_client_credentials,
+    remove_protocol_credentials,
+)
 from ai_gateway.proxy.history import parse_history, shrink_audio, trim
 from ai_gateway.proxy.refusals import (
     UNKNOWN_CLIENT_KEY,
@@ -266,16 +283,21 @@ class Gateway:
         if self.policy is None:
             return
         request = flow.request
+        route = self.policy.match(request.path)
+        places = CREDENTIAL_PLACES.get(route.protocol)
         credential = client_credential(request)
+        if places is not None:
+            credential = credential or protocol_credential(request.headers, request.query, places)
         identity = identify(self.policy.client_keys, client_key_sha256(credential) if credential else None)
         flow.metadata[CLIENT_KEY_METADATA] = identity.label
         flow.metadata[KNOWN_KEY_METADATA] = identity.known
         if self.policy.auth is not None:
             remove_client_credentials(request)
-        route = self.policy.match(request.path)
+            if places is not None:
+                remove_protocol_credentials(request.headers, request.query, places)
         apply_header_policy(request.headers, route.request)
         model = self.policy.model_for(route)
-        if route.type is RouteType.REALTIME and model is not None:
+        if route.type is RouteType.REALTIME and route.protocol is WireProtocol.OPENAI and model is not None:
             request.query["model"] = model
 
     @never_raises
@@ -284,7 +306,8 @@ class Gateway:
             return
         route = self.policy.match(flow.request.path)
         upgrade = is_websocket_upgrade(flow.request)
-        if route.type not in (SESSION_KINDS if upgrade else METERED_HTTP):
+        metered = session_kind(route) is not None if upgrade else route.type in METERED_HTTP
+        if not metered:
             return
         source = self.source(flow, route.type, session=upgrade)
         action = "rejected_session" if upgrade else "rejected_request"
@@ -314,7 +337,8 @@ class Gateway:
             request.headers.pop("content-encoding", None)
             request.content = rewritten
         operation = OPERATIONS[route.type]
-        exchange = HttpExchange(self.accounting, source, operation, self.policy.provider, request_model, verdict)
+        provider = self.policy.provider_for(route)
+        exchange = HttpExchange(self.accounting, source, operation, provider, request_model, verdict)
         if problem is not None:
             exchange.apply(problem)
         self.exchanges[flow.id] = exchange
@@ -382,21 +406,22 @@ class Gateway:
         """The source of a WebSocket handshake on a metered route, for counting its failure."""
         if self.policy is None or not is_websocket_upgrade(flow.request):
             return None
-        route_type = self.policy.match(flow.request.path).type
-        return self.source(flow, route_type) if route_type in SESSION_KINDS else None
+        route = self.policy.match(flow.request.path)
+        return self.source(flow, route.type) if session_kind(route) else None
 
     @never_raises
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         if self.policy is None:
             return
-        route_type = self.policy.match(flow.request.path).type
-        kinds = SESSION_KINDS.get(route_type)
+        route = self.policy.match(flow.request.path)
+        kinds = session_kind(route)
         if kinds is not None:
             protocol, meter = kinds
-            source = self.source(flow, route_type, session=True)
+            source = self.source(flow, route.type, session=True)
             model = requested_model(flow.request.url)
-            self.sessions[flow.id] = Session(protocol(), meter(self.accounting, source, self.policy.provider, model))
-            self.metrics.websocket_sessions.labels(route_type.value).inc()
+            provider = self.policy.provider_for(route)
+            self.sessions[flow.id] = Session(protocol(), meter(self.accounting, source, provider, model))
+            self.metrics.websocket_sessions.labels(route.type.value).inc()
 
     @never_raises
     def websocket_message(self, flow: http.HTTPFlow) -> None:
@@ -460,6 +485,8 @@ class Gateway:
         if session is None or flow.websocket is None:
             return
         meter = session.meter
+        if isinstance(session.protocol, GeminiLiveProtocol) and (item := session.protocol.closed()) is not None:
+            meter.apply(item)
         meter.close()
         self.metrics.websocket_sessions.labels(meter.source.route_type).dec()
         if failure := close_error(flow.websocket.close_code, flow.websocket.closed_by_client, meter.in_flight):
@@ -469,14 +496,22 @@ class Gateway:
 class Session(NamedTuple):
     """A metered WebSocket session: its protocol's adapter reads the frames, its meter bills them."""
 
-    protocol: RealtimeProtocol | ResponsesSocketProtocol
+    protocol: SessionProtocol
     meter: SessionMeter
 
 
-SESSION_KINDS: dict[RouteType, tuple[type[RealtimeProtocol | ResponsesSocketProtocol], type[SessionMeter]]] = {
-    RouteType.REALTIME: (RealtimeProtocol, RealtimeMeter),
-    RouteType.RESPONSES: (ResponsesSocketProtocol, ResponsesSocketMeter),
+SessionProtocol = RealtimeProtocol | ResponsesSocketProtocol | GeminiLiveProtocol
+
+# A WebSocket route's (route type, protocol) -> its protocol adapter and meter.
+SESSION_KINDS: dict[tuple[RouteType, WireProtocol], tuple[type[SessionProtocol], type[SessionMeter]]] = {
+    (RouteType.REALTIME, WireProtocol.OPENAI): (RealtimeProtocol, RealtimeMeter),
+    (RouteType.RESPONSES, WireProtocol.OPENAI): (ResponsesSocketProtocol, ResponsesSocketMeter),
+    (RouteType.REALTIME, WireProtocol.GEMINI_LIVE): (GeminiLiveProtocol, GeminiLiveMeter),
 }
+
+
+def session_kind(route: Route) -> tuple[type[SessionProtocol], type[SessionMeter]] | None:
+    return SESSION_KINDS.get((route.type, route.protocol))
 
 
 def metered_stream(exchange: HttpExchange, reader: StreamReader) -> Callable[[bytes], bytes]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, MutableMapping
+from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
 from mitmproxy.http import Headers, Request
 
-from ai_gateway.config.policy import HeaderPolicy
+from ai_gateway.config.policy import HeaderPolicy, WireProtocol
 
 # Every place OpenAI or Azure OpenAI accepts a key (and what SDKs and proxies send one in).
 # Browsers cannot set headers on a WebSocket, so OpenAI accepts the key as a subprotocol and
@@ -90,3 +91,43 @@ def _offered_protocols(headers: Headers) -> Iterator[str]:
 
 def _is_key_protocol(protocol: str) -> bool:
     return protocol[: len(INSECURE_KEY_PROTOCOL)].lower() == INSECURE_KEY_PROTOCOL
+
+
+@dataclass(frozen=True)
+class CredentialPlaces:
+    """Where a protocol's clients may present a key, beyond the places OpenAI accepts one."""
+
+    headers: tuple[str, ...] = ()
+    query: tuple[str, ...] = ()
+    schemes: tuple[str, ...] = ()  # Authorization schemes besides Bearer
+
+
+# Gemini Live: an API key in x-goog-api-key or ?key=, an ephemeral token in ?access_token= or
+# `Authorization: Token`, a Vertex AI access token as `Authorization: Bearer`.
+CREDENTIAL_PLACES = {
+    WireProtocol.GEMINI_LIVE: CredentialPlaces(
+        headers=("x-goog-api-key",), query=("key", "access_token"), schemes=("token",)
+    )
+}
+
+
+def protocol_credential(headers: Headers, query: Mapping[str, str], places: CredentialPlaces) -> str | None:
+    """The key a client presented in one of its protocol's own places."""
+    scheme, _, value = headers.get("authorization", "").partition(" ")
+    if scheme.lower() in places.schemes and value.strip():
+        return value.strip()
+    for name in places.headers:
+        if value := headers.get(name, ""):
+            return value
+    for name in places.query:
+        if value := query.get(name, ""):
+            return value
+    return None
+
+
+def remove_protocol_credentials(headers: Headers, query: MutableMapping[str, str], places: CredentialPlaces) -> None:
+    """Drop the keys a client may present in its protocol's own places (OpenAI's go in remove_client_credentials)."""
+    for name in places.headers:
+        headers.pop(name, None)
+    for name in places.query:
+        query.pop(name, None)

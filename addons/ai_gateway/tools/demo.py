@@ -3,7 +3,10 @@
 Starts the built-in simulated Realtime upstream (or uses --upstream), puts mitmdump with the
 gateway in front of it, drives a session through it with the official openai SDK, and prints the
 token metrics scraped from /metrics. Against the simulator it also checks them against exactly
-what the upstream sent and exits non-zero on any difference.
+what the upstream sent and exits non-zero on any difference. `--protocol gemini-live` does the
+same for Gemini Live with the simulated Live upstream, policies/gemini.yaml and Google's
+google-genai SDK (the gateway holds the key; the SDK connects over TLS to the gateway, trusting
+the gateway's own CA).
 """
 
 from __future__ import annotations
@@ -12,26 +15,42 @@ import argparse
 import asyncio
 import contextlib
 import os
+import ssl
 import sys
+import tempfile
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 
+from google import genai
+from google.genai import types
 from openai import AsyncOpenAI
 
 from ai_gateway.tools.harness import GatewayProcess, SampleKey, expected_samples, scrape, select, usage_only
+from ai_gateway.tools.simulators.gemini_live import AI_STUDIO_PATH, GeminiLiveSimulator
 from ai_gateway.tools.simulators.realtime import Simulator, SimulatorThread
 
 PREFIX = "agentgateway"
+GEMINI_POLICY = Path(__file__).resolve().parents[3] / "policies" / "gemini.yaml"
+GEMINI_MODEL = "gemini-2.5-flash-native-audio-preview-09-2025"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="scripts/demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--upstream", help="a real upstream, e.g. https://api.openai.com (needs OPENAI_API_KEY)")
-    parser.add_argument("--model", default="gpt-realtime", help="Realtime model to request (default: %(default)s)")
+    parser.add_argument(
+        "--protocol", choices=("openai", "gemini-live"), default="openai", help="(default: %(default)s)"
+    )
+    parser.add_argument("--model", help=f"model to request (default: gpt-realtime; gemini-live: {GEMINI_MODEL})")
     parser.add_argument(
         "--responses", type=int, default=3, help="responses to create in the session (default: %(default)s)"
     )
     args = parser.parse_args(argv)
+    if args.protocol == "gemini-live":
+        if args.upstream and not os.environ.get("GEMINI_API_KEY"):
+            parser.error("--upstream needs GEMINI_API_KEY in the environment")
+        return gemini_demo(args.upstream, args.model or GEMINI_MODEL, args.responses)
+    args.model = args.model or "gpt-realtime"
     if args.upstream and not os.environ.get("OPENAI_API_KEY"):
         parser.error("--upstream needs OPENAI_API_KEY in the environment")
 
@@ -40,19 +59,58 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway   mitmdump -s addons/gateway.py --mode reverse:{url} -p {gateway.port}")
         print(f"metrics   {gateway.metrics_url}\n")
         asyncio.run(drive_session(gateway.url, args.model, args.responses, real=simulator is None))
-        scraped = select(scrape(gateway.metrics_url), gen_ai_request_model=args.model)
-        samples = usage_only(scraped)
-        print(render(samples))
-        cost = sum(v for (name, _), v in scraped.items() if name == f"{PREFIX}_gen_ai_client_cost_usd_total")
-        print(f"{'cost':<32}${cost:.4f} at the list prices of the genai-prices database")
-        if simulator is None:
-            return 0
-        expected = expected_samples(simulator.usage_for(args.model))
-        if samples != expected:
-            print("\nMISMATCH: the metrics differ from what the upstream sent", file=sys.stderr)
-            return 1
-        print(f"\nexact: the metrics equal the usage the upstream sent in {args.responses} response.done events")
+        expected = None if simulator is None else expected_samples(simulator.usage_for(args.model))
+        return report(gateway, args.model, expected, f"{args.responses} response.done events")
+
+
+def report(gateway: GatewayProcess, model: str, expected: Mapping[SampleKey, float] | None, what: str) -> int:
+    """Prints the model's metrics; with the upstream's ledger, 0 only if they equal it exactly."""
+    scraped = select(scrape(gateway.metrics_url), gen_ai_request_model=model)
+    samples = usage_only(scraped)
+    print(render(samples))
+    cost = sum(v for (name, _), v in scraped.items() if name == f"{PREFIX}_gen_ai_client_cost_usd_total")
+    print(f"{'cost':<32}${cost:.4f} at the list prices of the genai-prices database")
+    if expected is None:
         return 0
+    if samples != expected:
+        print("\nMISMATCH: the metrics differ from what the upstream sent", file=sys.stderr)
+        return 1
+    print(f"\nexact: the metrics equal the usage the upstream sent in {what}")
+    return 0
+
+
+def gemini_demo(upstream_url: str | None, model: str, turns: int) -> int:
+    """A Gemini Live session through the gateway with google-genai, against the simulator unless upstream_url."""
+    with contextlib.ExitStack() as stack:
+        simulator = None if upstream_url else stack.enter_context(SimulatorThread(server=GeminiLiveSimulator()))
+        url = upstream_url or simulator.url
+        confdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        env = {"GEMINI_API_KEY": os.environ.get("GEMINI_API_KEY", "demo-no-key-needed")}
+        options = {"gateway_policy": str(GEMINI_POLICY), "confdir": str(confdir)}
+        gateway = stack.enter_context(GatewayProcess(url, options=options, env=env))
+        print(f"upstream  {url}{' (built-in Gemini Live simulator)' if simulator else ''}")
+        print(f"gateway   mitmdump -s addons/gateway.py --mode reverse:{url} -p {gateway.port}")
+        print(f"metrics   {gateway.metrics_url}\n")
+        ca = ssl.create_default_context(cafile=str(confdir / "mitmproxy-ca-cert.pem"))
+        asyncio.run(drive_gemini_session(gateway.url.replace("http://", "wss://", 1), ca, model, turns))
+        expected = None if simulator is None else expected_samples(simulator.usage_for(model), system="gcp.gemini")
+        return report(gateway, model, expected, f"{turns} turns' usageMetadata")
+
+
+async def drive_gemini_session(gateway_url: str, ca: ssl.SSLContext, model: str, turns: int) -> None:
+    """google-genai's "API gateway" mode: a custom base_url and no key; the gateway's policy adds the key."""
+    path = AI_STUDIO_PATH.format(version="v1beta", method="BidiGenerateContent")
+    options = types.HttpOptions(base_url=gateway_url + path, async_client_args={"ssl": ca})
+    client = genai.Client(vertexai=True, http_options=options)
+    config = types.LiveConnectConfig(response_modalities=[types.Modality.AUDIO])
+    async with client.aio.live.connect(model=f"models/{model}", config=config) as session:
+        for n in range(1, turns + 1):
+            turn = types.Content(role="user", parts=[types.Part(text="Answer in five words: what is a gateway?")])
+            await session.send_client_content(turns=turn, turn_complete=True)
+            async for message in session.receive():
+                if (usage := message.usage_metadata) is not None:
+                    print(f"turn {n}: {usage.prompt_token_count} prompt, {usage.total_token_count} total tokens")
+    print()
 
 
 @contextlib.contextmanager

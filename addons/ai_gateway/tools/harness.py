@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -199,6 +199,19 @@ _SHAPES = {
     "chat": _Shape("chat", "prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details"),
     "responses": _Shape("chat", "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details"),
     "embeddings": _Shape("embeddings", "prompt_tokens", None, "prompt_tokens_details", None),
+    # OpenAI-compatible realtime servers: Qwen/DashScope spells the details as the Responses API
+    # does; vLLM's transcription.done carries Chat Completions' usage.
+    "qwen_response": _Shape(
+        "realtime", "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details"
+    ),
+    "vllm_transcription": _Shape(
+        "transcription",
+        "prompt_tokens",
+        "completion_tokens",
+        "prompt_tokens_details",
+        "completion_tokens_details",
+        False,
+    ),
 }
 
 
@@ -216,6 +229,9 @@ def expected_samples(
         out[key] = out.get(key, 0) + value
 
     for entry in sent:
+        if entry.kind == "gemini_turn":
+            _expect_gemini_turn(add, entry, system)
+            continue
         shape = _SHAPES.get(entry.kind)
         if shape is None:
             continue
@@ -240,12 +256,7 @@ def expected_samples(
             observations["output"] = usage[shape.output]
         if "cached_tokens" in input_details:
             observations["input_cache_read"] = input_details["cached_tokens"]
-        for token_type, count in observations.items():
-            typed = {**labels, "gen_ai_token_type": token_type}
-            add("gen_ai_client_token_usage_sum", typed, count)
-            add("gen_ai_client_token_usage_count", typed, 1)
-            for bound in _TOKEN_BUCKETS:
-                add("gen_ai_client_token_usage_bucket", {**typed, "le": floatToGoString(bound)}, count <= bound)
+        _expect_observations(add, labels, observations)
         families = (
             ("input_tokens", input_details),
             ("cache_read_input_tokens", input_details.get("cached_tokens_details") or {}),
@@ -263,3 +274,54 @@ def expected_samples(
                 output_details["reasoning_tokens"],
             )
     return out
+
+
+def _expect_observations(add: Callable[..., None], labels: Mapping[str, str], observations: Mapping[str, int]) -> None:
+    """The token usage histogram's samples for one response's counts by token type."""
+    for token_type, count in observations.items():
+        typed = {**labels, "gen_ai_token_type": token_type}
+        add("gen_ai_client_token_usage_sum", typed, count)
+        add("gen_ai_client_token_usage_count", typed, 1)
+        for bound in _TOKEN_BUCKETS:
+            add("gen_ai_client_token_usage_bucket", {**typed, "le": floatToGoString(bound)}, count <= bound)
+
+
+# Gemini's modalities as the gateway's metrics name them: video is billed as image frames.
+_GEMINI_MODALITY = {"TEXT": "text", "AUDIO": "audio", "IMAGE": "image", "VIDEO": "image", "DOCUMENT": "text"}
+
+
+def _expect_gemini_turn(add: Callable[..., None], entry: Any, system: str) -> None:
+    """A Gemini Live turn's usageMetadata: input is prompt plus tool-use prompt, output is response
+    (Vertex: candidates) plus thoughts, thoughts being text; a split only where every non-zero part has one."""
+    usage = entry.usage
+    labels = {
+        "gen_ai_operation_name": "realtime",
+        "gen_ai_system": system,
+        "gen_ai_request_model": entry.request_model,
+        "gen_ai_response_model": entry.response_model,
+    }
+    add("gen_ai_client_responses_total", {**labels, "status": entry.status}, 1)
+    spelling = "response" if "responseTokenCount" in usage else "candidates"
+    thoughts = usage.get("thoughtsTokenCount", 0)
+    prompt = (usage.get("promptTokenCount", 0), usage.get("promptTokensDetails"))
+    tool = (usage.get("toolUsePromptTokenCount", 0), usage.get("toolUsePromptTokensDetails"))
+    response = (usage.get(f"{spelling}TokenCount", 0), usage.get(f"{spelling}TokensDetails"))
+    cached = (usage.get("cachedContentTokenCount", 0), usage.get("cacheTokensDetails"))
+    thinking = (thoughts, [{"modality": "TEXT", "tokenCount": thoughts}] if thoughts else [])
+    observations = {"input": prompt[0] + tool[0], "output": response[0] + thoughts}
+    if "cachedContentTokenCount" in usage:
+        observations["input_cache_read"] = cached[0]
+    _expect_observations(add, labels, observations)
+    for family, parts in (
+        ("input_tokens", (prompt, tool)),
+        ("cache_read_input_tokens", (cached,)),
+        ("output_tokens", (response, thinking)),
+    ):
+        if any(count and details is None for count, details in parts):
+            continue
+        for _, details in parts:
+            for detail in details or []:
+                modal = {**labels, "gen_ai_token_modality": _GEMINI_MODALITY.get(detail["modality"], "text")}
+                add(f"gen_ai_client_inference_usage_{family}_total", modal, detail.get("tokenCount", 0))
+    if "thoughtsTokenCount" in usage:
+        add("gen_ai_client_inference_usage_reasoning_output_tokens_total", labels, thoughts)

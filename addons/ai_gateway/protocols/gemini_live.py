@@ -1,0 +1,201 @@
+"""Google's Gemini Live API (`BidiGenerateContent`) over WebSocket: frames turned into usage items.
+
+One adapter serves AI Studio (`google.ai.generativelanguage.v1beta|v1alpha.GenerativeService.
+BidiGenerateContent`, and `...Constrained` for ephemeral tokens) and Vertex AI
+(`google.cloud.aiplatform.v1|v1beta1.LlmBidiService/BidiGenerateContent`). Both send JSON in
+text or binary frames (Google's SDK decodes either), so both are read alike.
+
+The model comes from the client's first message, `{"setup": {"model": "models/..."}}`; the
+server never names one. It is reported without its resource path (`models/`, or Vertex's
+`projects/.../publishers/google/models/`), as price lists and dashboards name models.
+
+Usage is the `usageMetadata` a server message may carry beside its content. Google's SDK hands
+each one to the application as is (`LiveServerMessage.usage_metadata`); reports are per turn
+(each turn's prompt count grows because the conversation is re-sent, so a session's bill is the
+sum over turns), and third-party clients report that a turn's figures can be repeated within
+the turn. So each token is counted once this way: within a turn each report replaces the one
+before, and the turn's last report is billed when the turn ends (`turnComplete`; a turn cut off
+by `interrupted` ends at its `turnComplete` or when the model starts its next turn, billed as
+`cancelled`; a turn still open when the session closes is billed as `incomplete`). A report
+arriving after its turn ended, before the model says anything new, is billed at once.
+
+Mapping to TokenUsage: input = promptTokenCount + toolUsePromptTokenCount (tool results fed back
+to the model are input), cache read = cachedContentTokenCount (part of the prompt), output =
+responseTokenCount (Vertex: candidatesTokenCount) + thoughtsTokenCount, reasoning = thoughts.
+Modalities: TEXT, AUDIO and IMAGE as such; VIDEO as image (video reaches the model as image
+frames, and Google prices image and video input alike); DOCUMENT and unspecified as text. A
+split is reported only when every non-zero count has its details, so splits add up to their
+totals; thoughts are text. Counts Google leaves out are zero (proto3 JSON omits zeros).
+
+Most server frames are audio: `{"serverContent": {"modelTurn": {"parts": [{"inlineData":
+{"mimeType": "audio/pcm...", "data": "<base64>"}}]}}}`. Base64 has no quote, so such a frame is
+classified by matching its head and searching for the quote ending the data; only what follows
+is looked at, and the frame is decoded only if a metered key appears there.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from ai_gateway.accounting.items import Malformed, ResponseDone, SessionModels, UsageItem
+from ai_gateway.accounting.usage import InvalidUsage, TokenUsage, require_object, tokens
+from ai_gateway.protocols.json_events import decode_json
+
+COMPLETED, CANCELLED, INCOMPLETE = "completed", "cancelled", "incomplete"
+MODALITIES = {"TEXT": "text", "AUDIO": "audio", "IMAGE": "image", "VIDEO": "image", "DOCUMENT": "text"}
+MAX_DETAILS = 16  # modality entries per list; Google sends at most one per modality
+# A client frame this large is media, never the setup message.
+MAX_SETUP_BYTES = 1 << 20
+
+# The head of a media frame, up to where its base64 data begins.
+_MEDIA_HEAD = re.compile(
+    rb'\s*\{\s*"serverContent"\s*:\s*\{\s*"modelTurn"\s*:\s*\{\s*"parts"\s*:\s*\[\s*'
+    rb'\{\s*"inlineData"\s*:\s*\{\s*"mimeType"\s*:\s*"[^"\\]{0,64}"\s*,\s*"data"\s*:\s*"'
+)
+_SETUP_HEAD = re.compile(rb'\s*\{\s*"setup"\s*:')
+_METERED_KEYS = (b'"usageMetadata"', b'"turnComplete"', b'"interrupted"')
+_MODEL_OUTPUT_KEYS = (b'"modelTurn"', b'"toolCall"')
+
+
+class GeminiLiveProtocol:
+    """One Live session's frames as usage items, holding each turn's latest report until the turn ends."""
+
+    def __init__(self) -> None:
+        self.setup_seen = False
+        self.pending: TokenUsage | None = None  # the open turn's latest report, not yet billed
+        self.interrupted = False  # the open turn was cut off; billed as cancelled
+        self.ended = False  # a turn completed and the model has said nothing since
+
+    def client_frame(self, content: bytes, is_text: bool) -> UsageItem | None:
+        if self.setup_seen or len(content) > MAX_SETUP_BYTES:
+            return None
+        if not _SETUP_HEAD.match(content) and b'"setup"' not in content:
+            return None
+        message = decode_json(content)
+        if isinstance(message, Malformed) or not isinstance(setup := message.get("setup"), dict):
+            return None  # not the setup message; the upstream will refuse the session itself
+        self.setup_seen = True
+        model = setup.get("model")
+        return SessionModels(model=model_name(model) if isinstance(model, str) else None, transcription_model=None)
+
+    def server_frame(self, content: bytes, is_text: bool) -> UsageItem | None:
+        head = _MEDIA_HEAD.match(content)
+        if head is not None:
+            end = content.find(b'"', head.end())
+            tail = content[end:] if end >= 0 else b""
+            if not any(key in tail for key in _METERED_KEYS):
+                return self.model_output()
+        elif not any(key in content for key in _METERED_KEYS):
+            return self.model_output() if any(key in content for key in _MODEL_OUTPUT_KEYS) else None
+        return self.read_message(content)
+
+    def closed(self) -> UsageItem | None:
+        """The session ended: a turn still holding a report is billed as it stands."""
+        return self.bill(CANCELLED if self.interrupted else INCOMPLETE)
+
+    def model_output(self) -> UsageItem | None:
+        """The model produced content; after an interruption that starts its next turn."""
+        self.ended = False
+        return self.bill(CANCELLED) if self.interrupted else None
+
+    def bill(self, status: str) -> ResponseDone | None:
+        usage, self.pending, self.interrupted = self.pending, None, False
+        return None if usage is None else ResponseDone(usage=usage, status=status)
+
+    def read_message(self, content: bytes) -> UsageItem | None:
+        message = decode_json(content)
+        if isinstance(message, Malformed):
+            return message
+        server_content = message.get("serverContent")
+        if not isinstance(server_content, dict):
+            server_content = {}
+        earlier = None
+        if server_content.get("modelTurn") is not None or message.get("toolCall") is not None:
+            earlier = self.model_output()
+        if "usageMetadata" in message:
+            try:
+                usage = parse_usage_metadata(message["usageMetadata"])
+            except InvalidUsage as e:
+                return Malformed("invalid_usage", f"usageMetadata: {e}")
+            if self.ended and self.pending is None and not server_content.get("turnComplete"):
+                return ResponseDone(usage=usage, status=COMPLETED)  # the report of a turn that already ended
+            self.pending = usage
+        if server_content.get("interrupted") is True:
+            self.interrupted = True
+        if server_content.get("turnComplete") is True:
+            self.ended = True
+            return self.bill(CANCELLED if self.interrupted else COMPLETED)
+        return earlier
+
+
+def model_name(resource: str) -> str:
+    """`models/gemini-2.0-flash-live-001` and Vertex's `projects/p/locations/l/publishers/google/models/x`
+    as the model's own name."""
+    return resource.rpartition("models/")[2] or resource
+
+
+def parse_usage_metadata(metadata: Any) -> TokenUsage:
+    """A Live `usageMetadata` as TokenUsage, validated strictly (see the module docstring)."""
+    metadata = require_object(metadata)
+    prompt = _count(metadata, "promptTokenCount")
+    tool_use = _count(metadata, "toolUsePromptTokenCount")
+    response_key = "responseTokenCount" if "responseTokenCount" in metadata else "candidatesTokenCount"
+    response_details = "responseTokensDetails" if "responseTokensDetails" in metadata else "candidatesTokensDetails"
+    response = _count(metadata, response_key)
+    thoughts = tokens(metadata, "thoughtsTokenCount", required=False)
+    cached = tokens(metadata, "cachedContentTokenCount", required=False)
+    if cached is not None and cached > prompt + tool_use:
+        raise InvalidUsage(f"cachedContentTokenCount {cached} exceeds the prompt's {prompt + tool_use}")
+    output_parts = [(response, _details(metadata, response_details))]
+    if thoughts:
+        output_parts.append((thoughts, (("text", thoughts),)))
+    return TokenUsage(
+        input=prompt + tool_use,
+        output=response + (thoughts or 0),
+        cache_read=cached,
+        input_by_modality=_split(
+            [
+                (prompt, _details(metadata, "promptTokensDetails")),
+                (tool_use, _details(metadata, "toolUsePromptTokensDetails")),
+            ]
+        ),
+        cache_read_by_modality=_split([(cached or 0, _details(metadata, "cacheTokensDetails"))]),
+        output_by_modality=_split(output_parts),
+        reasoning=thoughts,
+    )
+
+
+def _count(metadata: Mapping[str, Any], key: str) -> int:
+    count = tokens(metadata, key, required=False)
+    return 0 if count is None else count
+
+
+def _details(metadata: Mapping[str, Any], key: str) -> tuple[tuple[str, int], ...] | None:
+    """A `[{modality, tokenCount}]` list as (modality, count) pairs; None when absent."""
+    entries = metadata.get(key)
+    if entries is None:
+        return None
+    if not isinstance(entries, list) or len(entries) > MAX_DETAILS:
+        raise InvalidUsage(f"{key} is not a list of at most {MAX_DETAILS} modality counts")
+    pairs = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            raise InvalidUsage(f"{key} has {type(entry).__name__}, expected a modality count")
+        modality = entry.get("modality", "MODALITY_UNSPECIFIED")
+        if not isinstance(modality, str):
+            raise InvalidUsage(f"{key} modality is {modality!r}, expected a name")
+        pairs.append((MODALITIES.get(modality, "text"), _count(entry, "tokenCount")))
+    return tuple(pairs)
+
+
+def _split(parts: list[tuple[int, tuple[tuple[str, int], ...] | None]]) -> tuple[tuple[str, int], ...]:
+    """Per-modality sums over the parts of a total; nothing when a non-zero part has no details."""
+    if any(details is None and count for count, details in parts):
+        return ()
+    sums: dict[str, int] = {}
+    for _, details in parts:
+        for modality, count in details or ():
+            sums[modality] = sums.get(modality, 0) + count
+    return tuple(sums.items())
