@@ -102,7 +102,6 @@ class LimitPolicy:
     """The policy's `limits:` section."""
 
     store: str = "memory"
-    on_store_error: str = "open"
     client_key: RateLimits = RateLimits()
 
 
@@ -311,16 +310,11 @@ class Validator:
         )
 
     def limits(self, key: str, node: Node) -> LimitPolicy:
-        items = self.mapping(key, node, ("store", "on_store_error", "client_key"))
+        items = self.mapping(key, node, ("store", "client_key"))
         store = self.optional(items, "store", self.string, key, "memory")
-        if store != "memory" and not store.startswith(("redis://", "rediss://", "unix://")):
-            raise self.fail(f"{key}.store", items["store"][1], f"expected memory or a redis:// URL, got {store!r}")
-        on_error = self.optional(items, "on_store_error", self.string, key, "open")
-        if on_error not in ("open", "closed"):
-            raise self.fail(
-                f"{key}.on_store_error", items["on_store_error"][1], f"expected open or closed, got {on_error!r}"
-            )
-        return LimitPolicy(store, on_error, self.optional(items, "client_key", self.rate_limits, key, RateLimits()))
+        if store != "memory":  # a store shared by processes is not built yet: never pretend to share
+            raise self.fail(f"{key}.store", items["store"][1], f"expected memory (this process's own), got {store!r}")
+        return LimitPolicy(store, self.optional(items, "client_key", self.rate_limits, key, RateLimits()))
 
     def rate_limits(self, key: str, node: Node) -> RateLimits:
         names = ("requests_per_minute", "tokens_per_minute", "concurrent_sessions")
