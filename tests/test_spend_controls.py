@@ -216,3 +216,29 @@ def test_unknown_keys_are_refused_and_known_keys_limited_by_their_own_entry(tmp_
     assert sum(select(samples, reason="invalid_api_key").values()) == 2
     assert sum(select(samples, action="rejected_session", reason="rate_limit_exceeded").values()) == 1
     assert {dict(k[1]).get("client_key") for k in select(samples, limit="concurrent_sessions")} == {"voice"}
+
+
+def test_a_restart_does_not_forgive_spend(tmp_path, upstream):
+    """Budgets live in memory; with a usage ledger, the current window's spend is charged again."""
+    ledger = tmp_path / "usage.jsonl"
+    options = {"gateway_policy": budget(tmp_path, "client_key", 20_000), "gateway_usage_log": str(ledger)}
+    model = "gpt-realtime-limits-restart"
+    url_of = lambda gateway: f"{websocket_base(gateway.url)}/v1/realtime?model={model}"  # noqa: E731
+
+    async def handshake(url: str) -> int:
+        try:
+            async with websockets.connect(url, additional_headers={"authorization": "Bearer sk-restarted"}):
+                return 101
+        except websockets.InvalidStatus as e:
+            return e.response.status_code
+
+    with GatewayProcess(upstream.url, options=options) as gateway:
+        asyncio.run(respond_until_refused(url_of(gateway), "sk-restarted"))
+        assert asyncio.run(handshake(url_of(gateway))) == 429
+    with GatewayProcess(upstream.url, options=options) as gateway:
+        assert asyncio.run(handshake(url_of(gateway))) == 429
+        assert "restored from the usage ledger" in gateway.log()
+    with GatewayProcess(
+        upstream.url, options={**options, "gateway_usage_log": str(tmp_path / "fresh.jsonl")}
+    ) as gateway:
+        assert asyncio.run(handshake(url_of(gateway))) == 101  # without the ledger the spend is forgotten

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -87,3 +88,40 @@ class UsageLedger:
 
     def close(self) -> None:
         self._file.close()
+
+
+BLOCK = 1 << 16
+
+
+def recent_records(path: str, since: datetime) -> Iterator[dict[str, Any]]:
+    """The ledger's records from `since` on, newest first, read backwards from the end so that a
+    ledger of months costs only its last window; unreadable lines are skipped."""
+    try:
+        file = open(path, "rb")  # noqa: SIM115 (closed below, also when the caller stops early)
+    except OSError:
+        return
+    with file:
+        position = file.seek(0, 2)
+        tail = b""
+        while position > 0:
+            start = max(position - BLOCK, 0)
+            file.seek(start)
+            lines = (file.read(position - start) + tail).split(b"\n")
+            position = start
+            tail = lines.pop(0) if position > 0 else b""
+            for line in reversed(lines):
+                record = _record(line)
+                if record is None:
+                    continue
+                if record["time"] < since:
+                    return
+                yield record
+
+
+def _record(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+        record["time"] = datetime.fromisoformat(record["time"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    return record if isinstance(record, dict) else None

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ai_gateway.config.policy import (
     DEFAULT_RESERVE,
@@ -267,6 +269,29 @@ class SpendControl:
     def release(self, ticket: Ticket, now: float) -> None:
         """The response never came (refused upstream, session closed): its reservation is freed."""
         self.settle(ticket, ticket.key, ticket.session, now, 0, 0.0)
+
+    def restore(self, records: Iterable[Mapping[str, Any]], age: Callable[[Any], float], now: float) -> int:
+        """Spend a restart must not forgive: ledger records (newest first) of the current window
+        charged again to their client keys, `age` seconds ago each. Returns how many were restored."""
+        window = self.budgets.window_seconds if self.budgets else MINUTE
+        restored = 0
+        for record in records:
+            seconds = age(record["time"])
+            if seconds >= max(window, MINUTE):
+                break
+            tokens = (record.get("input_tokens") or 0) + (record.get("output_tokens") or 0)
+            usd = record.get("cost_usd") or 0.0
+            label = record.get("client_key")
+            if not isinstance(label, str) or type(tokens) is not int or not isinstance(usd, (int, float)):
+                continue
+            state = self.key(label, now)
+            state.budget.spend.entries.appendleft((now - seconds, tokens, usd))
+            state.budget.spend.tokens += tokens
+            state.budget.spend.usd += usd
+            restored += 1
+        for state in self.keys.values():
+            state.budget.spend.expire(now)
+        return restored
 
     def open_session(self, label: str, session_id: str, now: float) -> Refusal | None:
         """A WebSocket handshake: refused when the key is over budget or at its session limit."""

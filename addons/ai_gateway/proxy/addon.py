@@ -8,7 +8,9 @@ import ipaddress
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
 from mitmproxy import contentviews, ctx, exceptions, http
@@ -19,7 +21,7 @@ from mitmproxy.websocket import WebSocketMessage
 from ai_gateway.accounting.billing import Accounting
 from ai_gateway.accounting.http_exchange import HttpExchange
 from ai_gateway.accounting.items import ResponseStarted
-from ai_gateway.accounting.ledger import Source, UsageLedger
+from ai_gateway.accounting.ledger import Source, UsageLedger, recent_records
 from ai_gateway.accounting.limits import ANONYMOUS, Refusal, SpendControl, client_key_sha256, identify
 from ai_gateway.accounting.metrics import DEFAULT_MAX_MODEL_LABELS, GatewayMetrics, MetricsServer
 from ai_gateway.accounting.pricing import PriceCatalog, catalog_for
@@ -246,8 +248,22 @@ class Gateway:
         show_comment_column()
         ctx.master.addons.add(self.credential)
         self.restart_metrics_server()
+        self.restore_spend()
         if ctx.options.gateway_policy_reload:
             self.watcher = asyncio.get_running_loop().create_task(self.watch_policy())
+
+    def restore_spend(self) -> None:
+        """A restart does not forgive spend: the ledger's lines of the current budget window are
+        charged to their client keys again (budgets live in this process's memory)."""
+        if self.control is None or self.ledger is None or self.policy is None or self.policy.budgets is None:
+            return
+        window = self.policy.budgets.window_seconds
+        wall = datetime.now(UTC)
+        records = recent_records(self.ledger.path, wall - timedelta(seconds=window))
+        restored = self.control.restore(records, lambda at: (wall - at).total_seconds(), time.monotonic())
+        logger.info(
+            "ai-gateway: spend of %d responses in the last %gs restored from the usage ledger", restored, window
+        )
 
     def done(self) -> None:
         self.is_running = False
