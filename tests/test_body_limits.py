@@ -197,8 +197,10 @@ def compare(upstream: Upstream, probe: Callable[[GatewayProcess], None], label: 
         assert too_large(gateway) == 1
     assert figures.peak_rss <= 1.5 * baseline.peak_rss
     # Times well under a second vary with the machine's load by more than half: a floor of 0.5 s.
-    assert figures.seconds <= max(1.5 * baseline.seconds, baseline.seconds + 0.5)
-    assert figures.stall <= max(1.5 * baseline.stall, baseline.stall + 0.5)
+    # Time on a shared 2-core machine is noisy: the bound catches a body inflated whole on the event
+    # loop (10-100 times bare mitmdump's time before the fix) without failing on a neighbour's load.
+    assert figures.seconds <= 3 * baseline.seconds + 1.0
+    assert figures.stall <= 3 * baseline.stall + 1.0
 
 
 def test_row_1_gzip_request_body_that_inflates_2_gib(upstream):

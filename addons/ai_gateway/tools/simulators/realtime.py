@@ -527,7 +527,9 @@ class Simulator:
                 "conversation_already_has_active_response",
                 "Conversation already has an active response in progress. Wait until the response is finished.",
             )
-        session.tasks.create_task(self._respond(session, model, plan))
+        response_id = self._id("resp")
+        session.active_responses.add(response_id)  # before the task runs: the next frame may be a create
+        session.tasks.create_task(self._respond(session, model, plan, response_id))
 
     async def _append_audio(self, session: _Session, event: dict[str, Any]) -> None:
         session.buffered_audio += _audio_length(event.get("audio"))
@@ -552,10 +554,8 @@ class Simulator:
         entry = SentUsage(session.id, "transcription", session.request_model, model, "completed", usage)
         await self._send_usage(session, entry, self._dumps(completed))
 
-    async def _respond(self, session: _Session, model: str, plan: _Plan) -> None:
+    async def _respond(self, session: _Session, model: str, plan: _Plan, response_id: str) -> None:
         """One response, start to response.done; runs as its own task so responses interleave."""
-        response_id = self._id("resp")
-        session.active_responses.add(response_id)
         try:
             await self._run_response(session, model, plan, response_id)
         finally:
