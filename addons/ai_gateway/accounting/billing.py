@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from ai_gateway.accounting.budget import Budgets
-from ai_gateway.accounting.ledger import Source, UsageLedger
+from ai_gateway.accounting.ledger import USAGE_LOG, Source, UsageLedger
 from ai_gateway.accounting.metrics import UNKNOWN, GatewayMetrics, ModelLabels, Series
 from ai_gateway.accounting.pricing import PriceCatalog
 from ai_gateway.accounting.usage import DurationUsage, TokenUsage
@@ -55,8 +55,8 @@ class Accounting:
         if self.catalog is not None:
             cost, lookup = self.catalog.cost(pricing_model(labels), usage)
             series.priced(lookup, cost)
-        if self.ledger is not None:
-            self.ledger.append(source, labels, usage, status, response_id, cost)
+        if self.ledger is not None and not self.ledger.append(source, labels, usage, status, response_id, cost):
+            self.metrics.usage_log_errors.inc()
         if self.budgets is not None and isinstance(usage, TokenUsage):
             self.charge(source, usage.input + (usage.output or 0), cost or 0.0)
         return series
@@ -72,7 +72,10 @@ class Accounting:
                     self.metrics.budget_remaining.labels(key, unit).set(left)
 
     def exhausted(self, source: Source) -> str | None:
-        """The budget scope that refuses more spend for this source, if any."""
+        """The scope that refuses more spend for this source, if any: a budget's, or the ledger's
+        while it cannot record what would be spent (`gateway_usage_log_on_error: refuse`)."""
+        if self.ledger is not None and not self.ledger.admits():
+            return USAGE_LOG
         if self.budgets is None:
             return None
         return self.budgets.exhausted(source.flow_id, source.client_key, time.monotonic())
