@@ -39,10 +39,12 @@ from ai_gateway.config.policy import (
 )
 from ai_gateway.protocols.openai_realtime import RESPONSE_CREATE, leading_type
 from ai_gateway.proxy.contentview import realtime_view, strip_audio
+from ai_gateway.proxy.drain import Drain, close_connections
 from ai_gateway.proxy.failures import close_error, error_type
 from ai_gateway.proxy.headers import apply_header_policy, client_credential, redact, remove_client_credentials
 from ai_gateway.proxy.refusals import budget_error_event, budget_response
 
+DRAIN_SECONDS = 30  # Kubernetes' default terminationGracePeriodSeconds
 POLICY_POLL_SECONDS = 0.5
 POLICY_SETTLE_SECONDS = 2.0  # a policy file must be unchanged this long before it is read
 CLIENT_KEY_METADATA = "ai_gateway.client_key"
@@ -93,6 +95,7 @@ class Gateway:
         self.accounting = Accounting(self.metrics)
         self.server: MetricsServer | None = None
         self.credential = UpstreamCredential()
+        self.drain = Drain()
         self.history: int | None = 1
         self.shrink_relayed_audio = True
         self.is_running = False
@@ -133,6 +136,13 @@ class Gateway:
             "While the usage ledger cannot be written (full disk): 'continue' relaying, its usage unrecorded "
             "and counted, or 'refuse' new metered requests and responses (503, error event) until it can.",
             choices=(CONTINUE, REFUSE),
+        )
+        option(
+            "gateway_drain_seconds",
+            int,
+            DRAIN_SECONDS,
+            "On SIGTERM/SIGINT: stop accepting connections and let open requests and sessions finish for up "
+            "to this many seconds before closing them (Kubernetes' default grace period is 30 s).",
         )
         option(
             "gateway_strip_audio",
@@ -258,18 +268,23 @@ class Gateway:
 
     def running(self) -> None:
         show_comment_column()
-        ctx.master.addons.add(self.credential)
+        ctx.master.addons.add(self.credential, self.drain)
+        self.drain.install()
         self.restart_metrics_server()  # before is_running: a port in use is fatal at startup
         self.is_running = True
         if ctx.options.gateway_policy_reload:
             self.watcher = asyncio.get_running_loop().create_task(self.watch_policy())
 
-    def done(self) -> None:
+    async def done(self) -> None:
+        """Connections still open (a shutdown that did not drain) are closed first, the ledger last."""
         self.is_running = False
         if self.watcher is not None:
             self.watcher.cancel()
-        if ctx.master.addons.get("upstreamcredential") is self.credential:
-            ctx.master.addons.remove(self.credential)
+        if ctx.master.should_exit.is_set():  # not a script reload, which must not cut anyone off
+            await close_connections()
+        for addon in (self.credential, self.drain):
+            if addon in ctx.master.addons.chain:
+                ctx.master.addons.remove(addon)
         self.stop_metrics_server()
         if self.ledger is not None:
             self.ledger.close()
