@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import http.client
 import json
 import signal
 import socket
@@ -12,9 +14,10 @@ import pytest
 import websockets
 
 from ai_gateway.tools.harness import GatewayProcess, scrape, select
+from ai_gateway.tools.simulators.http import HttpSimulator
 from ai_gateway.tools.simulators.realtime import SimulatorThread
 
-from .clients import websocket_base
+from .clients import wait_until, websocket_base
 
 DRAIN_SECONDS = 4
 SESSIONS = 40
@@ -113,3 +116,40 @@ def test_sigterm_drains_open_sessions_and_every_finished_response_is_in_the_ledg
     assert counted == len(finished) == len(ids) == len(simulator.ledger)
     assert clients[0].closed_at is not None and clients[0].closed_at - signalled >= DRAIN_SECONDS - 0.5
     assert exited_at - signalled < DRAIN_SECONDS + 3, "the process exits within the drain deadline"
+
+
+def chat(connection: http.client.HTTPConnection, headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
+    """A Chat Completions request on a kept-alive HTTP/1.1 connection: status, connection header, body."""
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+    connection.request("POST", "/v1/chat/completions", body, {"content-type": "application/json", **(headers or {})})
+    response = connection.getresponse()
+    return response.status, response.headers.get("connection", ""), response.read()
+
+
+def test_sigterm_lets_a_slow_http_request_finish_and_does_not_wait_for_idle_keep_alive_connections(tmp_path):
+    ledger = tmp_path / "usage.jsonl"
+    drain = 10
+    options = {"gateway_usage_log": str(ledger), "gateway_drain_seconds": str(drain)}
+    with (
+        SimulatorThread(server=HttpSimulator(seed=4)) as simulator,
+        GatewayProcess(simulator.url, options=options, launcher="serve") as gateway,
+    ):
+        assert gateway.process is not None
+        idle = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+        slow = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+        assert chat(idle)[0] == 200  # its connection stays open, idle
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(chat, slow, {"x-sim-delay-ms": "2000"})
+            wait_until(lambda: len(simulator.requests) == 2)
+            signalled = time.monotonic()
+            gateway.process.send_signal(signal.SIGTERM)
+            status, connection_header, _ = pending.result()
+        assert gateway.process.wait(drain + 5) == 0
+        exited = time.monotonic() - signalled
+    assert status == 200 and connection_header == "close"
+    records = [json.loads(line) for line in ledger.read_text().splitlines()]
+    assert [r["output_tokens"] for r in records] == [e.usage["completion_tokens"] for e in simulator.ledger]
+    assert len(records) == 2
+    print(f"\nslow request finished during the drain; exit {exited:.2f} s after SIGTERM")
+    # The slow response takes 2 s; shutting down takes about 2 s more on this machine (without a drain too).
+    assert exited < drain - 3, "the idle keep-alive connection did not hold the drain to its deadline"
