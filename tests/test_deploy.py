@@ -310,6 +310,17 @@ def test_probes_security_and_resources():
     assert mebibytes(resources["requests"]["memory"]) <= mebibytes(resources["limits"]["memory"])
 
 
+def test_the_grace_period_covers_the_pre_stop_sleep_and_the_drain():
+    """Kubernetes counts the grace period from the preStop hook on; SIGKILL at its end would cut
+    the drain, and a response relayed then could miss the ledger."""
+    gateway = container()
+    [sleep, seconds] = gateway["lifecycle"]["preStop"]["exec"]["command"]
+    drain = int(options(gateway["args"])["gateway_drain_seconds"])
+    grace = one("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert sleep == "sleep" and drain == 30  # the gateway's default, Kubernetes' default grace period
+    assert grace >= int(seconds) + drain + 5
+
+
 def writable_mounts() -> dict[str, str]:
     return {m["mountPath"]: m["name"] for m in container()["volumeMounts"] if not m.get("readOnly")}
 

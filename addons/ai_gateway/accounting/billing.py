@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import time
 
-from ai_gateway.accounting.ledger import Source, UsageLedger
+from ai_gateway.accounting.ledger import USAGE_LOG, Source, UsageLedger
 from ai_gateway.accounting.limits import Refusal, SpendControl, Ticket
 from ai_gateway.accounting.metrics import UNKNOWN, GatewayMetrics, ModelLabels, Series
 from ai_gateway.accounting.pricing import PriceCatalog
 from ai_gateway.accounting.usage import DurationUsage, TokenUsage
+
+# While the ledger cannot be written and `gateway_usage_log_on_error` is `refuse`: nothing new starts.
+LEDGER_REFUSAL = Refusal(USAGE_LOG, "usage_log_unavailable", 1.0)
 
 
 def pricing_model(labels: ModelLabels) -> str:
@@ -33,6 +36,16 @@ class Accounting:
         catalog: PriceCatalog | None = None,
         control: SpendControl | None = None,
     ) -> None:
+        self.rewire(metrics, ledger, catalog, control)
+
+    def rewire(
+        self,
+        metrics: GatewayMetrics,
+        ledger: UsageLedger | None,
+        catalog: PriceCatalog | None,
+        control: SpendControl | None,
+    ) -> None:
+        """Where billed usage goes from now on; meters keep this object, so open sessions follow."""
         self.metrics = metrics
         self.ledger = ledger
         self.catalog = catalog
@@ -58,8 +71,8 @@ class Accounting:
         if self.catalog is not None:
             cost, lookup = self.catalog.cost(pricing_model(labels), usage)
             series.priced(lookup, cost)
-        if self.ledger is not None:
-            self.ledger.append(source, labels, usage, status, response_id, cost)
+        if self.ledger is not None and not self.ledger.append(source, labels, usage, status, response_id, cost):
+            self.metrics.usage_log_errors.inc()
         if self.control is not None:
             tokens = usage.input + (usage.output or 0) if isinstance(usage, TokenUsage) else 0
             self.settle(source, ticket, tokens, cost or 0.0)
@@ -92,6 +105,8 @@ class Accounting:
 
     def admit(self, source: Source) -> Ticket | Refusal | None:
         """A new response or request on a metered route; None when no budgets or limits apply."""
+        if self.ledger is not None and not self.ledger.admits():
+            return LEDGER_REFUSAL
         if self.control is None:
             return None
         now = time.monotonic()
@@ -100,6 +115,8 @@ class Accounting:
         return verdict
 
     def open_session(self, source: Source) -> Refusal | None:
+        if self.ledger is not None and not self.ledger.admits():
+            return LEDGER_REFUSAL
         if self.control is None:
             return None
         verdict = self.control.open_session(source.client_key, source.flow_id, time.monotonic())

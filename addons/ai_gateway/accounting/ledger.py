@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ai_gateway.accounting.metrics import ModelLabels
 from ai_gateway.accounting.usage import DurationUsage, TokenUsage
+
+CONTINUE, REFUSE = "continue", "refuse"
+USAGE_LOG = "usage_log"  # the refusal scope while the ledger cannot be written (`refuse`)
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +54,28 @@ def usage_fields(usage: TokenUsage | DurationUsage | None) -> dict[str, Any]:
 
 
 class UsageLedger:
-    def __init__(self, path: str) -> None:
+    """Appends with one `write(2)` per line on an O_APPEND descriptor: lines from several workers
+    sharing the file never interleave, and no user-space buffer holds a line back after a failure.
+
+    A failure (full disk, quota, I/O error) loses that line and starts a failure episode, logged
+    once; the first write that succeeds again ends it, logged once. A line cut short by the
+    failure is terminated by the next write, so every complete line stays valid JSON.
+    With `refuse`, `admits()` tells the gateway to refuse new work during an episode; it probes
+    the file (a newline) at most once per PROBE_SECONDS so that the episode can end while nothing
+    is metered.
+    """
+
+    PROBE_SECONDS = 1.0
+
+    def __init__(self, path: str, on_error: str = CONTINUE) -> None:
         self.path = path
+        self.on_error = on_error
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115 (lives as long as the ledger)
-        self._failed = False
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        self.failing = False
+        self.lost = 0  # lines lost in the current failure episode
+        self._cut = False  # the file ends in a line cut short by a failed write
+        self._next_probe = 0.0
 
     def append(
         self,
@@ -63,7 +85,8 @@ class UsageLedger:
         status: str | None,
         response_id: str | None,
         cost_usd: float | None,
-    ) -> None:
+    ) -> bool:
+        """Write one response's line; False if it could not be written (it is lost)."""
         record = {
             "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
             "flow_id": source.flow_id,
@@ -78,16 +101,51 @@ class UsageLedger:
             **usage_fields(usage),
             "cost_usd": cost_usd,
         }
+        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        if self._write(b"\n" + line if self._cut else line):
+            return True
+        self.lost += 1
+        return False
+
+    def admits(self) -> bool:
+        """Whether new requests and responses may start: always with `continue`; with `refuse`,
+        only while lines can be written."""
+        if self.on_error != REFUSE or not self.failing:
+            return True
+        now = time.monotonic()
+        if now < self._next_probe:
+            return False
+        self._next_probe = now + self.PROBE_SECONDS
+        return self._write(b"\n")
+
+    def _write(self, data: bytes) -> bool:
+        sent = 0
         try:
-            self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
-            self._file.flush()
+            while sent < len(data):
+                sent += os.write(self._fd, data[sent:])
         except OSError as e:
-            if not self._failed:  # once: a full disk must not flood the log on every response
-                logger.error("ai-gateway: cannot write the usage ledger %s: %s", self.path, e)
-            self._failed = True
+            if sent:
+                self._cut = not data[:sent].endswith(b"\n")
+            if not self.failing:  # once per episode: a full disk must not flood the log on every response
+                consequence = "new requests are refused" if self.on_error == REFUSE else "usage goes unrecorded"
+                logger.error(
+                    "ai-gateway: cannot write the usage ledger %s: %s; %s until it can be written",
+                    self.path,
+                    e.strerror or e,
+                    consequence,
+                )
+                self.failing = True
+            return False
+        self._cut = False
+        if self.failing:
+            logger.warning("ai-gateway: usage ledger %s is written again; %d lines were lost", self.path, self.lost)
+            self.failing, self.lost = False, 0
+        return True
 
     def close(self) -> None:
-        self._file.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 BLOCK = 1 << 16

@@ -15,6 +15,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import RestrictedRegistry
 
 from ai_gateway.accounting.usage import DurationUsage, TokenUsage
 
@@ -173,7 +175,8 @@ class GatewayMetrics:
         self.budget_enforcements = Counter(
             f"{prefix}_gateway_budget_enforcements",
             "Budget and limit enforcement: refused_response, cancelled_response, rejected_request,"
-            " rejected_session, closed_session; reason budget_exceeded, rate_limit_exceeded, unknown_client_key,"
+            " rejected_session, closed_session; scope session, client_key, usage_log (the ledger could not be"
+            " written); reason budget_exceeded, rate_limit_exceeded, invalid_api_key, usage_log_unavailable,"
             " session_too_long, session_idle.",
             ("scope", "action", "reason"),
             registry=self.registry,
@@ -191,6 +194,11 @@ class GatewayMetrics:
             ("name",),
             registry=self.registry,
             multiprocess_mode="mostrecent",
+        )
+        self.usage_log_errors = Counter(
+            f"{prefix}_gateway_usage_log_errors",
+            "Usage ledger lines that could not be written (full disk, I/O error): that usage is in no ledger.",
+            registry=self.registry,
         )
         self.parse_errors = Counter(
             f"{prefix}_gateway_parse_errors",
@@ -304,16 +312,29 @@ class Series:
 
 
 class MetricsServer:
-    """prometheus_client's HTTP server in a daemon thread, stoppable so `done` can free the port."""
+    """prometheus_client's HTTP server in a daemon thread, stoppable so `done` can free the port.
+
+    It serves whatever `registry` is now: when the metric families are recreated (a new prefix),
+    the same endpoint serves the new ones, without a gap or a rebind.
+    """
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        self.registry = registry
+        self.host = host
         self._server: WSGIServer
         self._thread: threading.Thread
-        self._server, self._thread = start_http_server(port, host, registry)
+        self._server, self._thread = start_http_server(port, host, self)  # type: ignore[arg-type]
 
     @property
     def port(self) -> int:
         return self._server.server_port
+
+    def collect(self) -> Iterable[Metric]:
+        return self.registry.collect()
+
+    def restricted_registry(self, names: Iterable[str]) -> RestrictedRegistry:
+        """`/metrics?name[]=...`, as prometheus_client serves it."""
+        return self.registry.restricted_registry(names)
 
     def stop(self) -> None:
         self._server.shutdown()

@@ -88,7 +88,14 @@ from yaml.constructor import SafeConstructor
 from yaml.nodes import Node, ScalarNode
 
 from ai_gateway.accounting.usage import MODALITIES, DurationUsage, TokenUsage
-from ai_gateway.config.policy import DEFAULT_POLICY, STR_TAG, PolicyError, Validator, compose_yaml, describe
+from ai_gateway.config.policy import (
+    DEFAULT_POLICY,
+    STR_TAG,
+    Validator,
+    compose_yaml,
+    describe,
+    read_config_file,
+)
 
 if TYPE_CHECKING:
     from genai_prices.types import ModelInfo, Provider
@@ -444,12 +451,7 @@ def _split(total: int, by_modality: tuple[tuple[str, int], ...]) -> tuple[int, i
 
 def load_catalog(path: str | os.PathLike[str]) -> PriceFile:
     """Read and validate a price override file. Raises PolicyError with a one-line file:line: key: message."""
-    source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise PolicyError(source, "", None, f"cannot read price catalog ({e.__class__.__name__}: {e})") from None
-    return parse_catalog(text, source)
+    return parse_catalog(read_config_file(path, "price catalog"), str(path))
 
 
 def parse_catalog(text: str, source: str) -> PriceFile:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
@@ -200,12 +201,56 @@ class PolicyError(ValueError):
 
 def load_policy(path: str | os.PathLike[str], environ: Mapping[str, str] = os.environ) -> Policy:
     """Read and validate a policy file. Raises PolicyError with a one-line message."""
+    return parse_policy(read_config_file(path, "policy file"), str(path), environ)
+
+
+FileStamp = tuple[int, int, int, int]
+
+
+def file_stamp(path: str | os.PathLike[str]) -> FileStamp | None:
+    """What changes when a file is written or replaced: inode, mtime, ctime, size; None if absent."""
+    try:
+        return stamp_of(os.stat(path))
+    except OSError:
+        return None
+
+
+def stamp_of(st: os.stat_result) -> FileStamp:
+    return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
+
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def read_config_file(path: str | os.PathLike[str], what: str) -> str:
+    """A configuration file's text; PolicyError (one line) for anything but a regular file.
+
+    Opened non-blocking and checked on the open descriptor: reading a named pipe (or a device)
+    would wait for a writer forever. A file written while it is read is refused too.
+    """
     source = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            before = os.fstat(fd)
+            if not stat.S_ISREG(before.st_mode):
+                kind = next((name for test, name in _FILE_KINDS if test(before.st_mode)), "not a regular file")
+                raise PolicyError(source, "", None, f"expected a regular {what}, got {kind}")
+            with open(fd, "rb", closefd=False) as file:
+                data = file.read()
+            if stamp_of(os.fstat(fd)) != stamp_of(before):
+                raise PolicyError(source, "", None, f"the {what} changed while it was read; expected a stable file")
+        finally:
+            os.close(fd)
+        return data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise PolicyError(source, "", None, f"cannot read policy file ({e.__class__.__name__}: {e})") from None
-    return parse_policy(text, source, environ)
+        raise PolicyError(source, "", None, f"cannot read {what} ({e.__class__.__name__}: {e})") from None
 
 
 def parse_policy(text: str, source: str, environ: Mapping[str, str] = os.environ) -> Policy:

@@ -288,7 +288,10 @@ async def launch(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 async def serve(master: GatewayMaster, gateway: Gateway, link: workers.SupervisorLink | None) -> None:
-    """Until SIGINT or SIGTERM, or a worker's supervisor exits; `done` runs in every case."""
+    """Until SIGINT or SIGTERM, or a worker's supervisor exits; `done` runs in every case.
+
+    These handlers stop a gateway still starting; once it runs, its `running` hook takes both
+    signals over to drain open connections first (proxy/drain.py)."""
     if link is not None:
         master.options.update(gateway_metrics_port=0)  # the supervisor serves /metrics for all workers
         link.on_supervisor_exit(master.shutdown)

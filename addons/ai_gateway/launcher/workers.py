@@ -42,7 +42,7 @@ from ai_gateway.proxy.addon import is_loopback
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 RESTART_DELAY = 1.0  # seconds before restarting a worker that died before serving: no tight crash loop
-STOP_TIMEOUT = 10.0  # seconds a worker has to run its done hooks after SIGTERM
+STOP_TIMEOUT = 10.0  # seconds a worker has to run its done hooks after draining (SIGTERM)
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +81,10 @@ class Worker:
 class Supervisor:
     """Starts the workers, restarts those that die, serves /metrics for all of them."""
 
-    def __init__(self, argv: Sequence[str], directory: str) -> None:
+    def __init__(self, argv: Sequence[str], directory: str, drain_seconds: float) -> None:
         self.argv = list(argv)
         self.directory = directory
+        self.drain_seconds = drain_seconds
         self.workers: dict[int, Worker] = {}
         self.stopping = asyncio.Event()
 
@@ -91,7 +92,7 @@ class Supervisor:
         """Until SIGTERM or SIGINT; a worker's exit code if one fails to start (it said why)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self.stopping.set)
+            loop.add_signal_handler(sig, self.stop_signal)
         server: MetricsServer | None = None
         keepers: list[asyncio.Task[None]] = []
         try:
@@ -109,6 +110,18 @@ class Supervisor:
             await self.stop()
             if server is not None:
                 server.stop()
+
+    def stop_signal(self) -> None:
+        """The first signal stops the workers gracefully (each drains); a second one is passed on,
+        which makes them stop at once."""
+        if self.stopping.is_set():
+            self.signal_workers()
+        self.stopping.set()
+
+    def signal_workers(self) -> None:
+        for worker in self.workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                worker.process.terminate()
 
     def command(self, slot: int, fd: int) -> list[str]:
         return [
@@ -130,6 +143,8 @@ class Supervisor:
                 *self.command(slot, theirs.fileno()),
                 pass_fds=(theirs.fileno(),),
                 env={**os.environ, MULTIPROC_DIR: self.directory},
+                # A terminal's Ctrl-C reaches the supervisor alone, which stops the workers once.
+                start_new_session=True,
             )
         ours.setblocking(False)
         worker = self.workers[slot] = Worker(process, ours)
@@ -179,13 +194,13 @@ class Supervisor:
         return server
 
     async def stop(self) -> None:
-        """SIGTERM every worker (each runs its done hooks); SIGKILL any still there after STOP_TIMEOUT."""
+        """SIGTERM every worker (each drains, then runs its done hooks); SIGKILL any still there
+        STOP_TIMEOUT after its drain deadline."""
         processes = [worker.process for worker in self.workers.values()]
-        for process in processes:
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
+        self.signal_workers()
         try:
-            await asyncio.wait_for(asyncio.gather(*(process.wait() for process in processes)), STOP_TIMEOUT)
+            timeout = self.drain_seconds + STOP_TIMEOUT
+            await asyncio.wait_for(asyncio.gather(*(process.wait() for process in processes)), timeout)
         except TimeoutError:
             for process in processes:
                 with contextlib.suppress(ProcessLookupError):
@@ -212,6 +227,7 @@ async def supervise(argv: Sequence[str], count: int, opts: Options) -> int:
     """Run `count` workers with the arguments `argv` until SIGTERM or SIGINT."""
     directory = tempfile.mkdtemp(prefix="ai-gateway-metrics-")
     try:
-        return await Supervisor(argv, directory).run(count, opts.gateway_metrics_host, opts.gateway_metrics_port)
+        supervisor = Supervisor(argv, directory, opts.gateway_drain_seconds)
+        return await supervisor.run(count, opts.gateway_metrics_host, opts.gateway_metrics_port)
     finally:
         shutil.rmtree(directory, ignore_errors=True)

@@ -268,7 +268,7 @@ def cancel_event(response_id: str) -> bytes:
     ).encode()
 
 
-def error_event(code: str, message: str, refused_event: bytes) -> bytes:
+def error_event(code: str, message: str, refused_event: bytes, kind: str = "invalid_request_error") -> bytes:
     """A well-formed Realtime `error` event, naming the refused client event as OpenAI's errors do."""
     refused = decode_json(refused_event) if refused_event else None
     event_id = refused.get("event_id") if isinstance(refused, dict) else None
@@ -276,7 +276,7 @@ def error_event(code: str, message: str, refused_event: bytes) -> bytes:
         "type": "error",
         "event_id": f"event_gateway_{uuid.uuid4().hex[:12]}",
         "error": {
-            "type": "invalid_request_error",
+            "type": kind,
             "code": code,
             "message": message,
             "param": None,

@@ -6,7 +6,6 @@ import asyncio
 import functools
 import ipaddress
 import logging
-import os
 import re
 import time
 from collections.abc import Callable
@@ -21,19 +20,21 @@ from mitmproxy.websocket import WebSocketMessage
 from ai_gateway.accounting.billing import Accounting
 from ai_gateway.accounting.http_exchange import HttpExchange
 from ai_gateway.accounting.items import ResponseStarted
-from ai_gateway.accounting.ledger import Source, UsageLedger, recent_records
+from ai_gateway.accounting.ledger import CONTINUE, REFUSE, Source, UsageLedger, recent_records
 from ai_gateway.accounting.limits import ANONYMOUS, Refusal, SpendControl, client_key_sha256, identify
 from ai_gateway.accounting.metrics import DEFAULT_MAX_MODEL_LABELS, GatewayMetrics, MetricsServer
 from ai_gateway.accounting.pricing import PriceCatalog, catalog_for
 from ai_gateway.accounting.session_meters import GeminiLiveMeter, RealtimeMeter, ResponsesSocketMeter, SessionMeter
 from ai_gateway.config.policy import (
     DEFAULT_POLICY,
+    FileStamp,
     Policy,
     PolicyError,
     RateLimits,
     Route,
     RouteType,
     WireProtocol,
+    file_stamp,
     load_policy,
 )
 from ai_gateway.protocols.encoding import DEFAULT_MAX_BODY_BYTES
@@ -43,6 +44,7 @@ from ai_gateway.protocols.openai_realtime import RealtimeProtocol, cancel_event,
 from ai_gateway.protocols.openai_responses_socket import ResponsesSocketProtocol
 from ai_gateway.proxy.contentview import realtime_view
 from ai_gateway.proxy.credential import UpstreamCredential
+from ai_gateway.proxy.drain import Drain, close_connections
 from ai_gateway.proxy.failures import close_error, error_type
 from ai_gateway.proxy.headers import (
     CREDENTIAL_PLACES,
@@ -60,7 +62,9 @@ from ai_gateway.proxy.refusals import (
     unknown_key_response,
 )
 
-POLICY_POLL_SECONDS = 1.0
+DRAIN_SECONDS = 30  # Kubernetes' default terminationGracePeriodSeconds
+POLICY_POLL_SECONDS = 0.5
+POLICY_SETTLE_SECONDS = 2.0  # a policy file must be unchanged this long before it is read
 CLIENT_KEY_METADATA = "ai_gateway.client_key"  # the client's identity label (never the key)
 KNOWN_KEY_METADATA = "ai_gateway.known_client_key"
 SESSION_OPEN_METADATA = "ai_gateway.session_admitted"  # counted against concurrent_sessions until it ends
@@ -96,6 +100,7 @@ class Gateway:
         self.accounting = Accounting(self.metrics)
         self.server: MetricsServer | None = None
         self.credential = UpstreamCredential()
+        self.drain = Drain()
         self.history: int | None = 1
         self.shrink_relayed_audio = True
         self.max_body_bytes = DEFAULT_MAX_BODY_BYTES
@@ -129,6 +134,21 @@ class Gateway:
         )
         option(
             "gateway_usage_log", str, "", "Append one JSON line per metered response to this file (the usage ledger)."
+        )
+        option(
+            "gateway_usage_log_on_error",
+            str,
+            CONTINUE,
+            "While the usage ledger cannot be written (full disk): 'continue' relaying, its usage unrecorded "
+            "and counted, or 'refuse' new metered requests and responses (503, error event) until it can.",
+            choices=(CONTINUE, REFUSE),
+        )
+        option(
+            "gateway_drain_seconds",
+            int,
+            DRAIN_SECONDS,
+            "On SIGTERM/SIGINT: stop accepting connections and let open requests and sessions finish for up "
+            "to this many seconds before closing them (Kubernetes' default grace period is 30 s).",
         )
         option(
             "gateway_strip_audio",
@@ -165,7 +185,9 @@ class Gateway:
                 self.metrics = GatewayMetrics(prefix, max_labels)
         if "gateway_usage_log" in updated:
             self.open_ledger(options.gateway_usage_log)
-        self.accounting = Accounting(self.metrics, self.ledger, self.catalog, self.control)
+        if self.ledger is not None:
+            self.ledger.on_error = options.gateway_usage_log_on_error
+        self.rewire_accounting()
         if "gateway_websocket_history" in updated:
             try:
                 self.history = parse_history(options.gateway_websocket_history, under_web="web_port" in options)
@@ -203,51 +225,69 @@ class Gateway:
         """Everything that follows from a policy; spend already counted against budgets is kept."""
         self.policy, self.catalog = policy, catalog
         self.control = controls_for(self.control, policy)
-        self.accounting = Accounting(self.metrics, self.ledger, self.catalog, self.control)
+        self.rewire_accounting()
         self.credential.auth = policy.auth
 
+    def rewire_accounting(self) -> None:
+        """Every meter holds this one Accounting: pointing it at the current metrics, ledger, prices
+        and budgets makes a change reach open sessions too, from their next response on."""
+        self.accounting.rewire(self.metrics, self.ledger, self.catalog, self.control)
+
     def open_ledger(self, path: str) -> None:
+        """The new ledger is opened before the old one closes: if it cannot be, the old one stays."""
+        try:
+            ledger = UsageLedger(path, ctx.options.gateway_usage_log_on_error) if path else None
+        except OSError as e:
+            self.refuse(f"gateway_usage_log: cannot append to {path}: {e.strerror or e}")
+            return
         if self.ledger is not None:
             self.ledger.close()
-            self.ledger = None
-        if path:
-            try:
-                self.ledger = UsageLedger(path)
-            except OSError as e:
-                self.refuse(f"gateway_usage_log: cannot append to {path}: {e.strerror or e}")
+        self.ledger = ledger
 
     async def watch_policy(self) -> None:
-        """mitmproxy's script watcher does the same for scripts: poll the file's stat every second.
+        """Polls the file's stat, as mitmproxy's script watcher does for scripts, off the event loop
+        (a stat or read on a hung file system must not stop the relay).
 
-        It follows `gateway_policy`: a policy set through the option is watched from then on."""
+        A change is read once the file has not changed for POLICY_SETTLE_SECONDS: a file written
+        in place is read whole, not half-written. It follows `gateway_policy`: a policy set
+        through the option is watched from then on."""
         path = ctx.options.gateway_policy
-        last = policy_stamp(path)
+        applied = seen = await asyncio.to_thread(file_stamp, path)
+        since = time.monotonic()
         while True:
             await asyncio.sleep(POLICY_POLL_SECONDS)
             if ctx.options.gateway_policy != path:  # configure() already loaded the new file
                 path = ctx.options.gateway_policy
-                last = policy_stamp(path)
+                applied = seen = await asyncio.to_thread(file_stamp, path)
                 continue
-            stamp = policy_stamp(path)
-            if stamp != last and stamp is not None:
-                last = stamp
-                self.reload_policy(path)
+            stamp = await asyncio.to_thread(file_stamp, path)
+            if stamp != seen:
+                seen, since = stamp, time.monotonic()
+            elif stamp not in (applied, None) and time.monotonic() - since >= POLICY_SETTLE_SECONDS:
+                applied = stamp
+                await self.reload_policy(path, stamp)
 
-    def reload_policy(self, path: str) -> None:
+    async def reload_policy(self, path: str, stamp: FileStamp) -> None:
         try:
-            self.apply_policy(*read_policy(path))
+            policy, catalog = await asyncio.to_thread(read_policy, path)
         except PolicyError as e:
             logger.error("ai-gateway: policy change refused, the previous policy stays in force: %s", e)
             return
+        if await asyncio.to_thread(file_stamp, path) != stamp:
+            return  # changed again while read: the watcher reads it once it settles
+        if ctx.options.gateway_policy != path:
+            return  # the option moved to another file meanwhile, and configure() loaded it
+        self.apply_policy(policy, catalog)
         logger.info(
             "ai-gateway: policy reloaded: %s (%d routes), applies to new connections", path, len(self.policy.routes)
         )
 
     def running(self) -> None:
-        self.is_running = True
         show_comment_column()
-        ctx.master.addons.add(self.credential)
-        self.restart_metrics_server()
+        ctx.master.addons.add(self.credential, self.drain)
+        self.drain.install()
+        self.restart_metrics_server()  # before is_running: a port in use is fatal at startup
+        self.is_running = True
         self.restore_spend()
         if ctx.options.gateway_policy_reload:
             self.watcher = asyncio.get_running_loop().create_task(self.watch_policy())
@@ -265,27 +305,37 @@ class Gateway:
             "ai-gateway: spend of %d responses in the last %gs restored from the usage ledger", restored, window
         )
 
-    def done(self) -> None:
+    async def done(self) -> None:
+        """Connections still open (a shutdown that did not drain) are closed first, the ledger last."""
         self.is_running = False
         if self.watcher is not None:
             self.watcher.cancel()
-        if ctx.master.addons.get("upstreamcredential") is self.credential:
-            ctx.master.addons.remove(self.credential)
+        if ctx.master.should_exit.is_set():  # not a script reload, which must not cut anyone off
+            await close_connections()
+        for addon in (self.credential, self.drain):
+            if addon in ctx.master.addons.chain:
+                ctx.master.addons.remove(addon)
         self.stop_metrics_server()
         if self.ledger is not None:
             self.ledger.close()
 
     def restart_metrics_server(self) -> None:
-        self.stop_metrics_server()
+        """The new endpoint is bound before the old one stops: if it cannot be, the change is
+        refused and the old one keeps serving. The same address keeps its server (new metrics)."""
         host, port = ctx.options.gateway_metrics_host, ctx.options.gateway_metrics_port
-        if port == 0:
+        if self.server is not None and (self.server.host, self.server.port) == (host, port):
+            self.server.registry = self.metrics.registry
             return
         try:
-            self.server = MetricsServer(self.metrics.registry, host, port)
+            server = MetricsServer(self.metrics.registry, host, port) if port else None
         except OSError as e:
-            logger.error("ai-gateway: cannot serve metrics on %s:%d: %s", host, port, e.strerror or e)
+            self.refuse(f"cannot serve metrics on {host}:{port}: {e.strerror or e}")
             return
-        logger.info("ai-gateway: metrics on http://%s:%d/metrics", host, self.server.port)
+        self.stop_metrics_server()
+        self.server = server
+        if server is None:
+            return
+        logger.info("ai-gateway: metrics on http://%s:%d/metrics", host, server.port)
         if not is_loopback(host):
             logger.warning("ai-gateway: the metrics endpoint listens on %s, beyond this machine", host)
 
@@ -574,14 +624,6 @@ def read_policy(path: str) -> tuple[Policy, PriceCatalog]:
     """The policy and its price catalog (its `prices` file over the database); either may raise PolicyError."""
     policy = load_policy(path)
     return policy, catalog_for(policy.provider, policy.prices)
-
-
-def policy_stamp(path: str) -> tuple[int, int] | None:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return stat.st_mtime_ns, stat.st_size
 
 
 def is_loopback(host: str) -> bool:

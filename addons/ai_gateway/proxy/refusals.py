@@ -8,6 +8,7 @@ import math
 
 from mitmproxy import http
 
+from ai_gateway.accounting.ledger import USAGE_LOG
 from ai_gateway.accounting.limits import BUDGET_EXCEEDED, CLIENT_KEY, RATE_LIMITED, SESSION, Refusal
 from ai_gateway.protocols.openai_realtime import error_event
 
@@ -17,6 +18,8 @@ MESSAGES = {
     (CLIENT_KEY, BUDGET_EXCEEDED): "This API key's budget for the current window is used up: the gateway refused"
     " the request.",
     (CLIENT_KEY, RATE_LIMITED): "This API key is over its rate limit: the gateway refused the request.",
+    (USAGE_LOG, "usage_log_unavailable"): "The gateway cannot record usage right now (its usage ledger cannot be"
+    " written): retry later.",
 }
 
 
@@ -27,17 +30,20 @@ def message(refusal: Refusal) -> str:
 def refusal_event(refusal: Refusal, client_event: bytes = b"") -> bytes:
     """The Realtime `error` event that tells the client its `response.create` was refused (or that a
     response the upstream started by itself was cancelled)."""
-    return error_event(refusal.code, message(refusal), client_event)
+    kind = "server_error" if refusal.scope == USAGE_LOG else "invalid_request_error"
+    return error_event(refusal.code, message(refusal), client_event, kind)
 
 
 def refusal_response(refusal: Refusal) -> http.Response:
     """HTTP, or a WebSocket handshake, refused: 429 with an OpenAI-shaped body and, where waiting
-    helps, `retry-after` in whole seconds."""
-    error = {"message": message(refusal), "type": refusal.code, "param": None, "code": refusal.code}
+    helps, `retry-after` in whole seconds; 503 while usage cannot be recorded (the gateway's fault)."""
+    kind = "server_error" if refusal.scope == USAGE_LOG else refusal.code
+    error = {"message": message(refusal), "type": kind, "param": None, "code": refusal.code}
     headers = {"content-type": "application/json"}
     if refusal.retry_after is not None:
         headers["retry-after"] = str(max(1, math.ceil(refusal.retry_after)))
-    return http.Response.make(429, json.dumps({"error": error}), headers)
+    status = 503 if refusal.scope == USAGE_LOG else 429
+    return http.Response.make(status, json.dumps({"error": error}), headers)
 
 
 def unknown_key_response() -> http.Response:

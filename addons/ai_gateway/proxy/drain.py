@@ -1,0 +1,129 @@
+"""Graceful shutdown, as Envoy and nginx drain: stop accepting, let open work finish, then close.
+
+mitmproxy stops on SIGTERM/SIGINT by running the `done` hooks at once: open connections are cut
+when the event loop ends, and a response relayed after the gateway closed its ledger would be
+missing from it. Instead, on the first signal the listening servers are stopped (new
+connections are refused, so a load balancer sends them elsewhere), idle keep-alive connections
+are closed, HTTP/1 responses ask the client to close (`connection: close`), and open requests
+and WebSocket sessions run on until they end or `gateway_drain_seconds` passes; what is still
+open then is closed. Only then is mitmproxy shut down, so `done` closes the ledger last. A
+second signal stops at once (the open connections are closed first all the same).
+
+mitmproxy's `proxyserver` addon holds the listening servers and a handler per client
+connection; closing one is what mitmproxy's own inactivity timeout does (cancel the task reading
+from the client). Nothing of mitmproxy is patched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from typing import Any
+
+from mitmproxy import ctx, http
+from mitmproxy.connection import Client
+
+POLL_SECONDS = 0.05
+CLOSE_SECONDS = 5.0  # for closed connections to run their hooks, after the deadline
+
+logger = logging.getLogger(__name__)
+
+
+class Drain:
+    """Knows which client connections are busy (a request or a WebSocket session open) and drains them."""
+
+    def __init__(self) -> None:
+        self.busy: dict[str, set[str]] = {}  # client connection id -> ids of its open flows
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self.task is not None
+
+    def install(self) -> None:
+        """Take over SIGTERM and SIGINT from the launcher (mitmdump, mitmweb, scripts/serve)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not the main thread
+                loop.add_signal_handler(sig, self.stop_signal)
+
+    def stop_signal(self) -> None:
+        if self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self.drain(ctx.options.gateway_drain_seconds))
+        else:
+            logger.info("ai-gateway: second stop signal: closing every connection now")
+            self.task.cancel()
+            asyncio.get_running_loop().create_task(self.close_all())
+
+    async def drain(self, seconds: float) -> None:
+        proxyserver: Any = ctx.master.addons.get("proxyserver")
+        deadline = time.monotonic() + seconds
+        for server in list(proxyserver.servers):
+            if server.is_running:
+                await server.stop()
+        logger.info(
+            "ai-gateway: draining: no new connections; %d open ones may finish for up to %g s",
+            len(proxyserver.connections),
+            seconds,
+        )
+        while proxyserver.connections and time.monotonic() < deadline:
+            for client_id in list(proxyserver.connections):
+                if not self.busy.get(client_id):
+                    close(proxyserver.connections[client_id], "idle during drain")
+            await asyncio.sleep(POLL_SECONDS)
+        await self.close_all()
+
+    async def close_all(self) -> None:
+        await close_connections()
+        ctx.master.shutdown()
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self.busy.setdefault(flow.client_conn.id, set()).add(flow.id)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        response = flow.response
+        if not self.draining or response is None or response.status_code == 101:
+            return
+        if response.http_version.startswith("HTTP/1"):  # HTTP/2 has no such header
+            response.headers["connection"] = "close"
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.response is None or flow.response.status_code != 101:  # a WebSocket stays open
+            self.finished(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.finished(flow)
+
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        self.finished(flow)
+
+    def client_disconnected(self, client: Client) -> None:
+        self.busy.pop(client.id, None)
+
+    def finished(self, flow: http.HTTPFlow) -> None:
+        if (flows := self.busy.get(flow.client_conn.id)) is not None:
+            flows.discard(flow.id)
+
+
+async def close_connections() -> None:
+    """Close every client connection and wait (bounded) until their hooks ran: after this, nothing
+    more is relayed, so nothing a client sees can miss the ledger closed next."""
+    proxyserver: Any = ctx.master.addons.get("proxyserver")
+    if proxyserver is None or not proxyserver.connections:
+        return
+    logger.warning("ai-gateway: closing %d connections still open", len(proxyserver.connections))
+    for handler in list(proxyserver.connections.values()):
+        close(handler, "gateway shutdown")
+    deadline = time.monotonic() + CLOSE_SECONDS
+    while proxyserver.connections and time.monotonic() < deadline:
+        await asyncio.sleep(POLL_SECONDS)
+
+
+def close(handler: Any, reason: str) -> None:
+    """Close a client connection as mitmproxy's inactivity timeout does: cancel the task reading it."""
+    io = handler.transports.get(handler.client)
+    if io is not None and io.handler is not None:
+        io.handler.cancel(reason)
