@@ -28,6 +28,7 @@ from ai_gateway.config.policy import DEFAULT_POLICY, Policy, PolicyError, RouteT
 from ai_gateway.protocols.openai_http import METERED_HTTP, OPERATIONS, StreamReader, read_body, rewrite_request
 from ai_gateway.protocols.openai_realtime import RealtimeProtocol, requested_model
 from ai_gateway.protocols.openai_responses_socket import ResponsesSocketProtocol
+from ai_gateway.proxy import closer
 from ai_gateway.proxy.contentview import realtime_view
 from ai_gateway.proxy.credential import UpstreamCredential
 from ai_gateway.proxy.failures import close_error, error_type
@@ -345,6 +346,8 @@ class Gateway:
 
     @never_raises
     def websocket_message(self, flow: http.HTTPFlow) -> None:
+        if closer.intercept(flow):  # the gateway's own close marker: neither relayed nor metered
+            return
         assert flow.websocket is not None
         messages = flow.websocket.messages
         message = messages[-1]
