@@ -21,6 +21,7 @@ RUNTIME_IMPORTS = {
     "brotli",
     "backports",
     "compression",
+    "wsproto",  # mitmproxy's WebSocket protocol: proxy/closer.py hands its layer a close event
 }
 TOOL_ONLY = {"websockets", "aiohttp", "openai", "psutil", "tqdm", "matplotlib", "playwright", "pytest"}
 

@@ -242,3 +242,31 @@ def test_a_restart_does_not_forgive_spend(tmp_path, upstream):
         upstream.url, options={**options, "gateway_usage_log": str(tmp_path / "fresh.jsonl")}
     ) as gateway:
         assert asyncio.run(handshake(url_of(gateway))) == 101  # without the ledger the spend is forgotten
+
+
+@pytest.mark.parametrize(
+    ("limit", "reason"), [("idle_session_seconds: 1", "session_idle"), ("max_session_seconds: 2", "session_too_long")]
+)
+def test_sessions_past_their_duration_or_idle_limit_are_closed_with_1008(tmp_path, upstream, limit, reason):
+    options = {"gateway_policy": policy(tmp_path, f"limits:\n  client_key: {{{limit}}}\n")}
+    with GatewayProcess(upstream.url, options=options) as gateway:
+
+        async def session() -> tuple[int, str, float]:
+            url = f"{websocket_base(gateway.url)}/v1/realtime?model=gpt-realtime"
+            async with websockets.connect(url) as ws:
+                opened = asyncio.get_running_loop().time()
+                await ws.recv()
+                with pytest.raises(websockets.ConnectionClosed):
+                    while True:  # an idle client only waits; a busy one asks for one response after another
+                        if reason == "session_too_long":
+                            await ws.send(json.dumps({"type": "response.create"}))
+                        while json.loads(await asyncio.wait_for(ws.recv(), timeout=10))["type"] != "response.done":
+                            pass
+                return ws.close_code, ws.close_reason, asyncio.get_running_loop().time() - opened
+
+        code, text, seconds = asyncio.run(session())
+        samples = scrape(gateway.metrics_url)
+    assert code == 1008 and "gateway allows" in text
+    assert seconds < 5
+    assert sum(select(samples, action="closed_session", reason=reason).values()) == 1
+    assert not select(samples, error_type="ws_close_1008")  # the gateway's own close is no upstream error

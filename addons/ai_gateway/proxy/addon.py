@@ -42,6 +42,7 @@ from ai_gateway.protocols.gemini_live import GeminiLiveProtocol
 from ai_gateway.protocols.openai_http import METERED_HTTP, OPERATIONS, StreamReader, read_request, read_response
 from ai_gateway.protocols.openai_realtime import RealtimeProtocol, cancel_event, requested_model
 from ai_gateway.protocols.openai_responses_socket import ResponsesSocketProtocol
+from ai_gateway.proxy import closer
 from ai_gateway.proxy.contentview import realtime_view
 from ai_gateway.proxy.credential import UpstreamCredential
 from ai_gateway.proxy.drain import Drain, close_connections
@@ -61,9 +62,11 @@ from ai_gateway.proxy.refusals import (
     refusal_response,
     unknown_key_response,
 )
+from ai_gateway.proxy.session_limits import REASONS, SessionClock
 
 DRAIN_SECONDS = 30  # Kubernetes' default terminationGracePeriodSeconds
 POLICY_POLL_SECONDS = 0.5
+SESSION_CLOCK_SECONDS = 1.0
 POLICY_SETTLE_SECONDS = 2.0  # a policy file must be unchanged this long before it is read
 CLIENT_KEY_METADATA = "ai_gateway.client_key"  # the client's identity label (never the key)
 KNOWN_KEY_METADATA = "ai_gateway.known_client_key"
@@ -107,6 +110,8 @@ class Gateway:
         self.is_running = False
         self.watcher: asyncio.Task[None] | None = None
         self.sessions: dict[str, Session] = {}
+        self.clock = SessionClock()
+        self.clock_task: asyncio.Task[None] | None = None
         self.exchanges: dict[str, HttpExchange] = {}
 
     def load(self, loader: Loader) -> None:
@@ -291,6 +296,15 @@ class Gateway:
         self.restore_spend()
         if ctx.options.gateway_policy_reload:
             self.watcher = asyncio.get_running_loop().create_task(self.watch_policy())
+        self.clock_task = asyncio.get_running_loop().create_task(self.watch_sessions())
+
+    async def watch_sessions(self) -> None:
+        """Once a second: sessions past their duration or idle limit are closed with 1008."""
+        while True:
+            await asyncio.sleep(SESSION_CLOCK_SECONDS)
+            for flow, reason in self.clock.expired():
+                if closer.close_websocket(flow, 1008, REASONS[reason]):
+                    self.accounting.enforced(Refusal("client_key", reason), "closed_session")
 
     def restore_spend(self) -> None:
         """A restart does not forgive spend: the ledger's lines of the current budget window are
@@ -310,6 +324,8 @@ class Gateway:
         self.is_running = False
         if self.watcher is not None:
             self.watcher.cancel()
+        if self.clock_task is not None:
+            self.clock_task.cancel()
         if ctx.master.should_exit.is_set():  # not a script reload, which must not cut anyone off
             await close_connections()
         for addon in (self.credential, self.drain):
@@ -487,15 +503,21 @@ class Gateway:
             model = requested_model(flow.request.url)
             provider = self.policy.provider_for(route)
             self.sessions[flow.id] = Session(protocol(), meter(self.accounting, source, provider, model))
+            if self.control is not None:
+                self.clock.watch(flow, self.control.rate_limits(source.client_key))
             self.metrics.websocket_sessions.labels(route.type.value).inc()
 
     @never_raises
     def websocket_message(self, flow: http.HTTPFlow) -> None:
+        if closer.intercept(flow):  # the gateway's own close marker: neither relayed nor metered
+            return
         assert flow.websocket is not None
         messages = flow.websocket.messages
         message = messages[-1]
         session = self.sessions.get(flow.id)
         if session is not None:
+            if self.clock.sessions:
+                self.clock.touch(flow.id)
             if message.from_client:
                 self.client_frame(flow, message, session)
             else:
@@ -547,6 +569,7 @@ class Gateway:
         if flow.websocket is not None and self.shrink_relayed_audio and flow.websocket.messages:
             shrink_audio(flow.websocket.messages[-1])
         session = self.sessions.pop(flow.id, None)
+        self.clock.forget(flow.id)
         self.end_session(flow)
         if session is None or flow.websocket is None:
             return
@@ -555,7 +578,10 @@ class Gateway:
             meter.apply(item)
         meter.close()
         self.metrics.websocket_sessions.labels(meter.source.route_type).dec()
-        if failure := close_error(flow.websocket.close_code, flow.websocket.closed_by_client, meter.in_flight):
+        by_client = flow.websocket.closed_by_client
+        if closer.CLOSED_BY_GATEWAY in flow.metadata:
+            pass  # the gateway's own close (a session limit): counted as an enforcement, not an error
+        elif failure := close_error(flow.websocket.close_code, by_client, meter.in_flight):
             self.accounting.error(meter.source, failure)
 
 
