@@ -186,3 +186,58 @@ def test_no_spelling_of_response_create_slips_past_a_spent_session_budget(tmp_pa
         assert [r["error"]["event_id"] for r in refusals] == [f"c{i}" for i in range(len(CREATES))]
         assert len(upstream.ledger) == 1  # nothing after the first response reached the upstream
         assert counter(gw, "agentgateway_gateway_budget_enforcements_total", action="refused_response") == len(CREATES)
+
+
+async def fragments(message: str, release: asyncio.Event):
+    yield message[:1000]
+    await release.wait()
+    yield message[1000:]
+
+
+async def half_sent_delta_upstream(ws) -> None:
+    """Starts a response, sends the first fragment of an audio delta, and finishes that delta only
+    when the client says so: meanwhile the gateway injects its refusal of the client's second
+    response.create, which mitmproxy would glue onto the half-received delta."""
+    await ws.send(json.dumps({"type": "session.created", "session": {"model": "gpt-realtime-2025-08-28"}}))
+    async for message in ws:
+        event = json.loads(message)
+        if event["type"] == "response.create":
+            await ws.send(json.dumps({"type": "response.created", "response": {"id": "r1"}}))
+            delta = json.dumps({"type": "response.output_audio.delta", "response_id": "r1", "delta": "A" * 4000})
+            release = asyncio.Event()
+
+            sending = asyncio.ensure_future(ws.send(fragments(delta, release)))
+            while json.loads(await ws.recv())["type"] != "test.continue":
+                pass
+            release.set()
+            await sending
+            usage = {"input_tokens": 1, "output_tokens": 1}
+            await ws.send(
+                json.dumps({"type": "response.done", "response": {"id": "r1", "status": "completed", "usage": usage}})
+            )
+
+
+def test_an_injected_refusal_is_never_glued_onto_a_half_received_message(tmp_path):
+    policy = tmp_path / "budget.yaml"
+    policy.write_text("budgets:\n  session: {tokens: 1}\n  reserve: {tokens: 1}\nroutes:\n  /realtime: Realtime\n")
+
+    async def run() -> list[str]:
+        async with websockets.serve(half_sent_delta_upstream, "127.0.0.1", 0) as server:
+            upstream = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+            with GatewayProcess(upstream, options={"gateway_policy": str(policy)}) as gateway:
+                received = []
+                async with websockets.connect(f"{websocket_base(gateway.url)}/v1/realtime?model=gpt-realtime") as ws:
+                    await ws.recv()
+                    await ws.send(json.dumps({"type": "response.create"}))
+                    received.append(await ws.recv())  # response.created; the delta is half sent now
+                    await ws.send(json.dumps({"event_id": "c2", "type": "response.create"}))  # over budget
+                    received.append(await ws.recv())  # the refusal
+                    await ws.send(json.dumps({"type": "test.continue"}))
+                    received += [await ws.recv(), await ws.recv()]  # the whole delta, response.done
+                return received
+
+    received = asyncio.run(run())
+    types = [json.loads(frame)["type"] for frame in received]  # every frame is one whole JSON event
+    assert types == ["response.created", "error", "response.output_audio.delta", "response.done"]
+    assert json.loads(received[1])["error"]["event_id"] == "c2"
+    assert json.loads(received[2])["delta"] == "A" * 4000

@@ -56,6 +56,7 @@ from ai_gateway.proxy.headers import (
     remove_protocol_credentials,
 )
 from ai_gateway.proxy.history import parse_history, shrink_audio, trim
+from ai_gateway.proxy.injection import Injections
 from ai_gateway.proxy.refusals import (
     UNKNOWN_CLIENT_KEY,
     refusal_event,
@@ -111,6 +112,7 @@ class Gateway:
         self.watcher: asyncio.Task[None] | None = None
         self.sessions: dict[str, Session] = {}
         self.clock = SessionClock()
+        self.injections = Injections()
         self.clock_task: asyncio.Task[None] | None = None
         self.exchanges: dict[str, HttpExchange] = {}
 
@@ -515,6 +517,8 @@ class Gateway:
         messages = flow.websocket.messages
         message = messages[-1]
         session = self.sessions.get(flow.id)
+        if self.injections.active and self.injections.arrived(flow, message):
+            session = None  # the gateway's own message: relayed, never metered
         if session is not None:
             if self.clock.sessions:
                 self.clock.touch(flow.id)
@@ -546,14 +550,14 @@ class Gateway:
     def refuse_response(self, flow: http.HTTPFlow, message: WebSocketMessage, refusal: Refusal) -> None:
         """The response.create never reaches the upstream; the client gets an error event."""
         message.drop()
-        ctx.master.commands.call("inject.websocket", flow, True, refusal_event(refusal, message.content))
+        self.injections.send(flow, True, refusal_event(refusal, message.content))
         self.accounting.enforced(refusal, "refused_response")
 
     def cancel_response(self, flow: http.HTTPFlow, response_id: str, refusal: Refusal) -> None:
         """A response the upstream started by itself (server VAD) while over a budget or limit: the
         upstream is asked to cancel it, the client is told why. What it still bills is counted."""
-        ctx.master.commands.call("inject.websocket", flow, False, cancel_event(response_id))
-        ctx.master.commands.call("inject.websocket", flow, True, refusal_event(refusal))
+        self.injections.send(flow, False, cancel_event(response_id))
+        self.injections.send(flow, True, refusal_event(refusal))
         self.accounting.enforced(refusal, "cancelled_response")
 
     def show_totals(self, flow: http.HTTPFlow, meter: SessionMeter) -> None:
@@ -570,6 +574,7 @@ class Gateway:
             shrink_audio(flow.websocket.messages[-1])
         session = self.sessions.pop(flow.id, None)
         self.clock.forget(flow.id)
+        self.injections.forget(flow.id)
         self.end_session(flow)
         if session is None or flow.websocket is None:
             return
