@@ -25,10 +25,14 @@ RESERVE = 15_000  # at least what one simulated response bills, so the bound bel
 TARGET = 1.25
 
 
-def policy(tmp_path: Path, text: str) -> str:
+def policy_file(tmp_path: Path, text: str) -> str:
     path = tmp_path / "limits.yaml"
-    path.write_text(text + "routes:\n  /realtime: Realtime\n  /chat/completions: Completions\n")
+    path.write_text(text)
     return str(path)
+
+
+def policy(tmp_path: Path, text: str) -> str:
+    return policy_file(tmp_path, text + "routes:\n  /realtime: Realtime\n  /chat/completions: Completions\n")
 
 
 def budget(tmp_path: Path, scope: str, tokens: int = LIMIT) -> str:
@@ -267,6 +271,42 @@ def test_sessions_past_their_duration_or_idle_limit_are_closed_with_1008(tmp_pat
         code, text, seconds = asyncio.run(session())
         samples = scrape(gateway.metrics_url)
     assert code == 1008 and "gateway allows" in text
-    assert seconds < 5
+    assert seconds < 10  # the limit plus the once-a-second clock, with room for a loaded machine
     assert sum(select(samples, action="closed_session", reason=reason).values()) == 1
     assert not select(samples, error_type="ws_close_1008")  # the gateway's own close is no upstream error
+
+
+def test_a_gemini_live_session_that_spent_its_budget_is_closed_after_that_turn(tmp_path):
+    """Gemini Live has no per-response request to refuse and no cancel: the session is closed with
+    1008 after the turn that spent its budget."""
+    from ai_gateway.tools.simulators.gemini_live import GeminiLiveSimulator
+
+    text = (
+        "budgets:\n  session: {tokens: 1}\n  reserve: {tokens: 1}\n"
+        "routes:\n  BidiGenerateContent:\n    type: Realtime\n    protocol: gemini-live\n"
+    )
+    path = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
+    with (
+        SimulatorThread(server=GeminiLiveSimulator(seed=23)) as upstream,
+        GatewayProcess(upstream.url, options={"gateway_policy": policy_file(tmp_path, text)}) as gateway,
+    ):
+
+        async def session() -> tuple[int, int | None]:
+            turns = 0
+            async with websockets.connect(f"{websocket_base(gateway.url)}{path}") as ws:
+                await ws.send(json.dumps({"setup": {"model": "models/gemini-live-budget"}}))
+                await ws.recv()
+                with pytest.raises(websockets.ConnectionClosed):
+                    for _ in range(3):
+                        turn = {"turns": [{"role": "user", "parts": [{"text": "hi"}]}], "turnComplete": True}
+                        await ws.send(json.dumps({"clientContent": turn}))
+                        while b'"turnComplete"' not in await asyncio.wait_for(ws.recv(decode=False), 10):
+                            pass
+                        turns += 1
+                return turns, ws.close_code
+
+        turns, code = asyncio.run(session())
+        samples = scrape(gateway.metrics_url)
+    assert (turns, code) == (1, 1008)
+    assert sum(select(samples, action="closed_session", reason="budget_exceeded").values()) == 1
+    assert len(upstream.ledger) == 1

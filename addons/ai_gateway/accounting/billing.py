@@ -114,6 +114,14 @@ class Accounting:
         self.show_headroom(source.client_key, now)
         return verdict
 
+    def refusal(self, source: Source) -> Refusal | None:
+        """Why the source's next response would be refused now, without admitting one."""
+        if self.ledger is not None and not self.ledger.admits():
+            return LEDGER_REFUSAL
+        if self.control is None:
+            return None
+        return self.control.refusal(source.client_key, source.flow_id if source.session else None, time.monotonic())
+
     def open_session(self, source: Source) -> Refusal | None:
         if self.ledger is not None and not self.ledger.admits():
             return LEDGER_REFUSAL

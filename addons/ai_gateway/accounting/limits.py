@@ -234,6 +234,20 @@ class SpendControl:
 
     def admit(self, label: str, session_id: str | None, now: float) -> Ticket | Refusal:
         """A new response or request: admitted with a reservation, or refused with the reason."""
+        refusal = self.refusal(label, session_id, now)
+        if refusal is not None:
+            return refusal
+        state = self.key(label, now)
+        session = self.session(session_id) if session_id is not None else None
+        tokens, usd = (session or state.budget).reservation(self.reserve)
+        for scope in (state.budget, state.minute, session):
+            if scope is not None:
+                scope.hold(tokens, usd)
+        state.requests.append(now)
+        return Ticket(label, session_id, tokens, usd)
+
+    def refusal(self, label: str, session_id: str | None, now: float) -> Refusal | None:
+        """Why a new response or request would be refused now, if it would be; nothing is held."""
         state = self.key(label, now)
         session = self.session(session_id) if session_id is not None else None
         budgets = self.budgets
@@ -246,12 +260,7 @@ class SpendControl:
             return Refusal(CLIENT_KEY, RATE_LIMITED, state.requests[0] + MINUTE - now)
         if not state.minute.headroom(Limit(tokens=limits.tokens_per_minute)):
             return Refusal(CLIENT_KEY, RATE_LIMITED, state.minute.retry_after(now))
-        tokens, usd = (session or state.budget).reservation(self.reserve)
-        for scope in (state.budget, state.minute, session):
-            if scope is not None:
-                scope.hold(tokens, usd)
-        state.requests.append(now)
-        return Ticket(label, session_id, tokens, usd)
+        return None
 
     def settle(
         self, ticket: Ticket | None, label: str, session_id: str | None, now: float, tokens: int, usd: float
@@ -263,8 +272,8 @@ class SpendControl:
         state = self.key(label, now)
         state.budget.settle(held, now, tokens, usd)
         state.minute.settle(held, now, tokens, usd)
-        if session_id is not None and session_id in self.sessions:
-            self.sessions[session_id].settle(held, now, tokens, usd)
+        if session_id is not None and (session_id in self.sessions or tokens or usd):
+            self.session(session_id).settle(held, now, tokens, usd)  # spend without an admission counts too
 
     def release(self, ticket: Ticket, now: float) -> None:
         """The response never came (refused upstream, session closed): its reservation is freed."""

@@ -290,9 +290,16 @@ class ResponsesSocketMeter(SessionMeter):
 
 
 class GeminiLiveMeter(RealtimeMeter):
-    """Meters a Gemini Live session: the client's setup message names the model, for request and response alike."""
+    """Meters a Gemini Live session: the client's setup message names the model, for request and response alike.
+
+    Gemini Live has no request per response to refuse, nor a way to cancel one: the model answers
+    each turn by itself. So after the turn that leaves the session or its key without budget (or
+    over a limit), the refusal is returned, and the addon closes the session."""
 
     def apply(self, item: UsageItem) -> Malformed | Refusal | None:
         if isinstance(item, SessionModels) and item.model:
             self.request_model = item.model
-        return super().apply(item)
+        outcome = super().apply(item)
+        if outcome is None and isinstance(item, ResponseDone):
+            return self.accounting.refusal(self.source)
+        return outcome

@@ -59,6 +59,7 @@ from ai_gateway.proxy.history import parse_history, shrink_audio, trim
 from ai_gateway.proxy.injection import Injections
 from ai_gateway.proxy.refusals import (
     UNKNOWN_CLIENT_KEY,
+    message,
     refusal_event,
     refusal_response,
     unknown_key_response,
@@ -519,6 +520,9 @@ class Gateway:
         session = self.sessions.get(flow.id)
         if self.injections.active and self.injections.arrived(flow, message):
             session = None  # the gateway's own message: relayed, never metered
+        elif message.from_client and closer.CLOSE_METADATA in flow.metadata:
+            message.drop()  # the gateway is closing the session: nothing more goes upstream
+            session = None
         if session is not None:
             if self.clock.sessions:
                 self.clock.touch(flow.id)
@@ -536,7 +540,9 @@ class Gateway:
         if item is None:
             return
         outcome = session.meter.apply(item)
-        if isinstance(outcome, Refusal) and isinstance(item, ResponseStarted) and item.response_id is not None:
+        if isinstance(outcome, Refusal) and isinstance(session.protocol, GeminiLiveProtocol):
+            self.close_session(flow, outcome)
+        elif isinstance(outcome, Refusal) and isinstance(item, ResponseStarted) and item.response_id is not None:
             self.cancel_response(flow, item.response_id, outcome)
         elif outcome is not None and not isinstance(outcome, Refusal):
             logger.debug("ai-gateway: unreadable server frame (%s): %s", outcome.reason, outcome.detail)
@@ -552,6 +558,12 @@ class Gateway:
         message.drop()
         self.injections.send(flow, True, refusal_event(refusal, message.content))
         self.accounting.enforced(refusal, "refused_response")
+
+    def close_session(self, flow: http.HTTPFlow, refusal: Refusal) -> None:
+        """A protocol with nothing to refuse or cancel per response (Gemini Live): the session that
+        spent its budget, or went over a limit, is closed with 1008 and the reason."""
+        if closer.close_websocket(flow, 1008, message(refusal)):
+            self.accounting.enforced(refusal, "closed_session")
 
     def cancel_response(self, flow: http.HTTPFlow, response_id: str, refusal: Refusal) -> None:
         """A response the upstream started by itself (server VAD) while over a budget or limit: the
@@ -575,18 +587,21 @@ class Gateway:
         session = self.sessions.pop(flow.id, None)
         self.clock.forget(flow.id)
         self.injections.forget(flow.id)
-        self.end_session(flow)
-        if session is None or flow.websocket is None:
-            return
+        if session is not None and flow.websocket is not None:
+            self.session_ended(flow, session)
+        self.end_session(flow)  # last: what the session still billed above counted against it
+
+    def session_ended(self, flow: http.HTTPFlow, session: Session) -> None:
+        assert flow.websocket is not None
         meter = session.meter
         if isinstance(session.protocol, GeminiLiveProtocol) and (item := session.protocol.closed()) is not None:
             meter.apply(item)
+        in_flight = meter.in_flight
         meter.close()
         self.metrics.websocket_sessions.labels(meter.source.route_type).dec()
-        by_client = flow.websocket.closed_by_client
         if closer.CLOSED_BY_GATEWAY in flow.metadata:
-            pass  # the gateway's own close (a session limit): counted as an enforcement, not an error
-        elif failure := close_error(flow.websocket.close_code, by_client, meter.in_flight):
+            return  # the gateway's own close (a budget or session limit): an enforcement, not an error
+        if failure := close_error(flow.websocket.close_code, flow.websocket.closed_by_client, in_flight):
             self.accounting.error(meter.source, failure)
 
 
