@@ -140,7 +140,19 @@ def test_session_totals_become_the_flow_comment_and_errors_mark_it(gateway):
             flow,
             json.dumps({"type": "response.done", "response": {"status": "completed", "usage": usage}}).encode(),
         )
-    assert flow.comment == "2 responses · input 2,400 (cached 2,000) · output 60 tokens · gpt-realtime-2025-08-28"
+    cost = gateway.metrics.registry.get_sample_value(
+        "agentgateway_gen_ai_client_cost_usd_total",
+        {
+            "gen_ai_operation_name": "realtime",
+            "gen_ai_system": "openai",
+            "gen_ai_request_model": "gpt-realtime",
+            "gen_ai_response_model": "gpt-realtime-2025-08-28",
+        },
+    )
+    assert cost > 0
+    assert flow.comment == (
+        f"2 responses · input 2,400 (cached 2,000) · output 60 tokens · gpt-realtime-2025-08-28 · ${cost:,.4f}"
+    )
     assert not flow.marked
     relay(gateway, flow, b'{"type":"error","error":{"type":"invalid_request_error","message":"bad"}}')
     assert flow.comment.endswith("· 1 error")

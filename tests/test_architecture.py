@@ -21,6 +21,7 @@ RUNTIME_IMPORTS = {
     "brotli",
     "backports",
     "compression",
+    "opentelemetry",
 }
 TOOL_ONLY = {"websockets", "aiohttp", "openai", "psutil", "tqdm", "matplotlib", "playwright", "pytest"}
 

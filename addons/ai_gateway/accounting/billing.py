@@ -11,6 +11,7 @@ import time
 from ai_gateway.accounting.budget import Budgets
 from ai_gateway.accounting.ledger import Source, UsageLedger
 from ai_gateway.accounting.metrics import UNKNOWN, GatewayMetrics, ModelLabels, Series
+from ai_gateway.accounting.observer import NO_OBSERVER, Observer
 from ai_gateway.accounting.pricing import PriceCatalog
 from ai_gateway.accounting.usage import DurationUsage, TokenUsage
 
@@ -32,8 +33,11 @@ class Accounting:
         ledger: UsageLedger | None = None,
         catalog: PriceCatalog | None = None,
         budgets: Budgets | None = None,
+        observer: Observer = NO_OBSERVER,
     ) -> None:
         self.metrics = metrics
+        self.observer = observer  # the access log and traces, told by the meters
+        self.last_cost: float | None = None  # of the usage billed last, for the observer's record
         self.ledger = ledger
         self.catalog = catalog
         self.budgets = budgets
@@ -57,6 +61,7 @@ class Accounting:
         if self.catalog is not None:
             cost, lookup = self.catalog.cost(pricing_model(labels), usage)
             series.priced(lookup, cost)
+        self.last_cost = cost
         if self.ledger is not None:
             self.ledger.append(source, labels, usage, status, response_id, cost)
         if self.budgets is not None and isinstance(usage, TokenUsage):

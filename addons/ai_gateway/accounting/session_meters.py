@@ -21,11 +21,14 @@ from ai_gateway.accounting.items import (
     ResponseStarted,
     SessionModels,
     TranscriptionDone,
+    TurnEnded,
     UpstreamError,
     UsageItem,
 )
 from ai_gateway.accounting.ledger import Source
 from ai_gateway.accounting.metrics import UNKNOWN, ModelLabels, Series
+from ai_gateway.accounting.observer import ResponseRecord, SessionRecord
+from ai_gateway.accounting.turns import NO_TIMING, ResponseClock, ResponseTiming
 from ai_gateway.accounting.usage import TokenUsage
 
 REALTIME = "realtime"
@@ -48,6 +51,9 @@ class SessionTotals:
     transcription_seconds: float = 0.0
     errors: int = 0
     model: str = UNKNOWN
+    cost: float = 0.0
+    ttft: float | None = None  # of the last response that streamed
+    turn_latency: float | None = None  # of the last voice turn answered
     changed: bool = False  # since the addon last showed the totals
 
     def add(self, usage: TokenUsage) -> None:
@@ -69,6 +75,12 @@ class SessionTotals:
         ]
         if self.transcription_seconds:
             parts.append(f"{self.transcription_seconds:,.1f} s transcribed")
+        if self.cost:
+            parts.append(f"${self.cost:,.4f}")
+        if self.ttft is not None:
+            parts.append(f"TTFT {self.ttft * 1000:,.0f} ms")
+        if self.turn_latency is not None:
+            parts.append(f"turn {self.turn_latency * 1000:,.0f} ms")
         if self.errors:
             parts.append(_count(self.errors, "error"))
         return " · ".join(parts)
@@ -82,6 +94,7 @@ class SessionMeter:
     """What the addon needs of a WebSocket session's meter; each protocol's meter bills its items."""
 
     in_flight: bool  # a response was asked for or started and has not finished
+    operation = REALTIME  # what the session's traces are named after
 
     def __init__(self, accounting: Accounting, source: Source, system: str, request_model: str) -> None:
         self.accounting = accounting
@@ -89,6 +102,8 @@ class SessionMeter:
         self.system = system
         self.request_model = request_model
         self.totals = SessionTotals()
+        self.opened = time.time()
+        self.session_id: str | None = None  # the upstream's, where its protocol names one
         self.billed_ids: set[str] = set()
         self.billed_order: deque[str] = deque(maxlen=MAX_BILLED_IDS)
 
@@ -117,7 +132,42 @@ class SessionMeter:
         self.totals.changed = True
         if done.status == "failed":
             self.totals.error()
+        self.observe(labels, done, series)
         return series
+
+    def observe(self, labels: ModelLabels, done: ResponseDone, series: Series) -> None:
+        """A finished response's cost and timing: in the totals, the turn latency metric, the observer."""
+        timing = self.timing(done.response_id)
+        cost = self.accounting.last_cost if done.usage is not None else None
+        self.totals.cost += cost or 0.0
+        self.totals.ttft = timing.ttft if timing.ttft is not None else self.totals.ttft
+        if timing.turn is not None and timing.turn_latency is not None:
+            series.turn_latency(timing.turn, timing.turn_latency)
+            self.totals.turn_latency = timing.turn_latency
+        observer = self.accounting.observer
+        if observer.active:
+            source = self.source
+            observer.response_finished(
+                ResponseRecord(
+                    source.flow_id, source.route_type, source.client_key, labels.operation, labels.system,
+                    labels.request_model, labels.response_model or self.totals.model, done.response_id,
+                    done.status, done.usage, cost, time.time(), timing.duration, timing.ttft, timing.turn_latency,
+                )
+            )  # fmt: skip
+
+    def timing(self, response_id: str | None) -> ResponseTiming:
+        """How long the response took, where the protocol tells."""
+        return NO_TIMING
+
+    def ended(self, close_code: int | None, closed_by_client: bool, error_type: str) -> SessionRecord:
+        """The session closed: its totals, for the access log and its trace."""
+        source, totals, now = self.source, self.totals, time.time()
+        return SessionRecord(
+            source.flow_id, source.route_type, source.client_key, self.operation, self.system, self.session_id,
+            self.request_model, totals.model, totals.responses, totals.input, totals.cached, totals.output,
+            totals.cost, totals.errors, now, now - self.opened, close_code,
+            "client" if closed_by_client else "server", error_type,
+        )  # fmt: skip
 
     def remember_billed(self, response_id: str) -> None:
         if len(self.billed_order) == MAX_BILLED_IDS:
@@ -138,6 +188,7 @@ class RealtimeMeter(SessionMeter):
         self.pending_creates: deque[tuple[str | None, float]] = deque(maxlen=MAX_PENDING_CREATES)
         self.awaiting_first_delta: dict[str, float] = {}
         self.timings: dict[str, tuple[float, float]] = {}
+        self.clock = ResponseClock()
 
     @property
     def in_flight(self) -> bool:
@@ -155,6 +206,9 @@ class RealtimeMeter(SessionMeter):
             case ResponseStarted(response_id=response_id):
                 if response_id is not None and self.pending_creates:
                     self.awaiting_first_delta[response_id] = self.pending_creates.popleft()[1]
+                self.response_began(response_id)
+            case TurnEnded(kind=kind):
+                self.clock.turn_ended(kind, time.monotonic())
             case ResponseDone(response_id=response_id):
                 series = self.finished(self.labels(REALTIME, self.response_model), item)
                 if series is not None and item.usage is not None:
@@ -166,8 +220,10 @@ class RealtimeMeter(SessionMeter):
             case SessionModels(model=model, transcription_model=transcription_model):
                 self.response_model = self.totals.model = model or self.response_model
                 self.transcription_model = transcription_model or self.transcription_model
+                self.session_id = item.session_id or self.session_id
             case TranscriptionDone(usage=usage):
                 self.accounting.bill(self.source, self.labels(TRANSCRIPTION, self.transcription_model), usage)
+                self.totals.cost += self.accounting.last_cost or 0.0
                 if isinstance(usage, TokenUsage):
                     self.totals.add(usage)
                 else:
@@ -188,6 +244,18 @@ class RealtimeMeter(SessionMeter):
                 self.pending_creates.remove(pending)
                 return
 
+    def response_began(self, response_id: str | None) -> None:
+        """A response the upstream started by itself to answer a turn (server VAD) has its time
+        to first token from the turn's end."""
+        requested = self.awaiting_first_delta.get(response_id) if response_id is not None else None
+        turn_end = self.clock.started(response_id, requested, time.monotonic())
+        if turn_end is not None and response_id is not None:
+            self.awaiting_first_delta[response_id] = turn_end
+
+    def timing(self, response_id: str | None) -> ResponseTiming:
+        first_delta = self.timings.get(response_id) if response_id is not None else None
+        return self.clock.finished(response_id, first_delta, time.monotonic())
+
     def latency(self, series: Series, response_id: str | None, usage: TokenUsage) -> None:
         if response_id is None:
             return
@@ -203,6 +271,8 @@ class RealtimeMeter(SessionMeter):
 
 class ResponsesSocketMeter(SessionMeter):
     """Meters the Responses API's WebSocket mode: each final response event bills one response."""
+
+    operation = CHAT
 
     def __init__(self, accounting: Accounting, source: Source, system: str, request_model: str) -> None:
         super().__init__(accounting, source, system, request_model)

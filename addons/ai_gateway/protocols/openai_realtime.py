@@ -25,6 +25,7 @@ from ai_gateway.accounting.items import (
     ResponseStarted,
     SessionModels,
     TranscriptionDone,
+    TurnEnded,
     UpstreamError,
     UsageItem,
 )
@@ -33,6 +34,8 @@ from ai_gateway.protocols.json_events import decode_json, event_type, names_type
 
 ERROR = "error"
 AUDIO_APPEND = "input_audio_buffer.append"
+AUDIO_COMMIT = "input_audio_buffer.commit"
+SPEECH_STOPPED = "input_audio_buffer.speech_stopped"
 RESPONSE_CREATE = "response.create"
 RESPONSE_CREATED = "response.created"
 RESPONSE_DONE = "response.done"
@@ -47,7 +50,15 @@ RATE_LIMITS_UPDATED = "rate_limits.updated"
 RATE_LIMIT_NAMES = frozenset({"requests", "tokens"})
 RESPONSE_STATUSES = frozenset({"completed", "cancelled", "failed", "incomplete", "in_progress"})
 METERED_EVENTS = frozenset(
-    {ERROR, RESPONSE_CREATED, RESPONSE_DONE, TRANSCRIPTION_COMPLETED, RATE_LIMITS_UPDATED, *SESSION_EVENTS}
+    {
+        ERROR,
+        RESPONSE_CREATED,
+        RESPONSE_DONE,
+        TRANSCRIPTION_COMPLETED,
+        RATE_LIMITS_UPDATED,
+        SPEECH_STOPPED,
+        *SESSION_EVENTS,
+    }
 )
 # Started responses whose first delta is still awaited; more than this is not a real upstream.
 MAX_AWAITED_RESPONSES = 64
@@ -121,8 +132,9 @@ def needs_decoding(kind: str | None) -> bool:
     return kind is None or kind in METERED_EVENTS
 
 
-def read_client_event(content: bytes) -> ResponseRequested | None:
-    """A client event decoded: a response request, when any `type` member of it asks for one.
+def read_client_event(content: bytes) -> ResponseRequested | TurnEnded | None:
+    """A client event decoded: a response request, when any `type` member of it asks for one, or
+    the end of a turn (an audio commit).
 
     A frame naming its type twice is read as a request if either name asks for one: which of the
     two the upstream honours is its JSON parser's choice, and a budget must not depend on it.
@@ -138,8 +150,10 @@ def read_client_event(content: bytes) -> ResponseRequested | None:
         event = json.loads(content, object_pairs_hook=members)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(event, dict) or ("type", RESPONSE_CREATE) not in top:
+    if not isinstance(event, dict):
         return None
+    if ("type", RESPONSE_CREATE) not in top:
+        return TurnEnded("commit") if ("type", AUDIO_COMMIT) in top else None
     response = event.get("response")
     model = response.get("model") if isinstance(response, dict) else None
     return ResponseRequested(_string(model), _string(event.get("event_id")))
@@ -159,6 +173,8 @@ def read_server_event(content: bytes) -> UsageItem | None:
         if kind == RESPONSE_CREATED:
             response = event.get("response")
             return ResponseStarted(_string(response.get("id")) if isinstance(response, dict) else None)
+        if kind == SPEECH_STOPPED:
+            return TurnEnded("speech_stopped")
         if kind == TRANSCRIPTION_COMPLETED:
             return TranscriptionDone(parse_transcription_usage(event.get("usage")))
         if kind in SESSION_EVENTS:
@@ -221,7 +237,11 @@ def read_session(event: dict[str, Any]) -> SessionModels:
     session = event.get("session")
     if not isinstance(session, dict):
         raise InvalidEvent("session is missing or not an object")
-    return SessionModels(model=_string(session.get("model")), transcription_model=_transcription_model(session))
+    return SessionModels(
+        model=_string(session.get("model")),
+        transcription_model=_transcription_model(session),
+        session_id=_string(session.get("id")),
+    )
 
 
 def _transcription_model(session: dict[str, Any]) -> str | None:

@@ -33,11 +33,13 @@ from ai_gateway.proxy.credential import UpstreamCredential
 from ai_gateway.proxy.failures import close_error, error_type
 from ai_gateway.proxy.headers import apply_header_policy, client_credential, remove_client_credentials
 from ai_gateway.proxy.history import parse_history, shrink_audio, trim
+from ai_gateway.proxy.observability import Observability
 from ai_gateway.proxy.refusals import budget_error_event, budget_response
 
 POLICY_POLL_SECONDS = 1.0
 CLIENT_KEY_METADATA = "ai_gateway.client_key"
 METRICS_OPTIONS = {"gateway_metrics_host", "gateway_metrics_port", "gateway_metrics_prefix", "gateway_max_model_labels"}
+TRACING_OPTIONS = {"gateway_otlp_endpoint", "gateway_metrics_prefix", "gateway_max_model_labels"}
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +68,8 @@ class Gateway:
         self.budgets: Budgets | None = None
         self.metrics = GatewayMetrics("agentgateway")
         self.ledger: UsageLedger | None = None
-        self.accounting = Accounting(self.metrics)
+        self.observability = Observability()
+        self.accounting = Accounting(self.metrics, observer=self.observability)
         self.server: MetricsServer | None = None
         self.credential = UpstreamCredential()
         self.history: int | None = 1
@@ -115,6 +118,20 @@ class Gateway:
             "WebSocket messages kept per flow: a number, 'all', or 'auto' (the last one under mitmdump, "
             "all under mitmweb). mitmproxy otherwise keeps every message of a session until it closes.",
         )
+        option(
+            "gateway_access_log",
+            str,
+            "text",
+            "One line per metered HTTP request, finished WebSocket response and closed session on stdout: "
+            "text, json or off. While on, mitmdump's own flow lines are off unless flow_detail is set.",
+        )
+        option(
+            "gateway_otlp_endpoint",
+            str,
+            "",
+            "OpenTelemetry collector (OTLP/HTTP base URL, such as http://collector:4318) to send traces to; "
+            "empty: OTEL_EXPORTER_OTLP_ENDPOINT if set, else no traces; off: no traces.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         options = ctx.options
@@ -130,7 +147,7 @@ class Gateway:
                 self.metrics = GatewayMetrics(prefix, max_labels)
         if "gateway_usage_log" in updated:
             self.open_ledger(options.gateway_usage_log)
-        self.accounting = Accounting(self.metrics, self.ledger, self.catalog, self.budgets)
+        self.accounting = Accounting(self.metrics, self.ledger, self.catalog, self.budgets, self.observability)
         if "gateway_websocket_history" in updated:
             try:
                 self.history = parse_history(options.gateway_websocket_history, under_web="web_port" in options)
@@ -138,8 +155,18 @@ class Gateway:
                 self.refuse(str(e))
         if "gateway_strip_audio" in updated:
             self.shrink_relayed_audio = options.gateway_strip_audio
+        self.configure_observability(updated)
         if self.is_running and updated & METRICS_OPTIONS:
             self.restart_metrics_server()
+
+    def configure_observability(self, updated: set[str]) -> None:
+        try:
+            if "gateway_access_log" in updated:
+                self.observability.configure_access_log(ctx.options.gateway_access_log)
+            if updated & TRACING_OPTIONS:
+                self.observability.configure_tracing(ctx.options.gateway_otlp_endpoint, self.metrics)
+        except ValueError as e:
+            self.refuse(str(e))
 
     def refuse(self, message: str) -> None:
         """An invalid setting: refused while running (the previous value stays), fatal at startup.
@@ -163,7 +190,7 @@ class Gateway:
         """Everything that follows from a policy; spend already counted against budgets is kept."""
         self.policy, self.catalog = policy, catalog
         self.budgets = update_budgets(self.budgets, policy.budgets)
-        self.accounting = Accounting(self.metrics, self.ledger, self.catalog, self.budgets)
+        self.accounting = Accounting(self.metrics, self.ledger, self.catalog, self.budgets, self.observability)
         self.credential.auth = policy.auth
 
     def open_ledger(self, path: str) -> None:
@@ -206,7 +233,8 @@ class Gateway:
     def running(self) -> None:
         self.is_running = True
         show_comment_column()
-        ctx.master.addons.add(self.credential)
+        ctx.master.addons.add(self.credential, self.observability)
+        self.observability.quiet_dumper()
         self.restart_metrics_server()
         if ctx.options.gateway_policy_reload:
             self.watcher = asyncio.get_running_loop().create_task(self.watch_policy())
@@ -217,6 +245,9 @@ class Gateway:
             self.watcher.cancel()
         if ctx.master.addons.get("upstreamcredential") is self.credential:
             ctx.master.addons.remove(self.credential)
+        if ctx.master.addons.get("observability") is self.observability:
+            ctx.master.addons.remove(self.observability)
+        self.observability.shutdown()
         self.stop_metrics_server()
         if self.ledger is not None:
             self.ledger.close()
@@ -254,6 +285,8 @@ class Gateway:
         model = self.policy.model_for(route)
         if route.type is RouteType.REALTIME and model is not None:
             request.query["model"] = model
+        if route.type in (SESSION_KINDS if is_websocket_upgrade(request) else METERED_HTTP):
+            self.observability.request_arrived(flow, traced_operation(route.type), model)
 
     @never_raises
     def request(self, flow: http.HTTPFlow) -> None:
@@ -299,12 +332,12 @@ class Gateway:
             return
         status = flow.response.status_code
         if status >= 400:
-            exchange.finish(str(status))
+            exchange.finish(str(status), status)
             return
         if not exchange.streamed and flow.websocket is None:
             route_type = RouteType(exchange.source.route_type)
             exchange.apply(read_body(route_type, flow.response.get_content(strict=False) or b""))
-        exchange.finish("")
+        exchange.finish("", status)
 
     @never_raises
     def error(self, flow: http.HTTPFlow) -> None:
@@ -402,6 +435,9 @@ class Gateway:
         self.metrics.websocket_sessions.labels(meter.source.route_type).dec()
         if failure := close_error(flow.websocket.close_code, flow.websocket.closed_by_client, meter.in_flight):
             self.accounting.error(meter.source, failure)
+        if self.observability.active:
+            closed_by_client = flow.websocket.closed_by_client
+            self.observability.session_ended(meter.ended(flow.websocket.close_code, closed_by_client, failure or ""))
 
 
 class Session(NamedTuple):
@@ -430,6 +466,11 @@ def metered_stream(exchange: HttpExchange, reader: StreamReader) -> Callable[[by
         return chunk
 
     return read
+
+
+def traced_operation(route_type: RouteType) -> str:
+    """The GenAI operation a request's span is named after: realtime for a Realtime session."""
+    return OPERATIONS.get(route_type, route_type.value.lower())
 
 
 def is_websocket_upgrade(request: http.Request) -> bool:
