@@ -33,7 +33,7 @@ class Observability(Observers):
         if fmt not in FORMATS:
             raise ValueError(f"gateway_access_log: expected one of {', '.join(FORMATS)}, got {fmt!r}")
         self.access_log = None if fmt == "off" else AccessLog(fmt)
-        self.update()
+        self.refresh()
 
     def configure_tracing(self, option: str, metrics: GatewayMetrics) -> None:
         """Raises ValueError for an endpoint that is not an http(s) URL."""
@@ -45,9 +45,9 @@ class Observability(Observers):
         if endpoint is not None and self.tracing is None:
             self.tracing = Tracing(endpoint, self.dropped)
             logger.info("ai-gateway: traces to %s", endpoint)
-        self.update()
+        self.refresh()
 
-    def update(self) -> None:
+    def refresh(self) -> None:
         self.replace(o for o in (self.access_log, self.tracing) if o is not None)  # type: ignore[misc]
 
     def dropped(self, reason: str, count: int) -> None:
@@ -88,4 +88,4 @@ class Observability(Observers):
         if self.tracing is not None:
             self.tracing.shutdown()
             self.tracing = None
-        self.update()
+        self.refresh()
