@@ -37,7 +37,7 @@ def response_fields(record: ResponseRecord) -> dict[str, Any]:
         "input_tokens": usage.input if usage else None,
         "cached_tokens": usage.cache_read if usage else None,
         "output_tokens": usage.output if usage else None,
-        "cost_usd": record.cost,
+        "cost_usd": _usd(record.cost),
         "duration_s": _seconds(record.duration),
         "ttft_s": _seconds(record.ttft),
         "turn_latency_s": _seconds(record.turn_latency),
@@ -58,7 +58,7 @@ def session_fields(record: SessionRecord) -> dict[str, Any]:
         "input_tokens": record.input,
         "cached_tokens": record.cached,
         "output_tokens": record.output,
-        "cost_usd": record.cost,
+        "cost_usd": _usd(record.cost),
         "duration_s": _seconds(record.duration),
         "close_code": record.close_code,
         "closed_by": record.closed_by,
@@ -74,6 +74,10 @@ def _time(epoch: float) -> str:
 
 def _seconds(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
+
+
+def _usd(value: float | None) -> float | None:
+    return None if value is None else round(value, 9)  # float sums carry noise below a nano-dollar
 
 
 def text_line(fields: dict[str, Any]) -> str:
