@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from mitmproxy import exceptions
@@ -99,6 +100,24 @@ def test_invalid_policy_change_while_running_is_refused(tmp_path):
             tctx.configure(addon, gateway_policy=str(bad))
         assert addon.policy is not None and addon.policy.source == str(DEFAULT_POLICY)
         assert tctx.options.gateway_policy == str(DEFAULT_POLICY)
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("gateway_access_log", "yaml", "gateway_access_log: expected one of text, json, off, got 'yaml'"),
+        ("gateway_otlp_endpoint", "collector:4318", "gateway_otlp_endpoint: expected an http(s) URL"),
+    ],
+)
+def test_invalid_observability_options_are_refused_while_running(option, value, message):
+    addon = Gateway()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, gateway_metrics_port=0, gateway_policy=str(DEFAULT_POLICY), gateway_access_log="json")
+        addon.is_running = True
+        with pytest.raises(exceptions.OptionsError, match=re.escape(message)):
+            tctx.configure(addon, **{option: value})
+        assert addon.observability.access_log is not None  # the previous value stays
+        assert addon.observability.tracing is None
 
 
 def audio_delta(i: int) -> bytes:
