@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -249,3 +250,31 @@ def test_a_dead_collector_costs_the_relay_nothing_and_logs_one_line(vad_simulato
     log = gw.log()
     assert log.count(EXPORT_LOG) == 1
     assert "opentelemetry" not in log and "Traceback" not in log
+
+
+def test_a_collector_that_never_answers_fills_the_queue_not_the_relay(vad_simulator, model):
+    """The collector accepts the connection and never replies: the export thread waits (30 s), the
+    bounded queue (8 spans here) overflows, and sessions run as fast as without traces."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # the kernel completes handshakes; nothing ever reads or answers
+        env = {**FAST_EXPORT, "OTEL_BSP_MAX_QUEUE_SIZE": "8", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "4"}
+        env["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"] = "30"
+        with GatewayProcess(vad_simulator.url, options={"gateway_access_log": "off"}) as gw:
+            session_seconds(gw, model, runs=1)
+            without = session_seconds(gw, model)
+        options = {"gateway_otlp_endpoint": f"http://127.0.0.1:{silent.getsockname()[1]}", "gateway_access_log": "off"}
+        gw = GatewayProcess(vad_simulator.url, options=options, env=env).start()
+        try:
+            session_seconds(gw, model, runs=1)
+            with_silent = session_seconds(gw, model)
+            key = ("agentgateway_gateway_trace_spans_dropped_total", frozenset({("reason", "queue_full")}))
+            dropped = scrape(gw.metrics_url).get(key, 0)
+        finally:
+            stopping = time.monotonic()
+            gw.stop()
+            stopped_in = time.monotonic() - stopping
+    assert with_silent < without * 1.5 + 0.5, (with_silent, without)
+    assert dropped >= 1  # 16 spans, at most one batch in the stuck export and 8 queued
+    assert stopped_in < 10  # the last batch is waited for 2 s at most, not the export's 30 s
+    assert EXPORT_LOG not in gw.log() and "opentelemetry" not in gw.log()

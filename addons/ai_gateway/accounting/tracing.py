@@ -32,13 +32,23 @@ from ai_gateway.accounting.observer import Observer, ResponseRecord, SessionReco
 from ai_gateway.accounting.usage import TokenUsage
 
 SERVICE_NAME = "ai-gateway"
-QUEUE_SIZE = 2048  # spans waiting for export; beyond it new spans are dropped (and counted)
+QUEUE_SIZE = 2048  # spans waiting for export (the SDK's default); beyond it spans are dropped and counted
 SHUTDOWN_SECONDS = 2.0  # what `done` waits for the last batch
 MAX_OPEN_SPANS = 100_000  # requests and sessions open at once; more is not a real gateway
 PROPAGATED = ("traceparent", "tracestate")
 
 logger = logging.getLogger(__name__)
 _propagator = TraceContextTextMapPropagator()
+
+
+def queue_size(environ: Mapping[str, str]) -> int:
+    """OTEL_BSP_MAX_QUEUE_SIZE, as the SDK reads it; raises ValueError unless a positive number."""
+    value = environ.get("OTEL_BSP_MAX_QUEUE_SIZE", "")
+    if not value:
+        return QUEUE_SIZE
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"OTEL_BSP_MAX_QUEUE_SIZE: expected a positive number, got {value!r}")
+    return int(value)
 
 
 def traces_endpoint(option: str, environ: Mapping[str, str]) -> str | None:

@@ -16,7 +16,7 @@ from mitmproxy import ctx, http
 from ai_gateway.accounting.access_log import FORMATS, AccessLog
 from ai_gateway.accounting.metrics import GatewayMetrics
 from ai_gateway.accounting.observer import Observers
-from ai_gateway.accounting.tracing import Tracing, traces_endpoint
+from ai_gateway.accounting.tracing import Tracing, queue_size, traces_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Observability(Observers):
             self.tracing.shutdown()
             self.tracing = None
         if endpoint is not None and self.tracing is None:
-            self.tracing = Tracing(endpoint, self.dropped)
+            self.tracing = Tracing(endpoint, self.dropped, queue_size(os.environ))
             logger.info("ai-gateway: traces to %s", endpoint)
         self.refresh()
 
