@@ -17,11 +17,11 @@ from openai import AsyncOpenAI, OpenAI
 
 from ai_gateway.tools.harness import GatewayProcess, free_port, scrape, select
 from ai_gateway.tools.simulators.http import HttpSimulator
+from ai_gateway.tools.simulators.otlp import OtlpReceiver, ReceivedSpan
 from ai_gateway.tools.simulators.realtime import Simulator, SimulatorThread
 
 from .clients import wait_until, websocket_base
 from .conftest import LAUNCHERS
-from .otlp import OtlpReceiver, ReceivedSpan
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"

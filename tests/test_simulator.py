@@ -377,29 +377,18 @@ def test_server_vad_turns_start_responses_by_themselves(beta):
             events = await until(ws.recv, DONE)
             await send(ws, update(quiet), append(4800), append(4800))
             events += await until(ws.recv, "input_audio_buffer.committed")
-            await send(ws, create())  # the client answers the quiet turn itself
+            await send(ws, create(by="client"))  # the client answers the quiet turn itself
             return sim, events + await until(ws.recv, DONE)
 
     sim, events = run(main())
     kinds = [e["type"] for e in events if not e["type"].startswith(("response.output", "response.audio"))]
-    assert kinds == [
-        "session.created",
-        "session.updated",
-        "input_audio_buffer.speech_started",
-        "input_audio_buffer.speech_stopped",
-        "input_audio_buffer.committed",
-        "response.created",
-        "rate_limits.updated",
-        DONE,
-        "session.updated",
-        "input_audio_buffer.speech_started",
-        "input_audio_buffer.speech_stopped",
-        "input_audio_buffer.committed",
-        "response.created",
-        "rate_limits.updated",
-        DONE,
-    ]
+    speech = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed"]
+    response = ["response.created", "rate_limits.updated", DONE]
+    # The second turn's response is the client's response.create: create_response false started none.
+    assert kinds == ["session.created", *(["session.updated", *speech, *response] * 2)]
     started, stopped, committed = [e for e in events if e["type"].startswith("input_audio_buffer.")][:3]
+    created = [e["response"]["metadata"] for e in events if e["type"] == "response.created"]
+    assert created == [None, {"by": "client"}]
     assert started["item_id"] == stopped["item_id"] == committed["item_id"]
     assert stopped["audio_end_ms"] == 200  # 9,600 bytes of 24 kHz PCM16
     assert [(e.kind, e.status) for e in sim.ledger] == [("response", "completed")] * 2

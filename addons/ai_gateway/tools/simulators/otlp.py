@@ -1,9 +1,14 @@
-"""A real OTLP/HTTP trace receiver on loopback: decodes what the gateway's exporter sends with
-opentelemetry-proto's ExportTraceServiceRequest, as a collector would."""
+"""A simulated OpenTelemetry collector: a real OTLP/HTTP trace receiver on loopback, decoding what
+the gateway's exporter sends with opentelemetry-proto's ExportTraceServiceRequest, as a collector
+would. For the tests (the spans against the simulators' ledgers) and the benchmarks (tracing's cost)."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import signal
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -50,8 +55,10 @@ def value(any_value: AnyValue) -> Any:
 class OtlpReceiver:
     """`with OtlpReceiver() as receiver:` listens on a free loopback port; `receiver.spans` fills as batches arrive."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = True) -> None:
         self.spans: list[ReceivedSpan] = []
+        self.keep = keep  # False: count the spans, keep none (a benchmark's millions)
+        self.received = 0
         self.requests = 0
         receiver = self
 
@@ -84,6 +91,9 @@ class OtlpReceiver:
         for resource_spans in request.resource_spans:
             resource = {a.key: value(a.value) for a in resource_spans.resource.attributes}
             for scope in resource_spans.scope_spans:
+                self.received += len(scope.spans)
+                if not self.keep:
+                    continue
                 for span in scope.spans:
                     self.spans.append(
                         ReceivedSpan(
@@ -107,3 +117,19 @@ class OtlpReceiver:
     def __exit__(self, *exc: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Receive (and count, keeping none) until Ctrl-C or SIGTERM, in a process of its own: a
+    benchmark's collector must not share the measured processes' CPU."""
+    parser = argparse.ArgumentParser(description="Run a loopback OTLP/HTTP trace receiver until Ctrl-C.")
+    parser.parse_args(argv)
+    with OtlpReceiver(keep=False) as receiver:
+        print(f"OTLP/HTTP receiver listening on {receiver.url}", flush=True)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
