@@ -30,6 +30,8 @@ CHUNK = 4800  # bytes of PCM16 per append: 100 ms
 VAD_CHUNKS = 3  # appends until server VAD hears the speech stop
 THINKING = 0.15  # seconds the simulated upstream waits before answering a server-VAD turn
 PAUSE = 0.25  # seconds the client waits between committing its turn and asking for the answer
+# The gateway times frames as it relays them: on a loaded machine one can reach it a few ms late.
+RELAY_SLACK = 0.03
 PRICED_MODEL = "gpt-realtime"  # in the price database, so that lines carry a cost
 AUDIO = base64.b64encode(bytes(CHUNK)).decode()
 FAST_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "100"}  # batches every 100 ms instead of 5 s
@@ -105,9 +107,10 @@ def test_access_log_lines_match_the_ledger_and_nothing_is_printed_per_message(la
     assert sum(r["cost_usd"] for r in responses) == pytest.approx(cost)
     server_turn, committed_turn, no_turn = responses
     # Server VAD: the upstream's own response, its TTFT measured from speech_stopped (after THINKING).
-    assert server_turn["turn_latency_s"] == server_turn["ttft_s"] >= THINKING
+    assert server_turn["turn_latency_s"] == server_turn["ttft_s"] >= THINKING - RELAY_SLACK
     # A committed turn: the client's pause counts towards the turn, not towards time to first token.
-    assert committed_turn["turn_latency_s"] >= PAUSE > committed_turn["ttft_s"]
+    assert committed_turn["turn_latency_s"] >= PAUSE - RELAY_SLACK
+    assert committed_turn["ttft_s"] < PAUSE - RELAY_SLACK
     assert no_turn["turn_latency_s"] is None and no_turn["ttft_s"] is not None
     (session,) = [line for line in lines if line["event"] == "session"]
     assert session["responses"] == 3
@@ -180,7 +183,7 @@ def test_realtime_spans_carry_the_ledgers_usage_under_the_clients_trace(vad_simu
         assert attributes["gen_ai.response.id"].startswith("resp_")
         assert attributes["ai_gateway.response.status"] == "completed"
         assert session.start_ns <= span.start_ns <= span.end_ns <= session.end_ns
-    assert children[0].attributes["ai_gateway.voice_turn.latency"] >= THINKING
+    assert children[0].attributes["ai_gateway.voice_turn.latency"] >= THINKING - RELAY_SLACK
     assert "ai_gateway.voice_turn.latency" not in children[2].attributes
     assert session.attributes["gen_ai.usage.input_tokens"] == sum(u["input_tokens"] for u in sent)
     assert session.attributes["gen_ai.conversation.id"].startswith("sess_")
