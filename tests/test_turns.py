@@ -1,4 +1,4 @@
-"""Voice turns in the Realtime meter: which response answers which turn, and what is measured from where."""
+"""Voice turns and response timing in the meters: which response answers which turn, what is measured from where."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from ai_gateway.accounting.items import FirstDelta, ResponseDone, ResponseReques
 from ai_gateway.accounting.ledger import Source
 from ai_gateway.accounting.metrics import GatewayMetrics
 from ai_gateway.accounting.observer import Observer, ResponseRecord
-from ai_gateway.accounting.session_meters import RealtimeMeter
+from ai_gateway.accounting.session_meters import RealtimeMeter, ResponsesSocketMeter
 from ai_gateway.accounting.turns import MAX_TRACKED, ResponseClock
 from ai_gateway.accounting.usage import TokenUsage
 
@@ -79,3 +79,15 @@ def test_the_latest_turn_end_counts_and_the_clock_is_bounded():
     for i in range(2 * MAX_TRACKED):
         clock.started(f"x{i}", 0.0, 0.0)  # started, never finished: a broken upstream
     assert len(clock.began) == MAX_TRACKED
+
+
+def test_a_responses_websocket_response_lasts_from_its_request():
+    records = Records()
+    accounting = Accounting(GatewayMetrics("t"), observer=records)
+    m = ResponsesSocketMeter(accounting, Source("flow", "Responses"), "openai", "gpt-4o")
+    m.apply(ResponseDone(USAGE, response_id="resp_0"))  # no request seen: no duration to tell
+    m.apply(ResponseRequested(model="gpt-4o-mini"))
+    m.apply(ResponseDone(USAGE, response_id="resp_1", response_model="gpt-4o-mini-2024-07-18"))
+    unasked, asked = records.responses
+    assert unasked.duration is None and asked.duration is not None and asked.duration >= 0
+    assert (asked.operation, asked.request_model, asked.usage) == ("chat", "gpt-4o-mini", USAGE)

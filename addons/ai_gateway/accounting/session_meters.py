@@ -277,11 +277,13 @@ class ResponsesSocketMeter(SessionMeter):
     def __init__(self, accounting: Accounting, source: Source, system: str, request_model: str) -> None:
         super().__init__(accounting, source, system, request_model)
         self.in_flight = False
+        self.requested: float | None = None  # when the response in flight was asked for
 
     def apply(self, item: UsageItem) -> Malformed | None:
         match item:
             case ResponseRequested(model=model):
                 self.in_flight = True
+                self.requested = time.monotonic()
                 self.request_model = model or self.request_model
             case ResponseDone(response_model=response_model):
                 self.in_flight = False
@@ -290,3 +292,8 @@ class ResponsesSocketMeter(SessionMeter):
             case Malformed():
                 return self.problem(item)
         return None
+
+    def timing(self, response_id: str | None) -> ResponseTiming:
+        """One response at a time: from its request (response.create) to its final event."""
+        requested, self.requested = self.requested, None
+        return NO_TIMING if requested is None else ResponseTiming(duration=time.monotonic() - requested)
