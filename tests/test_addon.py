@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from mitmproxy import exceptions
@@ -101,6 +102,24 @@ def test_invalid_policy_change_while_running_is_refused(tmp_path):
         assert tctx.options.gateway_policy == str(DEFAULT_POLICY)
 
 
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("gateway_access_log", "yaml", "gateway_access_log: expected one of text, json, off, got 'yaml'"),
+        ("gateway_otlp_endpoint", "collector:4318", "gateway_otlp_endpoint: expected an http(s) URL"),
+    ],
+)
+def test_invalid_observability_options_are_refused_while_running(option, value, message):
+    addon = Gateway()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, gateway_metrics_port=0, gateway_policy=str(DEFAULT_POLICY), gateway_access_log="json")
+        addon.is_running = True
+        with pytest.raises(exceptions.OptionsError, match=re.escape(message)):
+            tctx.configure(addon, **{option: value})
+        assert addon.observability.access_log is not None  # the previous value stays
+        assert addon.observability.tracing is None
+
+
 def audio_delta(i: int) -> bytes:
     return json.dumps(
         {"type": "response.output_audio.delta", "response_id": "resp_1", "delta": "QUJD" * 1600, "i": i}
@@ -140,7 +159,19 @@ def test_session_totals_become_the_flow_comment_and_errors_mark_it(gateway):
             flow,
             json.dumps({"type": "response.done", "response": {"status": "completed", "usage": usage}}).encode(),
         )
-    assert flow.comment == "2 responses · input 2,400 (cached 2,000) · output 60 tokens · gpt-realtime-2025-08-28"
+    cost = gateway.metrics.registry.get_sample_value(
+        "agentgateway_gen_ai_client_cost_usd_total",
+        {
+            "gen_ai_operation_name": "realtime",
+            "gen_ai_system": "openai",
+            "gen_ai_request_model": "gpt-realtime",
+            "gen_ai_response_model": "gpt-realtime-2025-08-28",
+        },
+    )
+    assert cost > 0
+    assert flow.comment == (
+        f"2 responses · input 2,400 (cached 2,000) · output 60 tokens · gpt-realtime-2025-08-28 · ${cost:,.4f}"
+    )
     assert not flow.marked
     relay(gateway, flow, b'{"type":"error","error":{"type":"invalid_request_error","message":"bad"}}')
     assert flow.comment.endswith("· 1 error")

@@ -22,6 +22,7 @@ RUNTIME_IMPORTS = {
     "backports",
     "compression",
     "wsproto",  # mitmproxy's WebSocket protocol: proxy/closer.py hands its layer a close event
+    "opentelemetry",
 }
 TOOL_ONLY = {"websockets", "aiohttp", "openai", "psutil", "tqdm", "matplotlib", "playwright", "pytest"}
 

@@ -42,6 +42,7 @@ OPERATOR_OVERLAY = KUBERNETES / "prometheus-operator"
 DASHBOARD = DEPLOY / "grafana" / "ai-gateway-dashboard.json"
 PROMETHEUS = DEPLOY / "prometheus"
 DOCKERFILE = DEPLOY / "Dockerfile"
+COLLECTOR = DEPLOY / "otel" / "collector.yaml"
 VENV_BIN = Path(sys.executable).parent
 
 # Metric names a query may use although GatewayMetrics does not export them (yet). Only this one:
@@ -611,6 +612,9 @@ def test_dashboard_covers_the_gateway_metrics():
         "agentgateway_gateway_parse_errors_total",
         "agentgateway_gateway_upstream_errors_total",
         "agentgateway_gateway_websocket_sessions",
+        "agentgateway_gen_ai_server_voice_turn_latency_bucket",
+        "agentgateway_gen_ai_server_voice_turn_latency_count",
+        "agentgateway_gateway_trace_spans_dropped_total",
     ):
         assert metric in queries, metric
     assert "sum by (gen_ai_token_type, gen_ai_response_model)" in queries
@@ -692,6 +696,36 @@ def test_scrape_config_targets_the_metrics_port():
     assert job["metrics_path"] == "/metrics"
     targets = [t for static in job["static_configs"] for t in static["targets"]]
     assert targets and all(t.endswith(":15020") for t in targets)
+
+
+# --- OpenTelemetry Collector ----------------------------------------------------------------------
+
+# Component types of the Collector's core distribution (otelcol), which the example must run on.
+CORE_COMPONENTS = {
+    "receivers": {"otlp", "nop"},
+    "processors": {"batch", "memory_limiter"},
+    "exporters": {"otlp", "otlphttp", "debug", "nop"},
+    "extensions": {"health_check", "zpages", "pprof"},
+}
+
+
+def test_collector_config_receives_the_gateways_otlp_http_and_exports_it():
+    config = yaml.safe_load(COLLECTOR.read_text())
+    assert set(config) == {*CORE_COMPONENTS, "service"}
+    for kind, types in CORE_COMPONENTS.items():
+        for name in config[kind]:
+            assert name.split("/")[0] in types, f"{kind}: {name} is not in the core distribution"
+    service = config["service"]
+    assert set(service["extensions"]) <= set(config["extensions"])
+    traces = service["pipelines"]["traces"]
+    for kind in ("receivers", "processors", "exporters"):
+        assert traces[kind], kind
+        assert set(traces[kind]) <= set(config[kind]), f"{kind} the pipeline names are not all defined"
+    assert traces["processors"][0] == "memory_limiter"  # the Collector's advice: first, before batching
+    http = config["receivers"]["otlp"]["protocols"]["http"]
+    assert http["endpoint"].rsplit(":", 1)[1] == "4318"  # what OTEL_EXPORTER_OTLP_ENDPOINT=http://...:4318 hits
+    assert "otlp" in traces["receivers"]
+    assert any(name.split("/")[0] in {"otlp", "otlphttp"} for name in traces["exporters"])
 
 
 # --- README --------------------------------------------------------------------------------------

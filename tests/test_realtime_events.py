@@ -14,6 +14,7 @@ from ai_gateway.accounting.items import (
     ResponseStarted,
     SessionModels,
     TranscriptionDone,
+    TurnEnded,
     UpstreamError,
 )
 from ai_gateway.accounting.usage import MAX_TOKENS, DurationUsage, TokenUsage
@@ -327,3 +328,15 @@ def test_the_first_delta_of_each_started_response_is_reported_once():
     assert protocol.server_frame(created, True) == ResponseStarted("r1")
     assert protocol.server_frame(delta, True) == FirstDelta("r1")
     assert protocol.server_frame(delta, True) is None
+
+
+def test_a_turn_ends_when_server_vad_hears_speech_stop_or_the_client_commits():
+    protocol = RealtimeProtocol()
+    stopped = {"type": "input_audio_buffer.speech_stopped", "event_id": "e", "audio_end_ms": 900, "item_id": "i"}
+    assert protocol.server_frame(frame(stopped), True) == TurnEnded("speech_stopped")
+    assert protocol.server_frame(json.dumps(stopped, sort_keys=True).encode(), True) == TurnEnded("speech_stopped")
+    started = {"type": "input_audio_buffer.speech_started", "event_id": "e", "audio_start_ms": 0, "item_id": "i"}
+    assert protocol.server_frame(frame(started), True) is None
+    for commit in (b'{"type":"input_audio_buffer.commit"}', b'{"event_id":"c1","type":"input_audio_buffer.commit"}'):
+        assert protocol.client_frame(commit, True) == TurnEnded("commit")
+    assert protocol.client_frame(frame({"type": "input_audio_buffer.clear"}), True) is None

@@ -367,6 +367,46 @@ def test_session_update_turns_on_transcription(beta):
     assert entries == [("transcription", "gpt-realtime", "whisper-1")]
 
 
+@pytest.mark.parametrize("beta", [False, True])
+def test_server_vad_turns_start_responses_by_themselves(beta):
+    headers = {"OpenAI-Beta": "realtime=v1"} if beta else {}
+    vad: dict[str, Any] = {"type": "server_vad"}
+    quiet = {**vad, "create_response": False}
+
+    def update(detection: dict[str, Any]) -> dict[str, Any]:
+        session = (
+            {"turn_detection": detection}
+            if beta
+            else {"type": "realtime", "audio": {"input": {"turn_detection": detection}}}
+        )
+        return {"type": "session.update", "session": session}
+
+    async def main() -> tuple[Simulator, list[dict[str, Any]]]:
+        async with Simulator(vad_speech_bytes=9600) as sim, connect(ws_url(sim), additional_headers=headers) as ws:
+            await send(ws, append(4800))  # no turn detection yet: nothing but the buffer
+            await send(ws, update(vad), append(4800))  # 9,600 bytes buffered: the speech stops at once
+            events = await until(ws.recv, DONE)
+            await send(ws, update(quiet), append(4800), append(4800))
+            events += await until(ws.recv, "input_audio_buffer.committed")
+            await send(ws, create(by="client"))  # the client answers the quiet turn itself
+            return sim, events + await until(ws.recv, DONE)
+
+    sim, events = run(main())
+    kinds = [e["type"] for e in events if not e["type"].startswith(("response.output", "response.audio"))]
+    speech = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed"]
+    response = ["response.created", "rate_limits.updated", DONE]
+    # The second turn's response is the client's response.create: create_response false started none.
+    assert kinds == ["session.created", *(["session.updated", *speech, *response] * 2)]
+    started, stopped, committed = [e for e in events if e["type"].startswith("input_audio_buffer.")][:3]
+    created = [e["response"]["metadata"] for e in events if e["type"] == "response.created"]
+    assert created == [None, {"by": "client"}]
+    assert started["item_id"] == stopped["item_id"] == committed["item_id"]
+    assert stopped["audio_end_ms"] == 200  # 9,600 bytes of 24 kHz PCM16
+    assert [(e.kind, e.status) for e in sim.ledger] == [("response", "completed")] * 2
+    dones = [e["response"]["usage"] for e in events if e["type"] == DONE]
+    assert dones == [e.usage for e in sim.ledger]
+
+
 def test_concurrent_responses_interleave():
     async def main() -> tuple[Simulator, list[dict[str, Any]]]:
         async with Simulator(audio_deltas=20) as sim, connect(ws_url(sim)) as ws:

@@ -11,6 +11,7 @@ import time
 from ai_gateway.accounting.ledger import USAGE_LOG, Source, UsageLedger
 from ai_gateway.accounting.limits import Refusal, SpendControl, Ticket
 from ai_gateway.accounting.metrics import UNKNOWN, GatewayMetrics, ModelLabels, Series
+from ai_gateway.accounting.observer import NO_OBSERVER, Observer
 from ai_gateway.accounting.pricing import PriceCatalog
 from ai_gateway.accounting.usage import DurationUsage, TokenUsage
 
@@ -35,7 +36,10 @@ class Accounting:
         ledger: UsageLedger | None = None,
         catalog: PriceCatalog | None = None,
         control: SpendControl | None = None,
+        observer: Observer = NO_OBSERVER,
     ) -> None:
+        self.observer = observer  # the access log and traces, told by the meters
+        self.last_cost: float | None = None  # of the usage billed last, for the observer's record
         self.rewire(metrics, ledger, catalog, control)
 
     def rewire(
@@ -71,6 +75,7 @@ class Accounting:
         if self.catalog is not None:
             cost, lookup = self.catalog.cost(pricing_model(labels), usage)
             series.priced(lookup, cost)
+        self.last_cost = cost
         if self.ledger is not None and not self.ledger.append(source, labels, usage, status, response_id, cost):
             self.metrics.usage_log_errors.inc()
         if self.control is not None:

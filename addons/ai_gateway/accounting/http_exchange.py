@@ -10,6 +10,7 @@ from ai_gateway.accounting.items import FirstDelta, Malformed, ResponseDone, Usa
 from ai_gateway.accounting.ledger import Source
 from ai_gateway.accounting.limits import Ticket
 from ai_gateway.accounting.metrics import ModelLabels
+from ai_gateway.accounting.observer import ResponseRecord
 
 
 class HttpExchange:
@@ -33,6 +34,7 @@ class HttpExchange:
         self.first_token: float | None = None
         self.billed: ResponseDone | None = None
         self.ticket = ticket  # its admission against budgets and limits, settled by its usage
+        self.cost: float | None = None
         self.streamed = False  # the body is a stream, read as it passes
         self.stream_finished = False  # the stream reached its end marker (`[DONE]` or a final event)
         self.stream_unread = False  # the stream could not be read on (already counted): nothing more to count
@@ -55,6 +57,7 @@ class HttpExchange:
             self.accounting.unbilled(self.source, self.labels(), done.status, done.response_id, done.unread or "")
         else:
             self.accounting.bill(self.source, self.labels(), done.usage, done.status, ticket=self.ticket)
+            self.cost = self.accounting.last_cost
 
     def problem(self, problem: Malformed) -> None:
         self.accounting.parse_error(self.source, problem.reason)
@@ -63,7 +66,7 @@ class HttpExchange:
         response_model = self.billed.response_model if self.billed else None
         return ModelLabels(self.operation, self.system, self.request_model, response_model)
 
-    def finish(self, error_type: str) -> None:
+    def finish(self, error_type: str, http_status: int | None = None) -> None:
         """The exchange ended (response complete, or error_type set): latencies and what never came."""
         ended = time.time()
         if self.ticket is not None:
@@ -78,3 +81,15 @@ class HttpExchange:
         if self.streamed and self.first_token is not None:
             output = self.billed.usage.output if self.billed and self.billed.usage else None
             series.latency(self.first_token - self.started, ended - self.started, output)
+        if self.accounting.observer.active:
+            self.accounting.observer.response_finished(self.record(ended, error_type, http_status))
+
+    def record(self, ended: float, error_type: str, http_status: int | None) -> ResponseRecord:
+        labels, billed, source = self.labels(), self.billed, self.source
+        return ResponseRecord(
+            source.flow_id, source.route_type, source.client_key, labels.operation, labels.system,
+            labels.request_model, labels.response_model, billed and billed.response_id,
+            billed.status if billed else error_type or "unbilled", billed and billed.usage, self.cost, ended,
+            ended - self.started, None if self.first_token is None else self.first_token - self.started,
+            error_type=error_type, http_status=http_status, event="request",
+        )  # fmt: skip

@@ -17,6 +17,7 @@ class SessionModels:
 
     model: str | None
     transcription_model: str | None
+    session_id: str | None = None  # the conversation id of traces
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,15 @@ class ResponseStarted:
     """The upstream started a response (`response.created`)."""
 
     response_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnEnded:
+    """A user's turn ended: server VAD heard the speech stop (`input_audio_buffer.speech_stopped`),
+    or the client committed its audio (`input_audio_buffer.commit`). The voice-turn latency runs
+    from here to the first delta of the response this turn starts."""
+
+    kind: str  # "speech_stopped" or "commit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +99,7 @@ UsageItem = (
     SessionModels
     | ResponseRequested
     | ResponseStarted
+    | TurnEnded
     | FirstDelta
     | ResponseDone
     | TranscriptionDone

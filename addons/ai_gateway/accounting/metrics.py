@@ -24,6 +24,8 @@ from ai_gateway.accounting.usage import DurationUsage, TokenUsage
 TOKEN_BUCKETS = tuple(4**i for i in range(14))
 DURATION_BUCKETS = tuple(0.01 * 2**i for i in range(14))
 TIME_TO_FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
+# What a voice user waits for: conversational turn gaps are 0.2-1 s, an answer after 3 s feels broken.
+VOICE_TURN_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1, 1.25, 1.5, 2, 3, 5, 10)
 TIME_PER_OUTPUT_TOKEN_BUCKETS = (0.001, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5)
 
 MODEL_LABELS = ("gen_ai_operation_name", "gen_ai_system", "gen_ai_request_model", "gen_ai_response_model")
@@ -124,9 +126,18 @@ class GatewayMetrics:
         )
         self.time_to_first_token = Histogram(
             f"{prefix}_gen_ai_server_time_to_first_token",
-            "Seconds from request (Realtime: response.create) to the first generated content.",
+            "Seconds from request (Realtime: response.create, or the end of the user's turn for responses "
+            "server VAD started) to the first generated content.",
             MODEL_LABELS,
             buckets=TIME_TO_FIRST_TOKEN_BUCKETS,
+            registry=self.registry,
+        )
+        self.voice_turn_latency = Histogram(
+            f"{prefix}_gen_ai_server_voice_turn_latency",
+            "Seconds from the end of the user's turn (turn_end: speech_stopped from server VAD, or the client's "
+            "input_audio_buffer.commit) to the first delta of the response it started.",
+            ("turn_end", *MODEL_LABELS),
+            buckets=VOICE_TURN_BUCKETS,
             registry=self.registry,
         )
         self.time_per_output_token = Histogram(
@@ -219,6 +230,13 @@ class GatewayMetrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        self.trace_spans_dropped = Counter(
+            f"{prefix}_gateway_trace_spans_dropped",
+            "Trace spans not delivered to the OTLP collector: queue_full (the export queue was full), "
+            "export_failed (the collector refused or did not answer).",
+            ("reason",),
+            registry=self.registry,
+        )
         self._series: dict[tuple[str, str, str, str], Series] = {}
 
     def price_catalog(self, sources: Iterable[tuple[str, str, str]]) -> None:
@@ -306,6 +324,9 @@ class Series:
         self._child(self._metrics.time_to_first_token).observe(first_token)
         if output_tokens is not None and output_tokens > 1:
             self._child(self._metrics.time_per_output_token).observe((done - first_token) / (output_tokens - 1))
+
+    def turn_latency(self, turn_end: str, seconds: float) -> None:
+        self._child(self._metrics.voice_turn_latency, turn_end).observe(seconds)
 
     def duration(self, seconds: float, error_type: str) -> None:
         self._metrics.request_duration.labels(*self._values, error_type).observe(seconds)

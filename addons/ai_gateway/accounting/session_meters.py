@@ -21,12 +21,15 @@ from ai_gateway.accounting.items import (
     ResponseStarted,
     SessionModels,
     TranscriptionDone,
+    TurnEnded,
     UpstreamError,
     UsageItem,
 )
 from ai_gateway.accounting.ledger import Source
 from ai_gateway.accounting.limits import Refusal, Ticket
 from ai_gateway.accounting.metrics import UNKNOWN, ModelLabels, Series
+from ai_gateway.accounting.observer import ResponseRecord, SessionRecord
+from ai_gateway.accounting.turns import NO_TIMING, ResponseClock, ResponseTiming
 from ai_gateway.accounting.usage import TokenUsage
 
 REALTIME = "realtime"
@@ -49,6 +52,9 @@ class SessionTotals:
     transcription_seconds: float = 0.0
     errors: int = 0
     model: str = UNKNOWN
+    cost: float = 0.0
+    ttft: float | None = None  # of the last response that streamed
+    turn_latency: float | None = None  # of the last voice turn answered
     changed: bool = False  # since the addon last showed the totals
 
     def add(self, usage: TokenUsage) -> None:
@@ -70,6 +76,12 @@ class SessionTotals:
         ]
         if self.transcription_seconds:
             parts.append(f"{self.transcription_seconds:,.1f} s transcribed")
+        if self.cost:
+            parts.append(f"${self.cost:,.4f}")
+        if self.ttft is not None:
+            parts.append(f"TTFT {self.ttft * 1000:,.0f} ms")
+        if self.turn_latency is not None:
+            parts.append(f"turn {self.turn_latency * 1000:,.0f} ms")
         if self.errors:
             parts.append(_count(self.errors, "error"))
         return " · ".join(parts)
@@ -83,6 +95,7 @@ class SessionMeter:
     """What the addon needs of a WebSocket session's meter; each protocol's meter bills its items."""
 
     in_flight: bool  # a response was asked for or started and has not finished
+    operation = REALTIME  # what the session's traces are named after
 
     def __init__(self, accounting: Accounting, source: Source, system: str, request_model: str) -> None:
         self.accounting = accounting
@@ -90,6 +103,8 @@ class SessionMeter:
         self.system = system
         self.request_model = request_model
         self.totals = SessionTotals()
+        self.opened = time.time()
+        self.session_id: str | None = None  # the upstream's, where its protocol names one
         self.billed_ids: set[str] = set()
         self.billed_order: deque[str] = deque(maxlen=MAX_BILLED_IDS)
 
@@ -125,7 +140,42 @@ class SessionMeter:
         self.totals.changed = True
         if done.status == "failed":
             self.totals.error()
+        self.observe(labels, done, series)
         return series
+
+    def observe(self, labels: ModelLabels, done: ResponseDone, series: Series) -> None:
+        """A finished response's cost and timing: in the totals, the turn latency metric, the observer."""
+        timing = self.timing(done.response_id)
+        cost = self.accounting.last_cost if done.usage is not None else None
+        self.totals.cost += cost or 0.0
+        self.totals.ttft = timing.ttft if timing.ttft is not None else self.totals.ttft
+        if timing.turn is not None and timing.turn_latency is not None:
+            series.turn_latency(timing.turn, timing.turn_latency)
+            self.totals.turn_latency = timing.turn_latency
+        observer = self.accounting.observer
+        if observer.active:
+            source = self.source
+            observer.response_finished(
+                ResponseRecord(
+                    source.flow_id, source.route_type, source.client_key, labels.operation, labels.system,
+                    labels.request_model, labels.response_model or self.totals.model, done.response_id,
+                    done.status, done.usage, cost, time.time(), timing.duration, timing.ttft, timing.turn_latency,
+                )
+            )  # fmt: skip
+
+    def timing(self, response_id: str | None) -> ResponseTiming:
+        """How long the response took, where the protocol tells."""
+        return NO_TIMING
+
+    def ended(self, close_code: int | None, closed_by_client: bool, error_type: str) -> SessionRecord:
+        """The session closed: its totals, for the access log and its trace."""
+        source, totals, now = self.source, self.totals, time.time()
+        return SessionRecord(
+            source.flow_id, source.route_type, source.client_key, self.operation, self.system, self.session_id,
+            self.request_model, totals.model, totals.responses, totals.input, totals.cached, totals.output,
+            totals.cost, totals.errors, now, now - self.opened, close_code,
+            "client" if closed_by_client else "server", error_type,
+        )  # fmt: skip
 
     def remember_billed(self, response_id: str) -> None:
         if len(self.billed_order) == MAX_BILLED_IDS:
@@ -147,6 +197,7 @@ class RealtimeMeter(SessionMeter):
         self.tickets: dict[str, Ticket] = {}  # started responses' admissions, until their response.done
         self.awaiting_first_delta: dict[str, float] = {}
         self.timings: dict[str, tuple[float, float]] = {}
+        self.clock = ResponseClock()
 
     @property
     def in_flight(self) -> bool:
@@ -162,7 +213,12 @@ class RealtimeMeter(SessionMeter):
             case ResponseRequested(event_id=event_id):
                 return self.requested(event_id)
             case ResponseStarted(response_id=response_id):
-                return self.started(response_id)
+                refusal = self.started(response_id)
+                if refusal is None:
+                    self.response_began(response_id)
+                return refusal
+            case TurnEnded(kind=kind):
+                self.clock.turn_ended(kind, time.monotonic())
             case ResponseDone(response_id=response_id):
                 ticket = self.tickets.pop(response_id, None) if response_id is not None else None
                 series = self.finished(self.labels(REALTIME, self.response_model), item, ticket)
@@ -175,8 +231,10 @@ class RealtimeMeter(SessionMeter):
             case SessionModels(model=model, transcription_model=transcription_model):
                 self.response_model = self.totals.model = model or self.response_model
                 self.transcription_model = transcription_model or self.transcription_model
+                self.session_id = item.session_id or self.session_id
             case TranscriptionDone(usage=usage):
                 self.accounting.bill(self.source, self.labels(TRANSCRIPTION, self.transcription_model), usage)
+                self.totals.cost += self.accounting.last_cost or 0.0
                 if isinstance(usage, TokenUsage):
                     self.totals.add(usage)
                 else:
@@ -240,6 +298,18 @@ class RealtimeMeter(SessionMeter):
         self.pending_creates.clear()
         self.tickets.clear()
 
+    def response_began(self, response_id: str | None) -> None:
+        """A response the upstream started by itself to answer a turn (server VAD) has its time
+        to first token from the turn's end."""
+        requested = self.awaiting_first_delta.get(response_id) if response_id is not None else None
+        turn_end = self.clock.started(response_id, requested, time.monotonic())
+        if turn_end is not None and response_id is not None:
+            self.awaiting_first_delta[response_id] = turn_end
+
+    def timing(self, response_id: str | None) -> ResponseTiming:
+        first_delta = self.timings.get(response_id) if response_id is not None else None
+        return self.clock.finished(response_id, first_delta, time.monotonic())
+
     def latency(self, series: Series, response_id: str | None, usage: TokenUsage) -> None:
         if response_id is None:
             return
@@ -258,9 +328,12 @@ class ResponsesSocketMeter(SessionMeter):
 
     Its responses run one after another, so each final event settles the oldest admission."""
 
+    operation = CHAT
+
     def __init__(self, accounting: Accounting, source: Source, system: str, request_model: str) -> None:
         super().__init__(accounting, source, system, request_model)
         self.admitted: deque[Ticket | None] = deque()
+        self.requested: float | None = None  # when the response in flight was asked for
 
     @property
     def in_flight(self) -> bool:
@@ -273,6 +346,7 @@ class ResponsesSocketMeter(SessionMeter):
                 if isinstance(verdict, Refusal):
                     return verdict
                 self.admitted.append(verdict)
+                self.requested = time.monotonic()
                 self.request_model = model or self.request_model
             case ResponseDone(response_model=response_model):
                 ticket = self.admitted.popleft() if self.admitted else None
@@ -281,6 +355,11 @@ class ResponsesSocketMeter(SessionMeter):
             case Malformed():
                 return self.problem(item)
         return None
+
+    def timing(self, response_id: str | None) -> ResponseTiming:
+        """One response at a time: from its request (response.create) to its final event."""
+        requested, self.requested = self.requested, None
+        return NO_TIMING if requested is None else ResponseTiming(duration=time.monotonic() - requested)
 
     def close(self) -> None:
         for ticket in self.admitted:

@@ -25,6 +25,7 @@ from ai_gateway.accounting.items import (
     ResponseStarted,
     SessionModels,
     TranscriptionDone,
+    TurnEnded,
     UpstreamError,
     UsageItem,
 )
@@ -39,6 +40,8 @@ from ai_gateway.protocols.json_events import decode_json, event_type, names_type
 
 ERROR = "error"
 AUDIO_APPEND = "input_audio_buffer.append"
+AUDIO_COMMIT = "input_audio_buffer.commit"
+SPEECH_STOPPED = "input_audio_buffer.speech_stopped"
 RESPONSE_CREATE = "response.create"
 RESPONSE_CREATED = "response.created"
 RESPONSE_DONE = "response.done"
@@ -61,6 +64,7 @@ METERED_EVENTS = frozenset(
         TRANSCRIPTION_COMPLETED,
         RATE_LIMITS_UPDATED,
         VLLM_TRANSCRIPTION_DONE,
+        SPEECH_STOPPED,
         *SESSION_EVENTS,
     }
 )
@@ -136,8 +140,9 @@ def needs_decoding(kind: str | None) -> bool:
     return kind is None or kind in METERED_EVENTS
 
 
-def read_client_event(content: bytes) -> ResponseRequested | None:
-    """A client event decoded: a response request, when any `type` member of it asks for one.
+def read_client_event(content: bytes) -> ResponseRequested | TurnEnded | None:
+    """A client event decoded: a response request, when any `type` member of it asks for one, or
+    the end of a turn (an audio commit).
 
     A frame naming its type twice is read as a request if either name asks for one: which of the
     two the upstream honours is its JSON parser's choice, and a budget must not depend on it.
@@ -153,8 +158,10 @@ def read_client_event(content: bytes) -> ResponseRequested | None:
         event = json.loads(content, object_pairs_hook=members)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(event, dict) or ("type", RESPONSE_CREATE) not in top:
+    if not isinstance(event, dict):
         return None
+    if ("type", RESPONSE_CREATE) not in top:
+        return TurnEnded("commit") if ("type", AUDIO_COMMIT) in top else None
     response = event.get("response")
     model = response.get("model") if isinstance(response, dict) else None
     return ResponseRequested(_string(model), _string(event.get("event_id")))
@@ -174,6 +181,8 @@ def read_server_event(content: bytes) -> UsageItem | None:
         if kind == RESPONSE_CREATED:
             response = event.get("response")
             return ResponseStarted(_string(response.get("id")) if isinstance(response, dict) else None)
+        if kind == SPEECH_STOPPED:
+            return TurnEnded("speech_stopped")
         if kind == TRANSCRIPTION_COMPLETED:
             return TranscriptionDone(parse_transcription_usage(event.get("usage")))
         if kind in SESSION_EVENTS:
@@ -240,7 +249,11 @@ def read_session(event: dict[str, Any]) -> SessionModels:
         return SessionModels(model=None, transcription_model=None)
     if not isinstance(session, dict):
         raise InvalidEvent("session is not an object")
-    return SessionModels(model=_string(session.get("model")), transcription_model=_transcription_model(session))
+    return SessionModels(
+        model=_string(session.get("model")),
+        transcription_model=_transcription_model(session),
+        session_id=_string(session.get("id")),
+    )
 
 
 def _transcription_model(session: dict[str, Any]) -> str | None:

@@ -57,6 +57,7 @@ from ai_gateway.proxy.headers import (
 )
 from ai_gateway.proxy.history import parse_history, shrink_audio, trim
 from ai_gateway.proxy.injection import Injections
+from ai_gateway.proxy.observability import Observability
 from ai_gateway.proxy.refusals import (
     UNKNOWN_CLIENT_KEY,
     message,
@@ -74,6 +75,7 @@ CLIENT_KEY_METADATA = "ai_gateway.client_key"  # the client's identity label (ne
 KNOWN_KEY_METADATA = "ai_gateway.known_client_key"
 SESSION_OPEN_METADATA = "ai_gateway.session_admitted"  # counted against concurrent_sessions until it ends
 METRICS_OPTIONS = {"gateway_metrics_host", "gateway_metrics_port", "gateway_metrics_prefix", "gateway_max_model_labels"}
+TRACING_OPTIONS = {"gateway_otlp_endpoint", "gateway_metrics_prefix", "gateway_max_model_labels"}
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +104,8 @@ class Gateway:
         self.control: SpendControl | None = None
         self.metrics = GatewayMetrics("agentgateway")
         self.ledger: UsageLedger | None = None
-        self.accounting = Accounting(self.metrics)
+        self.observability = Observability()
+        self.accounting = Accounting(self.metrics, observer=self.observability)
         self.server: MetricsServer | None = None
         self.credential = UpstreamCredential()
         self.drain = Drain()
@@ -178,6 +181,20 @@ class Gateway:
             "Decoded bytes read of a body on a metered route; a larger (or inflating) body is forwarded "
             "unchanged and unread, counted as parse_errors_total{reason=too_large}.",
         )
+        option(
+            "gateway_access_log",
+            str,
+            "text",
+            "One line per metered HTTP request, finished WebSocket response and closed session on stdout: "
+            "text, json or off. While on, mitmdump's own flow lines are off unless flow_detail is set.",
+        )
+        option(
+            "gateway_otlp_endpoint",
+            str,
+            "",
+            "OpenTelemetry collector (OTLP/HTTP base URL, such as http://collector:4318) to send traces to; "
+            "empty: OTEL_EXPORTER_OTLP_ENDPOINT if set, else no traces; off: no traces.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         options = ctx.options
@@ -208,8 +225,18 @@ class Gateway:
                 self.refuse(f"gateway_max_body_bytes: expected a positive number, got {options.gateway_max_body_bytes}")
             else:
                 self.max_body_bytes = options.gateway_max_body_bytes
+        self.configure_observability(updated)
         if self.is_running and updated & METRICS_OPTIONS:
             self.restart_metrics_server()
+
+    def configure_observability(self, updated: set[str]) -> None:
+        try:
+            if "gateway_access_log" in updated:
+                self.observability.configure_access_log(ctx.options.gateway_access_log)
+            if updated & TRACING_OPTIONS:
+                self.observability.configure_tracing(ctx.options.gateway_otlp_endpoint, self.metrics)
+        except ValueError as e:
+            self.refuse(str(e))
 
     def refuse(self, message: str) -> None:
         """An invalid setting: refused while running (the previous value stays), fatal at startup.
@@ -292,8 +319,9 @@ class Gateway:
 
     def running(self) -> None:
         show_comment_column()
-        ctx.master.addons.add(self.credential, self.drain)
+        ctx.master.addons.add(self.credential, self.drain, self.observability)
         self.drain.install()
+        self.observability.quiet_dumper()
         self.restart_metrics_server()  # before is_running: a port in use is fatal at startup
         self.is_running = True
         self.restore_spend()
@@ -331,9 +359,10 @@ class Gateway:
             self.clock_task.cancel()
         if ctx.master.should_exit.is_set():  # not a script reload, which must not cut anyone off
             await close_connections()
-        for addon in (self.credential, self.drain):
+        for addon in (self.credential, self.drain, self.observability):
             if addon in ctx.master.addons.chain:
                 ctx.master.addons.remove(addon)
+        self.observability.shutdown()
         self.stop_metrics_server()
         if self.ledger is not None:
             self.ledger.close()
@@ -384,6 +413,8 @@ class Gateway:
         model = self.policy.model_for(route)
         if route.type is RouteType.REALTIME and route.protocol is WireProtocol.OPENAI and model is not None:
             request.query["model"] = model
+        if session_kind(route) is not None if is_websocket_upgrade(request) else route.type in METERED_HTTP:
+            self.observability.request_arrived(flow, traced_operation(route.type), model)
 
     @never_raises
     def request(self, flow: http.HTTPFlow) -> None:
@@ -459,14 +490,14 @@ class Gateway:
             return
         status = flow.response.status_code
         if status >= 400:
-            exchange.finish(str(status))
+            exchange.finish(str(status), status)
             return
         if not exchange.streamed and flow.websocket is None:
             route_type = RouteType(exchange.source.route_type)
             encoding = flow.response.headers.get("content-encoding", "")
             raw = flow.response.raw_content or b""
             exchange.apply(read_response(route_type, raw, encoding, self.max_body_bytes))
-        exchange.finish("")
+        exchange.finish("", status)
 
     @never_raises
     def error(self, flow: http.HTTPFlow) -> None:
@@ -599,10 +630,14 @@ class Gateway:
         in_flight = meter.in_flight
         meter.close()
         self.metrics.websocket_sessions.labels(meter.source.route_type).dec()
-        if closer.CLOSED_BY_GATEWAY in flow.metadata:
-            return  # the gateway's own close (a budget or session limit): an enforcement, not an error
-        if failure := close_error(flow.websocket.close_code, flow.websocket.closed_by_client, in_flight):
-            self.accounting.error(meter.source, failure)
+        failure = None
+        if closer.CLOSED_BY_GATEWAY not in flow.metadata:  # the gateway's own close: an enforcement, not an error
+            failure = close_error(flow.websocket.close_code, flow.websocket.closed_by_client, in_flight)
+            if failure:
+                self.accounting.error(meter.source, failure)
+        if self.observability.active:
+            closed_by_client = flow.websocket.closed_by_client
+            self.observability.session_ended(meter.ended(flow.websocket.close_code, closed_by_client, failure or ""))
 
 
 class Session(NamedTuple):
@@ -641,6 +676,11 @@ def metered_stream(exchange: HttpExchange, reader: StreamReader) -> Callable[[by
         return chunk
 
     return read
+
+
+def traced_operation(route_type: RouteType) -> str:
+    """The GenAI operation a request's span is named after: realtime for a Realtime session."""
+    return OPERATIONS.get(route_type, route_type.value.lower())
 
 
 def is_websocket_upgrade(request: http.Request) -> bool:

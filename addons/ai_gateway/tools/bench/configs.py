@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import shutil
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,29 @@ class BareMitmdump(GatewayProcess):
     def ready(self) -> bool:
         """No metrics endpoint to probe: mitmproxy's own startup line tells."""
         return " listening at " in self.log()
+
+
+class ObservedGateway(GatewayProcess):
+    """scripts/serve with the JSON access log and traces sent to an OTLP receiver in a process of its own."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream, options={"gateway_access_log": "json"}, launcher="serve")
+        self.collector: subprocess.Popen[str] | None = None
+
+    def start(self, timeout: float = 30.0) -> GatewayProcess:
+        command = [sys.executable, "-m", "ai_gateway.tools.simulators.otlp"]
+        self.collector = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=self.env)
+        assert self.collector.stdout is not None
+        self.options["gateway_otlp_endpoint"] = self.collector.stdout.readline().split()[-1]
+        return super().start(timeout)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        try:
+            return super().stop(timeout)
+        finally:
+            if self.collector is not None:
+                self.collector.terminate()
+                self.collector.wait(timeout)
 
 
 @dataclass(frozen=True)
@@ -81,6 +106,19 @@ SERVE = Config(
     lambda upstream, work: GatewayProcess(upstream, launcher="serve"),
     metered=True,
 )
+# Not run by default: what the access log and traces cost (issue #16), both off against both on.
+SERVE_QUIET = Config(
+    "serve-quiet",
+    "`scripts/serve` with `gateway_access_log=off` and no traces: nothing reported but metrics",
+    lambda upstream, work: GatewayProcess(upstream, launcher="serve", options={"gateway_access_log": "off"}),
+    metered=True,
+)
+SERVE_OBSERVED = Config(
+    "serve-observed",
+    "`scripts/serve` with the JSON access log and OpenTelemetry traces to a loopback OTLP/HTTP receiver",
+    lambda upstream, work: ObservedGateway(upstream),
+    metered=True,
+)
 # Not run by default: where the gateway misses a relay target, it tells how much of the cost any
 # addon has (mitmproxy dispatching the hook to a script) and how much is the gateway's own.
 EMPTY_ADDON = Config(
@@ -97,11 +135,11 @@ LITELLM = Config(
     "legs (its defaults); metering from its own success callback, at session close",
     lambda upstream, work: LitellmProcess(upstream, work.directory),
 )
-CONFIGS = (DIRECT, MITMDUMP, EMPTY_ADDON, GATEWAY, GATEWAY_DEFLATE, SERVE, LITELLM)
+CONFIGS = (DIRECT, MITMDUMP, EMPTY_ADDON, GATEWAY, GATEWAY_DEFLATE, SERVE, SERVE_QUIET, SERVE_OBSERVED, LITELLM)
 DEFAULT_CONFIGS = (DIRECT, MITMDUMP, GATEWAY, GATEWAY_DEFLATE, SERVE)
 # Measured in this order (and back): mitmdump sits next to each gateway, so the pairs that make
 # the ratios are measured one right after the other.
-RUN_ORDER = (DIRECT, GATEWAY, MITMDUMP, GATEWAY_DEFLATE, SERVE, LITELLM, EMPTY_ADDON)
+RUN_ORDER = (DIRECT, GATEWAY, MITMDUMP, GATEWAY_DEFLATE, SERVE, SERVE_QUIET, SERVE_OBSERVED, LITELLM, EMPTY_ADDON)
 
 
 def keep_compression_policy(directory: Path) -> Path:

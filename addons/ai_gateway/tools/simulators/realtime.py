@@ -5,7 +5,9 @@ event names, OpenAI and Azure URLs, transcription sessions) for the official `op
 drive sessions through the gateway. Metering can only be checked against ground truth, so the
 simulator keeps an exact ledger of every usage object it sent; tests compare the gateway's
 metrics with it. Per-response misbehaviour (statuses, fragmented frames, malformed frames) is
-requested through `response.create`'s `response.metadata`, which the SDK passes through.
+requested through `response.create`'s `response.metadata`, which the SDK passes through. With
+server VAD (`turn_detection` set by session.update) appended audio makes voice turns: speech
+starts, stops after `vad_speech_bytes`, and the upstream starts a response by itself.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ class Dialect:
     default_modalities: tuple[str, ...]
     transcription_path: tuple[str, ...]  # where the session keeps its transcription config
     typed_sessions: bool  # GA sessions carry session.type
+    turn_detection_path: tuple[str, ...] = ("audio", "input", "turn_detection")
 
 
 GA = Dialect(
@@ -120,6 +123,7 @@ BETA = Dialect(
     default_modalities=("audio", "text"),
     transcription_path=("input_audio_transcription",),
     typed_sessions=False,
+    turn_detection_path=("turn_detection",),
 )
 
 
@@ -144,6 +148,7 @@ class _Session:
     model: str | None  # None in a transcription session
     config: dict[str, Any]
     buffered_audio: int = 0  # bytes appended since the last commit
+    speech_item: str | None = None  # the item of the speech server VAD heard start and not yet stop
     active_responses: set[str] = field(default_factory=set)
     transcriptions: int = 0
 
@@ -151,6 +156,12 @@ class _Session:
     def transcription_model(self) -> str | None:
         model = _get_path(self.config, (*self.dialect.transcription_path, "model"))
         return model if isinstance(model, str) else None
+
+    @property
+    def server_vad(self) -> dict[str, Any] | None:
+        """The turn detection config when it is server VAD (set by session.update), else None."""
+        detection = _get_path(self.config, self.dialect.turn_detection_path)
+        return detection if isinstance(detection, dict) and detection.get("type") == "server_vad" else None
 
 
 @dataclass(frozen=True)
@@ -390,6 +401,8 @@ class Simulator:
         ssl_context: ssl.SSLContext | None = None,
         key_order: str = "openai",
         exclusive_responses: bool = False,
+        vad_speech_bytes: int = PCM16_BYTES_PER_SECOND // 2,
+        vad_response_delay: float = 0.0,
     ) -> None:
         if key_order not in KEY_ORDERS:
             raise ValueError(f"key_order must be one of {', '.join(KEY_ORDERS)}")
@@ -401,6 +414,10 @@ class Simulator:
         self.ssl_context = ssl_context
         self.port = port
         self.audio_deltas = audio_deltas
+        # Server VAD turns: speech stops once this much audio was appended; the response the
+        # upstream then starts by itself begins this many seconds later (its thinking time).
+        self.vad_speech_bytes = vad_speech_bytes
+        self.vad_response_delay = vad_response_delay
         self.transcript_deltas = transcript_deltas
         self.ledger: list[SentUsage] = []
         self.handshakes: list[Handshake] = []
@@ -533,9 +550,34 @@ class Simulator:
 
     async def _append_audio(self, session: _Session, event: dict[str, Any]) -> None:
         session.buffered_audio += _audio_length(event.get("audio"))
+        vad = session.server_vad
+        if vad is not None:
+            await self._detect_speech(session, vad)
+
+    async def _detect_speech(self, session: _Session, vad: dict[str, Any]) -> None:
+        """Server VAD: speech starts with the first audio and stops after vad_speech_bytes; the
+        buffer is committed and, unless create_response is false, a response starts by itself."""
+        if session.speech_item is None:
+            session.speech_item = self._id("item")
+            started = self._event("input_audio_buffer.speech_started", audio_start_ms=0, item_id=session.speech_item)
+            await self._send_event(session, started)
+        if session.buffered_audio < self.vad_speech_bytes:
+            return
+        item_id, session.speech_item = session.speech_item, None
+        end_ms = session.buffered_audio * 1000 // PCM16_BYTES_PER_SECOND
+        stopped = self._event("input_audio_buffer.speech_stopped", audio_end_ms=end_ms, item_id=item_id)
+        await self._send_event(session, stopped)
+        await self._commit(session, item_id)
+        if session.model is not None and vad.get("create_response", True) is not False:
+            plan = _plan({}, session, self.audio_deltas)
+            response_id = self._id("resp")
+            session.active_responses.add(response_id)
+            session.tasks.create_task(self._respond(session, session.model, plan, response_id, self.vad_response_delay))
 
     async def _commit_audio(self, session: _Session, event: dict[str, Any]) -> None:
-        item_id = self._id("item")
+        await self._commit(session, self._id("item"))
+
+    async def _commit(self, session: _Session, item_id: str) -> None:
         audio_bytes, session.buffered_audio = session.buffered_audio, 0
         committed = self._event("input_audio_buffer.committed", previous_item_id=None, item_id=item_id)
         await self._send_event(session, committed)
@@ -554,9 +596,11 @@ class Simulator:
         entry = SentUsage(session.id, "transcription", session.request_model, model, "completed", usage)
         await self._send_usage(session, entry, self._dumps(completed))
 
-    async def _respond(self, session: _Session, model: str, plan: _Plan, response_id: str) -> None:
+    async def _respond(self, session: _Session, model: str, plan: _Plan, response_id: str, delay: float = 0.0) -> None:
         """One response, start to response.done; runs as its own task so responses interleave."""
         try:
+            if delay:
+                await asyncio.sleep(delay)
             await self._run_response(session, model, plan, response_id)
         finally:
             session.active_responses.discard(response_id)
