@@ -22,17 +22,50 @@ class InvalidUsage(ValueError):
     """The usage object is not something we can bill; str() says which field and why."""
 
 
+Split = tuple[tuple[str, int], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class TokenUsage:
-    """One response's tokens; None where the upstream did not report a count (embeddings have no output)."""
+    """One response's tokens; None where the upstream did not report a count (embeddings have no output).
+
+    The splits by modality are complete whatever the upstream reported: text is what the reported
+    audio and image parts leave of the total (a reported text count is not trusted over the total:
+    OpenAI's Chat, Responses and Embeddings report no text part at all), and cached tokens without
+    a split are text (as pricing takes them). So every split sums to its total. Parts that exceed
+    their total are not something to bill: InvalidUsage, as for cached tokens exceeding input.
+    """
 
     input: int
     output: int | None
     cache_read: int | None = None
-    input_by_modality: tuple[tuple[str, int], ...] = ()
-    cache_read_by_modality: tuple[tuple[str, int], ...] = ()
-    output_by_modality: tuple[tuple[str, int], ...] = ()
+    input_by_modality: Split = ()
+    cache_read_by_modality: Split = ()
+    output_by_modality: Split = ()
     reasoning: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.cache_read is not None and self.cache_read > self.input:
+            raise InvalidUsage(f"cached tokens {self.cache_read} exceed input tokens {self.input}")
+        complete = (
+            ("input_by_modality", complete_split("input", self.input, self.input_by_modality)),
+            ("cache_read_by_modality", complete_split("cached", self.cache_read, self.cache_read_by_modality)),
+            ("output_by_modality", complete_split("output", self.output, self.output_by_modality)),
+        )
+        for name, split in complete:
+            object.__setattr__(self, name, split)
+
+
+def complete_split(name: str, total: int | None, reported: Split) -> Split:
+    """Text first, then the reported audio and image parts (zeros kept: a reported zero is a series);
+    nothing for a total that was not reported."""
+    if total is None:
+        return ()
+    parts = {m: n for m, n in reported if m != "text"}
+    rest = total - sum(parts.values())
+    if rest < 0:
+        raise InvalidUsage(f"{name} audio and image tokens {total - rest} exceed {name} tokens {total}")
+    return (("text", rest), *((m, parts[m]) for m in MODALITIES if m in parts))
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,13 +134,10 @@ def parse_usage(usage: Any, shape: UsageShape) -> TokenUsage:
     output_tokens = tokens(usage, shape.output) if shape.output else None
     input_details = details(usage, shape.input_details)
     output_details = details(usage, shape.output_details) if shape.output_details else {}
-    cached = tokens(input_details, "cached_tokens", required=False)
-    if cached is not None and cached > input_tokens:
-        raise InvalidUsage(f"cached_tokens {cached} exceeds {shape.input} {input_tokens}")
     return TokenUsage(
         input=input_tokens,
         output=output_tokens,
-        cache_read=cached,
+        cache_read=tokens(input_details, "cached_tokens", required=False),
         input_by_modality=by_modality(input_details),
         cache_read_by_modality=by_modality(details(input_details, "cached_tokens_details")),
         output_by_modality=by_modality(output_details),

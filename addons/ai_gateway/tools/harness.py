@@ -258,15 +258,14 @@ def expected_samples(
             observations["input_cache_read"] = input_details["cached_tokens"]
         _expect_observations(add, labels, observations)
         families = (
-            ("input_tokens", input_details),
-            ("cache_read_input_tokens", input_details.get("cached_tokens_details") or {}),
-            ("output_tokens", output_details),
+            ("input_tokens", usage[shape.input], input_details),
+            ("cache_read_input_tokens", input_details.get("cached_tokens"), input_details.get("cached_tokens_details")),
+            ("output_tokens", usage[shape.output] if shape.output else None, output_details),
         )
-        for family, details in families:
-            for modality in ("text", "audio", "image"):
-                if f"{modality}_tokens" in details:
-                    modal = {**labels, "gen_ai_token_modality": modality}
-                    add(f"gen_ai_client_inference_usage_{family}_total", modal, details[f"{modality}_tokens"])
+        for family, total, details in families:
+            if total is not None:
+                parts = {m: details[f"{m}_tokens"] for m in ("audio", "image") if f"{m}_tokens" in (details or {})}
+                _expect_modalities(add, labels, family, total, parts)
         if "reasoning_tokens" in output_details:
             add(
                 "gen_ai_client_inference_usage_reasoning_output_tokens_total",
@@ -274,6 +273,14 @@ def expected_samples(
                 output_details["reasoning_tokens"],
             )
     return out
+
+
+def _expect_modalities(
+    add: Callable[..., None], labels: Mapping[str, str], family: str, total: int, parts: Mapping[str, int]
+) -> None:
+    """A total by modality: the reported audio and image parts, and text as what they leave."""
+    for modality, count in {"text": total - sum(parts.values()), **parts}.items():
+        add(f"gen_ai_client_inference_usage_{family}_total", {**labels, "gen_ai_token_modality": modality}, count)
 
 
 def _expect_observations(add: Callable[..., None], labels: Mapping[str, str], observations: Mapping[str, int]) -> None:
@@ -292,7 +299,7 @@ _GEMINI_MODALITY = {"TEXT": "text", "AUDIO": "audio", "IMAGE": "image", "VIDEO":
 
 def _expect_gemini_turn(add: Callable[..., None], entry: Any, system: str) -> None:
     """A Gemini Live turn's usageMetadata: input is prompt plus tool-use prompt, output is response
-    (Vertex: candidates) plus thoughts, thoughts being text; a split only where every non-zero part has one."""
+    (Vertex: candidates) plus thoughts, thoughts and parts without details being text."""
     usage = entry.usage
     labels = {
         "gen_ai_operation_name": "realtime",
@@ -312,16 +319,16 @@ def _expect_gemini_turn(add: Callable[..., None], entry: Any, system: str) -> No
     if "cachedContentTokenCount" in usage:
         observations["input_cache_read"] = cached[0]
     _expect_observations(add, labels, observations)
-    for family, parts in (
-        ("input_tokens", (prompt, tool)),
-        ("cache_read_input_tokens", (cached,)),
-        ("output_tokens", (response, thinking)),
-    ):
-        if any(count and details is None for count, details in parts):
-            continue
+    families = [("input_tokens", (prompt, tool)), ("output_tokens", (response, thinking))]
+    if "cachedContentTokenCount" in usage:
+        families.append(("cache_read_input_tokens", (cached,)))
+    for family, parts in families:
+        modal: dict[str, int] = {}
         for _, details in parts:
             for detail in details or []:
-                modal = {**labels, "gen_ai_token_modality": _GEMINI_MODALITY.get(detail["modality"], "text")}
-                add(f"gen_ai_client_inference_usage_{family}_total", modal, detail.get("tokenCount", 0))
+                modality = _GEMINI_MODALITY.get(detail["modality"], "text")
+                if modality != "text":
+                    modal[modality] = modal.get(modality, 0) + detail.get("tokenCount", 0)
+        _expect_modalities(add, labels, family, sum(count for count, _ in parts), modal)
     if "thoughtsTokenCount" in usage:
         add("gen_ai_client_inference_usage_reasoning_output_tokens_total", labels, thoughts)
