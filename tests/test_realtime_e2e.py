@@ -249,3 +249,21 @@ def test_upstream_key_is_injected_and_never_shown(simulator, model, tmp_path):
     with saved.open("rb") as f:
         saved_flows = list(io.FlowReader(f).stream())
     assert len(saved_flows) == 2 and not [f for f in saved_flows if "authorization" in f.request.headers]
+
+
+def test_agentgateway_operation_names_label_realtime_usage_chat(simulator, model):
+    """gateway_operation_names=agentgateway: the same samples, with Realtime's operation named chat."""
+    with GatewayProcess(simulator.url, options={"gateway_operation_names": "agentgateway"}) as gateway:
+        asyncio.run(sdk_session(gateway.url, model))
+        samples = usage_only(metered(gateway, gen_ai_request_model=model))
+
+    def as_agentgateway(labels: frozenset) -> frozenset:
+        return frozenset(
+            ("gen_ai_operation_name", "chat") if kv == ("gen_ai_operation_name", "realtime") else kv for kv in labels
+        )
+
+    expected = {
+        (name, as_agentgateway(labels)): v for (name, labels), v in expected_samples(simulator.usage_for(model)).items()
+    }
+    assert {dict(labels)["gen_ai_operation_name"] for _, labels in expected} == {"chat"}
+    assert samples == expected

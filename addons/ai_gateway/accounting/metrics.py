@@ -29,6 +29,10 @@ UNKNOWN = "unknown"
 OTHER = "other"
 MAX_LABEL_LENGTH = 128
 DEFAULT_MAX_MODEL_LABELS = 100
+# `gen_ai_operation_name` values by naming scheme (option gateway_operation_names): the gateway's
+# own name what was metered; agentgateway labels Realtime usage as chat, and has no value of its
+# own for what it does not meter (transcription, the audio and image endpoints), which keep ours.
+OPERATION_NAMES: dict[str, dict[str, str]] = {"ours": {}, "agentgateway": {"realtime": "chat"}}
 
 
 def label_value(value: str | None) -> str:
@@ -71,8 +75,11 @@ class ModelLabels:
 class GatewayMetrics:
     """The gateway's metric families; `series()` binds them to one label set for cheap updates."""
 
-    def __init__(self, prefix: str, max_model_labels: int = DEFAULT_MAX_MODEL_LABELS) -> None:
+    def __init__(
+        self, prefix: str, max_model_labels: int = DEFAULT_MAX_MODEL_LABELS, operation_names: str = "ours"
+    ) -> None:
         self.registry = CollectorRegistry()
+        self.operation_names = OPERATION_NAMES[operation_names]
         self.request_models = LabelBound(max_model_labels)
         self.client_keys = LabelBound(max_model_labels)
         self.response_models = LabelBound(max_model_labels)
@@ -231,7 +238,7 @@ class GatewayMetrics:
     def series(self, labels: ModelLabels) -> Series:
         """Children of every model-labelled family for one label set, created once."""
         values = (
-            labels.operation,
+            self.operation_names.get(labels.operation, labels.operation),
             labels.system,
             self.request_models(labels.request_model),
             self.response_models(labels.response_model),
