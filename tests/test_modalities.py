@@ -82,8 +82,10 @@ def exceeds(usage: dict[str, Any], names: tuple[str, str | None, str, str | None
 
 def check(item: Any, usage: dict[str, Any], names: tuple[str, str | None, str, str | None]) -> None:
     if exceeds(usage, names):
-        assert isinstance(item, Malformed) and item.reason == "invalid_usage" or (
-            isinstance(item, ResponseDone) and item.usage is None and item.unread == "invalid_usage"
+        assert (
+            isinstance(item, Malformed)
+            and item.reason == "invalid_usage"
+            or (isinstance(item, ResponseDone) and item.usage is None and item.unread == "invalid_usage")
         )
         return
     assert isinstance(item, ResponseDone | TranscriptionDone) and isinstance(item.usage, TokenUsage)

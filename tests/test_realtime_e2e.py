@@ -11,7 +11,7 @@ from pathlib import Path
 from mitmproxy import io
 
 from ai_gateway.tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
-from ai_gateway.tools.simulators.realtime import Simulator, junk_frames
+from ai_gateway.tools.simulators.realtime import Simulator, SimulatorThread, junk_frames
 
 from .clients import raw_session, sdk_session, websocket_base
 
@@ -267,3 +267,25 @@ def test_agentgateway_operation_names_label_realtime_usage_chat(simulator, model
     }
     assert {dict(labels)["gen_ai_operation_name"] for _, labels in expected} == {"chat"}
     assert samples == expected
+
+
+def test_webrtc_sideband_is_metered_under_the_session_model():
+    """`/v1/realtime?call_id=` names no model: the request model is session.created's, not unknown."""
+    with SimulatorThread(seed=7) as simulator, GatewayProcess(simulator.url) as gateway:
+        url = f"{websocket_base(gateway.url)}/v1/realtime?call_id=rtc_1"
+        asyncio.run(raw_session(url, [{"type": "response.create"}] * 2, count=2))
+        sent = simulator.usage_for("unknown")
+        (session_model,) = {e.response_model for e in sent}
+        expected = {
+            (
+                name,
+                frozenset(
+                    ("gen_ai_request_model", session_model) if kv == ("gen_ai_request_model", "unknown") else kv
+                    for kv in labels
+                ),
+            ): v
+            for (name, labels), v in expected_samples(sent).items()
+        }
+        assert len(sent) == 2
+        assert usage_only(metered(gateway, gen_ai_request_model=session_model)) == expected
+        assert not metered(gateway, gen_ai_request_model="unknown")

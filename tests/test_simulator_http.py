@@ -327,7 +327,7 @@ def test_passthrough_usage_is_ledgered_as_passthrough(sim: HttpSimulator):
     raw = client(sim).models.with_raw_response.list()
     with post(sim, "/v1/files", {"model": "whatever"}) as response:
         files_usage = json.loads(response.read())["usage"]
-    with post(sim, "/v1/completions", {"model": MODEL, "prompt": "Hi"}) as response:  # legacy: not a chat route
+    with post(sim, "/v1/moderations", {"model": MODEL, "input": "Hi"}) as response:  # no metered route
         legacy_usage = json.loads(response.read())["usage"]
     assert sim.ledger == [
         SentUsage(

@@ -21,7 +21,7 @@ def run_until_exit(gateway: GatewayProcess, timeout: float = 30) -> tuple[int, s
         (
             "routes:\n  /realtime: Realtim\n",
             {},
-            "policy.yaml:2: routes./realtime: expected one of Completions, Responses, Embeddings, Realtime, Passthrough, got 'Realtim'",
+            "policy.yaml:2: routes./realtime: expected one of Completions, Responses, Embeddings, Realtime, Passthrough, TextCompletions, Transcriptions, Translations, Speech, Images, RealtimeCalls, got 'Realtim'",
         ),
         (
             "auth:\n  env: GATEWAY_UNSET_KEY\nroutes:\n  '*': Passthrough\n",

@@ -16,7 +16,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.metrics import MetricWrapperBase
 
-from ai_gateway.accounting.usage import DurationUsage, TokenUsage
+from ai_gateway.accounting.usage import CharacterUsage, DurationUsage, TokenUsage
 
 # OpenTelemetry GenAI semantic conventions' advisory buckets, as agentgateway uses them.
 TOKEN_BUCKETS = tuple(4**i for i in range(14))
@@ -112,6 +112,20 @@ class GatewayMetrics:
             f"{prefix}_gen_ai_client_transcription_audio_seconds",
             "Seconds of input audio transcribed, for transcription billed by duration.",
             MODEL_LABELS,
+            registry=self.registry,
+        )
+        self.speech_characters = Counter(
+            f"{prefix}_gen_ai_client_speech_input_characters",
+            "Characters of speech input (POST /audio/speech `input`), which tts-1 is billed by; counted by the"
+            " gateway because the audio response reports no usage.",
+            MODEL_LABELS,
+            registry=self.registry,
+        )
+        self.realtime_calls = Counter(
+            f"{prefix}_gateway_realtime_calls",
+            "WebRTC and SIP Realtime calls admitted: kind calls (POST /realtime/calls) or client_secrets"
+            " (an ephemeral key minted for a browser session).",
+            ("kind",),
             registry=self.registry,
         )
         self.responses = Counter(
@@ -268,10 +282,13 @@ class Series:
             child = self._children[family, first] = family.labels(*labels)
         return child
 
-    def record(self, usage: TokenUsage | DurationUsage) -> None:
+    def record(self, usage: TokenUsage | DurationUsage | CharacterUsage) -> None:
         metrics = self._metrics
         if isinstance(usage, DurationUsage):
             self._child(metrics.transcription_seconds).inc(usage.seconds)
+            return
+        if isinstance(usage, CharacterUsage):
+            self._child(metrics.speech_characters).inc(usage.characters)
             return
         self._child(metrics.token_usage, "input").observe(usage.input)
         if usage.output is not None:

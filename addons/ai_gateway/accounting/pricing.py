@@ -88,7 +88,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from yaml.constructor import SafeConstructor
 from yaml.nodes import Node, ScalarNode
 
-from ai_gateway.accounting.usage import MODALITIES, DurationUsage, TokenUsage
+from ai_gateway.accounting.usage import MODALITIES, CharacterUsage, DurationUsage, TokenUsage
 from ai_gateway.config.policy import DEFAULT_POLICY, STR_TAG, PolicyError, Validator, compose_yaml, describe
 
 if TYPE_CHECKING:
@@ -373,7 +373,7 @@ class PriceCatalog:
         prices = self.price(model)
         return prices, PRICED if prices is not None else UNPRICED
 
-    def cost(self, model: str, usage: TokenUsage | DurationUsage) -> tuple[float | None, str]:
+    def cost(self, model: str, usage: TokenUsage | DurationUsage | CharacterUsage) -> tuple[float | None, str]:
         """What a usage costs and the lookup status; None and `unpriced` when it cannot be priced.
 
         The one call metering needs: it never raises, so a gap in the catalog cannot break metering.
@@ -398,11 +398,16 @@ def catalog_for(system: str, prices: str | os.PathLike[str] | None) -> PriceCata
     return PriceCatalog(load_catalog(prices) if prices is not None else None, database_for(system))
 
 
-def cost_usd(usage: TokenUsage | DurationUsage, prices: ModelPrices) -> float:
+def cost_usd(usage: TokenUsage | DurationUsage | CharacterUsage, prices: ModelPrices) -> float:
     """USD for one usage at a model's prices (formula in the module docstring).
 
-    Raises UnpricedUsage when a non-zero count has no rate, even after fallbacks.
+    Raises UnpricedUsage when a non-zero count has no rate, even after fallbacks; characters of
+    speech input have no rate in the catalog.
     """
+    if isinstance(usage, CharacterUsage):
+        if usage.characters:
+            raise UnpricedUsage(f"no rate for {usage.characters} characters of speech input")
+        return 0.0
     if isinstance(usage, DurationUsage):
         if usage.seconds and prices.audio_minute is None:
             raise UnpricedUsage(f"no {DURATION_RATE} rate for {usage.seconds:g} s")

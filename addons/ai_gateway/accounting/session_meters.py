@@ -174,6 +174,8 @@ class RealtimeMeter(SessionMeter):
                 self.refused(event_id)
             case SessionModels(model=model, transcription_model=transcription_model):
                 self.response_model = self.totals.model = model or self.response_model
+                if self.request_model == UNKNOWN:  # a WebRTC/SIP sideband (`?call_id=`): the call chose it
+                    self.request_model = self.response_model
                 self.transcription_model = transcription_model or self.transcription_model
             case TranscriptionDone(usage=usage):
                 self.accounting.bill(self.source, self.labels(TRANSCRIPTION, self.transcription_model), usage)

@@ -56,26 +56,30 @@ class TokenUsage:
             object.__setattr__(self, name, split)
 
 
-def complete_split(name: str, total: int | None, reported: Split) -> Split:
-    """Text first, then the reported audio and image parts (zeros kept: a reported zero is a series);
-    nothing for a total that was not reported."""
+def complete_split(name: str, total: int | None, reported: Split, rest: str = "text") -> Split:
+    """The reported parts other than `rest`, and `rest` as what they leave of the total, in
+    MODALITIES order (zeros kept: a reported zero is a series); nothing for an unreported total."""
     if total is None:
         return ()
-    parts = {m: n for m, n in reported if m != "text"}
-    rest = total - sum(parts.values())
-    if rest < 0:
-        raise InvalidUsage(f"{name} audio and image tokens {total - rest} exceed {name} tokens {total}")
-    return (("text", rest), *((m, parts[m]) for m in MODALITIES if m in parts))
+    parts = {m: n for m, n in reported if m != rest}
+    left = total - sum(parts.values())
+    if left < 0:
+        others = " and ".join(m for m in MODALITIES if m != rest)
+        raise InvalidUsage(f"{name} {others} tokens {total - left} exceed {name} tokens {total}")
+    parts[rest] = left
+    return tuple((m, parts[m]) for m in MODALITIES if m in parts)
 
 
 @dataclass(frozen=True, slots=True)
 class UsageShape:
-    """Where an API puts its counts: the same ideas under different names per API."""
+    """Where an API puts its counts: the same ideas under different names per API. Output is
+    `output_modality` where its details do not say otherwise (images make image tokens, speech audio)."""
 
     input: str
     output: str | None
     input_details: str
     output_details: str | None
+    output_modality: str = "text"
 
 
 REALTIME_USAGE = UsageShape("input_tokens", "output_tokens", "input_token_details", "output_token_details")
@@ -84,6 +88,8 @@ COMPLETIONS_USAGE = UsageShape(
     "prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details"
 )
 EMBEDDINGS_USAGE = UsageShape("prompt_tokens", None, "prompt_tokens_details", None)
+IMAGES_USAGE = UsageShape("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details", "image")
+SPEECH_USAGE = UsageShape("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details", "audio")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +97,14 @@ class DurationUsage:
     """Transcription billed by audio duration instead of tokens."""
 
     seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class CharacterUsage:
+    """Speech billed by characters of input (tts-1): what a speech request's `input` had, counted
+    by the gateway, because the audio response reports no usage."""
+
+    characters: int
 
 
 def tokens(obj: Mapping[str, Any], key: str, *, required: bool = True) -> int | None:
@@ -140,7 +154,7 @@ def parse_usage(usage: Any, shape: UsageShape) -> TokenUsage:
         cache_read=tokens(input_details, "cached_tokens", required=False),
         input_by_modality=by_modality(input_details),
         cache_read_by_modality=by_modality(details(input_details, "cached_tokens_details")),
-        output_by_modality=by_modality(output_details),
+        output_by_modality=complete_split("output", output_tokens, by_modality(output_details), shape.output_modality),
         reasoning=tokens(output_details, "reasoning_tokens", required=False),
     )
 

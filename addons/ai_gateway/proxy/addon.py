@@ -317,8 +317,10 @@ class Gateway:
             return
         route = self.policy.match(flow.request.path)
         upgrade = is_websocket_upgrade(flow.request)
-        metered = session_kind(route) is not None if upgrade else route.type in METERED_HTTP
-        if not metered:
+        # A GET on a metered path reads (stored completions, a response by id): nothing is billed.
+        calls = route.type is RouteType.REALTIME_CALLS
+        metered = session_kind(route) is not None if upgrade else route.type in METERED_HTTP or calls
+        if not metered or not upgrade and flow.request.method != "POST":
             return
         source = self.source(flow, route.type, session=upgrade)
         action = "rejected_session" if upgrade else "rejected_request"
@@ -337,6 +339,9 @@ class Gateway:
         if isinstance(verdict, Refusal):
             flow.response = refusal_response(verdict)
             self.accounting.enforced(verdict, action)
+            return
+        if calls:  # minting a WebRTC/SIP session: checked and counted, billed on its sideband only
+            self.accounting.realtime_call(verdict, flow.request.path.split("?", 1)[0].rpartition("/")[2])
             return
         request = flow.request
         encoding = request.headers.get("content-encoding", "")

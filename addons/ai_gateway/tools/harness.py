@@ -188,6 +188,7 @@ class _Shape:
     input_details: str
     output_details: str | None
     counts_responses: bool = True
+    output_modality: str = "text"  # what output is where its details do not say
 
 
 _SHAPES = {
@@ -199,6 +200,36 @@ _SHAPES = {
     "chat": _Shape("chat", "prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details"),
     "responses": _Shape("chat", "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details"),
     "embeddings": _Shape("embeddings", "prompt_tokens", None, "prompt_tokens_details", None),
+    "text_completion": _Shape(
+        "text_completion", "prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details"
+    ),
+    "http_transcription": _Shape("transcription", "input_tokens", "output_tokens", "input_token_details", None),
+    "translation": _Shape("translation", "input_tokens", "output_tokens", "input_token_details", None),
+    "speech": _Shape(
+        "speech", "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details", True, "audio"
+    ),
+    "image_generation": _Shape(
+        "image_generation",
+        "input_tokens",
+        "output_tokens",
+        "input_tokens_details",
+        "output_tokens_details",
+        True,
+        "image",
+    ),
+    "image_edit": _Shape(
+        "image_generation",
+        "input_tokens",
+        "output_tokens",
+        "input_tokens_details",
+        "output_tokens_details",
+        True,
+        "image",
+    ),
+    # Speech as audio bytes: the characters of its input, counted by the gateway, and the response;
+    # streamed (speech_characters) the response is counted with its token usage instead.
+    "speech_audio": _Shape("speech", "", None, "", None),
+    "speech_characters": _Shape("speech", "", None, "", None, False),
     # OpenAI-compatible realtime servers: Qwen/DashScope spells the details as the Responses API
     # does; vLLM's transcription.done carries Chat Completions' usage.
     "qwen_response": _Shape(
@@ -246,6 +277,9 @@ def expected_samples(
             add("gen_ai_client_responses_total", {**labels, "status": entry.status}, 1)
         if entry.kind == "unbilled_response":
             continue
+        if "characters" in usage:
+            add("gen_ai_client_speech_input_characters_total", labels, usage["characters"])
+            continue
         if usage.get("type") == "duration":
             add("gen_ai_client_transcription_audio_seconds_total", labels, usage["seconds"])
             continue
@@ -264,8 +298,9 @@ def expected_samples(
         )
         for family, total, details in families:
             if total is not None:
-                parts = {m: details[f"{m}_tokens"] for m in ("audio", "image") if f"{m}_tokens" in (details or {})}
-                _expect_modalities(add, labels, family, total, parts)
+                rest = shape.output_modality if family == "output_tokens" else "text"
+                named = [m for m in ("text", "audio", "image") if m != rest and f"{m}_tokens" in (details or {})]
+                _expect_modalities(add, labels, family, total, {m: details[f"{m}_tokens"] for m in named}, rest)
         if "reasoning_tokens" in output_details:
             add(
                 "gen_ai_client_inference_usage_reasoning_output_tokens_total",
@@ -276,10 +311,16 @@ def expected_samples(
 
 
 def _expect_modalities(
-    add: Callable[..., None], labels: Mapping[str, str], family: str, total: int, parts: Mapping[str, int]
+    add: Callable[..., None],
+    labels: Mapping[str, str],
+    family: str,
+    total: int,
+    parts: Mapping[str, int],
+    rest: str = "text",
 ) -> None:
-    """A total by modality: the reported audio and image parts, and text as what they leave."""
-    for modality, count in {"text": total - sum(parts.values()), **parts}.items():
+    """A total by modality: the reported parts, `rest` as what they leave, and text always (0 if nothing)."""
+    counts = {"text": 0, **parts, rest: total - sum(parts.values())}
+    for modality, count in counts.items():
         add(f"gen_ai_client_inference_usage_{family}_total", {**labels, "gen_ai_token_modality": modality}, count)
 
 
