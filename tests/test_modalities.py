@@ -67,21 +67,27 @@ def assert_complete(usage: TokenUsage) -> None:
             assert split[0][0] == "text"
 
 
-def exceeds(usage: dict[str, Any], names: tuple[str, str | None, str, str | None]) -> bool:
-    """Whether a reported split's audio and image parts exceed their total (the oracle's view)."""
+def exceeds(usage: dict[str, Any], names: tuple[str, str | None, str, str | None], output: str) -> bool:
+    """Whether a reported split's parts other than what remains (text; for output, `output`)
+    exceed their total (the oracle's view)."""
     input_key, output_key, input_details, output_details = names
     inputs = usage.get(input_details) or {}
-    groups = [(usage[input_key], inputs), (inputs.get("cached_tokens"), inputs.get("cached_tokens_details") or {})]
+    groups = [
+        (usage[input_key], inputs, "text"),
+        (inputs.get("cached_tokens"), inputs.get("cached_tokens_details") or {}, "text"),
+    ]
     if output_key is not None:
-        groups.append((usage[output_key], (usage.get(output_details) or {}) if output_details else {}))
+        groups.append((usage[output_key], (usage.get(output_details) or {}) if output_details else {}, output))
     return any(
-        total is not None and part.get("audio_tokens", 0) + part.get("image_tokens", 0) > total
-        for total, part in groups
+        total is not None and sum(part.get(f"{m}_tokens", 0) for m in ("text", "audio", "image") if m != rest) > total
+        for total, part, rest in groups
     )
 
 
-def check(item: Any, usage: dict[str, Any], names: tuple[str, str | None, str, str | None]) -> None:
-    if exceeds(usage, names):
+def check(
+    item: Any, usage: dict[str, Any], names: tuple[str, str | None, str, str | None], output: str = "text"
+) -> None:
+    if exceeds(usage, names, output):
         assert (
             isinstance(item, Malformed)
             and item.reason == "invalid_usage"
@@ -90,6 +96,13 @@ def check(item: Any, usage: dict[str, Any], names: tuple[str, str | None, str, s
         return
     assert isinstance(item, ResponseDone | TranscriptionDone) and isinstance(item.usage, TokenUsage)
     assert_complete(item.usage)
+    details = (usage.get(names[3]) or {}) if names[3] else {}
+    if (
+        output != "text"
+        and usage.get(names[1])
+        and not any(f"{m}_tokens" in details for m in ("text", "audio", "image") if m != output)
+    ):
+        assert dict(item.usage.output_by_modality)[output] == usage[names[1]]  # images make image tokens
 
 
 CHAT = ("prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details")
@@ -100,19 +113,47 @@ TRANSCRIPTION = ("input_tokens", "output_tokens", "input_token_details", None)
 
 
 @pytest.mark.parametrize(
-    ("route_type", "names"),
-    [(RouteType.COMPLETIONS, CHAT), (RouteType.RESPONSES, RESPONSES), (RouteType.EMBEDDINGS, EMBEDDINGS)],
+    ("route_type", "names", "output"),
+    [
+        (RouteType.COMPLETIONS, CHAT, "text"),
+        (RouteType.TEXT_COMPLETIONS, CHAT, "text"),
+        (RouteType.RESPONSES, RESPONSES, "text"),
+        (RouteType.EMBEDDINGS, EMBEDDINGS, "text"),
+        (RouteType.IMAGES, RESPONSES, "image"),
+    ],
 )
 @given(data=st.data())
-def test_http_json_bodies(route_type: RouteType, names: Any, data: st.DataObject) -> None:
+def test_http_json_bodies(route_type: RouteType, names: Any, output: str, data: st.DataObject) -> None:
     usage = data.draw(openai_usage(names))
-    check(read_body(route_type, json.dumps({"model": "m", "usage": usage}).encode()), usage, names)
+    check(read_body(route_type, json.dumps({"model": "m", "usage": usage}).encode()), usage, names, output)
 
 
-@given(usage=openai_usage(CHAT))
-def test_chat_stream(usage: dict[str, Any]) -> None:
+@pytest.mark.parametrize("route_type", [RouteType.TRANSCRIPTIONS, RouteType.TRANSLATIONS])
+@given(data=st.data())
+def test_http_transcription_body_and_stream(route_type: RouteType, data: st.DataObject) -> None:
+    usage = {"type": "tokens", **data.draw(openai_usage(TRANSCRIPTION))}
+    check(read_body(route_type, json.dumps({"text": "hi", "usage": usage}).encode()), usage, TRANSCRIPTION)
+    event = {"type": "transcript.text.done", "text": "hi", "usage": usage}
+    check(SseStream(route_type).feed(f"data: {json.dumps(event)}\n\n".encode())[0], usage, TRANSCRIPTION)
+
+
+@pytest.mark.parametrize(
+    ("route_type", "final", "output"),
+    [(RouteType.SPEECH, "speech.audio.done", "audio"), (RouteType.IMAGES, "image_edit.completed", "image")],
+)
+@given(data=st.data())
+def test_speech_and_image_streams(route_type: RouteType, final: str, output: str, data: st.DataObject) -> None:
+    usage = data.draw(openai_usage(RESPONSES))
+    event = {"type": final, "usage": usage}
+    check(SseStream(route_type).feed(f"data: {json.dumps(event)}\n\n".encode())[0], usage, RESPONSES, output)
+
+
+@pytest.mark.parametrize("route_type", [RouteType.COMPLETIONS, RouteType.TEXT_COMPLETIONS])
+@given(data=st.data())
+def test_chat_and_legacy_completions_streams(route_type: RouteType, data: st.DataObject) -> None:
+    usage = data.draw(openai_usage(CHAT))
     chunk = {"object": "chat.completion.chunk", "choices": [], "usage": usage}
-    items = SseStream(RouteType.COMPLETIONS).feed(f"data: {json.dumps(chunk)}\n\n".encode())
+    items = SseStream(route_type).feed(f"data: {json.dumps(chunk)}\n\n".encode())
     check(items[0], usage, CHAT)
 
 

@@ -4,7 +4,9 @@ the simulated upstream sent (its ledger, through the independent oracle)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -192,3 +194,40 @@ def test_realtime_calls_and_client_secrets_are_counted(http_gateway, http_simula
     samples = scrape(http_gateway.metrics_url)
     assert samples[(CALLS, frozenset({("kind", "client_secrets")}))] == 1
     assert samples[(CALLS, frozenset({("kind", "calls")}))] == 1
+
+
+def test_realtime_calls_pass_client_key_checks_and_rate_limits(tmp_path, http_simulator):
+    """Minting a browser's session is refused like any metered request: an unknown key gets 401, a
+    key over its requests per minute 429, and neither reaches the upstream; admitted ones are counted."""
+    known = "sk-known"
+    policy = tmp_path / "calls.yaml"
+    policy.write_text(
+        "client_keys:\n  require: true\n  keys:\n"
+        f"    - {{sha256: {hashlib.sha256(known.encode()).hexdigest()}, name: web}}\n"
+        "limits:\n  client_key: {requests_per_minute: 1}\n"
+        "routes:\n  /realtime/client_secrets: RealtimeCalls\n  '*': Passthrough\n"
+    )
+    body = json.dumps({"session": {"type": "realtime", "model": "gpt-realtime"}}).encode()
+    with GatewayProcess(http_simulator.url, options={"gateway_policy": str(policy)}) as gateway:
+        seen = len(http_simulator.requests)
+        statuses = []
+        for key in ("sk-stranger", known, known):
+            request = urllib.request.Request(
+                f"{gateway.url}/v1/realtime/client_secrets",
+                body,
+                {"authorization": f"Bearer {key}", "content-type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    statuses.append(response.status)
+            except urllib.error.HTTPError as e:
+                statuses.append(e.code)
+        samples = scrape(gateway.metrics_url)
+    assert statuses == [401, 200, 429]
+    assert len(http_simulator.requests) == seen + 1
+    assert samples[(CALLS, frozenset({("kind", "client_secrets")}))] == 1
+    enforced = select(samples, action="rejected_request")
+    assert sorted(dict(labels)["reason"] for (_, labels), v in enforced.items() if v) == [
+        "invalid_api_key",
+        "rate_limit_exceeded",
+    ]
