@@ -191,6 +191,9 @@ class _Shape:
     output_modality: str = "text"  # what output is where its details do not say
 
 
+_IMAGES = _Shape(
+    "image_generation", "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details", True, "image"
+)
 _SHAPES = {
     "response": _Shape("realtime", "input_tokens", "output_tokens", "input_token_details", "output_token_details"),
     "unbilled_response": _Shape("realtime", "", None, "", None),
@@ -208,24 +211,8 @@ _SHAPES = {
     "speech": _Shape(
         "speech", "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details", True, "audio"
     ),
-    "image_generation": _Shape(
-        "image_generation",
-        "input_tokens",
-        "output_tokens",
-        "input_tokens_details",
-        "output_tokens_details",
-        True,
-        "image",
-    ),
-    "image_edit": _Shape(
-        "image_generation",
-        "input_tokens",
-        "output_tokens",
-        "input_tokens_details",
-        "output_tokens_details",
-        True,
-        "image",
-    ),
+    "image_generation": _IMAGES,
+    "image_edit": _IMAGES,
     # Speech as audio bytes: the characters of its input, counted by the gateway, and the response;
     # streamed (speech_characters) the response is counted with its token usage instead.
     "speech_audio": _Shape("speech", "", None, "", None),
