@@ -191,9 +191,11 @@ def test_realtime_calls_and_client_secrets_are_counted(http_gateway, http_simula
     assert status == 200 and json.loads(secret)["value"].startswith("ek_")
     status, answer = post(http_gateway, "/realtime/calls", b"v=0\r\n", "application/sdp")
     assert status == 200 and answer.startswith(b"v=0")
+    status, _ = post(http_gateway, "/realtime/calls/rtc_1/accept", session, "application/json")  # SIP
+    assert status == 200
     samples = scrape(http_gateway.metrics_url)
-    assert samples[(CALLS, frozenset({("kind", "client_secrets")}))] == 1
-    assert samples[(CALLS, frozenset({("kind", "calls")}))] == 1
+    for kind in ("client_secrets", "calls", "accept"):
+        assert samples[(CALLS, frozenset({("kind", kind)}))] == 1
 
 
 def test_realtime_calls_pass_client_key_checks_and_rate_limits(tmp_path, http_simulator):
