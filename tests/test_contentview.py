@@ -145,7 +145,7 @@ def test_an_openai_sse_stream_is_shown_event_by_event_with_its_usage(registry):
     ]
     assert '"delta": "<audio pcm16 24 kHz: 480 bytes, 10 ms>"' in blocks[1]
     assert blocks[2].endswith(
-        "══ usage: gpt-x, completed ══\n             total\ninput           20\noutput           5\n  reasoning      2"
+        "══ usage: gpt-x, completed ══\n             total  text\ninput           20    20\noutput           5     5\n  reasoning      2     -"
     )
 
 
@@ -181,7 +181,7 @@ def test_other_sse_streams_are_not_claimed():
                 "output_tokens": 9,
                 "input_token_details": {"text_tokens": 0, "audio_tokens": 13},
             },
-            "══ usage: transcription ══\n        total  text  audio\ninput      13     0     13\noutput      9     -      -",
+            "══ usage: transcription ══\n        total  text  audio\ninput      13     0     13\noutput      9     9      -",
         ),
     ],
 )

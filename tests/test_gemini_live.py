@@ -54,8 +54,8 @@ def test_vertex_spelling_and_omitted_zeros():
         {"promptTokenCount": 7, "candidatesTokenCount": 3, "candidatesTokensDetails": [{"modality": "AUDIO"}]}
     )
     assert (usage.input, usage.output, usage.cache_read) == (7, 3, None)
-    assert usage.output_by_modality == (("audio", 0),)
-    assert usage.input_by_modality == ()  # not reported: no split rather than a wrong one
+    assert usage.output_by_modality == (("text", 3), ("audio", 0))  # text: what audio leaves
+    assert usage.input_by_modality == (("text", 7),)  # no details: text
 
 
 @pytest.mark.parametrize(

@@ -9,11 +9,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ai_gateway.accounting.items import FirstDelta, Malformed, ResponseDone
+from ai_gateway.accounting.items import FirstDelta, Malformed, ResponseDone, SpeechInput
 from ai_gateway.accounting.usage import TokenUsage
 from ai_gateway.config.policy import RouteType
 from ai_gateway.protocols.encoding import BodyDecoder, BodyTooLarge, UnsupportedEncoding, decode_body, zstd
-from ai_gateway.protocols.openai_http import SseStream, StreamReader, read_body, read_response, read_responses_event
+from ai_gateway.protocols.openai_http import (
+    SseStream,
+    StreamReader,
+    read_body,
+    read_request,
+    read_response,
+    read_responses_event,
+)
 
 CHAT_USAGE = {
     "prompt_tokens": 100,
@@ -230,3 +237,58 @@ def test_arbitrary_json_bodies_never_raise_and_bill_only_valid_counts(value, rou
     assert isinstance(result, (ResponseDone, Malformed))
     if isinstance(result, ResponseDone):
         assert type(result.usage.input) is int and result.usage.input >= 0
+
+
+def multipart(*fields: tuple[str, str], file_bytes: int = 0) -> bytes:
+    """A multipart upload as httpx (the openai SDK) writes it: fields first, then the file."""
+    parts = [f'--b\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n' for name, value in fields]
+    upload = '--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\nContent-Type: audio/wav\r\n\r\n'
+    return "".join(parts).encode() + upload.encode() + b"\0" * file_bytes + b"\r\n--b--\r\n"
+
+
+def test_a_transcription_upload_is_read_for_its_model_only():
+    body = multipart(("model", "gpt-4o-transcribe"), ("stream", "true"), file_bytes=2**20)
+    assert read_request(RouteType.TRANSCRIPTIONS, body, "", None, 1024) == ("gpt-4o-transcribe", None, None)
+
+
+def test_the_model_override_replaces_the_upload_field_and_nothing_else():
+    body = multipart(("model", "whisper-1"), ("language", "en"), file_bytes=100)
+    model, rewritten, problem = read_request(RouteType.TRANSLATIONS, body, "", "gpt-4o-mini-transcribe", 1024)
+    assert (model, problem) == ("gpt-4o-mini-transcribe", None)
+    assert rewritten == body.replace(b"whisper-1", b"gpt-4o-mini-transcribe")
+
+
+def test_a_model_field_after_the_head_or_a_compressed_upload_is_not_searched():
+    late = multipart(("prompt", "x" * 70_000), ("model", "whisper-1"))
+    assert read_request(RouteType.TRANSCRIPTIONS, late, "", None, 2**20) == (None, None, None)
+    early = multipart(("model", "whisper-1"))
+    assert read_request(RouteType.TRANSCRIPTIONS, early, "gzip", "gpt-4o-transcribe", 2**20) == (None, None, None)
+
+
+def test_image_edits_are_multipart_and_generations_json():
+    edit = multipart(("model", "gpt-image-1"), ("prompt", "a hat"))
+    assert read_request(RouteType.IMAGES, edit, "", None, 1024)[0] == "gpt-image-1"
+    generation = b'{"model": "gpt-image-1", "prompt": "a cat"}'
+    assert read_request(RouteType.IMAGES, generation, "", None, 1024) == ("gpt-image-1", None, None)
+
+
+def test_speech_counts_the_characters_of_its_input_and_reads_no_audio():
+    body = json.dumps({"model": "tts-1", "input": "naïve ✓", "voice": "alloy"}).encode()
+    assert read_request(RouteType.SPEECH, body, "", None, 1024) == ("tts-1", None, SpeechInput(7))
+    assert read_response(RouteType.SPEECH, b"ID3\xff\xfb", "", 1024) is None
+
+
+def test_a_text_transcript_has_no_usage():
+    done = read_body(RouteType.TRANSCRIPTIONS, b"Hello there")
+    assert isinstance(done, Malformed) and done.reason == "missing_usage"
+
+
+def test_image_output_is_image_and_speech_output_is_audio():
+    usage = {"input_tokens": 50, "input_tokens_details": {"text_tokens": 10, "image_tokens": 40}, "output_tokens": 4160}
+    done = read_body(RouteType.IMAGES, json.dumps({"created": 1, "data": [], "usage": usage}).encode())
+    assert isinstance(done, ResponseDone) and done.usage is not None
+    assert done.usage.input_by_modality == (("text", 10), ("image", 40))
+    assert done.usage.output_by_modality == (("text", 0), ("image", 4160))
+    event = {"type": "speech.audio.done", "usage": {"input_tokens": 5, "output_tokens": 90, "total_tokens": 95}}
+    (speech,) = SseStream(RouteType.SPEECH).feed(f"data: {json.dumps(event)}\n\n".encode())
+    assert speech.usage.output_by_modality == (("text", 0), ("audio", 90))

@@ -100,12 +100,12 @@ def test_auth_reads_the_key_from_the_environment():
         (
             "routes:\n  /realtime: Realtim\n",
             {},
-            "p.yaml:2: routes./realtime: expected one of Completions, Responses, Embeddings, Realtime, Passthrough, got 'Realtim'",
+            "p.yaml:2: routes./realtime: expected one of Completions, Responses, Embeddings, Realtime, Passthrough, TextCompletions, Transcriptions, Translations, Speech, Images, RealtimeCalls, got 'Realtim'",
         ),
         (
             "routes:\n  /realtime:\n    type: 5\n",
             {},
-            "p.yaml:3: routes./realtime.type: expected one of Completions, Responses, Embeddings, Realtime, Passthrough, got int 5",
+            "p.yaml:3: routes./realtime.type: expected one of Completions, Responses, Embeddings, Realtime, Passthrough, TextCompletions, Transcriptions, Translations, Speech, Images, RealtimeCalls, got int 5",
         ),
         (
             "routes:\n  /x: Realtime\nprovder: x\n",

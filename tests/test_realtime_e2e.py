@@ -11,7 +11,7 @@ from pathlib import Path
 from mitmproxy import io
 
 from ai_gateway.tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
-from ai_gateway.tools.simulators.realtime import Simulator, junk_frames
+from ai_gateway.tools.simulators.realtime import Simulator, SimulatorThread, junk_frames
 
 from .clients import raw_session, sdk_session, websocket_base
 
@@ -249,3 +249,43 @@ def test_upstream_key_is_injected_and_never_shown(simulator, model, tmp_path):
     with saved.open("rb") as f:
         saved_flows = list(io.FlowReader(f).stream())
     assert len(saved_flows) == 2 and not [f for f in saved_flows if "authorization" in f.request.headers]
+
+
+def test_agentgateway_operation_names_label_realtime_usage_chat(simulator, model):
+    """gateway_operation_names=agentgateway: the same samples, with Realtime's operation named chat."""
+    with GatewayProcess(simulator.url, options={"gateway_operation_names": "agentgateway"}) as gateway:
+        asyncio.run(sdk_session(gateway.url, model))
+        samples = usage_only(metered(gateway, gen_ai_request_model=model))
+
+    def as_agentgateway(labels: frozenset) -> frozenset:
+        return frozenset(
+            ("gen_ai_operation_name", "chat") if kv == ("gen_ai_operation_name", "realtime") else kv for kv in labels
+        )
+
+    expected = {
+        (name, as_agentgateway(labels)): v for (name, labels), v in expected_samples(simulator.usage_for(model)).items()
+    }
+    assert {dict(labels)["gen_ai_operation_name"] for _, labels in expected} == {"chat"}
+    assert samples == expected
+
+
+def test_webrtc_sideband_is_metered_under_the_session_model():
+    """`/v1/realtime?call_id=` names no model: the request model is session.created's, not unknown."""
+    with SimulatorThread(seed=7) as simulator, GatewayProcess(simulator.url) as gateway:
+        url = f"{websocket_base(gateway.url)}/v1/realtime?call_id=rtc_1"
+        asyncio.run(raw_session(url, [{"type": "response.create"}] * 2, count=2))
+        sent = simulator.usage_for("unknown")
+        (session_model,) = {e.response_model for e in sent}
+        expected = {
+            (
+                name,
+                frozenset(
+                    ("gen_ai_request_model", session_model) if kv == ("gen_ai_request_model", "unknown") else kv
+                    for kv in labels
+                ),
+            ): v
+            for (name, labels), v in expected_samples(sent).items()
+        }
+        assert len(sent) == 2
+        assert usage_only(metered(gateway, gen_ai_request_model=session_model)) == expected
+        assert not metered(gateway, gen_ai_request_model="unknown")

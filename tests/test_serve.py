@@ -39,7 +39,7 @@ SESSIONS = "agentgateway_gateway_websocket_sessions"
 CONNECTED = re.compile(r"^\[worker (\d+) pid (\d+)\] .*\]\[127\.0\.0\.1:(\d+)\] client connect$", re.MULTILINE)
 SERVING = re.compile(r"ai-gateway: worker (\d+) serving \(pid (\d+)\)")
 POLICY_ERROR = (
-    "policy.yaml:2: routes./realtime: expected one of Completions, Responses, Embeddings, Realtime, Passthrough, "
+    "policy.yaml:2: routes./realtime: expected one of Completions, Responses, Embeddings, Realtime, Passthrough, TextCompletions, Transcriptions, Translations, Speech, Images, RealtimeCalls, "
     "got 'Realtim'"
 )
 

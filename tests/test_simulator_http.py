@@ -327,7 +327,7 @@ def test_passthrough_usage_is_ledgered_as_passthrough(sim: HttpSimulator):
     raw = client(sim).models.with_raw_response.list()
     with post(sim, "/v1/files", {"model": "whatever"}) as response:
         files_usage = json.loads(response.read())["usage"]
-    with post(sim, "/v1/completions", {"model": MODEL, "prompt": "Hi"}) as response:  # legacy: not a chat route
+    with post(sim, "/v1/moderations", {"model": MODEL, "input": "Hi"}) as response:  # no metered route
         legacy_usage = json.loads(response.read())["usage"]
     assert sim.ledger == [
         SentUsage(
@@ -434,3 +434,46 @@ def test_main_serves_until_interrupted():
     with served_module("ai_gateway.tools.simulators.http", timeout=TIMEOUT) as url:
         completion = OpenAI(api_key="sk-test", base_url=url + "/v1", max_retries=0, timeout=TIMEOUT).chat.completions
         assert completion.create(model=MODEL, messages=MESSAGES).model == SNAPSHOT
+
+
+AUDIO_FILE = ("a.wav", b"RIFF" + bytes(64), "audio/wav")
+
+
+def test_new_endpoints_ledger_exactly_what_the_sdk_received(sim: HttpSimulator):
+    """Legacy completions, transcription (tokens and duration), images and compaction: each ledger
+    entry is the usage the SDK parsed, under the request's model (multipart fields included)."""
+    api = client(sim)
+    completion = api.completions.create(model="gpt-3.5-turbo-instruct", prompt="Hi")
+    transcript = api.audio.transcriptions.create(model="gpt-4o-transcribe", file=AUDIO_FILE)
+    whisper = api.audio.translations.create(model="whisper-1", file=AUDIO_FILE, response_format="verbose_json")
+    image = api.images.edit(model="gpt-image-1", image=("i.png", b"\x89PNG", "image/png"), prompt="hat")
+    compacted = api.responses.compact(model=MODEL, input="long")
+    got = [(e.kind, e.request_model, e.response_model, e.usage) for e in sim.ledger]
+    assert got == [
+        (
+            "text_completion",
+            "gpt-3.5-turbo-instruct",
+            resolve_model("gpt-3.5-turbo-instruct"),
+            completion.usage.model_dump(exclude_none=True),
+        ),
+        ("http_transcription", "gpt-4o-transcribe", "unknown", transcript.usage.model_dump(exclude_none=True)),
+        ("translation", "whisper-1", "unknown", whisper.model_extra["usage"]),
+        ("image_edit", "gpt-image-1", "unknown", image.usage.model_dump(exclude_none=True)),
+        ("responses", MODEL, "unknown", compacted.usage.model_dump(exclude_none=True)),
+    ]
+    assert sim.ledger[2].usage["type"] == "duration"
+
+
+def test_speech_ledgers_characters_with_the_audio_and_tokens_with_the_stream(sim: HttpSimulator):
+    api = client(sim)
+    audio = api.audio.speech.create(model="tts-1", voice="alloy", input="Grüße")
+    with api.audio.speech.with_streaming_response.create(
+        model="gpt-4o-mini-tts", voice="alloy", input="Hi", stream_format="sse"
+    ) as response:
+        done = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")][-1]
+    assert audio.content.startswith(b"ID3")
+    assert [(e.kind, e.request_model, e.usage) for e in sim.ledger] == [
+        ("speech_audio", "tts-1", {"characters": 5}),
+        ("speech", "gpt-4o-mini-tts", done["usage"]),
+        ("speech_characters", "gpt-4o-mini-tts", {"characters": 2}),
+    ]

@@ -21,7 +21,7 @@ def run_until_exit(gateway: GatewayProcess, timeout: float = 30) -> tuple[int, s
         (
             "routes:\n  /realtime: Realtim\n",
             {},
-            "policy.yaml:2: routes./realtime: expected one of Completions, Responses, Embeddings, Realtime, Passthrough, got 'Realtim'",
+            "policy.yaml:2: routes./realtime: expected one of Completions, Responses, Embeddings, Realtime, Passthrough, TextCompletions, Transcriptions, Translations, Speech, Images, RealtimeCalls, got 'Realtim'",
         ),
         (
             "auth:\n  env: GATEWAY_UNSET_KEY\nroutes:\n  '*': Passthrough\n",
@@ -40,6 +40,14 @@ def test_invalid_policy_stops_startup_with_one_line(tmp_path, policy, environ, m
     assert message in output
     assert "Traceback" not in output
     assert sum("policy.yaml" in line for line in output.splitlines()) == 1
+
+
+def test_invalid_operation_names_stop_startup_with_one_line():
+    gateway = GatewayProcess("http://127.0.0.1:9", options={"gateway_operation_names": "otel"})
+    returncode, output = run_until_exit(gateway)
+    assert returncode != 0
+    assert "gateway_operation_names: expected one of ours, agentgateway, got 'otel'" in output
+    assert "Traceback" not in output
 
 
 def test_metrics_port_in_use_is_one_clear_error():

@@ -13,20 +13,21 @@ from ai_gateway.accounting.limits import Refusal, SpendControl, Ticket
 from ai_gateway.accounting.metrics import UNKNOWN, GatewayMetrics, ModelLabels, Series
 from ai_gateway.accounting.observer import NO_OBSERVER, Observer
 from ai_gateway.accounting.pricing import PriceCatalog
-from ai_gateway.accounting.usage import DurationUsage, TokenUsage
+from ai_gateway.accounting.usage import CharacterUsage, DurationUsage, TokenUsage
 
 # While the ledger cannot be written and `gateway_usage_log_on_error` is `refuse`: nothing new starts.
 LEDGER_REFUSAL = Refusal(USAGE_LOG, "usage_log_unavailable", 1.0)
 
 
-def pricing_model(labels: ModelLabels) -> str:
+def pricing_model(labels: ModelLabels, session: bool = False) -> str:
     """The model a usage is priced as: the resolved response model, else the requested one.
 
-    Transcription never falls back: its request model is the Realtime model, priced differently.
+    Transcription in a session never falls back: its request model is the Realtime model, priced
+    differently (an HTTP transcription's request model is the transcription model).
     """
     if labels.response_model and labels.response_model != UNKNOWN:
         return labels.response_model
-    return labels.request_model or "" if labels.operation != "transcription" else ""
+    return labels.request_model or "" if labels.operation != "transcription" or not session else ""
 
 
 class Accounting:
@@ -61,7 +62,7 @@ class Accounting:
         self,
         source: Source,
         labels: ModelLabels,
-        usage: TokenUsage | DurationUsage,
+        usage: TokenUsage | DurationUsage | CharacterUsage,
         status: str | None = None,
         response_id: str | None = None,
         ticket: Ticket | None = None,
@@ -73,7 +74,7 @@ class Accounting:
             series.response(status)
         cost = None
         if self.catalog is not None:
-            cost, lookup = self.catalog.cost(pricing_model(labels), usage)
+            cost, lookup = self.catalog.cost(pricing_model(labels, source.session), usage)
             series.priced(lookup, cost)
         self.last_cost = cost
         if self.ledger is not None and not self.ledger.append(source, labels, usage, status, response_id, cost):
@@ -93,6 +94,13 @@ class Accounting:
         if self.ledger is not None:
             self.ledger.append(source, labels, None, status, response_id, None)
         return series
+
+    def realtime_call(self, ticket: Ticket | None, kind: str) -> None:
+        """A WebRTC or SIP call (or its ephemeral key) admitted: counted; it bills nothing here (its
+        usage is seen only on a sideband connection through the gateway), so its reservation goes."""
+        self.metrics.realtime_calls.labels(kind).inc()
+        if ticket is not None:
+            self.release(ticket)
 
     def settle(self, source: Source, ticket: Ticket | None, tokens: int, usd: float) -> None:
         """Spend arrived: it replaces the ticket's reservation, and the key's gauges follow."""

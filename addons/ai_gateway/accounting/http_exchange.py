@@ -6,15 +6,16 @@ from __future__ import annotations
 import time
 
 from ai_gateway.accounting.billing import Accounting
-from ai_gateway.accounting.items import FirstDelta, Malformed, ResponseDone, UsageItem
+from ai_gateway.accounting.items import FirstDelta, Malformed, ResponseDone, SpeechInput, UsageItem
 from ai_gateway.accounting.ledger import Source
 from ai_gateway.accounting.limits import Ticket
 from ai_gateway.accounting.metrics import ModelLabels
 from ai_gateway.accounting.observer import ResponseRecord
+from ai_gateway.accounting.usage import CharacterUsage, TokenUsage
 
 
 class HttpExchange:
-    """Meters one request/response on a Completions, Responses or Embeddings route."""
+    """Meters one request/response on an HTTP route (Completions, Responses, Embeddings, audio, images)."""
 
     def __init__(
         self,
@@ -38,6 +39,7 @@ class HttpExchange:
         self.streamed = False  # the body is a stream, read as it passes
         self.stream_finished = False  # the stream reached its end marker (`[DONE]` or a final event)
         self.stream_unread = False  # the stream could not be read on (already counted): nothing more to count
+        self.speech: SpeechInput | None = None  # a speech request's input, billed when its audio came
 
     def apply(self, item: UsageItem) -> None:
         if isinstance(item, FirstDelta):
@@ -47,6 +49,8 @@ class HttpExchange:
             self.bill(item)
         elif isinstance(item, Malformed):
             self.problem(item)
+        elif isinstance(item, SpeechInput):
+            self.speech = item
 
     def bill(self, done: ResponseDone) -> None:
         if self.billed is not None:  # one exchange bills once; a second usage is the upstream's error
@@ -71,6 +75,8 @@ class HttpExchange:
         ended = time.time()
         if self.ticket is not None:
             self.accounting.release(self.ticket)  # nothing, when its usage settled it already
+        if self.speech is not None and not error_type:
+            self.spoken(self.speech)
         if self.streamed and self.billed is None and not self.stream_unread:
             reason = "missing_usage" if self.stream_finished else "truncated"
             self.problem(Malformed(reason, "the stream ended without usage"))
@@ -79,7 +85,8 @@ class HttpExchange:
         series = self.accounting.metrics.series(self.labels())
         series.duration(ended - self.started, error_type)
         if self.streamed and self.first_token is not None:
-            output = self.billed.usage.output if self.billed and self.billed.usage else None
+            usage = self.billed.usage if self.billed else None
+            output = usage.output if isinstance(usage, TokenUsage) else None
             series.latency(self.first_token - self.started, ended - self.started, output)
         if self.accounting.observer.active:
             self.accounting.observer.response_finished(self.record(ended, error_type, http_status))
@@ -93,3 +100,11 @@ class HttpExchange:
             ended - self.started, None if self.first_token is None else self.first_token - self.started,
             error_type=error_type, http_status=http_status, event="request",
         )  # fmt: skip
+
+    def spoken(self, speech: SpeechInput) -> None:
+        """Speech came back: its characters are billed, as the response when no usage was (audio bodies)."""
+        first = self.billed is None
+        usage = CharacterUsage(speech.characters)
+        self.accounting.bill(
+            self.source, self.labels(), usage, "completed" if first else None, ticket=self.ticket if first else None
+        )

@@ -60,7 +60,7 @@ class ResponseDone:
     (`missing_usage`, `invalid_usage`). It counts as a response and bills nothing.
     """
 
-    usage: TokenUsage | None
+    usage: TokenUsage | DurationUsage | None  # seconds: HTTP transcriptions billed by duration
     status: str = "completed"
     response_id: str | None = None
     response_model: str | None = None
@@ -70,6 +70,13 @@ class ResponseDone:
 @dataclass(frozen=True, slots=True)
 class TranscriptionDone:
     usage: TokenUsage | DurationUsage
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechInput:
+    """A speech request's `input`: its characters are billed when the audio comes back."""
+
+    characters: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +110,7 @@ UsageItem = (
     | FirstDelta
     | ResponseDone
     | TranscriptionDone
+    | SpeechInput
     | RateLimits
     | UpstreamError
     | Malformed

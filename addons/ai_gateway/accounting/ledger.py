@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ai_gateway.accounting.metrics import ModelLabels
-from ai_gateway.accounting.usage import DurationUsage, TokenUsage
+from ai_gateway.accounting.usage import CharacterUsage, DurationUsage, TokenUsage
 
 CONTINUE, REFUSE = "continue", "refuse"
 USAGE_LOG = "usage_log"  # the refusal scope while the ledger cannot be written (`refuse`)
@@ -36,11 +36,16 @@ class Source:
     session: bool = False  # a WebSocket session (its flow id is the session's), not one HTTP exchange
 
 
-def usage_fields(usage: TokenUsage | DurationUsage | None) -> dict[str, Any]:
+Usage = TokenUsage | DurationUsage | CharacterUsage
+
+
+def usage_fields(usage: Usage | None) -> dict[str, Any]:
     if usage is None:
         return {"usage": None}  # a response whose usage could not be read
     if isinstance(usage, DurationUsage):
         return {"audio_seconds": usage.seconds}
+    if isinstance(usage, CharacterUsage):
+        return {"input_characters": usage.characters}
     fields: dict[str, Any] = {"input_tokens": usage.input, "output_tokens": usage.output}
     optional = {
         "cached_tokens": usage.cache_read,
@@ -81,7 +86,7 @@ class UsageLedger:
         self,
         source: Source,
         labels: ModelLabels,
-        usage: TokenUsage | DurationUsage | None,
+        usage: Usage | None,
         status: str | None,
         response_id: str | None,
         cost_usd: float | None,

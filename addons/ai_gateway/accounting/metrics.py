@@ -18,7 +18,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import RestrictedRegistry
 
-from ai_gateway.accounting.usage import DurationUsage, TokenUsage
+from ai_gateway.accounting.usage import CharacterUsage, DurationUsage, TokenUsage
 
 # OpenTelemetry GenAI semantic conventions' advisory buckets, as agentgateway uses them.
 TOKEN_BUCKETS = tuple(4**i for i in range(14))
@@ -33,6 +33,10 @@ UNKNOWN = "unknown"
 OTHER = "other"
 MAX_LABEL_LENGTH = 128
 DEFAULT_MAX_MODEL_LABELS = 100
+# `gen_ai_operation_name` values by naming scheme (option gateway_operation_names): the gateway's
+# own name what was metered; agentgateway labels Realtime usage as chat, and has no value of its
+# own for what it does not meter (transcription, the audio and image endpoints), which keep ours.
+OPERATION_NAMES: dict[str, dict[str, str]] = {"ours": {}, "agentgateway": {"realtime": "chat"}}
 
 
 def label_value(value: str | None) -> str:
@@ -75,8 +79,11 @@ class ModelLabels:
 class GatewayMetrics:
     """The gateway's metric families; `series()` binds them to one label set for cheap updates."""
 
-    def __init__(self, prefix: str, max_model_labels: int = DEFAULT_MAX_MODEL_LABELS) -> None:
+    def __init__(
+        self, prefix: str, max_model_labels: int = DEFAULT_MAX_MODEL_LABELS, operation_names: str = "ours"
+    ) -> None:
         self.registry = CollectorRegistry()
+        self.operation_names = OPERATION_NAMES[operation_names]
         self.request_models = LabelBound(max_model_labels)
         self.client_keys = LabelBound(max_model_labels)
         self.response_models = LabelBound(max_model_labels)
@@ -109,6 +116,20 @@ class GatewayMetrics:
             f"{prefix}_gen_ai_client_transcription_audio_seconds",
             "Seconds of input audio transcribed, for transcription billed by duration.",
             MODEL_LABELS,
+            registry=self.registry,
+        )
+        self.speech_characters = Counter(
+            f"{prefix}_gen_ai_client_speech_input_characters",
+            "Characters of speech input (POST /audio/speech `input`), which tts-1 is billed by; counted by the"
+            " gateway because the audio response reports no usage.",
+            MODEL_LABELS,
+            registry=self.registry,
+        )
+        self.realtime_calls = Counter(
+            f"{prefix}_gateway_realtime_calls",
+            "WebRTC and SIP Realtime calls admitted: kind calls (POST /realtime/calls) or client_secrets"
+            " (an ephemeral key minted for a browser session).",
+            ("kind",),
             registry=self.registry,
         )
         self.responses = Counter(
@@ -257,7 +278,7 @@ class GatewayMetrics:
     def series(self, labels: ModelLabels) -> Series:
         """Children of every model-labelled family for one label set, created once."""
         values = (
-            labels.operation,
+            self.operation_names.get(labels.operation, labels.operation),
             labels.system,
             self.request_models(labels.request_model),
             self.response_models(labels.response_model),
@@ -287,10 +308,13 @@ class Series:
             child = self._children[family, first] = family.labels(*labels)
         return child
 
-    def record(self, usage: TokenUsage | DurationUsage) -> None:
+    def record(self, usage: TokenUsage | DurationUsage | CharacterUsage) -> None:
         metrics = self._metrics
         if isinstance(usage, DurationUsage):
             self._child(metrics.transcription_seconds).inc(usage.seconds)
+            return
+        if isinstance(usage, CharacterUsage):
+            self._child(metrics.speech_characters).inc(usage.characters)
             return
         self._child(metrics.token_usage, "input").observe(usage.input)
         if usage.output is not None:

@@ -46,8 +46,9 @@ Standard tier only: Batch, Flex and Priority variants are not applied.
 
 Cost of a TokenUsage, per modality m in text, audio, image:
 
-    input_m   = the reported input split for m; for text when not reported: input - audio - image
+    input_m   = the input split for m; text is what audio and image leave: input - audio - image
     cached_m  = likewise from the cached split of cache_read; with no cached split, all cached are text
+                (TokenUsage completes the splits so, for the metrics and the ledger as well)
     fresh_m   = input_m - cached_m          (a cached token is billed once, at the cached rate)
     output_m  = likewise from the output split of output
     cost      = sum_m (fresh_m * rate(m, input) + cached_m * rate(m, cached_input)
@@ -87,7 +88,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from yaml.constructor import SafeConstructor
 from yaml.nodes import Node, ScalarNode
 
-from ai_gateway.accounting.usage import MODALITIES, DurationUsage, TokenUsage
+from ai_gateway.accounting.usage import MODALITIES, CharacterUsage, DurationUsage, TokenUsage
 from ai_gateway.config.policy import (
     DEFAULT_POLICY,
     STR_TAG,
@@ -379,7 +380,7 @@ class PriceCatalog:
         prices = self.price(model)
         return prices, PRICED if prices is not None else UNPRICED
 
-    def cost(self, model: str, usage: TokenUsage | DurationUsage) -> tuple[float | None, str]:
+    def cost(self, model: str, usage: TokenUsage | DurationUsage | CharacterUsage) -> tuple[float | None, str]:
         """What a usage costs and the lookup status; None and `unpriced` when it cannot be priced.
 
         The one call metering needs: it never raises, so a gap in the catalog cannot break metering.
@@ -404,11 +405,16 @@ def catalog_for(system: str, prices: str | os.PathLike[str] | None) -> PriceCata
     return PriceCatalog(load_catalog(prices) if prices is not None else None, database_for(system))
 
 
-def cost_usd(usage: TokenUsage | DurationUsage, prices: ModelPrices) -> float:
+def cost_usd(usage: TokenUsage | DurationUsage | CharacterUsage, prices: ModelPrices) -> float:
     """USD for one usage at a model's prices (formula in the module docstring).
 
-    Raises UnpricedUsage when a non-zero count has no rate, even after fallbacks.
+    Raises UnpricedUsage when a non-zero count has no rate, even after fallbacks; characters of
+    speech input have no rate in the catalog.
     """
+    if isinstance(usage, CharacterUsage):
+        if usage.characters:
+            raise UnpricedUsage(f"no rate for {usage.characters} characters of speech input")
+        return 0.0
     if isinstance(usage, DurationUsage):
         if usage.seconds and prices.audio_minute is None:
             raise UnpricedUsage(f"no {DURATION_RATE} rate for {usage.seconds:g} s")
@@ -426,9 +432,9 @@ def cost_usd(usage: TokenUsage | DurationUsage, prices: ModelPrices) -> float:
 
 def _token_counts(usage: TokenUsage) -> tuple[int, ...]:
     """Tokens in COUNT_KEYS order; every input token is either fresh or cached, never both."""
-    text, audio, image = _split(usage.input, usage.input_by_modality)
-    cached_text, cached_audio, cached_image = _split(usage.cache_read or 0, usage.cache_read_by_modality)
-    text_out, audio_out, image_out = _split(usage.output or 0, usage.output_by_modality)
+    text, audio, image = _split(usage.input_by_modality)
+    cached_text, cached_audio, cached_image = _split(usage.cache_read_by_modality)
+    text_out, audio_out, image_out = _split(usage.output_by_modality)
     return (
         *(max(text - cached_text, 0), cached_text, text_out),
         *(max(audio - cached_audio, 0), cached_audio, audio_out),
@@ -436,17 +442,10 @@ def _token_counts(usage: TokenUsage) -> tuple[int, ...]:
     )
 
 
-def _split(total: int, by_modality: tuple[tuple[str, int], ...]) -> tuple[int, int, int]:
-    """Text, audio and image counts; text, unless reported, is what audio and image leave of the total."""
-    text, audio, image = None, 0, 0
-    for modality, n in by_modality:
-        if modality == "audio":
-            audio = n
-        elif modality == "image":
-            image = n
-        else:
-            text = n
-    return (max(total - audio - image, 0) if text is None else text), audio, image
+def _split(by_modality: tuple[tuple[str, int], ...]) -> tuple[int, int, int]:
+    """Text, audio and image counts of a complete split (TokenUsage completes them)."""
+    counts = dict(by_modality)
+    return counts.get("text", 0), counts.get("audio", 0), counts.get("image", 0)
 
 
 def load_catalog(path: str | os.PathLike[str]) -> PriceFile:

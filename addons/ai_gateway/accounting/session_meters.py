@@ -230,6 +230,8 @@ class RealtimeMeter(SessionMeter):
                 self.refused(event_id)
             case SessionModels(model=model, transcription_model=transcription_model):
                 self.response_model = self.totals.model = model or self.response_model
+                if self.request_model == UNKNOWN:  # a WebRTC/SIP sideband (`?call_id=`): the call chose it
+                    self.request_model = self.response_model
                 self.transcription_model = transcription_model or self.transcription_model
                 self.session_id = item.session_id or self.session_id
             case TranscriptionDone(usage=usage):

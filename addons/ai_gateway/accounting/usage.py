@@ -22,27 +22,64 @@ class InvalidUsage(ValueError):
     """The usage object is not something we can bill; str() says which field and why."""
 
 
+Split = tuple[tuple[str, int], ...]
+
+
 @dataclass(frozen=True, slots=True)
 class TokenUsage:
-    """One response's tokens; None where the upstream did not report a count (embeddings have no output)."""
+    """One response's tokens; None where the upstream did not report a count (embeddings have no output).
+
+    The splits by modality are complete whatever the upstream reported: text is what the reported
+    audio and image parts leave of the total (a reported text count is not trusted over the total:
+    OpenAI's Chat, Responses and Embeddings report no text part at all), and cached tokens without
+    a split are text (as pricing takes them). So every split sums to its total. Parts that exceed
+    their total are not something to bill: InvalidUsage, as for cached tokens exceeding input.
+    """
 
     input: int
     output: int | None
     cache_read: int | None = None
-    input_by_modality: tuple[tuple[str, int], ...] = ()
-    cache_read_by_modality: tuple[tuple[str, int], ...] = ()
-    output_by_modality: tuple[tuple[str, int], ...] = ()
+    input_by_modality: Split = ()
+    cache_read_by_modality: Split = ()
+    output_by_modality: Split = ()
     reasoning: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.cache_read is not None and self.cache_read > self.input:
+            raise InvalidUsage(f"cached tokens {self.cache_read} exceed input tokens {self.input}")
+        complete = (
+            ("input_by_modality", complete_split("input", self.input, self.input_by_modality)),
+            ("cache_read_by_modality", complete_split("cached", self.cache_read, self.cache_read_by_modality)),
+            ("output_by_modality", complete_split("output", self.output, self.output_by_modality)),
+        )
+        for name, split in complete:
+            object.__setattr__(self, name, split)
+
+
+def complete_split(name: str, total: int | None, reported: Split, rest: str = "text") -> Split:
+    """The reported parts other than `rest`, and `rest` as what they leave of the total, in
+    MODALITIES order (zeros kept: a reported zero is a series); nothing for an unreported total."""
+    if total is None:
+        return ()
+    parts = {m: n for m, n in reported if m != rest}
+    left = total - sum(parts.values())
+    if left < 0:
+        others = " and ".join(m for m in MODALITIES if m != rest)
+        raise InvalidUsage(f"{name} {others} tokens {total - left} exceed {name} tokens {total}")
+    parts[rest] = left
+    return tuple((m, parts[m]) for m in MODALITIES if m in parts)
 
 
 @dataclass(frozen=True, slots=True)
 class UsageShape:
-    """Where an API puts its counts: the same ideas under different names per API."""
+    """Where an API puts its counts: the same ideas under different names per API. Output is
+    `output_modality` where its details do not say otherwise (images make image tokens, speech audio)."""
 
     input: str
     output: str | None
     input_details: str
     output_details: str | None
+    output_modality: str = "text"
 
 
 REALTIME_USAGE = UsageShape("input_tokens", "output_tokens", "input_token_details", "output_token_details")
@@ -51,6 +88,8 @@ COMPLETIONS_USAGE = UsageShape(
     "prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details"
 )
 EMBEDDINGS_USAGE = UsageShape("prompt_tokens", None, "prompt_tokens_details", None)
+IMAGES_USAGE = UsageShape("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details", "image")
+SPEECH_USAGE = UsageShape("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details", "audio")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +97,14 @@ class DurationUsage:
     """Transcription billed by audio duration instead of tokens."""
 
     seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class CharacterUsage:
+    """Speech billed by characters of input (tts-1): what a speech request's `input` had, counted
+    by the gateway, because the audio response reports no usage."""
+
+    characters: int
 
 
 def tokens(obj: Mapping[str, Any], key: str, *, required: bool = True) -> int | None:
@@ -101,16 +148,13 @@ def parse_usage(usage: Any, shape: UsageShape) -> TokenUsage:
     output_tokens = tokens(usage, shape.output) if shape.output else None
     input_details = details(usage, shape.input_details)
     output_details = details(usage, shape.output_details) if shape.output_details else {}
-    cached = tokens(input_details, "cached_tokens", required=False)
-    if cached is not None and cached > input_tokens:
-        raise InvalidUsage(f"cached_tokens {cached} exceeds {shape.input} {input_tokens}")
     return TokenUsage(
         input=input_tokens,
         output=output_tokens,
-        cache_read=cached,
+        cache_read=tokens(input_details, "cached_tokens", required=False),
         input_by_modality=by_modality(input_details),
         cache_read_by_modality=by_modality(details(input_details, "cached_tokens_details")),
-        output_by_modality=by_modality(output_details),
+        output_by_modality=complete_split("output", output_tokens, by_modality(output_details), shape.output_modality),
         reasoning=tokens(output_details, "reasoning_tokens", required=False),
     )
 

@@ -35,13 +35,20 @@ T = TypeVar("T")
 
 
 class RouteType(enum.StrEnum):
-    """agentgateway's route types: they decide how a request is metered."""
+    """Route types: they decide how a request is metered. agentgateway's names first; the others
+    are OpenAI endpoints agentgateway has no route type for."""
 
     COMPLETIONS = "Completions"
     RESPONSES = "Responses"
     EMBEDDINGS = "Embeddings"
     REALTIME = "Realtime"
     PASSTHROUGH = "Passthrough"
+    TEXT_COMPLETIONS = "TextCompletions"  # the legacy /v1/completions
+    TRANSCRIPTIONS = "Transcriptions"
+    TRANSLATIONS = "Translations"
+    SPEECH = "Speech"
+    IMAGES = "Images"  # generations and edits
+    REALTIME_CALLS = "RealtimeCalls"  # WebRTC and SIP: /realtime/calls, /realtime/client_secrets
 
 
 class WireProtocol(enum.StrEnum):

@@ -24,8 +24,9 @@ to the model are input), cache read = cachedContentTokenCount (part of the promp
 responseTokenCount (Vertex: candidatesTokenCount) + thoughtsTokenCount, reasoning = thoughts.
 Modalities: TEXT, AUDIO and IMAGE as such; VIDEO as image (video reaches the model as image
 frames, and Google prices image and video input alike); DOCUMENT and unspecified as text. A
-split is reported only when every non-zero count has its details, so splits add up to their
-totals; thoughts are text. Counts Google leaves out are zero (proto3 JSON omits zeros).
+count without details is text, thoughts are text, and text is what audio and image leave of each
+total (TokenUsage), so splits add up to their totals. Counts Google leaves out are zero (proto3
+JSON omits zeros).
 
 Most server frames are audio: `{"serverContent": {"modelTurn": {"parts": [{"inlineData":
 {"mimeType": "audio/pcm...", "data": "<base64>"}}]}}}`. Base64 has no quote, so such a frame is
@@ -146,8 +147,6 @@ def parse_usage_metadata(metadata: Any) -> TokenUsage:
     response = _count(metadata, response_key)
     thoughts = tokens(metadata, "thoughtsTokenCount", required=False)
     cached = tokens(metadata, "cachedContentTokenCount", required=False)
-    if cached is not None and cached > prompt + tool_use:
-        raise InvalidUsage(f"cachedContentTokenCount {cached} exceeds the prompt's {prompt + tool_use}")
     output_parts = [(response, _details(metadata, response_details))]
     if thoughts:
         output_parts.append((thoughts, (("text", thoughts),)))
@@ -191,11 +190,9 @@ def _details(metadata: Mapping[str, Any], key: str) -> tuple[tuple[str, int], ..
 
 
 def _split(parts: list[tuple[int, tuple[tuple[str, int], ...] | None]]) -> tuple[tuple[str, int], ...]:
-    """Per-modality sums over the parts of a total; nothing when a non-zero part has no details."""
-    if any(details is None and count for count, details in parts):
-        return ()
+    """Per-modality sums over the parts of a total; a part without details is text."""
     sums: dict[str, int] = {}
-    for _, details in parts:
-        for modality, count in details or ():
-            sums[modality] = sums.get(modality, 0) + count
+    for count, details in parts:
+        for modality, n in details if details is not None else (("text", count),):
+            sums[modality] = sums.get(modality, 0) + n
     return tuple(sums.items())

@@ -1,40 +1,78 @@
 """OpenAI-style HTTP APIs: request bodies, JSON response bodies, and server-sent event streams
 read as they pass, turned into usage items.
 
-One reader per route type knows where that API puts usage and model: Chat Completions sends
-usage in a final chunk with no choices, Responses in its `response.completed` event (on SSE and
-on its WebSocket mode alike), Embeddings only as input tokens.
+One reader per route type knows where that API puts usage and model: Chat Completions (and the
+legacy Completions) send usage in a final chunk with no choices, Responses in its
+`response.completed` event (on SSE and on its WebSocket mode alike), Embeddings only as input
+tokens, transcriptions and translations as tokens or seconds (JSON, or `transcript.text.done`),
+images as tokens (JSON, or `image_generation.completed`), speech only on its SSE stream
+(`speech.audio.done`): its audio body has none, so the characters of its `input` are counted.
+Uploads (transcriptions, image edits) are multipart: only the head of the body is looked at,
+for the `model` field, and never decoded.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, NamedTuple
 
-from ai_gateway.accounting.items import FirstDelta, Malformed, ResponseDone
+from ai_gateway.accounting.items import FirstDelta, Malformed, ResponseDone, SpeechInput
 from ai_gateway.accounting.usage import (
     COMPLETIONS_USAGE,
     EMBEDDINGS_USAGE,
+    IMAGES_USAGE,
     RESPONSES_USAGE,
+    SPEECH_USAGE,
+    DurationUsage,
     InvalidUsage,
-    UsageShape,
+    TokenUsage,
+    parse_transcription_usage,
     parse_usage,
 )
 from ai_gateway.config.policy import RouteType
 from ai_gateway.protocols.encoding import BodyDecoder, BodyTooLarge, UnsupportedEncoding, decode_body
 from ai_gateway.protocols.json_events import decode_json
 
-USAGE_SHAPES: dict[RouteType, UsageShape] = {
-    RouteType.COMPLETIONS: COMPLETIONS_USAGE,
-    RouteType.RESPONSES: RESPONSES_USAGE,
-    RouteType.EMBEDDINGS: EMBEDDINGS_USAGE,
+Parse = Callable[[Any], TokenUsage | DurationUsage]
+USAGE_PARSERS: dict[RouteType, Parse] = {
+    RouteType.COMPLETIONS: functools.partial(parse_usage, shape=COMPLETIONS_USAGE),
+    RouteType.TEXT_COMPLETIONS: functools.partial(parse_usage, shape=COMPLETIONS_USAGE),
+    RouteType.RESPONSES: functools.partial(parse_usage, shape=RESPONSES_USAGE),
+    RouteType.EMBEDDINGS: functools.partial(parse_usage, shape=EMBEDDINGS_USAGE),
+    RouteType.TRANSCRIPTIONS: parse_transcription_usage,
+    RouteType.TRANSLATIONS: parse_transcription_usage,
+    RouteType.SPEECH: functools.partial(parse_usage, shape=SPEECH_USAGE),
+    RouteType.IMAGES: functools.partial(parse_usage, shape=IMAGES_USAGE),
 }
-OPERATIONS = {RouteType.COMPLETIONS: "chat", RouteType.RESPONSES: "chat", RouteType.EMBEDDINGS: "embeddings"}
+OPERATIONS = {
+    RouteType.COMPLETIONS: "chat",
+    RouteType.RESPONSES: "chat",
+    RouteType.EMBEDDINGS: "embeddings",
+    RouteType.TEXT_COMPLETIONS: "text_completion",
+    RouteType.TRANSCRIPTIONS: "transcription",
+    RouteType.TRANSLATIONS: "translation",
+    RouteType.SPEECH: "speech",
+    RouteType.IMAGES: "image_generation",
+}
 METERED_HTTP = frozenset(OPERATIONS)
-# Responses events that end a response and may carry its usage.
+# Routes whose request is a multipart upload (image edits may be either: told by the body).
+MULTIPART = frozenset({RouteType.TRANSCRIPTIONS, RouteType.TRANSLATIONS})
+# Routes whose streaming request the gateway makes ask for usage (`stream_options.include_usage`).
+CHUNKED_USAGE = frozenset({RouteType.COMPLETIONS, RouteType.TEXT_COMPLETIONS})
+# Events that end a response and may carry its usage: Responses, transcription, speech, images.
 RESPONSES_FINAL_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+FINAL_EVENTS = RESPONSES_FINAL_EVENTS | {
+    "transcript.text.done",
+    "speech.audio.done",
+    "image_generation.completed",
+    "image_edit.completed",
+}
+# How much of a multipart upload is searched for its `model` field: the SDKs send fields before files.
+MULTIPART_HEAD_BYTES = 64 * 1024
 # No legitimate event comes near this; a stream without event boundaries must not grow memory.
 MAX_EVENT_BYTES = 4 * 1024 * 1024
 
@@ -139,7 +177,7 @@ def rewrite_request(route_type: RouteType, body: bytes, model: str | None) -> tu
         inserted += [] if found else [f'"model":{replacement}']
         requested = model
     stream = last(members, "stream")
-    if route_type is RouteType.COMPLETIONS and stream is not None and stream.value is True:
+    if route_type in CHUNKED_USAGE and stream is not None and stream.value is True:
         options = [m for m in members if m.key == "stream_options"]
         if not options:
             inserted.append('"stream_options":{"include_usage":true}')
@@ -175,14 +213,46 @@ def _spliced(text: str, edits: list[Edit]) -> str:
 
 def read_request(
     route_type: RouteType, raw: bytes, content_encoding: str, model: str | None, limit: int
-) -> tuple[str | None, bytes | None, Malformed | None]:
+) -> tuple[str | None, bytes | None, Malformed | SpeechInput | None]:
     """A request body as it arrived: its model, the new (decoded) body if the policy changes it,
-    and why it was not read. Bodies past `limit` decoded are not read (forwarded unchanged)."""
+    and why it was not read (or, for speech, the characters of its input). Bodies past `limit`
+    decoded are not read (forwarded unchanged); multipart uploads are never decoded."""
+    if route_type in MULTIPART or (route_type is RouteType.IMAGES and raw.startswith(b"--")):
+        requested, rewritten = rewrite_multipart(raw, model) if not content_encoding else (None, None)
+        return requested, rewritten, None
     body = decoded(raw, content_encoding, limit)
     if isinstance(body, Malformed):
         return None, None, body
     requested, rewritten = rewrite_request(route_type, body, model)
-    return requested, rewritten, None
+    return requested, rewritten, speech_input(body) if route_type is RouteType.SPEECH else None
+
+
+_MODEL_FIELD = re.compile(
+    rb'\r\ncontent-disposition: *form-data; *name="model"\r\n(?:[^\r\n]+\r\n)*\r\n([^\r\n]{1,256})\r\n', re.IGNORECASE
+)
+
+
+def rewrite_multipart(raw: bytes, model: str | None) -> tuple[str | None, bytes | None]:
+    """A multipart upload's `model` field, found in the head of the body (where the SDKs put the
+    fields, before the file), and the body with its value replaced when the policy overrides it.
+    Not found: no model, and the body goes as it came."""
+    found = _MODEL_FIELD.search(raw, 0, MULTIPART_HEAD_BYTES)
+    if found is None:
+        return None, None
+    requested = found[1].decode("utf-8", "replace")
+    if model is None or model == requested:
+        return requested, None
+    return model, raw[: found.start(1)] + model.encode() + raw[found.end(1) :]
+
+
+_SPEECH_KEYS = frozenset({"input"})
+
+
+def speech_input(body: bytes) -> SpeechInput | None:
+    """The characters (code points) of a speech request's `input`, which tts-1 is billed by."""
+    document = top_level(body, _SPEECH_KEYS)
+    found = last(document[2], "input") if document is not None else None
+    return SpeechInput(len(found.value)) if found is not None and isinstance(found.value, str) else None
 
 
 def decoded(raw: bytes, content_encoding: str, limit: int) -> bytes | Malformed:
@@ -200,8 +270,13 @@ def decoded(raw: bytes, content_encoding: str, limit: int) -> bytes | Malformed:
 _RESPONSE_KEYS = frozenset({"model", "usage"})
 
 
-def read_response(route_type: RouteType, raw: bytes, content_encoding: str, limit: int) -> ResponseDone | Malformed:
-    """A whole JSON response body (non-streaming) as it arrived, decoded within `limit`."""
+def read_response(
+    route_type: RouteType, raw: bytes, content_encoding: str, limit: int
+) -> ResponseDone | Malformed | None:
+    """A whole response body (non-streaming) as it arrived, decoded within `limit`; None for
+    speech, whose body is the audio (its characters were counted from the request)."""
+    if route_type is RouteType.SPEECH:
+        return None
     body = decoded(raw, content_encoding, limit)
     return body if isinstance(body, Malformed) else read_body(route_type, body)
 
@@ -210,27 +285,29 @@ def read_body(route_type: RouteType, body: bytes) -> ResponseDone | Malformed:
     """A decoded JSON response body: only its `usage` and `model` are decoded."""
     document = top_level(body, _RESPONSE_KEYS)
     if document is None:
+        if route_type in (RouteType.TRANSCRIPTIONS, RouteType.TRANSLATIONS):
+            return Malformed("missing_usage", "a text, srt or vtt transcript carries no usage")
         return Malformed("invalid_json", "the body is not a JSON object")
     _, _, members = document
-    return _billed({m.key: m.value for m in members if m.key in _RESPONSE_KEYS}, USAGE_SHAPES[route_type], "completed")
+    return _billed({m.key: m.value for m in members if m.key in _RESPONSE_KEYS}, USAGE_PARSERS[route_type], "completed")
 
 
-def _billed(document: dict[str, Any], shape: UsageShape, status: str) -> ResponseDone | Malformed:
+def _billed(document: dict[str, Any], parse: Parse, status: str) -> ResponseDone | Malformed:
     if document.get("usage") is None:
         return Malformed("missing_usage", "no usage in the response")
     try:
-        usage = parse_usage(document["usage"], shape)
+        usage = parse(document["usage"])
     except InvalidUsage as e:
         return Malformed("invalid_usage", str(e))
     return ResponseDone(usage, status, response_model=_string(document.get("model")))
 
 
-def _final_response(response: dict[str, Any], status: str) -> ResponseDone:
-    """A Responses API response that ended: counted whatever its usage, billed when the usage is whole."""
-    done = _billed(response, RESPONSES_USAGE, status)
-    response_id = _string(response.get("id"))
+def _final(document: dict[str, Any], parse: Parse, status: str) -> ResponseDone:
+    """A response that ended (its final event): counted whatever its usage, billed when the usage is whole."""
+    done = _billed(document, parse, status)
+    response_id = _string(document.get("id"))
     if isinstance(done, Malformed):
-        return ResponseDone(None, status, response_id, _string(response.get("model")), unread=done.reason)
+        return ResponseDone(None, status, response_id, _string(document.get("model")), unread=done.reason)
     return replace(done, response_id=response_id)
 
 
@@ -239,9 +316,10 @@ def _string(value: Any) -> str | None:
 
 
 def read_completions_chunk(chunk: dict[str, Any]) -> StreamItem | None:
-    """A `chat.completion.chunk`: content makes a first token; usage comes in a chunk with no choices."""
+    """A `chat.completion.chunk` (or legacy `text_completion` chunk): content makes a first token;
+    usage comes in a chunk with no choices."""
     if chunk.get("usage") is not None:
-        return _billed(chunk, COMPLETIONS_USAGE, "completed")
+        return _billed(chunk, USAGE_PARSERS[RouteType.COMPLETIONS], "completed")
     choices = chunk.get("choices")
     if isinstance(choices, list) and any(_has_content(choice) for choice in choices):
         return FirstDelta()
@@ -249,8 +327,10 @@ def read_completions_chunk(chunk: dict[str, Any]) -> StreamItem | None:
 
 
 def _has_content(choice: Any) -> bool:
-    delta = choice.get("delta") if isinstance(choice, dict) else None
-    return isinstance(delta, dict) and any(value for key, value in delta.items() if key != "role")
+    if not isinstance(choice, dict):
+        return False
+    delta = choice.get("delta")
+    return bool(choice.get("text")) or isinstance(delta, dict) and any(v for k, v in delta.items() if k != "role")
 
 
 def read_responses_event(event: dict[str, Any]) -> StreamItem | None:
@@ -264,17 +344,44 @@ def read_responses_event(event: dict[str, Any]) -> StreamItem | None:
         response = event.get("response")
         if not isinstance(response, dict):
             return Malformed("invalid_event", f"{kind} without a response object")
-        return _final_response(response, kind.removeprefix("response."))
+        return _final(response, USAGE_PARSERS[RouteType.RESPONSES], kind.removeprefix("response."))
     return None
+
+
+def event_reader(route_type: RouteType, first: str, final: str) -> Callable[[dict[str, Any]], StreamItem | None]:
+    """The reader of a stream whose content events end in `first` (a first token) and whose final
+    event, ending in `final`, carries the usage at its top level."""
+    parse = USAGE_PARSERS[route_type]
+
+    def read(event: dict[str, Any]) -> StreamItem | None:
+        kind = event.get("type")
+        if not isinstance(kind, str):
+            return None
+        if kind in FINAL_EVENTS and kind.endswith(final):
+            return _final(event, parse, "completed")
+        return FirstDelta() if kind.endswith(first) else None
+
+    return read
+
+
+STREAM_READERS: dict[RouteType, Callable[[dict[str, Any]], StreamItem | None]] = {
+    RouteType.COMPLETIONS: read_completions_chunk,
+    RouteType.TEXT_COMPLETIONS: read_completions_chunk,
+    RouteType.RESPONSES: read_responses_event,
+    RouteType.TRANSCRIPTIONS: event_reader(RouteType.TRANSCRIPTIONS, ".delta", "text.done"),
+    RouteType.TRANSLATIONS: event_reader(RouteType.TRANSLATIONS, ".delta", "text.done"),
+    RouteType.SPEECH: event_reader(RouteType.SPEECH, ".delta", "audio.done"),
+    RouteType.IMAGES: event_reader(RouteType.IMAGES, ".partial_image", ".completed"),
+}
 
 
 class SseStream:
     """Incremental server-sent events: feed bytes as they arrive, get each complete event's items."""
 
     def __init__(self, route_type: RouteType) -> None:
-        self._read = read_completions_chunk if route_type is RouteType.COMPLETIONS else read_responses_event
+        self._read = STREAM_READERS.get(route_type, read_responses_event)
         self._buffer = b""
-        self.finished = False  # saw `data: [DONE]` or a final Responses event
+        self.finished = False  # saw `data: [DONE]` or a final event
 
     def feed(self, data: bytes) -> list[StreamItem]:
         self._buffer = (self._buffer + data).replace(b"\r\n", b"\n")
@@ -300,7 +407,7 @@ class SseStream:
         if isinstance(document, Malformed):
             return document
         item = self._read(document)
-        if isinstance(item, ResponseDone) or document.get("type") in RESPONSES_FINAL_EVENTS:
+        if isinstance(item, ResponseDone) or document.get("type") in FINAL_EVENTS:
             self.finished = True
         return item
 

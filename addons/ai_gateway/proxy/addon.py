@@ -22,7 +22,7 @@ from ai_gateway.accounting.http_exchange import HttpExchange
 from ai_gateway.accounting.items import ResponseStarted
 from ai_gateway.accounting.ledger import CONTINUE, REFUSE, Source, UsageLedger, recent_records
 from ai_gateway.accounting.limits import ANONYMOUS, Refusal, SpendControl, client_key_sha256, identify
-from ai_gateway.accounting.metrics import DEFAULT_MAX_MODEL_LABELS, GatewayMetrics, MetricsServer
+from ai_gateway.accounting.metrics import DEFAULT_MAX_MODEL_LABELS, OPERATION_NAMES, GatewayMetrics, MetricsServer
 from ai_gateway.accounting.pricing import PriceCatalog, catalog_for
 from ai_gateway.accounting.session_meters import GeminiLiveMeter, RealtimeMeter, ResponsesSocketMeter, SessionMeter
 from ai_gateway.config.policy import (
@@ -74,7 +74,8 @@ POLICY_SETTLE_SECONDS = 2.0  # a policy file must be unchanged this long before 
 CLIENT_KEY_METADATA = "ai_gateway.client_key"  # the client's identity label (never the key)
 KNOWN_KEY_METADATA = "ai_gateway.known_client_key"
 SESSION_OPEN_METADATA = "ai_gateway.session_admitted"  # counted against concurrent_sessions until it ends
-METRICS_OPTIONS = {"gateway_metrics_host", "gateway_metrics_port", "gateway_metrics_prefix", "gateway_max_model_labels"}
+METRIC_FAMILY_OPTIONS = {"gateway_metrics_prefix", "gateway_max_model_labels", "gateway_operation_names"}
+METRICS_OPTIONS = {"gateway_metrics_host", "gateway_metrics_port", *METRIC_FAMILY_OPTIONS}
 TRACING_OPTIONS = {"gateway_otlp_endpoint", "gateway_metrics_prefix", "gateway_max_model_labels"}
 
 logger = logging.getLogger(__name__)
@@ -144,6 +145,13 @@ class Gateway:
             "Distinct values kept per model label; later ones are recorded as 'other' (clients choose model names).",
         )
         option(
+            "gateway_operation_names",
+            str,
+            "ours",
+            "gen_ai_operation_name values: 'ours' (realtime for Realtime sessions) or 'agentgateway' (chat, as "
+            "agentgateway labels them, for dashboards that expect its values exactly).",
+        )
+        option(
             "gateway_usage_log", str, "", "Append one JSON line per metered response to this file (the usage ledger)."
         )
         option(
@@ -200,14 +208,17 @@ class Gateway:
         options = ctx.options
         if "gateway_policy" in updated:
             self.set_policy(options.gateway_policy)
-        if updated & {"gateway_metrics_prefix", "gateway_max_model_labels"}:
+        if updated & METRIC_FAMILY_OPTIONS:
             prefix, max_labels = options.gateway_metrics_prefix, options.gateway_max_model_labels
+            names = options.gateway_operation_names
             if not _METRIC_PREFIX.fullmatch(prefix):
                 self.refuse(f"gateway_metrics_prefix: expected a Prometheus metric name prefix, got {prefix!r}")
             elif max_labels < 1:
                 self.refuse(f"gateway_max_model_labels: expected a positive number, got {max_labels}")
+            elif names not in OPERATION_NAMES:
+                self.refuse(f"gateway_operation_names: expected one of {', '.join(OPERATION_NAMES)}, got {names!r}")
             else:
-                self.metrics = GatewayMetrics(prefix, max_labels)
+                self.metrics = GatewayMetrics(prefix, max_labels, names)
         if "gateway_usage_log" in updated:
             self.open_ledger(options.gateway_usage_log)
         if self.ledger is not None:
@@ -422,8 +433,10 @@ class Gateway:
             return
         route = self.policy.match(flow.request.path)
         upgrade = is_websocket_upgrade(flow.request)
-        metered = session_kind(route) is not None if upgrade else route.type in METERED_HTTP
-        if not metered:
+        # A GET on a metered path reads (stored completions, a response by id): nothing is billed.
+        calls = route.type is RouteType.REALTIME_CALLS
+        metered = session_kind(route) is not None if upgrade else route.type in METERED_HTTP or calls
+        if not metered or not upgrade and flow.request.method != "POST":
             return
         source = self.source(flow, route.type, session=upgrade)
         action = "rejected_session" if upgrade else "rejected_request"
@@ -442,6 +455,9 @@ class Gateway:
         if isinstance(verdict, Refusal):
             flow.response = refusal_response(verdict)
             self.accounting.enforced(verdict, action)
+            return
+        if calls:  # minting a WebRTC/SIP session: checked and counted, billed on its sideband only
+            self.accounting.realtime_call(verdict, flow.request.path.split("?", 1)[0].rpartition("/")[2])
             return
         request = flow.request
         encoding = request.headers.get("content-encoding", "")

@@ -188,8 +188,12 @@ class _Shape:
     input_details: str
     output_details: str | None
     counts_responses: bool = True
+    output_modality: str = "text"  # what output is where its details do not say
 
 
+_IMAGES = _Shape(
+    "image_generation", "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details", True, "image"
+)
 _SHAPES = {
     "response": _Shape("realtime", "input_tokens", "output_tokens", "input_token_details", "output_token_details"),
     "unbilled_response": _Shape("realtime", "", None, "", None),
@@ -199,6 +203,20 @@ _SHAPES = {
     "chat": _Shape("chat", "prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details"),
     "responses": _Shape("chat", "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details"),
     "embeddings": _Shape("embeddings", "prompt_tokens", None, "prompt_tokens_details", None),
+    "text_completion": _Shape(
+        "text_completion", "prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details"
+    ),
+    "http_transcription": _Shape("transcription", "input_tokens", "output_tokens", "input_token_details", None),
+    "translation": _Shape("translation", "input_tokens", "output_tokens", "input_token_details", None),
+    "speech": _Shape(
+        "speech", "input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details", True, "audio"
+    ),
+    "image_generation": _IMAGES,
+    "image_edit": _IMAGES,
+    # Speech as audio bytes: the characters of its input, counted by the gateway, and the response;
+    # streamed (speech_characters) the response is counted with its token usage instead.
+    "speech_audio": _Shape("speech", "", None, "", None),
+    "speech_characters": _Shape("speech", "", None, "", None, False),
     # OpenAI-compatible realtime servers: Qwen/DashScope spells the details as the Responses API
     # does; vLLM's transcription.done carries Chat Completions' usage.
     "qwen_response": _Shape(
@@ -246,6 +264,9 @@ def expected_samples(
             add("gen_ai_client_responses_total", {**labels, "status": entry.status}, 1)
         if entry.kind == "unbilled_response":
             continue
+        if "characters" in usage:
+            add("gen_ai_client_speech_input_characters_total", labels, usage["characters"])
+            continue
         if usage.get("type") == "duration":
             add("gen_ai_client_transcription_audio_seconds_total", labels, usage["seconds"])
             continue
@@ -258,15 +279,15 @@ def expected_samples(
             observations["input_cache_read"] = input_details["cached_tokens"]
         _expect_observations(add, labels, observations)
         families = (
-            ("input_tokens", input_details),
-            ("cache_read_input_tokens", input_details.get("cached_tokens_details") or {}),
-            ("output_tokens", output_details),
+            ("input_tokens", usage[shape.input], input_details),
+            ("cache_read_input_tokens", input_details.get("cached_tokens"), input_details.get("cached_tokens_details")),
+            ("output_tokens", usage[shape.output] if shape.output else None, output_details),
         )
-        for family, details in families:
-            for modality in ("text", "audio", "image"):
-                if f"{modality}_tokens" in details:
-                    modal = {**labels, "gen_ai_token_modality": modality}
-                    add(f"gen_ai_client_inference_usage_{family}_total", modal, details[f"{modality}_tokens"])
+        for family, total, details in families:
+            if total is not None:
+                rest = shape.output_modality if family == "output_tokens" else "text"
+                named = [m for m in ("text", "audio", "image") if m != rest and f"{m}_tokens" in (details or {})]
+                _expect_modalities(add, labels, family, total, {m: details[f"{m}_tokens"] for m in named}, rest)
         if "reasoning_tokens" in output_details:
             add(
                 "gen_ai_client_inference_usage_reasoning_output_tokens_total",
@@ -274,6 +295,20 @@ def expected_samples(
                 output_details["reasoning_tokens"],
             )
     return out
+
+
+def _expect_modalities(
+    add: Callable[..., None],
+    labels: Mapping[str, str],
+    family: str,
+    total: int,
+    parts: Mapping[str, int],
+    rest: str = "text",
+) -> None:
+    """A total by modality: the reported parts, `rest` as what they leave, and text always (0 if nothing)."""
+    counts = {"text": 0, **parts, rest: total - sum(parts.values())}
+    for modality, count in counts.items():
+        add(f"gen_ai_client_inference_usage_{family}_total", {**labels, "gen_ai_token_modality": modality}, count)
 
 
 def _expect_observations(add: Callable[..., None], labels: Mapping[str, str], observations: Mapping[str, int]) -> None:
@@ -292,7 +327,7 @@ _GEMINI_MODALITY = {"TEXT": "text", "AUDIO": "audio", "IMAGE": "image", "VIDEO":
 
 def _expect_gemini_turn(add: Callable[..., None], entry: Any, system: str) -> None:
     """A Gemini Live turn's usageMetadata: input is prompt plus tool-use prompt, output is response
-    (Vertex: candidates) plus thoughts, thoughts being text; a split only where every non-zero part has one."""
+    (Vertex: candidates) plus thoughts, thoughts and parts without details being text."""
     usage = entry.usage
     labels = {
         "gen_ai_operation_name": "realtime",
@@ -312,16 +347,16 @@ def _expect_gemini_turn(add: Callable[..., None], entry: Any, system: str) -> No
     if "cachedContentTokenCount" in usage:
         observations["input_cache_read"] = cached[0]
     _expect_observations(add, labels, observations)
-    for family, parts in (
-        ("input_tokens", (prompt, tool)),
-        ("cache_read_input_tokens", (cached,)),
-        ("output_tokens", (response, thinking)),
-    ):
-        if any(count and details is None for count, details in parts):
-            continue
+    families = [("input_tokens", (prompt, tool)), ("output_tokens", (response, thinking))]
+    if "cachedContentTokenCount" in usage:
+        families.append(("cache_read_input_tokens", (cached,)))
+    for family, parts in families:
+        modal: dict[str, int] = {}
         for _, details in parts:
             for detail in details or []:
-                modal = {**labels, "gen_ai_token_modality": _GEMINI_MODALITY.get(detail["modality"], "text")}
-                add(f"gen_ai_client_inference_usage_{family}_total", modal, detail.get("tokenCount", 0))
+                modality = _GEMINI_MODALITY.get(detail["modality"], "text")
+                if modality != "text":
+                    modal[modality] = modal.get(modality, 0) + detail.get("tokenCount", 0)
+        _expect_modalities(add, labels, family, sum(count for count, _ in parts), modal)
     if "thoughtsTokenCount" in usage:
         add("gen_ai_client_inference_usage_reasoning_output_tokens_total", labels, thoughts)

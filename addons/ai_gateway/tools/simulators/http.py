@@ -1,4 +1,6 @@
-"""A simulated OpenAI HTTP API upstream (Chat Completions, Responses, Embeddings), for tests and the demo.
+"""A simulated OpenAI HTTP API upstream (Chat Completions, Responses, Embeddings, the legacy Completions,
+audio transcriptions, translations and speech, image generation and edits, Realtime WebRTC calls and
+client secrets), for tests and the demo.
 
 A real aiohttp server on localhost that the gateway forwards to, answering enough of each API
 (JSON bodies, server-sent event streams, the Responses API's WebSocket mode) for the official
@@ -17,6 +19,8 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import email.parser
+import email.policy
 import functools
 import itertools
 import json
@@ -121,18 +125,26 @@ class _Exchange:
 class _Message:
     """One JSON body, SSE event or WebSocket frame of a reply."""
 
-    body: dict[str, Any] | str  # a JSON document, or raw text (SSE's [DONE], or something malformed)
+    body: dict[str, Any] | str | bytes  # a JSON document, raw text (SSE's [DONE], something malformed), or audio
     name: str | None = None  # the SSE `event:` field
     usage_at: tuple[str, ...] | None = None  # where the body carries usage that counts
     malformed: bool = False
+    content_type: str = "application/json"  # of a whole body
+    characters: SentUsage | None = None  # speech: the characters of its input, ledgered as this message goes
 
     @property
     def text(self) -> str:
+        if isinstance(self.body, bytes):
+            return self.body.decode("latin-1")
         return self.body if isinstance(self.body, str) else json.dumps(self.body)
 
     @property
+    def payload(self) -> bytes:
+        return self.body if isinstance(self.body, bytes) else self.text.encode()
+
+    @property
     def usage(self) -> dict[str, Any] | None:
-        if self.usage_at is None or isinstance(self.body, str):
+        if self.usage_at is None or not isinstance(self.body, dict):
             return None
         return functools.reduce(operator.getitem, self.usage_at, self.body)
 
@@ -354,6 +366,140 @@ def _embedding(item: str | list[int], dimensions: int, as_base64: bool) -> list[
     return base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode() if as_base64 else vector
 
 
+def _text_completion(exchange: _Exchange, request: dict[str, Any], rng: random.Random) -> list[_Message]:
+    """The legacy Completions API: a text_completion, or its chunks (usage as Chat Completions streams it)."""
+    completion = rng.randint(1, 500)
+    prompt = rng.randint(1, 4000)
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    base = {"id": f"cmpl-{exchange.serial}", "object": "text_completion", "created": CREATED}
+    base["model"] = exchange.response_model
+    if not exchange.stream:
+        choice = {"text": TEXT, "index": 0, "logprobs": None, "finish_reason": "stop"}
+        return [_Message({**base, "choices": [choice], "usage": usage}, usage_at=("usage",))]
+    options = request.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    finishes = [None] * (len(_DELTAS) - 1) + ["stop"]
+    messages = [
+        _Message({**base, "choices": [{"text": delta, "index": 0, "logprobs": None, "finish_reason": finish}]})
+        for delta, finish in zip(_DELTAS, finishes, strict=True)
+    ]
+    if include_usage:
+        messages.append(_Message({**base, "choices": [], "usage": usage}, usage_at=("usage",)))
+    return [*messages, _Message("[DONE]")]
+
+
+def _transcription_usage(model: str, rng: random.Random) -> dict[str, Any]:
+    """whisper-1 bills by duration; the gpt-4o transcribe models by tokens (audio and text prompt in)."""
+    if model.startswith("whisper"):
+        return {"type": "duration", "seconds": rng.randint(1, 600) / 4}
+    audio, text = rng.randint(1, 3000), _maybe(rng, 0.5, 200)
+    output = rng.randint(1, 400)
+    return {
+        "type": "tokens",
+        "input_tokens": audio + text,
+        "input_token_details": {"text_tokens": text, "audio_tokens": audio},
+        "output_tokens": output,
+        "total_tokens": audio + text + output,
+    }
+
+
+def _transcription(exchange: _Exchange, request: dict[str, Any], rng: random.Random) -> list[_Message]:
+    """A transcript (or translation) as json, verbose_json, plain text (no usage) or transcript.text.* events."""
+    usage = _transcription_usage(exchange.request_model, rng)
+    response_format = request.get("response_format", "json")
+    if exchange.stream:
+        deltas = [
+            _Message({"type": "transcript.text.delta", "delta": delta, "logprobs": []}, name="transcript.text.delta")
+            for delta in _DELTAS
+        ]
+        done = {"type": "transcript.text.done", "text": TEXT, "logprobs": [], "usage": usage}
+        return [*deltas, _Message(done, name="transcript.text.done", usage_at=("usage",))]
+    if response_format in ("text", "srt", "vtt"):
+        return [_Message(TEXT, content_type="text/plain; charset=utf-8")]
+    document: dict[str, Any] = {"text": TEXT, "usage": usage}
+    if response_format == "verbose_json":
+        task = "translate" if exchange.kind == "translation" else "transcribe"
+        document = {"task": task, "language": "english", "duration": 2.5, **document, "segments": []}
+    return [_Message(document, usage_at=("usage",))]
+
+
+SPEECH_AUDIO = b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(range(256)) * 4  # an MP3 head and some frames
+
+
+def _speech(exchange: _Exchange, request: dict[str, Any], rng: random.Random) -> list[_Message]:
+    """Audio bytes (no usage: the gateway counts the input's characters), or speech.audio.* events
+    whose done event has token usage (stream_format: sse)."""
+    text = request.get("input")
+    if not isinstance(text, str) or not text:
+        raise RequestError("input must be a non-empty string", "invalid_value", "input")
+    characters = exchange.sent({"characters": len(text)})
+    if not exchange.stream:  # the response is counted with its characters
+        return [_Message(SPEECH_AUDIO, content_type="audio/mpeg", characters=replace(characters, kind="speech_audio"))]
+    characters = replace(characters, kind="speech_characters")
+    chunk = base64.b64encode(SPEECH_AUDIO).decode()
+    deltas = [_Message({"type": "speech.audio.delta", "audio": chunk}, name="speech.audio.delta") for _ in range(3)]
+    text_in, audio_out = max(1, len(text) // CHARS_PER_TOKEN), rng.randint(1, 2000)
+    usage = {"input_tokens": text_in, "output_tokens": audio_out, "total_tokens": text_in + audio_out}
+    done = {"type": "speech.audio.done", "usage": usage}
+    return [*deltas, _Message(done, name="speech.audio.done", usage_at=("usage",), characters=characters)]
+
+
+PNG_DATA = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(64)).decode()
+
+
+def _images(exchange: _Exchange, request: dict[str, Any], rng: random.Random) -> list[_Message]:
+    """Generated (or edited) images with gpt-image-1's token usage: text and image tokens in (an
+    edit's input images), image tokens out; partial_image and completed events when streamed."""
+    text_in, image_in = rng.randint(1, 200), rng.randint(1, 2000) if exchange.kind == "image_edit" else 0
+    output = rng.randint(200, 6000)
+    usage = {
+        "input_tokens": text_in + image_in,
+        "input_tokens_details": {"text_tokens": text_in, "image_tokens": image_in},
+        "output_tokens": output,
+        "total_tokens": text_in + image_in + output,
+    }
+    if not exchange.stream:
+        document = {"created": CREATED, "data": [{"b64_json": PNG_DATA}], "usage": usage}
+        return [_Message(document, usage_at=("usage",))]
+    prefix = "image_edit" if exchange.kind == "image_edit" else "image_generation"
+    partial = {"type": f"{prefix}.partial_image", "b64_json": PNG_DATA, "partial_image_index": 0}
+    completed = {"type": f"{prefix}.completed", "b64_json": PNG_DATA, "created_at": CREATED, "usage": usage}
+    return [
+        _Message(partial, name=partial["type"]),
+        _Message(completed, name=completed["type"], usage_at=("usage",)),
+    ]
+
+
+def _compact(exchange: _Exchange, request: dict[str, Any], rng: random.Random) -> list[_Message]:
+    """POST /responses/compact: a compacted conversation, billed with Responses usage."""
+    compacted = {"type": "compaction", "id": f"cmp_{exchange.serial}", "encrypted_content": "opaque"}
+    document = {
+        "id": f"resp_{exchange.serial}",
+        "object": "response.compaction",
+        "created_at": CREATED,
+        "output": [compacted],
+        "usage": _responses_usage(rng),
+    }
+    return [_Message(document, usage_at=("usage",))]
+
+
+def _realtime_call(exchange: _Exchange, request: dict[str, Any], rng: random.Random) -> list[_Message]:
+    """POST /realtime/calls: the SDP answer of a WebRTC call (its media then goes elsewhere)."""
+    return [_Message(f"v=0\r\no=- {exchange.serial} 2 IN IP4 127.0.0.1\r\ns=-\r\n", content_type="application/sdp")]
+
+
+def _client_secret(exchange: _Exchange, request: dict[str, Any], rng: random.Random) -> list[_Message]:
+    """POST /realtime/client_secrets: an ephemeral key for a browser's Realtime session."""
+    session = request.get("session") if isinstance(request.get("session"), dict) else {}
+    model = session.get("model", "gpt-realtime")
+    document = {
+        "value": f"ek_{exchange.serial}",
+        "expires_at": CREATED + 600,
+        "session": {"type": "realtime", "model": model},
+    }
+    return [_Message(document)]
+
+
 def _passthrough(exchange: _Exchange, request: dict[str, Any], rng: random.Random) -> list[_Message]:
     """Any other endpoint: a list (so that the SDK's list calls parse it) that happens to carry usage."""
     document = {"object": "list", "data": [], "model": exchange.response_model, "usage": _chat_usage(rng)}
@@ -368,23 +514,52 @@ class _Route:
     kind: str  # the ledger's kind
     build: Build
     streams: bool  # whether `stream: true` turns the reply into server-sent events
+    body: str = "json"  # the request: json, multipart (an upload: its form fields are the request) or sdp
+    stream_when: tuple[str, Any] = ("stream", True)  # the request member that asks for a stream
+    names_model: bool = True  # the reply names the model (else the ledger's response model is unknown)
 
 
-# POST endpoints by path suffix; anything else is passthrough.
+# POST endpoints by path suffix (the longest that matches); anything else is passthrough.
 ROUTES = {
     "/chat/completions": _Route("chat", _chat, streams=True),
+    "/completions": _Route("text_completion", _text_completion, streams=True),
     "/responses": _Route("responses", _responses, streams=True),
+    "/responses/compact": _Route("responses", _compact, streams=False, names_model=False),
     "/embeddings": _Route("embeddings", _embeddings, streams=False),
+    "/audio/transcriptions": _Route("http_transcription", _transcription, True, body="multipart", names_model=False),
+    "/audio/translations": _Route("translation", _transcription, streams=False, body="multipart", names_model=False),
+    "/audio/speech": _Route("speech", _speech, True, names_model=False, stream_when=("stream_format", "sse")),
+    "/images/generations": _Route("image_generation", _images, streams=True, names_model=False),
+    "/images/edits": _Route("image_edit", _images, streams=True, body="multipart", names_model=False),
+    "/realtime/calls": _Route("realtime_call", _realtime_call, streams=False, body="sdp", names_model=False),
+    "/realtime/client_secrets": _Route("client_secret", _client_secret, streams=False, names_model=False),
 }
 PASSTHROUGH = _Route("passthrough", _passthrough, streams=False)
 
 
 def _route(method: str, path: str) -> _Route:
     if method == "POST":
-        for suffix, route in ROUTES.items():
+        for suffix in sorted(ROUTES, key=len, reverse=True):
             if path.endswith(suffix):
-                return route
+                return ROUTES[suffix]
     return PASSTHROUGH
+
+
+def _form(content_type: str, body: bytes) -> dict[str, Any]:
+    """A multipart upload's fields (`stream` as the SDK sends it, the string "true"); files are dropped."""
+    if not content_type.startswith("multipart/form-data"):
+        raise RequestError("The body must be multipart/form-data.", "invalid_request")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + body
+    )
+    fields: dict[str, Any] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if isinstance(name, str) and part.get_filename() is None:
+            fields[name] = part.get_content()
+    if "stream" in fields:
+        fields["stream"] = fields["stream"] == "true"
+    return fields
 
 
 def _json_object(data: bytes | str) -> dict[str, Any]:
@@ -397,14 +572,16 @@ def _json_object(data: bytes | str) -> dict[str, Any]:
     return value
 
 
-def _exchange(kind: str, serial: int, session_id: str, model: Any, stream: bool, overrides: Overrides) -> _Exchange:
+def _exchange(
+    kind: str, serial: int, session_id: str, model: Any, stream: bool, overrides: Overrides, names_model: bool = True
+) -> _Exchange:
     requested = model if isinstance(model, str) and model else None
     return _Exchange(
         session_id=session_id,
         serial=serial,
         kind=kind,
         request_model=requested or "unknown",
-        response_model=resolve_model(requested or DEFAULT_MODEL),
+        response_model=resolve_model(requested or DEFAULT_MODEL) if names_model else "unknown",
         stream=stream,
         overrides=overrides,
     )
@@ -536,13 +713,17 @@ class HttpSimulator:
     ) -> web.StreamResponse:
         route = _route(request.method, request.path)
         document: dict[str, Any] = {}
-        if route is not PASSTHROUGH:
+        if route.body == "multipart":
+            document = _form(request.headers.get("content-type", ""), body)
+        elif route is not PASSTHROUGH and route.body == "json":
             document = _json_object(body)
         else:
             with contextlib.suppress(RequestError):
                 document = _json_object(body)  # a passthrough body need not be JSON
-        stream = route.streams and document.get("stream") is True
-        exchange = _exchange(route.kind, serial, session_id, document.get("model"), stream, overrides)
+        key, value = route.stream_when
+        stream = route.streams and document.get(key) == value and type(document.get(key)) is type(value)
+        model = document.get("model")
+        exchange = _exchange(route.kind, serial, session_id, model, stream, overrides, route.names_model)
         messages = route.build(exchange, document, self._rng)
         send_reply = self._send_events if stream else self._send_body
         return await send_reply(request, exchange, messages)
@@ -550,10 +731,10 @@ class HttpSimulator:
     async def _send_body(self, request: web.Request, exchange: _Exchange, messages: list[_Message]) -> web.Response:
         encoding = exchange.overrides.encoding
         encoder = ENCODERS[encoding]()
-        response = web.Response(headers=_headers(exchange.session_id, "application/json", encoding))
+        response = web.Response(headers=_headers(exchange.session_id, messages[0].content_type, encoding))
 
         async def send(message: _Message) -> None:
-            response.body = encoder.whole(message.text.encode())
+            response.body = encoder.whole(message.payload)
             await response.prepare(request)
             await response.write_eof()
 
@@ -623,14 +804,14 @@ class HttpSimulator:
         """Ledgered and counted before sending, so that no reader sees usage the ledger lacks; taken
         back if the client had gone, so that the records hold only what went out."""
         usage = message.usage
-        entry = None if usage is None else exchange.sent(usage)
-        if entry is not None:
-            self.ledger.append(entry)
+        entries = [] if usage is None else [exchange.sent(usage)]
+        entries += [message.characters] if message.characters is not None else []
+        self.ledger += entries
         self.malformed_sent += message.malformed
         try:
             await send(message)
         except ConnectionResetError:
-            if entry is not None:
+            for entry in entries:
                 self.ledger.remove(entry)
             self.malformed_sent -= message.malformed
             raise
