@@ -29,7 +29,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -38,6 +37,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ai_gateway.tools.simulators.realtime import Handshake, SentUsage
+from ai_gateway.tools.simulators.served import Served
 
 AI_STUDIO_PATH = "/ws/google.ai.generativelanguage.{version}.GenerativeService.{method}"
 VERTEX_PATH = "/ws/google.cloud.aiplatform.{version}.LlmBidiService/BidiGenerateContent"
@@ -136,7 +136,7 @@ def _partial(usage: dict[str, Any], fraction: float) -> dict[str, Any]:
 
 
 @dataclass
-class GeminiLiveSimulator:
+class GeminiLiveSimulator(Served):
     """The simulated upstream; `async with GeminiLiveSimulator() as sim` starts and stops it."""
 
     host: str = "127.0.0.1"
@@ -164,25 +164,11 @@ class GeminiLiveSimulator:
         return [u for u in self.ledger if u.request_model == model_label(model)]
 
     async def start(self) -> None:
-        self._server = await serve(
-            self._serve, self.host, self.port, process_request=self._check_handshake, max_size=MAX_CLIENT_FRAME
+        self.listening(
+            await serve(
+                self._serve, self.host, self.port, process_request=self._check_handshake, max_size=MAX_CLIENT_FRAME
+            )
         )
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    async def __aenter__(self) -> GeminiLiveSimulator:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     def _check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
         url = urlsplit(request.path)

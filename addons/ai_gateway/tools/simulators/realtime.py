@@ -26,7 +26,6 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from types import TracebackType
 from typing import Any, Protocol, overload
 from urllib.parse import parse_qsl, urlsplit
 
@@ -35,6 +34,8 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
+
+from ai_gateway.tools.simulators.served import Served
 
 SNAPSHOT_DATE = "2025-08-28"
 DEFAULT_MODEL = "gpt-realtime"
@@ -387,7 +388,7 @@ def _plan(response: dict[str, Any], session: _Session, default_deltas: int) -> _
     )
 
 
-class Simulator:
+class Simulator(Served):
     """The simulated upstream; `async with Simulator() as sim` starts and stops it."""
 
     def __init__(
@@ -443,32 +444,18 @@ class Simulator:
         return [u for u in self.ledger if u.request_model == request_model]
 
     async def start(self) -> None:
-        self._server = await serve(
-            self._serve,
-            self.host,
-            self.port,
-            process_request=self._check_handshake,
-            select_subprotocol=_select_subprotocol,
-            compression="deflate",
-            max_size=MAX_CLIENT_FRAME,
-            ssl=self.ssl_context,
+        self.listening(
+            await serve(
+                self._serve,
+                self.host,
+                self.port,
+                process_request=self._check_handshake,
+                select_subprotocol=_select_subprotocol,
+                compression="deflate",
+                max_size=MAX_CLIENT_FRAME,
+                ssl=self.ssl_context,
+            )
         )
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-
-    async def __aenter__(self) -> Simulator:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     def _check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
         """Records every handshake and turns away anything but a Realtime path with 404."""
