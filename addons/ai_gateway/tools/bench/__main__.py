@@ -8,6 +8,7 @@ hook cost in-process (hooks.py). Every phase also checks the accounting (checks.
 makes the run fail. report.py writes BENCHMARKS.md and the RSS plot.
 
     python -m ai_gateway.tools.bench [--smoke] [--output FILE] [--configs …]   (what scripts/bench runs)
+    python -m ai_gateway.tools.bench --capacity …   sessions per core (capacity.py; `--capacity --help`)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ai_gateway.tools.bench import capacity
 from ai_gateway.tools.bench.configs import CONFIGS, DEFAULT_CONFIGS, LITELLM
 from ai_gateway.tools.bench.litellm import install
 from ai_gateway.tools.bench.report import BENCHMARKS, PLOT_NAME, document, plot, splice
@@ -58,6 +60,12 @@ SMOKE = {
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="a few seconds' run for CI; writes to a new temp directory")
+    p.add_argument(
+        "--capacity",
+        action="store_true",
+        help="instead: how many live voice sessions one core carries, per configuration (its own options: "
+        "`scripts/bench --capacity --help`; its own section of BENCHMARKS.md)",
+    )
     p.add_argument("--output", type=Path, help="the Markdown file to write (default: BENCHMARKS.md)")
     p.add_argument(
         "--configs",
@@ -89,6 +97,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--capacity" in argv:
+        return capacity.main([arg for arg in argv if arg != "--capacity"])
     args = parse_args(argv)
     if LITELLM.name in args.configs:
         try:

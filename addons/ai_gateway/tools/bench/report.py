@@ -255,12 +255,15 @@ def configurations(names: Sequence[str]) -> str:
     return "\n".join(f"- **{c.name}**: {c.description}" for c in CONFIGS if c.name in names)
 
 
-def splice(existing: str | None, generated: str) -> str:
-    """Replace what lies between the markers, keeping the hand-written analysis around them."""
-    block = f"{BEGIN}\n{generated}\n{END}"
-    if existing and BEGIN in existing and END in existing:
-        head, rest = existing.split(BEGIN, 1)
-        return head + block + rest.split(END, 1)[1]
+def splice(existing: str | None, generated: str, begin: str = BEGIN, end: str = END) -> str:
+    """Replace what lies between the markers, keeping the hand-written analysis around them (and every
+    other section's markers); a file without these markers gets the block at its end."""
+    block = f"{begin}\n{generated}\n{end}"
+    if existing and begin in existing and end in existing:
+        head, rest = existing.split(begin, 1)
+        return head + block + rest.split(end, 1)[1]
+    if existing:
+        return f"{existing.rstrip()}\n\n{block}\n"
     return f"# Benchmarks\n\n{block}\n"
 
 
