@@ -405,6 +405,7 @@ class Simulator:
         exclusive_responses: bool = False,
         delta_interval: float = 0.0,
         compression: str | None = "deflate",
+        greeting_delay: float = 0.0,
     ) -> None:
         if key_order not in KEY_ORDERS:
             raise ValueError(f"key_order must be one of {', '.join(KEY_ORDERS)}")
@@ -421,6 +422,9 @@ class Simulator:
         # back to back; 0.1 with 100 ms of audio per delta streams audio at the speed of speech.
         self.delta_interval = delta_interval
         self.compression = compression  # None: permessage-deflate is never negotiated, whatever the client offers
+        # Seconds before session.created, as a real upstream takes to set a session up. Over loopback a relay
+        # that forwards only once its own client leg is open (Portkey's) loses a session.created sent at once.
+        self.greeting_delay = greeting_delay
         self.ledger: list[SentUsage] = []
         self.handshakes: list[Handshake] = []
         self.junk_sent = 0
@@ -490,6 +494,8 @@ class Simulator:
         try:
             async with asyncio.TaskGroup() as tasks:
                 session = self._open_session(ws, tasks)
+                if self.greeting_delay:
+                    await asyncio.sleep(self.greeting_delay)
                 await self._send_event(session, self._event("session.created", session=session.config))
                 async for message in ws:
                     await self._receive(session, message)
