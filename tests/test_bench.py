@@ -241,6 +241,7 @@ def test_capacity_is_the_largest_count_met_below_the_first_missed() -> None:
     assert (serve.sessions, serve.missed.sessions, serve.bounded) == (50, 100, False)  # type: ignore[union-attr]
     assert serve.missed.why_missed() == "3 frames lost"  # type: ignore[union-attr]
     assert (mitmdump.sessions, mitmdump.missed, mitmdump.cell()) == (50, None, "≥ 50")
+    assert serve.projected == 75 and mitmdump.projected == 75  # 25 and 50 sessions at half a core (median)
     assert not step("x", 1, 22, baseline_ms=1).met and step("x", 1, 21, baseline_ms=1).met
 
 

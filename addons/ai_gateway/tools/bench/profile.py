@@ -3,7 +3,9 @@
 Each configuration runs alone, pinned as in the capacity benchmark, while `py-spy record` samples
 it (its workers too, `--subprocesses`); the report is the share of samples per code area (the
 gateway's own package, mitmproxy, asyncio, …; a sample counts for the innermost area of its
-stack that is listed first below) and the functions with the most samples of their own.
+stack that is listed first below) and the functions with the most samples of their own. Samples of
+threads waiting in a selector (the metrics server's, an idle event loop) are left out. py-spy reads
+Python processes only: Portkey (Node.js) cannot be profiled this way.
 
     python -m ai_gateway.tools.bench.profile [--configs serve,gateway,mitmdump] [--sessions 100] [--seconds 10]
 """
@@ -22,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ai_gateway.tools.bench import capacity
-from ai_gateway.tools.bench.configs import GATEWAY, MITMDUMP, SERVE, Workdir, address, endpoint, model
+from ai_gateway.tools.bench.configs import GATEWAY, MITMDUMP, PORTKEY, SERVE, Workdir, address, endpoint, model
 from ai_gateway.tools.loadgen import Stop, UpstreamProcess, event_loop_factory, pcm16_bytes
 
 # Where a sample's time goes: the first of these found in its stack, innermost frame first.
@@ -34,6 +36,9 @@ AREAS = (
     ("mitmproxy: other", "mitmproxy/"),
     ("asyncio / uvloop", "asyncio/"),
 )
+
+
+IDLE = ("_PollLikeSelector.select", "EpollSelector.select", "BaseSelector.select")
 
 
 def area(stack: Sequence[str]) -> str:
@@ -54,6 +59,8 @@ def summarize(raw: str, top: int = 8) -> str:
         if not stack_text or not count_text.isdigit():
             continue
         stack, count = stack_text.split(";"), int(count_text)
+        if stack[-1].startswith(IDLE):
+            continue
         total += count
         areas[area(stack)] += count
         own[stack[-1]] += count
@@ -76,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     args = capacity.parse_args([])  # the capacity benchmark's turn
     configs = [c for c in capacity.CONFIGS if c.name in options.configs.split(",")]
+    if PORTKEY in configs:
+        p.error("py-spy profiles Python processes only; Portkey runs on Node.js")
     cpus = capacity.Cpus.split()
     capacity.pin(os.getpid(), cpus.load)
     upstream_process = UpstreamProcess(
