@@ -324,7 +324,7 @@ class Ramp:
         baseline: Step | None = None,
     ) -> Step:
         self.progress.set_description(f"{config.name} × {sessions} sessions")
-        phase = f"capacity-{sessions}-r{self.rounds}"
+        phase = f"capacity-{sessions}-{len(self.steps)}"  # a model per step: each step's ledger and metrics apart
         relay = relay_processes(proxy)
         load = [psutil.Process(), psutil.Process(upstream.process.pid)] if upstream.process else [psutil.Process()]
         relay_before, load_before, started = cpu_of(relay), cpu_of(load), time.perf_counter()
