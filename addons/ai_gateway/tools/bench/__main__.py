@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from ai_gateway.tools.bench import capacity
 from ai_gateway.tools.bench.configs import CONFIGS, DEFAULT_CONFIGS, LITELLM
 from ai_gateway.tools.bench.litellm import install
-from ai_gateway.tools.bench.report import BENCHMARKS, PLOT_NAME, document, plot, splice
+from ai_gateway.tools.bench.report import PLOT_NAME, add_sizes, document, parse_sized, plot, splice
 from ai_gateway.tools.bench.runner import Bench
 
 # The sizes of a run: flag, type, default, what it sizes.
@@ -72,22 +71,14 @@ def parser() -> argparse.ArgumentParser:
         default=",".join(c.name for c in DEFAULT_CONFIGS),
         help=f"comma-separated, of {', '.join(c.name for c in CONFIGS)} (default: %(default)s)",
     )
-    for flag, kind, default, about in SIZES:
-        p.add_argument(flag, type=kind, default=default, help=f"{about} (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="of the simulator's usage numbers and the audio noise")
+    add_sizes(p, SIZES)
     return p
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """--smoke shrinks every size the command line does not set, and never writes BENCHMARKS.md."""
     p = parser()
-    args = p.parse_args(argv)
-    if args.smoke:
-        p.set_defaults(**SMOKE)
-        args = p.parse_args(argv)
-        if args.output is None:
-            args.output = Path(tempfile.mkdtemp(prefix="bench-smoke-")) / "BENCHMARKS.md"
-    args.output = args.output or BENCHMARKS
+    args = parse_sized(p, argv, SMOKE, "bench-smoke-")
     args.configs = [name.strip() for name in args.configs.split(",")]
     unknown = set(args.configs) - {c.name for c in CONFIGS}
     if unknown:

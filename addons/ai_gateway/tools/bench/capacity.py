@@ -56,7 +56,7 @@ from ai_gateway.tools.bench.configs import (
     model,
 )
 from ai_gateway.tools.bench.measure import cpu_seconds, percentile
-from ai_gateway.tools.bench.report import BENCHMARKS, machine, splice, table
+from ai_gateway.tools.bench.report import add_sizes, machine, parse_sized, splice, table
 from ai_gateway.tools.harness import GatewayProcess
 from ai_gateway.tools.loadgen import LoadStats, Stop, Traffic, UpstreamProcess, event_loop_factory, pcm16_bytes
 
@@ -115,22 +115,14 @@ def parser() -> argparse.ArgumentParser:
         help=f"comma-separated, of {', '.join(c.name for c in CONFIGS)} (default: %(default)s); "
         "direct, the baseline, always runs",
     )
-    for flag, kind, default, about in SIZES:
-        p.add_argument(flag, type=kind, default=default, help=f"{about} (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="of the simulator's usage numbers and the audio noise")
+    add_sizes(p, SIZES)
     return p
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """--smoke shrinks every size the command line does not set, and never writes BENCHMARKS.md."""
     p = parser()
-    args = p.parse_args(argv)
-    if args.smoke:
-        p.set_defaults(**SMOKE)
-        args = p.parse_args(argv)
-        if args.output is None:
-            args.output = Path(tempfile.mkdtemp(prefix="bench-capacity-smoke-")) / "BENCHMARKS.md"
-    args.output = args.output or BENCHMARKS
+    args = parse_sized(p, argv, SMOKE, "bench-capacity-smoke-")
     names = {name.strip() for name in args.configs.split(",")} | {DIRECT.name}
     unknown = names - {c.name for c in CONFIGS}
     if unknown:

@@ -10,6 +10,7 @@ import operator
 import os
 import platform
 import statistics
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -36,6 +37,27 @@ BENCHMARKS = ROOT / "BENCHMARKS.md"
 PLOT_NAME = "bench-rss.png"
 BEGIN = "<!-- bench:begin: written by scripts/bench; text outside these markers is kept -->"
 END = "<!-- bench:end -->"
+
+
+def add_sizes(p: argparse.ArgumentParser, sizes: Sequence[tuple[str, type, object, str]]) -> None:
+    """A benchmark's size flags, then the seed every benchmark takes."""
+    for flag, kind, default, about in sizes:
+        p.add_argument(flag, type=kind, default=default, help=f"{about} (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="of the simulator's usage numbers and the audio noise")
+
+
+def parse_sized(
+    p: argparse.ArgumentParser, argv: Sequence[str], smoke: dict[str, object], prefix: str
+) -> argparse.Namespace:
+    """--smoke shrinks every size the command line does not set, and never writes BENCHMARKS.md."""
+    args = p.parse_args(argv)
+    if args.smoke:
+        p.set_defaults(**smoke)
+        args = p.parse_args(argv)
+        if args.output is None:
+            args.output = Path(tempfile.mkdtemp(prefix=prefix)) / "BENCHMARKS.md"
+    args.output = args.output or BENCHMARKS
+    return args
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
