@@ -1,4 +1,4 @@
-"""scripts/bench keeps working: its smoke run end to end, and the parts its figures rest on.
+"""scripts/bench keeps working: its smoke runs end to end (relay and capacity), and the parts its figures rest on.
 
 No test here asserts a performance figure: the machines are shared and timings are noise.
 """
@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import shutil
+import socket
 import subprocess
 import sys
 import types
@@ -16,15 +18,18 @@ from pathlib import Path
 
 import pytest
 import yaml
+from websockets.asyncio.client import connect
 
 from ai_gateway.config.policy import DEFAULT_POLICY, load_policy
+from ai_gateway.tools.bench import capacity
 from ai_gateway.tools.bench.__main__ import parse_args
 from ai_gateway.tools.bench.configs import CONFIGS, DEFAULT_CONFIGS, LITELLM, Workdir, keep_compression_policy
 from ai_gateway.tools.bench.litellm import CALLBACK_SOURCE, USAGE_LOG_ENV, Metered, Tally, read_log, write_config
 from ai_gateway.tools.bench.measure import percentile, serpentine
+from ai_gateway.tools.bench.portkey import PRELOAD_SOURCE, UPSTREAM_ENV
 from ai_gateway.tools.bench.report import BEGIN, BENCHMARKS, END, PLOT_NAME, Target, splice
-from ai_gateway.tools.loadgen import Traffic, event_type, pcm16_bytes
-from ai_gateway.tools.simulators.realtime import EXAMPLE_USAGE, SentUsage
+from ai_gateway.tools.loadgen import LoadStats, Stop, Traffic, drive, event_type, pcm16_bytes
+from ai_gateway.tools.simulators.realtime import EXAMPLE_USAGE, SentUsage, SimulatorThread
 
 
 def test_smoke_run_writes_a_table_with_exact_accounting(tmp_path: Path) -> None:
@@ -168,3 +173,135 @@ def test_litellm_metering_is_compared_with_the_ledger() -> None:
     assert lost.summary().endswith(
         "2/4 responses in 1/2 sessions, input tokens 264/528, output tokens 242/484, cached tokens 128/256"
     )
+
+
+# --- the capacity benchmark (scripts/bench --capacity) ------------------------------------------
+
+
+def test_capacity_smoke_writes_its_own_section_and_plot(tmp_path: Path) -> None:
+    output = tmp_path / "BENCH.md"
+    output.write_text(splice(None, "relay tables"))
+    result = subprocess.run(
+        [sys.executable, "-m", "ai_gateway.tools.bench", "--capacity", "--smoke", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = output.read_text()
+    assert "relay tables" in text and text.count(BEGIN) == 1  # the relay section is left as it was
+    section = text.split(capacity.BEGIN, 1)[1].split(capacity.END, 1)[0]
+    for name in ("serve", "mitmdump"):
+        assert f"| **{name}** | **" in section
+        steps = [line for line in section.splitlines() if line.startswith(f"| {name} | ")]
+        assert len(steps) >= 1 and all("exact, none lost" in line for line in steps)
+    assert "scripts/bench --capacity --smoke" in section
+    assert (tmp_path / capacity.PLOT_NAME).read_bytes().startswith(b"\x89PNG")
+
+
+def test_capacity_options() -> None:
+    args = capacity.parse_args(["--smoke"])
+    assert args.output != BENCHMARKS
+    shutil.rmtree(args.output.parent)
+    assert args.configs == ["direct", "serve", "mitmdump"]  # the baseline always runs
+    assert capacity.parse_args(["--ramp", "50,25,50"]).ramp == [25, 50]
+    assert capacity.parse_args([]).output == BENCHMARKS
+    assert LITELLM.name not in capacity.parse_args([]).configs and "portkey" not in capacity.parse_args([]).configs
+    for bad in (["--configs", "serve,nginx"], ["--ramp", "many"], ["--ramp", "0"]):
+        with pytest.raises(SystemExit):
+            capacity.parse_args(bad)
+
+
+def test_capacity_search_ramps_retries_then_bisects() -> None:
+    search = capacity.Search([25, 50, 100, 200], bisect=2, retries=1)
+    tried = []
+    outcome = {25: True, 50: True, 100: False, 75: True, 87: False}
+    while (n := search.next()) is not None:
+        tried.append(n)
+        search.record(n, outcome[n])
+    assert tried == [25, 50, 100, 100, 75, 87, 87]  # each miss is tried once more
+    assert (search.met, search.missed) == (75, 87)
+
+
+def step(config: str, sessions: int, p99_ms: float, baseline_ms: float = 1.0, problems: list[str] | None = None):
+    stats = LoadStats(latencies=[p99_ms / 1000] * 10)
+    return capacity.Step(config, sessions, stats, 1.0, 0.5, 0.2, problems or [], baseline_ms)
+
+
+def test_capacity_is_the_largest_count_met_below_the_first_missed() -> None:
+    steps = [
+        step("serve", 25, 5),
+        step("serve", 50, 30),  # missed: +29 ms
+        step("serve", 50, 10),  # the retry met
+        step("serve", 100, 10, problems=["3 frames lost"]),
+        step("mitmdump", 25, 5),
+        step("mitmdump", 50, 5),
+    ]
+    serve, mitmdump = capacity.capacities(steps, ["direct", "serve", "mitmdump"])
+    assert (serve.sessions, serve.missed.sessions, serve.bounded) == (50, 100, False)  # type: ignore[union-attr]
+    assert serve.missed.why_missed() == "3 frames lost"  # type: ignore[union-attr]
+    assert (mitmdump.sessions, mitmdump.missed, mitmdump.cell()) == (50, None, "≥ 50")
+    assert serve.projected == 75 and mitmdump.projected == 75  # 25 and 50 sessions at half a core (median)
+    assert not step("x", 1, 22, baseline_ms=1).met and step("x", 1, 21, baseline_ms=1).met
+
+
+def test_simulator_paces_deltas_and_the_client_times_each_from_when_it_was_due() -> None:
+    interval, deltas = 0.05, 6
+    paced = Traffic(appends=1, append_ms=20, append_interval=0.02, audio_deltas=deltas, delta_interval=interval)
+    with SimulatorThread(transcript_deltas=0) as simulator:
+        stats = asyncio.run(drive(simulator.url, "m", paced, Stop(turns=1), compression=None))
+        lost = asyncio.run(drive("http://127.0.0.1:9", "m", paced, Stop(turns=1), keep_going=True))
+    assert stats.server_frames == 1 + 3 + deltas and stats.sessions == 1 and len(stats.lateness) == 1
+    # The last delta left (deltas - 1) intervals after the first; counted from when it was due, it is prompt.
+    assert max(stats.latencies) < (deltas - 1) * interval
+    assert lost.sessions == 0 and len(lost.failures) == 1
+
+
+def test_simulator_refuses_a_bad_delta_interval() -> None:
+    async def ask(url: str) -> dict[str, object]:
+        async with connect(url.replace("http", "ws") + "/v1/realtime?model=m") as ws:
+            await ws.recv()
+            await ws.send(json.dumps({"type": "response.create", "response": {"metadata": {"sim_delta_ms": "-5"}}}))
+            return json.loads(await ws.recv())
+
+    with SimulatorThread() as simulator:
+        error = asyncio.run(ask(simulator.url))
+    assert error["type"] == "error" and "sim_delta_ms" in error["error"]["message"]  # type: ignore[index]
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs Node.js")
+def test_portkey_preload_sends_api_openai_com_to_the_simulator(tmp_path: Path) -> None:
+    """What Portkey's `ws` client does for wss://api.openai.com, in plain Node: the preload answers
+    with a TCP connection to the given address; any other host is left to TLS."""
+    preload = tmp_path / "preload.cjs"
+    preload.write_text(PRELOAD_SOURCE)
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        script = (
+            "const tls = require('tls');"
+            "const s = tls.connect({host: 'api.openai.com', port: 443, servername: 'api.openai.com'});"
+            "s.on('connect', () => { s.write('hello'); s.end(); });"
+            "console.log(s.constructor.name, typeof s.getPeerCertificate);"
+        )
+        env = {
+            **os.environ,
+            "NODE_OPTIONS": f"--require {preload}",
+            UPSTREAM_ENV: f"127.0.0.1:{server.getsockname()[1]}",
+        }
+        node = subprocess.Popen(
+            ["node", "-e", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        server.settimeout(30)
+        connection, _ = server.accept()
+        with connection:
+            assert connection.recv(5) == b"hello"
+    out, err = node.communicate(timeout=30)
+    assert node.returncode == 0, err
+    assert out.split() == ["Socket", "undefined"]  # a plain socket, not a TLSSocket
+
+
+def test_splice_adds_a_section_without_touching_the_others() -> None:
+    relay = splice(None, "relay v1")
+    with_capacity = splice(relay, "capacity v1", capacity.BEGIN, capacity.END)
+    assert with_capacity.startswith(relay.rstrip()) and "capacity v1" in with_capacity
+    again = splice(splice(with_capacity, "relay v2"), "capacity v2", capacity.BEGIN, capacity.END)
+    assert "relay v2" in again and "capacity v2" in again and "v1" not in again

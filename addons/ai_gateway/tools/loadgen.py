@@ -27,6 +27,7 @@ from types import TracebackType
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import WebSocketException
 
 from ai_gateway.tools.simulators.realtime import PCM16_BYTES_PER_SECOND, SentUsage, Simulator
 
@@ -52,10 +53,14 @@ class Traffic:
     append_ms: float = 100  # audio per append
     append_interval: float = 0.0  # seconds between appends: 0 sends as fast as the relay takes them
     audio_deltas: int = 24  # server audio deltas per response
+    delta_interval: float = 0.0  # seconds the upstream waits between deltas: 0 sends them back to back
 
     def response_create(self) -> str:
-        """The simulator sends `sim_deltas` audio deltas for this response (its per-response override)."""
+        """The simulator sends `sim_deltas` audio deltas for this response, `sim_delta_ms` apart (its
+        per-response overrides)."""
         metadata = {"sim_deltas": str(self.audio_deltas)}
+        if self.delta_interval:
+            metadata["sim_delta_ms"] = f"{self.delta_interval * 1000:g}"
         return json.dumps({"type": "response.create", "response": {"metadata": metadata}})
 
     def append(self, rng: random.Random) -> str:
@@ -71,6 +76,10 @@ class LoadStats:
     seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)  # response.create to each frame of its response
     usages: list[str] = field(default_factory=list)  # usage of every response.done received, as canonical JSON
+    server_frames: int = 0  # frames received, session.created included
+    sessions: int = 0  # sessions whose handshake succeeded
+    lateness: list[float] = field(default_factory=list)  # how late each paced append went out: the client's own error
+    failures: list[str] = field(default_factory=list)  # with keep_going: why a session ended early
 
     def count(self, frame: str | bytes) -> None:
         self.frames += 1
@@ -129,29 +138,39 @@ async def drive(
     spread: float = 0.0,
     after_session: Callable[[int], Awaitable[None]] | None = None,
     headers: Mapping[str, str] | None = None,
+    compression: str | None = "deflate",
+    keep_going: bool = False,
 ) -> LoadStats:
     """Run `sessions` voice sessions against `http_url` until `stop`.
 
     Concurrent, their starts spread evenly over `spread` seconds (paced sessions that start
     together stay in step, and their responses would all burst at once); or one after another
     when `after_session` is given: it is awaited after the n-th session closed, with nothing else
-    in flight (memory is sampled there). `headers` go with every handshake (a proxy's key).
+    in flight (memory is sampled there). `headers` go with every handshake (a proxy's key);
+    `compression=None` offers no permessage-deflate. With `keep_going`, a session that fails (refused,
+    closed, stalled) is recorded in `failures` and the others go on: a capacity ramp measures overload.
     """
     stats = LoadStats()
     url = http_url.replace("http://", "ws://", 1) + f"/v1/realtime?model={model}"
     append = traffic.append(random.Random(seed))
     started = time.perf_counter()
 
+    async def session(delay: float = 0.0) -> None:
+        try:
+            await _session(url, traffic, append, stop, stats, delay, headers, compression)
+        except (OSError, TimeoutError, WebSocketException) as e:
+            if not keep_going:
+                raise
+            stats.failures.append(f"{type(e).__name__}: {e}")
+
     if after_session is not None:
         for n in range(1, sessions + 1):
-            await _session(url, traffic, append, stop, stats, headers=headers)
+            await session()
             await after_session(n)
     else:
         async with asyncio.TaskGroup() as group:
             for n in range(sessions):
-                group.create_task(
-                    _session(url, traffic, append, stop, stats, delay=n * spread / sessions, headers=headers)
-                )
+                group.create_task(session(delay=n * spread / sessions))
     stats.seconds = time.perf_counter() - started
     return stats
 
@@ -164,10 +183,12 @@ async def _session(
     stats: LoadStats,
     delay: float = 0,
     headers: Mapping[str, str] | None = None,
+    compression: str | None = "deflate",
 ) -> None:
     await asyncio.sleep(delay)
-    async with connect(url, max_size=None, additional_headers=headers) as ws:
+    async with connect(url, max_size=None, additional_headers=headers, compression=compression) as ws:
         await _receive_until(ws, "session.created", stats)
+        stats.sessions += 1
         turns = 0
         while not stop.reached(stats, turns):
             await _turn(ws, traffic, append, stats)
@@ -175,29 +196,44 @@ async def _session(
 
 
 async def _turn(ws: ClientConnection, traffic: Traffic, append: str, stats: LoadStats) -> None:
-    for _ in range(traffic.appends):
+    """Paced appends go out on the clock (a late one does not delay the next), each one's lateness recorded."""
+    start = time.perf_counter()
+    for n in range(traffic.appends):
+        if traffic.append_interval:
+            late = time.perf_counter() - (start + n * traffic.append_interval)
+            if late < 0:
+                await asyncio.sleep(-late)
+                late = time.perf_counter() - (start + n * traffic.append_interval)
+            stats.lateness.append(late)
         await ws.send(append)
         stats.count(append)
-        if traffic.append_interval:
-            await asyncio.sleep(traffic.append_interval)
+    if traffic.append_interval:  # the last append's audio plays out before the user stops speaking
+        await asyncio.sleep(max(0.0, start + traffic.appends * traffic.append_interval - time.perf_counter()))
     create = traffic.response_create()
     sent = time.perf_counter()
     await ws.send(create)
     stats.count(create)
-    done = await _receive_until(ws, "response.done", stats, since=sent)
+    done = await _receive_until(ws, "response.done", stats, since=sent, interval=traffic.delta_interval)
     stats.usages.append(canonical_usage(json.loads(done)["response"]["usage"]))
 
 
 async def _receive_until(
-    ws: ClientConnection, wanted: str, stats: LoadStats, since: float | None = None
+    ws: ClientConnection, wanted: str, stats: LoadStats, since: float | None = None, interval: float = 0.0
 ) -> str | bytes:
-    """Reads server frames up to the first of type `wanted`; each frame's delay since `since` is a latency sample."""
+    """Reads server frames up to the first of type `wanted`; each frame's delay since `since` is a latency
+    sample. With deltas paced `interval` apart, the n-th delta is due n - 1 intervals after the first, and
+    response.done with the last: its delay is counted from when it was due."""
+    deltas = 0
     while True:
         frame = await asyncio.wait_for(ws.recv(), RECEIVE_TIMEOUT)
+        received = time.perf_counter()
+        kind = event_type(frame)
         if since is not None:
-            stats.latencies.append(time.perf_counter() - since)
+            deltas += kind is not None and kind.endswith(".delta")
+            stats.latencies.append(received - since - interval * max(0, deltas - 1))
         stats.count(frame)
-        if event_type(frame) == wanted:
+        stats.server_frames += 1
+        if kind == wanted:
             return frame
 
 
@@ -206,10 +242,11 @@ class UpstreamProcess:
 
     The child speaks JSON lines: it prints its URL, then answers each model name read from stdin
     with that model's ledger; end of input stops it, so it also stops when this process dies.
+    `uvloop=True` runs it on uvloop, a cheaper upstream for a load that must not be the bottleneck.
     """
 
-    def __init__(self, **simulator_kwargs: Any) -> None:
-        self.command = [sys.executable, "-m", __name__, json.dumps(simulator_kwargs)]
+    def __init__(self, uvloop: bool = False, **simulator_kwargs: Any) -> None:
+        self.command = [sys.executable, "-m", __name__, json.dumps(simulator_kwargs), *(["uvloop"] if uvloop else [])]
         self.process: subprocess.Popen[str] | None = None
         self.url = ""
 
@@ -249,5 +286,14 @@ async def _serve_upstream(simulator_kwargs: dict[str, Any]) -> None:
             print(json.dumps([dataclasses.asdict(entry) for entry in simulator.usage_for(model)]), flush=True)
 
 
+def event_loop_factory(uvloop: bool) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """For asyncio.run(loop_factory=…): uvloop's, or None for asyncio's own."""
+    if not uvloop:
+        return None
+    import uvloop as module
+
+    return module.new_event_loop
+
+
 if __name__ == "__main__":
-    asyncio.run(_serve_upstream(json.loads(sys.argv[1])))
+    asyncio.run(_serve_upstream(json.loads(sys.argv[1])), loop_factory=event_loop_factory("uvloop" in sys.argv[2:]))

@@ -8,6 +8,7 @@ hook cost in-process (hooks.py). Every phase also checks the accounting (checks.
 makes the run fail. report.py writes BENCHMARKS.md and the RSS plot.
 
     python -m ai_gateway.tools.bench [--smoke] [--output FILE] [--configs …]   (what scripts/bench runs)
+    python -m ai_gateway.tools.bench --capacity …   sessions per core (capacity.py; `--capacity --help`)
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ai_gateway.tools.bench import capacity
 from ai_gateway.tools.bench.configs import CONFIGS, DEFAULT_CONFIGS, LITELLM
 from ai_gateway.tools.bench.litellm import install
-from ai_gateway.tools.bench.report import BENCHMARKS, PLOT_NAME, document, plot, splice
+from ai_gateway.tools.bench.report import PLOT_NAME, add_sizes, document, parse_sized, plot, splice
 from ai_gateway.tools.bench.runner import Bench
 
 # The sizes of a run: flag, type, default, what it sizes.
@@ -58,28 +59,26 @@ SMOKE = {
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="a few seconds' run for CI; writes to a new temp directory")
+    p.add_argument(
+        "--capacity",
+        action="store_true",
+        help="instead: how many live voice sessions one core carries, per configuration (its own options: "
+        "`scripts/bench --capacity --help`; its own section of BENCHMARKS.md)",
+    )
     p.add_argument("--output", type=Path, help="the Markdown file to write (default: BENCHMARKS.md)")
     p.add_argument(
         "--configs",
         default=",".join(c.name for c in DEFAULT_CONFIGS),
         help=f"comma-separated, of {', '.join(c.name for c in CONFIGS)} (default: %(default)s)",
     )
-    for flag, kind, default, about in SIZES:
-        p.add_argument(flag, type=kind, default=default, help=f"{about} (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="of the simulator's usage numbers and the audio noise")
+    add_sizes(p, SIZES)
     return p
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """--smoke shrinks every size the command line does not set, and never writes BENCHMARKS.md."""
     p = parser()
-    args = p.parse_args(argv)
-    if args.smoke:
-        p.set_defaults(**SMOKE)
-        args = p.parse_args(argv)
-        if args.output is None:
-            args.output = Path(tempfile.mkdtemp(prefix="bench-smoke-")) / "BENCHMARKS.md"
-    args.output = args.output or BENCHMARKS
+    args = parse_sized(p, argv, SMOKE, "bench-smoke-")
     args.configs = [name.strip() for name in args.configs.split(",")]
     unknown = set(args.configs) - {c.name for c in CONFIGS}
     if unknown:
@@ -89,6 +88,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--capacity" in argv:
+        return capacity.main([arg for arg in argv if arg != "--capacity"])
     args = parse_args(argv)
     if LITELLM.name in args.configs:
         try:

@@ -17,6 +17,7 @@ import yaml
 from ai_gateway.config.policy import DEFAULT_POLICY, load_policy
 from ai_gateway.tools.bench.hooks import EmptyHook
 from ai_gateway.tools.bench.litellm import LITELLM_VERSION, LitellmProcess
+from ai_gateway.tools.bench.portkey import PORTKEY_VERSION, PortkeyProcess
 from ai_gateway.tools.harness import GatewayProcess
 from ai_gateway.tools.loadgen import LoadStats, Stop, Traffic, UpstreamProcess, drive
 
@@ -135,6 +136,20 @@ LITELLM = Config(
     "legs (its defaults); metering from its own success callback, at session close",
     lambda upstream, work: LitellmProcess(upstream, work.directory),
 )
+# Only in the capacity benchmark (capacity.py), which has its own set.
+SERVE_WORKERS2 = Config(
+    "serve-workers2",
+    "`scripts/serve --workers 2`, default policy: two workers behind one port, pinned to the same one CPU here",
+    lambda upstream, work: GatewayProcess(upstream, launcher="serve", args=["--workers", "2"]),
+    metered=True,
+)
+PORTKEY = Config(
+    "portkey",
+    f"Portkey's gateway {PORTKEY_VERSION} (npm `@portkey-ai/gateway`, Node.js, in `.bench/portkey`): its "
+    "`/v1/realtime` relay, which dials api.openai.com, sent to the simulator by a `NODE_OPTIONS=--require` "
+    "preload (portkey.py); it parses every server event and meters nothing",
+    lambda upstream, work: PortkeyProcess(upstream, work.directory),
+)
 CONFIGS = (DIRECT, MITMDUMP, EMPTY_ADDON, GATEWAY, GATEWAY_DEFLATE, SERVE, SERVE_QUIET, SERVE_OBSERVED, LITELLM)
 DEFAULT_CONFIGS = (DIRECT, MITMDUMP, GATEWAY, GATEWAY_DEFLATE, SERVE)
 # Measured in this order (and back): mitmdump sits next to each gateway, so the pairs that make
@@ -179,10 +194,10 @@ class Address:
 
 
 def address(proxy: GatewayProcess | None, upstream: UpstreamProcess) -> Address:
-    """The proxy's address, or the simulator's when there is none; LiteLLM also wants its key."""
+    """The proxy's address, or the simulator's when there is none; the peers also want their headers."""
     if proxy is None:
         return Address(upstream.url)
-    return Address(proxy.url, proxy.headers if isinstance(proxy, LitellmProcess) else {})
+    return Address(proxy.url, proxy.headers if isinstance(proxy, LitellmProcess | PortkeyProcess) else {})
 
 
 def model(config: Config, phase: str) -> str:

@@ -10,6 +10,7 @@ import operator
 import os
 import platform
 import statistics
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -36,6 +37,27 @@ BENCHMARKS = ROOT / "BENCHMARKS.md"
 PLOT_NAME = "bench-rss.png"
 BEGIN = "<!-- bench:begin: written by scripts/bench; text outside these markers is kept -->"
 END = "<!-- bench:end -->"
+
+
+def add_sizes(p: argparse.ArgumentParser, sizes: Sequence[tuple[str, type, object, str]]) -> None:
+    """A benchmark's size flags, then the seed every benchmark takes."""
+    for flag, kind, default, about in sizes:
+        p.add_argument(flag, type=kind, default=default, help=f"{about} (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="of the simulator's usage numbers and the audio noise")
+
+
+def parse_sized(
+    p: argparse.ArgumentParser, argv: Sequence[str], smoke: dict[str, object], prefix: str
+) -> argparse.Namespace:
+    """--smoke shrinks every size the command line does not set, and never writes BENCHMARKS.md."""
+    args = p.parse_args(argv)
+    if args.smoke:
+        p.set_defaults(**smoke)
+        args = p.parse_args(argv)
+        if args.output is None:
+            args.output = Path(tempfile.mkdtemp(prefix=prefix)) / "BENCHMARKS.md"
+    args.output = args.output or BENCHMARKS
+    return args
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -255,12 +277,15 @@ def configurations(names: Sequence[str]) -> str:
     return "\n".join(f"- **{c.name}**: {c.description}" for c in CONFIGS if c.name in names)
 
 
-def splice(existing: str | None, generated: str) -> str:
-    """Replace what lies between the markers, keeping the hand-written analysis around them."""
-    block = f"{BEGIN}\n{generated}\n{END}"
-    if existing and BEGIN in existing and END in existing:
-        head, rest = existing.split(BEGIN, 1)
-        return head + block + rest.split(END, 1)[1]
+def splice(existing: str | None, generated: str, begin: str = BEGIN, end: str = END) -> str:
+    """Replace what lies between the markers, keeping the hand-written analysis around them (and every
+    other section's markers); a file without these markers gets the block at its end."""
+    block = f"{begin}\n{generated}\n{end}"
+    if existing and begin in existing and end in existing:
+        head, rest = existing.split(begin, 1)
+        return head + block + rest.split(end, 1)[1]
+    if existing:
+        return f"{existing.rstrip()}\n\n{block}\n"
     return f"# Benchmarks\n\n{block}\n"
 
 

@@ -178,6 +178,7 @@ class _Plan:
     metadata: dict[str, Any] | None
     usage_null: bool  # response.done says `usage: null`, as the SDK's types allow
     repeat_done: bool  # response.done goes out twice, as a faulty upstream might send it
+    delta_interval: float  # seconds from one delta to the next (0: back to back)
 
 
 def resolve_model(model: str | None) -> str:
@@ -366,7 +367,18 @@ def _fault(value: Any) -> str | None:
     return value
 
 
-def _plan(response: dict[str, Any], session: _Session, default_deltas: int) -> _Plan:
+def _interval(value: Any) -> float:
+    """sim_delta_ms: milliseconds from one delta to the next, as an upstream speaking in real time."""
+    try:
+        milliseconds = float(value)
+    except (TypeError, ValueError):
+        milliseconds = -1.0
+    if not 0 <= milliseconds <= 60_000:
+        raise ClientError("invalid_value", "sim_delta_ms must be a number of milliseconds", "response.metadata")
+    return milliseconds / 1000
+
+
+def _plan(response: dict[str, Any], session: _Session, default_deltas: int, default_interval: float) -> _Plan:
     metadata = _object_field(response, "metadata", "response.metadata")
     status = metadata.get("sim_status", "completed")
     if status not in RESPONSE_STATUSES:
@@ -385,6 +397,7 @@ def _plan(response: dict[str, Any], session: _Session, default_deltas: int) -> _
         metadata=response.get("metadata"),
         usage_null=metadata.get("sim_usage") == "null",
         repeat_done=metadata.get("sim_repeat_done") == "1",
+        delta_interval=default_interval if "sim_delta_ms" not in metadata else _interval(metadata["sim_delta_ms"]),
     )
 
 
@@ -404,6 +417,9 @@ class Simulator(Served):
         exclusive_responses: bool = False,
         vad_speech_bytes: int = PCM16_BYTES_PER_SECOND // 2,
         vad_response_delay: float = 0.0,
+        delta_interval: float = 0.0,
+        compression: str | None = "deflate",
+        greeting_delay: float = 0.0,
     ) -> None:
         if key_order not in KEY_ORDERS:
             raise ValueError(f"key_order must be one of {', '.join(KEY_ORDERS)}")
@@ -420,6 +436,13 @@ class Simulator(Served):
         self.vad_speech_bytes = vad_speech_bytes
         self.vad_response_delay = vad_response_delay
         self.transcript_deltas = transcript_deltas
+        # Seconds between a response's deltas (a response's `sim_delta_ms` overrides it): 0 sends them
+        # back to back; 0.1 with 100 ms of audio per delta streams audio at the speed of speech.
+        self.delta_interval = delta_interval
+        self.compression = compression  # None: permessage-deflate is never negotiated, whatever the client offers
+        # Seconds before session.created, as a real upstream takes to set a session up. Over loopback a relay
+        # that forwards only once its own client leg is open (Portkey's) loses a session.created sent at once.
+        self.greeting_delay = greeting_delay
         self.ledger: list[SentUsage] = []
         self.handshakes: list[Handshake] = []
         self.junk_sent = 0
@@ -451,7 +474,7 @@ class Simulator(Served):
                 self.port,
                 process_request=self._check_handshake,
                 select_subprotocol=_select_subprotocol,
-                compression="deflate",
+                compression=self.compression,
                 max_size=MAX_CLIENT_FRAME,
                 ssl=self.ssl_context,
             )
@@ -475,6 +498,8 @@ class Simulator(Served):
         try:
             async with asyncio.TaskGroup() as tasks:
                 session = self._open_session(ws, tasks)
+                if self.greeting_delay:
+                    await asyncio.sleep(self.greeting_delay)
                 await self._send_event(session, self._event("session.created", session=session.config))
                 async for message in ws:
                     await self._receive(session, message)
@@ -525,7 +550,7 @@ class Simulator(Served):
         model = session.model
         if model is None:
             raise ClientError("invalid_request", "transcription sessions do not create responses")
-        plan = _plan(_object_field(event, "response", "response"), session, self.audio_deltas)
+        plan = _plan(_object_field(event, "response", "response"), session, self.audio_deltas, self.delta_interval)
         if self.exclusive_responses and session.active_responses:
             raise ClientError(
                 "conversation_already_has_active_response",
@@ -556,7 +581,7 @@ class Simulator(Served):
         await self._send_event(session, stopped)
         await self._commit(session, item_id)
         if session.model is not None and vad.get("create_response", True) is not False:
-            plan = _plan({}, session, self.audio_deltas)
+            plan = _plan({}, session, self.audio_deltas, self.delta_interval)
             response_id = self._id("resp")
             session.active_responses.add(response_id)
             session.tasks.create_task(self._respond(session, session.model, plan, response_id, self.vad_response_delay))
@@ -597,7 +622,11 @@ class Simulator(Served):
         response = _response(response_id, "in_progress", plan.metadata, None)
         await self._send_event(session, self._event("response.created", response=response))
         await self._send_event(session, self._event("rate_limits.updated", rate_limits=_RATE_LIMITS))
-        for delta in self._deltas(session.dialect, plan, response_id, item_id):
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for n, delta in enumerate(self._deltas(session.dialect, plan, response_id, item_id)):
+            if plan.delta_interval and n:  # on the clock: a late delta does not delay the ones after it
+                await asyncio.sleep(max(0.0, start + n * plan.delta_interval - loop.time()))
             await self._send_event(session, delta)
         for frame in junk_frames() * plan.junk:
             if is_unbilled_response(frame):  # a response all the same: counted with its status, no tokens
@@ -680,6 +709,7 @@ def _response(response_id: str, status: str, metadata: Any, usage: dict[str, Any
         "object": "realtime.response",
         "id": response_id,
         "status": status,
+        "output": [],  # as OpenAI's (empty here): peers that read it, such as Portkey's event parser, expect a list
         "metadata": metadata,
         "usage": usage,
     }
