@@ -77,11 +77,15 @@ async def refused_then_next(url: str) -> tuple[list[float], dict]:
     """c1 is answered; c2, sent while c1 runs, is refused by the upstream; c3 is sent after c1 ends.
     Returns what the client saw: for c1 and c3, the time from sending to the first delta."""
     seen: list[float] = []
+    error: dict | None = None
+    # c1 streams long enough that c2 surely arrives while it is in progress
+    long = {"metadata": {"sim_deltas": "200"}}
     async with websockets.connect(url) as ws:
         await ws.recv()  # session.created
         for event_id in ("c1", "c3"):
             sent = time.monotonic()
-            await ws.send(json.dumps({"event_id": event_id, "type": "response.create"}))
+            response = long if event_id == "c1" else {}
+            await ws.send(json.dumps({"event_id": event_id, "type": "response.create", "response": response}))
             if event_id == "c1":
                 await ws.send(json.dumps({"event_id": "c2", "type": "response.create"}))
             first = None
@@ -96,6 +100,7 @@ async def refused_then_next(url: str) -> tuple[list[float], dict]:
             assert first is not None
             seen.append(first - sent)
         await ws.close(1000)
+    assert error is not None, "the upstream refused nothing"
     return seen, error
 
 
