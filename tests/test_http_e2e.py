@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from openai import OpenAI, RateLimitError
 
-from ai_gateway.tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
+from ai_gateway.tools.harness import GatewayProcess, expected_samples, scrape, scrape_until, select, usage_only
 from ai_gateway.tools.simulators.http import HttpSimulator
 from ai_gateway.tools.simulators.realtime import SimulatorThread
 
@@ -41,7 +41,12 @@ def client(http_gateway) -> OpenAI:
 def assert_metered_exactly(gateway: GatewayProcess, simulator: HttpSimulator, model: str, count: int) -> None:
     sent = [e for e in simulator.usage_for(model) if e.kind != "passthrough"]
     assert len(sent) == count
-    assert usage_only(select(scrape(gateway.metrics_url), gen_ai_request_model=model)) == expected_samples(sent)
+    expected = expected_samples(sent)
+
+    def metered(samples: dict) -> dict:
+        return usage_only(select(samples, gen_ai_request_model=model))
+
+    assert metered(scrape_until(gateway.metrics_url, lambda s: metered(s) == expected)) == expected
 
 
 def parse_errors(gateway: GatewayProcess, reason: str) -> float:
@@ -227,11 +232,13 @@ def test_upstream_errors_and_latency_metrics(client, http_gateway, http_simulato
             model=model, messages=MESSAGES, stream=True, extra_headers={"x-sim-delay-ms": "30"}
         )
     )
-    samples = select(scrape(http_gateway.metrics_url), gen_ai_request_model=model)
 
-    def value(metric: str, **labels: str) -> float:
+    def value(metric: str, samples: dict | None = None, **labels: str) -> float:
+        samples = select(samples or scraped, gen_ai_request_model=model)
         return sum(v for (name, ls), v in samples.items() if name == metric and set(labels.items()) <= ls)
 
+    duration = "agentgateway_gen_ai_server_request_duration_count"
+    scraped = scrape_until(http_gateway.metrics_url, lambda s: value(duration, s, error_type="") == 1)
     assert value("agentgateway_gen_ai_server_request_duration_count", error_type="429") == 1
     assert value("agentgateway_gen_ai_server_request_duration_count", error_type="") == 1
     assert value("agentgateway_gen_ai_server_time_to_first_token_count") == 1

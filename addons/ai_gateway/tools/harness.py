@@ -144,6 +144,22 @@ def scrape(metrics_url: str) -> dict[SampleKey, float]:
     }
 
 
+def scrape_until(
+    metrics_url: str, done: Callable[[dict[SampleKey, float]], bool], timeout: float = 10.0
+) -> dict[SampleKey, float]:
+    """Scrape until `done` holds or the deadline passes; the last scrape either way.
+
+    A client can read the end of a streamed HTTP body a moment before mitmproxy runs the `response`
+    hook that meters it, so a test polls rather than scraping once.
+    """
+    deadline = time.monotonic() + timeout
+    samples = scrape(metrics_url)
+    while not done(samples) and time.monotonic() < deadline:
+        time.sleep(0.02)
+        samples = scrape(metrics_url)
+    return samples
+
+
 def select(samples: Mapping[SampleKey, float], **labels: str) -> dict[SampleKey, float]:
     """The samples whose labels include all of `labels`."""
     wanted = set(labels.items())
