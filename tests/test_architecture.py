@@ -13,6 +13,7 @@ PACKAGE = ROOT / "addons" / "ai_gateway"
 DOC = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
 # Third-party imports the gateway process may make: its own dependencies and what mitmproxy installs.
 RUNTIME_IMPORTS = {
+    "redis",
     "mitmproxy",
     "prometheus_client",
     "yaml",

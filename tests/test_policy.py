@@ -164,6 +164,22 @@ def test_auth_reads_the_key_from_the_environment():
             {},
             "p.yaml:2: budgets.session: expected tokens and/or usd",
         ),
+        (
+            "limits:\n  store: postgres://db/1\nroutes:\n  /x: Realtime\n",
+            {},
+            "p.yaml:2: limits.store: expected memory (this process's own) or a Redis URL (redis://host:port/db, "
+            "rediss://, unix://), got 'postgres://db/1'",
+        ),
+        (
+            "limits:\n  store: redis://r:6379/0\n  on_store_error: fail\nroutes:\n  /x: Realtime\n",
+            {},
+            "p.yaml:3: limits.on_store_error: expected open or closed, got 'fail'",
+        ),
+        (
+            "limits:\n  store_timeout_ms: 0\nroutes:\n  /x: Realtime\n",
+            {},
+            "p.yaml:2: limits.store_timeout_ms: expected a positive number, got int 0",
+        ),
     ],
 )
 def test_invalid_policies_name_file_line_key_and_expectation(text, environ, expected):

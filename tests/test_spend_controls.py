@@ -153,38 +153,48 @@ async def vad_upstream(ws: ServerConnection) -> None:
             )
 
 
-def test_responses_the_upstream_starts_by_itself_are_cancelled_over_budget(tmp_path):
-    async def scenario(gateway_url: str) -> list[dict]:
-        seen = []
-        async with websockets.connect(f"{websocket_base(gateway_url)}/v1/realtime?model=gpt-realtime") as ws:
-            await ws.recv()
-            for _ in range(3):
-                await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
-                while (event := json.loads(await ws.recv()))["type"] != "response.done":
-                    seen.append(event)
-                    if event["type"].endswith(".delta"):  # heard it: tell the upstream
-                        await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": ""}))
+async def vad_turns(gateway_url: str) -> list[dict]:
+    """Three server-VAD turns on `vad_upstream`, through the gateway: every event the client saw."""
+    seen = []
+    async with websockets.connect(f"{websocket_base(gateway_url)}/v1/realtime?model=gpt-realtime") as ws:
+        await ws.recv()
+        for _ in range(3):
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            while (event := json.loads(await ws.recv()))["type"] != "response.done":
                 seen.append(event)
-        return seen
+                if event["type"].endswith(".delta"):  # heard it: tell the upstream
+                    await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": ""}))
+            seen.append(event)
+    return seen
+
+
+def vad_over_budget(policy_path: str) -> tuple[list[dict], dict]:
+    """`vad_turns` through a gateway with this policy; what the client saw and the gateway's metrics."""
 
     async def run() -> tuple[list[dict], dict]:
         async with serve(vad_upstream, "127.0.0.1", 0) as server:
             port = server.sockets[0].getsockname()[1]
-            options = {
-                "gateway_policy": policy(tmp_path, "budgets:\n  session: {tokens: 1000}\n  reserve: {tokens: 1}\n")
-            }
-            with GatewayProcess(f"http://127.0.0.1:{port}", options=options) as gateway:
-                seen = await scenario(gateway.url)
+            with GatewayProcess(f"http://127.0.0.1:{port}", options={"gateway_policy": policy_path}) as gateway:
+                seen = await vad_turns(gateway.url)
                 return seen, scrape(gateway.metrics_url)
 
-    seen, samples = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def assert_cancelled_after_the_first_turn(seen: list[dict], samples: dict, scope: str) -> None:
     done = [e["response"]["status"] for e in seen if e["type"] == "response.done"]
     # 1,100 tokens: the first turn spends the budget; the next two are cancelled as they start
     assert done == ["completed", "cancelled", "cancelled"]
     errors = [e for e in seen if e["type"] == "error"]
     assert [e["error"]["code"] for e in errors] == ["budget_exceeded"] * 2
-    enforced = select(samples, action="cancelled_response", scope="session", reason="budget_exceeded")
+    enforced = select(samples, action="cancelled_response", scope=scope, reason="budget_exceeded")
     assert sum(enforced.values()) == 2
+
+
+def test_responses_the_upstream_starts_by_itself_are_cancelled_over_budget(tmp_path):
+    text = "budgets:\n  session: {tokens: 1000}\n  reserve: {tokens: 1}\n"
+    seen, samples = vad_over_budget(policy(tmp_path, text))
+    assert_cancelled_after_the_first_turn(seen, samples, "session")
     billed = select(samples, gen_ai_token_type="output")
     assert sum(v for (name, _), v in billed.items() if name.endswith("_token_usage_sum")) == 500 + 5 + 5
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import time
 
 from ai_gateway.accounting.ledger import USAGE_LOG, Source, UsageLedger
-from ai_gateway.accounting.limits import Refusal, SpendControl, Ticket
+from ai_gateway.accounting.limits import CLIENT_KEY, MINUTE, RATE_LIMITED, Refusal, SpendControl, Ticket
 from ai_gateway.accounting.metrics import UNKNOWN, GatewayMetrics, ModelLabels, Series
 from ai_gateway.accounting.observer import NO_OBSERVER, Observer
 from ai_gateway.accounting.pricing import PriceCatalog
+from ai_gateway.accounting.shared_limits import KeyView, SharedLimits
 from ai_gateway.accounting.usage import CharacterUsage, DurationUsage, TokenUsage
 
 # While the ledger cannot be written and `gateway_usage_log_on_error` is `refuse`: nothing new starts.
@@ -38,10 +39,11 @@ class Accounting:
         catalog: PriceCatalog | None = None,
         control: SpendControl | None = None,
         observer: Observer = NO_OBSERVER,
+        shared: SharedLimits | None = None,
     ) -> None:
         self.observer = observer  # the access log and traces, told by the meters
         self.last_cost: float | None = None  # of the usage billed last, for the observer's record
-        self.rewire(metrics, ledger, catalog, control)
+        self.rewire(metrics, ledger, catalog, control, shared)
 
     def rewire(
         self,
@@ -49,12 +51,17 @@ class Accounting:
         ledger: UsageLedger | None,
         catalog: PriceCatalog | None,
         control: SpendControl | None,
+        shared: SharedLimits | None = None,
     ) -> None:
-        """Where billed usage goes from now on; meters keep this object, so open sessions follow."""
+        """Where billed usage goes from now on; meters keep this object, so open sessions follow.
+        `shared` (with a control whose limits name a Redis store) holds the client keys' state."""
         self.metrics = metrics
         self.ledger = ledger
         self.catalog = catalog
         self.control = control
+        self.shared = shared if control is not None and control.keys_shared else None
+        if self.shared is not None:
+            self.shared.metrics = metrics
         if catalog is not None:
             metrics.price_catalog(catalog.sources)
 
@@ -106,13 +113,19 @@ class Accounting:
         """Spend arrived: it replaces the ticket's reservation, and the key's gauges follow."""
         assert self.control is not None
         now = time.monotonic()
+        held = ticket if ticket is not None and ticket.open else None
         self.control.settle(ticket, source.client_key, source.flow_id if source.session else None, now, tokens, usd)
+        if self.shared is not None:
+            lease = held.lease if held is not None else None
+            self.shared.settle(source.client_key, lease, tokens, usd, self.control.window, self.control.limits)
         self.show_headroom(source.client_key, now)
 
     def release(self, ticket: Ticket) -> None:
         """An admitted response that will bill nothing (refused upstream, its session gone)."""
         if self.control is not None and ticket.open:
             now = time.monotonic()
+            if self.shared is not None:
+                self.shared.settle(ticket.key, ticket.lease, 0, 0.0, self.control.window, self.control.limits)
             self.control.release(ticket, now)
             self.show_headroom(ticket.key, now)
 
@@ -127,13 +140,64 @@ class Accounting:
         self.show_headroom(source.client_key, now)
         return verdict
 
+    async def admit_shared(self, source: Source) -> Ticket | Refusal | None:
+        """`admit` against the shared store: the session's budget here, the key's in the store,
+        which holds the reservation atomically for every process."""
+        if self.ledger is not None and not self.ledger.admits():
+            return LEDGER_REFUSAL
+        control, shared = self.control, self.shared
+        assert control is not None and shared is not None
+        session_id = source.flow_id if source.session else None
+        label = source.client_key
+        if refusal := control.refusal(label, session_id, time.monotonic()):
+            return refusal
+        verdict = await shared.admit(
+            label, control.limits, control.key_budget(label), control.window, control.rate_limits(label),
+            control.reservation(session_id), key_largest=session_id is None,
+        )  # fmt: skip
+        self.show_headroom(label, time.monotonic())
+        if isinstance(verdict, Refusal):
+            return verdict
+        return control.admitted_shared(label, session_id, verdict.lease, (verdict.tokens, verdict.usd))
+
+    async def open_session_shared(self, source: Source) -> Refusal | None:
+        """`open_session` against the shared store: concurrent sessions counted across processes."""
+        if self.ledger is not None and not self.ledger.admits():
+            return LEDGER_REFUSAL
+        control, shared = self.control, self.shared
+        assert control is not None and shared is not None
+        label = source.client_key
+        verdict = await shared.open_session(
+            label, source.flow_id, control.limits, control.key_budget(label), control.window, control.rate_limits(label)
+        )
+        self.show_headroom(label, time.monotonic())
+        return verdict if isinstance(verdict, Refusal) else None
+
     def refusal(self, source: Source) -> Refusal | None:
         """Why the source's next response would be refused now, without admitting one."""
         if self.ledger is not None and not self.ledger.admits():
             return LEDGER_REFUSAL
         if self.control is None:
             return None
-        return self.control.refusal(source.client_key, source.flow_id if source.session else None, time.monotonic())
+        session_id = source.flow_id if source.session else None
+        refusal = self.control.refusal(source.client_key, session_id, time.monotonic())
+        if refusal is None and self.shared is not None:  # what the store said last about the key
+            return self.viewed_refusal(source.client_key, self.shared.view(source.client_key))
+        return refusal
+
+    def viewed_refusal(self, label: str, view: KeyView) -> Refusal | None:
+        assert self.control is not None
+        budget, rates = self.control.key_budget(label), self.control.rate_limits(label)
+        if budget is not None and (
+            budget.tokens is not None
+            and view.tokens >= budget.tokens
+            or budget.usd is not None
+            and view.usd >= budget.usd
+        ):
+            return Refusal(CLIENT_KEY, "budget_exceeded", 1.0)
+        if rates.tokens_per_minute is not None and view.minute_tokens >= rates.tokens_per_minute:
+            return Refusal(CLIENT_KEY, RATE_LIMITED, MINUTE)
+        return None
 
     def open_session(self, source: Source) -> Refusal | None:
         if self.ledger is not None and not self.ledger.admits():
@@ -147,15 +211,21 @@ class Accounting:
     def close_session(self, source: Source) -> None:
         if self.control is not None:
             self.control.close_session(source.client_key, source.flow_id)
+            if self.shared is not None:
+                self.shared.close_session(source.client_key, source.flow_id, self.control.window, self.control.limits)
             self.show_headroom(source.client_key, time.monotonic())
 
     def show_headroom(self, client_key: str, now: float) -> None:
         assert self.control is not None
         key = self.metrics.client_keys(client_key)
-        for unit, left in zip(("tokens", "usd"), self.control.remaining(client_key, now), strict=True):
+        if self.shared is not None:
+            remaining, headroom = shared_headroom(self.control, client_key, self.shared.view(client_key))
+        else:
+            remaining, headroom = self.control.remaining(client_key, now), self.control.headroom(client_key, now)
+        for unit, left in zip(("tokens", "usd"), remaining, strict=True):
             if left is not None:
                 self.metrics.budget_remaining.labels(key, unit).set(left)
-        for limit, left in self.control.headroom(client_key, now).items():
+        for limit, left in headroom.items():
             self.metrics.limit_headroom.labels(key, limit).set(left)
 
     def enforced(self, refusal: Refusal, action: str) -> None:
@@ -171,3 +241,20 @@ class Accounting:
         for name, limit, remaining in limits:
             self.metrics.rate_limit_limit.labels(name).set(limit)
             self.metrics.rate_limit_remaining.labels(name).set(remaining)
+
+
+def shared_headroom(
+    control: SpendControl, label: str, view: KeyView
+) -> tuple[tuple[float | None, float | None], dict[str, float]]:
+    """The budget left and the rate limits' headroom of a key, from what the shared store said last."""
+    budget, rates = control.key_budget(label), control.rate_limits(label)
+    remaining = (
+        None if budget is None or budget.tokens is None else max(budget.tokens - view.tokens, 0),
+        None if budget is None or budget.usd is None else max(budget.usd - view.usd, 0.0),
+    )
+    used = {
+        "requests_per_minute": (rates.requests_per_minute, view.requests),
+        "tokens_per_minute": (rates.tokens_per_minute, view.minute_tokens),
+        "concurrent_sessions": (rates.concurrent_sessions, view.sessions),
+    }
+    return remaining, {name: max(limit - n, 0) for name, (limit, n) in used.items() if limit is not None}

@@ -86,6 +86,7 @@ class Ticket:
     tokens: int
     usd: float
     open: bool = True
+    lease: str | None = None  # its reservation's lease in a shared store (limits.store: redis://)
 
 
 class Window:
@@ -185,6 +186,23 @@ class SpendControl:
             state.budget.spend.seconds = budgets.window_seconds if budgets else None
 
     @property
+    def keys_shared(self) -> bool:
+        """Client-key budgets and limits live in a shared store (SharedLimits); only sessions' are here."""
+        return self.limits.shared
+
+    @property
+    def window(self) -> float:
+        """The client-key budget window in seconds (without budgets, a minute: only rates need spend)."""
+        return self.budgets.window_seconds if self.budgets else MINUTE
+
+    def reservation(self, session_id: str | None) -> tuple[int, float]:
+        """What a new response of this session (or a request, None) reserves before the key's own
+        costliest response is considered (the shared store adds that one itself)."""
+        if session_id is None:
+            return self.reserve.tokens or 0, self.reserve.usd or 0.0
+        return self.session(session_id).reservation(self.reserve)
+
+    @property
     def reserve(self) -> Limit:
         return self.budgets.reserve if self.budgets else DEFAULT_RESERVE
 
@@ -237,8 +255,10 @@ class SpendControl:
         refusal = self.refusal(label, session_id, now)
         if refusal is not None:
             return refusal
-        state = self.key(label, now)
         session = self.session(session_id) if session_id is not None else None
+        if self.keys_shared:
+            raise RuntimeError("a shared store admits client keys: use admit_shared")
+        state = self.key(label, now)
         tokens, usd = (session or state.budget).reservation(self.reserve)
         for scope in (state.budget, state.minute, session):
             if scope is not None:
@@ -246,13 +266,22 @@ class SpendControl:
         state.requests.append(now)
         return Ticket(label, session_id, tokens, usd)
 
+    def admitted_shared(self, label: str, session_id: str | None, lease: str | None, held: tuple[int, float]) -> Ticket:
+        """The shared store admitted the key's response and holds `held` for it: the session holds the same."""
+        if session_id is not None:
+            self.session(session_id).hold(*held)
+        return Ticket(label, session_id, *held, lease=lease)
+
     def refusal(self, label: str, session_id: str | None, now: float) -> Refusal | None:
-        """Why a new response or request would be refused now, if it would be; nothing is held."""
-        state = self.key(label, now)
+        """Why a new response or request would be refused now, if it would be; nothing is held.
+        With a shared store, only the session's budget is checked here."""
         session = self.session(session_id) if session_id is not None else None
         budgets = self.budgets
         if session is not None and budgets is not None and not session.headroom(budgets.session):
             return Refusal(SESSION, BUDGET_EXCEEDED)
+        if self.keys_shared:
+            return None
+        state = self.key(label, now)
         if not state.budget.headroom(self.key_budget(label)):
             return Refusal(CLIENT_KEY, BUDGET_EXCEEDED, state.budget.retry_after(now))
         limits = self.rate_limits(label)
@@ -269,9 +298,10 @@ class SpendControl:
         held = ticket if ticket is not None and ticket.open else None
         if held is not None:
             held.open = False
-        state = self.key(label, now)
-        state.budget.settle(held, now, tokens, usd)
-        state.minute.settle(held, now, tokens, usd)
+        if not self.keys_shared:
+            state = self.key(label, now)
+            state.budget.settle(held, now, tokens, usd)
+            state.minute.settle(held, now, tokens, usd)
         if session_id is not None and (session_id in self.sessions or tokens or usd):
             self.session(session_id).settle(held, now, tokens, usd)  # spend without an admission counts too
 
@@ -317,7 +347,7 @@ class SpendControl:
         return None
 
     def close_session(self, label: str, session_id: str) -> None:
-        state = self.keys.get(label)
+        state = self.keys.get(label) if not self.keys_shared else None
         if state is not None:
             state.sessions.discard(session_id)
         self.sessions.pop(session_id, None)

@@ -21,6 +21,7 @@ from prometheus_client.registry import RestrictedRegistry
 from ai_gateway.accounting.usage import CharacterUsage, DurationUsage, TokenUsage
 
 # OpenTelemetry GenAI semantic conventions' advisory buckets, as agentgateway uses them.
+STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 TOKEN_BUCKETS = tuple(4**i for i in range(14))
 DURATION_BUCKETS = tuple(0.01 * 2**i for i in range(14))
 TIME_TO_FIRST_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
@@ -208,7 +209,8 @@ class GatewayMetrics:
             f"{prefix}_gateway_budget_enforcements",
             "Budget and limit enforcement: refused_response, cancelled_response, rejected_request,"
             " rejected_session, closed_session; scope session, client_key, usage_log (the ledger could not be"
-            " written); reason budget_exceeded, rate_limit_exceeded, invalid_api_key, usage_log_unavailable,"
+            " written), store (the shared limits store failed, on_store_error closed); reason budget_exceeded,"
+            " rate_limit_exceeded, invalid_api_key, usage_log_unavailable, limits_store_unavailable,"
             " session_too_long, session_idle.",
             ("scope", "action", "reason"),
             registry=self.registry,
@@ -226,6 +228,21 @@ class GatewayMetrics:
             ("name",),
             registry=self.registry,
             multiprocess_mode="mostrecent",
+        )
+        self.limits_store_errors = Counter(
+            f"{prefix}_gateway_limits_store_errors",
+            "Operations on the shared limits store (limits.store: redis://) that failed or timed out; "
+            "limits.on_store_error then admitted (open) or refused (closed) what waited for it.",
+            ("operation",),
+            registry=self.registry,
+        )
+        self.limits_store_duration = Histogram(
+            f"{prefix}_gateway_limits_store_duration_seconds",
+            "Seconds an operation on the shared limits store took: admit (response, request), open_session "
+            "(handshake) and settle (usage arrived), failures included.",
+            ("operation",),
+            buckets=STORE_BUCKETS,
+            registry=self.registry,
         )
         self.usage_log_errors = Counter(
             f"{prefix}_gateway_usage_log_errors",

@@ -39,6 +39,7 @@ CHAT = "chat"
 MAX_PENDING_CREATES = 64
 # Response ids remembered per session so that none is billed twice; the oldest are forgotten first.
 MAX_BILLED_IDS = 1024
+NOT_DECIDED = object()  # no admission was decided before the item was applied
 
 
 @dataclass
@@ -107,11 +108,34 @@ class SessionMeter:
         self.session_id: str | None = None  # the upstream's, where its protocol names one
         self.billed_ids: set[str] = set()
         self.billed_order: deque[str] = deque(maxlen=MAX_BILLED_IDS)
+        self.verdict: object = NOT_DECIDED
 
     def apply(self, item: UsageItem) -> Malformed | Refusal | None:
         """Bill one usage item. Returns the problem when its frame could not be read, or the refusal
         when the item starts a response the budgets and limits do not allow."""
         raise NotImplementedError
+
+    def admission_needed(self, item: UsageItem) -> bool:
+        """Whether applying `item` admits a response, so a shared limits store is asked first."""
+        return isinstance(item, ResponseRequested)
+
+    def apply_admitted(self, item: UsageItem, verdict: Ticket | Refusal | None) -> Malformed | Refusal | None:
+        """`apply` with the admission already decided (by the shared store, awaited by the addon)."""
+        self.verdict = verdict
+        try:
+            return self.apply(item)
+        finally:
+            if isinstance(self.verdict, Ticket):  # not taken after all: nothing holds it
+                self.accounting.release(self.verdict)
+            self.verdict = NOT_DECIDED
+
+    def admit(self) -> Ticket | Refusal | None:
+        """The admission of the response being applied: decided already, or asked of the accounting now."""
+        verdict, self.verdict = self.verdict, NOT_DECIDED
+        if verdict is NOT_DECIDED:
+            return self.accounting.admit(self.source)
+        assert verdict is None or isinstance(verdict, (Ticket, Refusal))
+        return verdict
 
     def close(self) -> None:
         """The session ended: what its unfinished responses reserved is freed."""
@@ -204,6 +228,10 @@ class RealtimeMeter(SessionMeter):
         """A response was asked for or started and has not finished."""
         return bool(self.pending_creates or self.awaiting_first_delta or self.timings)
 
+    def admission_needed(self, item: UsageItem) -> bool:
+        """A response.create, or a response the upstream started by itself (no create waits for it)."""
+        return isinstance(item, ResponseRequested) or isinstance(item, ResponseStarted) and not self.pending_creates
+
     def apply(self, item: UsageItem) -> Malformed | Refusal | None:
         match item:
             case FirstDelta(response_id=response_id):
@@ -250,7 +278,7 @@ class RealtimeMeter(SessionMeter):
 
     def requested(self, event_id: str | None) -> Refusal | None:
         """The client asks for a response: admitted (and its reservation held) or refused."""
-        verdict = self.accounting.admit(self.source)
+        verdict = self.admit()
         if isinstance(verdict, Refusal):
             return verdict
         if len(self.pending_creates) == MAX_PENDING_CREATES:  # not a real client: forget the oldest
@@ -265,7 +293,7 @@ class RealtimeMeter(SessionMeter):
         if self.pending_creates:
             _, created, ticket = self.pending_creates.popleft()
         else:
-            verdict = self.accounting.admit(self.source)
+            verdict = self.admit()
             if isinstance(verdict, Refusal):
                 return verdict
             ticket = verdict
@@ -344,7 +372,7 @@ class ResponsesSocketMeter(SessionMeter):
     def apply(self, item: UsageItem) -> Malformed | Refusal | None:
         match item:
             case ResponseRequested(model=model):
-                verdict = self.accounting.admit(self.source)
+                verdict = self.admit()
                 if isinstance(verdict, Refusal):
                     return verdict
                 self.admitted.append(verdict)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -105,12 +106,25 @@ class RateLimits:
         )
 
 
+MEMORY_STORE = "memory"
+STORE_OPEN, STORE_CLOSED = "open", "closed"
+DEFAULT_STORE_TIMEOUT_MS = 250.0
+
+
 @dataclass(frozen=True, slots=True)
 class LimitPolicy:
-    """The policy's `limits:` section."""
+    """The policy's `limits:` section. `store` is `memory` (this process's own) or a Redis URL
+    shared by every worker and replica; `on_store_error` says whether a response or session is
+    admitted (`open`) or refused (`closed`) while that store does not answer within `store_timeout_ms`."""
 
-    store: str = "memory"
+    store: str = MEMORY_STORE
     client_key: RateLimits = RateLimits()
+    on_store_error: str = STORE_OPEN
+    store_timeout_ms: float = DEFAULT_STORE_TIMEOUT_MS
+
+    @property
+    def shared(self) -> bool:
+        return self.store != MEMORY_STORE
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,11 +376,22 @@ class Validator:
         )
 
     def limits(self, key: str, node: Node) -> LimitPolicy:
-        items = self.mapping(key, node, ("store", "client_key"))
-        store = self.optional(items, "store", self.string, key, "memory")
-        if store != "memory":  # a store shared by processes is not built yet: never pretend to share
-            raise self.fail(f"{key}.store", items["store"][1], f"expected memory (this process's own), got {store!r}")
-        return LimitPolicy(store, self.optional(items, "client_key", self.rate_limits, key, RateLimits()))
+        items = self.mapping(key, node, ("store", "client_key", "on_store_error", "store_timeout_ms"))
+        store = self.optional(items, "store", self.string, key, MEMORY_STORE)
+        if store != MEMORY_STORE and urlsplit(store).scheme not in ("redis", "rediss", "unix"):
+            expected = "memory (this process's own) or a Redis URL (redis://host:port/db, rediss://, unix://)"
+            raise self.fail(f"{key}.store", items["store"][1], f"expected {expected}, got {store!r}")
+        on_error = self.optional(items, "on_store_error", self.string, key, STORE_OPEN)
+        if on_error not in (STORE_OPEN, STORE_CLOSED):
+            raise self.fail(
+                f"{key}.on_store_error", items["on_store_error"][1], f"expected open or closed, got {on_error!r}"
+            )
+        return LimitPolicy(
+            store,
+            self.optional(items, "client_key", self.rate_limits, key, RateLimits()),
+            on_error,
+            self.optional(items, "store_timeout_ms", self.positive_number, key, DEFAULT_STORE_TIMEOUT_MS),
+        )
 
     def rate_limits(self, key: str, node: Node) -> RateLimits:
         names = ("requests_per_minute", "tokens_per_minute", "concurrent_sessions")

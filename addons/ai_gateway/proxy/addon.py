@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ipaddress
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
@@ -19,15 +20,18 @@ from mitmproxy.websocket import WebSocketMessage
 
 from ai_gateway.accounting.billing import Accounting
 from ai_gateway.accounting.http_exchange import HttpExchange
-from ai_gateway.accounting.items import ResponseStarted
+from ai_gateway.accounting.items import ResponseStarted, UsageItem
 from ai_gateway.accounting.ledger import CONTINUE, REFUSE, Source, UsageLedger, recent_records
-from ai_gateway.accounting.limits import ANONYMOUS, Refusal, SpendControl, client_key_sha256, identify
+from ai_gateway.accounting.limits import ANONYMOUS, MINUTE, Refusal, SpendControl, Ticket, client_key_sha256, identify
 from ai_gateway.accounting.metrics import DEFAULT_MAX_MODEL_LABELS, OPERATION_NAMES, GatewayMetrics, MetricsServer
 from ai_gateway.accounting.pricing import PriceCatalog, catalog_for
 from ai_gateway.accounting.session_meters import GeminiLiveMeter, RealtimeMeter, ResponsesSocketMeter, SessionMeter
+from ai_gateway.accounting.shared_limits import SharedLimits
 from ai_gateway.config.policy import (
     DEFAULT_POLICY,
+    MEMORY_STORE,
     FileStamp,
+    LimitPolicy,
     Policy,
     PolicyError,
     RateLimits,
@@ -83,15 +87,29 @@ logger = logging.getLogger(__name__)
 _METRIC_PREFIX = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 
-def never_raises[Hook: Callable[..., None]](hook: Hook) -> Hook:
-    """A hook that fails must not break the relay: log it and let the flow go on."""
+def never_raises[Hook: Callable[..., Awaitable[None] | None]](hook: Hook) -> Hook:
+    """A hook that fails must not break the relay: log it and let the flow go on.
+
+    A hook may return an awaitable (only where it must wait for the shared limits store):
+    mitmproxy awaits it before relaying the message or request, and it is guarded the same way."""
+
+    def failed(flow: http.HTTPFlow) -> None:
+        logger.exception("ai-gateway: %s failed for %s", hook.__name__, flow.request.path.split("?", 1)[0])
+
+    async def awaited(work: Awaitable[None], flow: http.HTTPFlow) -> None:
+        try:
+            await work
+        except Exception:
+            failed(flow)
 
     @functools.wraps(hook)
-    def guarded(self: object, flow: http.HTTPFlow) -> None:
+    def guarded(self: object, flow: http.HTTPFlow) -> Awaitable[None] | None:
         try:
-            hook(self, flow)
+            work = hook(self, flow)
         except Exception:
-            logger.exception("ai-gateway: %s failed for %s", hook.__name__, flow.request.path.split("?", 1)[0])
+            failed(flow)
+            return None
+        return None if work is None else awaited(work, flow)
 
     return guarded  # type: ignore[return-value]
 
@@ -103,6 +121,7 @@ class Gateway:
         self.policy: Policy | None = None
         self.catalog: PriceCatalog | None = None
         self.control: SpendControl | None = None
+        self.shared: SharedLimits | None = None
         self.metrics = GatewayMetrics("agentgateway")
         self.ledger: UsageLedger | None = None
         self.observability = Observability()
@@ -271,13 +290,38 @@ class Gateway:
         """Everything that follows from a policy; spend already counted against budgets is kept."""
         self.policy, self.catalog = policy, catalog
         self.control = controls_for(self.control, policy)
+        self.shared = self.shared_store(policy.limits.store if self.control is not None else MEMORY_STORE)
         self.rewire_accounting()
         self.credential.auth = policy.auth
+
+    def shared_store(self, store: str) -> SharedLimits | None:
+        """The policy's shared limits store: the same URL keeps its client (and its leases); a new
+        one starts from what that store holds; the old one is closed once its writes are sent."""
+        if self.shared is not None and self.shared.url == store:
+            return self.shared
+        if self.shared is not None:
+            self.retire(self.shared)
+        if store == MEMORY_STORE:
+            return None
+        shared = SharedLimits(store, self.metrics)
+        if self.is_running:
+            shared.start(self.control_window, self.control_limits)
+        return shared
+
+    def retire(self, shared: SharedLimits) -> None:
+        with contextlib.suppress(RuntimeError):  # no loop yet: nothing was sent
+            asyncio.get_running_loop().create_task(shared.close())
+
+    def control_window(self) -> float:
+        return self.control.window if self.control is not None else MINUTE
+
+    def control_limits(self) -> LimitPolicy:
+        return self.control.limits if self.control is not None else LimitPolicy()
 
     def rewire_accounting(self) -> None:
         """Every meter holds this one Accounting: pointing it at the current metrics, ledger, prices
         and budgets makes a change reach open sessions too, from their next response on."""
-        self.accounting.rewire(self.metrics, self.ledger, self.catalog, self.control)
+        self.accounting.rewire(self.metrics, self.ledger, self.catalog, self.control, self.shared)
 
     def open_ledger(self, path: str) -> None:
         """The new ledger is opened before the old one closes: if it cannot be, the old one stays."""
@@ -335,6 +379,8 @@ class Gateway:
         self.observability.quiet_dumper()
         self.restart_metrics_server()  # before is_running: a port in use is fatal at startup
         self.is_running = True
+        if self.shared is not None:
+            self.shared.start(self.control_window, self.control_limits)
         self.restore_spend()
         if ctx.options.gateway_policy_reload:
             self.watcher = asyncio.get_running_loop().create_task(self.watch_policy())
@@ -350,8 +396,11 @@ class Gateway:
 
     def restore_spend(self) -> None:
         """A restart does not forgive spend: the ledger's lines of the current budget window are
-        charged to their client keys again (budgets live in this process's memory)."""
+        charged to their client keys again (budgets live in this process's memory). A shared
+        store keeps the spend itself, across restarts."""
         if self.control is None or self.ledger is None or self.policy is None or self.policy.budgets is None:
+            return
+        if self.shared is not None:
             return
         window = self.policy.budgets.window_seconds
         wall = datetime.now(UTC)
@@ -374,6 +423,8 @@ class Gateway:
             if addon in ctx.master.addons.chain:
                 ctx.master.addons.remove(addon)
         self.observability.shutdown()
+        if self.shared is not None:
+            await self.shared.close()  # usage settled during the drain reaches the store
         self.stop_metrics_server()
         if self.ledger is not None:
             self.ledger.close()
@@ -428,35 +479,60 @@ class Gateway:
             self.observability.request_arrived(flow, traced_operation(route.type), model)
 
     @never_raises
-    def request(self, flow: http.HTTPFlow) -> None:
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if self.policy is None:
-            return
+            return None
         route = self.policy.match(flow.request.path)
         upgrade = is_websocket_upgrade(flow.request)
         # A GET on a metered path reads (stored completions, a response by id): nothing is billed.
         calls = route.type is RouteType.REALTIME_CALLS
         metered = session_kind(route) is not None if upgrade else route.type in METERED_HTTP or calls
         if not metered or not upgrade and flow.request.method != "POST":
-            return
+            return None
         source = self.source(flow, route.type, session=upgrade)
         action = "rejected_session" if upgrade else "rejected_request"
         if self.policy.client_keys.require and not flow.metadata.get(KNOWN_KEY_METADATA):
             flow.response = unknown_key_response()
             self.accounting.enforced(Refusal("client_key", UNKNOWN_CLIENT_KEY), action)
-            return
+            return None
+        shared = self.accounting.shared is not None
+        if upgrade and shared:
+            return self.shared_handshake(flow, source)
         if upgrade:
-            if refusal := self.accounting.open_session(source):
-                flow.response = refusal_response(refusal)
-                self.accounting.enforced(refusal, action)
-            else:
-                flow.metadata[SESSION_OPEN_METADATA] = True
-            return
-        verdict = self.accounting.admit(source)
+            self.handshake(flow, self.accounting.open_session(source))
+        elif shared:
+            return self.shared_request(flow, route, source)
+        else:
+            self.metered_request(flow, route, source, self.accounting.admit(source))
+        return None
+
+    async def shared_handshake(self, flow: http.HTTPFlow, source: Source) -> None:
+        """The handshake waits for the shared store (at most limits.store_timeout_ms)."""
+        self.handshake(flow, await self.accounting.open_session_shared(source))
+
+    async def shared_request(self, flow: http.HTTPFlow, route: Route, source: Source) -> None:
+        """The request waits for the shared store (at most limits.store_timeout_ms) before it goes upstream."""
+        self.metered_request(flow, route, source, await self.accounting.admit_shared(source))
+
+    def handshake(self, flow: http.HTTPFlow, refusal: Refusal | None) -> None:
+        if refusal is not None:
+            flow.response = refusal_response(refusal)
+            self.accounting.enforced(refusal, "rejected_session")
+        else:
+            flow.metadata[SESSION_OPEN_METADATA] = True
+
+    def metered_request(
+        self, flow: http.HTTPFlow, route: Route, source: Source, verdict: Ticket | Refusal | None
+    ) -> None:
+        """A metered HTTP request, admitted (its reservation held) or refused with the reason."""
+        assert self.policy is not None
         if isinstance(verdict, Refusal):
             flow.response = refusal_response(verdict)
-            self.accounting.enforced(verdict, action)
+            self.accounting.enforced(verdict, "rejected_request")
             return
-        if calls:  # minting a WebRTC/SIP session: checked and counted, billed on its sideband only
+        if (
+            route.type is RouteType.REALTIME_CALLS
+        ):  # minting a WebRTC/SIP session: checked and counted, billed on its sideband only
             self.accounting.realtime_call(verdict, flow.request.path.split("?", 1)[0].rpartition("/")[2])
             return
         request = flow.request
@@ -558,9 +634,9 @@ class Gateway:
             self.metrics.websocket_sessions.labels(route.type.value).inc()
 
     @never_raises
-    def websocket_message(self, flow: http.HTTPFlow) -> None:
+    def websocket_message(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         if closer.intercept(flow):  # the gateway's own close marker: neither relayed nor metered
-            return
+            return None
         assert flow.websocket is not None
         messages = flow.websocket.messages
         message = messages[-1]
@@ -573,32 +649,49 @@ class Gateway:
         if session is not None:
             if self.clock.sessions:
                 self.clock.touch(flow.id)
+            protocol = session.protocol
             if message.from_client:
-                self.client_frame(flow, message, session)
+                item = protocol.client_frame(message.content, message.is_text)
             else:
-                self.server_frame(flow, message, session)
-            if session.meter.totals.changed:
-                self.show_totals(flow, session.meter)
+                item = protocol.server_frame(message.content, message.is_text)
+            if item is not None:
+                if self.accounting.shared is not None and session.meter.admission_needed(item):
+                    return self.shared_admission(flow, message, session, item)
+                self.applied(flow, message, session, item, session.meter.apply(item))
         # The current message is relayed after this hook returns; the one before it has gone.
         trim(messages, self.history, self.shrink_relayed_audio)
+        return None
 
-    def server_frame(self, flow: http.HTTPFlow, message: WebSocketMessage, session: Session) -> None:
-        item = session.protocol.server_frame(message.content, message.is_text)
-        if item is None:
-            return
-        outcome = session.meter.apply(item)
-        if isinstance(outcome, Refusal) and isinstance(session.protocol, GeminiLiveProtocol):
-            self.close_session(flow, outcome)
-        elif isinstance(outcome, Refusal) and isinstance(item, ResponseStarted) and item.response_id is not None:
-            self.cancel_response(flow, item.response_id, outcome)
-        elif outcome is not None and not isinstance(outcome, Refusal):
-            logger.debug("ai-gateway: unreadable server frame (%s): %s", outcome.reason, outcome.detail)
+    async def shared_admission(
+        self, flow: http.HTTPFlow, message: WebSocketMessage, session: Session, item: UsageItem
+    ) -> None:
+        """A response starts (response.create, or one the upstream started): its admission waits
+        for the shared store, at most limits.store_timeout_ms, before the frame is relayed. No
+        other frame ever waits for the store."""
+        verdict = await self.accounting.admit_shared(session.meter.source)
+        if flow.id in self.sessions:  # the session may have ended meanwhile
+            self.applied(flow, message, session, item, session.meter.apply_admitted(item, verdict))
+        elif isinstance(verdict, Ticket):
+            self.accounting.release(verdict)
+        if flow.websocket is not None:
+            trim(flow.websocket.messages, self.history, self.shrink_relayed_audio)
 
-    def client_frame(self, flow: http.HTTPFlow, message: WebSocketMessage, session: Session) -> None:
-        """A client frame: metered, unless it asks for a response the budgets and limits no longer allow."""
-        item = session.protocol.client_frame(message.content, message.is_text)
-        if item is not None and isinstance(refusal := session.meter.apply(item), Refusal):
-            self.refuse_response(flow, message, refusal)
+    def applied(
+        self, flow: http.HTTPFlow, message: WebSocketMessage, session: Session, item: UsageItem, outcome: object
+    ) -> None:
+        """What the meter made of a frame's item: a refused response.create is dropped, a refused
+        response the upstream started is cancelled, a refused Gemini Live session is closed."""
+        if isinstance(outcome, Refusal):
+            if message.from_client:
+                self.refuse_response(flow, message, outcome)
+            elif isinstance(session.protocol, GeminiLiveProtocol):
+                self.close_session(flow, outcome)
+            elif isinstance(item, ResponseStarted) and item.response_id is not None:
+                self.cancel_response(flow, item.response_id, outcome)
+        elif outcome is not None:
+            logger.debug("ai-gateway: unreadable frame (%s): %s", outcome.reason, outcome.detail)
+        if session.meter.totals.changed:
+            self.show_totals(flow, session.meter)
 
     def refuse_response(self, flow: http.HTTPFlow, message: WebSocketMessage, refusal: Refusal) -> None:
         """The response.create never reaches the upstream; the client gets an error event."""

@@ -10,6 +10,7 @@ from mitmproxy import http
 
 from ai_gateway.accounting.ledger import USAGE_LOG
 from ai_gateway.accounting.limits import BUDGET_EXCEEDED, CLIENT_KEY, RATE_LIMITED, SESSION, Refusal
+from ai_gateway.accounting.shared_limits import STORE, STORE_UNAVAILABLE
 from ai_gateway.protocols.openai_realtime import error_event
 
 UNKNOWN_CLIENT_KEY = "invalid_api_key"
@@ -20,7 +21,10 @@ MESSAGES = {
     (CLIENT_KEY, RATE_LIMITED): "This API key is over its rate limit: the gateway refused the request.",
     (USAGE_LOG, "usage_log_unavailable"): "The gateway cannot record usage right now (its usage ledger cannot be"
     " written): retry later.",
+    (STORE, STORE_UNAVAILABLE): "The gateway cannot check budgets and rate limits right now (its limits store does"
+    " not answer): retry later.",
 }
+SERVER_FAULTS = (USAGE_LOG, STORE)  # refusals that are the gateway's fault, not the client's
 
 
 def message(refusal: Refusal) -> str:
@@ -30,19 +34,20 @@ def message(refusal: Refusal) -> str:
 def refusal_event(refusal: Refusal, client_event: bytes = b"") -> bytes:
     """The Realtime `error` event that tells the client its `response.create` was refused (or that a
     response the upstream started by itself was cancelled)."""
-    kind = "server_error" if refusal.scope == USAGE_LOG else "invalid_request_error"
+    kind = "server_error" if refusal.scope in SERVER_FAULTS else "invalid_request_error"
     return error_event(refusal.code, message(refusal), client_event, kind)
 
 
 def refusal_response(refusal: Refusal) -> http.Response:
     """HTTP, or a WebSocket handshake, refused: 429 with an OpenAI-shaped body and, where waiting
-    helps, `retry-after` in whole seconds; 503 while usage cannot be recorded (the gateway's fault)."""
-    kind = "server_error" if refusal.scope == USAGE_LOG else refusal.code
+    helps, `retry-after` in whole seconds; 503 while usage cannot be recorded or limits cannot be
+    checked (the gateway's fault)."""
+    kind = "server_error" if refusal.scope in SERVER_FAULTS else refusal.code
     error = {"message": message(refusal), "type": kind, "param": None, "code": refusal.code}
     headers = {"content-type": "application/json"}
     if refusal.retry_after is not None:
         headers["retry-after"] = str(max(1, math.ceil(refusal.retry_after)))
-    status = 503 if refusal.scope == USAGE_LOG else 429
+    status = 503 if refusal.scope in SERVER_FAULTS else 429
     return http.Response.make(status, json.dumps({"error": error}), headers)
 
 

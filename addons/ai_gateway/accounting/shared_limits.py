@@ -1,0 +1,437 @@
+"""Client-key budgets and rate limits kept in Redis (`limits.store: redis://…`), so that every
+worker and replica admits against the same spend.
+
+Each decision is one Lua script, so it is atomic in the store: admitting a response checks the
+key's spend plus the reservations in flight and holds its own reservation in the same step,
+whatever number of gateway processes ask at once. Time is the store's clock (`TIME`), so the
+processes' clocks do not matter.
+
+Windows are kept in 60 buckets (the budget's window / 60; one second for the per-minute rates):
+spend leaves a window up to one bucket late, never early. Reservations and open sessions are
+leases that the process holding them renews every HEARTBEAT_SECONDS: the ones of a process that
+died free themselves within LEASE_SECONDS.
+
+Never on the relay path of a frame: a handshake, a metered request and the start of a response
+wait for the store (at most `limits.store_timeout_ms`); settling usage and closing a session are
+sent without waiting. While the store fails, `limits.on_store_error` admits (`open`) or refuses
+(`closed`), usage that could not be settled is kept (per key) and settled once the store answers,
+and one line is logged when the outage starts and one when it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as redis
+
+from ai_gateway.accounting.limits import CLIENT_KEY, Refusal
+from ai_gateway.accounting.metrics import GatewayMetrics
+from ai_gateway.config.policy import STORE_CLOSED, Limit, LimitPolicy, RateLimits
+
+logger = logging.getLogger(__name__)
+
+STORE = "store"
+STORE_UNAVAILABLE = "limits_store_unavailable"
+LEASE_SECONDS = 90.0
+HEARTBEAT_SECONDS = 30.0
+CONNECT_SECONDS = 5.0
+MAX_UNSYNCED_KEYS = 10_000
+MAX_CONNECTIONS = 8
+
+# KEYS: spend:tokens, spend:usd, tpm, rpm, held (zset id -> lease end), held:tokens, held:usd, largest, sessions
+# ARGV[1] = the budget window in seconds (0: no window), ARGV[2] = lease seconds; the rest per script.
+_COMMON = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+local window = tonumber(ARGV[1])
+local lease = tonumber(ARGV[2])
+local size = window > 0 and window / 60 or 0
+local bucket = size > 0 and math.floor(now / size) or 0
+local second = math.floor(now)
+
+local function sum(key, first)
+  local fields = redis.call('HGETALL', key)
+  local total, oldest = 0, nil
+  for i = 1, #fields, 2 do
+    local b = tonumber(fields[i])
+    if b < first then
+      redis.call('HDEL', key, fields[i])
+    else
+      total = total + tonumber(fields[i + 1])
+      if oldest == nil or b < oldest then oldest = b end
+    end
+  end
+  return total, oldest
+end
+
+local function held()
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now)
+  for _, id in ipairs(gone) do
+    redis.call('HDEL', KEYS[6], id)
+    redis.call('HDEL', KEYS[7], id)
+  end
+  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now)
+  local tokens, usd = 0, 0
+  for _, v in ipairs(redis.call('HVALS', KEYS[6])) do tokens = tokens + tonumber(v) end
+  for _, v in ipairs(redis.call('HVALS', KEYS[7])) do usd = usd + tonumber(v) end
+  return tokens, usd
+end
+
+local first = size > 0 and bucket - 59 or 0
+local spent_tokens, oldest = sum(KEYS[1], first)
+local spent_usd = sum(KEYS[2], first)
+local minute_tokens, oldest_minute = sum(KEYS[3], second - 59)
+local requests, oldest_request = sum(KEYS[4], second - 59)
+local held_tokens, held_usd = held()
+redis.call('ZREMRANGEBYSCORE', KEYS[9], '-inf', now)
+local sessions = redis.call('ZCARD', KEYS[9])
+
+local function budget_retry()
+  if oldest == nil or size == 0 then return 1 end
+  return math.max((oldest + 60) * size - now, 0.1)
+end
+
+local function state(verdict, code, retry)
+  return {verdict, code, tostring(retry), tostring(spent_tokens + held_tokens), tostring(spent_usd + held_usd),
+          tostring(requests), tostring(minute_tokens + held_tokens), tostring(sessions)}
+end
+
+local function expire()
+  local ttl = math.ceil(math.max(window, 60) + lease) * 1000
+  for i = 3, 9 do redis.call('PEXPIRE', KEYS[i], ttl) end
+  if window > 0 then
+    redis.call('PEXPIRE', KEYS[1], ttl)
+    redis.call('PEXPIRE', KEYS[2], ttl)
+  end
+end
+
+-- ARGV[3..5]: budget tokens, budget usd, requests per minute (-1: no limit)
+local function over_budget()
+  local tokens, usd = tonumber(ARGV[3]), tonumber(ARGV[4])
+  return (tokens >= 0 and spent_tokens + held_tokens >= tokens) or (usd >= 0 and spent_usd + held_usd >= usd)
+end
+
+local function request_retry()
+  return oldest_request and math.max(oldest_request + 60 - now, 0.1) or 1
+end
+
+local function over_requests()
+  local rpm = tonumber(ARGV[5])
+  return rpm >= 0 and requests >= rpm
+end
+"""
+
+# ARGV[6] tokens per minute, ARGV[7] ticket id, ARGV[8] reservation tokens, ARGV[9] reservation usd,
+# ARGV[10] 1: the reservation is at least the key's costliest response so far
+ADMIT = (
+    _COMMON
+    + """
+if over_budget() then return state('refused', 'budget_exceeded', budget_retry()) end
+if over_requests() then return state('refused', 'rate_limit_exceeded', request_retry()) end
+local tpm = tonumber(ARGV[6])
+if tpm >= 0 and minute_tokens + held_tokens >= tpm then
+  return state('refused', 'rate_limit_exceeded', oldest_minute and math.max(oldest_minute + 60 - now, 0.1) or 1)
+end
+local tokens, usd = tonumber(ARGV[8]), tonumber(ARGV[9])
+if ARGV[10] == '1' then
+  tokens = math.max(tokens, tonumber(redis.call('HGET', KEYS[8], 'tokens') or '0'))
+  usd = math.max(usd, tonumber(redis.call('HGET', KEYS[8], 'usd') or '0'))
+end
+redis.call('ZADD', KEYS[5], now + lease, ARGV[7])
+redis.call('HSET', KEYS[6], ARGV[7], tokens)
+redis.call('HSET', KEYS[7], ARGV[7], usd)
+redis.call('HINCRBY', KEYS[4], second, 1)
+held_tokens, held_usd, requests = held_tokens + tokens, held_usd + usd, requests + 1
+expire()
+local reply = state('admitted', '', 0)
+reply[9] = tostring(tokens)
+reply[10] = tostring(usd)
+return reply
+"""
+)
+
+# ARGV[6] concurrent sessions (-1: no limit), ARGV[7] session id
+OPEN_SESSION = (
+    _COMMON
+    + """
+if over_budget() then return state('refused', 'budget_exceeded', budget_retry()) end
+local concurrent = tonumber(ARGV[6])
+if concurrent >= 0 and sessions >= concurrent then return state('refused', 'rate_limit_exceeded', 1) end
+if over_requests() then return state('refused', 'rate_limit_exceeded', request_retry()) end
+redis.call('ZADD', KEYS[9], now + lease, ARGV[7])
+redis.call('HINCRBY', KEYS[4], second, 1)
+sessions, requests = sessions + 1, requests + 1
+expire()
+return state('admitted', '', 0)
+"""
+)
+
+# ARGV[3] ticket id ('' for none), ARGV[4] tokens, ARGV[5] usd spent
+SETTLE = (
+    _COMMON
+    + """
+if ARGV[3] ~= '' then
+  held_tokens = held_tokens - tonumber(redis.call('HGET', KEYS[6], ARGV[3]) or '0')
+  held_usd = held_usd - tonumber(redis.call('HGET', KEYS[7], ARGV[3]) or '0')
+  redis.call('ZREM', KEYS[5], ARGV[3])
+  redis.call('HDEL', KEYS[6], ARGV[3])
+  redis.call('HDEL', KEYS[7], ARGV[3])
+end
+local tokens, usd = tonumber(ARGV[4]), tonumber(ARGV[5])
+if tokens > 0 or usd > 0 then
+  redis.call('HINCRBY', KEYS[1], bucket, tokens)
+  redis.call('HINCRBYFLOAT', KEYS[2], bucket, usd)
+  redis.call('HINCRBY', KEYS[3], second, tokens)
+  for field, value in pairs({tokens = tokens, usd = usd}) do
+    if value > tonumber(redis.call('HGET', KEYS[8], field) or '0') then redis.call('HSET', KEYS[8], field, value) end
+  end
+  spent_tokens, spent_usd, minute_tokens = spent_tokens + tokens, spent_usd + usd, minute_tokens + tokens
+end
+expire()
+return state('settled', '', 0)
+"""
+)
+
+# ARGV[3] session id to close ('' for none), ARGV[4..]: leases of this process to renew (zset key index, id)
+RENEW = (
+    _COMMON
+    + """
+if ARGV[3] ~= '' then
+  redis.call('ZREM', KEYS[9], ARGV[3])
+  sessions = redis.call('ZCARD', KEYS[9])
+end
+for i = 4, #ARGV, 2 do
+  redis.call('ZADD', KEYS[tonumber(ARGV[i])], 'XX', now + lease, ARGV[i + 1])
+end
+return state('renewed', '', 0)
+"""
+)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyView:
+    """What the store last said about a key: its budget in use (spend plus reservations), and
+    requests, tokens (reservations included) and sessions of the current minute."""
+
+    tokens: float = 0.0
+    usd: float = 0.0
+    requests: int = 0
+    minute_tokens: float = 0.0
+    sessions: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """An admission by the store: the lease id of its reservation (None: admitted while the store
+    failed, with on_store_error open) and what it holds."""
+
+    lease: str | None
+    tokens: int = 0
+    usd: float = 0.0
+
+
+def _limit(value: float | None) -> str:
+    return "-1" if value is None else repr(value)
+
+
+def _keys(label: str) -> list[str]:
+    """One hash tag per client key: every script touches one key's state, one Redis Cluster slot."""
+    base = f"aigw:{{{label}}}:"
+    return [
+        base + name
+        for name in (
+            "spend:tokens",
+            "spend:usd",
+            "tpm",
+            "rpm",
+            "held",
+            "held:tokens",
+            "held:usd",
+            "largest",
+            "sessions",
+        )
+    ]
+
+
+HELD, SESSIONS = 5, 9  # 1-based positions in _keys, as RENEW's ARGV names them
+
+
+class SharedLimits:
+    """The key-level half of spend control against a Redis store; the session-level half (a
+    session lives in one process) stays in SpendControl."""
+
+    def __init__(self, url: str, metrics: GatewayMetrics) -> None:
+        self.url = url
+        self.metrics = metrics
+        # A bounded pool: a burst of admissions queues for a few connections instead of opening one each.
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=None, socket_connect_timeout=1.0, socket_timeout=1.0
+        )
+        self.client = redis.Redis(connection_pool=pool)
+        self.admit_script = self.client.register_script(ADMIT)
+        self.open_script = self.client.register_script(OPEN_SESSION)
+        self.settle_script = self.client.register_script(SETTLE)
+        self.renew_script = self.client.register_script(RENEW)
+        self.views: dict[str, KeyView] = {}
+        self.unsynced: dict[str, tuple[int, float]] = {}  # usage the store did not take yet, per key
+        self.leases: dict[str, tuple[str, int]] = {}  # lease id -> (key, HELD or SESSIONS), for renewal
+        self.failing = False
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.heartbeat: asyncio.Task[None] | None = None
+
+    async def admit(
+        self, label: str, limits: LimitPolicy, budget: Limit | None, window: float, rates: RateLimits,
+        reservation: tuple[int, float], key_largest: bool,
+    ) -> Grant | Refusal:  # fmt: skip
+        """A new response or request of this key: admitted with a reservation held in the store, or refused."""
+        lease = uuid.uuid4().hex
+        tokens, usd = reservation
+        args = [*self._budget_args(window, budget, rates), _limit(rates.tokens_per_minute), lease]
+        args += [str(tokens), repr(usd), "1" if key_largest else "0"]
+        reply = await self._call("admit", self.admit_script, label, args, limits)
+        if reply is None:
+            return self._failed(limits)
+        if reply[0] != b"admitted":
+            return Refusal(CLIENT_KEY, reply[1].decode(), float(reply[2]))
+        self.leases[lease] = (label, HELD)
+        return Grant(lease, int(float(reply[8])), float(reply[9]))
+
+    async def open_session(
+        self, label: str, session_id: str, limits: LimitPolicy, budget: Limit | None, window: float, rates: RateLimits
+    ) -> Grant | Refusal:
+        args = [*self._budget_args(window, budget, rates), _limit(rates.concurrent_sessions), session_id]
+        reply = await self._call("open_session", self.open_script, label, args, limits)
+        if reply is None:
+            return self._failed(limits)
+        if reply[0] != b"admitted":
+            return Refusal(CLIENT_KEY, reply[1].decode(), float(reply[2]))
+        self.leases[session_id] = (label, SESSIONS)
+        return Grant(session_id)
+
+    def settle(
+        self, label: str, lease: str | None, tokens: int, usd: float, window: float, limits: LimitPolicy
+    ) -> None:
+        """Usage arrived (or a reservation is released with none): sent without waiting."""
+        if lease is not None:
+            self.leases.pop(lease, None)
+        self._spawn(self._settle(label, lease or "", tokens, usd, window, limits))
+
+    def close_session(self, label: str, session_id: str, window: float, limits: LimitPolicy) -> None:
+        if self.leases.pop(session_id, None) is not None:
+            self._spawn(self._renew(label, window, limits, session_id, []))
+
+    def view(self, label: str) -> KeyView:
+        return self.views.get(label, KeyView())
+
+    def start(self, window: Callable[[], float], limits: Callable[[], LimitPolicy]) -> None:
+        """Connect and load the scripts now (the first handshake must not pay for it), then renew
+        this process's leases while it runs."""
+        self.heartbeat = asyncio.get_running_loop().create_task(self._beat(window, limits))
+
+    async def _connect(self, limits: LimitPolicy) -> None:
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(CONNECT_SECONDS):
+                for script in (self.admit_script, self.open_script, self.settle_script, self.renew_script):
+                    await self.client.script_load(script.script)
+        except (redis.RedisError, OSError, TimeoutError) as e:
+            self._outage("connect", started, e, limits)
+
+    async def close(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.cancel()
+        for task in list(self.tasks):
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(task, 1.0)
+        await self.client.aclose()
+
+    async def _beat(self, window: Callable[[], float], limits: Callable[[], LimitPolicy]) -> None:
+        await self._connect(limits())
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            by_key: dict[str, list[str]] = {}
+            for lease, (label, kind) in self.leases.items():
+                by_key.setdefault(label, []).extend((str(kind), lease))
+            for label, args in by_key.items():
+                await self._renew(label, window(), limits(), "", args)
+
+    async def _settle(
+        self, label: str, lease: str, tokens: int, usd: float, window: float, limits: LimitPolicy
+    ) -> None:
+        owed_tokens, owed_usd = self.unsynced.pop(label, (0, 0.0))
+        tokens, usd = tokens + owed_tokens, usd + owed_usd
+        args = [repr(window), repr(LEASE_SECONDS), lease, str(tokens), repr(usd)]
+        if await self._call("settle", self.settle_script, label, args, limits) is None:
+            if (tokens or usd) and (label in self.unsynced or len(self.unsynced) < MAX_UNSYNCED_KEYS):
+                later_tokens, later_usd = self.unsynced.get(label, (0, 0.0))
+                self.unsynced[label] = (later_tokens + tokens, later_usd + usd)
+            return
+        for other in list(self.unsynced)[:16]:  # the store answers again: what it missed, a few keys at a time
+            self._spawn(self._settle(other, "", 0, 0.0, window, limits))
+
+    async def _renew(self, label: str, window: float, limits: LimitPolicy, closed: str, leases: list[str]) -> None:
+        await self._call(
+            "renew", self.renew_script, label, [repr(window), repr(LEASE_SECONDS), closed, *leases], limits
+        )
+
+    def _budget_args(self, window: float, budget: Limit | None, rates: RateLimits) -> list[str]:
+        tokens = budget.tokens if budget is not None else None
+        usd = budget.usd if budget is not None else None
+        return [repr(window), repr(LEASE_SECONDS), _limit(tokens), _limit(usd), _limit(rates.requests_per_minute)]
+
+    async def _call(
+        self, operation: str, script: Any, label: str, args: list[str], limits: LimitPolicy
+    ) -> list[bytes] | None:
+        """One script in the store, within the policy's timeout; None when it failed (counted, and
+        logged once per outage)."""
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(limits.store_timeout_ms / 1000):
+                reply = await script(keys=_keys(label), args=args)
+        except (redis.RedisError, OSError, TimeoutError) as e:
+            self._outage(operation, started, e, limits)
+            return None
+        self.metrics.limits_store_duration.labels(operation).observe(time.perf_counter() - started)
+        if self.failing:
+            self.failing = False
+            logger.warning("ai-gateway: limits store %s answers again", self.url)
+        self.views[label] = KeyView(
+            float(reply[3]), float(reply[4]), int(float(reply[5])), float(reply[6]), int(reply[7])
+        )
+        return reply
+
+    def _outage(self, operation: str, started: float, error: BaseException, limits: LimitPolicy) -> None:
+        """A failed operation: counted, and logged once per outage (not per response)."""
+        self.metrics.limits_store_duration.labels(operation).observe(time.perf_counter() - started)
+        self.metrics.limits_store_errors.labels(operation).inc()
+        if not self.failing:
+            self.failing = True
+            logger.error(
+                "ai-gateway: limits store %s failed (%s): on_store_error=%s until it answers again",
+                self.url, describe(error), limits.on_store_error,
+            )  # fmt: skip
+
+    @staticmethod
+    def _failed(limits: LimitPolicy) -> Grant | Refusal:
+        if limits.on_store_error == STORE_CLOSED:
+            return Refusal(STORE, STORE_UNAVAILABLE, 1.0)
+        return Grant(None)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+def describe(error: BaseException) -> str:
+    """A store error in a few words, for the one line logged per outage."""
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__

@@ -1,0 +1,314 @@
+"""Budgets and rate limits shared through a real Redis server (`limits.store: redis://`): the
+admission arithmetic in the store itself, then real gateways — `scripts/serve --workers 2` and
+three separate mitmdump processes — sharing one store, with the overshoot figures printed, and
+what `limits.on_store_error` does while the store is down."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import websockets
+from openai import AsyncOpenAI, RateLimitError
+from websockets.asyncio.client import ClientConnection
+
+from ai_gateway.accounting.metrics import GatewayMetrics
+from ai_gateway.accounting.shared_limits import SharedLimits
+from ai_gateway.config.policy import Limit, LimitPolicy, RateLimits
+from ai_gateway.tools.harness import GatewayProcess, RedisServer, scrape
+from ai_gateway.tools.simulators.http import HttpSimulator
+from ai_gateway.tools.simulators.realtime import SimulatorThread
+
+from .clients import wait_until, websocket_base
+from .test_serve import WORKERS, connection_pid
+from .test_spend_controls import (
+    LIMIT,
+    RESERVE,
+    TARGET,
+    assert_cancelled_after_the_first_turn,
+    policy,
+    tokens,
+    vad_over_budget,
+)
+
+STORE_ERRORS = "agentgateway_gateway_limits_store_errors_total"
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server not found: scripts/setup installs it (Debian: apt-get install redis-server)")
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator:
+    with SimulatorThread(seed=31) as simulator:
+        yield simulator
+
+
+def shared_policy(tmp_path: Path, store: str, budgets: str = "", limits: str = "", on_error: str = "open") -> str:
+    text = f"limits:\n  store: {store}\n  on_store_error: {on_error}\n{limits}"
+    if budgets:
+        text += f"budgets:\n{budgets}  reserve: {{tokens: {RESERVE}}}\n"
+    return policy(tmp_path, text)
+
+
+def key_budget(tmp_path: Path, store: str, tokens_limit: int = LIMIT) -> str:
+    return shared_policy(tmp_path, store, budgets=f"  client_key: {{tokens: {tokens_limit}}}\n")
+
+
+# -- the arithmetic in the store ---------------------------------------------------------------
+
+
+def test_the_store_admits_atomically_for_every_process_and_settles_the_reservation(redis_server):
+    """Two clients of one store (two processes) racing for one key: reservations are held in the
+    store, so together they admit what the budget allows, and settling replaces a reservation by
+    the usage."""
+    limits = LimitPolicy(store=redis_server.url)
+    budget = Limit(tokens=10_000)
+
+    async def race() -> tuple[list, list]:
+        first, second = (
+            SharedLimits(redis_server.url, GatewayMetrics("a")),
+            SharedLimits(redis_server.url, GatewayMetrics("b")),
+        )
+        admit = [s.admit("race", limits, budget, 3600.0, RateLimits(), (4096, 0.0), True) for s in (first, second) * 4]
+        verdicts = await asyncio.gather(*admit)
+        granted = [v for v in verdicts if hasattr(v, "lease")]
+        first.settle("race", granted[0].lease, 100, 0.0, 3600.0, limits)
+        await asyncio.gather(*first.tasks)
+        after = await second.admit("race", limits, budget, 3600.0, RateLimits(), (4096, 0.0), True)
+        views = [first.view("race"), second.view("race")]
+        await first.close()
+        await second.close()
+        return [*verdicts, after], views
+
+    verdicts, views = asyncio.run(race())
+    granted = [v for v in verdicts[:-1] if hasattr(v, "lease")]
+    assert len(granted) == 3  # 3 x 4096 reserved reaches 10,000: the 4th and later are refused
+    assert {v.code for v in verdicts[:-1] if not hasattr(v, "lease")} == {"budget_exceeded"}
+    # one reservation became 100 tokens of spend (and the key's largest response is 100, below the
+    # reserve): 4096 x 2 + 100 + 4096 = 12,388 >= 10,000 would refuse, 8,292 leaves room for one more
+    assert hasattr(verdicts[-1], "lease")
+    assert views[1].tokens == 2 * 4096 + 100 + 4096
+
+
+def test_rate_limits_and_concurrent_sessions_are_counted_across_processes(redis_server):
+    limits = LimitPolicy(store=redis_server.url)
+    rates = RateLimits(requests_per_minute=3, concurrent_sessions=2)
+
+    async def run() -> list:
+        stores = [SharedLimits(redis_server.url, GatewayMetrics(f"p{i}")) for i in range(3)]
+        outcomes = [await s.open_session("rates", f"s{i}", limits, None, 60.0, rates) for i, s in enumerate(stores)]
+        stores[0].close_session("rates", "s0", 60.0, limits)  # one open: room for another
+        await asyncio.gather(*stores[0].tasks)
+        outcomes.append(await stores[2].open_session("rates", "s3", limits, None, 60.0, rates))
+        stores[1].close_session("rates", "s1", 60.0, limits)
+        await asyncio.gather(*stores[1].tasks)
+        outcomes.append(await stores[0].open_session("rates", "s4", limits, None, 60.0, rates))
+        for s in stores:
+            await s.close()
+        return outcomes
+
+    first, second, third, fourth, fifth = asyncio.run(run())
+    assert hasattr(first, "lease") and hasattr(second, "lease")
+    assert third.code == "rate_limit_exceeded"  # two sessions open at once, across processes
+    assert hasattr(fourth, "lease")  # the refused handshake was not counted as a request
+    assert fifth.code == "rate_limit_exceeded" and fifth.retry_after > 0  # the 4th request this minute
+
+
+# -- real gateways sharing one store ---------------------------------------------------------
+
+
+async def spend_on(ws: ClientConnection, pipelined: int) -> int:
+    """Asks for responses (`pipelined` at a time, event_id first as pipecat writes them) until a
+    whole round is refused; returns the responses that finished."""
+    finished = 0
+    while True:
+        for i in range(pipelined):
+            await ws.send(json.dumps({"event_id": f"c{finished}-{i}", "type": "response.create"}))
+        outstanding, refused = pipelined, 0
+        while outstanding:
+            event = json.loads(await ws.recv())
+            if event["type"] == "error" and event["error"]["code"] == "budget_exceeded":
+                outstanding, refused = outstanding - 1, refused + 1
+            elif event["type"] == "response.done":
+                outstanding, finished = outstanding - 1, finished + 1
+        if refused == pipelined:
+            return finished
+
+
+async def connect(url: str, key: str) -> ClientConnection:
+    ws = await websockets.connect(url, additional_headers={"authorization": f"Bearer {key}"})
+    await ws.recv()  # session.created
+    return ws
+
+
+def overshoot(label: str, spent: int, limit: int, capsys) -> float:
+    with capsys.disabled():
+        print(f"\n{label}: {spent:,} tokens for a {limit:,} budget = {spent / limit:.2f}x")
+    return spent / limit
+
+
+@pytest.mark.parametrize("pipelined", [1, 10], ids=["sessions", "pipelined"])
+def test_three_gateway_processes_share_one_key_budget(tmp_path, redis_server, upstream, capsys, pipelined):
+    model = f"gpt-realtime-shared-{pipelined}"
+    key = f"sk-three-{pipelined}"
+    options = {"gateway_policy": key_budget(tmp_path, redis_server.url)}
+    gateways = [GatewayProcess(upstream.url, options=options) for _ in range(3)]
+    for gateway in gateways:
+        gateway.start()
+    try:
+
+        async def drive() -> list[int]:
+            urls = [f"{websocket_base(g.url)}/v1/realtime?model={model}" for g in gateways]
+            sessions = [await connect(url, key) for url in urls]
+            try:
+                return await asyncio.gather(*(spend_on(ws, pipelined) for ws in sessions))
+            finally:
+                for ws in sessions:
+                    await ws.close()
+
+        finished = asyncio.run(drive())
+    finally:
+        for gateway in gateways:
+            gateway.stop()
+    spent = tokens(upstream.usage_for(model))
+    ratio = overshoot(f"3 processes, one key, {pipelined} response.create at a time", spent, LIMIT, capsys)
+    assert sum(finished) and ratio <= TARGET
+    assert spent >= LIMIT - RESERVE  # the budget was used, not refused early
+
+
+def test_serve_workers_share_one_key_budget(tmp_path, redis_server, upstream, capsys):
+    model = "gpt-realtime-shared-workers"
+    options = {"gateway_policy": key_budget(tmp_path, redis_server.url)}
+    with GatewayProcess(upstream.url, launcher="serve", args=WORKERS, options=options) as gateway:
+        url = f"{websocket_base(gateway.url)}/v1/realtime?model={model}"
+
+        async def drive() -> tuple[list[int], set[int]]:
+            sessions, pids = [], set()
+            while len(pids) < 2:  # the kernel spreads connections by a hash: open until both workers hold one
+                assert len(sessions) < 40
+                since = len(gateway.log())
+                ws = await connect(url, "sk-workers")
+                pid = functools.partial(connection_pid, gateway, ws.local_address[1], since)
+                pids.add(await asyncio.to_thread(wait_until, pid))
+                sessions.append(ws)
+            try:
+                return await asyncio.gather(*(spend_on(ws, 1) for ws in sessions)), pids
+            finally:
+                for ws in sessions:
+                    await ws.close()
+
+        finished, pids = asyncio.run(drive())
+    spent = tokens(upstream.usage_for(model))
+    ratio = overshoot(f"scripts/serve --workers 2, {len(finished)} sessions on one key", spent, LIMIT, capsys)
+    assert len(pids) == 2 and sum(finished) and ratio <= TARGET
+    assert spent >= LIMIT - RESERVE
+
+
+def test_forty_concurrent_http_requests_across_three_processes(tmp_path, redis_server, capsys):
+    limit = 20_000
+    options = {"gateway_policy": key_budget(tmp_path, redis_server.url, limit)}
+    with SimulatorThread(server=HttpSimulator(seed=32)) as http_upstream:
+        gateways = [GatewayProcess(http_upstream.url, options=options).start() for _ in range(3)]
+        try:
+            clients = [AsyncOpenAI(api_key="sk-http-3", base_url=f"{g.url}/v1", max_retries=0) for g in gateways]
+
+            async def one(client: AsyncOpenAI) -> bool:
+                try:
+                    await client.chat.completions.create(
+                        model="gpt-4o-mini",
+                        messages=[{"role": "user", "content": "hi"}],
+                        extra_headers={"x-sim-delay-ms": "200"},  # all forty are in flight at once
+                    )
+                except RateLimitError:
+                    return False
+                return True
+
+            async def forty() -> list[bool]:
+                return await asyncio.gather(*(one(clients[i % 3]) for i in range(40)))
+
+            admitted = sum(asyncio.run(forty()))
+        finally:
+            for gateway in gateways:
+                gateway.stop()
+        spent = sum(e.usage["prompt_tokens"] + e.usage["completion_tokens"] for e in http_upstream.ledger)
+    ratio = overshoot(f"40 concurrent HTTP requests on 3 processes, {admitted} admitted", spent, limit, capsys)
+    assert 0 < admitted < 40 and ratio <= TARGET
+
+
+def test_spend_in_the_store_survives_a_gateway_restart(tmp_path, redis_server, upstream):
+    model = "gpt-realtime-shared-restart"
+    options = {"gateway_policy": key_budget(tmp_path, redis_server.url, 30_000)}
+
+    async def until_refused(gateway: GatewayProcess) -> int:
+        ws = await connect(f"{websocket_base(gateway.url)}/v1/realtime?model={model}", "sk-restart")
+        try:
+            return await spend_on(ws, 1)
+        finally:
+            await ws.close()
+
+    with GatewayProcess(upstream.url, options=options) as gateway:
+        assert asyncio.run(until_refused(gateway)) > 0
+    with GatewayProcess(upstream.url, options=options) as gateway:  # no ledger: the store remembers
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            asyncio.run(until_refused(gateway))
+    assert refused.value.response.status_code == 429
+    assert json.loads(refused.value.response.body)["error"]["code"] == "budget_exceeded"
+
+
+def test_responses_the_upstream_starts_are_cancelled_against_the_shared_budget(tmp_path, redis_server):
+    budgets = "  client_key: {tokens: 1000}\n"
+    text = shared_policy(tmp_path, redis_server.url, budgets=budgets).replace(f"{{tokens: {RESERVE}}}", "{tokens: 1}")
+    seen, samples = vad_over_budget(text)
+    assert_cancelled_after_the_first_turn(seen, samples, "client_key")
+
+
+@pytest.mark.parametrize("on_error", ["open", "closed"])
+def test_what_a_store_outage_does(tmp_path, upstream, on_error):
+    """The store stops answering: `open` admits, `closed` refuses with 503; the errors are counted
+    and logged once per outage, and the relay of an open session is not disturbed."""
+    with RedisServer() as store:
+        text = shared_policy(tmp_path, store.url, budgets=f"  client_key: {{tokens: {LIMIT}}}\n", on_error=on_error)
+        with GatewayProcess(upstream.url, options={"gateway_policy": text}) as gateway:
+            url = f"{websocket_base(gateway.url)}/v1/realtime?model=gpt-realtime-outage-{on_error}"
+
+            async def drive() -> list[str]:
+                ws = await connect(url, "sk-outage")
+                await ws.send(json.dumps({"type": "response.create"}))
+                while json.loads(await ws.recv())["type"] != "response.done":
+                    pass
+                store.stop()
+                outcomes = []
+                for _ in range(3):
+                    await ws.send(json.dumps({"type": "response.create"}))
+                    while True:
+                        event = json.loads(await ws.recv())
+                        if event["type"] in ("response.done", "error"):
+                            outcomes.append(event["type"] if event["type"] != "error" else event["error"]["code"])
+                            break
+                await ws.close()
+                try:
+                    await connect(url, "sk-outage")
+                    outcomes.append("handshake admitted")
+                except websockets.InvalidStatus as e:
+                    outcomes.append(f"handshake {e.response.status_code}")
+                return outcomes
+
+            outcomes = asyncio.run(drive())
+            errors = sum(v for (name, _), v in scrape(gateway.metrics_url).items() if name == STORE_ERRORS)
+            log = gateway.log()
+    if on_error == "open":
+        assert outcomes == ["response.done"] * 3 + ["handshake admitted"]
+    else:
+        assert outcomes == ["limits_store_unavailable"] * 3 + ["handshake 503"]
+    assert errors >= 4
+    assert log.count("limits store") == 1  # one line for the outage, not one per response
