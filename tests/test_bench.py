@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import yaml
 from websockets.asyncio.client import connect
 
 from ai_gateway.config.policy import DEFAULT_POLICY, load_policy
-from ai_gateway.tools.bench import capacity
+from ai_gateway.tools.bench import capacity, limits
 from ai_gateway.tools.bench.__main__ import parse_args
 from ai_gateway.tools.bench.configs import CONFIGS, DEFAULT_CONFIGS, LITELLM, Workdir, keep_compression_policy
 from ai_gateway.tools.bench.litellm import CALLBACK_SOURCE, USAGE_LOG_ENV, Metered, Tally, read_log, write_config
@@ -305,3 +306,25 @@ def test_splice_adds_a_section_without_touching_the_others() -> None:
     assert with_capacity.startswith(relay.rstrip()) and "capacity v1" in with_capacity
     again = splice(splice(with_capacity, "relay v2"), "capacity v2", capacity.BEGIN, capacity.END)
     assert "relay v2" in again and "capacity v2" in again and "v1" not in again
+
+
+# --- what the spend controls cost (scripts/bench --limits) -----------------------------------------
+
+
+def test_limits_smoke_writes_its_own_section(tmp_path: Path) -> None:
+    output = tmp_path / "BENCH.md"
+    output.write_text(splice(None, "relay tables"))
+    result = subprocess.run(
+        [sys.executable, "-m", "ai_gateway.tools.bench", "--limits", "--smoke", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = output.read_text()
+    assert "relay tables" in text and text.count(BEGIN) == 1
+    section = text.split(limits.BEGIN, 1)[1].split(limits.END, 1)[0]
+    rows = {line.split(" | ")[0].strip("| *"): line for line in section.splitlines() if line.startswith("| **")}
+    assert set(rows) == set(limits.NAMES)
+    assert re.search(r"\| \d[\d.]* \([+-]\d", rows["redis"])  # a latency with what it adds to off's
+    assert "scripts/bench --limits --smoke" in section

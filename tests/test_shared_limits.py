@@ -124,6 +124,37 @@ def test_rate_limits_and_concurrent_sessions_are_counted_across_processes(redis_
     assert fifth.code == "rate_limit_exceeded" and fifth.retry_after > 0  # the 4th request this minute
 
 
+def test_what_a_dead_process_held_frees_itself_when_its_lease_ends(redis_server):
+    """A process that admitted a response (or opened a session) and died never settles it: its
+    lease is not renewed, and once it ends the key is no longer blocked."""
+    limits = LimitPolicy(store=redis_server.url)
+    budget, rates = Limit(tokens=4000), RateLimits(concurrent_sessions=1)
+
+    async def run() -> list:
+        dead = SharedLimits(redis_server.url, GatewayMetrics("dead"), lease_seconds=0.5)
+        alive = SharedLimits(redis_server.url, GatewayMetrics("alive"))
+        held = await dead.admit("lease", limits, budget, 3600.0, rates, (4096, 0.0), True)
+        opened = await dead.open_session("lease-s", "s-dead", limits, None, 3600.0, rates)
+        await dead.close()  # dies: nothing settled, nothing renewed
+        blocked = [
+            await alive.admit("lease", limits, budget, 3600.0, rates, (4096, 0.0), True),
+            await alive.open_session("lease-s", "s-alive", limits, None, 3600.0, rates),
+        ]
+        await asyncio.sleep(0.6)
+        freed = [
+            await alive.admit("lease", limits, budget, 3600.0, rates, (4096, 0.0), True),
+            await alive.open_session("lease-s", "s-alive", limits, None, 3600.0, rates),
+        ]
+        await alive.close()
+        return [held, opened, *blocked, *freed]
+
+    held, opened, *rest = asyncio.run(run())
+    assert hasattr(held, "lease") and hasattr(opened, "lease")
+    assert [getattr(v, "code", "admitted") for v in rest] == [
+        "budget_exceeded", "rate_limit_exceeded", "admitted", "admitted",
+    ]  # fmt: skip
+
+
 # -- real gateways sharing one store ---------------------------------------------------------
 
 

@@ -267,9 +267,10 @@ class SharedLimits:
     """The key-level half of spend control against a Redis store; the session-level half (a
     session lives in one process) stays in SpendControl."""
 
-    def __init__(self, url: str, metrics: GatewayMetrics) -> None:
+    def __init__(self, url: str, metrics: GatewayMetrics, lease_seconds: float = LEASE_SECONDS) -> None:
         self.url = url
         self.metrics = metrics
+        self.lease_seconds = lease_seconds  # renewed every HEARTBEAT_SECONDS, so larger than that
         # A bounded pool: a burst of admissions queues for a few connections instead of opening one each.
         pool = redis.BlockingConnectionPool.from_url(
             url, max_connections=MAX_CONNECTIONS, timeout=None, socket_connect_timeout=1.0, socket_timeout=1.0
@@ -367,7 +368,7 @@ class SharedLimits:
     ) -> None:
         owed_tokens, owed_usd = self.unsynced.pop(label, (0, 0.0))
         tokens, usd = tokens + owed_tokens, usd + owed_usd
-        args = [repr(window), repr(LEASE_SECONDS), lease, str(tokens), repr(usd)]
+        args = [repr(window), repr(self.lease_seconds), lease, str(tokens), repr(usd)]
         if await self._call("settle", self.settle_script, label, args, limits) is None:
             if (tokens or usd) and (label in self.unsynced or len(self.unsynced) < MAX_UNSYNCED_KEYS):
                 later_tokens, later_usd = self.unsynced.get(label, (0, 0.0))
@@ -378,13 +379,13 @@ class SharedLimits:
 
     async def _renew(self, label: str, window: float, limits: LimitPolicy, closed: str, leases: list[str]) -> None:
         await self._call(
-            "renew", self.renew_script, label, [repr(window), repr(LEASE_SECONDS), closed, *leases], limits
+            "renew", self.renew_script, label, [repr(window), repr(self.lease_seconds), closed, *leases], limits
         )
 
     def _budget_args(self, window: float, budget: Limit | None, rates: RateLimits) -> list[str]:
         tokens = budget.tokens if budget is not None else None
         usd = budget.usd if budget is not None else None
-        return [repr(window), repr(LEASE_SECONDS), _limit(tokens), _limit(usd), _limit(rates.requests_per_minute)]
+        return [repr(window), repr(self.lease_seconds), _limit(tokens), _limit(usd), _limit(rates.requests_per_minute)]
 
     async def _call(
         self, operation: str, script: Any, label: str, args: list[str], limits: LimitPolicy

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ai_gateway.tools.bench import capacity
+from ai_gateway.tools.bench import capacity, limits
 from ai_gateway.tools.bench.configs import CONFIGS, DEFAULT_CONFIGS, LITELLM
 from ai_gateway.tools.bench.litellm import install
 from ai_gateway.tools.bench.report import PLOT_NAME, add_sizes, document, parse_sized, plot, splice
@@ -65,6 +65,12 @@ def parser() -> argparse.ArgumentParser:
         help="instead: how many live voice sessions one core carries, per configuration (its own options: "
         "`scripts/bench --capacity --help`; its own section of BENCHMARKS.md)",
     )
+    p.add_argument(
+        "--limits",
+        action="store_true",
+        help="instead: what budgets and rate limits cost, in memory and in a shared Redis store "
+        "(`scripts/bench --limits --help`; its own section of BENCHMARKS.md)",
+    )
     p.add_argument("--output", type=Path, help="the Markdown file to write (default: BENCHMARKS.md)")
     p.add_argument(
         "--configs",
@@ -90,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--capacity" in argv:
         return capacity.main([arg for arg in argv if arg != "--capacity"])
+    if "--limits" in argv:
+        return limits.main([arg for arg in argv if arg != "--limits"])
     args = parse_args(argv)
     if LITELLM.name in args.configs:
         try:
