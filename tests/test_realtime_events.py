@@ -18,7 +18,7 @@ from ai_gateway.accounting.items import (
     UpstreamError,
 )
 from ai_gateway.accounting.usage import MAX_TOKENS, DurationUsage, TokenUsage
-from ai_gateway.protocols.json_events import event_type
+from ai_gateway.protocols.json_events import event_type, names_type_twice
 from ai_gateway.protocols.openai_realtime import RealtimeProtocol, delta_response_id, needs_decoding, read_server_event
 from ai_gateway.tools.simulators.realtime import EXAMPLE_USAGE
 
@@ -340,3 +340,32 @@ def test_a_turn_ends_when_server_vad_hears_speech_stop_or_the_client_commits():
     for commit in (b'{"type":"input_audio_buffer.commit"}', b'{"event_id":"c1","type":"input_audio_buffer.commit"}'):
         assert protocol.client_frame(commit, True) == TurnEnded("commit")
     assert protocol.client_frame(frame({"type": "input_audio_buffer.clear"}), True) is None
+
+
+# Frames put together from the pieces that matter: keys and values named type or audio, quotes,
+# escapes, base64; names_type_twice must agree with counting every `"type"` in the whole frame.
+frame_pieces = st.lists(
+    st.sampled_from(
+        [b'"type"', b'"audio"', b'"', b":", b",", b"{", b"}", b'\\"', b"type", b"audio", b"QUJD", b" ", b'"x"']
+    ),
+    max_size=24,
+).map(b"".join)
+
+
+@given(frame_pieces)
+def test_names_type_twice_agrees_with_counting_the_whole_frame(content):
+    assert names_type_twice(content) == (content.count(b'"type"') > 1)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"type":"input_audio_buffer.append","audio":"QUJD","type":"response.create"}',
+        b'{"type":"input_audio_buffer.append","x":"audio","type":"response.create","audio":"QUJD"}',
+        b'{"type":"input_audio_buffer.append","audio":"type","type":"response.create"}',
+        b'{"audio":"QUJD","type":"input_audio_buffer.append","type":"response.create"}',
+    ],
+)
+def test_a_second_type_beside_the_audio_is_found(content):
+    assert names_type_twice(content)
+    assert not names_type_twice(b'{"type":"input_audio_buffer.append","audio":"QUJD"}')
