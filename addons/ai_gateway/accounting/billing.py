@@ -7,6 +7,7 @@ route type is accounted for the same way.
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 from ai_gateway.accounting.ledger import USAGE_LOG, Source, UsageLedger
 from ai_gateway.accounting.limits import CLIENT_KEY, MINUTE, RATE_LIMITED, Refusal, SpendControl, Ticket
@@ -31,6 +32,11 @@ def pricing_model(labels: ModelLabels, session: bool = False) -> str:
     return labels.request_model or "" if labels.operation != "transcription" or not session else ""
 
 
+class Billed(NamedTuple):
+    series: Series
+    cost: float | None
+
+
 class Accounting:
     def __init__(
         self,
@@ -42,7 +48,6 @@ class Accounting:
         shared: SharedLimits | None = None,
     ) -> None:
         self.observer = observer  # the access log and traces, told by the meters
-        self.last_cost: float | None = None  # of the usage billed last, for the observer's record
         self.rewire(metrics, ledger, catalog, control, shared)
 
     def rewire(
@@ -73,8 +78,9 @@ class Accounting:
         status: str | None = None,
         response_id: str | None = None,
         ticket: Ticket | None = None,
-    ) -> Series:
-        """Record one response's (or transcription's) usage; returns its series for latency figures."""
+    ) -> Billed:
+        """Record one response's (or transcription's) usage; returns its series (for latency
+        figures) and its cost at catalog prices (None: unpriced)."""
         series = self.metrics.series(labels)
         series.record(usage)
         if status is not None:
@@ -83,13 +89,12 @@ class Accounting:
         if self.catalog is not None:
             cost, lookup = self.catalog.cost(pricing_model(labels, source.session), usage)
             series.priced(lookup, cost)
-        self.last_cost = cost
         if self.ledger is not None and not self.ledger.append(source, labels, usage, status, response_id, cost):
             self.metrics.usage_log_errors.inc()
         if self.control is not None:
             tokens = usage.input + (usage.output or 0) if isinstance(usage, TokenUsage) else 0
             self.settle(source, ticket, tokens, cost or 0.0)
-        return series
+        return Billed(series, cost)
 
     def unbilled(
         self, source: Source, labels: ModelLabels, status: str, response_id: str | None, reason: str

@@ -60,8 +60,9 @@ class HttpExchange:
         if done.usage is None:
             self.accounting.unbilled(self.source, self.labels(), done.status, done.response_id, done.unread or "")
         else:
-            self.accounting.bill(self.source, self.labels(), done.usage, done.status, ticket=self.ticket)
-            self.cost = self.accounting.last_cost
+            self.cost = self.accounting.bill(
+                self.source, self.labels(), done.usage, done.status, ticket=self.ticket
+            ).cost
 
     def problem(self, problem: Malformed) -> None:
         self.accounting.parse_error(self.source, problem.reason)

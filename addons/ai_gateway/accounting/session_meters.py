@@ -153,24 +153,24 @@ class SessionMeter:
                 return None
             if done.usage is not None:
                 self.remember_billed(done.response_id)
+        cost = None
         if done.usage is None:
             series = self.accounting.unbilled(self.source, labels, done.status, done.response_id, done.unread or "")
             if ticket is not None:
                 self.accounting.release(ticket)
         else:
-            series = self.accounting.bill(self.source, labels, done.usage, done.status, done.response_id, ticket)
+            series, cost = self.accounting.bill(self.source, labels, done.usage, done.status, done.response_id, ticket)
             self.totals.add(done.usage)
         self.totals.responses += 1
         self.totals.changed = True
         if done.status == "failed":
             self.totals.error()
-        self.observe(labels, done, series)
+        self.observe(labels, done, series, cost)
         return series
 
-    def observe(self, labels: ModelLabels, done: ResponseDone, series: Series) -> None:
+    def observe(self, labels: ModelLabels, done: ResponseDone, series: Series, cost: float | None) -> None:
         """A finished response's cost and timing: in the totals, the turn latency metric, the observer."""
         timing = self.timing(done.response_id)
-        cost = self.accounting.last_cost if done.usage is not None else None
         self.totals.cost += cost or 0.0
         self.totals.ttft = timing.ttft if timing.ttft is not None else self.totals.ttft
         if timing.turn is not None and timing.turn_latency is not None:
@@ -263,8 +263,8 @@ class RealtimeMeter(SessionMeter):
                 self.transcription_model = transcription_model or self.transcription_model
                 self.session_id = item.session_id or self.session_id
             case TranscriptionDone(usage=usage):
-                self.accounting.bill(self.source, self.labels(TRANSCRIPTION, self.transcription_model), usage)
-                self.totals.cost += self.accounting.last_cost or 0.0
+                billed = self.accounting.bill(self.source, self.labels(TRANSCRIPTION, self.transcription_model), usage)
+                self.totals.cost += billed.cost or 0.0
                 if isinstance(usage, TokenUsage):
                     self.totals.add(usage)
                 else:
