@@ -104,6 +104,13 @@ class Window:
         if self.seconds is not None:
             self.entries.append((now, tokens, usd))
 
+    def add_older(self, at: float, tokens: int, usd: float) -> None:
+        """Spend from before every entry held (a ledger read back newest first, at startup)."""
+        self.tokens += tokens
+        self.usd += usd
+        if self.seconds is not None:
+            self.entries.appendleft((at, tokens, usd))
+
     def expire(self, now: float) -> None:
         if self.seconds is None:
             return
@@ -181,7 +188,7 @@ class SpendControl:
         self.budgets = budgets
         self.limits = limits
         self.client_keys = client_keys
-        self.names = {known.name for known in client_keys.keys}
+        self.known = {known.name: known for known in client_keys.keys}
         for state in self.keys.values():
             state.budget.spend.seconds = budgets.window_seconds if budgets else None
 
@@ -207,19 +214,14 @@ class SpendControl:
         return self.budgets.reserve if self.budgets else DEFAULT_RESERVE
 
     def key_budget(self, label: str) -> Limit | None:
-        known = self._known(label)
+        known = self.known.get(label)
         if known is not None and known.budget is not None:
             return known.budget
         return self.budgets.client_key if self.budgets else None
 
     def rate_limits(self, label: str) -> RateLimits:
-        known = self._known(label)
+        known = self.known.get(label)
         return self.limits.client_key.over(known.limits if known else None)
-
-    def _known(self, label: str):  # noqa: ANN202 (KnownKey | None; names are few)
-        if label not in self.names:
-            return None
-        return next(known for known in self.client_keys.keys if known.name == label)
 
     def key(self, label: str, now: float) -> KeyState:
         state = self.keys.get(label)
@@ -323,10 +325,7 @@ class SpendControl:
             label = record.get("client_key")
             if not isinstance(label, str) or type(tokens) is not int or not isinstance(usd, (int, float)):
                 continue
-            state = self.key(label, now)
-            state.budget.spend.entries.appendleft((now - seconds, tokens, usd))
-            state.budget.spend.tokens += tokens
-            state.budget.spend.usd += usd
+            self.key(label, now).budget.spend.add_older(now - seconds, tokens, usd)
             restored += 1
         for state in self.keys.values():
             state.budget.spend.expire(now)
