@@ -24,7 +24,7 @@ from ai_gateway.tools.harness import GatewayProcess, RedisServer, scrape
 from ai_gateway.tools.simulators.http import HttpSimulator
 from ai_gateway.tools.simulators.realtime import SimulatorThread
 
-from .clients import wait_until, websocket_base
+from .clients import sdk_session, wait_until, websocket_base
 from .test_serve import WORKERS, connection_pid
 from .test_spend_controls import (
     LIMIT,
@@ -243,6 +243,23 @@ def test_serve_workers_share_one_key_budget(tmp_path, redis_server, upstream, ca
     ratio = overshoot(f"scripts/serve --workers 2, {len(finished)} sessions on one key", spent, LIMIT, capsys)
     assert len(pids) == 2 and sum(finished) and ratio <= TARGET
     assert spent >= LIMIT - RESERVE
+
+
+def test_a_key_that_spent_its_budget_through_one_gateway_is_refused_by_another(tmp_path, redis_server, upstream):
+    """The openai SDK's GA Realtime client: one response through one gateway spends the key's
+    budget; the same key's next handshake on a second gateway (sharing the store) is refused."""
+    model = "gpt-realtime-shared-sdk"
+    options = {"gateway_policy": key_budget(tmp_path, redis_server.url, 1)}
+    with (
+        GatewayProcess(upstream.url, options=options) as first,
+        GatewayProcess(upstream.url, options=options) as second,
+    ):
+        done = asyncio.run(sdk_session(first.url, model, metadata=({},), api_key="sk-sdk-shared"))
+        assert done[0].response.usage.total_tokens > 1
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            asyncio.run(sdk_session(second.url, model, metadata=({},), api_key="sk-sdk-shared"))
+    assert refused.value.response.status_code == 429
+    assert json.loads(refused.value.response.body)["error"]["code"] == "budget_exceeded"
 
 
 def test_forty_concurrent_http_requests_across_three_processes(tmp_path, redis_server, capsys):

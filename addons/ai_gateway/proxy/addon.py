@@ -122,6 +122,7 @@ class Gateway:
         self.catalog: PriceCatalog | None = None
         self.control: SpendControl | None = None
         self.shared: SharedLimits | None = None
+        self.retiring: set[asyncio.Task[None]] = set()  # stores of earlier policies, closing
         self.metrics = GatewayMetrics("agentgateway")
         self.ledger: UsageLedger | None = None
         self.observability = Observability()
@@ -310,7 +311,9 @@ class Gateway:
 
     def retire(self, shared: SharedLimits) -> None:
         with contextlib.suppress(RuntimeError):  # no loop yet: nothing was sent
-            asyncio.get_running_loop().create_task(shared.close())
+            task = asyncio.get_running_loop().create_task(shared.close())
+            self.retiring.add(task)  # held until done: the loop keeps only a weak reference
+            task.add_done_callback(self.retiring.discard)
 
     def control_window(self) -> float:
         return self.control.window if self.control is not None else MINUTE
