@@ -29,8 +29,6 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as redis
-
 from ai_gateway.accounting.limits import CLIENT_KEY, Refusal
 from ai_gateway.accounting.metrics import GatewayMetrics
 from ai_gateway.config.policy import STORE_CLOSED, Limit, LimitPolicy, RateLimits
@@ -271,6 +269,9 @@ class SharedLimits:
         self.url = url
         self.metrics = metrics
         self.lease_seconds = lease_seconds  # renewed every HEARTBEAT_SECONDS, so larger than that
+        import redis.asyncio as redis  # here: a gateway without a Redis store never loads it (9 MB)
+
+        self.errors = (redis.RedisError, OSError, TimeoutError)
         # A bounded pool: a burst of admissions queues for a few connections instead of opening one each.
         pool = redis.BlockingConnectionPool.from_url(
             url, max_connections=MAX_CONNECTIONS, timeout=None, socket_connect_timeout=1.0, socket_timeout=1.0
@@ -342,7 +343,7 @@ class SharedLimits:
             async with asyncio.timeout(CONNECT_SECONDS):
                 for script in (self.admit_script, self.open_script, self.settle_script, self.renew_script):
                     await self.client.script_load(script.script)
-        except (redis.RedisError, OSError, TimeoutError) as e:
+        except self.errors as e:
             self._outage("connect", started, e, limits)
 
     async def close(self) -> None:
@@ -396,7 +397,7 @@ class SharedLimits:
         try:
             async with asyncio.timeout(limits.store_timeout_ms / 1000):
                 reply = await script(keys=_keys(label), args=args)
-        except (redis.RedisError, OSError, TimeoutError) as e:
+        except self.errors as e:
             self._outage(operation, started, e, limits)
             return None
         self.metrics.limits_store_duration.labels(operation).observe(time.perf_counter() - started)
