@@ -47,6 +47,7 @@ from ai_gateway.protocols.openai_http import METERED_HTTP, OPERATIONS, StreamRea
 from ai_gateway.protocols.openai_realtime import RealtimeProtocol, cancel_event, requested_model
 from ai_gateway.protocols.openai_responses_socket import ResponsesSocketProtocol
 from ai_gateway.proxy import closer
+from ai_gateway.proxy.collector import freeze_startup_objects
 from ai_gateway.proxy.contentview import realtime_view
 from ai_gateway.proxy.credential import UpstreamCredential
 from ai_gateway.proxy.drain import Drain, close_connections
@@ -217,6 +218,13 @@ class Gateway:
             "text, json or off. While on, mitmdump's own flow lines are off unless flow_detail is set.",
         )
         option(
+            "gateway_gc_freeze",
+            bool,
+            True,
+            "Once running, move startup's objects (mitmproxy, the price database) out of the garbage "
+            "collector's scans: a full collection no longer pauses every session for about 80 ms.",
+        )
+        option(
             "gateway_otlp_endpoint",
             str,
             "",
@@ -382,6 +390,8 @@ class Gateway:
         self.observability.quiet_dumper()
         self.restart_metrics_server()  # before is_running: a port in use is fatal at startup
         self.is_running = True
+        if ctx.options.gateway_gc_freeze:
+            freeze_startup_objects()
         if self.shared is not None:
             self.shared.start(self.control_window, self.control_limits)
         self.restore_spend()

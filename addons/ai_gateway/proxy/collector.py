@@ -1,0 +1,28 @@
+"""The garbage collector and the relay's latency.
+
+A full collection scans every tracked object; right after startup that is mitmproxy, the price
+database and the OpenTelemetry SDK, about 145,000 objects and 80 ms on this project's machines:
+a pause every session on the process feels, far over a 20 ms per-frame latency target. None of
+those objects become garbage while the gateway runs, so once it runs they are moved out of the
+collector's reach (`gc.freeze`): later collections scan only what sessions allocated since.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+
+logger = logging.getLogger(__name__)
+
+
+def freeze_startup_objects() -> None:
+    """Collect what startup left behind, then freeze the rest into the permanent generation."""
+    started = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    logger.debug(
+        "ai-gateway: %d startup objects frozen out of the garbage collector's scans (%.0f ms)",
+        gc.get_freeze_count(),
+        (time.perf_counter() - started) * 1000,
+    )
