@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
+import urllib.request
 
 import pytest
 
@@ -68,3 +70,20 @@ def test_sigterm_stops_cleanly_and_frees_the_metrics_port():
     assert gateway.stop() == 0
     with socket.socket() as s:
         s.bind(("127.0.0.1", gateway.metrics_port))
+
+
+@pytest.mark.parametrize("freeze", [True, False], ids=["default", "off"])
+def test_startup_objects_are_frozen_out_of_the_garbage_collector(freeze):
+    """With gateway_gc_freeze (the default) the running gateway has moved startup's objects into the
+    permanent generation: far more than a hundred thousand (mitmproxy, the price database)."""
+    options = {"termlog_verbosity": "debug", "gateway_gc_freeze": str(freeze).lower()}
+    with GatewayProcess("http://127.0.0.1:9", options=options) as gateway:
+        # a connection handled (and dropped: nothing listens upstream) comes after the running hook returned
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"{gateway.url}/v1/models", timeout=10)
+        log = gateway.log()
+    frozen = re.search(r"ai-gateway: (\d+) startup objects frozen", log)
+    if freeze:
+        assert frozen is not None and int(frozen.group(1)) > 100_000
+    else:
+        assert frozen is None
