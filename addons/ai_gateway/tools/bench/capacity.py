@@ -44,6 +44,7 @@ from ai_gateway.tools.bench.checks import accounting_problems
 from ai_gateway.tools.bench.configs import (
     DIRECT,
     GATEWAY,
+    GATEWAY_NOFREEZE,
     LITELLM,
     MITMDUMP,
     PORTKEY,
@@ -65,7 +66,7 @@ ADDED_P99_MS = 20.0  # the target: p99 latency per frame over the no-relay basel
 # from losing it (BENCHMARKS.md); outside the latency figures, which time frames from `response.create`.
 GREETING_DELAY = 0.05
 LOAD_SATURATED = 0.9  # the load's share of its CPU above which a miss may be the load's own
-CONFIGS = (DIRECT, SERVE, SERVE_WORKERS2, GATEWAY, MITMDUMP, LITELLM, PORTKEY)
+CONFIGS = (DIRECT, SERVE, SERVE_WORKERS2, GATEWAY, GATEWAY_NOFREEZE, MITMDUMP, LITELLM, PORTKEY)
 DEFAULT_CONFIGS = (DIRECT, SERVE, SERVE_WORKERS2, GATEWAY, MITMDUMP)
 INSTALLS: dict[str, Callable[[], Path]] = {LITELLM.name: litellm.install, PORTKEY.name: portkey.install}
 # The targets of issue #17: (configuration, reference, ratio of their capacities it must reach).

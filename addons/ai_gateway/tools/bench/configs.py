@@ -143,6 +143,14 @@ SERVE_WORKERS2 = Config(
     lambda upstream, work: GatewayProcess(upstream, launcher="serve", args=["--workers", "2"]),
     metered=True,
 )
+# Only in the capacity benchmark, not by default: what freezing startup's objects out of the
+# garbage collector gives (gateway_gc_freeze, on by default), the gateway without it.
+GATEWAY_NOFREEZE = Config(
+    "gateway-nofreeze",
+    "`mitmdump -s addons/gateway.py` with `gateway_gc_freeze=false`: every full collection scans startup's objects",
+    lambda upstream, work: GatewayProcess(upstream, options={"gateway_gc_freeze": "false"}),
+    metered=True,
+)
 PORTKEY = Config(
     "portkey",
     f"Portkey's gateway {PORTKEY_VERSION} (npm `@portkey-ai/gateway`, Node.js, in `.bench/portkey`): its "
