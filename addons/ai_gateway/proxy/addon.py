@@ -123,6 +123,7 @@ class Gateway:
         self.catalog: PriceCatalog | None = None
         self.control: SpendControl | None = None
         self.shared: SharedLimits | None = None
+        self.policy_stamp: FileStamp | None = None
         self.retiring: set[asyncio.Task[None]] = set()  # stores of earlier policies, closing
         self.metrics = GatewayMetrics("agentgateway")
         self.ledger: UsageLedger | None = None
@@ -288,11 +289,13 @@ class Gateway:
         logger.error("ai-gateway: %s", message)
 
     def set_policy(self, path: str) -> None:
+        stamp = file_stamp(path)  # before reading: a change made while it is read is seen by the watcher
         try:
             self.apply_policy(*read_policy(path))
         except PolicyError as e:
             self.refuse(f"invalid policy: {e}")
             return
+        self.policy_stamp = stamp
         logger.info("ai-gateway: policy %s (%d routes)", path, len(self.policy.routes))
 
     def apply_policy(self, policy: Policy, catalog: PriceCatalog | None) -> None:
@@ -353,7 +356,7 @@ class Gateway:
         in place is read whole, not half-written. It follows `gateway_policy`: a policy set
         through the option is watched from then on."""
         path = ctx.options.gateway_policy
-        applied = seen = await asyncio.to_thread(file_stamp, path)
+        applied = seen = self.policy_stamp  # of the file as configure() read it, however long ago
         since = time.monotonic()
         while True:
             await asyncio.sleep(POLICY_POLL_SECONDS)
@@ -388,10 +391,10 @@ class Gateway:
         ctx.master.addons.add(self.credential, self.drain, self.observability)
         self.drain.install()
         self.observability.quiet_dumper()
-        self.restart_metrics_server()  # before is_running: a port in use is fatal at startup
-        self.is_running = True
         if ctx.options.gateway_gc_freeze:
             freeze_startup_objects()
+        self.restart_metrics_server()  # before is_running: a port in use is fatal at startup
+        self.is_running = True
         if self.shared is not None:
             self.shared.start(self.control_window, self.control_limits)
         self.restore_spend()
