@@ -4,7 +4,8 @@ Each configuration runs alone, pinned as in the capacity benchmark, while `py-sp
 it (its workers too, `--subprocesses`); the report is the share of samples per code area (the
 gateway's own package, mitmproxy, asyncio, …; a sample counts for the innermost area of its
 stack that is listed first below) and the functions with the most samples of their own. Samples of
-threads waiting in a selector (the metrics server's, an idle event loop) are left out. py-spy reads
+threads waiting in a selector (the metrics server's, an idle event loop) or for a thread pool's
+next job are left out (uvloop waits in C: its idle time shows as `Runner.run`, not left out). py-spy reads
 Python processes only: Portkey (Node.js) cannot be profiled this way.
 
     python -m ai_gateway.tools.bench.profile [--configs serve,gateway,mitmdump] [--sessions 100] [--seconds 10]
@@ -38,7 +39,14 @@ AREAS = (
 )
 
 
-IDLE = ("_PollLikeSelector.select", "EpollSelector.select", "BaseSelector.select")
+# Leaf frames of threads that wait: selectors, and a thread pool's worker blocked on its queue
+# (the policy watcher's to_thread; its wait is in C, so py-spy shows `_worker` as the leaf).
+IDLE = (
+    "_PollLikeSelector.select",
+    "EpollSelector.select",
+    "BaseSelector.select",
+    "_worker (concurrent/futures/thread.py",
+)
 
 
 def area(stack: Sequence[str]) -> str:
