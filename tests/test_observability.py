@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import random
 import socket
@@ -16,9 +17,11 @@ from typing import Any
 
 import pytest
 from openai import AsyncOpenAI, OpenAI
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from ai_gateway.accounting import access_log
 from ai_gateway.accounting.observer import ResponseRecord
+from ai_gateway.accounting.tracing import Tracing
 from ai_gateway.accounting.usage import TokenUsage
 from ai_gateway.tools.harness import GatewayProcess, free_port, scrape, select
 from ai_gateway.tools.simulators.http import HttpSimulator
@@ -333,3 +336,52 @@ def test_access_log_lines_keep_their_format() -> None:
     assert (
         access_log.text_line({"time": "t", "event": "e", "route": "r", "n": 1000, "ok": True}) == "t e r n=1000 ok=True"
     )
+
+
+def spans_both_ways(monkeypatch: pytest.MonkeyPatch, record: ResponseRecord, traceparent: str = "") -> list[Any]:
+    """The response's span built finished, then by the SDK's own path, from one session span each."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")
+    tracing = Tracing("http://127.0.0.1:9/v1/traces", lambda reason, count: None)
+    exporter = InMemorySpanExporter()
+    tracing.processor.exporter.exporter = exporter
+    limit = tracing.prebuilt_limit
+    try:
+        for flow_id, prebuilt_limit in (("prebuilt", limit), ("sdk", 0)):
+            tracing.prebuilt_limit = prebuilt_limit
+            tracing.begin(flow_id, {"traceparent": traceparent} if traceparent else {}, "realtime", "gpt-realtime")
+            tracing.response_finished(dataclasses.replace(record, flow_id=flow_id))
+        tracing.provider.force_flush()
+        return [span for span in exporter.get_finished_spans() if ".response" in span.name]
+    finally:
+        tracing.shutdown()
+
+
+@pytest.mark.parametrize("status", ["completed", "failed"])
+def test_a_response_span_built_finished_is_the_one_the_sdk_builds(monkeypatch: pytest.MonkeyPatch, status: str) -> None:
+    assert Tracing("http://127.0.0.1:9/v1/traces", lambda reason, count: None).prebuilt_limit > 30
+    prebuilt, sdk = spans_both_ways(monkeypatch, response_record("", status), TRACEPARENT)
+    for span in (prebuilt, sdk):
+        assert span.parent is not None and span.parent.span_id != int(CLIENT_SPAN, 16)  # a child of its session
+        assert span.context.trace_id == span.parent.trace_id == int(CLIENT_TRACE, 16)
+    assert prebuilt.context.span_id != sdk.context.span_id
+    for read in (
+        lambda s: s.name, lambda s: s.kind, lambda s: dict(s.attributes), lambda s: s.status.status_code,
+        lambda s: (s.start_time, s.end_time), lambda s: s.resource, lambda s: s.instrumentation_scope,
+        lambda s: (s.context.trace_flags, s.context.trace_state, s.context.is_remote), lambda s: s.parent.is_remote,
+        lambda s: (s.events, s.links, s.dropped_attributes),
+    ):  # fmt: skip
+        assert read(prebuilt) == read(sdk)
+    assert (prebuilt.attributes.get("error.type") == "failed") is (status == "failed")
+
+
+def test_a_response_of_an_unsampled_session_has_no_span_either_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert spans_both_ways(monkeypatch, response_record(""), f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00") == []
+
+
+def test_span_limits_from_the_environment_take_the_sdks_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "5")
+    assert Tracing("http://127.0.0.1:9/v1/traces", lambda reason, count: None).prebuilt_limit == 5
+    (prebuilt, sdk) = spans_both_ways(monkeypatch, response_record(""))
+    assert len(prebuilt.attributes) == len(sdk.attributes) == 5
+    monkeypatch.setenv("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "4")
+    assert Tracing("http://127.0.0.1:9/v1/traces", lambda reason, count: None).prebuilt_limit == 0
