@@ -24,7 +24,18 @@ from websockets.asyncio.client import connect
 from ai_gateway.config.policy import DEFAULT_POLICY, load_policy
 from ai_gateway.tools.bench import capacity, limits
 from ai_gateway.tools.bench.__main__ import parse_args
-from ai_gateway.tools.bench.configs import CONFIGS, DEFAULT_CONFIGS, LITELLM, Workdir, keep_compression_policy
+from ai_gateway.tools.bench.configs import (
+    CONFIGS,
+    DEFAULT_CONFIGS,
+    LITELLM,
+    ROOT,
+    BaselineGateway,
+    Workdir,
+    extract,
+    keep_compression_policy,
+    resolve_commit,
+)
+from ai_gateway.tools.bench.hooks import BASELINE_FRAMES, DEFAULTS, HOOK_DONE_US, baseline_hook_costs, hook_costs
 from ai_gateway.tools.bench.litellm import CALLBACK_SOURCE, USAGE_LOG_ENV, Metered, Tally, read_log, write_config
 from ai_gateway.tools.bench.measure import percentile, serpentine
 from ai_gateway.tools.bench.portkey import PRELOAD_SOURCE, UPSTREAM_ENV
@@ -306,6 +317,67 @@ def test_splice_adds_a_section_without_touching_the_others() -> None:
     assert with_capacity.startswith(relay.rstrip()) and "capacity v1" in with_capacity
     again = splice(splice(with_capacity, "relay v2"), "capacity v2", capacity.BEGIN, capacity.END)
     assert "relay v2" in again and "capacity v2" in again and "v1" not in again
+
+
+# --- issues #13 and #16: the observed configurations, and the tree before the hardening ------------
+
+IN_GIT = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not IN_GIT, reason="needs this checkout's git repository")
+def test_smoke_with_a_baseline_compares_it_round_by_round(tmp_path: Path) -> None:
+    output = tmp_path / "BENCH.md"
+    command = [sys.executable, "-m", "ai_gateway.tools.bench", "--smoke", "--configs", "gateway", "--baseline", "HEAD"]
+    result = subprocess.run([*command, "--output", str(output)], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = output.read_text()
+    assert next(line for line in text.splitlines() if line.startswith("| **baseline** | ") and "exact" in line)
+    assert "| **gateway** ÷ **baseline** | " in text
+    assert "### Hook cost against the baseline (`--baseline HEAD`" in text
+    for frame in BASELINE_FRAMES:
+        assert f"| hook cost ÷ baseline's, {frame} | " in text
+    assert "| gateway: msg/s ÷ baseline's | " in text
+
+
+@pytest.mark.skipif(not IN_GIT, reason="needs this checkout's git repository")
+def test_baseline_is_resolved_and_needs_its_option(capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse_args(["--baseline", "HEAD", "--configs", "mitmdump"])
+    assert len(args.baseline_commit) == 40 and args.configs == ["mitmdump", "baseline"]
+    assert parse_args([]).baseline_commit is None
+    with pytest.raises(SystemExit):
+        parse_args(["--baseline", "no-such-commit-anywhere"])
+    with pytest.raises(SystemExit):
+        parse_args(["--configs", "gateway,baseline"])
+    assert "needs --baseline" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not IN_GIT, reason="needs this checkout's git repository")
+def test_the_baseline_tree_is_the_commits_and_runs_its_own_script(tmp_path: Path) -> None:
+    commit = resolve_commit("HEAD")
+    tree = extract(commit, tmp_path / "tree")
+    assert (tree / "addons" / "gateway.py").is_file() and (tree / "policies" / "openai.yaml").is_file()
+    proxy = BaselineGateway("http://127.0.0.1:9", tree)
+    assert proxy.command()[proxy.command().index("-s") + 1] == str(tree / "addons" / "gateway.py")
+    assert proxy.env["PYTHONPATH"] == str(tree / "addons")
+
+
+def test_the_hook_probe_times_a_tree_in_a_child_process_as_in_process() -> None:
+    args = parse_args(["--smoke", "--hook-iterations", "400", "--rounds", "2"])
+    costs = baseline_hook_costs(args, ROOT)  # this tree against itself: the mechanics, not the figures
+    assert [c.frame for c in costs] == list(BASELINE_FRAMES)
+    for cost in costs:
+        assert len(cost.current_us) == len(cost.baseline_us) == 2
+        assert all(us > 0 for us in cost.current_us + cost.baseline_us)
+    shutil.rmtree(args.output.parent)
+
+
+def test_hook_rows_time_the_default_access_log_and_the_observed_one() -> None:
+    args = parse_args(["--smoke", "--hook-iterations", "200"])
+    rows = {cost.frame: cost for cost in hook_costs(args)}
+    shutil.rmtree(args.output.parent)
+    assert rows["response.done"].target_us == HOOK_DONE_US
+    assert {"response.done, access log off", "response.done, JSON access log and traces"} <= set(rows)
+    assert DEFAULTS == {"gateway_access_log": "text"}  # the option's default: keep them in step
 
 
 # --- what the spend controls cost (scripts/bench --limits) -----------------------------------------

@@ -6,15 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
+import random
 import socket
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from openai import AsyncOpenAI, OpenAI
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from ai_gateway.accounting import access_log
+from ai_gateway.accounting.observer import ResponseRecord
+from ai_gateway.accounting.tracing import Tracing
+from ai_gateway.accounting.usage import TokenUsage
 from ai_gateway.tools.harness import GatewayProcess, free_port, scrape, select
 from ai_gateway.tools.simulators.http import HttpSimulator
 from ai_gateway.tools.simulators.otlp import OtlpReceiver, ReceivedSpan
@@ -281,3 +289,99 @@ def test_a_collector_that_never_answers_fills_the_queue_not_the_relay(vad_simula
     assert dropped >= 1  # 16 spans, at most one batch in the stuck export and 8 queued
     assert stopped_in < 10  # the last batch is waited for 2 s at most, not the export's 30 s
     assert EXPORT_LOG not in gw.log() and "opentelemetry" not in gw.log()
+
+
+# --- the per-response path, in process: what the faster code must keep exactly ---------------------
+
+RESPONSE_USAGE = TokenUsage(
+    input=132,
+    output=121,
+    cache_read=64,
+    input_by_modality=(("text", 119), ("audio", 13)),
+    cache_read_by_modality=(("text", 64), ("audio", 0)),
+    output_by_modality=(("text", 30), ("audio", 91)),
+)
+
+
+def response_record(flow_id: str, status: str = "completed", end: float = 1796122658.680189) -> ResponseRecord:
+    return ResponseRecord(
+        flow_id, "Realtime", "key:ab12", "realtime", "openai", "gpt-realtime", "gpt-realtime-2025-08-28",
+        "resp_1", status, RESPONSE_USAGE, 0.0069656, end, 0.8123, 0.0412, 0.3456,
+    )  # fmt: skip
+
+
+def test_access_log_times_are_datetimes_isoformat_to_the_millisecond() -> None:
+    def isoformat(epoch: float) -> str:
+        return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+    rng = random.Random(16)
+    second = 1796122658
+    edges = [second + k + f for k in range(3) for f in (0.0, 0.0004999, 0.0005, 0.999, 0.9995, 0.9999994, 0.9999996)]
+    for epoch in [*edges, *(second + rng.uniform(0, 5) for _ in range(20_000))]:
+        assert access_log._time(epoch) == isoformat(epoch), epoch
+
+
+def test_access_log_lines_keep_their_format() -> None:
+    fields = access_log.response_fields(response_record("f1"))
+    assert access_log.text_line(fields) == (
+        "2026-12-01T10:57:38.680Z response Realtime operation=realtime client_key=key:ab12 "
+        "request_model=gpt-realtime response_model=gpt-realtime-2025-08-28 response_id=resp_1 status=completed "
+        "input_tokens=132 cached_tokens=64 output_tokens=121 cost_usd=0.0069656 duration_s=0.8123 ttft_s=0.0412 "
+        "turn_latency_s=0.3456 flow_id=f1"
+    )
+    assert json.loads(access_log.json_line(fields)) == fields
+    assert access_log.json_line(fields) == json.dumps(fields, separators=(",", ":"))
+    quoted = access_log.text_line({"time": "t", "event": "e", "route": "r", "a": "x y", "b": 'q"', "c": "k=v", "d": ""})
+    assert quoted == 't e r a="x y" b="q\\"" c="k=v" d=""'
+    assert (
+        access_log.text_line({"time": "t", "event": "e", "route": "r", "n": 1000, "ok": True}) == "t e r n=1000 ok=True"
+    )
+
+
+def spans_both_ways(monkeypatch: pytest.MonkeyPatch, record: ResponseRecord, traceparent: str = "") -> list[Any]:
+    """The response's span built finished, then by the SDK's own path, from one session span each."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "60000")
+    tracing = Tracing("http://127.0.0.1:9/v1/traces", lambda reason, count: None)
+    exporter = InMemorySpanExporter()
+    tracing.processor.exporter.exporter = exporter
+    limit = tracing.prebuilt_limit
+    try:
+        for flow_id, prebuilt_limit in (("prebuilt", limit), ("sdk", 0)):
+            tracing.prebuilt_limit = prebuilt_limit
+            tracing.begin(flow_id, {"traceparent": traceparent} if traceparent else {}, "realtime", "gpt-realtime")
+            tracing.response_finished(dataclasses.replace(record, flow_id=flow_id))
+        tracing.provider.force_flush()
+        return [span for span in exporter.get_finished_spans() if ".response" in span.name]
+    finally:
+        tracing.shutdown()
+
+
+@pytest.mark.parametrize("status", ["completed", "failed"])
+def test_a_response_span_built_finished_is_the_one_the_sdk_builds(monkeypatch: pytest.MonkeyPatch, status: str) -> None:
+    assert Tracing("http://127.0.0.1:9/v1/traces", lambda reason, count: None).prebuilt_limit > 30
+    prebuilt, sdk = spans_both_ways(monkeypatch, response_record("", status), TRACEPARENT)
+    for span in (prebuilt, sdk):
+        assert span.parent is not None and span.parent.span_id != int(CLIENT_SPAN, 16)  # a child of its session
+        assert span.context.trace_id == span.parent.trace_id == int(CLIENT_TRACE, 16)
+    assert prebuilt.context.span_id != sdk.context.span_id
+    for read in (
+        lambda s: s.name, lambda s: s.kind, lambda s: dict(s.attributes), lambda s: s.status.status_code,
+        lambda s: (s.start_time, s.end_time), lambda s: s.resource, lambda s: s.instrumentation_scope,
+        lambda s: (s.context.trace_flags, s.context.trace_state, s.context.is_remote), lambda s: s.parent.is_remote,
+        lambda s: (s.events, s.links, s.dropped_attributes),
+    ):  # fmt: skip
+        assert read(prebuilt) == read(sdk)
+    assert (prebuilt.attributes.get("error.type") == "failed") is (status == "failed")
+
+
+def test_a_response_of_an_unsampled_session_has_no_span_either_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert spans_both_ways(monkeypatch, response_record(""), f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-00") == []
+
+
+def test_span_limits_from_the_environment_take_the_sdks_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "5")
+    assert Tracing("http://127.0.0.1:9/v1/traces", lambda reason, count: None).prebuilt_limit == 5
+    (prebuilt, sdk) = spans_both_ways(monkeypatch, response_record(""))
+    assert len(prebuilt.attributes) == len(sdk.attributes) == 5
+    monkeypatch.setenv("OTEL_ATTRIBUTE_VALUE_LENGTH_LIMIT", "4")
+    assert Tracing("http://127.0.0.1:9/v1/traces", lambda reason, count: None).prebuilt_limit == 0

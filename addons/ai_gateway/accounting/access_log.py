@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import sys
-from datetime import UTC, datetime
+import time
 from typing import IO, Any
 
 from ai_gateway.accounting.observer import Observer, ResponseRecord, SessionRecord
@@ -68,8 +70,28 @@ def session_fields(record: SessionRecord) -> dict[str, Any]:
     }
 
 
-def _time(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+class _Clock:
+    """`2026-12-01T10:57:38.680Z` for a time.time(), as datetime's isoformat(timespec="milliseconds")
+    writes it (microseconds rounded half to even first, then truncated), with the part up to the
+    second formatted once per second rather than once per line."""
+
+    def __init__(self) -> None:
+        self.second = -1.0
+        self.prefix = ""
+
+    def __call__(self, epoch: float) -> str:
+        fraction, second = math.modf(epoch)
+        microseconds = round(fraction * 1e6)
+        if microseconds >= 1_000_000:
+            second += 1.0
+            microseconds -= 1_000_000
+        if second != self.second:
+            self.prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self.second = second
+        return f"{self.prefix}.{microseconds // 1000:03d}Z"
+
+
+_time = _Clock()
 
 
 def _seconds(value: float | None) -> float | None:
@@ -80,28 +102,32 @@ def _usd(value: float | None) -> float | None:
     return None if value is None else round(value, 9)  # float sums carry noise below a nano-dollar
 
 
+_HEAD = frozenset(("time", "event", "route"))
+_NEEDS_QUOTES = re.compile(r'[ "=]')
+
+
 def text_line(fields: dict[str, Any]) -> str:
     """`time event route key=value...`; absent values left out, strings with spaces quoted."""
-    head = f"{fields['time']} {fields['event']} {fields['route']}"
-    pairs = " ".join(
-        f"{key}={_text_value(value)}"
-        for key, value in fields.items()
-        if key not in ("time", "event", "route") and value is not None
-    )
-    return f"{head} {pairs}"
+    pairs = [f"{key}={_text_value(value)}" for key, value in fields.items() if value is not None and key not in _HEAD]
+    return f"{fields['time']} {fields['event']} {fields['route']} {' '.join(pairs)}"
 
 
 def _text_value(value: Any) -> str:
+    if type(value) is int:  # most values: token counts, status codes
+        return str(value)
     if isinstance(value, float):
         return f"{value:.6g}"
     text = str(value)
-    if not text or not text.isprintable() or any(c in text for c in ' "='):
+    if not text or not text.isprintable() or _NEEDS_QUOTES.search(text):
         return json.dumps(text)
     return text
 
 
+_json = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps builds this encoder on every call
+
+
 def json_line(fields: dict[str, Any]) -> str:
-    return json.dumps(fields, separators=(",", ":"))
+    return _json(fields)
 
 
 class AccessLog(Observer):

@@ -9,12 +9,20 @@ cost, voice-turn latency) is under `ai_gateway.*`.
 Spans are exported in batches by the SDK's BatchSpanProcessor on its own thread, from a bounded
 queue: a dead or slow collector costs the relay a deque append per span, and what does not fit
 or is refused is counted, never retried forever nor logged per span.
+
+A response's span is known whole only once the response is done, so it is built finished, as the
+SDK's Span.end() builds it, and handed to the processor: the SDK's live Span would validate each
+of its twenty-odd attributes (the gateway's own str, int and float values) under a lock, several
+times the cost of everything else a response.done costs the tracer. Where the environment asks
+for what only the SDK's path does (a sampler that is not parent-based, span attribute limits the
+span would exceed), that path is taken.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -23,9 +31,10 @@ from urllib.parse import urlsplit
 from opentelemetry.context import Context
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode, set_span_in_context
+from opentelemetry.sdk.trace.sampling import ParentBased
+from opentelemetry.trace import Span, SpanContext, SpanKind, Status, StatusCode, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ai_gateway.accounting.observer import Observer, ResponseRecord, SessionRecord
@@ -148,6 +157,13 @@ class Tracing(Observer):
         self.provider.add_span_processor(self.processor)
         self.tracer = self.provider.get_tracer("ai_gateway")
         self.open: dict[str, Span] = {}
+        # A response's span is built finished only where the SDK would record it as given: a child
+        # follows its sampled parent (the default, and every parentbased_* sampler), no value length
+        # limit, fewer attributes than this limit (0: never).
+        limits = SpanLimits()
+        count = sys.maxsize if limits.max_span_attributes is None else limits.max_span_attributes
+        parent_based = isinstance(self.provider.sampler, ParentBased) and limits.max_span_attribute_length is None
+        self.prebuilt_limit = count if parent_based else 0
 
     def begin(self, flow_id: str, headers: Mapping[str, str], operation: str, model: str | None) -> dict[str, str]:
         """A metered request arrived: its span, a child of the client's `traceparent` if it sent
@@ -179,15 +195,39 @@ class Tracing(Observer):
         session = self.open.get(record.flow_id)
         if session is None:
             return
-        start = record.end - (record.duration or 0.0)
-        span = self.tracer.start_span(
-            f"{record.operation}.response {record.request_model or ''}".rstrip(),
-            context=set_span_in_context(session),
-            kind=SpanKind.INTERNAL,
-            attributes=attributes,
-            start_time=nanoseconds(start),
+        name = f"{record.operation}.response {record.request_model or ''}".rstrip()
+        start, error = record.end - (record.duration or 0.0), failed(record.status)
+        if len(attributes) >= self.prebuilt_limit:  # room for error.type too
+            span = self.tracer.start_span(
+                name,
+                context=set_span_in_context(session),
+                kind=SpanKind.INTERNAL,
+                attributes=attributes,
+                start_time=nanoseconds(start),
+            )
+            finish(span, record.end, error)
+            return
+        parent = session.get_span_context()
+        if not (parent.trace_flags.sampled and isinstance(session, ReadableSpan)):
+            return  # an unsampled or non-recording session: the SDK would not record its child either
+        if error:
+            attributes["error.type"] = error
+        span_id = self.provider.id_generator.generate_span_id()
+        context = SpanContext(parent.trace_id, span_id, False, parent.trace_flags, parent.trace_state)
+        self.processor.on_end(
+            ReadableSpan(
+                name,
+                context,
+                parent,
+                session.resource,
+                attributes,
+                kind=SpanKind.INTERNAL,
+                status=ERROR if error else UNSET,
+                start_time=nanoseconds(start),
+                end_time=nanoseconds(record.end),
+                instrumentation_scope=session.instrumentation_scope,
+            )
         )
-        finish(span, record.end, failed(record.status))
 
     def session_ended(self, record: SessionRecord) -> None:
         span = self.open.pop(record.flow_id, None)
@@ -246,10 +286,14 @@ def nanoseconds(epoch: float) -> int:
     return int(epoch * 1e9)
 
 
+ERROR = Status(StatusCode.ERROR)
+UNSET = Status(StatusCode.UNSET)
+
+
 def finish(span: Span, end: float | None, error: str) -> None:
     if error:
         span.set_attribute("error.type", error)
-        span.set_status(Status(StatusCode.ERROR))
+        span.set_status(ERROR)
     span.end(None if end is None else nanoseconds(end))
 
 
@@ -258,27 +302,33 @@ def response_attributes(record: ResponseRecord) -> dict[str, Any]:
         "gen_ai.operation.name": record.operation,
         "gen_ai.provider.name": record.system,
         "ai_gateway.response.status": record.status,
-        **optional("gen_ai.request.model", record.request_model),
-        **optional("gen_ai.response.model", record.response_model),
-        **optional("gen_ai.response.id", record.response_id),
-        **optional("gen_ai.response.time_to_first_chunk", record.ttft),
-        **optional("ai_gateway.voice_turn.latency", record.turn_latency),
-        **optional("ai_gateway.cost.usd", record.cost),
-        **optional("ai_gateway.client_key", record.client_key),
-        **optional("http.response.status_code", record.http_status),
     }
+    for key, value in (
+        ("gen_ai.request.model", record.request_model),
+        ("gen_ai.response.model", record.response_model),
+        ("gen_ai.response.id", record.response_id),
+        ("gen_ai.response.time_to_first_chunk", record.ttft),
+        ("ai_gateway.voice_turn.latency", record.turn_latency),
+        ("ai_gateway.cost.usd", record.cost),
+        ("ai_gateway.client_key", record.client_key),
+        ("http.response.status_code", record.http_status),
+    ):
+        if value is not None:
+            attributes[key] = value
     if record.usage is not None:
-        attributes.update(usage_attributes(record.usage))
+        add_usage(attributes, record.usage)
     return attributes
 
 
-def usage_attributes(usage: TokenUsage) -> dict[str, Any]:
-    attributes: dict[str, Any] = {
-        "gen_ai.usage.input_tokens": usage.input,
-        **optional("gen_ai.usage.output_tokens", usage.output),
-        **optional("gen_ai.usage.cache_read.input_tokens", usage.cache_read),
-        **optional("gen_ai.usage.reasoning.output_tokens", usage.reasoning),
-    }
+def add_usage(attributes: dict[str, Any], usage: TokenUsage) -> None:
+    attributes["gen_ai.usage.input_tokens"] = usage.input
+    for key, value in (
+        ("gen_ai.usage.output_tokens", usage.output),
+        ("gen_ai.usage.cache_read.input_tokens", usage.cache_read),
+        ("gen_ai.usage.reasoning.output_tokens", usage.reasoning),
+    ):
+        if value is not None:
+            attributes[key] = value
     for name, split in (
         ("input_tokens", usage.input_by_modality),
         ("cache_read.input_tokens", usage.cache_read_by_modality),
@@ -286,4 +336,3 @@ def usage_attributes(usage: TokenUsage) -> dict[str, Any]:
     ):
         for modality, count in split:
             attributes[f"ai_gateway.usage.{name}.{modality}"] = count
-    return attributes

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ai_gateway.tools.bench import capacity, limits
-from ai_gateway.tools.bench.configs import CONFIGS, DEFAULT_CONFIGS, LITELLM
+from ai_gateway.tools.bench.configs import BASELINE, CONFIGS, DEFAULT_CONFIGS, LITELLM, resolve_commit
 from ai_gateway.tools.bench.litellm import install
 from ai_gateway.tools.bench.report import PLOT_NAME, add_sizes, document, parse_sized, plot, splice
 from ai_gateway.tools.bench.runner import Bench
@@ -77,6 +77,12 @@ def parser() -> argparse.ArgumentParser:
         default=",".join(c.name for c in DEFAULT_CONFIGS),
         help=f"comma-separated, of {', '.join(c.name for c in CONFIGS)} (default: %(default)s)",
     )
+    p.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run this commit's `mitmdump -s addons/gateway.py` (checked out with git archive into the run's "
+        "temp directory) as the configuration `baseline`, and time its hooks against this tree's, round by round",
+    )
     add_sizes(p, SIZES)
     return p
 
@@ -89,6 +95,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     unknown = set(args.configs) - {c.name for c in CONFIGS}
     if unknown:
         p.error(f"unknown configurations: {', '.join(sorted(unknown))}")
+    if args.baseline is not None:
+        try:
+            args.baseline_commit = resolve_commit(args.baseline)
+        except ValueError as e:
+            p.error(str(e))
+        if BASELINE.name not in args.configs:
+            args.configs.append(BASELINE.name)
+    elif BASELINE.name in args.configs:
+        p.error("the baseline configuration needs --baseline REV")
+    else:
+        args.baseline_commit = None
     return args
 
 

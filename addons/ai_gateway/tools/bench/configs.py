@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import shutil
 import subprocess
 import sys
+import tarfile
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +17,9 @@ from typing import Any
 import yaml
 
 from ai_gateway.config.policy import DEFAULT_POLICY, load_policy
-from ai_gateway.tools.bench.hooks import EmptyHook
 from ai_gateway.tools.bench.litellm import LITELLM_VERSION, LitellmProcess
 from ai_gateway.tools.bench.portkey import PORTKEY_VERSION, PortkeyProcess
+from ai_gateway.tools.bench.probe import EmptyHook
 from ai_gateway.tools.harness import GatewayProcess
 from ai_gateway.tools.loadgen import LoadStats, Stop, Traffic, UpstreamProcess, drive
 
@@ -34,6 +36,19 @@ class BareMitmdump(GatewayProcess):
     def ready(self) -> bool:
         """No metrics endpoint to probe: mitmproxy's own startup line tells."""
         return " listening at " in self.log()
+
+
+class BaselineGateway(GatewayProcess):
+    """`mitmdump -s addons/gateway.py` of an earlier commit's tree, with its own package and default policy."""
+
+    def __init__(self, upstream: str, tree: Path) -> None:
+        super().__init__(upstream, env={"PYTHONPATH": str(tree / "addons")})
+        self.script = tree / "addons" / "gateway.py"
+
+    def command(self) -> list[str]:
+        command = super().command()
+        command[command.index("-s") + 1] = str(self.script)
+        return command
 
 
 class ObservedGateway(GatewayProcess):
@@ -66,13 +81,37 @@ class Workdir:
     policy: Path  # the default policy, keeping compression
     empty_addon: Path  # a script whose websocket_message does nothing
     directory: Path  # where a proxy writes its own files (LiteLLM: its config and usage log)
+    baseline: Path | None = None  # the tree of the commit given to --baseline: its addons/ and policies/
 
     @classmethod
-    def create(cls, directory: Path) -> Workdir:
+    def create(cls, directory: Path, baseline: str | None = None) -> Workdir:
         empty_addon = directory / "empty_addon.py"
         source = inspect.getsource(EmptyHook)  # the same floor as the microbenchmark's
         empty_addon.write_text(f"from __future__ import annotations\n\n\n{source}\n\naddons = [EmptyHook()]\n")
-        return cls(keep_compression_policy(directory), empty_addon, directory)
+        tree = None if baseline is None else extract(baseline, directory / "baseline")
+        return cls(keep_compression_policy(directory), empty_addon, directory, tree)
+
+
+ROOT = Path(__file__).resolve().parents[4]  # the checkout: its git repository has the baseline's commit
+
+
+def resolve_commit(rev: str) -> str:
+    """The full hash of a commit of this checkout's repository; raises ValueError for anything else."""
+    command = ["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"]
+    found = subprocess.run(command, capture_output=True, text=True, check=False)
+    if found.returncode != 0:
+        raise ValueError(f"--baseline: {rev!r} is not a commit of {ROOT}")
+    return found.stdout.strip()
+
+
+def extract(commit: str, into: Path) -> Path:
+    """The commit's addons/ and policies/ (what `mitmdump -s addons/gateway.py` runs), read with
+    `git archive`: the repository and its worktrees are left as they are."""
+    command = ["git", "-C", str(ROOT), "archive", "--format=tar", commit, "addons", "policies"]
+    archive = subprocess.run(command, capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(into, filter="data")
+    return into
 
 
 @dataclass(frozen=True)
@@ -106,6 +145,21 @@ SERVE = Config(
     "`scripts/serve` (the lean launcher: only the addons a reverse gateway needs, uvloop), default policy",
     lambda upstream, work: GatewayProcess(upstream, launcher="serve"),
     metered=True,
+)
+
+
+def _baseline(work: Workdir) -> Path:
+    if work.baseline is None:
+        raise ValueError("the baseline configuration needs --baseline REV")
+    return work.baseline
+
+
+# Only with --baseline REV, which adds it (issue #13): the gateway as it was, side by side.
+BASELINE = Config(
+    "baseline",
+    "`mitmdump -s addons/gateway.py` of the commit given to `--baseline`, its own default policy; its "
+    "/metrics are another version's, so only the relay is checked against the ledger",
+    lambda upstream, work: BaselineGateway(upstream, _baseline(work)),
 )
 # Not run by default: what the access log and traces cost (issue #16), both off against both on.
 SERVE_QUIET = Config(
@@ -158,11 +212,15 @@ PORTKEY = Config(
     "preload (portkey.py); it parses every server event and meters nothing",
     lambda upstream, work: PortkeyProcess(upstream, work.directory),
 )
-CONFIGS = (DIRECT, MITMDUMP, EMPTY_ADDON, GATEWAY, GATEWAY_DEFLATE, SERVE, SERVE_QUIET, SERVE_OBSERVED, LITELLM)
+CONFIGS = (
+    DIRECT, MITMDUMP, EMPTY_ADDON, BASELINE, GATEWAY, GATEWAY_DEFLATE, SERVE, SERVE_QUIET, SERVE_OBSERVED, LITELLM,
+)  # fmt: skip
 DEFAULT_CONFIGS = (DIRECT, MITMDUMP, GATEWAY, GATEWAY_DEFLATE, SERVE)
-# Measured in this order (and back): mitmdump sits next to each gateway, so the pairs that make
-# the ratios are measured one right after the other.
-RUN_ORDER = (DIRECT, GATEWAY, MITMDUMP, GATEWAY_DEFLATE, SERVE, SERVE_QUIET, SERVE_OBSERVED, LITELLM, EMPTY_ADDON)
+# Measured in this order (and back): mitmdump sits next to each gateway, and the baseline next to
+# the gateway, so the pairs that make the ratios are measured one right after the other.
+RUN_ORDER = (
+    DIRECT, BASELINE, GATEWAY, MITMDUMP, GATEWAY_DEFLATE, SERVE, SERVE_QUIET, SERVE_OBSERVED, LITELLM, EMPTY_ADDON,
+)  # fmt: skip
 
 
 def keep_compression_policy(directory: Path) -> Path:

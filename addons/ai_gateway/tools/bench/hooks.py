@@ -1,25 +1,33 @@
 """The per-frame hook cost: Gateway.websocket_message on Realtime frames, in process (mitmproxy's
-test context), against an empty hook called the same way, so that only the gateway's own work counts.
+test context, probe.py), against an empty hook called the same way, so that only the gateway's own work counts.
+
+response.done is timed three ways: with the default options (the text access log, its lines
+written to /dev/null), with the access log off, and with the JSON access log and traces exported
+to an OTLP/HTTP receiver in a child process (issue #16). `--baseline REV` times the current tree
+and that commit's, each in a child process of its own, in alternating rounds (issue #13).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import random
-import statistics
-import time
-from collections.abc import Callable
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from mitmproxy.test import taddons, tflow
 from mitmproxy.websocket import WebSocketMessage
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from ai_gateway.config.policy import DEFAULT_POLICY
 from ai_gateway.proxy.addon import Gateway
+from ai_gateway.tools.bench import probe
+from ai_gateway.tools.bench.configs import ROOT
 from ai_gateway.tools.bench.measure import traffic
 from ai_gateway.tools.loadgen import audio_base64
 from ai_gateway.tools.simulators.realtime import EXAMPLE_USAGE, GA
@@ -27,6 +35,8 @@ from ai_gateway.tools.simulators.realtime import EXAMPLE_USAGE, GA
 # The targets of issue #5; shown in BENCHMARKS.md, never asserted by timed tests.
 HOOK_DELTA_US = 3.0
 HOOK_DONE_US = 30.0
+# The test context configures only the options it is given: the access log's default, named.
+DEFAULTS = {"gateway_access_log": "text"}
 
 
 @dataclass(frozen=True)
@@ -37,11 +47,13 @@ class HookCost:
     target_us: float | None
 
 
-class EmptyHook:
-    """The floor: a websocket_message hook that does nothing, called the same way."""
+@dataclass(frozen=True)
+class BaselineHookCost:
+    """One frame kind, round by round: the gateway's cost over the empty hook's, now and at the baseline."""
 
-    def websocket_message(self, flow: Any) -> None:
-        pass
+    frame: str
+    current_us: list[float]
+    baseline_us: list[float]
 
 
 def realtime_frames(args: argparse.Namespace, responses: int) -> dict[str, list[WebSocketMessage]]:
@@ -69,65 +81,92 @@ def realtime_frames(args: argparse.Namespace, responses: int) -> dict[str, list[
     }
 
 
-def time_hook(hook: Callable[[Any], None], flow: Any, frames: list[WebSocketMessage], iterations: int) -> float:
-    """Microseconds per call, the median of 5 repeats; each call sees the next frame appended as mitmproxy does."""
-    messages = flow.websocket.messages
-    per_call = []
-    sent = 0
-    for _ in range(5):
-        started = time.perf_counter_ns()
-        for _ in range(iterations):
-            messages.append(frames[sent % len(frames)])
-            sent += 1
-            hook(flow)
-        per_call.append((time.perf_counter_ns() - started) / iterations / 1000)
-        del messages[:]
-    return statistics.median(per_call)
+def iterations(args: argparse.Namespace, names: list[str], share: int = 1) -> dict[str, int]:
+    """Calls per timing: response.done bills on every call (tens of µs), so fewer calls take as long."""
+    every = max(1, args.hook_iterations // share)
+    return {name: max(1, every // 10) if name.startswith("response.done") else every for name in names}
 
 
 def hook_costs(args: argparse.Namespace) -> list[HookCost]:
     """Gateway.websocket_message on a Realtime session in mitmproxy's test context, against an empty hook."""
-    gateway, empty = Gateway(), EmptyHook()
-    targets = {"response.done": HOOK_DONE_US} | {
-        name: HOOK_DELTA_US
-        for name in ("server audio delta", "server audio delta, event_id first", "server audio delta, type last")
-    }
-    with taddons.context(gateway) as context:
-        context.configure(gateway, gateway_metrics_port=0, gateway_policy=str(DEFAULT_POLICY))
-        flow = tflow.twebsocketflow()
-        assert flow.websocket is not None
-        flow.request.path = "/v1/realtime?model=gpt-realtime"
-        del flow.websocket.messages[:]
-        gateway.websocket_start(flow)
-        session = {"type": "session.created", "event_id": "event_1", "session": {"model": "gpt-realtime-2025-08-28"}}
-        flow.websocket.messages.append(WebSocketMessage(1, False, json.dumps(session).encode()))
-        gateway.websocket_message(flow)
-        costs = []
-        # response.done bills on every call (tens of µs), so fewer calls take as long.
-        done_iterations = max(1, args.hook_iterations // 10)
-        for name, frames in realtime_frames(args, 5 * done_iterations).items():
-            iterations = done_iterations if name == "response.done" else args.hook_iterations
-            gateway_us = time_hook(gateway.websocket_message, flow, frames, iterations)
-            costs.append(
-                HookCost(
-                    name, gateway_us, time_hook(empty.websocket_message, flow, frames, iterations), targets.get(name)
-                )
+    calls = iterations(args, ["server audio delta", "response.done"])
+    frames = realtime_frames(args, probe.REPEATS * calls["response.done"])
+    dones = {"response.done": frames.pop("response.done")}
+    targets = {"response.done": HOOK_DONE_US} | {name: HOOK_DELTA_US for name in frames if name.startswith("server")}
+    with otlp_receiver() as collector:
+        timed = (
+            time_in_process(DEFAULTS, frames | dones, args)
+            | renamed(time_in_process({"gateway_access_log": "off"}, dones, args), "access log off")
+            | renamed(
+                time_in_process({"gateway_access_log": "json", "gateway_otlp_endpoint": collector}, dones, args),
+                "JSON access log and traces",
             )
-            if name == "response.done":
-                require_billed(gateway, 5 * iterations)
-        gateway.websocket_end(flow)
-    return costs
+        )
+    return [HookCost(name, gateway_us, empty_us, targets.get(name)) for name, (gateway_us, empty_us) in timed.items()]
 
 
-def require_billed(gateway: Gateway, responses: int) -> None:
-    """A hook that silently stopped metering (a policy not loaded, a failing meter) would time as
-    fast as an empty one: make sure every response.done was counted."""
-    text = generate_latest(gateway.metrics.registry).decode()
-    counted = sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name.endswith("_gen_ai_client_responses_total")
-    )
-    if counted != responses:
-        raise RuntimeError(f"the hook microbenchmark metered {counted:g} of {responses} response.done frames")
+def renamed(costs: dict[str, tuple[float, float]], how: str) -> dict[str, tuple[float, float]]:
+    return {f"{name}, {how}": cost for name, cost in costs.items()}
+
+
+def time_in_process(
+    options: Mapping[str, str], frames: dict[str, list[WebSocketMessage]], args: argparse.Namespace
+) -> dict[str, tuple[float, float]]:
+    """A fresh gateway and session per set of options (a response id is billed once per session)."""
+    gateway = Gateway()
+    with probe.realtime_session(gateway, DEFAULT_POLICY, options) as flow:
+        return probe.time_frames(gateway, flow, frames, iterations(args, list(frames)))
+
+
+@contextlib.contextmanager
+def otlp_receiver() -> Iterator[str]:
+    """A loopback OTLP/HTTP receiver in a child process (as a collector is): its base URL."""
+    command = [sys.executable, "-m", "ai_gateway.tools.simulators.otlp"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as collector:
+        assert collector.stdout is not None
+        try:
+            yield collector.stdout.readline().split()[-1]
+        finally:
+            collector.terminate()
+
+
+# --- against an earlier commit (--baseline) -------------------------------------------------------
+
+BASELINE_FRAMES = ("server audio delta", "client audio append", "response.done")
+BASELINE_SHARE = 4  # of --hook-iterations per child-process timing: two trees, every round
+
+
+def baseline_hook_costs(args: argparse.Namespace, baseline: Path) -> list[BaselineHookCost]:
+    """This tree and the baseline's, each timed by probe.py in a child process of its own, with
+    their default options, in alternating order round by round; the same frames for both."""
+    calls = iterations(args, list(BASELINE_FRAMES), BASELINE_SHARE)
+    frames = realtime_frames(args, probe.REPEATS * calls["response.done"])
+    chosen = {name: frames[name] for name in BASELINE_FRAMES}
+    trees = {"current": ROOT, "baseline": baseline}
+    added: dict[str, dict[str, list[float]]] = {label: {} for label in trees}
+    with tempfile.TemporaryDirectory(prefix="bench-probe-") as tmp:
+        jobs = {label: Path(tmp) / f"{label}.json" for label in trees}
+        for label, tree in trees.items():
+            jobs[label].write_text(probe.job(tree, DEFAULTS, chosen, calls), encoding="utf-8")
+        for r in range(int(args.rounds)):
+            for label in list(trees) if r % 2 == 0 else reversed(list(trees)):
+                for name, (gateway_us, empty_us) in probe_child(trees[label], jobs[label]).items():
+                    added[label].setdefault(name, []).append(gateway_us - empty_us)
+    return [BaselineHookCost(name, added["current"][name], added["baseline"][name]) for name in BASELINE_FRAMES]
+
+
+def probe_child(tree: Path, job: Path) -> dict[str, tuple[float, float]]:
+    """probe.py as a script, with the tree's addons first on the path (as its gateway.py puts them);
+    `-P`: not the script's own folder, whose module names (profile.py) would shadow others."""
+    env = {**os.environ, "PYTHONPATH": str(tree / "addons")}
+    command = [sys.executable, "-P", probe.__file__, str(job)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"the hook probe of {tree} failed:\n{result.stderr}")
+    costs: dict[str, Any] = json.loads(result.stdout)
+    return {name: (float(g), float(e)) for name, (g, e) in costs.items()}
+
+
+def ratios(cost: BaselineHookCost) -> list[float]:
+    """Current ÷ baseline, round by round."""
+    return [c / b for c, b in zip(cost.current_us, cost.baseline_us, strict=True) if b > 0]

@@ -18,7 +18,17 @@ from pathlib import Path
 
 import psutil
 
-from ai_gateway.tools.bench.configs import CONFIGS, DIRECT, MITMDUMP, Config
+from ai_gateway.tools.bench.configs import (
+    BASELINE,
+    CONFIGS,
+    DIRECT,
+    GATEWAY,
+    MITMDUMP,
+    SERVE_OBSERVED,
+    SERVE_QUIET,
+    Config,
+)
+from ai_gateway.tools.bench.hooks import ratios as hook_ratios
 from ai_gateway.tools.bench.measure import spread
 from ai_gateway.tools.bench.memory import CHURN_GROWTH_MB, SOAK_GROWTH_MB
 from ai_gateway.tools.bench.relay import (
@@ -34,6 +44,13 @@ from ai_gateway.tools.loadgen import pcm16_bytes
 
 ROOT = Path(__file__).resolve().parents[4]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
+# Configurations compared with each other rather than with mitmdump, round by round: (configuration,
+# its base, the lowest msg/s ratio the issue allows).
+PAIRS: tuple[tuple[Config, Config, float], ...] = (
+    (GATEWAY, BASELINE, THROUGHPUT_RATIO),  # issue #13: no regression against the tree before the hardening
+    (SERVE_OBSERVED, SERVE_QUIET, 0.95),  # issue #16: the access log and traces cost at most 5 %
+)
+HOOK_RATIO = 1.0  # issue #13: no regression of the hook cost against the baseline
 PLOT_NAME = "bench-rss.png"
 BEGIN = "<!-- bench:begin: written by scripts/bench; text outside these markers is kept -->"
 END = "<!-- bench:end -->"
@@ -169,6 +186,39 @@ class Report:
         header = ["frame", "Gateway.websocket_message (µs)", "empty hook (µs)", "gateway − empty (µs)", "target (µs)"]
         return table(header, rows)
 
+    def pairs(self) -> list[tuple[Config, Config, float]]:
+        return [
+            (c, base, floor)
+            for c, base, floor in PAIRS
+            if c.name in self.results.relay and base.name in self.results.relay
+        ]
+
+    def pairs_table(self) -> str:
+        rows = [
+            [
+                f"**{c.name}** ÷ **{base.name}**",
+                _or_dash(self.paired(c.name, base, messages_per_second, operator.truediv)),
+                _or_dash(self.paired(c.name, base, cpu_per_10k, operator.truediv)),
+                _or_dash(self.paired(c.name, base, latency_ms(99), operator.sub)),
+            ]
+            for c, base, _ in self.pairs()
+        ]
+        header = ["comparison", "msg/s ratio", "CPU per frame ratio", "p99 latency difference (ms)"]
+        return table(header, rows)
+
+    def baseline_hook_table(self) -> str:
+        rows = [
+            [
+                cost.frame,
+                spread(cost.current_us),
+                spread(cost.baseline_us),
+                f"**{spread(hook_ratios(cost))}**",
+            ]
+            for cost in self.results.baseline_hooks
+        ]
+        header = ["frame", "now − empty (µs)", "baseline − empty (µs)", "now ÷ baseline"]
+        return table(header, rows)
+
     def targets(self) -> list[Target]:
         found = []
         for name in (c.name for c in CONFIGS if c.metered):
@@ -192,6 +242,13 @@ class Report:
         for cost in self.results.hooks:
             if cost.target_us is not None:
                 found.append(Target(f"hook cost, {cost.frame}", cost.gateway_us - cost.empty_us, cost.target_us, " µs"))
+        for c, base, floor in self.pairs():
+            if ratios := self.paired(c.name, base, messages_per_second, operator.truediv):
+                found.append(Target(f"{c.name}: msg/s ÷ {base.name}'s", statistics.median(ratios), floor, "", True))
+        for cost in self.results.baseline_hooks:
+            found.append(
+                Target(f"hook cost ÷ baseline's, {cost.frame}", statistics.median(hook_ratios(cost)), HOOK_RATIO)
+            )
         return found
 
     def targets_table(self) -> str:
@@ -266,11 +323,33 @@ figure is message payload, both directions; clients offer permessage-deflate.
 ### Per-frame hook cost (in-process, mitmproxy's test context; median of 5 repeats)
 
 {report.hook_table()}
-
-### Targets (issue #5)
+{comparisons(report, args)}
+### Targets (issues #5, #13, #16)
 
 {report.targets_table()}
 """
+
+
+def comparisons(report: Report, args: argparse.Namespace) -> str:
+    """The sections of the pairs and of the baseline's hooks, where the run has them."""
+    text = ""
+    if report.pairs():
+        text += f"""
+### Side by side (median over rounds of per-round ratios, range in brackets)
+
+{report.pairs_table()}
+"""
+    if report.results.baseline_hooks:
+        text += f"""
+### Hook cost against the baseline (`--baseline {args.baseline}`: commit {args.baseline_commit[:7]})
+
+Each tree timed by `probe.py` in a child process of its own, with its default options (this tree's
+text access log written to /dev/null), {args.rounds} rounds in alternating order; the gateway's cost
+over the empty hook's, median over rounds with the range, and the ratio round by round.
+
+{report.baseline_hook_table()}
+"""
+    return text
 
 
 def configurations(names: Sequence[str]) -> str:

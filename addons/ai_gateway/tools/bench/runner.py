@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ai_gateway.tools.bench.checks import Checks
 from ai_gateway.tools.bench.configs import CONFIGS, RUN_ORDER, Workdir
-from ai_gateway.tools.bench.hooks import HookCost, hook_costs
+from ai_gateway.tools.bench.hooks import BaselineHookCost, HookCost, baseline_hook_costs, hook_costs
 from ai_gateway.tools.bench.memory import MemoryRun, memory
 from ai_gateway.tools.bench.relay import RelayRound, relay
 from ai_gateway.tools.loadgen import UpstreamProcess, pcm16_bytes
@@ -25,6 +25,7 @@ class Results:
     relay: dict[str, list[RelayRound]] = field(default_factory=dict)
     memory: dict[str, MemoryRun] = field(default_factory=dict)
     hooks: list[HookCost] = field(default_factory=list)
+    baseline_hooks: list[BaselineHookCost] = field(default_factory=list)  # with --baseline
     checks: Checks = field(default_factory=Checks)
     seconds: float = 0.0
 
@@ -40,11 +41,11 @@ class Bench:
 
     @staticmethod
     def steps(args: argparse.Namespace) -> int:
-        """For the progress bar: the microbenchmark, a warm-up and the rounds per configuration, and
-        two memory phases per proxy."""
+        """For the progress bar: the microbenchmark (and the baseline's), a warm-up and the rounds per
+        configuration, and two memory phases per proxy."""
         configs = [c for c in CONFIGS if c.name in args.configs]
         proxied = sum(c.proxy is not None for c in configs)
-        return 1 + len(configs) * (1 + int(args.rounds)) + 2 * proxied
+        return 1 + (args.baseline_commit is not None) + len(configs) * (1 + int(args.rounds)) + 2 * proxied
 
     def run(self) -> Results:
         with self.progress:
@@ -60,7 +61,11 @@ class Bench:
             seed=args.seed, audio_bytes=pcm16_bytes(args.delta_ms), transcript_deltas=args.transcript_deltas
         )
         with tempfile.TemporaryDirectory(prefix="bench-") as tmp, simulator as upstream:
-            work = Workdir.create(Path(tmp))
+            work = Workdir.create(Path(tmp), args.baseline_commit)
+            if work.baseline is not None:
+                progress.set_description("hook microbenchmark against the baseline")
+                self.results.baseline_hooks = baseline_hook_costs(args, work.baseline)
+                progress.update()
             self.results.relay = relay(self.configs, upstream, work, args, progress, checks)
             for config in self.configs:
                 if config.proxy is not None:
