@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MODALITIES = ("text", "audio", "image")
+MODALITY_KEYS = tuple((m, f"{m}_tokens") for m in MODALITIES)
 
 # No single response bills more than this; anything larger is a corrupt or hostile frame.
 MAX_TOKENS = 1_000_000_000
@@ -58,16 +59,21 @@ class TokenUsage:
 
 def complete_split(name: str, total: int | None, reported: Split, rest: str = "text") -> Split:
     """The reported parts other than `rest`, and `rest` as what they leave of the total, in
-    MODALITIES order (zeros kept: a reported zero is a series); nothing for an unreported total."""
+    MODALITIES order (zeros kept: a reported zero is a series); nothing for an unreported total.
+    A modality reported twice counts once, its last count. Plain loops: this runs three times
+    for every response billed."""
     if total is None:
         return ()
-    parts = {m: n for m, n in reported if m != rest}
-    left = total - sum(parts.values())
+    parts = dict(reported)
+    parts.pop(rest, None)
+    left = total
+    for count in parts.values():
+        left -= count
     if left < 0:
         others = " and ".join(m for m in MODALITIES if m != rest)
         raise InvalidUsage(f"{name} {others} tokens {total - left} exceed {name} tokens {total}")
     parts[rest] = left
-    return tuple((m, parts[m]) for m in MODALITIES if m in parts)
+    return tuple([(m, parts[m]) for m in MODALITIES if m in parts])
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,9 +135,15 @@ def details(obj: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return value
 
 
-def by_modality(detail: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
-    counts = ((m, tokens(detail, f"{m}_tokens", required=False)) for m in MODALITIES)
-    return tuple((m, n) for m, n in counts if n is not None)
+def by_modality(detail: Mapping[str, Any]) -> Split:
+    """The per-modality counts a details object reports, in MODALITIES order."""
+    if not detail:
+        return ()
+    split = []
+    for modality, key in MODALITY_KEYS:
+        if key in detail:
+            split.append((modality, tokens(detail, key)))
+    return tuple(split)
 
 
 def require_object(usage: Any) -> Mapping[str, Any]:
