@@ -101,12 +101,12 @@ local function state(verdict, code, retry)
           tostring(requests), tostring(minute_tokens + held_tokens), tostring(sessions)}
 end
 
-local function expire()
+-- Keys of an idle client key expire once nothing in them can count any more; only the keys a
+-- script wrote are touched.
+local function expire(...)
   local ttl = math.ceil(math.max(window, 60) + lease) * 1000
-  for i = 3, 9 do redis.call('PEXPIRE', KEYS[i], ttl) end
-  if window > 0 then
-    redis.call('PEXPIRE', KEYS[1], ttl)
-    redis.call('PEXPIRE', KEYS[2], ttl)
+  for _, i in ipairs({...}) do
+    if i > 2 or window > 0 then redis.call('PEXPIRE', KEYS[i], ttl) end
   end
 end
 
@@ -147,7 +147,7 @@ redis.call('HSET', KEYS[6], ARGV[7], tokens)
 redis.call('HSET', KEYS[7], ARGV[7], usd)
 redis.call('HINCRBY', KEYS[4], second, 1)
 held_tokens, held_usd, requests = held_tokens + tokens, held_usd + usd, requests + 1
-expire()
+expire(4, 5, 6, 7)
 local reply = state('admitted', '', 0)
 reply[9] = tostring(tokens)
 reply[10] = tostring(usd)
@@ -166,7 +166,7 @@ if over_requests() then return state('refused', 'rate_limit_exceeded', request_r
 redis.call('ZADD', KEYS[9], now + lease, ARGV[7])
 redis.call('HINCRBY', KEYS[4], second, 1)
 sessions, requests = sessions + 1, requests + 1
-expire()
+expire(4, 9)
 return state('admitted', '', 0)
 """
 )
@@ -191,8 +191,8 @@ if tokens > 0 or usd > 0 then
     if value > tonumber(redis.call('HGET', KEYS[8], field) or '0') then redis.call('HSET', KEYS[8], field, value) end
   end
   spent_tokens, spent_usd, minute_tokens = spent_tokens + tokens, spent_usd + usd, minute_tokens + tokens
+  expire(1, 2, 3, 8)
 end
-expire()
 return state('settled', '', 0)
 """
 )
