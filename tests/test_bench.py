@@ -190,19 +190,25 @@ def test_litellm_metering_is_compared_with_the_ledger() -> None:
 # --- the capacity benchmark (scripts/bench --capacity) ------------------------------------------
 
 
-def test_capacity_smoke_writes_its_own_section_and_plot(tmp_path: Path) -> None:
+def smoke_section(tmp_path: Path, mode: str, begin: str, end: str) -> str:
+    """`scripts/bench MODE --smoke` into a file that already holds the relay block: that block is
+    left as it was, and the mode's own section (between its markers) is returned."""
     output = tmp_path / "BENCH.md"
     output.write_text(splice(None, "relay tables"))
     result = subprocess.run(
-        [sys.executable, "-m", "ai_gateway.tools.bench", "--capacity", "--smoke", "--output", str(output)],
+        [sys.executable, "-m", "ai_gateway.tools.bench", mode, "--smoke", "--output", str(output)],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     text = output.read_text()
-    assert "relay tables" in text and text.count(BEGIN) == 1  # the relay section is left as it was
-    section = text.split(capacity.BEGIN, 1)[1].split(capacity.END, 1)[0]
+    assert "relay tables" in text and text.count(BEGIN) == 1
+    return text.split(begin, 1)[1].split(end, 1)[0]
+
+
+def test_capacity_smoke_writes_its_own_section_and_plot(tmp_path: Path) -> None:
+    section = smoke_section(tmp_path, "--capacity", capacity.BEGIN, capacity.END)
     for name in ("serve", "mitmdump"):
         assert f"| **{name}** | **" in section
         steps = [line for line in section.splitlines() if line.startswith(f"| {name} | ")]
@@ -384,18 +390,7 @@ def test_hook_rows_time_the_default_access_log_and_the_observed_one() -> None:
 
 
 def test_limits_smoke_writes_its_own_section(tmp_path: Path) -> None:
-    output = tmp_path / "BENCH.md"
-    output.write_text(splice(None, "relay tables"))
-    result = subprocess.run(
-        [sys.executable, "-m", "ai_gateway.tools.bench", "--limits", "--smoke", "--output", str(output)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    text = output.read_text()
-    assert "relay tables" in text and text.count(BEGIN) == 1
-    section = text.split(limits.BEGIN, 1)[1].split(limits.END, 1)[0]
+    section = smoke_section(tmp_path, "--limits", limits.BEGIN, limits.END)
     rows = {line.split(" | ")[0].strip("| *"): line for line in section.splitlines() if line.startswith("| **")}
     assert set(rows) == set(limits.NAMES)
     assert re.search(r"\| \d[\d.]* \([+-]\d", rows["redis"])  # a latency with what it adds to off's

@@ -32,6 +32,7 @@ from .test_spend_controls import (
     TARGET,
     assert_cancelled_after_the_first_turn,
     policy,
+    spend_on,
     tokens,
     vad_over_budget,
 )
@@ -159,24 +160,6 @@ def test_what_a_dead_process_held_frees_itself_when_its_lease_ends(redis_server)
 
 
 # -- real gateways sharing one store ---------------------------------------------------------
-
-
-async def spend_on(ws: ClientConnection, pipelined: int) -> int:
-    """Asks for responses (`pipelined` at a time, event_id first as pipecat writes them) until a
-    whole round is refused; returns the responses that finished."""
-    finished = 0
-    while True:
-        for i in range(pipelined):
-            await ws.send(json.dumps({"event_id": f"c{finished}-{i}", "type": "response.create"}))
-        outstanding, refused = pipelined, 0
-        while outstanding:
-            event = json.loads(await ws.recv())
-            if event["type"] == "error" and event["error"]["code"] == "budget_exceeded":
-                outstanding, refused = outstanding - 1, refused + 1
-            elif event["type"] == "response.done":
-                outstanding, finished = outstanding - 1, finished + 1
-        if refused == pipelined:
-            return finished
 
 
 async def connect(url: str, key: str) -> ClientConnection:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import websockets
 from openai import AsyncOpenAI, RateLimitError
+from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection, serve
 
 from ai_gateway.tools.harness import GatewayProcess, scrape, select
@@ -44,23 +45,28 @@ def tokens(entries) -> int:
 
 
 async def respond_until_refused(url: str, key: str, pipelined: int = 1) -> int:
+    """`spend_on` a new session with this client key; returns the responses that finished."""
+    async with websockets.connect(url, additional_headers={"authorization": f"Bearer {key}"}) as ws:
+        await ws.recv()
+        return await spend_on(ws, pipelined)
+
+
+async def spend_on(ws: ClientConnection, pipelined: int) -> int:
     """Asks for responses (`pipelined` at a time, pipecat's event_id-first spelling) until a whole
     round is refused, as a client that keeps trying would; returns the responses that finished."""
     finished = 0
-    async with websockets.connect(url, additional_headers={"authorization": f"Bearer {key}"}) as ws:
-        await ws.recv()
-        while True:
-            for i in range(pipelined):
-                await ws.send(json.dumps({"event_id": f"c{finished}-{i}", "type": "response.create"}))
-            outstanding, refused = pipelined, 0
-            while outstanding:
-                event = json.loads(await ws.recv())
-                if event["type"] == "error" and event["error"]["code"] == "budget_exceeded":
-                    outstanding, refused = outstanding - 1, refused + 1
-                elif event["type"] == "response.done":
-                    outstanding, finished = outstanding - 1, finished + 1
-            if refused == pipelined:
-                return finished
+    while True:
+        for i in range(pipelined):
+            await ws.send(json.dumps({"event_id": f"c{finished}-{i}", "type": "response.create"}))
+        outstanding, refused = pipelined, 0
+        while outstanding:
+            event = json.loads(await ws.recv())
+            if event["type"] == "error" and event["error"]["code"] == "budget_exceeded":
+                outstanding, refused = outstanding - 1, refused + 1
+            elif event["type"] == "response.done":
+                outstanding, finished = outstanding - 1, finished + 1
+        if refused == pipelined:
+            return finished
 
 
 @pytest.fixture(scope="module")

@@ -297,25 +297,30 @@ class SharedLimits:
         tokens, usd = reservation
         args = [*self._budget_args(window, budget, rates), _limit(rates.tokens_per_minute), lease]
         args += [str(tokens), repr(usd), "1" if key_largest else "0"]
-        reply = await self._call("admit", self.admit_script, label, args, limits)
-        if reply is None:
-            return self._failed(limits)
-        if reply[0] != b"admitted":
-            return Refusal(CLIENT_KEY, reply[1].decode(), float(reply[2]))
-        self.leases[lease] = (label, HELD)
+        reply = await self._decide("admit", self.admit_script, label, args, limits, lease, HELD)
+        if not isinstance(reply, list):
+            return reply
         return Grant(lease, int(float(reply[8])), float(reply[9]))
 
     async def open_session(
         self, label: str, session_id: str, limits: LimitPolicy, budget: Limit | None, window: float, rates: RateLimits
     ) -> Grant | Refusal:
         args = [*self._budget_args(window, budget, rates), _limit(rates.concurrent_sessions), session_id]
-        reply = await self._call("open_session", self.open_script, label, args, limits)
+        reply = await self._decide("open_session", self.open_script, label, args, limits, session_id, SESSIONS)
+        return reply if not isinstance(reply, list) else Grant(session_id)
+
+    async def _decide(
+        self, operation: str, script: Any, label: str, args: list[str], limits: LimitPolicy, lease: str, kind: int
+    ) -> list[bytes] | Grant | Refusal:
+        """An admission script's reply when it admitted (its lease then renewed by this process),
+        else the refusal, or what on_store_error makes of a failure."""
+        reply = await self._call(operation, script, label, args, limits)
         if reply is None:
             return self._failed(limits)
         if reply[0] != b"admitted":
             return Refusal(CLIENT_KEY, reply[1].decode(), float(reply[2]))
-        self.leases[session_id] = (label, SESSIONS)
-        return Grant(session_id)
+        self.leases[lease] = (label, kind)
+        return reply
 
     def settle(
         self, label: str, lease: str | None, tokens: int, usd: float, window: float, limits: LimitPolicy
