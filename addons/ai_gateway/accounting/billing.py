@@ -10,7 +10,15 @@ import time
 from typing import NamedTuple
 
 from ai_gateway.accounting.ledger import USAGE_LOG, Source, UsageLedger
-from ai_gateway.accounting.limits import CLIENT_KEY, MINUTE, RATE_LIMITED, Refusal, SpendControl, Ticket
+from ai_gateway.accounting.limits import (
+    BUDGET_EXCEEDED,
+    CLIENT_KEY,
+    MINUTE,
+    RATE_LIMITED,
+    Refusal,
+    SpendControl,
+    Ticket,
+)
 from ai_gateway.accounting.metrics import UNKNOWN, GatewayMetrics, ModelLabels, Series
 from ai_gateway.accounting.observer import NO_OBSERVER, Observer
 from ai_gateway.accounting.pricing import PriceCatalog
@@ -199,7 +207,7 @@ class Accounting:
             or budget.usd is not None
             and view.usd >= budget.usd
         ):
-            return Refusal(CLIENT_KEY, "budget_exceeded", 1.0)
+            return Refusal(CLIENT_KEY, BUDGET_EXCEEDED, 1.0)
         if rates.tokens_per_minute is not None and view.minute_tokens >= rates.tokens_per_minute:
             return Refusal(CLIENT_KEY, RATE_LIMITED, MINUTE)
         return None

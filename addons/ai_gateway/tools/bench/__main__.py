@@ -22,7 +22,7 @@ from pathlib import Path
 from ai_gateway.tools.bench import capacity, limits
 from ai_gateway.tools.bench.configs import BASELINE, CONFIGS, DEFAULT_CONFIGS, LITELLM, resolve_commit
 from ai_gateway.tools.bench.litellm import install
-from ai_gateway.tools.bench.report import PLOT_NAME, add_sizes, document, parse_sized, plot, splice
+from ai_gateway.tools.bench.report import PLOT_NAME, add_run_flags, add_sizes, document, parse_sized, plot, splice
 from ai_gateway.tools.bench.runner import Bench
 
 # The sizes of a run: flag, type, default, what it sizes.
@@ -58,7 +58,7 @@ SMOKE = {
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="a few seconds' run for CI; writes to a new temp directory")
+    add_run_flags(p)
     p.add_argument(
         "--capacity",
         action="store_true",
@@ -71,7 +71,6 @@ def parser() -> argparse.ArgumentParser:
         help="instead: what budgets and rate limits cost, in memory and in a shared Redis store "
         "(`scripts/bench --limits --help`; its own section of BENCHMARKS.md)",
     )
-    p.add_argument("--output", type=Path, help="the Markdown file to write (default: BENCHMARKS.md)")
     p.add_argument(
         "--configs",
         default=",".join(c.name for c in DEFAULT_CONFIGS),

@@ -57,7 +57,7 @@ from ai_gateway.tools.bench.configs import (
     model,
 )
 from ai_gateway.tools.bench.measure import cpu_seconds, percentile
-from ai_gateway.tools.bench.report import add_sizes, machine, parse_sized, splice, table
+from ai_gateway.tools.bench.report import add_run_flags, add_sizes, machine, parse_sized, splice, table
 from ai_gateway.tools.harness import GatewayProcess
 from ai_gateway.tools.loadgen import LoadStats, Stop, Traffic, UpstreamProcess, event_loop_factory, pcm16_bytes
 
@@ -108,8 +108,7 @@ SMOKE = {
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/bench --capacity", description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="a few seconds' run for CI; writes to a new temp directory")
-    p.add_argument("--output", type=Path, help="the Markdown file to write (default: BENCHMARKS.md)")
+    add_run_flags(p)
     p.add_argument(
         "--configs",
         default=",".join(c.name for c in DEFAULT_CONFIGS),

@@ -33,7 +33,7 @@ from websockets.asyncio.client import connect
 
 from ai_gateway.config.policy import DEFAULT_POLICY
 from ai_gateway.tools.bench.measure import percentile, serpentine, spread
-from ai_gateway.tools.bench.report import add_sizes, parse_sized, splice, table
+from ai_gateway.tools.bench.report import add_run_flags, add_sizes, parse_sized, splice, table
 from ai_gateway.tools.harness import GatewayProcess, RedisServer
 from ai_gateway.tools.loadgen import Stop, Traffic, UpstreamProcess, drive
 
@@ -164,8 +164,7 @@ def document(results: dict[str, Samples], args: argparse.Namespace, argv: Sequen
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/bench --limits", description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="a few seconds' run for CI; writes to a new temp directory")
-    p.add_argument("--output", type=Path, help="the Markdown file to write (default: BENCHMARKS.md)")
+    add_run_flags(p)
     add_sizes(p, SIZES)
     return p
 

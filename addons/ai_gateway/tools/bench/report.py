@@ -63,6 +63,12 @@ def add_sizes(p: argparse.ArgumentParser, sizes: Sequence[tuple[str, type, objec
     p.add_argument("--seed", type=int, default=0, help="of the simulator's usage numbers and the audio noise")
 
 
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """--smoke and --output, which every benchmark takes and parse_sized reads."""
+    p.add_argument("--smoke", action="store_true", help="a few seconds' run for CI; writes to a new temp directory")
+    p.add_argument("--output", type=Path, help="the Markdown file to write (default: BENCHMARKS.md)")
+
+
 def parse_sized(
     p: argparse.ArgumentParser, argv: Sequence[str], smoke: dict[str, object], prefix: str
 ) -> argparse.Namespace:
