@@ -27,6 +27,7 @@ from ai_gateway.accounting.metrics import DEFAULT_MAX_MODEL_LABELS, OPERATION_NA
 from ai_gateway.accounting.pricing import PriceCatalog, catalog_for
 from ai_gateway.accounting.session_meters import GeminiLiveMeter, RealtimeMeter, ResponsesSocketMeter, SessionMeter
 from ai_gateway.accounting.shared_limits import SharedLimits
+from ai_gateway.config.paths import AmbiguousPath, normalise_target
 from ai_gateway.config.policy import (
     DEFAULT_POLICY,
     MEMORY_STORE,
@@ -65,6 +66,7 @@ from ai_gateway.proxy.injection import Injections
 from ai_gateway.proxy.observability import Observability
 from ai_gateway.proxy.refusals import (
     UNKNOWN_CLIENT_KEY,
+    ambiguous_path_response,
     message,
     refusal_event,
     refusal_response,
@@ -475,6 +477,8 @@ class Gateway:
         if self.policy is None:
             return
         request = flow.request
+        if not self.route_on_normal_path(flow):
+            return
         route = self.policy.match(request.path)
         places = CREDENTIAL_PLACES.get(route.protocol)
         credential = client_credential(request)
@@ -494,9 +498,23 @@ class Gateway:
         if session_kind(route) is not None if is_websocket_upgrade(request) else route.type in METERED_HTTP:
             self.observability.request_arrived(flow, traced_operation(route.type), model)
 
+    def route_on_normal_path(self, flow: http.HTTPFlow) -> bool:
+        """Every later decision (route, metering, credentials, limits) reads the path the upstream
+        will serve: it is normalised here, before anything else, and sent upstream as normalised.
+        A path with no single reading is answered 400 and goes nowhere."""
+        try:
+            target = normalise_target(flow.request.path)
+        except AmbiguousPath as e:
+            flow.response = ambiguous_path_response(str(e))
+            self.metrics.parse_error("unknown", "ambiguous_path")
+            return False
+        if target != flow.request.path:
+            flow.request.path = target
+        return True
+
     @never_raises
     def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
-        if self.policy is None:
+        if self.policy is None or flow.response is not None:  # answered already: nothing goes upstream
             return None
         route = self.policy.match(flow.request.path)
         upgrade = is_websocket_upgrade(flow.request)

@@ -51,13 +51,18 @@ def refusal_response(refusal: Refusal) -> http.Response:
     return http.Response.make(status, json.dumps({"error": error}), headers)
 
 
+def ambiguous_path_response(why: str) -> http.Response:
+    """A path that upstreams could read in more than one way (config/paths.py): 400, as OpenAI
+    answers a malformed request, before anything is routed or sent upstream."""
+    return _invalid_request(400, f"The gateway refused the request path: {why}.", "invalid_path")
+
+
 def unknown_key_response() -> http.Response:
     """A client key the policy does not know (or none) where the policy requires a known one: 401,
     as OpenAI answers an invalid key."""
-    error = {
-        "message": "The gateway does not know this API key.",
-        "type": "invalid_request_error",
-        "param": None,
-        "code": UNKNOWN_CLIENT_KEY,
-    }
-    return http.Response.make(401, json.dumps({"error": error}), {"content-type": "application/json"})
+    return _invalid_request(401, "The gateway does not know this API key.", UNKNOWN_CLIENT_KEY)
+
+
+def _invalid_request(status: int, message: str, code: str) -> http.Response:
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+    return http.Response.make(status, json.dumps({"error": error}), {"content-type": "application/json"})
