@@ -24,7 +24,7 @@ def realtime_flow():
 
 def relay(gateway: Gateway, flow, content: bytes, from_client: bool = False) -> None:
     flow.websocket.messages.append(WebSocketMessage(1, from_client, content))
-    gateway.websocket_message(flow)
+    gateway.session_metering.websocket_message(flow)
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def gateway():
 
 def test_history_is_bounded_to_the_last_message(gateway):
     flow = realtime_flow()
-    gateway.websocket_start(flow)
+    gateway.session_metering.websocket_start(flow)
     for i in range(100):
         relay(gateway, flow, json.dumps({"type": "response.output_audio.delta", "delta": "A" * 1000, "i": i}).encode())
     assert len(flow.websocket.messages) == 1
@@ -58,16 +58,16 @@ def test_history_option(gateway):
 def test_a_failing_hook_never_raises(gateway, caplog):
     flow = realtime_flow()
     flow.websocket = None  # a state the hook does not expect
-    gateway.websocket_message(flow)
+    gateway.session_metering.websocket_message(flow)
     assert "websocket_message failed" in caplog.text
 
 
 def test_session_state_is_released_when_the_flow_ends(gateway):
     flow = realtime_flow()
-    gateway.websocket_start(flow)
-    assert flow.id in gateway.sessions
-    gateway.websocket_end(flow)
-    assert flow.id not in gateway.sessions
+    gateway.session_metering.websocket_start(flow)
+    assert flow.id in gateway.session_metering.sessions
+    gateway.session_metering.websocket_end(flow)
+    assert flow.id not in gateway.session_metering.sessions
 
 
 def test_client_credentials_are_removed_and_the_flow_never_gets_the_key(tmp_path, monkeypatch):
@@ -81,11 +81,11 @@ def test_client_credentials_are_removed_and_the_flow_never_gets_the_key(tmp_path
         flow.response = None
         flow.request.headers["authorization"] = "Bearer sk-client"
         flow.request.headers["sec-websocket-protocol"] = "realtime, openai-insecure-api-key.sk-browser"
-        addon.requestheaders(flow)
+        addon.request_policy.requestheaders(flow)
         assert "authorization" not in flow.request.headers
         assert flow.request.headers["sec-websocket-protocol"] == "realtime"
-        addon.request(flow)
-        addon.responseheaders(flow)
+        addon.http_metering.request(flow)
+        addon.http_metering.responseheaders(flow)
         assert "authorization" not in flow.request.headers  # the key goes only into the bytes sent upstream
 
 
@@ -95,10 +95,10 @@ def test_invalid_policy_change_while_running_is_refused(tmp_path):
     addon = Gateway()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, gateway_metrics_port=0, gateway_policy=str(DEFAULT_POLICY))
-        addon.is_running = True
+        addon.state.is_running = True
         with pytest.raises(exceptions.OptionsError, match=r"bad\.yaml:2: routes\./x: expected one of"):
             tctx.configure(addon, gateway_policy=str(bad))
-        assert addon.policy is not None and addon.policy.source == str(DEFAULT_POLICY)
+        assert addon.state.policy is not None and addon.state.policy.source == str(DEFAULT_POLICY)
         assert tctx.options.gateway_policy == str(DEFAULT_POLICY)
 
 
@@ -113,11 +113,11 @@ def test_invalid_observability_options_are_refused_while_running(option, value, 
     addon = Gateway()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, gateway_metrics_port=0, gateway_policy=str(DEFAULT_POLICY), gateway_access_log="json")
-        addon.is_running = True
+        addon.state.is_running = True
         with pytest.raises(exceptions.OptionsError, match=re.escape(message)):
             tctx.configure(addon, **{option: value})
-        assert addon.observability.access_log is not None  # the previous value stays
-        assert addon.observability.tracing is None
+        assert addon.state.observability.access_log is not None  # the previous value stays
+        assert addon.state.observability.tracing is None
 
 
 def audio_delta(i: int) -> bytes:
@@ -133,7 +133,7 @@ def test_relayed_audio_is_replaced_by_a_placeholder_in_kept_history(tmp_path):
             addon, gateway_metrics_port=0, gateway_policy=str(DEFAULT_POLICY), gateway_websocket_history="all"
         )
         flow = realtime_flow()
-        addon.websocket_start(flow)
+        addon.session_metering.websocket_start(flow)
         for i in range(3):
             relay(addon, flow, audio_delta(i))
             # the newest message is relayed after the hook: it must still carry its audio
@@ -142,13 +142,13 @@ def test_relayed_audio_is_replaced_by_a_placeholder_in_kept_history(tmp_path):
         for message in flow.websocket.messages[:-1]:
             event = json.loads(message.content)
             assert event["delta"] == "<audio pcm16 24 kHz: 4,800 bytes, 100 ms>"
-        addon.websocket_end(flow)
+        addon.session_metering.websocket_end(flow)
         assert b"QUJD" not in flow.websocket.messages[-1].content
 
 
 def test_session_totals_become_the_flow_comment_and_errors_mark_it(gateway):
     flow = realtime_flow()
-    gateway.websocket_start(flow)
+    gateway.session_metering.websocket_start(flow)
     relay(
         gateway, flow, json.dumps({"type": "session.created", "session": {"model": "gpt-realtime-2025-08-28"}}).encode()
     )
@@ -159,7 +159,7 @@ def test_session_totals_become_the_flow_comment_and_errors_mark_it(gateway):
             flow,
             json.dumps({"type": "response.done", "response": {"status": "completed", "usage": usage}}).encode(),
         )
-    cost = gateway.metrics.registry.get_sample_value(
+    cost = gateway.state.metrics.registry.get_sample_value(
         "agentgateway_gen_ai_client_cost_usd_total",
         {
             "gen_ai_operation_name": "realtime",

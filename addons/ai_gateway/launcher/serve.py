@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import inspect
 import logging
 import os
 import signal
@@ -67,30 +68,33 @@ logger = logging.getLogger(__name__)
 class HookDispatch(AddonManager):
     """mitmproxy's AddonManager, but a hook goes only to the addons that define it.
 
-    The stock manager tries every addon in the chain for every hook (a generator, a getattr and
-    a `safecall` context per addon). The addons implementing each hook are found once and kept
-    until the chain changes; errors and `AddonHalt` are handled exactly as mitmproxy does. One
-    difference: an addon added while a hook is being dispatched gets that hook from the next
-    event on (the gateway adds its credential addon in `running`, which has no `running` hook).
+    The stock manager tries every addon in the chain, and every sub-addon of each, for every hook
+    (a generator, a getattr and a `safecall` context per addon). Here the hook functions are
+    found once (the gateway's sub-addons included) and kept until the chain changes; each is
+    called in chain order in its own `safecall`, and `AddonHalt` stops the event as mitmproxy's
+    does. One difference: an addon added while a hook is being dispatched gets that hook from the
+    next event on (the gateway adds its credential addon in `running`, which has no `running` hook).
     """
 
     def __init__(self, master: Master) -> None:
         super().__init__(master)
-        self._implementers: dict[str, list[Any]] = {}
+        self._implementers: dict[str, list[Callable[..., Any]]] = {}
 
-    def implementers(self, name: str) -> list[Any]:
+    def implementers(self, name: str) -> list[Callable[..., Any]]:
         found = self._implementers.get(name)
         if found is None:
             found = self._implementers[name] = [
-                addon for addon in self.chain if any(callable(getattr(a, name, None)) for a in traverse([addon]))
+                hook for top in self.chain for addon in traverse([top]) if callable(hook := getattr(addon, name, None))
             ]
         return found
 
     async def trigger_event(self, event: hooks.Hook) -> None:
-        for addon in self.implementers(event.name):
+        for hook in self.implementers(event.name):
             try:
                 with safecall():
-                    await self.invoke_addon(addon, event)
+                    result = hook(*event.args())
+                    if result is not None and inspect.isawaitable(result):
+                        await result
             except exceptions.AddonHalt:
                 return
 

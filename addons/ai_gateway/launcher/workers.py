@@ -38,7 +38,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from ai_gateway.accounting.metrics import MetricsServer
-from ai_gateway.proxy.addon import is_loopback
+from ai_gateway.proxy.metrics_endpoint import is_loopback
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 RESTART_DELAY = 1.0  # seconds before restarting a worker that died before serving: no tight crash loop

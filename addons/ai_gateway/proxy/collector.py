@@ -13,6 +13,11 @@ import gc
 import logging
 import time
 
+from mitmproxy import ctx
+from mitmproxy.addonmanager import Loader
+
+from ai_gateway.proxy.state import GatewayState
+
 logger = logging.getLogger(__name__)
 
 
@@ -26,3 +31,28 @@ def freeze_startup_objects() -> None:
         gc.get_freeze_count(),
         (time.perf_counter() - started) * 1000,
     )
+
+
+class StartupObjects:
+    """After the other addons' `running`: startup is over, its objects are frozen, and from now on
+    an invalid option is refused (the previous value stays) rather than fatal."""
+
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "gateway_gc_freeze",
+            bool,
+            True,
+            "Once running, move startup's objects (mitmproxy, the price database) out of the garbage "
+            "collector's scans: a full collection no longer pauses every session for about 80 ms.",
+        )
+
+    def running(self) -> None:
+        if ctx.options.gateway_gc_freeze:
+            freeze_startup_objects()
+        self.state.is_running = True
+
+    def done(self) -> None:
+        self.state.is_running = False

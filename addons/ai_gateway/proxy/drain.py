@@ -24,8 +24,10 @@ import time
 from typing import Any
 
 from mitmproxy import ctx, http
+from mitmproxy.addonmanager import Loader
 from mitmproxy.connection import Client
 
+DRAIN_SECONDS = 30  # Kubernetes' default terminationGracePeriodSeconds
 POLL_SECONDS = 0.05
 CLOSE_SECONDS = 5.0  # for closed connections to run their hooks, after the deadline
 
@@ -39,11 +41,20 @@ class Drain:
         self.busy: dict[str, set[str]] = {}  # client connection id -> ids of its open flows
         self.task: asyncio.Task[None] | None = None
 
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "gateway_drain_seconds",
+            int,
+            DRAIN_SECONDS,
+            "On SIGTERM/SIGINT: stop accepting connections and let open requests and sessions finish for up "
+            "to this many seconds before closing them (Kubernetes' default grace period is 30 s).",
+        )
+
     @property
     def draining(self) -> bool:
         return self.task is not None
 
-    def install(self) -> None:
+    def running(self) -> None:
         """Take over SIGTERM and SIGINT from the launcher (mitmdump, mitmweb, scripts/serve)."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -79,6 +90,13 @@ class Drain:
     async def close_all(self) -> None:
         await close_connections()
         ctx.master.shutdown()
+
+    async def done(self) -> None:
+        """First of the gateway's addons to finish: connections still open (a shutdown that did not
+        drain) are closed before the others close the store, the traces and the ledger. A script
+        reload is not a shutdown: it must not cut anyone off."""
+        if ctx.master.should_exit.is_set():
+            await close_connections()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         self.busy.setdefault(flow.client_conn.id, set()).add(flow.id)

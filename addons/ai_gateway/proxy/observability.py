@@ -1,32 +1,73 @@
 """The access log and the traces, as the gateway's options ask for them.
 
 The meters tell `Observability` (the observer every `Accounting` holds) about each finished
-response and session; the gateway hands it each metered request as it arrives, to open its
-span and forward the trace upstream. As an addon after the gateway, it ends the spans of
-requests that finished without a record: refused by a budget, failed before any response.
+response and session; the request policy hands it each metered request as it arrives, to open
+its span and forward the trace upstream. As an addon after the metering addons, it ends the
+spans of requests that finished without a record: refused by a budget, failed before any response.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import TYPE_CHECKING
 
 from mitmproxy import ctx, http
+from mitmproxy.addonmanager import Loader
 
 from ai_gateway.accounting.access_log import FORMATS, AccessLog
 from ai_gateway.accounting.metrics import GatewayMetrics
 from ai_gateway.accounting.observer import Observers
 from ai_gateway.accounting.tracing import Tracing, queue_size, traces_endpoint
 
+if TYPE_CHECKING:
+    from ai_gateway.proxy.state import GatewayState
+
 logger = logging.getLogger(__name__)
 
 
+TRACING_OPTIONS = {"gateway_otlp_endpoint", "gateway_metrics_prefix", "gateway_max_model_labels"}
+
+
 class Observability(Observers):
-    def __init__(self) -> None:
+    def __init__(self, state: GatewayState) -> None:
         super().__init__()
+        self.state = state
         self.access_log: AccessLog | None = None
         self.tracing: Tracing | None = None
         self.metrics: GatewayMetrics | None = None
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "gateway_access_log",
+            str,
+            "text",
+            "One line per metered HTTP request, finished WebSocket response and closed session on stdout: "
+            "text, json or off. While on, mitmdump's own flow lines are off unless flow_detail is set.",
+        )
+        loader.add_option(
+            "gateway_otlp_endpoint",
+            str,
+            "",
+            "OpenTelemetry collector (OTLP/HTTP base URL, such as http://collector:4318) to send traces to; "
+            "empty: OTEL_EXPORTER_OTLP_ENDPOINT if set, else no traces; off: no traces.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        """After the metrics endpoint's: dropped spans are counted in the metrics now in force."""
+        try:
+            if "gateway_access_log" in updated:
+                self.configure_access_log(ctx.options.gateway_access_log)
+            if updated & TRACING_OPTIONS:
+                self.configure_tracing(ctx.options.gateway_otlp_endpoint, self.state.metrics)
+        except ValueError as e:
+            self.state.refuse(str(e))
+
+    def running(self) -> None:
+        self.quiet_dumper()
+
+    def done(self) -> None:
+        self.shutdown()
 
     def configure_access_log(self, fmt: str) -> None:
         """Raises ValueError for a format other than text, json or off."""
@@ -70,7 +111,7 @@ class Observability(Observers):
         if self.access_log is not None and "flow_detail" in options and not options.has_changed("flow_detail"):
             options.update(flow_detail=0)
 
-    # Hooks, after the gateway's: whatever span is still open was not ended by a record.
+    # Hooks, after the metering addons': whatever span is still open was not ended by a record.
 
     def response(self, flow: http.HTTPFlow) -> None:
         if self.tracing is not None and flow.websocket is None and flow.response is not None:

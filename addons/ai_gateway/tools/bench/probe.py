@@ -46,6 +46,12 @@ def load_gateway(tree: Path) -> Any:
     return gateway
 
 
+def session_hooks(gateway: Any) -> Any:
+    """The addon with the WebSocket hooks: the gateway's session metering, or (a tree from before
+    the gateway was split into addons) the gateway itself."""
+    return getattr(gateway, "session_metering", gateway)
+
+
 @contextlib.contextmanager
 def realtime_session(gateway: Any, policy: Path, options: Mapping[str, Any]) -> Iterator[Any]:
     """A Realtime flow through the gateway, after its session.created, in mitmproxy's test context.
@@ -61,11 +67,12 @@ def realtime_session(gateway: Any, policy: Path, options: Mapping[str, Any]) -> 
         assert flow.websocket is not None
         flow.request.path = "/v1/realtime?model=gpt-realtime"
         del flow.websocket.messages[:]
-        gateway.websocket_start(flow)
+        hooks = session_hooks(gateway)
+        hooks.websocket_start(flow)
         flow.websocket.messages.append(WebSocketMessage(1, False, json.dumps(SESSION_CREATED).encode()))
-        gateway.websocket_message(flow)
+        hooks.websocket_message(flow)
         yield flow
-        gateway.websocket_end(flow)
+        hooks.websocket_end(flow)
 
 
 def time_hook(hook: Callable[[Any], None], flow: Any, frames: Sequence[WebSocketMessage], iterations: int) -> float:
@@ -87,7 +94,7 @@ def time_hook(hook: Callable[[Any], None], flow: Any, frames: Sequence[WebSocket
 def billed(gateway: Any) -> float:
     """Responses the gateway has counted: a hook that silently stopped metering (a policy not loaded,
     a failing meter) would time as fast as an empty one."""
-    text = generate_latest(gateway.metrics.registry).decode()
+    text = generate_latest(getattr(gateway, "state", gateway).metrics.registry).decode()
     return sum(
         sample.value
         for family in text_string_to_metric_families(text)
@@ -104,7 +111,7 @@ def time_frames(
     costs = {}
     for name, sample in frames.items():
         before = billed(gateway)
-        gateway_us = time_hook(gateway.websocket_message, flow, sample, iterations[name])
+        gateway_us = time_hook(session_hooks(gateway).websocket_message, flow, sample, iterations[name])
         costs[name] = (gateway_us, time_hook(empty.websocket_message, flow, sample, iterations[name]))
         counted = billed(gateway) - before
         expected = REPEATS * iterations[name] if name.startswith("response.done") else 0

@@ -1,0 +1,286 @@
+"""Metered WebSocket sessions (Realtime, Responses WebSocket mode, Gemini Live): the handshake
+admitted, every frame read by its protocol's adapter and billed by its meter, what a budget or
+limit refuses enforced, and the history mitmproxy keeps of the session trimmed.
+
+The only one of the gateway's addons with a per-frame hook: what mitmproxy dispatches per
+message does not grow with the number of the gateway's concerns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import NamedTuple
+
+from mitmproxy import ctx, http
+from mitmproxy.addonmanager import Loader
+from mitmproxy.websocket import WebSocketMessage
+
+from ai_gateway.accounting.items import ResponseStarted, UsageItem
+from ai_gateway.accounting.ledger import Source
+from ai_gateway.accounting.limits import Refusal, Ticket
+from ai_gateway.accounting.session_meters import GeminiLiveMeter, RealtimeMeter, ResponsesSocketMeter, SessionMeter
+from ai_gateway.config.policy import Route, RouteType, WireProtocol
+from ai_gateway.protocols.gemini_live import GeminiLiveProtocol
+from ai_gateway.protocols.openai_realtime import RealtimeProtocol, cancel_event, requested_model
+from ai_gateway.protocols.openai_responses_socket import ResponsesSocketProtocol
+from ai_gateway.proxy import closer, refusals
+from ai_gateway.proxy.failures import close_error, error_type
+from ai_gateway.proxy.history import parse_history, shrink_audio, trim
+from ai_gateway.proxy.injection import Injections
+from ai_gateway.proxy.refusals import refusal_event, refusal_response
+from ai_gateway.proxy.session_limits import REASONS, SessionClock
+from ai_gateway.proxy.state import GatewayState, is_websocket_upgrade, never_raises, refused_unknown_key, source
+
+SESSION_CLOCK_SECONDS = 1.0
+SESSION_OPEN_METADATA = "ai_gateway.session_admitted"  # counted against concurrent_sessions until it ends
+
+logger = logging.getLogger(__name__)
+
+
+class SessionMetering:
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+        self.sessions: dict[str, Session] = {}
+        self.clock = SessionClock()
+        self.injections = Injections()
+        self.clock_task: asyncio.Task[None] | None = None
+        self.history: int | None = 1
+        self.shrink_relayed_audio = True
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "gateway_strip_audio",
+            bool,
+            True,
+            "Replace audio payloads of kept WebSocket messages by a short placeholder once they were relayed.",
+        )
+        loader.add_option(
+            "gateway_websocket_history",
+            str,
+            "auto",
+            "WebSocket messages kept per flow: a number, 'all', or 'auto' (the last one under mitmdump, "
+            "all under mitmweb). mitmproxy otherwise keeps every message of a session until it closes.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if "gateway_websocket_history" in updated:
+            try:
+                self.history = parse_history(ctx.options.gateway_websocket_history, under_web="web_port" in ctx.options)
+            except ValueError as e:
+                self.state.refuse(str(e))
+        if "gateway_strip_audio" in updated:
+            self.shrink_relayed_audio = ctx.options.gateway_strip_audio
+
+    def running(self) -> None:
+        show_comment_column()
+        self.clock_task = asyncio.get_running_loop().create_task(self.watch_clock())
+
+    def done(self) -> None:
+        if self.clock_task is not None:
+            self.clock_task.cancel()
+
+    async def watch_clock(self) -> None:
+        """Once a second: sessions past their duration or idle limit are closed with 1008."""
+        while True:
+            await asyncio.sleep(SESSION_CLOCK_SECONDS)
+            for flow, reason in self.clock.expired():
+                if closer.close_websocket(flow, 1008, REASONS[reason]):
+                    self.state.accounting.enforced(Refusal("client_key", reason), "closed_session")
+
+    def route(self, flow: http.HTTPFlow) -> Route | None:
+        """The flow's route when it is a metered session's handshake."""
+        route = self.state.route(flow)
+        return route if route is not None and session_kind(route) and is_websocket_upgrade(flow.request) else None
+
+    @never_raises
+    def request(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        route = self.route(flow)
+        if route is None or flow.response is not None or refused_unknown_key(self.state, flow, "rejected_session"):
+            return None
+        origin = source(flow, route.type, session=True)
+        if self.state.accounting.shared is not None:
+            return self.shared_handshake(flow, origin)
+        self.handshake(flow, self.state.accounting.open_session(origin))
+        return None
+
+    async def shared_handshake(self, flow: http.HTTPFlow, origin: Source) -> None:
+        """The handshake waits for the shared store (at most limits.store_timeout_ms)."""
+        self.handshake(flow, await self.state.accounting.open_session_shared(origin))
+
+    def handshake(self, flow: http.HTTPFlow, refusal: Refusal | None) -> None:
+        if refusal is not None:
+            flow.response = refusal_response(refusal)
+            self.state.accounting.enforced(refusal, "rejected_session")
+        else:
+            flow.metadata[SESSION_OPEN_METADATA] = True
+
+    def end_session(self, flow: http.HTTPFlow) -> None:
+        """A handshake admitted against concurrent_sessions ended (closed, refused upstream, failed)."""
+        if flow.metadata.pop(SESSION_OPEN_METADATA, False):
+            route = self.state.route(flow)
+            route_type = route.type if route is not None else RouteType.REALTIME
+            self.state.accounting.close_session(source(flow, route_type, session=True))
+
+    @never_raises
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None and flow.response.status_code >= 400 and (route := self.route(flow)):
+            self.state.accounting.error(source(flow, route.type), str(flow.response.status_code))
+        if flow.websocket is None:
+            self.end_session(flow)
+
+    @never_raises
+    def error(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is not None:
+            return
+        self.end_session(flow)
+        if flow.error is not None and (route := self.route(flow)):
+            self.state.accounting.error(source(flow, route.type), error_type(flow.error.msg))
+
+    @never_raises
+    def websocket_start(self, flow: http.HTTPFlow) -> None:
+        route = self.state.route(flow)
+        kinds = session_kind(route) if route is not None else None
+        if route is None or kinds is None:
+            return
+        protocol, meter = kinds
+        origin = source(flow, route.type, session=True)
+        provider = self.state.policy.provider_for(route)  # type: ignore[union-attr]
+        self.sessions[flow.id] = Session(
+            protocol(), meter(self.state.accounting, origin, provider, requested_model(flow.request.url))
+        )
+        if self.state.control is not None:
+            self.clock.watch(flow, self.state.control.rate_limits(origin.client_key))
+        self.state.metrics.websocket_sessions.labels(route.type.value).inc()
+
+    @never_raises
+    def websocket_message(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
+        if closer.intercept(flow):  # the gateway's own close marker: neither relayed nor metered
+            return None
+        assert flow.websocket is not None
+        messages = flow.websocket.messages
+        message = messages[-1]
+        session = self.sessions.get(flow.id)
+        if self.injections.active and self.injections.arrived(flow, message):
+            session = None  # the gateway's own message: relayed, never metered
+        elif message.from_client and closer.CLOSE_METADATA in flow.metadata:
+            message.drop()  # the gateway is closing the session: nothing more goes upstream
+            session = None
+        if session is not None:
+            if self.clock.sessions:
+                self.clock.touch(flow.id)
+            protocol = session.protocol
+            if message.from_client:
+                item = protocol.client_frame(message.content, message.is_text)
+            else:
+                item = protocol.server_frame(message.content, message.is_text)
+            if item is not None:
+                if self.state.accounting.shared is not None and session.meter.admission_needed(item):
+                    return self.shared_admission(flow, message, session, item)
+                self.applied(flow, message, session, item, session.meter.apply(item))
+        # The current message is relayed after this hook returns; the one before it has gone.
+        trim(messages, self.history, self.shrink_relayed_audio)
+        return None
+
+    async def shared_admission(
+        self, flow: http.HTTPFlow, message: WebSocketMessage, session: Session, item: UsageItem
+    ) -> None:
+        """A response starts (response.create, or one the upstream started): its admission waits
+        for the shared store, at most limits.store_timeout_ms, before the frame is relayed. No
+        other frame ever waits for the store."""
+        verdict = await self.state.accounting.admit_shared(session.meter.source)
+        if flow.id in self.sessions:  # the session may have ended meanwhile
+            self.applied(flow, message, session, item, session.meter.apply_admitted(item, verdict))
+        elif isinstance(verdict, Ticket):
+            self.state.accounting.release(verdict)
+        if flow.websocket is not None:
+            trim(flow.websocket.messages, self.history, self.shrink_relayed_audio)
+
+    def applied(
+        self, flow: http.HTTPFlow, message: WebSocketMessage, session: Session, item: UsageItem, outcome: object
+    ) -> None:
+        """What the meter made of a frame's item: a refused response.create never reaches the
+        upstream (the client gets an error event), a refused response the upstream started by
+        itself (server VAD) is cancelled upstream, a refused Gemini Live session (nothing to refuse
+        per response) is closed with 1008 and the reason."""
+        accounting = self.state.accounting
+        if isinstance(outcome, Refusal):
+            if message.from_client:
+                message.drop()
+                self.injections.send(flow, True, refusal_event(outcome, message.content))
+                accounting.enforced(outcome, "refused_response")
+            elif isinstance(session.protocol, GeminiLiveProtocol):
+                if closer.close_websocket(flow, 1008, refusals.message(outcome)):
+                    accounting.enforced(outcome, "closed_session")
+            elif isinstance(item, ResponseStarted) and item.response_id is not None:
+                self.injections.send(flow, False, cancel_event(item.response_id))
+                self.injections.send(flow, True, refusal_event(outcome))
+                accounting.enforced(outcome, "cancelled_response")
+        elif outcome is not None:
+            logger.debug("ai-gateway: unreadable frame (%s): %s", outcome.reason, outcome.detail)  # type: ignore[attr-defined]
+        totals = session.meter.totals
+        if totals.changed:
+            # The session's spend as the flow's comment, marked on errors. mitmproxy sends every
+            # flow a hook touched to mitmweb's list after the hook: the comment updates live there.
+            totals.changed = False
+            flow.comment = totals.summary()
+            if totals.errors:
+                flow.marked = ":exclamation:"
+
+    @never_raises
+    def websocket_end(self, flow: http.HTTPFlow) -> None:
+        if flow.websocket is not None and self.shrink_relayed_audio and flow.websocket.messages:
+            shrink_audio(flow.websocket.messages[-1])
+        session = self.sessions.pop(flow.id, None)
+        self.clock.forget(flow.id)
+        self.injections.forget(flow.id)
+        if session is not None and flow.websocket is not None:
+            self.session_ended(flow, session)
+        self.end_session(flow)  # last: what the session still billed above counted against it
+
+    def session_ended(self, flow: http.HTTPFlow, session: Session) -> None:
+        assert flow.websocket is not None
+        meter = session.meter
+        if isinstance(session.protocol, GeminiLiveProtocol) and (item := session.protocol.closed()) is not None:
+            meter.apply(item)
+        in_flight = meter.in_flight
+        meter.close()
+        self.state.metrics.websocket_sessions.labels(meter.source.route_type).dec()
+        failure = None
+        if closer.CLOSED_BY_GATEWAY not in flow.metadata:  # the gateway's own close: an enforcement, not an error
+            failure = close_error(flow.websocket.close_code, flow.websocket.closed_by_client, in_flight)
+            if failure:
+                self.state.accounting.error(meter.source, failure)
+        observability = self.state.observability
+        if observability.active:
+            closed_by_client = flow.websocket.closed_by_client
+            observability.session_ended(meter.ended(flow.websocket.close_code, closed_by_client, failure or ""))
+
+
+class Session(NamedTuple):
+    """A metered WebSocket session: its protocol's adapter reads the frames, its meter bills them."""
+
+    protocol: SessionProtocol
+    meter: SessionMeter
+
+
+SessionProtocol = RealtimeProtocol | ResponsesSocketProtocol | GeminiLiveProtocol
+
+# A WebSocket route's (route type, protocol) -> its protocol adapter and meter.
+SESSION_KINDS: dict[tuple[RouteType, WireProtocol], tuple[type[SessionProtocol], type[SessionMeter]]] = {
+    (RouteType.REALTIME, WireProtocol.OPENAI): (RealtimeProtocol, RealtimeMeter),
+    (RouteType.RESPONSES, WireProtocol.OPENAI): (ResponsesSocketProtocol, ResponsesSocketMeter),
+    (RouteType.REALTIME, WireProtocol.GEMINI_LIVE): (GeminiLiveProtocol, GeminiLiveMeter),
+}
+
+
+def session_kind(route: Route) -> tuple[type[SessionProtocol], type[SessionMeter]] | None:
+    return SESSION_KINDS.get((route.type, route.protocol))
+
+
+def show_comment_column() -> None:
+    """Under mitmweb, add the comment column (where session totals show) to the flow list."""
+    columns = getattr(ctx.options, "web_columns", None)
+    if columns is not None and "comment" not in columns:
+        ctx.options.update(web_columns=[*columns, "comment"])
