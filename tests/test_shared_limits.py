@@ -9,7 +9,7 @@ import asyncio
 import functools
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,8 +18,9 @@ from openai import AsyncOpenAI, RateLimitError
 from websockets.asyncio.client import ClientConnection
 
 from ai_gateway.accounting import shared_limits
+from ai_gateway.accounting.limits import Refusal
 from ai_gateway.accounting.metrics import GatewayMetrics
-from ai_gateway.accounting.shared_limits import KeyView, Owed, SharedLimits, _keys
+from ai_gateway.accounting.shared_limits import Grant, KeyView, Owed, SharedLimits, _keys
 from ai_gateway.config.policy import Limit, LimitPolicy, RateLimits
 from ai_gateway.tools.harness import GatewayProcess, RedisServer, scrape, scrape_until
 from ai_gateway.tools.simulators.http import HttpSimulator
@@ -146,10 +147,13 @@ def test_what_a_dead_process_held_frees_itself_when_its_lease_ends(redis_server)
             await alive.admit("lease", limits, budget, 3600.0, rates, (4096, 0.0), True),
             await alive.open_session("lease-s", "s-alive", limits, None, 3600.0, rates),
         ]
-        await asyncio.sleep(0.6)
-        freed = [
-            await alive.admit("lease", limits, budget, 3600.0, rates, (4096, 0.0), True),
-            await alive.open_session("lease-s", "s-alive", limits, None, 3600.0, rates),
+
+        async def admitted(verdict: Awaitable[Grant | Refusal]) -> Grant | None:
+            return v if isinstance(v := await verdict, Grant) else None
+
+        freed = [  # the leases end 0.5 s after they were taken
+            await until(lambda: admitted(alive.admit("lease", limits, budget, 3600.0, rates, (4096, 0.0), True))),
+            await until(lambda: admitted(alive.open_session("lease-s", "s-alive", limits, None, 3600.0, rates))),
         ]
         await alive.close()
         return [held, opened, *blocked, *freed]
