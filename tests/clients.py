@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import websockets
@@ -43,6 +43,16 @@ def wait_until[T](probe: Callable[[], T], timeout: float = 15) -> T:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{probe} still false after {timeout}s")
         time.sleep(0.02)
+    return result
+
+
+async def until[T](probe: Callable[[], Awaitable[T]], timeout: float = 15) -> T:
+    """`wait_until` inside an event loop: the probe awaited, the loop free between tries."""
+    deadline = time.monotonic() + timeout
+    while not (result := await probe()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{probe} still false after {timeout}s")
+        await asyncio.sleep(0.02)
     return result
 
 

@@ -9,7 +9,7 @@ import asyncio
 import functools
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +17,16 @@ import websockets
 from openai import AsyncOpenAI, RateLimitError
 from websockets.asyncio.client import ClientConnection
 
+from ai_gateway.accounting import shared_limits
+from ai_gateway.accounting.limits import Refusal
 from ai_gateway.accounting.metrics import GatewayMetrics
-from ai_gateway.accounting.shared_limits import SharedLimits
+from ai_gateway.accounting.shared_limits import Grant, KeyView, Owed, SharedLimits, _keys
 from ai_gateway.config.policy import Limit, LimitPolicy, RateLimits
-from ai_gateway.tools.harness import GatewayProcess, RedisServer, scrape
+from ai_gateway.tools.harness import GatewayProcess, RedisServer, scrape, scrape_until
 from ai_gateway.tools.simulators.http import HttpSimulator
 from ai_gateway.tools.simulators.realtime import SimulatorThread
 
-from .clients import sdk_session, wait_until, websocket_base
+from .clients import sdk_session, until, wait_until, websocket_base
 from .test_serve import WORKERS, connection_pid
 from .test_spend_controls import (
     LIMIT,
@@ -38,6 +40,7 @@ from .test_spend_controls import (
 )
 
 STORE_ERRORS = "agentgateway_gateway_limits_store_errors_total"
+OWED = "agentgateway_gateway_limits_store_owed"
 
 
 @pytest.fixture(scope="module")
@@ -144,10 +147,13 @@ def test_what_a_dead_process_held_frees_itself_when_its_lease_ends(redis_server)
             await alive.admit("lease", limits, budget, 3600.0, rates, (4096, 0.0), True),
             await alive.open_session("lease-s", "s-alive", limits, None, 3600.0, rates),
         ]
-        await asyncio.sleep(0.6)
-        freed = [
-            await alive.admit("lease", limits, budget, 3600.0, rates, (4096, 0.0), True),
-            await alive.open_session("lease-s", "s-alive", limits, None, 3600.0, rates),
+
+        async def admitted(verdict: Awaitable[Grant | Refusal]) -> Grant | None:
+            return v if isinstance(v := await verdict, Grant) else None
+
+        freed = [  # the leases end 0.5 s after they were taken
+            await until(lambda: admitted(alive.admit("lease", limits, budget, 3600.0, rates, (4096, 0.0), True))),
+            await until(lambda: admitted(alive.open_session("lease-s", "s-alive", limits, None, 3600.0, rates))),
         ]
         await alive.close()
         return [held, opened, *blocked, *freed]
@@ -157,6 +163,80 @@ def test_what_a_dead_process_held_frees_itself_when_its_lease_ends(redis_server)
     assert [getattr(v, "code", "admitted") for v in rest] == [
         "budget_exceeded", "rate_limit_exceeded", "admitted", "admitted",
     ]  # fmt: skip
+
+
+def owed_gauges(samples: dict) -> tuple[float, float, float]:
+    """(tokens, usd, keys) a gateway owes the store, from its /metrics samples or registry."""
+    tokens, usd = (samples.get((OWED, frozenset({("unit", unit)})), 0.0) for unit in ("tokens", "usd"))
+    return tokens, usd, samples.get((f"{OWED}_keys", frozenset()), 0.0)
+
+
+def registry_samples(metrics: GatewayMetrics) -> dict:
+    return {(s.name, frozenset(s.labels.items())): s.value for f in metrics.registry.collect() for s in f.samples}
+
+
+@pytest.mark.parametrize("wake", ["timer", "admission"])
+def test_usage_owed_in_an_outage_is_one_total_per_key_and_reaches_the_store_when_it_answers(monkeypatch, wake):
+    """Settles that fail while the store is down are owed, added up per key; once it answers
+    again they reach it, after the flush timer's second with no other operation, or at once after
+    any operation that succeeds (here with a timer too long to be the one), and the gauges return to 0."""
+    if wake == "admission":
+        monkeypatch.setattr(shared_limits, "FLUSH_SECONDS", 3600.0)
+    with RedisServer() as store:
+        limits = LimitPolicy(store=store.url)
+
+        async def run() -> tuple[dict, tuple, tuple, list[KeyView]]:
+            metrics = GatewayMetrics("agentgateway")
+            gateway, reader = SharedLimits(store.url, metrics), SharedLimits(store.url, GatewayMetrics("r"))
+            store.stop()
+            for label, used, usd in (("k1", 100, 0.5), ("k1", 50, 0.25), ("k2", 10, 0.0), ("k3", 0, 0.0)):
+                gateway.settle(label, None, used, usd, 3600.0, limits)
+            await asyncio.gather(*gateway.tasks)
+            owed = {label: (o.tokens, o.usd) for label, o in gateway.owed.items()}
+            during = owed_gauges(registry_samples(metrics))
+            store.start()
+            if wake == "admission":
+                await gateway.admit("k-other", limits, None, 3600.0, RateLimits(), (1, 0.0), False)
+
+            async def nothing_owed() -> bool:
+                return not gateway.owed
+
+            await until(nothing_owed, timeout=10)
+            after = owed_gauges(registry_samples(metrics))
+            views = []
+            for label in ("k1", "k2"):
+                reader.settle(label, None, 0, 0.0, 3600.0, limits)  # nothing spent: reads the key
+                await asyncio.gather(*reader.tasks)
+                views.append(reader.view(label))
+            await gateway.close()
+            await reader.close()
+            return owed, during, after, views
+
+        owed, during, after, views = asyncio.run(run())
+    assert owed == {"k1": (150, 0.75), "k2": (10, 0.0)}  # one total per key; nothing owed for nothing spent
+    assert during == (160, 0.75, 2) and after == (0, 0, 0)
+    assert [(v.tokens, v.usd) for v in views] == [(150, 0.75), (10, 0.0)]
+
+
+def test_a_flush_sent_again_is_taken_once_and_a_late_older_series_not_at_all(redis_server):
+    """A flush the store took but whose reply was lost is sent again: the store adds only what the
+    series grew since, and a late copy of an older series of the same process adds nothing."""
+
+    async def run() -> list[tuple[float, float]]:
+        gateway = SharedLimits(redis_server.url, GatewayMetrics("flush"))
+        seen = []
+        for owed in (Owed(2, 10, 0.1), Owed(2, 10, 0.1), Owed(1, 99, 9.0), Owed(2, 15, 0.3), Owed(2, 15, 0.3)):
+            args = gateway.flush_args(owed, 3600.0)
+            reply = await gateway.flush_script(keys=_keys("flush-again"), args=args)
+            seen.append((float(reply[3]), round(float(reply[4]), 9)))
+        other = SharedLimits(redis_server.url, GatewayMetrics("other"))  # another process: its own series
+        reply = await other.flush_script(keys=_keys("flush-again"), args=other.flush_args(Owed(1, 1, 0.0), 3600.0))
+        seen.append((float(reply[3]), round(float(reply[4]), 9)))
+        await gateway.close()
+        await other.close()
+        return seen
+
+    assert asyncio.run(run()) == [(10, 0.1), (10, 0.1), (10, 0.1), (15, 0.3), (15, 0.3), (16, 0.3)]
 
 
 # -- real gateways sharing one store ---------------------------------------------------------
@@ -313,6 +393,48 @@ def test_responses_the_upstream_starts_are_cancelled_against_the_shared_budget(t
     text = shared_policy(tmp_path, redis_server.url, budgets=budgets).replace(f"{{tokens: {RESERVE}}}", "{tokens: 1}")
     seen, samples = vad_over_budget(text)
     assert_cancelled_after_the_first_turn(seen, samples, "client_key")
+
+
+@pytest.mark.parametrize("launchers", [("mitmdump", "serve"), ("serve", "mitmdump")], ids=["A-mitmdump", "A-serve"])
+def test_spend_in_a_store_outage_reaches_the_store_when_it_answers_again(tmp_path, upstream, capsys, launchers):
+    """Issue #20: gateway A spends past a key's budget while the store is down (on_store_error
+    open); the store comes back (empty, same port) and, with no further request to A, A's owed
+    usage reaches it: A's owed gauge returns to 0 and gateway B refuses the key."""
+    model, key = f"gpt-realtime-owed-{launchers[0]}", f"sk-owed-{launchers[0]}"
+    with RedisServer() as store:
+        options = {"gateway_policy": key_budget(tmp_path, store.url, 1000)}
+        with (
+            GatewayProcess(upstream.url, launcher=launchers[0], options=options) as a,
+            GatewayProcess(upstream.url, launcher=launchers[1], options=options) as b,
+        ):
+            url_a, url_b = (f"{websocket_base(g.url)}/v1/realtime?model={model}" for g in (a, b))
+
+            async def spend_while_down() -> None:
+                ws = await connect(url_a, key)
+                store.stop()
+                for _ in range(3):
+                    await ws.send(json.dumps({"type": "response.create"}))
+                    while json.loads(await ws.recv())["type"] != "response.done":
+                        pass
+                await ws.close()
+
+            asyncio.run(spend_while_down())
+            spent = tokens(upstream.usage_for(model))
+            during = owed_gauges(scrape_until(a.metrics_url, lambda s: owed_gauges(s)[0] == spent))
+            store.start()
+
+            async def refused_by_b() -> int | None:
+                try:
+                    await (await connect(url_b, key)).close()
+                except websockets.InvalidStatus as e:
+                    return e.response.status_code
+                return None
+
+            status = wait_until(lambda: asyncio.run(refused_by_b()), timeout=15)
+            after = owed_gauges(scrape_until(a.metrics_url, lambda s: owed_gauges(s)[0] == 0))
+    overshoot(f"A ({launchers[0]}) in the outage, then B ({launchers[1]}) refused", spent, 1000, capsys)
+    assert spent > 1000 and during[0] == spent and during[2] == 1
+    assert status == 429 and after == (0, 0, 0)
 
 
 @pytest.mark.parametrize("on_error", ["open", "closed"])

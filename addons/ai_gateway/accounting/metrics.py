@@ -239,10 +239,25 @@ class GatewayMetrics:
         self.limits_store_duration = Histogram(
             f"{prefix}_gateway_limits_store_duration_seconds",
             "Seconds an operation on the shared limits store took: admit (response, request), open_session "
-            "(handshake) and settle (usage arrived), failures included.",
+            "(handshake), settle (usage arrived), renew (leases, a session closed) and flush (usage owed since an "
+            "outage), failures included.",
             ("operation",),
             buckets=STORE_BUCKETS,
             registry=self.registry,
+        )
+        self.limits_store_owed = Gauge(
+            f"{prefix}_gateway_limits_store_owed",
+            "Usage this process settled while the shared limits store failed, not yet taken by the store "
+            "(unit tokens, usd): other processes do not count it until the store answers again.",
+            ("unit",),
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.limits_store_owed_keys = Gauge(
+            f"{prefix}_gateway_limits_store_owed_keys",
+            "Client keys with usage owed to the shared limits store.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.usage_log_errors = Counter(
             f"{prefix}_gateway_usage_log_errors",

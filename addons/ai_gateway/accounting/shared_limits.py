@@ -14,14 +14,19 @@ died free themselves within LEASE_SECONDS.
 Never on the relay path of a frame: a handshake, a metered request and the start of a response
 wait for the store (at most `limits.store_timeout_ms`); settling usage and closing a session are
 sent without waiting. While the store fails, `limits.on_store_error` admits (`open`) or refuses
-(`closed`), usage that could not be settled is kept (per key) and settled once the store answers,
-and one line is logged when the outage starts and one when it ends.
+(`closed`), and one line is logged when the outage starts and one when it ends. Usage that could not
+be settled is owed: added up per key, and flushed as soon as the store answers anything (or, with no
+traffic, within FLUSH_SECONDS). A flush names its series of owed usage and sends the series' total
+so far; the store keeps, per process, the total it took of its latest series and adds only the
+difference, so a flush whose reply was lost is sent again without counting twice. A settle whose
+reply was lost (the store took it, then timed out) is owed too: it may count twice, not zero times.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -40,10 +45,13 @@ STORE_UNAVAILABLE = "limits_store_unavailable"
 LEASE_SECONDS = 90.0
 HEARTBEAT_SECONDS = 30.0
 CONNECT_SECONDS = 5.0
-MAX_UNSYNCED_KEYS = 10_000
+FLUSH_SECONDS = 1.0
+MAX_OWED_KEYS = 10_000
+FLUSHED_SECONDS = 86_400  # how long the store remembers what it took of a process's owed usage
 MAX_CONNECTIONS = 8
 
-# KEYS: spend:tokens, spend:usd, tpm, rpm, held (zset id -> lease end), held:tokens, held:usd, largest, sessions
+# KEYS: spend:tokens, spend:usd, tpm, rpm, held (zset id -> lease end), held:tokens, held:usd, largest, sessions,
+# flushed (process id -> 'series tokens usd' of the owed usage the store took)
 # ARGV[1] = the budget window in seconds (0: no window), ARGV[2] = lease seconds; the rest per script.
 _COMMON = """
 local t = redis.call('TIME')
@@ -108,6 +116,14 @@ local function expire(...)
   for _, i in ipairs({...}) do
     if i > 2 or window > 0 then redis.call('PEXPIRE', KEYS[i], ttl) end
   end
+end
+
+local function spend(tokens, usd)
+  redis.call('HINCRBY', KEYS[1], bucket, tokens)
+  redis.call('HINCRBYFLOAT', KEYS[2], bucket, usd)
+  redis.call('HINCRBY', KEYS[3], second, tokens)
+  spent_tokens, spent_usd, minute_tokens = spent_tokens + tokens, spent_usd + usd, minute_tokens + tokens
+  expire(1, 2, 3)
 end
 
 -- ARGV[3..5]: budget tokens, budget usd, requests per minute (-1: no limit)
@@ -184,16 +200,36 @@ if ARGV[3] ~= '' then
 end
 local tokens, usd = tonumber(ARGV[4]), tonumber(ARGV[5])
 if tokens > 0 or usd > 0 then
-  redis.call('HINCRBY', KEYS[1], bucket, tokens)
-  redis.call('HINCRBYFLOAT', KEYS[2], bucket, usd)
-  redis.call('HINCRBY', KEYS[3], second, tokens)
+  spend(tokens, usd)
   for field, value in pairs({tokens = tokens, usd = usd}) do
     if value > tonumber(redis.call('HGET', KEYS[8], field) or '0') then redis.call('HSET', KEYS[8], field, value) end
   end
-  spent_tokens, spent_usd, minute_tokens = spent_tokens + tokens, spent_usd + usd, minute_tokens + tokens
-  expire(1, 2, 3, 8)
+  expire(8)
 end
 return state('settled', '', 0)
+"""
+)
+
+# ARGV[3] process id, ARGV[4] series, ARGV[5] its tokens, ARGV[6] its usd (totals so far), ARGV[7] ms to remember.
+# Only what the series grew since the store last took it counts; a late copy of an older series counts nothing.
+# Not the key's largest response: owed usage is a sum of responses.
+FLUSH = (
+    _COMMON
+    + """
+local series, sent_tokens, sent_usd = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local taken_tokens, taken_usd = 0, 0
+local taken = redis.call('HGET', KEYS[10], ARGV[3])
+if taken then
+  local s, t, u = string.match(taken, '^(%S+) (%S+) (%S+)$')
+  if tonumber(s) > series then return state('flushed', '', 0) end
+  if tonumber(s) == series then taken_tokens, taken_usd = tonumber(t), tonumber(u) end
+end
+local tokens, usd = math.max(sent_tokens - taken_tokens, 0), math.max(sent_usd - taken_usd, 0)
+if tokens > 0 or usd > 0 then spend(tokens, usd) end
+taken_tokens, taken_usd = math.max(sent_tokens, taken_tokens), math.max(sent_usd, taken_usd)
+redis.call('HSET', KEYS[10], ARGV[3], string.format('%d %.17g %.17g', series, taken_tokens, taken_usd))
+redis.call('PEXPIRE', KEYS[10], ARGV[7])
+return state('flushed', '', 0)
 """
 )
 
@@ -235,6 +271,17 @@ class Grant:
     usd: float = 0.0
 
 
+@dataclass(slots=True)
+class Owed:
+    """Usage of one key the store has not taken yet (the settle failed): one per key, however
+    many responses, so a long outage costs memory per key, not per response. `series` names it
+    in the store, which then counts a resent total once."""
+
+    series: int
+    tokens: int = 0
+    usd: float = 0.0
+
+
 def _limit(value: float | None) -> str:
     return "-1" if value is None else repr(value)
 
@@ -254,6 +301,7 @@ def _keys(label: str) -> list[str]:
             "held:usd",
             "largest",
             "sessions",
+            "flushed",
         )
     ]
 
@@ -281,8 +329,15 @@ class SharedLimits:
         self.open_script = self.client.register_script(OPEN_SESSION)
         self.settle_script = self.client.register_script(SETTLE)
         self.renew_script = self.client.register_script(RENEW)
+        self.flush_script = self.client.register_script(FLUSH)
         self.views: dict[str, KeyView] = {}
-        self.unsynced: dict[str, tuple[int, float]] = {}  # usage the store did not take yet, per key
+        self.process = uuid.uuid4().hex  # names this process's owed series in the store
+        self.series = itertools.count(1)  # increasing: the store ignores a late copy of an older series
+        self.owed: dict[str, Owed] = {}
+        self.owed_tokens, self.owed_usd = 0, 0.0  # the sum of self.owed, kept as it changes (the gauges)
+        self.owed_settings: tuple[float, LimitPolicy] = (0.0, LimitPolicy())  # window, limits: the latest settle's
+        self.answered = asyncio.Event()  # the store answered an operation: time to flush
+        self.flusher: asyncio.Task[None] | None = None
         self.leases: dict[str, tuple[str, int]] = {}  # lease id -> (key, HELD or SESSIONS), for renewal
         self.failing = False
         self.tasks: set[asyncio.Task[None]] = set()
@@ -346,14 +401,18 @@ class SharedLimits:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(CONNECT_SECONDS):
-                for script in (self.admit_script, self.open_script, self.settle_script, self.renew_script):
+                for script in (
+                    self.admit_script, self.open_script, self.settle_script, self.renew_script, self.flush_script,
+                ):  # fmt: skip
                     await self.client.script_load(script.script)
         except self.errors as e:
             self._outage("connect", started, e, limits)
 
     async def close(self) -> None:
-        if self.heartbeat is not None:
-            self.heartbeat.cancel()
+        """What was settled is sent (a second at most); usage still owed then is lost with the process."""
+        for task in (self.heartbeat, self.flusher):
+            if task is not None:
+                task.cancel()
         for task in list(self.tasks):
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(task, 1.0)
@@ -372,16 +431,62 @@ class SharedLimits:
     async def _settle(
         self, label: str, lease: str, tokens: int, usd: float, window: float, limits: LimitPolicy
     ) -> None:
-        owed_tokens, owed_usd = self.unsynced.pop(label, (0, 0.0))
-        tokens, usd = tokens + owed_tokens, usd + owed_usd
         args = [repr(window), repr(self.lease_seconds), lease, str(tokens), repr(usd)]
-        if await self._call("settle", self.settle_script, label, args, limits) is None:
-            if (tokens or usd) and (label in self.unsynced or len(self.unsynced) < MAX_UNSYNCED_KEYS):
-                later_tokens, later_usd = self.unsynced.get(label, (0, 0.0))
-                self.unsynced[label] = (later_tokens + tokens, later_usd + usd)
-            return
-        for other in list(self.unsynced)[:16]:  # the store answers again: what it missed, a few keys at a time
-            self._spawn(self._settle(other, "", 0, 0.0, window, limits))
+        if await self._call("settle", self.settle_script, label, args, limits) is None and (tokens or usd):
+            self._owe(label, tokens, usd, window, limits)
+
+    def _owe(self, label: str, tokens: int, usd: float, window: float, limits: LimitPolicy) -> None:
+        """Usage the store did not take: added to the key's owed usage, flushed once the store
+        answers. Past MAX_OWED_KEYS keys a new key's usage is not kept (memory stays bounded)."""
+        owed = self.owed.get(label)
+        if owed is None:
+            if len(self.owed) >= MAX_OWED_KEYS:
+                return
+            owed = self.owed[label] = Owed(next(self.series))
+        owed.tokens += tokens
+        owed.usd += usd
+        self.owed_settings = (window, limits)
+        self._show_owed(tokens, usd)
+        if self.flusher is None or self.flusher.done():
+            self.flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        """While usage is owed: each key's sent as soon as the store answered anything, else every
+        FLUSH_SECONDS. One task, keys one at a time: never two flushes of one key in flight."""
+        while self.owed:
+            self.answered.clear()  # an answer from here on wakes the wait below
+            for label in list(self.owed):
+                if not await self._flush_key(label):
+                    break
+            else:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.answered.wait(), FLUSH_SECONDS)
+
+    async def _flush_key(self, label: str) -> bool:
+        """The key's owed total sent; forgotten once taken, unless it grew meanwhile (then the same
+        series is sent again, and the store adds the difference). False: the store failed."""
+        owed, (window, limits) = self.owed[label], self.owed_settings
+        sent = (owed.tokens, owed.usd)
+        if await self._call("flush", self.flush_script, label, self.flush_args(owed, window), limits) is None:
+            return False
+        if (owed.tokens, owed.usd) == sent:
+            del self.owed[label]
+            self._show_owed(-owed.tokens, -owed.usd)
+        return True
+
+    def flush_args(self, owed: Owed, window: float) -> list[str]:
+        """FLUSH's arguments: the series' totals so far, named by this process and the series."""
+        head = [repr(window), repr(self.lease_seconds), self.process, str(owed.series)]
+        return [*head, str(owed.tokens), repr(owed.usd), str(int(FLUSHED_SECONDS * 1000))]
+
+    def _show_owed(self, tokens: int, usd: float) -> None:
+        """The owed totals changed by (tokens, usd); set, not incremented: a reload may bring new metrics."""
+        self.owed_tokens += tokens
+        self.owed_usd = self.owed_usd + usd if self.owed else 0.0  # no float residue once nothing is owed
+        self.metrics.limits_store_owed.labels("tokens").set(self.owed_tokens)
+        self.metrics.limits_store_owed.labels("usd").set(self.owed_usd)
+        self.metrics.limits_store_owed_keys.set(len(self.owed))
 
     async def _renew(self, label: str, window: float, limits: LimitPolicy, closed: str, leases: list[str]) -> None:
         await self._call(
@@ -406,6 +511,7 @@ class SharedLimits:
             self._outage(operation, started, e, limits)
             return None
         self.metrics.limits_store_duration.labels(operation).observe(time.perf_counter() - started)
+        self.answered.set()
         if self.failing:
             self.failing = False
             logger.warning("ai-gateway: limits store %s answers again", self.url)
