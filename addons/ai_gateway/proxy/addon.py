@@ -23,7 +23,13 @@ from ai_gateway.accounting.http_exchange import HttpExchange
 from ai_gateway.accounting.items import ResponseStarted, UsageItem
 from ai_gateway.accounting.ledger import CONTINUE, REFUSE, Source, UsageLedger, recent_records
 from ai_gateway.accounting.limits import ANONYMOUS, MINUTE, Refusal, SpendControl, Ticket, client_key_sha256, identify
-from ai_gateway.accounting.metrics import DEFAULT_MAX_MODEL_LABELS, OPERATION_NAMES, GatewayMetrics, MetricsServer
+from ai_gateway.accounting.metrics import (
+    DEFAULT_MAX_MODEL_LABELS,
+    DEFAULT_MAX_SERIES_PER_FAMILY,
+    OPERATION_NAMES,
+    GatewayMetrics,
+    MetricsServer,
+)
 from ai_gateway.accounting.pricing import PriceCatalog, catalog_for
 from ai_gateway.accounting.session_meters import GeminiLiveMeter, RealtimeMeter, ResponsesSocketMeter, SessionMeter
 from ai_gateway.accounting.shared_limits import SharedLimits
@@ -79,9 +85,14 @@ POLICY_SETTLE_SECONDS = 2.0  # a policy file must be unchanged this long before 
 CLIENT_KEY_METADATA = "ai_gateway.client_key"  # the client's identity label (never the key)
 KNOWN_KEY_METADATA = "ai_gateway.known_client_key"
 SESSION_OPEN_METADATA = "ai_gateway.session_admitted"  # counted against concurrent_sessions until it ends
-METRIC_FAMILY_OPTIONS = {"gateway_metrics_prefix", "gateway_max_model_labels", "gateway_operation_names"}
+METRIC_FAMILY_OPTIONS = {
+    "gateway_metrics_prefix",
+    "gateway_max_model_labels",
+    "gateway_max_series_per_family",
+    "gateway_operation_names",
+}
 METRICS_OPTIONS = {"gateway_metrics_host", "gateway_metrics_port", *METRIC_FAMILY_OPTIONS}
-TRACING_OPTIONS = {"gateway_otlp_endpoint", "gateway_metrics_prefix", "gateway_max_model_labels"}
+TRACING_OPTIONS = {"gateway_otlp_endpoint", *METRIC_FAMILY_OPTIONS}  # spans dropped count in the new families
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +178,13 @@ class Gateway:
             "Distinct values kept per model label; later ones are recorded as 'other' (clients choose model names).",
         )
         option(
+            "gateway_max_series_per_family",
+            int,
+            DEFAULT_MAX_SERIES_PER_FAMILY,
+            "Label sets kept per model-labelled metric family (request x response model pairs included); later "
+            "ones are recorded with both models 'other' and counted in metric_series_folded_total.",
+        )
+        option(
             "gateway_operation_names",
             str,
             "ours",
@@ -244,10 +262,15 @@ class Gateway:
                 self.refuse(f"gateway_metrics_prefix: expected a Prometheus metric name prefix, got {prefix!r}")
             elif max_labels < 1:
                 self.refuse(f"gateway_max_model_labels: expected a positive number, got {max_labels}")
+            elif options.gateway_max_series_per_family < 1:
+                self.refuse(
+                    "gateway_max_series_per_family: expected a positive number, "
+                    f"got {options.gateway_max_series_per_family}"
+                )
             elif names not in OPERATION_NAMES:
                 self.refuse(f"gateway_operation_names: expected one of {', '.join(OPERATION_NAMES)}, got {names!r}")
             else:
-                self.metrics = GatewayMetrics(prefix, max_labels, names)
+                self.metrics = GatewayMetrics(prefix, max_labels, names, options.gateway_max_series_per_family)
         if "gateway_usage_log" in updated:
             self.open_ledger(options.gateway_usage_log)
         if self.ledger is not None:
