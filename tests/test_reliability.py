@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
+from collections import defaultdict
+from collections.abc import Mapping
 
+import pytest
 import websockets
+from prometheus_client import CollectorRegistry
 
+from ai_gateway.accounting.billing import Accounting
+from ai_gateway.accounting.ledger import Source
 from ai_gateway.accounting.metrics import OTHER, GatewayMetrics, ModelLabels
-from ai_gateway.accounting.usage import TokenUsage
-from ai_gateway.tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
+from ai_gateway.accounting.usage import CharacterUsage, DurationUsage, TokenUsage
+from ai_gateway.tools.harness import GatewayProcess, SampleKey, expected_samples, scrape, select, usage_only
 from ai_gateway.tools.simulators.realtime import SimulatorThread
 
 from .clients import sdk_session, wait_until, websocket_base
+from .conftest import LAUNCHERS
+
+PAIR = ("gen_ai_request_model", "gen_ai_response_model")
+FOLDED = "gateway_metric_series_folded_total"
 
 
 async def responses_in_turn(url: str, responses: int, seen: list[str] | None = None) -> int:
@@ -111,6 +122,107 @@ def test_label_bound_through_the_gateway():
     assert len(request_models) <= 5 + 1 and OTHER in request_models
     total = sum(v for (name, _), v in counts.items() if name.endswith("_sum"))
     assert total == sum(e.usage["input_tokens"] for e in simulator.ledger)
+
+
+def samples_of(registry: CollectorRegistry) -> dict[SampleKey, float]:
+    """A registry's samples as `scrape` reads them from /metrics."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in registry.collect()
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    }
+
+
+def series_by_family(samples: Mapping[SampleKey, float]) -> dict[str, set[frozenset[tuple[str, str]]]]:
+    """The label sets of each model-labelled family (a histogram's buckets are one series)."""
+    families: dict[str, set[frozenset[tuple[str, str]]]] = defaultdict(set)
+    for name, labels in samples:
+        if PAIR[0] in dict(labels):
+            families[re.sub(r"_(bucket|sum|count|total)$", "", name)].add(frozenset(i for i in labels if i[0] != "le"))
+    return families
+
+
+def own_series(label_sets: set[frozenset[tuple[str, str]]]) -> int:
+    """Label sets beyond the `other` bucket (request and response model both `other`)."""
+    return sum(1 for labels in label_sets if {dict(labels)[k] for k in PAIR} != {OTHER})
+
+
+def folded(samples: Mapping[SampleKey, float], family: str) -> float:
+    return sum(select({k: v for k, v in samples.items() if k[0].endswith(FOLDED)}, family=family).values())
+
+
+def without_pairs(samples: Mapping[SampleKey, float]) -> dict[SampleKey, float]:
+    """Every sample summed over request and response models: what folding must leave unchanged."""
+    sums: dict[SampleKey, float] = defaultdict(float)
+    for (name, labels), value in samples.items():
+        if not name.endswith(FOLDED):
+            sums[name, frozenset(i for i in labels if i[0] not in PAIR)] += value
+    return sums
+
+
+def renaming_upstream(bound: int) -> dict[SampleKey, float]:
+    """100 responses, each under a new response model, billed with every kind of usage and latency."""
+    metrics = GatewayMetrics("t", max_series_per_family=bound)
+    accounting = Accounting(metrics)
+    source = Source("flow", "Realtime", session=True)
+    for n in range(100):
+        labels = ModelLabels("realtime", "openai", f"m{n % 7}", f"renamed-{n}")
+        usage = TokenUsage(100 + n, 20, 10, input_by_modality=(("audio", 30),), reasoning=5)
+        series, _ = accounting.bill(source, labels, usage, "completed" if n % 3 else "cancelled")
+        accounting.bill(source, labels, DurationUsage(1.5))
+        accounting.bill(source, labels, CharacterUsage(7))
+        series.priced("priced", 0.25)
+        series.latency(0.125, 0.5, 20)
+        series.turn_latency("commit", 0.25)
+        series.duration(0.5, "503" if n % 2 else "")
+    return samples_of(metrics.registry)
+
+
+def test_every_model_labelled_family_holds_its_series_bound_and_its_totals():
+    unbounded, bounded = renaming_upstream(100_000), renaming_upstream(20)
+    attempted, kept = series_by_family(unbounded), series_by_family(bounded)
+    assert len(attempted) == 14  # every family with model labels, histograms included
+    for family, label_sets in kept.items():
+        assert own_series(label_sets) == 20, family
+        assert folded(bounded, family) == len(attempted[family]) - 20, family
+    assert without_pairs(bounded) == pytest.approx(without_pairs(unbounded))
+
+
+def test_the_other_bucket_is_always_admitted():
+    metrics = GatewayMetrics("t", max_series_per_family=1)
+    for request_model in ("a", "b", OTHER):
+        metrics.series(ModelLabels("realtime", "openai", request_model, OTHER)).response("completed")
+    samples = samples_of(metrics.registry)
+    (responses,) = series_by_family(samples).values()
+    assert {dict(labels)[PAIR[0]] for labels in responses} == {"a", OTHER}
+    assert folded(samples, "t_gen_ai_client_responses") == 1  # b; the genuine `other` pair was no newcomer
+    assert sum(select(samples, gen_ai_request_model=OTHER).values()) == 2
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_series_stay_bounded_when_the_upstream_renames_its_model_before_each_response(launcher):
+    bound, sessions, responses = 20, 5, 6  # 30 request x response model pairs
+    with SimulatorThread(audio_deltas=1, transcript_deltas=1, renamed_model="renamed-{n}") as simulator:
+        options = {"gateway_max_series_per_family": str(bound)}
+        with GatewayProcess(simulator.url, launcher=launcher, options=options) as gateway:
+
+            async def renamed() -> list[int]:
+                base = websocket_base(gateway.url)
+                return await asyncio.gather(
+                    *(responses_in_turn(f"{base}/v1/realtime?model=m{i}", responses) for i in range(sessions))
+                )
+
+            assert asyncio.run(renamed()) == [responses] * sessions
+            samples = scrape(gateway.metrics_url)
+    assert len({(e.request_model, e.response_model) for e in simulator.ledger}) == sessions * responses
+    families = series_by_family(samples)
+    assert all(own_series(label_sets) <= bound for label_sets in families.values())
+    assert folded(samples, "agentgateway_gen_ai_client_token_usage") > 0
+    for token_type, key in (("input", "input_tokens"), ("output", "output_tokens")):
+        sums = select(samples, gen_ai_token_type=token_type)
+        total = sum(v for (name, _), v in sums.items() if name.endswith("_sum"))
+        assert total == sum(e.usage[key] for e in simulator.ledger)
 
 
 def test_ledger_has_every_finished_response_exactly_once_after_sigkill(tmp_path):

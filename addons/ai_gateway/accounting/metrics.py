@@ -8,6 +8,7 @@ refuse the duplicate names.
 from __future__ import annotations
 
 import threading
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,11 @@ UNKNOWN = "unknown"
 OTHER = "other"
 MAX_LABEL_LENGTH = 128
 DEFAULT_MAX_MODEL_LABELS = 100
+# Label sets per model-labelled family. A model pair in use makes at most about 10 in a family (its
+# other label: the statuses of responses, the error types of request_duration), so 500 holds 50 pairs
+# with every status and error type: normal use never folds. An upstream renaming its model before
+# each response then stops at about 33,000 lines of /metrics (6.6 MB) instead of adding 110 per pair.
+DEFAULT_MAX_SERIES_PER_FAMILY = 500
 # `gen_ai_operation_name` values by naming scheme (option gateway_operation_names): the gateway's
 # own name what was metered; agentgateway labels Realtime usage as chat, and has no value of its
 # own for what it does not meter (transcription, the audio and image endpoints), which keep ours.
@@ -69,6 +75,10 @@ class LabelBound:
         return OTHER
 
 
+ModelValues = tuple[str, str, str, str]  # the values of MODEL_LABELS, bounded
+LabelSet = tuple[str | None, ModelValues, str | None]  # a family's labels before, of and after the models
+
+
 @dataclass(frozen=True, slots=True)
 class ModelLabels:
     operation: str
@@ -81,7 +91,11 @@ class GatewayMetrics:
     """The gateway's metric families; `series()` binds them to one label set for cheap updates."""
 
     def __init__(
-        self, prefix: str, max_model_labels: int = DEFAULT_MAX_MODEL_LABELS, operation_names: str = "ours"
+        self,
+        prefix: str,
+        max_model_labels: int = DEFAULT_MAX_MODEL_LABELS,
+        operation_names: str = "ours",
+        max_series_per_family: int = DEFAULT_MAX_SERIES_PER_FAMILY,
     ) -> None:
         self.registry = CollectorRegistry()
         self.operation_names = OPERATION_NAMES[operation_names]
@@ -290,7 +304,17 @@ class GatewayMetrics:
             ("reason",),
             registry=self.registry,
         )
-        self._series: dict[tuple[str, str, str, str], Series] = {}
+        self.series_folded = Counter(
+            f"{prefix}_gateway_metric_series_folded",
+            "New label sets of a model-labelled family beyond gateway_max_series_per_family, recorded with"
+            " request and response model `other` instead of as series of their own.",
+            ("family",),
+            registry=self.registry,
+        )
+        self.max_series_per_family = max_series_per_family
+        # The label sets each model-labelled family admitted; its `other` ones are not counted.
+        self._admitted: defaultdict[MetricWrapperBase, set[LabelSet]] = defaultdict(set)
+        self._series: dict[ModelValues, Series] = {}
 
     def price_catalog(self, sources: Iterable[tuple[str, str, str]]) -> None:
         """Show the catalog's (source, version, data_date); one a new policy dropped reads 0.
@@ -320,6 +344,23 @@ class GatewayMetrics:
             series = self._series[values] = Series(self, values)
         return series
 
+    def child(self, family: MetricWrapperBase, values: ModelValues, first: str | None, last: str | None) -> Any:
+        """The family's child for `values` between its `first` and `last` labels, once per label set.
+
+        Each model label is bounded, their pairs are not (an upstream renaming its model before each
+        response makes a new pair every time): beyond the family's bound a new label set is recorded
+        with request and response model `other`, always admitted, so totals stay exact.
+        """
+        admitted = self._admitted[family]
+        key = (first, values, last)
+        if key not in admitted and values[2:] != (OTHER, OTHER):
+            if len(admitted) < self.max_series_per_family:
+                admitted.add(key)
+            else:
+                self.series_folded.labels(family.describe()[0].name).inc()
+                values = (values[0], values[1], OTHER, OTHER)
+        return family.labels(*(() if first is None else (first,)), *values, *(() if last is None else (last,)))
+
     def parse_error(self, route_type: str, reason: str) -> None:
         self.parse_errors.labels(route_type, reason).inc()
 
@@ -327,17 +368,16 @@ class GatewayMetrics:
 class Series:
     """Metric children bound to one label set: a response.done costs a few increments, not label lookups."""
 
-    def __init__(self, metrics: GatewayMetrics, values: tuple[str, str, str, str]) -> None:
+    def __init__(self, metrics: GatewayMetrics, values: ModelValues) -> None:
         self._metrics = metrics
         self._values = values
-        self._children: dict[tuple[MetricWrapperBase, str | None], Any] = {}
+        self._children: dict[tuple[MetricWrapperBase, str | None, str | None], Any] = {}
 
-    def _child(self, family: MetricWrapperBase, first: str | None = None) -> Any:
-        """The family's child for this series, `first` being the label before the model labels."""
-        child = self._children.get((family, first))
+    def _child(self, family: MetricWrapperBase, first: str | None = None, last: str | None = None) -> Any:
+        """The family's child for this series, `first` and `last` being the labels around the model labels."""
+        child = self._children.get((family, first, last))
         if child is None:
-            labels = self._values if first is None else (first, *self._values)
-            child = self._children[family, first] = family.labels(*labels)
+            child = self._children[family, first, last] = self._metrics.child(family, self._values, first, last)
         return child
 
     def record(self, usage: TokenUsage | DurationUsage | CharacterUsage) -> None:
@@ -385,7 +425,7 @@ class Series:
         self._child(self._metrics.voice_turn_latency, turn_end).observe(seconds)
 
     def duration(self, seconds: float, error_type: str) -> None:
-        self._metrics.request_duration.labels(*self._values, error_type).observe(seconds)
+        self._child(self._metrics.request_duration, last=error_type).observe(seconds)
 
 
 class MetricsServer:

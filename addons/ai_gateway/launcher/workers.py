@@ -14,7 +14,8 @@ is restarted; its counters stay in its files, so totals stay exact, and its live
 sessions) are dropped with `mark_process_dead`.
 
 State kept in memory stays per worker: client-key budgets are enforced by each worker on the
-sessions it holds, and `gateway_max_model_labels` bounds each worker's label values.
+sessions it holds, and `gateway_max_model_labels` and `gateway_max_series_per_family` bound each
+worker's label values and series.
 """
 
 from __future__ import annotations

@@ -9,10 +9,21 @@ import re
 from mitmproxy import ctx
 from mitmproxy.addonmanager import Loader
 
-from ai_gateway.accounting.metrics import DEFAULT_MAX_MODEL_LABELS, OPERATION_NAMES, GatewayMetrics, MetricsServer
+from ai_gateway.accounting.metrics import (
+    DEFAULT_MAX_MODEL_LABELS,
+    DEFAULT_MAX_SERIES_PER_FAMILY,
+    OPERATION_NAMES,
+    GatewayMetrics,
+    MetricsServer,
+)
 from ai_gateway.proxy.state import GatewayState
 
-FAMILY_OPTIONS = {"gateway_metrics_prefix", "gateway_max_model_labels", "gateway_operation_names"}
+FAMILY_OPTIONS = {
+    "gateway_metrics_prefix",
+    "gateway_max_model_labels",
+    "gateway_max_series_per_family",
+    "gateway_operation_names",
+}
 ENDPOINT_OPTIONS = {"gateway_metrics_host", "gateway_metrics_port", *FAMILY_OPTIONS}
 
 logger = logging.getLogger(__name__)
@@ -42,6 +53,13 @@ class MetricsEndpoint:
             "Distinct values kept per model label; later ones are recorded as 'other' (clients choose model names).",
         )
         option(
+            "gateway_max_series_per_family",
+            int,
+            DEFAULT_MAX_SERIES_PER_FAMILY,
+            "Label sets kept per model-labelled metric family (request x response model pairs included); later "
+            "ones are recorded with both models 'other' and counted in metric_series_folded_total.",
+        )
+        option(
             "gateway_operation_names",
             str,
             "ours",
@@ -58,6 +76,8 @@ class MetricsEndpoint:
                 self.state.refuse(f"gateway_metrics_prefix: expected a Prometheus metric name prefix, got {prefix!r}")
             elif max_labels < 1:
                 self.state.refuse(f"gateway_max_model_labels: expected a positive number, got {max_labels}")
+            elif (max_series := options.gateway_max_series_per_family) < 1:
+                self.state.refuse(f"gateway_max_series_per_family: expected a positive number, got {max_series}")
             elif (names := options.gateway_operation_names) not in OPERATION_NAMES:
                 # mitmproxy checks `choices` when an option is set, but not for a `--set` deferred
                 # until a script declares the option (as `mitmdump -s` does): checked here too.
@@ -65,7 +85,7 @@ class MetricsEndpoint:
                     f"gateway_operation_names: expected one of {', '.join(OPERATION_NAMES)}, got {names!r}"
                 )
             else:
-                self.state.metrics = GatewayMetrics(prefix, max_labels, names)
+                self.state.metrics = GatewayMetrics(prefix, max_labels, names, max_series)
                 self.state.rewire()
         if self.state.is_running and updated & ENDPOINT_OPTIONS:
             self.restart()

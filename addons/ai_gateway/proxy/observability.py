@@ -26,7 +26,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-TRACING_OPTIONS = {"gateway_otlp_endpoint", "gateway_metrics_prefix", "gateway_max_model_labels"}
+# The metric families are recreated when one of these changes: spans dropped count in the new ones.
+TRACING_OPTIONS = {
+    "gateway_otlp_endpoint",
+    "gateway_metrics_prefix",
+    "gateway_max_model_labels",
+    "gateway_max_series_per_family",
+    "gateway_operation_names",
+}
 
 
 class Observability(Observers):

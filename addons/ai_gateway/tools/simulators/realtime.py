@@ -152,6 +152,7 @@ class _Session:
     speech_item: str | None = None  # the item of the speech server VAD heard start and not yet stop
     active_responses: set[str] = field(default_factory=set)
     transcriptions: int = 0
+    responses: int = 0  # responses created so far
 
     @property
     def transcription_model(self) -> str | None:
@@ -420,6 +421,7 @@ class Simulator(Served):
         delta_interval: float = 0.0,
         compression: str | None = "deflate",
         greeting_delay: float = 0.0,
+        renamed_model: str | None = None,
     ) -> None:
         if key_order not in KEY_ORDERS:
             raise ValueError(f"key_order must be one of {', '.join(KEY_ORDERS)}")
@@ -443,6 +445,10 @@ class Simulator(Served):
         # Seconds before session.created, as a real upstream takes to set a session up. Over loopback a relay
         # that forwards only once its own client leg is open (Portkey's) loses a session.created sent at once.
         self.greeting_delay = greeting_delay
+        # An upstream that renames its model before each response (a session.updated whose model is this
+        # template, formatted with the session's `model` and the response's number `n`, from 1): every
+        # response makes a new request x response model pair, which the gateway's series bound must hold.
+        self.renamed_model = renamed_model
         self.ledger: list[SentUsage] = []
         self.handshakes: list[Handshake] = []
         self.junk_sent = 0
@@ -618,6 +624,8 @@ class Simulator(Served):
             session.active_responses.discard(response_id)
 
     async def _run_response(self, session: _Session, model: str, plan: _Plan, response_id: str) -> None:
+        if self.renamed_model is not None:
+            model = await self._rename_model(session, model)
         item_id = self._id("item")
         response = _response(response_id, "in_progress", plan.metadata, None)
         await self._send_event(session, self._event("response.created", response=response))
@@ -647,6 +655,14 @@ class Simulator(Served):
         await self._send_usage(session, entry, _fragments(done) if plan.fragment else done)
         if plan.repeat_done:  # the same response, billed once: the ledger has it once
             await self._send_frame(session, done)
+
+    async def _rename_model(self, session: _Session, model: str) -> str:
+        """The session's model renamed from `renamed_model`, announced in a session.updated."""
+        assert self.renamed_model is not None
+        session.responses += 1
+        session.config["model"] = renamed = self.renamed_model.format(model=model, n=session.responses)
+        await self._send_event(session, self._event("session.updated", session=session.config))
+        return renamed
 
     async def _fail(self, session: _Session, fault: str) -> None:
         """A response that never finishes: no usage is sent, so none is ledgered."""
