@@ -208,8 +208,9 @@ class Gateway:
             "gateway_max_body_bytes",
             int,
             DEFAULT_MAX_BODY_BYTES,
-            "Decoded bytes read of a body on a metered route; a larger (or inflating) body is forwarded "
-            "unchanged and unread, counted as parse_errors_total{reason=too_large}.",
+            "Decoded bytes read of a body or server frame on a metered route (client frames: at most "
+            "1 MiB); a larger (or inflating) one is forwarded unchanged and unread, counted as "
+            "parse_errors_total{reason=too_large}.",
         )
         option(
             "gateway_access_log",
@@ -644,7 +645,9 @@ class Gateway:
             source = self.source(flow, route.type, session=True)
             model = requested_model(flow.request.url)
             provider = self.policy.provider_for(route)
-            self.sessions[flow.id] = Session(protocol(), meter(self.accounting, source, provider, model))
+            self.sessions[flow.id] = Session(
+                protocol(self.max_body_bytes), meter(self.accounting, source, provider, model)
+            )
             if self.control is not None:
                 self.clock.watch(flow, self.control.rate_limits(source.client_key))
             self.metrics.websocket_sessions.labels(route.type.value).inc()
