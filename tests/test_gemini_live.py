@@ -102,7 +102,7 @@ def test_a_report_after_turn_complete_is_billed_at_once_and_an_interrupted_turn_
 
 def test_audio_frames_are_classified_without_decoding(monkeypatch):
     decoded = []
-    monkeypatch.setattr(gemini_live, "decode_json", lambda data: decoded.append(data) or {})
+    monkeypatch.setattr(gemini_live, "decode_json", lambda data, **_: decoded.append(data) or {})
     protocol = GeminiLiveProtocol()
     assert feed(protocol, audio(), audio(), audio().replace(b'": "', b'":"')) == []
     assert decoded == []

@@ -132,11 +132,14 @@ def test_vertex_audio_session_is_metered_exactly(live_gateway, live_simulator, l
     assert not select(scrape(live_gateway.metrics_url), gen_ai_request_model=live_model, gen_ai_system="gcp.gemini")
 
 
-async def raw_session(url: str, model: str, text: str, **connect: object) -> list[str | bytes]:
-    """A plain websockets client: setup, one text turn, frames until turnComplete (or the close)."""
+async def raw_session(
+    url: str, model: str, text: str, setup: str = '{{"setup": {{"model": "models/{model}"}}}}', **connect: object
+) -> list[str | bytes]:
+    """A plain websockets client: setup (as spelled, the model put in), one text turn, frames until
+    turnComplete (or the close)."""
     received: list[str | bytes] = []
     async with websockets.connect(url, max_size=None, **connect) as ws:
-        await ws.send(json.dumps({"setup": {"model": f"models/{model}"}}))
+        await ws.send(setup.format(model=model))
         received.append(await asyncio.wait_for(ws.recv(), 20))
         turn = {"turns": [{"role": "user", "parts": [{"text": text}]}], "turnComplete": True}
         await ws.send(json.dumps({"clientContent": turn}))
@@ -176,6 +179,21 @@ def test_client_credentials_are_stripped_and_the_gateway_key_injected(
     assert_metered_exactly(
         live_gateway, live_simulator, live_model, "gcp.vertex_ai" if path == VERTEX else "gcp.gemini"
     )
+
+
+@pytest.mark.parametrize(
+    "setup",
+    [
+        '{{"s\\u0065tup": {{"model": "models/{model}"}}}}',
+        '{{"setup": {{"generationConfig": {{"responseModalities": ["TEXT"]}}, "m\\u006fdel": "models/{model}"}}}}',
+    ],
+    ids=["escaped-setup", "escaped-model-last"],
+)
+def test_the_setup_is_read_in_any_spelling(live_gateway, live_simulator, live_model, setup):
+    """Issue 20 item 2: a setup spelled with escapes names the model all the same (else the session
+    would be priced as an unknown model, and a cost budget never spent)."""
+    asyncio.run(raw_session(live_gateway.wss(AI_STUDIO), live_model, "Hello", setup, ssl=live_gateway.ssl_context()))
+    assert_metered_exactly(live_gateway, live_simulator, live_model, "gcp.gemini")
 
 
 def test_a_report_left_open_by_the_upstream_closing_is_billed_as_incomplete(live_gateway, live_simulator, live_model):

@@ -23,10 +23,12 @@ class SessionModels:
 @dataclass(frozen=True, slots=True)
 class ResponseRequested:
     """The client asked for a response (`response.create`); model when the request names one,
-    event_id so that the upstream's refusal of it can be told."""
+    event_id so that the upstream's refusal of it can be told. `unread` (`too_large`): the request
+    was too large to decode, so it is admitted as one without its fields and counted as unread."""
 
     model: str | None = None
     event_id: str | None = None
+    unread: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -145,6 +145,11 @@ class SessionMeter:
         self.accounting.parse_error(self.source, item.reason)
         return item
 
+    def request_unread(self, item: ResponseRequested) -> None:
+        """A request too large to read is still admitted as one; what went unread is counted."""
+        if item.unread is not None:
+            self.problem(Malformed(item.unread, "response.create"))
+
     def finished(self, labels: ModelLabels, done: ResponseDone, ticket: Ticket | None) -> Series | None:
         """A response ended: billed once (None when its id was billed already), added to the totals."""
         if done.response_id is not None:
@@ -239,6 +244,7 @@ class RealtimeMeter(SessionMeter):
                 if created is not None:
                     self.timings[response_id] = (created, time.monotonic())
             case ResponseRequested(event_id=event_id):
+                self.request_unread(item)
                 return self.requested(event_id)
             case ResponseStarted(response_id=response_id):
                 refusal = self.started(response_id)
@@ -372,6 +378,7 @@ class ResponsesSocketMeter(SessionMeter):
     def apply(self, item: UsageItem) -> Malformed | Refusal | None:
         match item:
             case ResponseRequested(model=model):
+                self.request_unread(item)
                 verdict = self.admit()
                 if isinstance(verdict, Refusal):
                     return verdict

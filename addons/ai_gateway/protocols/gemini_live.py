@@ -42,20 +42,19 @@ from typing import Any
 
 from ai_gateway.accounting.items import Malformed, ResponseDone, SessionModels, UsageItem
 from ai_gateway.accounting.usage import InvalidUsage, TokenUsage, require_object, tokens
-from ai_gateway.protocols.json_events import decode_json
+from ai_gateway.protocols.encoding import DEFAULT_MAX_BODY_BYTES
+from ai_gateway.protocols.json_events import MAX_CLIENT_EVENT_BYTES, decode_json, read_event, too_large
 
 COMPLETED, CANCELLED, INCOMPLETE = "completed", "cancelled", "incomplete"
 MODALITIES = {"TEXT": "text", "AUDIO": "audio", "IMAGE": "image", "VIDEO": "image", "DOCUMENT": "text"}
 MAX_DETAILS = 16  # modality entries per list; Google sends at most one per modality
-# A client frame this large is media, never the setup message.
-MAX_SETUP_BYTES = 1 << 20
+SETUP = ("setup",)  # the one client message that is read, in any key order and spelling
 
 # The head of a media frame, up to where its base64 data begins.
 _MEDIA_HEAD = re.compile(
     rb'\s*\{\s*"serverContent"\s*:\s*\{\s*"modelTurn"\s*:\s*\{\s*"parts"\s*:\s*\[\s*'
     rb'\{\s*"inlineData"\s*:\s*\{\s*"mimeType"\s*:\s*"[^"\\]{0,64}"\s*,\s*"data"\s*:\s*"'
 )
-_SETUP_HEAD = re.compile(rb'\s*\{\s*"setup"\s*:')
 _METERED_KEYS = (b'"usageMetadata"', b'"turnComplete"', b'"interrupted"')
 _MODEL_OUTPUT_KEYS = (b'"modelTurn"', b'"toolCall"')
 
@@ -63,19 +62,24 @@ _MODEL_OUTPUT_KEYS = (b'"modelTurn"', b'"toolCall"')
 class GeminiLiveProtocol:
     """One Live session's frames as usage items, holding each turn's latest report until the turn ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+        self.max_frame_bytes = max_frame_bytes  # of a server frame; client frames read at most MAX_CLIENT_EVENT_BYTES
         self.setup_seen = False
         self.pending: TokenUsage | None = None  # the open turn's latest report, not yet billed
         self.interrupted = False  # the open turn was cut off; billed as cancelled
         self.ended = False  # a turn completed and the model has said nothing since
 
     def client_frame(self, content: bytes, is_text: bool) -> UsageItem | None:
-        if self.setup_seen or len(content) > MAX_SETUP_BYTES:
+        """The setup message's model; nothing after it is read (media, turns)."""
+        if self.setup_seen:
             return None
-        if not _SETUP_HEAD.match(content) and b'"setup"' not in content:
+        limit = min(self.max_frame_bytes, MAX_CLIENT_EVENT_BYTES)
+        message = read_event(content, SETUP, limit)
+        if message is None:
             return None
-        message = decode_json(content)
-        if isinstance(message, Malformed) or not isinstance(setup := message.get("setup"), dict):
+        if message.too_large:
+            return too_large(content, limit)
+        if not isinstance(setup := message.members.get("setup"), dict):
             return None  # not the setup message; the upstream will refuse the session itself
         self.setup_seen = True
         model = setup.get("model")
@@ -106,7 +110,7 @@ class GeminiLiveProtocol:
         return None if usage is None else ResponseDone(usage=usage, status=status)
 
     def read_message(self, content: bytes) -> UsageItem | None:
-        message = decode_json(content)
+        message = decode_json(content, limit=self.max_frame_bytes)
         if isinstance(message, Malformed):
             return message
         server_content = message.get("serverContent")

@@ -3,8 +3,10 @@
 Most of a voice session is audio deltas of 6-100 KB of base64, and the relay hook runs
 synchronously for every frame, so the event type is read without decoding (near the start, or
 at the very end for servers that sort keys) and only the few metered event types are decoded.
-Client events other than audio appends are small, and are decoded: whatever the key order or
-escaping, a `response.create` is recognised.
+Client events are read by json_events.read_event: whatever the key order or escaping, a
+`response.create` is recognised, and a client frame that cannot be one (an audio append, a
+conversation item) is never decoded. Frames are decoded up to gateway_max_body_bytes (server)
+and MAX_CLIENT_EVENT_BYTES (client); a larger one is relayed unread and counted as too_large.
 """
 
 from __future__ import annotations
@@ -36,13 +38,20 @@ from ai_gateway.accounting.usage import (
     parse_transcription_usage,
     parse_usage,
 )
-from ai_gateway.protocols.json_events import decode_json, event_type, names_type_twice
+from ai_gateway.protocols.encoding import DEFAULT_MAX_BODY_BYTES
+from ai_gateway.protocols.json_events import (
+    MAX_CLIENT_EVENT_BYTES,
+    decode_json,
+    event_type,
+    read_event,
+    too_large,
+)
 
 ERROR = "error"
-AUDIO_APPEND = "input_audio_buffer.append"
 AUDIO_COMMIT = "input_audio_buffer.commit"
 SPEECH_STOPPED = "input_audio_buffer.speech_stopped"
 RESPONSE_CREATE = "response.create"
+CLIENT_EVENTS = (RESPONSE_CREATE, AUDIO_COMMIT)  # the client events that are decoded
 RESPONSE_CREATED = "response.created"
 RESPONSE_DONE = "response.done"
 SESSION_CREATED = "session.created"
@@ -87,21 +96,22 @@ class RealtimeProtocol:
     searched for their response id (time to first token), and never after.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         self.awaiting_first_delta: set[str] = set()
+        self.max_frame_bytes = max_frame_bytes  # of a server frame; client frames read at most MAX_CLIENT_EVENT_BYTES
 
     def client_frame(self, content: bytes, is_text: bool) -> UsageItem | None:
-        """A `response.create`, recognised in any key order and spelling; audio appends stay unread."""
-        if not is_text or (event_type(content) == AUDIO_APPEND and not names_type_twice(content)):
+        """A `response.create` or an audio commit, recognised in any key order and spelling."""
+        if not is_text:
             return None
-        return read_client_event(content)
+        return read_client_event(content, min(self.max_frame_bytes, MAX_CLIENT_EVENT_BYTES))
 
     def server_frame(self, content: bytes, is_text: bool) -> UsageItem | None:
         if not is_text:
             return Malformed("binary", f"{len(content)} bytes")
         kind = event_type(content)
         if needs_decoding(kind):
-            item = read_server_event(content)
+            item = read_server_event(content, self.max_frame_bytes)
             if isinstance(item, ResponseStarted) and item.response_id is not None:
                 if len(self.awaiting_first_delta) < MAX_AWAITED_RESPONSES:
                     self.awaiting_first_delta.add(item.response_id)
@@ -140,36 +150,33 @@ def needs_decoding(kind: str | None) -> bool:
     return kind is None or kind in METERED_EVENTS
 
 
-def read_client_event(content: bytes) -> ResponseRequested | TurnEnded | None:
-    """A client event decoded: a response request, when any `type` member of it asks for one, or
-    the end of a turn (an audio commit).
+def read_client_event(
+    content: bytes, limit: int = MAX_CLIENT_EVENT_BYTES
+) -> ResponseRequested | TurnEnded | Malformed | None:
+    """A response request, when any top-level `type` of the event asks for one, or the end of a turn
+    (an audio commit).
 
     A frame naming its type twice is read as a request if either name asks for one: which of the
-    two the upstream honours is its JSON parser's choice, and a budget must not depend on it.
+    two the upstream honours is its JSON parser's choice, and a budget must not depend on it. A
+    frame over `limit` is taken for a request when its head or tail says so, when it spells
+    `"response.create"` anywhere, or when its type cannot be read at all; it is relayed unread
+    and counted as too_large (a type escaped beyond the head of such a frame goes unseen).
     """
-    top: list[tuple[str, Any]] = []
-
-    def members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        nonlocal top
-        top = pairs  # objects close innermost first: the last one is the event itself
-        return dict(pairs)
-
-    try:
-        event = json.loads(content, object_pairs_hook=members)
-    except (ValueError, RecursionError):
+    event = read_event(content, CLIENT_EVENTS, limit)
+    if event is None:
         return None
-    if not isinstance(event, dict):
-        return None
-    if ("type", RESPONSE_CREATE) not in top:
-        return TurnEnded("commit") if ("type", AUDIO_COMMIT) in top else None
-    response = event.get("response")
-    model = response.get("model") if isinstance(response, dict) else None
-    return ResponseRequested(_string(model), _string(event.get("event_id")))
+    if event.may_be(RESPONSE_CREATE):
+        response = event.members.get("response")
+        model = response.get("model") if isinstance(response, dict) else None
+        return ResponseRequested(_string(model), _string(event.members.get("event_id")), event.unread)
+    if AUDIO_COMMIT in event.types:
+        return TurnEnded("commit")
+    return too_large(content, limit) if event.too_large else None
 
 
-def read_server_event(content: bytes) -> UsageItem | None:
+def read_server_event(content: bytes, limit: int = DEFAULT_MAX_BODY_BYTES) -> UsageItem | None:
     """Decode a server frame for which needs_decoding() was true. None: not metered after all."""
-    event = decode_json(content, not_object="invalid_event")
+    event = decode_json(content, not_object="invalid_event", limit=limit)
     if isinstance(event, Malformed):
         return event
     kind = event.get("type")
@@ -283,7 +290,7 @@ def cancel_event(response_id: str) -> bytes:
 
 def error_event(code: str, message: str, refused_event: bytes, kind: str = "invalid_request_error") -> bytes:
     """A well-formed Realtime `error` event, naming the refused client event as OpenAI's errors do."""
-    refused = decode_json(refused_event) if refused_event else None
+    refused = decode_json(refused_event, limit=MAX_CLIENT_EVENT_BYTES) if refused_event else None
     event_id = refused.get("event_id") if isinstance(refused, dict) else None
     event = {
         "type": "error",

@@ -30,8 +30,9 @@ class HttpMetering:
             "gateway_max_body_bytes",
             int,
             DEFAULT_MAX_BODY_BYTES,
-            "Decoded bytes read of a body on a metered route; a larger (or inflating) body is forwarded "
-            "unchanged and unread, counted as parse_errors_total{reason=too_large}.",
+            "Decoded bytes read of a body or server frame on a metered route (client frames: at most "
+            "1 MiB); a larger (or inflating) one is forwarded unchanged and unread, counted as "
+            "parse_errors_total{reason=too_large}.",
         )
 
     def configure(self, updated: set[str]) -> None:

@@ -148,7 +148,8 @@ class SessionMetering:
         origin = source(flow, route.type, session=True)
         provider = self.state.policy.provider_for(route)  # type: ignore[union-attr]
         self.sessions[flow.id] = Session(
-            protocol(), meter(self.state.accounting, origin, provider, requested_model(flow.request.url))
+            protocol(self.state.max_body_bytes),
+            meter(self.state.accounting, origin, provider, requested_model(flow.request.url)),
         )
         if self.state.control is not None:
             self.clock.watch(flow, self.state.control.rate_limits(origin.client_key))
