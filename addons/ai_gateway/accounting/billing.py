@@ -250,6 +250,10 @@ class Accounting:
     def error(self, source: Source, error_type: str) -> None:
         self.metrics.upstream_errors.labels(source.route_type, error_type).inc()
 
+    def relaying(self, source: Source, sessions: int) -> None:
+        """A metered WebSocket session started (1) or ended (-1) being relayed."""
+        self.metrics.websocket_sessions.labels(source.route_type).inc(sessions)
+
     def rate_limits(self, limits: tuple[tuple[str, float, float], ...]) -> None:
         for name, limit, remaining in limits:
             self.metrics.rate_limit_limit.labels(name).set(limit)

@@ -17,7 +17,14 @@ from ai_gateway.protocols.encoding import DEFAULT_MAX_BODY_BYTES
 from ai_gateway.protocols.openai_http import METERED_HTTP, OPERATIONS, StreamReader, read_request, read_response
 from ai_gateway.proxy.failures import error_type
 from ai_gateway.proxy.refusals import refusal_response
-from ai_gateway.proxy.state import GatewayState, is_websocket_upgrade, never_raises, refused_unknown_key, source
+from ai_gateway.proxy.state import (
+    UNROUTED,
+    GatewayState,
+    is_websocket_upgrade,
+    never_raises,
+    refused_unknown_key,
+    source,
+)
 
 
 class HttpMetering:
@@ -135,7 +142,7 @@ class HttpMetering:
         (so before any flow): count the failure here, under route_type `unknown`. Lazily, the
         flow's `error` hook counts it with its route type, and this one stays out of the way."""
         if ctx.options.connection_strategy == "eager":
-            self.state.metrics.upstream_errors.labels("unknown", error_type(data.server.error or "")).inc()
+            self.state.accounting.error(Source("", UNROUTED), error_type(data.server.error or ""))
 
 
 def metered_stream(exchange: HttpExchange, reader: StreamReader) -> Callable[[bytes], bytes]:

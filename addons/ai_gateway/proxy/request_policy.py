@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from mitmproxy import http
 
+from ai_gateway.accounting.ledger import Source
 from ai_gateway.accounting.limits import client_key_sha256, identify
 from ai_gateway.config.paths import AmbiguousPath, normalise_target
 from ai_gateway.config.policy import RouteType, WireProtocol
@@ -23,6 +24,7 @@ from ai_gateway.proxy.sessions import session_kind
 from ai_gateway.proxy.state import (
     CLIENT_KEY_METADATA,
     KNOWN_KEY_METADATA,
+    UNROUTED,
     GatewayState,
     is_websocket_upgrade,
     never_raises,
@@ -67,7 +69,7 @@ class RequestPolicy:
             target = normalise_target(flow.request.path)
         except AmbiguousPath as e:
             flow.response = ambiguous_path_response(str(e))
-            self.state.metrics.parse_error("unknown", "ambiguous_path")
+            self.state.accounting.parse_error(Source(flow.id, UNROUTED), "ambiguous_path")
             return False
         if target != flow.request.path:
             flow.request.path = target

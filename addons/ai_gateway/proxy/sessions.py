@@ -153,7 +153,7 @@ class SessionMetering:
         )
         if self.state.control is not None:
             self.clock.watch(flow, self.state.control.rate_limits(origin.client_key))
-        self.state.metrics.websocket_sessions.labels(route.type.value).inc()
+        self.state.accounting.relaying(origin, 1)
 
     @never_raises
     def websocket_message(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
@@ -247,7 +247,7 @@ class SessionMetering:
             meter.apply(item)
         in_flight = meter.in_flight
         meter.close()
-        self.state.metrics.websocket_sessions.labels(meter.source.route_type).dec()
+        self.state.accounting.relaying(meter.source, -1)
         failure = None
         if closer.CLOSED_BY_GATEWAY not in flow.metadata:  # the gateway's own close: an enforcement, not an error
             failure = close_error(flow.websocket.close_code, flow.websocket.closed_by_client, in_flight)

@@ -27,6 +27,7 @@ from ai_gateway.proxy.refusals import UNKNOWN_CLIENT_KEY, unknown_key_response
 
 CLIENT_KEY_METADATA = "ai_gateway.client_key"  # the client's identity label (never the key)
 KNOWN_KEY_METADATA = "ai_gateway.known_client_key"
+UNROUTED = "unknown"  # the route type of what fails before it has a route (a refused path, an eager dial)
 
 logger = logging.getLogger(__name__)
 
