@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import websockets
@@ -44,6 +45,22 @@ def wait_until[T](probe: Callable[[], T], timeout: float = 15) -> T:
             raise TimeoutError(f"{probe} still false after {timeout}s")
         time.sleep(0.02)
     return result
+
+
+def write_padded(path: Path, text: str, size: int) -> Path:
+    """`text` followed by comment lines up to `size` bytes: as valid as `text`, as large as asked."""
+    line = b"# " + b"padding " * 9 + b"\n"
+    block = line * 10_000
+    with open(path, "wb") as file:
+        left = size - file.write(text.encode())
+        for _ in range(left // len(block)):
+            file.write(block)
+        left %= len(block)
+        file.write(line * (left // len(line)))
+        if left % len(line):
+            file.write(b"#" * (left % len(line) - 1) + b"\n")
+    assert path.stat().st_size == size
+    return path
 
 
 def websocket_base(http_url: str) -> str:

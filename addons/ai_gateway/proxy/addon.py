@@ -28,7 +28,9 @@ from ai_gateway.accounting.pricing import PriceCatalog, catalog_for
 from ai_gateway.accounting.session_meters import GeminiLiveMeter, RealtimeMeter, ResponsesSocketMeter, SessionMeter
 from ai_gateway.accounting.shared_limits import SharedLimits
 from ai_gateway.config.policy import (
+    DEFAULT_MAX_CONFIG_BYTES,
     DEFAULT_POLICY,
+    MAX_BYTES_OPTION,
     MEMORY_STORE,
     FileStamp,
     LimitPolicy,
@@ -82,6 +84,7 @@ SESSION_OPEN_METADATA = "ai_gateway.session_admitted"  # counted against concurr
 METRIC_FAMILY_OPTIONS = {"gateway_metrics_prefix", "gateway_max_model_labels", "gateway_operation_names"}
 METRICS_OPTIONS = {"gateway_metrics_host", "gateway_metrics_port", *METRIC_FAMILY_OPTIONS}
 TRACING_OPTIONS = {"gateway_otlp_endpoint", "gateway_metrics_prefix", "gateway_max_model_labels"}
+POLICY_OPTIONS = {"gateway_policy", MAX_BYTES_OPTION}
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +157,12 @@ class Gateway:
         )
         option(
             "gateway_policy_reload", bool, True, "Apply edits of the policy file to new connections without restart."
+        )
+        option(
+            MAX_BYTES_OPTION,
+            int,
+            DEFAULT_MAX_CONFIG_BYTES,
+            "Largest policy file (and price catalog it names) read, in bytes; a larger one is refused unread.",
         )
         option("gateway_metrics_host", str, "127.0.0.1", "Address the Prometheus /metrics endpoint listens on.")
         option("gateway_metrics_port", int, 15020, "Port of the Prometheus /metrics endpoint; 0 turns it off.")
@@ -235,8 +244,11 @@ class Gateway:
 
     def configure(self, updated: set[str]) -> None:
         options = ctx.options
-        if "gateway_policy" in updated:
-            self.set_policy(options.gateway_policy)
+        if updated & POLICY_OPTIONS:
+            if options.gateway_policy_max_bytes < 1:
+                self.refuse(f"{MAX_BYTES_OPTION}: expected a positive number, got {options.gateway_policy_max_bytes}")
+            else:
+                self.set_policy(options.gateway_policy)
         if updated & METRIC_FAMILY_OPTIONS:
             prefix, max_labels = options.gateway_metrics_prefix, options.gateway_max_model_labels
             names = options.gateway_operation_names
@@ -291,7 +303,7 @@ class Gateway:
     def set_policy(self, path: str) -> None:
         stamp = file_stamp(path)  # before reading: a change made while it is read is seen by the watcher
         try:
-            self.apply_policy(*read_policy(path))
+            self.apply_policy(*read_policy(path, ctx.options.gateway_policy_max_bytes))
         except PolicyError as e:
             self.refuse(f"invalid policy: {e}")
             return
@@ -373,7 +385,7 @@ class Gateway:
 
     async def reload_policy(self, path: str, stamp: FileStamp) -> None:
         try:
-            policy, catalog = await asyncio.to_thread(read_policy, path)
+            policy, catalog = await asyncio.to_thread(read_policy, path, ctx.options.gateway_policy_max_bytes)
         except PolicyError as e:
             logger.error("ai-gateway: policy change refused, the previous policy stays in force: %s", e)
             return
@@ -831,10 +843,11 @@ def controls_for(control: SpendControl | None, policy: Policy) -> SpendControl |
     return control
 
 
-def read_policy(path: str) -> tuple[Policy, PriceCatalog]:
-    """The policy and its price catalog (its `prices` file over the database); either may raise PolicyError."""
-    policy = load_policy(path)
-    return policy, catalog_for(policy.provider, policy.prices)
+def read_policy(path: str, max_bytes: int) -> tuple[Policy, PriceCatalog]:
+    """The policy and its price catalog (its `prices` file over the database); either may raise
+    PolicyError, also when it is over `max_bytes`."""
+    policy = load_policy(path, max_bytes=max_bytes)
+    return policy, catalog_for(policy.provider, policy.prices, max_bytes)
 
 
 def is_loopback(host: str) -> bool:
