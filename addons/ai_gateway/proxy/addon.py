@@ -49,7 +49,7 @@ from ai_gateway.protocols.openai_http import METERED_HTTP, OPERATIONS, StreamRea
 from ai_gateway.protocols.openai_realtime import RealtimeProtocol, cancel_event, requested_model
 from ai_gateway.protocols.openai_responses_socket import ResponsesSocketProtocol
 from ai_gateway.proxy import closer
-from ai_gateway.proxy.collector import freeze_startup_objects
+from ai_gateway.proxy.collector import collector_paused, freeze_startup_objects
 from ai_gateway.proxy.contentview import realtime_view
 from ai_gateway.proxy.credential import UpstreamCredential
 from ai_gateway.proxy.drain import Drain, close_connections
@@ -405,11 +405,11 @@ class Gateway:
         self.observability.quiet_dumper()
         if ctx.options.gateway_gc_freeze:
             freeze_startup_objects()
+        self.restore_spend()  # connections wait in the listen backlog: none is admitted without its key's spend
         self.restart_metrics_server()  # before is_running: a port in use is fatal at startup
         self.is_running = True
         if self.shared is not None:
             self.shared.start(self.control_window, self.control_limits)
-        self.restore_spend()
         if ctx.options.gateway_policy_reload:
             self.watcher = asyncio.get_running_loop().create_task(self.watch_policy())
         self.clock_task = asyncio.get_running_loop().create_task(self.watch_sessions())
@@ -432,10 +432,15 @@ class Gateway:
             return
         window = self.policy.budgets.window_seconds
         wall = datetime.now(UTC)
+        started = time.monotonic()
         records = recent_records(self.ledger.path, wall - timedelta(seconds=window))
-        restored = self.control.restore(records, lambda at: (wall - at).total_seconds(), time.monotonic())
+        with collector_paused(freeze=ctx.options.gateway_gc_freeze):
+            restored = self.control.restore(records, lambda at: (wall - at).total_seconds(), started)
         logger.info(
-            "ai-gateway: spend of %d responses in the last %gs restored from the usage ledger", restored, window
+            "ai-gateway: spend of %d responses in the last %gs restored from the usage ledger (%.1f s)",
+            restored,
+            window,
+            time.monotonic() - started,
         )
 
     async def done(self) -> None:

@@ -9,9 +9,11 @@ collector's reach (`gc.freeze`): later collections scan only what sessions alloc
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
+from collections.abc import Iterator
 
 logger = logging.getLogger(__name__)
 
@@ -26,3 +28,21 @@ def freeze_startup_objects() -> None:
         gc.get_freeze_count(),
         (time.perf_counter() - started) * 1000,
     )
+
+
+@contextlib.contextmanager
+def collector_paused(freeze: bool) -> Iterator[None]:
+    """For work that builds many long-lived objects and no cyclic garbage (spend restored at
+    startup): collections would scan the growing heap again and again, about half the time of
+    restoring 100,000 client keys. With `freeze`, what it built joins startup's objects in the
+    permanent generation, without the full collection freeze_startup_objects makes (1.4 s over
+    the million objects of those keys)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+        if freeze:
+            gc.freeze()
+    finally:
+        if enabled:
+            gc.enable()
