@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import websockets
@@ -54,6 +56,35 @@ async def until[T](probe: Callable[[], Awaitable[T]], timeout: float = 15) -> T:
             raise TimeoutError(f"{probe} still false after {timeout}s")
         await asyncio.sleep(0.02)
     return result
+
+
+def write_padded(path: Path, text: str, size: int) -> Path:
+    """`text` followed by comment lines up to `size` bytes: as valid as `text`, as large as asked."""
+    line = b"# " + b"padding " * 9 + b"\n"
+    block = line * 10_000
+    with open(path, "wb") as file:
+        left = size - file.write(text.encode())
+        for _ in range(left // len(block)):
+            file.write(block)
+        left %= len(block)
+        file.write(line * (left // len(line)))
+        if left % len(line):
+            file.write(b"#" * (left % len(line) - 1) + b"\n")
+    assert path.stat().st_size == size
+    return path
+
+
+def write_ledger(path: Path, spends: Iterable[tuple[str, int]], *, end: datetime | None = None) -> Path:
+    """A usage ledger of one line per (client key label, tokens), a millisecond apart, the last at `end` (now)."""
+    lines = [(label, tokens) for label, tokens in spends]
+    last = end or datetime.now(UTC)
+    with open(path, "w") as file:
+        for i, (label, tokens) in enumerate(lines):
+            at = (last - timedelta(milliseconds=len(lines) - 1 - i)).isoformat(timespec="milliseconds")
+            record = {"time": at, "flow_id": f"f{i}", "route": "Completions", "client_key": label}
+            record |= {"status": "completed", "input_tokens": tokens, "output_tokens": 0, "cost_usd": None}
+            file.write(json.dumps(record, separators=(",", ":")) + "\n")
+    return path
 
 
 def websocket_base(http_url: str) -> str:

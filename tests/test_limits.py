@@ -125,3 +125,30 @@ def test_identities_never_hold_the_key():
     unknown = identify(keys, client_key_sha256("sk-secret"))
     assert unknown.label == client_key_digest("sk-secret") and "secret" not in unknown.label and not unknown.known
     assert len(client_key_sha256("sk-secret")) == 64
+
+
+def test_restoring_many_client_keys_scans_each_a_bounded_number_of_times(monkeypatch):
+    """Forgetting idle keys checks at most about twice as many keys as were ever created (one scan
+    per new key past 10,000 was quadratic: restoring 20,000 keys took 146 s). The restored keys
+    are forgotten once their window has passed."""
+    keys = 20_000
+    checks = 0
+    idle = SpendControl._idle
+
+    def counted(state, now: float) -> bool:
+        nonlocal checks
+        checks += 1
+        assert checks <= 4 * keys, "idle keys are looked for on every new key"  # fails fast, not in hours
+        return idle(state, now)
+
+    monkeypatch.setattr(SpendControl, "_idle", staticmethod(counted))
+    spend = control(BudgetPolicy(client_key=Limit(tokens=100)))
+    records = ({"time": 1 + i / keys, "client_key": f"k{i}", "input_tokens": 10} for i in range(keys))
+    assert spend.restore(records, lambda seconds: seconds, now=10) == keys
+    assert len(spend.keys) == keys and spend.remaining("k0", now=10) == (90, None)
+    assert checks <= keys
+    for i in range(keys):
+        assert isinstance(spend.admit(f"new{i}", None, now=3700), Ticket)  # the restored keys' window is over
+    assert "k0" not in spend.keys and len(spend.keys) == keys
+    print(f"{2 * keys} keys created, {checks} idle checks")
+    assert checks <= 2 * (2 * keys)

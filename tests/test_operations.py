@@ -26,7 +26,7 @@ from ai_gateway.tools.harness import GatewayProcess, free_port, scrape
 from ai_gateway.tools.simulators.http import HttpSimulator
 from ai_gateway.tools.simulators.realtime import SimulatorThread
 
-from .clients import wait_until, websocket_base
+from .clients import wait_until, websocket_base, write_padded
 
 LEDGER_ERRORS = "agentgateway_gateway_usage_log_errors_total"
 
@@ -340,3 +340,52 @@ def test_a_policy_file_still_being_written_is_not_loaded(tmp_path):
         first, second = asyncio.run(run())
     assert len(log_lines(gateway, "policy reloaded")) == 1
     assert first["type"] == "response.done" and second["error"]["code"] == "budget_exceeded"
+
+
+def test_a_large_policy_reloads_fast_and_a_too_large_one_is_refused_unread(tmp_path):
+    """3 MiB of comments reloads (libyaml); 100 MB is refused by its size, promptly, while the
+    3 MiB policy stays in force and responses keep their pace."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("provider: team-a\nroutes:\n  /realtime: Realtime\n")
+
+    def replace(provider: str, size: int) -> float:
+        staged = write_padded(tmp_path / "staged.yaml", f"provider: {provider}\nroutes:\n  /realtime: Realtime\n", size)
+        os.replace(staged, policy)
+        return time.monotonic()
+
+    async def response_seconds(count: int) -> list[float]:
+        async with session(gateway) as s:
+            seconds = []
+            for _ in range(count):
+                started = time.monotonic()
+                assert (await s.response())["type"] == "response.done"
+                seconds.append(time.monotonic() - started)
+            return seconds
+
+    with (
+        SimulatorThread(audio_deltas=1) as simulator,
+        GatewayProcess(simulator.url, options={"gateway_policy": str(policy)}) as gateway,
+    ):
+        written = replace("team-b", 3 * 2**20)
+        wait_until(lambda: log_lines(gateway, "policy reloaded"))
+        reloaded = time.monotonic() - written
+        written = replace("team-c", 100 * 2**20)
+        refusal = wait_until(lambda: log_lines(gateway, "policy change refused"), timeout=10)
+        refused = time.monotonic() - written
+        seconds = asyncio.run(response_seconds(5))
+        providers = {
+            dict(labels).get("gen_ai_system")
+            for (name, labels) in scrape(gateway.metrics_url)
+            if name.startswith("agentgateway_gen_ai_client_responses")
+        }
+    print(
+        f"3 MiB policy reloaded {reloaded:.2f} s after the write, 100 MB refused {refused:.2f} s after it "
+        f"(both include the 2 s the file must settle); responses then took {max(seconds):.3f} s at most"
+    )
+    assert refusal[0].endswith(
+        f"{policy}: the policy file is 104,857,600 bytes, over the limit of 4,194,304; "
+        "raise gateway_policy_max_bytes to read it"
+    )
+    assert reloaded < 5 and refused < 5
+    assert max(seconds) < 0.5
+    assert providers == {"team-b"}

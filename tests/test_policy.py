@@ -1,9 +1,11 @@
 """Policy loading, validation messages and agentgateway's route matching."""
 
+import time
 from pathlib import Path
 
 import pytest
 
+from ai_gateway.accounting.pricing import catalog_for
 from ai_gateway.config.policy import (
     DEFAULT_POLICY,
     NO_MATCH,
@@ -13,6 +15,8 @@ from ai_gateway.config.policy import (
     load_policy,
     parse_policy,
 )
+
+from .clients import write_padded
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 
@@ -189,3 +193,59 @@ def test_invalid_policies_name_file_line_key_and_expectation(text, environ, expe
 def test_unreadable_file_is_a_policy_error(tmp_path):
     with pytest.raises(PolicyError, match=r"missing\.yaml: cannot read policy file"):
         load_policy(tmp_path / "missing.yaml")
+
+
+def test_a_policy_over_the_size_limit_is_refused_by_its_size_unread(tmp_path):
+    """A sparse 1 GiB of NUL bytes: read, it would be invalid YAML (and take minutes); its size refuses it."""
+    path = tmp_path / "huge.yaml"
+    with open(path, "wb") as file:
+        file.truncate(2**30)
+    started = time.monotonic()
+    with pytest.raises(PolicyError) as e:
+        load_policy(path)
+    assert time.monotonic() - started < 1
+    assert str(e.value) == (
+        f"{path}: the policy file is 1,073,741,824 bytes, over the limit of 4,194,304; "
+        "raise gateway_policy_max_bytes to read it"
+    )
+    small = write_padded(tmp_path / "small.yaml", "routes:\n  /x: Realtime\n", 1000)
+    assert load_policy(small, max_bytes=1000).routes[0].suffix == "/x"
+    with pytest.raises(PolicyError, match=r"small\.yaml: the policy file is 1,000 bytes, over the limit of 999;"):
+        load_policy(small, max_bytes=999)
+
+
+def test_the_price_catalog_a_policy_names_has_the_same_limit(tmp_path):
+    prices = write_padded(tmp_path / "prices.yaml", "taken: 2025-10-15\nsource: s\nmodels:\n  gpt-x: {input: 1}\n", 500)
+    assert catalog_for("openai", prices, max_bytes=500).price("gpt-x") is not None
+    with pytest.raises(PolicyError, match=r"prices\.yaml: the price catalog is 500 bytes, over the limit of 499;"):
+        catalog_for("openai", prices, max_bytes=499)
+
+
+def test_a_large_policy_within_the_limit_loads_fast(tmp_path):
+    """3 MiB of comments: about 0.03 s with libyaml, 2.5 s with pyyaml's pure-Python parser."""
+    path = write_padded(tmp_path / "large.yaml", "routes:\n  /x: Realtime\n", 3 * 2**20)
+    started = time.monotonic()
+    policy = load_policy(path)
+    elapsed = time.monotonic() - started
+    print(f"3 MiB policy loaded in {elapsed:.3f} s")
+    assert policy.routes[0].suffix == "/x"
+    assert elapsed < 1
+
+
+def test_a_large_invalid_policy_is_refused_fast(tmp_path):
+    """Its error is libyaml's (the line, not what was found): pyyaml's own message would cost seconds."""
+    path = write_padded(tmp_path / "large.yaml", "routes:\n  /x: [Realtime\n", 4 * 2**20)
+    started = time.monotonic()
+    with pytest.raises(PolicyError, match=r"large\.yaml:\d+: invalid YAML: did not find expected ',' or '\]'$"):
+        load_policy(path)
+    assert time.monotonic() - started < 1
+
+
+def test_nested_aliases_are_never_expanded():
+    """Ten levels of nine aliases would expand to 3.5 billion strings; the node tree shares them."""
+    levels = ["&a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    text = f"routes:\n  /x:\n    type: Realtime\n    request:\n      remove: [{', '.join(levels)}]\n"
+    started = time.monotonic()
+    assert error_of(text) == "p.yaml:5: routes./x.request.remove[0]: expected a non-empty string, got a list"
+    assert time.monotonic() - started < 1

@@ -4,8 +4,11 @@ starts by itself are checked too, known keys and rate limits; the overshoot figu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,11 +18,12 @@ from openai import AsyncOpenAI, RateLimitError
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection, serve
 
+from ai_gateway.accounting.limits import client_key_digest
 from ai_gateway.tools.harness import GatewayProcess, scrape, select
 from ai_gateway.tools.simulators.http import HttpSimulator
 from ai_gateway.tools.simulators.realtime import SimulatorThread
 
-from .clients import websocket_base
+from .clients import wait_until, websocket_base, write_ledger
 
 LIMIT = 100_000  # tokens
 RESERVE = 15_000  # at least what one simulated response bills, so the bound below is the documented one
@@ -238,30 +242,68 @@ def test_unknown_keys_are_refused_and_known_keys_limited_by_their_own_entry(tmp_
     assert {dict(k[1]).get("client_key") for k in select(samples, limit="concurrent_sessions")} == {"voice"}
 
 
-def test_a_restart_does_not_forgive_spend(tmp_path, upstream):
-    """Budgets live in memory; with a usage ledger, the current window's spend is charged again."""
-    ledger = tmp_path / "usage.jsonl"
-    options = {"gateway_policy": budget(tmp_path, "client_key", 20_000), "gateway_usage_log": str(ledger)}
-    model = "gpt-realtime-limits-restart"
-    url_of = lambda gateway: f"{websocket_base(gateway.url)}/v1/realtime?model={model}"  # noqa: E731
+def restart_url(gateway: GatewayProcess) -> str:
+    return f"{websocket_base(gateway.url)}/v1/realtime?model=gpt-realtime-limits-restart"
 
-    async def handshake(url: str) -> int:
+
+def handshake(gateway: GatewayProcess, key: str) -> int:
+    """The status a Realtime handshake with this client key is answered with (101: admitted)."""
+
+    async def connect() -> int:
         try:
-            async with websockets.connect(url, additional_headers={"authorization": "Bearer sk-restarted"}):
+            headers = {"authorization": f"Bearer {key}"}
+            async with websockets.connect(restart_url(gateway), additional_headers=headers, open_timeout=30):
                 return 101
         except websockets.InvalidStatus as e:
             return e.response.status_code
 
+    return asyncio.run(connect())
+
+
+def test_a_restart_does_not_forgive_spend(tmp_path, upstream):
+    """Budgets live in memory; with a usage ledger, the current window's spend is charged again."""
+    ledger = tmp_path / "usage.jsonl"
+    options = {"gateway_policy": budget(tmp_path, "client_key", 20_000), "gateway_usage_log": str(ledger)}
     with GatewayProcess(upstream.url, options=options) as gateway:
-        asyncio.run(respond_until_refused(url_of(gateway), "sk-restarted"))
-        assert asyncio.run(handshake(url_of(gateway))) == 429
+        asyncio.run(respond_until_refused(restart_url(gateway), "sk-restarted"))
+        assert handshake(gateway, "sk-restarted") == 429
     with GatewayProcess(upstream.url, options=options) as gateway:
-        assert asyncio.run(handshake(url_of(gateway))) == 429
+        assert handshake(gateway, "sk-restarted") == 429
         assert "restored from the usage ledger" in gateway.log()
     with GatewayProcess(
         upstream.url, options={**options, "gateway_usage_log": str(tmp_path / "fresh.jsonl")}
     ) as gateway:
-        assert asyncio.run(handshake(url_of(gateway))) == 101  # without the ledger the spend is forgotten
+        assert handshake(gateway, "sk-restarted") == 101  # without the ledger the spend is forgotten
+
+
+def test_a_restart_restores_100_000_client_keys_before_serving_within_seconds(tmp_path, upstream):
+    """A ledger of 100,000 distinct client keys in the window (quadratic before: 12,000 took 15 s
+    to serve, 20,000 took 147 s). Handshakes are tried from the start: the first one answered
+    waited for the restore, so the over-budget key is refused."""
+    spends = [(client_key_digest("sk-spent"), 30_000), *((f"{i:016x}", 10) for i in range(100_000))]
+    ledger = write_ledger(tmp_path / "usage.jsonl", spends)
+    options = {"gateway_policy": budget(tmp_path, "client_key", 20_000), "gateway_usage_log": str(ledger)}
+    gateway = GatewayProcess(upstream.url, options=options)
+    started = time.monotonic()
+    starting = threading.Thread(target=gateway.start, kwargs={"timeout": 60})
+    starting.start()
+
+    def answered() -> int | None:
+        with contextlib.suppress(OSError):  # not listening yet
+            return handshake(gateway, "sk-spent")
+        return None
+
+    try:
+        assert wait_until(answered, timeout=30) == 429
+        served = time.monotonic() - started
+        assert handshake(gateway, "sk-fresh") == 101
+    finally:
+        starting.join()
+        gateway.stop()
+    restored = next(line for line in gateway.log().splitlines() if "restored from the usage ledger" in line)
+    print(f"100,001 ledger lines: serving {served:.1f} s after start; {restored}")
+    assert "spend of 100001 responses" in restored
+    assert served < 15
 
 
 @pytest.mark.parametrize(

@@ -5,11 +5,14 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
+import time
 import urllib.request
 
 import pytest
 
 from ai_gateway.tools.harness import GatewayProcess
+
+from .clients import write_padded
 
 
 def run_until_exit(gateway: GatewayProcess, timeout: float = 30) -> tuple[int, str]:
@@ -42,6 +45,30 @@ def test_invalid_policy_stops_startup_with_one_line(tmp_path, policy, environ, m
     assert message in output
     assert "Traceback" not in output
     assert sum("policy.yaml" in line for line in output.splitlines()) == 1
+
+
+def test_a_100_mb_policy_stops_startup_at_once_with_one_line(tmp_path):
+    """Valid but 100 MB of comments: refused by its size, unread (pyyaml would take minutes)."""
+    path = write_padded(tmp_path / "policy.yaml", "routes:\n  /realtime: Realtime\n", 100 * 2**20)
+    started = time.monotonic()
+    returncode, output = run_until_exit(GatewayProcess("http://127.0.0.1:9", options={"gateway_policy": str(path)}))
+    print(f"a 100 MB policy: exit {returncode} after {time.monotonic() - started:.2f} s")
+    assert returncode != 0
+    assert time.monotonic() - started < 10
+    message = (
+        f"{path}: the policy file is 104,857,600 bytes, over the limit of 4,194,304; "
+        "raise gateway_policy_max_bytes to read it"
+    )
+    lines = [line for line in output.splitlines() if "policy.yaml" in line]
+    assert len(lines) == 1 and lines[0].endswith(f"ai-gateway: invalid policy: {message}")
+    assert "Traceback" not in output
+
+
+def test_a_policy_size_limit_below_one_byte_stops_startup_with_one_line():
+    returncode, output = run_until_exit(GatewayProcess("http://127.0.0.1:9", options={"gateway_policy_max_bytes": "0"}))
+    assert returncode != 0
+    assert "gateway_policy_max_bytes: expected a positive number, got 0" in output
+    assert "Traceback" not in output
 
 
 def test_invalid_operation_names_stop_startup_with_one_line():

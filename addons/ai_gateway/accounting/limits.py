@@ -39,7 +39,7 @@ BUDGET_EXCEEDED = "budget_exceeded"
 RATE_LIMITED = "rate_limit_exceeded"
 ANONYMOUS = "anonymous"
 MINUTE = 60.0
-MAX_IDLE_KEYS = 10_000
+MAX_IDLE_KEYS = 10_000  # client keys held before idle ones are forgotten
 
 
 def client_key_sha256(key: str) -> str:
@@ -181,6 +181,7 @@ class SpendControl:
     def __init__(self, budgets: BudgetPolicy | None, limits: LimitPolicy, client_keys: ClientKeys) -> None:
         self.sessions: dict[str, Scope] = {}
         self.keys: dict[str, KeyState] = {}
+        self.forget_at = MAX_IDLE_KEYS  # how many keys are held when idle ones are next forgotten
         self.update(budgets, limits, client_keys)
 
     def update(self, budgets: BudgetPolicy | None, limits: LimitPolicy, client_keys: ClientKeys) -> None:
@@ -226,7 +227,7 @@ class SpendControl:
     def key(self, label: str, now: float) -> KeyState:
         state = self.keys.get(label)
         if state is None:
-            if len(self.keys) >= MAX_IDLE_KEYS:
+            if len(self.keys) >= self.forget_at:
                 self._forget_idle(now)
             window = self.budgets.window_seconds if self.budgets else None
             state = self.keys[label] = KeyState(Scope(Window(window)), Scope(Window(MINUTE)))
@@ -237,9 +238,14 @@ class SpendControl:
         return state
 
     def _forget_idle(self, now: float) -> None:
-        """Keys with nothing in their windows, in flight or open cost nothing to forget."""
+        """Keys with nothing in their windows, in flight or open cost nothing to forget.
+
+        The next scan waits until the keys held have doubled (or reach MAX_IDLE_KEYS): each scan is
+        paid for by as many new keys, so many active keys (a restart restoring 100,000) cost time
+        linear in their number, not a scan per new key; at most twice the active keys are held."""
         for label in [label for label, state in self.keys.items() if self._idle(state, now)]:
             del self.keys[label]
+        self.forget_at = max(MAX_IDLE_KEYS, 2 * len(self.keys))
 
     @staticmethod
     def _idle(state: KeyState, now: float) -> bool:

@@ -90,6 +90,7 @@ from yaml.nodes import Node, ScalarNode
 
 from ai_gateway.accounting.usage import MODALITIES, CharacterUsage, DurationUsage, TokenUsage
 from ai_gateway.config.policy import (
+    DEFAULT_MAX_CONFIG_BYTES,
     DEFAULT_POLICY,
     STR_TAG,
     Validator,
@@ -397,12 +398,14 @@ class PriceCatalog:
             return None, UNPRICED
 
 
-def catalog_for(system: str, prices: str | os.PathLike[str] | None) -> PriceCatalog:
+def catalog_for(
+    system: str, prices: str | os.PathLike[str] | None, max_bytes: int = DEFAULT_MAX_CONFIG_BYTES
+) -> PriceCatalog:
     """A policy's catalog: its override file, if any, over the database's rates for its provider.
 
-    Raises PolicyError (one line) for an invalid override file.
+    Raises PolicyError (one line) for an invalid override file, or one over `max_bytes`.
     """
-    return PriceCatalog(load_catalog(prices) if prices is not None else None, database_for(system))
+    return PriceCatalog(load_catalog(prices, max_bytes) if prices is not None else None, database_for(system))
 
 
 def cost_usd(usage: TokenUsage | DurationUsage | CharacterUsage, prices: ModelPrices) -> float:
@@ -448,9 +451,9 @@ def _split(by_modality: tuple[tuple[str, int], ...]) -> tuple[int, int, int]:
     return counts.get("text", 0), counts.get("audio", 0), counts.get("image", 0)
 
 
-def load_catalog(path: str | os.PathLike[str]) -> PriceFile:
+def load_catalog(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_CONFIG_BYTES) -> PriceFile:
     """Read and validate a price override file. Raises PolicyError with a one-line file:line: key: message."""
-    return parse_catalog(read_config_file(path, "price catalog"), str(path))
+    return parse_catalog(read_config_file(path, "price catalog", max_bytes), str(path))
 
 
 def parse_catalog(text: str, source: str) -> PriceFile:

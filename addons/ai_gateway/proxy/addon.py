@@ -21,11 +21,13 @@ class Gateway:
     """mitmproxy runs an addon's `addons` in list order, for every hook, so the order says:
 
     - the drain first: on shutdown it closes open connections before anything else is closed;
+    - the usage ledger next: spend is restored from it before `/metrics` answers, and it closes
+      once the drain closed every connection;
     - the metric families before the policy (its shared store counts into them) and before the
       access log and traces (dropped spans are counted);
     - the request policy (path, client key, credentials) before anything reads the request;
     - observability after the meters: it ends the spans no record ended;
-    - the usage ledger last: it closes after every connection's usage was billed.
+    - startup's objects frozen last, once everything else is loaded.
     """
 
     def __init__(self) -> None:
@@ -39,6 +41,7 @@ class Gateway:
         self.usage_log = UsageLog(self.state)
         self.addons = [
             self.drain,
+            self.usage_log,
             self.metrics_endpoint,
             self.policy_file,
             self.request_policy,
@@ -46,7 +49,6 @@ class Gateway:
             self.session_metering,
             self.state.observability,
             StartupObjects(self.state),
-            self.usage_log,
         ]
 
     def load(self, loader: Loader) -> None:

@@ -9,9 +9,11 @@ collector's reach (`gc.freeze`): later collections scan only what sessions alloc
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import time
+from collections.abc import Iterator
 
 from mitmproxy import ctx
 from mitmproxy.addonmanager import Loader
@@ -56,3 +58,21 @@ class StartupObjects:
 
     def done(self) -> None:
         self.state.is_running = False
+
+
+@contextlib.contextmanager
+def collector_paused(freeze: bool) -> Iterator[None]:
+    """For work that builds many long-lived objects and no cyclic garbage (spend restored at
+    startup): collections would scan the growing heap again and again, about half the time of
+    restoring 100,000 client keys. With `freeze`, what it built joins startup's objects in the
+    permanent generation, without the full collection freeze_startup_objects makes (1.4 s over
+    the million objects of those keys)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+        if freeze:
+            gc.freeze()
+    finally:
+        if enabled:
+            gc.enable()

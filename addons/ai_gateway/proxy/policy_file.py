@@ -15,7 +15,9 @@ from ai_gateway.accounting.limits import MINUTE, SpendControl
 from ai_gateway.accounting.pricing import PriceCatalog, catalog_for
 from ai_gateway.accounting.shared_limits import SharedLimits
 from ai_gateway.config.policy import (
+    DEFAULT_MAX_CONFIG_BYTES,
     DEFAULT_POLICY,
+    MAX_BYTES_OPTION,
     MEMORY_STORE,
     FileStamp,
     LimitPolicy,
@@ -52,13 +54,23 @@ class PolicyFile:
         loader.add_option(
             "gateway_policy_reload", bool, True, "Apply edits of the policy file to new connections without restart."
         )
+        loader.add_option(
+            MAX_BYTES_OPTION,
+            int,
+            DEFAULT_MAX_CONFIG_BYTES,
+            "Largest policy file (and price catalog it names) read, in bytes; a larger one is refused unread.",
+        )
 
     def configure(self, updated: set[str]) -> None:
-        if "gateway_policy" in updated:
+        if not updated & {"gateway_policy", MAX_BYTES_OPTION}:
+            return
+        if (max_bytes := ctx.options.gateway_policy_max_bytes) < 1:
+            self.state.refuse(f"{MAX_BYTES_OPTION}: expected a positive number, got {max_bytes}")
+        else:
             path = ctx.options.gateway_policy
             stamp = file_stamp(path)  # before reading: a change made while it is read is seen by the watcher
             try:
-                self.apply(*read_policy(path))
+                self.apply(*read_policy(path, max_bytes))
             except PolicyError as e:
                 self.state.refuse(f"invalid policy: {e}")
                 return
@@ -142,7 +154,7 @@ class PolicyFile:
 
     async def reload(self, path: str, stamp: FileStamp) -> None:
         try:
-            policy, catalog = await asyncio.to_thread(read_policy, path)
+            policy, catalog = await asyncio.to_thread(read_policy, path, ctx.options.gateway_policy_max_bytes)
         except PolicyError as e:
             logger.error("ai-gateway: policy change refused, the previous policy stays in force: %s", e)
             return
@@ -166,7 +178,8 @@ def controls_for(control: SpendControl | None, policy: Policy) -> SpendControl |
     return control
 
 
-def read_policy(path: str) -> tuple[Policy, PriceCatalog]:
-    """The policy and its price catalog (its `prices` file over the database); either may raise PolicyError."""
-    policy = load_policy(path)
-    return policy, catalog_for(policy.provider, policy.prices)
+def read_policy(path: str, max_bytes: int) -> tuple[Policy, PriceCatalog]:
+    """The policy and its price catalog (its `prices` file over the database); either may raise
+    PolicyError, also when it is over `max_bytes`."""
+    policy = load_policy(path, max_bytes=max_bytes)
+    return policy, catalog_for(policy.provider, policy.prices, max_bytes)

@@ -10,6 +10,7 @@ from mitmproxy import ctx
 from mitmproxy.addonmanager import Loader
 
 from ai_gateway.accounting.ledger import CONTINUE, REFUSE, UsageLedger, recent_records
+from ai_gateway.proxy.collector import collector_paused
 from ai_gateway.proxy.state import GatewayState
 
 logger = logging.getLogger(__name__)
@@ -51,11 +52,14 @@ class UsageLog:
         self.state.rewire()
 
     def running(self) -> None:
+        """Before /metrics answers (what readiness probes watch) and before the gateway counts as
+        running; connections wait in the listen backlog meanwhile: none is admitted without its
+        key's spend."""
         self.restore_spend()
 
     def done(self) -> None:
-        """Last of the gateway's addons to finish: every connection was closed before, so no usage
-        relayed to a client can miss the ledger."""
+        """Right after the drain's: every connection was closed then, so no usage relayed to a
+        client can miss the ledger."""
         if self.state.ledger is not None:
             self.state.ledger.close()
 
@@ -70,8 +74,13 @@ class UsageLog:
             return
         window = state.policy.budgets.window_seconds
         wall = datetime.now(UTC)
+        started = time.monotonic()
         records = recent_records(state.ledger.path, wall - timedelta(seconds=window))
-        restored = state.control.restore(records, lambda at: (wall - at).total_seconds(), time.monotonic())
+        with collector_paused(freeze=ctx.options.gateway_gc_freeze):
+            restored = state.control.restore(records, lambda at: (wall - at).total_seconds(), started)
         logger.info(
-            "ai-gateway: spend of %d responses in the last %gs restored from the usage ledger", restored, window
+            "ai-gateway: spend of %d responses in the last %gs restored from the usage ledger (%.1f s)",
+            restored,
+            window,
+            time.monotonic() - started,
         )
