@@ -128,7 +128,8 @@ def test_the_database_version_is_the_pinned_one_and_dated():
     version = importlib.metadata.version("genai-prices")
     assert f"genai-prices=={version}\n" in (ROOT / "constraints.txt").read_text()
     assert f'"genai-prices=={version}"' in (ROOT / "pyproject.toml").read_text()
-    (source,) = OPENAI.sources
+    source, supplement = OPENAI.sources
+    assert supplement == ("supplement-prices.yaml", "", "2026-12-07")
     assert source == (DATABASE, version, DATABASE_RELEASES[version])
     assert date.fromisoformat(source.data_date)
     assert f"genai-prices {version}" in README and source.data_date in README
@@ -364,7 +365,7 @@ def test_override_file_wins_for_the_models_it_lists_and_their_snapshots(tmp_path
     assert catalog.cost("gpt-realtime", audio) == (pytest.approx(1.0), PRICED)
     # a model the file does not list comes from the database
     assert catalog.resolve("gpt-realtime-mini").source == DATABASE
-    assert [s.source for s in catalog.sources] == ["negotiated.yaml", DATABASE]
+    assert [s.source for s in catalog.sources] == ["negotiated.yaml", DATABASE, "supplement-prices.yaml"]
     assert catalog.sources[0].data_date == "2026-12-01"
 
 
