@@ -25,7 +25,13 @@ from ai_gateway.accounting.ledger import CONTINUE, REFUSE, Source, UsageLedger, 
 from ai_gateway.accounting.limits import ANONYMOUS, MINUTE, Refusal, SpendControl, Ticket, client_key_sha256, identify
 from ai_gateway.accounting.metrics import DEFAULT_MAX_MODEL_LABELS, OPERATION_NAMES, GatewayMetrics, MetricsServer
 from ai_gateway.accounting.pricing import PriceCatalog, catalog_for
-from ai_gateway.accounting.session_meters import GeminiLiveMeter, RealtimeMeter, ResponsesSocketMeter, SessionMeter
+from ai_gateway.accounting.session_meters import (
+    GeminiLiveMeter,
+    LiveMeter,
+    RealtimeMeter,
+    ResponsesSocketMeter,
+    SessionMeter,
+)
 from ai_gateway.accounting.shared_limits import SharedLimits
 from ai_gateway.config.paths import AmbiguousPath, normalise_target
 from ai_gateway.config.policy import (
@@ -45,6 +51,7 @@ from ai_gateway.config.policy import (
 from ai_gateway.protocols.encoding import DEFAULT_MAX_BODY_BYTES
 from ai_gateway.protocols.gemini_live import GeminiLiveProtocol
 from ai_gateway.protocols.openai_http import METERED_HTTP, OPERATIONS, StreamReader, read_request, read_response
+from ai_gateway.protocols.openai_live import CLOSE_EVENT, LiveProtocol
 from ai_gateway.protocols.openai_realtime import RealtimeProtocol, cancel_event, requested_model
 from ai_gateway.protocols.openai_responses_socket import ResponsesSocketProtocol
 from ai_gateway.proxy import closer
@@ -718,6 +725,9 @@ class Gateway:
         if isinstance(outcome, Refusal):
             if message.from_client:
                 self.refuse_response(flow, message, outcome)
+            elif isinstance(session.protocol, LiveProtocol):
+                self.injections.send(flow, False, CLOSE_EVENT)  # ended upstream too, before the close
+                self.close_session(flow, outcome)
             elif isinstance(session.protocol, GeminiLiveProtocol):
                 self.close_session(flow, outcome)
             elif isinstance(item, ResponseStarted) and item.response_id is not None:
@@ -790,13 +800,14 @@ class Session(NamedTuple):
     meter: SessionMeter
 
 
-SessionProtocol = RealtimeProtocol | ResponsesSocketProtocol | GeminiLiveProtocol
+SessionProtocol = RealtimeProtocol | ResponsesSocketProtocol | GeminiLiveProtocol | LiveProtocol
 
 # A WebSocket route's (route type, protocol) -> its protocol adapter and meter.
 SESSION_KINDS: dict[tuple[RouteType, WireProtocol], tuple[type[SessionProtocol], type[SessionMeter]]] = {
     (RouteType.REALTIME, WireProtocol.OPENAI): (RealtimeProtocol, RealtimeMeter),
     (RouteType.RESPONSES, WireProtocol.OPENAI): (ResponsesSocketProtocol, ResponsesSocketMeter),
     (RouteType.REALTIME, WireProtocol.GEMINI_LIVE): (GeminiLiveProtocol, GeminiLiveMeter),
+    (RouteType.REALTIME, WireProtocol.OPENAI_LIVE): (LiveProtocol, LiveMeter),
 }
 
 
