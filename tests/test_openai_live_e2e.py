@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import websockets
 from openai import AsyncOpenAI
 
 from ai_gateway.tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
@@ -165,3 +166,28 @@ def test_a_lower_report_is_not_billed_and_a_dropped_session_bills_its_last_repor
     assert metered(live_gateway, model) == expected_samples([entry])
     errors = select(scrape(live_gateway.metrics_url), reason="usage_decreased")
     assert sum(errors.values()) >= 1
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_session_whose_budget_the_seconds_spend_is_closed_within_one_report(live_simulators, tmp_path, launcher):
+    """gpt-live-1 at $0.05/min: a $0.004 session budget lasts 4.8 s; the report at 6 s spends it."""
+    simulator = live_simulators[launcher]
+    policy = tmp_path / "budget.yaml"
+    policy.write_text(
+        "budgets:\n  session: {usd: 0.004}\nroutes:\n  /live/sessions: {type: Realtime, protocol: openai-live}\n"
+    )
+    ledger = tmp_path / "usage.jsonl"
+    options = {"gateway_policy": str(policy), "gateway_usage_log": str(ledger)}
+    with GatewayProcess(simulator.url, options=options, launcher=launcher) as gateway:
+        gateway.ledger = ledger  # type: ignore[attr-defined]
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            asyncio.run(live_session(gateway.url, "gpt-live-1", ["tick"] * 12))
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        line = session_line(gateway, "gpt-live-1")
+        assert (line["status"], line["session_seconds"]) == ("unclosed", 6.0)
+        assert line["cost_usd"] == pytest.approx(6 * 0.05 / 60)
+        samples = scrape(gateway.metrics_url)
+        assert sum(select(samples, action="closed_session", reason="budget_exceeded").values()) == 1
+    # The gateway ended the session upstream too: the simulator got session.close.
+    (entry,) = [e for e in simulator.ledger if e.kind == "live_session" and e.session_id == line["response_id"]]
+    assert entry.status == "close_requested"
