@@ -89,6 +89,7 @@ def test_the_meter_differences_reports_and_writes_one_ledger_line(tmp_path):
     cost = counter(metrics, "agentgateway_gen_ai_client_cost_usd_total", gen_ai_request_model="gpt-live-1.1")
     assert cost == pytest.approx((6 * 0.05 + 6 * 0.02) / 60)
     assert not (tmp_path / "usage.jsonl").read_text()  # the line comes when the session ends
+    assert "12 s of session" in meter.totals.summary() and f"${cost:,.4f}" in meter.totals.summary()
     meter.close()
     meter.close()
     (line,) = [json.loads(raw) for raw in (tmp_path / "usage.jsonl").read_text().splitlines()]
@@ -99,6 +100,8 @@ def test_the_meter_differences_reports_and_writes_one_ledger_line(tmp_path):
         6.0,
     )
     assert line["cost_usd"] == pytest.approx(cost)
+    record = meter.ended(1000, True, "")
+    assert (record.session_seconds, record.close_reason, record.cost) == (12.0, "unclosed", pytest.approx(cost))
 
 
 def test_nothing_is_billed_after_the_final_report():

@@ -107,6 +107,16 @@ def session_line(gateway: GatewayProcess, model: str) -> dict[str, Any]:
     return wait_until(find)
 
 
+def access_log_line(gateway: GatewayProcess, model: str) -> str:
+    """The session's access-log line (text format, on the gateway's stdout) and a space, once written: polled."""
+
+    def find() -> str | None:
+        lines = gateway.log().splitlines()
+        return next((line + " " for line in lines if " session " in line and f"request_model={model} " in line), None)
+
+    return wait_until(find)
+
+
 def metered(gateway: GatewayProcess, model: str) -> dict:
     return usage_only(select(scrape(gateway.metrics_url), gen_ai_request_model=model))
 
@@ -124,6 +134,8 @@ def test_seconds_and_delegated_tokens_are_metered_exactly(live_gateway, live_sim
     line = session_line(live_gateway, model)
     assert (line["status"], line["session_seconds"], line["paused_seconds"]) == ("close_requested", 9.0, 0.0)
     assert line["response_id"] == closed["session"]["id"]
+    logged = access_log_line(live_gateway, model)
+    assert " session_seconds=9 " in logged and " close_reason=close_requested " in logged
     expected = expected_samples([e for e in sent if e.kind == "live_session"])
     assert metered(live_gateway, model) == expected
     assert metered(live_gateway, delegate) == expected_samples([e for e in sent if e.kind == "responses"])
@@ -163,6 +175,7 @@ def test_a_lower_report_is_not_billed_and_a_dropped_session_bills_its_last_repor
     (entry,) = [e for e in live_simulator.usage_for(model) if e.kind == "live_session"]
     assert entry.status == line["status"] == "unclosed"
     assert line["session_seconds"] == entry.usage["seconds"] == 6
+    assert " close_reason=unclosed " in access_log_line(live_gateway, model)
     assert metered(live_gateway, model) == expected_samples([entry])
     errors = select(scrape(live_gateway.metrics_url), reason="usage_decreased")
     assert sum(errors.values()) >= 1

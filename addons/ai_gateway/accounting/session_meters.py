@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ai_gateway.accounting.billing import Accounting
 from ai_gateway.accounting.items import (
@@ -443,6 +443,7 @@ class LiveMeter(SessionMeter):
         self.reports = 0
         self.cost: float | None = 0.0  # of the time billed so far; None once a part of it was unpriced
         self.closed: str | None = None  # the reason of session.closed
+        self.ledgered = False
 
     def apply(self, item: UsageItem) -> Malformed | Refusal | None:
         match item:
@@ -492,10 +493,15 @@ class LiveMeter(SessionMeter):
 
     def close(self) -> None:
         """The session ended: its ledger line, once, if the upstream ever reported its time."""
-        if self.reports:
+        if self.reports and not self.ledgered:
             status = self.closed or UNCLOSED
             self.accounting.ledger_line(self.source, self.labels(), self.reported, status, self.session_id, self.cost)
-            self.reports = 0
+            self.ledgered = True
+
+    def ended(self, close_code: int | None, closed_by_client: bool, error_type: str) -> SessionRecord:
+        """The session's totals with its billed seconds and how it ended (`unclosed`: no session.closed)."""
+        record = super().ended(close_code, closed_by_client, error_type)
+        return replace(record, session_seconds=self.reported.seconds, close_reason=self.closed or UNCLOSED)
 
 
 def increase(last: SessionSeconds, report: SessionSeconds) -> SessionSeconds | None:
