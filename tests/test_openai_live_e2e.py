@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 import json
 from collections.abc import Iterator
@@ -50,13 +51,23 @@ def live_simulator(live_gateway, live_simulators) -> LiveSimulator:
 
 
 async def live_session(
-    gateway_url: str, model: str, steps: list[str], delegate: str = "gpt-5-mini", api_key: str = "sk-client"
+    gateway_url: str,
+    model: str,
+    steps: list[str],
+    delegate: str = "gpt-5-mini",
+    api_key: str = "sk-client",
+    sideband: str | None = None,
 ) -> list[dict[str, Any]]:
-    """A session with the SDK's live client: session.start, then each step (`tick`: an audio append,
-    `mute`/`unmute`, `delegate`: response.create, `say:<text>`: instructions, `close`: session.close);
-    returns the server events received, as dicts, until the session ends."""
+    """A session with the SDK's live client: session.start (or, with `sideband` a session id, the
+    SDK's sideband client attaching to it), then each step (`tick`: an audio append, `mute`/`unmute`,
+    `delegate`: response.create, `say:<text>`: instructions, `close`: session.close); returns the
+    server events received, as dicts, until the session ends."""
     client = AsyncOpenAI(api_key=api_key, websocket_base_url=websocket_base(gateway_url) + "/v1")
     received: list[dict[str, Any]] = []
+    if sideband is not None:
+        connect: Any = client.live.sideband.connect(session_id=sideband, graceful_close=True)
+    else:
+        connect = client.live.connect()
 
     async def until(*kinds: str) -> None:
         while True:
@@ -65,10 +76,13 @@ async def live_session(
             if event["type"] in kinds:
                 return
 
-    async with client.live.connect() as connection:
-        session = {"model": model, "delegation": {"type": "responses", "responses": {"model": delegate}}}
-        await connection.send({"type": "session.start", "session": session})
-        await until("session.started")
+    async with connect as connection:
+        if sideband is None:
+            session = {"model": model, "delegation": {"type": "responses", "responses": {"model": delegate}}}
+            await connection.send({"type": "session.start", "session": session})
+            await until("session.started")
+        else:
+            await until("session.updated")
         for step in steps:
             if step == "tick":
                 await connection.send({"type": "session.input_audio.append", "audio": "AAAA"})
@@ -87,6 +101,8 @@ async def live_session(
                 if "sim_expire" in step:
                     await until("session.closed")
                     break
+                if "sim_drop" in step:
+                    await until("session.closed")  # never comes: the upstream drops the connection
             elif step == "close":
                 await connection.send({"type": "session.close"})
                 await until("session.closed")
@@ -98,11 +114,15 @@ def ledger_lines(gateway: GatewayProcess) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def session_line(gateway: GatewayProcess, model: str) -> dict[str, Any]:
-    """The session's ledger line, written when the gateway has seen the session end: polled."""
+def session_line(gateway: GatewayProcess, name: str) -> dict[str, Any]:
+    """The ledger line of the session of this model or upstream session id, written when the gateway
+    has seen the session end: polled."""
 
     def find() -> dict[str, Any] | None:
-        return next((r for r in ledger_lines(gateway) if r["request_model"] == model and "session_seconds" in r), None)
+        lines = ledger_lines(gateway)
+        return next(
+            (r for r in lines if name in (r["request_model"], r["response_id"]) and "session_seconds" in r), None
+        )
 
     return wait_until(find)
 
@@ -155,13 +175,14 @@ def test_paused_time_is_priced_at_its_own_rate(live_gateway, live_simulator, mod
     before = costs(live_gateway, model)
     steps = ["tick"] * 3 + ["mute"] + ["tick"] * 6 + ["unmute"] + ["tick"] * 3 + ["close"]
     received = asyncio.run(live_session(live_gateway.url, model, steps))
-    final = next(e["usage"] for e in received if e["type"] == "session.closed")
+    closed = next(e for e in received if e["type"] == "session.closed")
+    final = closed["usage"]
     assert (final["active_seconds"], final["paused_seconds"]) == (6, 6)
     active_rate, paused_rate = PER_MINUTE[model]
     expected = (6 * active_rate + 6 * paused_rate) / 60
     wait_until(lambda: costs(live_gateway, model) - before > expected - 1e-9)
     assert costs(live_gateway, model) - before == pytest.approx(expected)
-    line = [r for r in ledger_lines(live_gateway) if r["request_model"] == model and "session_seconds" in r][-1]
+    line = session_line(live_gateway, closed["session"]["id"])
     assert (line["active_seconds"], line["paused_seconds"]) == (6.0, 6.0)
     assert line["cost_usd"] == pytest.approx(expected)
 
@@ -169,10 +190,10 @@ def test_paused_time_is_priced_at_its_own_rate(live_gateway, live_simulator, mod
 def test_a_lower_report_is_not_billed_and_a_dropped_session_bills_its_last_report(live_gateway, live_simulator):
     model = f"gpt-live-t{next(_names)}"
     steps = ["tick"] * 4 + ["say:sim_decrease", "tick", "tick", "say:sim_drop"]
-    with contextlib.suppress(Exception):  # the upstream drops the connection
+    with pytest.raises(websockets.ConnectionClosedError):  # the upstream dropped the connection
         asyncio.run(live_session(live_gateway.url, model, steps))
     line = session_line(live_gateway, model)
-    (entry,) = [e for e in live_simulator.usage_for(model) if e.kind == "live_session"]
+    (entry,) = live_simulator.usage_for(model, "live_session")
     assert entry.status == line["status"] == "unclosed"
     assert line["session_seconds"] == entry.usage["seconds"] == 6
     assert " close_reason=unclosed " in access_log_line(live_gateway, model)
@@ -204,3 +225,48 @@ def test_a_session_whose_budget_the_seconds_spend_is_closed_within_one_report(li
     # The gateway ended the session upstream too: the simulator got session.close.
     (entry,) = [e for e in simulator.ledger if e.kind == "live_session" and e.session_id == line["response_id"]]
     assert entry.status == "close_requested"
+
+
+def test_a_sideband_is_metered_under_the_model_the_server_names(live_gateway, live_simulator):
+    session_id = f"sess_side{next(_names)}"
+    steps = ["tick"] * 2 + ["mute"] + ["tick"] * 4 + ["close"]
+    asyncio.run(live_session(live_gateway.url, "", steps, sideband=session_id))
+    assert live_simulator.handshakes[-1].path == f"/v1/live/sessions/{session_id}/attach"
+    assert live_simulator.handshakes[-1].query == {"graceful_close": "true"}
+    line = session_line(live_gateway, session_id)
+    assert (line["request_model"], line["active_seconds"], line["paused_seconds"]) == ("gpt-live-1.1", 2.0, 4.0)
+    assert line["cost_usd"] == pytest.approx((2 * 0.05 + 4 * 0.02) / 60)
+
+
+def test_handshakes_are_admitted_like_other_sessions(live_simulators, tmp_path):
+    """An unknown client key gets 401; a known one is held to its concurrent sessions."""
+    known = "sk-team-live"
+    policy = tmp_path / "keys.yaml"
+    policy.write_text(
+        f"client_keys:\n  require: true\n  keys:\n    - {{sha256: {hashlib.sha256(known.encode()).hexdigest()}, "
+        "name: team-live}\nlimits:\n  client_key: {concurrent_sessions: 1}\nroutes:\n"
+        "  /live/sessions: {type: Realtime, protocol: openai-live}\n"
+    )
+    simulator = live_simulators[LAUNCHERS[0]]
+    with GatewayProcess(simulator.url, options={"gateway_policy": str(policy)}) as gateway:
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            asyncio.run(live_session(gateway.url, "gpt-live-1", ["close"], api_key="sk-stranger"))
+        assert refused.value.response.status_code == 401
+
+        async def two_at_once() -> int:
+            client = AsyncOpenAI(api_key=known, websocket_base_url=websocket_base(gateway.url) + "/v1")
+            async with client.live.connect() as first:
+                await first.send({"type": "session.start", "session": {"model": "gpt-live-1"}})
+                await first.recv_bytes()
+                with pytest.raises(websockets.InvalidStatus) as second:
+                    await live_session(gateway.url, "gpt-live-1", ["close"], api_key=known)
+            return second.value.response.status_code
+
+        assert asyncio.run(two_at_once()) == 429
+
+        def headroom() -> float:
+            samples = select(scrape(gateway.metrics_url), client_key="team-live", limit="concurrent_sessions")
+            return sum(samples.values())
+
+        wait_until(lambda: headroom() == 1)  # the first session ended: its slot is free again
+        asyncio.run(live_session(gateway.url, "gpt-live-1", ["tick", "close"], api_key=known))
