@@ -60,8 +60,8 @@ async def live_session(
 ) -> list[dict[str, Any]]:
     """A session with the SDK's live client: session.start (or, with `sideband` a session id, the
     SDK's sideband client attaching to it), then each step (`tick`: an audio append, `mute`/`unmute`,
-    `delegate`: response.create, `say:<text>`: instructions, `close`: session.close); returns the
-    server events received, as dicts, until the session ends."""
+    `delegate`: response.create, `say:<text>`: instructions, `wait`: until the session ends,
+    `close`: session.close); returns the server events received, as dicts, until the session ends."""
     client = AsyncOpenAI(api_key=api_key, websocket_base_url=websocket_base(gateway_url) + "/v1")
     received: list[dict[str, Any]] = []
     if sideband is not None:
@@ -103,6 +103,8 @@ async def live_session(
                     break
                 if "sim_drop" in step:
                     await until("session.closed")  # never comes: the upstream drops the connection
+            elif step == "wait":  # for the session to end, relaying what comes meanwhile
+                await until("session.closed")
             elif step == "close":
                 await connection.send({"type": "session.close"})
                 await until("session.closed")
@@ -270,3 +272,25 @@ def test_handshakes_are_admitted_like_other_sessions(live_simulators, tmp_path):
 
         wait_until(lambda: headroom() == 1)  # the first session ended: its slot is free again
         asyncio.run(live_session(gateway.url, "gpt-live-1", ["tick", "close"], api_key=known))
+
+
+def test_max_session_seconds_ends_a_gpt_live_session_upstream_and_on_both_legs(live_simulators, tmp_path):
+    simulator = live_simulators[LAUNCHERS[0]]
+    policy = tmp_path / "limits.yaml"
+    policy.write_text(
+        "limits:\n  client_key: {max_session_seconds: 1}\nroutes:\n"
+        "  /live/sessions: {type: Realtime, protocol: openai-live}\n"
+    )
+    ledger = tmp_path / "usage.jsonl"
+    options = {"gateway_policy": str(policy), "gateway_usage_log": str(ledger)}
+    with GatewayProcess(simulator.url, options=options) as gateway:
+        gateway.ledger = ledger  # type: ignore[attr-defined]
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            asyncio.run(live_session(gateway.url, "gpt-live-1", ["tick"] * 3 + ["wait"]))
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+        line = session_line(gateway, "gpt-live-1")
+        assert (line["status"], line["session_seconds"]) == ("unclosed", 3.0)
+        samples = scrape(gateway.metrics_url)
+        assert sum(select(samples, action="closed_session", reason="session_too_long").values()) == 1
+    (entry,) = [e for e in simulator.ledger if e.kind == "live_session" and e.session_id == line["response_id"]]
+    assert entry.status == "close_requested"  # the upstream was told to end the session

@@ -416,7 +416,7 @@ class Gateway:
         while True:
             await asyncio.sleep(SESSION_CLOCK_SECONDS)
             for flow, reason in self.clock.expired():
-                if closer.close_websocket(flow, 1008, REASONS[reason]):
+                if self.close_websocket(flow, REASONS[reason]):
                     self.accounting.enforced(Refusal("client_key", reason), "closed_session")
 
     def restore_spend(self) -> None:
@@ -725,10 +725,7 @@ class Gateway:
         if isinstance(outcome, Refusal):
             if message.from_client:
                 self.refuse_response(flow, message, outcome)
-            elif isinstance(session.protocol, LiveProtocol):
-                self.injections.send(flow, False, CLOSE_EVENT)  # ended upstream too, before the close
-                self.close_session(flow, outcome)
-            elif isinstance(session.protocol, GeminiLiveProtocol):
+            elif isinstance(session.protocol, (GeminiLiveProtocol, LiveProtocol)):
                 self.close_session(flow, outcome)
             elif isinstance(item, ResponseStarted) and item.response_id is not None:
                 self.cancel_response(flow, item.response_id, outcome)
@@ -744,10 +741,19 @@ class Gateway:
         self.accounting.enforced(refusal, "refused_response")
 
     def close_session(self, flow: http.HTTPFlow, refusal: Refusal) -> None:
-        """A protocol with nothing to refuse or cancel per response (Gemini Live): the session that
-        spent its budget, or went over a limit, is closed with 1008 and the reason."""
-        if closer.close_websocket(flow, 1008, message(refusal)):
+        """A protocol with nothing to refuse or cancel per response (Gemini Live, GPT-Live): the
+        session that spent its budget, or went over a limit, is closed with 1008 and the reason."""
+        if self.close_websocket(flow, message(refusal)):
             self.accounting.enforced(refusal, "closed_session")
+
+    def close_websocket(self, flow: http.HTTPFlow, reason: str) -> bool:
+        """Close a session with 1008 on both legs; a GPT-Live session is first ended upstream
+        (`session.close`), as its protocol asks, so that the upstream stops billing it."""
+        session = self.sessions.get(flow.id)
+        closing = flow.live and closer.CLOSE_METADATA not in flow.metadata  # not already under way
+        if closing and session is not None and isinstance(session.protocol, LiveProtocol):
+            self.injections.send(flow, False, CLOSE_EVENT)
+        return closer.close_websocket(flow, 1008, reason)
 
     def cancel_response(self, flow: http.HTTPFlow, response_id: str, refusal: Refusal) -> None:
         """A response the upstream started by itself (server VAD) while over a budget or limit: the
