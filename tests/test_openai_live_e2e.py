@@ -16,12 +16,13 @@ from typing import Any
 import pytest
 import websockets
 from openai import AsyncOpenAI
+from websockets.sync.client import connect as sync_connect
 
 from ai_gateway.tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
 from ai_gateway.tools.simulators.live import LiveSimulator
 from ai_gateway.tools.simulators.realtime import SimulatorThread
 
-from .clients import wait_until, websocket_base
+from .clients import served_module, wait_until, websocket_base
 from .conftest import LAUNCHERS
 
 PER_MINUTE = {"gpt-live-1": (0.05, 0.05), "gpt-live-1.1": (0.05, 0.02)}  # active, paused (USD per minute)
@@ -294,3 +295,11 @@ def test_max_session_seconds_ends_a_gpt_live_session_upstream_and_on_both_legs(l
         assert sum(select(samples, action="closed_session", reason="session_too_long").values()) == 1
     (entry,) = [e for e in simulator.ledger if e.kind == "live_session" and e.session_id == line["response_id"]]
     assert entry.status == "close_requested"  # the upstream was told to end the session
+
+
+def test_the_simulator_runs_as_a_module_until_interrupted():
+    with served_module("ai_gateway.tools.simulators.live") as url:
+        with sync_connect(websocket_base(url) + "/v1/live/sessions", open_timeout=2) as ws:
+            ws.send(json.dumps({"type": "session.start", "session": {"model": "gpt-live-1"}}))
+            started = json.loads(ws.recv(timeout=2))
+            assert (started["type"], started["session"]["model"]) == ("session.started", "gpt-live-1")
