@@ -9,6 +9,8 @@ import contextlib
 import hashlib
 import itertools
 import json
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -273,6 +275,23 @@ def test_handshakes_are_admitted_like_other_sessions(live_simulators, tmp_path):
 
         wait_until(lambda: headroom() == 1)  # the first session ended: its slot is free again
         asyncio.run(live_session(gateway.url, "gpt-live-1", ["tick", "close"], api_key=known))
+
+        # WebRTC creation (POST /v1/live/sessions): checked and counted; its time is billed on a sideband.
+        def create(key: str) -> int:
+            body = json.dumps({"session": {"model": "gpt-live-1"}, "transport": {"type": "webrtc", "sdp": "v=0"}})
+            request = urllib.request.Request(
+                gateway.url + "/v1/live/sessions", body.encode(), {"authorization": f"Bearer {key}"}, method="POST"
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=10) as response:
+                    return response.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        assert create("sk-stranger") == 401
+        assert create(known) != 401  # admitted: the simulated upstream speaks no HTTP, whatever it answers
+        calls = select(scrape(gateway.metrics_url), kind="sessions")
+        assert sum(v for (name, _), v in calls.items() if name == "agentgateway_gateway_realtime_calls_total") == 1
 
 
 def test_max_session_seconds_ends_a_gpt_live_session_upstream_and_on_both_legs(live_simulators, tmp_path):

@@ -526,7 +526,7 @@ class Gateway:
         route = self.policy.match(flow.request.path)
         upgrade = is_websocket_upgrade(flow.request)
         # A GET on a metered path reads (stored completions, a response by id): nothing is billed.
-        calls = route.type is RouteType.REALTIME_CALLS
+        calls = is_call(route)
         metered = session_kind(route) is not None if upgrade else route.type in METERED_HTTP or calls
         if not metered or not upgrade and flow.request.method != "POST":
             return None
@@ -571,9 +571,7 @@ class Gateway:
             flow.response = refusal_response(verdict)
             self.accounting.enforced(verdict, "rejected_request")
             return
-        if (
-            route.type is RouteType.REALTIME_CALLS
-        ):  # minting a WebRTC/SIP session: checked and counted, billed on its sideband only
+        if is_call(route):  # minting a WebRTC/SIP session: checked and counted, billed on its sideband only
             self.accounting.realtime_call(verdict, flow.request.path.split("?", 1)[0].rpartition("/")[2])
             return
         request = flow.request
@@ -815,6 +813,12 @@ SESSION_KINDS: dict[tuple[RouteType, WireProtocol], tuple[type[SessionProtocol],
     (RouteType.REALTIME, WireProtocol.GEMINI_LIVE): (GeminiLiveProtocol, GeminiLiveMeter),
     (RouteType.REALTIME, WireProtocol.OPENAI_LIVE): (LiveProtocol, LiveMeter),
 }
+
+
+def is_call(route: Route) -> bool:
+    """A POST that mints a call or session whose media bypasses the gateway (Realtime WebRTC and
+    SIP, GPT-Live's WebRTC creation): admitted and counted; usage is seen on a sideband only."""
+    return route.type is RouteType.REALTIME_CALLS or route.protocol is WireProtocol.OPENAI_LIVE
 
 
 def session_kind(route: Route) -> tuple[type[SessionProtocol], type[SessionMeter]] | None:
