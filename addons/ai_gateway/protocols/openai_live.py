@@ -29,15 +29,15 @@ from ai_gateway.protocols.json_events import decode_json, event_type
 from ai_gateway.protocols.openai_http import RESPONSES_FINAL_EVENTS, read_responses_event
 
 SESSION_START = "session.start"
-SESSION_CLOSE = "session.close"
 USAGE_UPDATED = "session.usage.updated"
 SESSION_CLOSED = "session.closed"
 RESPONSE_EVENT = "response.event"
 # Server events whose `session` names the model and the session id.
 SESSION_EVENTS = frozenset({"session.started", "session.updated"})
 METERED_SERVER_EVENTS = SESSION_EVENTS | {USAGE_UPDATED, SESSION_CLOSED, RESPONSE_EVENT, "error"}
-# What the gateway sends upstream to end a session it closes (a budget spent).
+# What the gateway sends upstream to end a session it closes (a budget spent, a session limit).
 CLOSE_EVENT = b'{"type":"session.close"}'
+MAX_REASON = 64  # characters of a close reason kept (the ledger's status): the SDK knows five short ones
 # A wrapped Responses event is decoded only if one of these could be its type.
 _FINAL_TYPES = tuple(f'"{kind}"'.encode() for kind in RESPONSES_FINAL_EVENTS)
 
@@ -78,7 +78,7 @@ def read_event(event: dict[str, Any]) -> UsageItem | None:
         if kind == USAGE_UPDATED:
             return SessionTime(usage)
         reason = event.get("reason")
-        return SessionTime(usage, closed=reason if isinstance(reason, str) and reason else "unknown")
+        return SessionTime(usage, closed=reason[:MAX_REASON] if isinstance(reason, str) and reason else "unknown")
     if kind == RESPONSE_EVENT:
         inner = event.get("event")
         return read_responses_event(inner) if isinstance(inner, dict) else None
