@@ -355,3 +355,29 @@ def test_arbitrary_bytes_never_raise(data, metadata):
     assert isinstance(realtime_view.prettify(data, metadata), str)
     result = strip_audio(data)
     assert result is None or isinstance(result, bytes)
+
+
+# GPT-Live
+
+
+@pytest.mark.parametrize("path", ["/v1/live/sessions", "/v1/live/sessions/sess_1/attach?graceful_close=true"])
+def test_gpt_live_events_show_audio_sizes_and_session_time(registry, path):
+    delta = show(frame(output_delta(b64(9600), "session.output_audio.delta")), path=path)
+    assert delta.view_name == VIEW and '"delta": "<audio pcm16 24 kHz: 9,600 bytes, 200 ms>"' in delta.text
+    append = show(frame({"audio": b64(48), "type": "session.input_audio.append"}), path=path, from_client=True)
+    assert append.view_name == VIEW and '"audio": "<audio pcm16 24 kHz: 48 bytes, 1 ms>"' in append.text
+    report = {"type": "session.usage.updated", "usage": {"seconds": 60.0, "active_seconds": 20, "paused_seconds": 40}}
+    assert show(frame(report), path=path).text.endswith(
+        "══ usage: session time so far ══\n60 s: 20 active, 40 paused (cumulative)"
+    )
+    closed = {"type": "session.closed", "reason": "expired", "session": {}, "usage": {"seconds": True}}
+    assert show(frame(closed), path=path).text.endswith(
+        "══ usage: session.closed, not metered ══\nsession.closed: seconds is True, expected seconds"
+    )
+
+
+def test_a_delegated_responses_completion_shows_its_usage_under_its_model(registry):
+    usage = {"input_tokens": 10, "output_tokens": 3}
+    completed = {"type": "response.completed", "response": {"id": "r1", "model": "gpt-5-mini", "usage": usage}}
+    shown = show(frame({"type": "response.event", "delegation_id": "d1", "event": completed}), path="/v1/live/sessions")
+    assert "══ usage: gpt-5-mini, completed ══\n" in shown.text

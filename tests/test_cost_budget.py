@@ -80,7 +80,10 @@ def catalog_info(samples) -> dict[str, tuple[str, str, float]]:
 
 def test_price_catalog_info_names_the_database_version_and_date(gateway):
     version = importlib.metadata.version("genai-prices")
-    assert catalog_info(scrape(gateway.metrics_url)) == {DATABASE: (version, DATABASE_RELEASES[version], 1.0)}
+    assert catalog_info(scrape(gateway.metrics_url)) == {
+        DATABASE: (version, DATABASE_RELEASES[version], 1.0),
+        "supplement-prices.yaml": ("", "2026-12-07", 1.0),
+    }
 
 
 def test_override_file_wins_over_the_database_end_to_end(tmp_path):
@@ -109,6 +112,7 @@ def test_override_file_wins_over_the_database_end_to_end(tmp_path):
     assert catalog_info(samples) == {
         "negotiated.yaml": ("", "2026-12-01", 1.0),
         DATABASE: (version, DATABASE_RELEASES[version], 1.0),
+        "supplement-prices.yaml": ("", "2026-12-07", 1.0),
     }
 
 

@@ -126,8 +126,10 @@ def test_setup_names_the_model_without_its_resource_path_in_text_or_binary_frame
     ("route", "error"),
     [
         ("type: Completions\n    protocol: gemini-live", "p.yaml:4: routes./x.type: expected Realtime for protocol gemini-live"),
-        ("type: Realtime\n    protocol: grpc", "p.yaml:5: routes./x.protocol: expected one of openai, gemini-live, got 'grpc'"),
+        ("type: Realtime\n    protocol: grpc", "p.yaml:5: routes./x.protocol: expected one of openai, gemini-live, openai-live, got 'grpc'"),
         ("type: Realtime\n    protocol: gemini-live\n    model: m", "p.yaml:6: routes./x.model: not supported for protocol gemini-live"),
+        ("type: Realtime\n    protocol: openai-live\n    model: m", "p.yaml:6: routes./x.model: not supported for protocol openai-live"),
+        ("type: Responses\n    protocol: openai-live", "p.yaml:4: routes./x.type: expected Realtime for protocol openai-live"),
         ("type: Realtime\n    provider: 3", "p.yaml:5: routes./x.provider: expected a non-empty string, got int 3"),
     ],
 )  # fmt: skip

@@ -33,6 +33,7 @@ from ai_gateway.accounting.usage import (
     EMBEDDINGS_USAGE,
     MODALITIES,
     DurationUsage,
+    SessionSeconds,
     TokenUsage,
     parse_realtime_usage,
     parse_transcription_usage,
@@ -128,7 +129,8 @@ def test_the_database_version_is_the_pinned_one_and_dated():
     version = importlib.metadata.version("genai-prices")
     assert f"genai-prices=={version}\n" in (ROOT / "constraints.txt").read_text()
     assert f'"genai-prices=={version}"' in (ROOT / "pyproject.toml").read_text()
-    (source,) = OPENAI.sources
+    source, supplement = OPENAI.sources
+    assert supplement == ("supplement-prices.yaml", "", "2026-12-07")
     assert source == (DATABASE, version, DATABASE_RELEASES[version])
     assert date.fromisoformat(source.data_date)
     assert f"genai-prices {version}" in README and source.data_date in README
@@ -364,7 +366,7 @@ def test_override_file_wins_for_the_models_it_lists_and_their_snapshots(tmp_path
     assert catalog.cost("gpt-realtime", audio) == (pytest.approx(1.0), PRICED)
     # a model the file does not list comes from the database
     assert catalog.resolve("gpt-realtime-mini").source == DATABASE
-    assert [s.source for s in catalog.sources] == ["negotiated.yaml", DATABASE]
+    assert [s.source for s in catalog.sources] == ["negotiated.yaml", DATABASE, "supplement-prices.yaml"]
     assert catalog.sources[0].data_date == "2026-12-01"
 
 
@@ -582,6 +584,26 @@ def test_invalid_catalogs_name_file_line_key_and_expectation(text, expected):
 def test_unreadable_file_is_a_policy_error(tmp_path):
     with pytest.raises(PolicyError, match=r"missing\.yaml: cannot read price catalog"):
         load_catalog(tmp_path / "missing.yaml")
+
+
+def test_session_time_is_priced_per_second_at_per_minute_rates():
+    file = parse_catalog(HEAD + "  live-x: {session_minute: 0.06, paused_session_minute: 0.012}\n", "p.yaml")
+    prices = file.models["live-x"]
+    assert cost_usd(SessionSeconds(61.0, 30.0), prices) == pytest.approx(61 * 0.001 + 30 * 0.0002)
+    # No paused rate: paused time at the session rate; no session rate: at audio_minute (the database's form).
+    assert cost_usd(SessionSeconds(1.0, 1.0), ModelPrices(session_minute=0.06)) == pytest.approx(0.002)
+    assert cost_usd(SessionSeconds(60.0), ModelPrices(audio_minute=0.05)) == pytest.approx(0.05)
+    with pytest.raises(UnpricedUsage, match="no session_minute rate for 3 s"):
+        cost_usd(SessionSeconds(3.0), ModelPrices(input=1.0))
+    with pytest.raises(PolicyError, match="expected a non-negative number of USD per minute of session time"):
+        parse_catalog(HEAD + "  live-x: {session_minute: -1}\n", "p.yaml")
+
+
+def test_the_supplement_prices_what_the_database_lacks_and_only_that():
+    assert OPENAI.resolve("gpt-live-1.1").prices == ModelPrices(session_minute=0.05, paused_session_minute=0.02)
+    assert OPENAI.resolve("gpt-live-1").source == DATABASE  # listed there ($3 per hour as audio_hours)
+    assert OPENAI.cost("gpt-live-1", SessionSeconds(30.0, 30.0)) == (pytest.approx(0.05), PRICED)
+    assert catalog_for("gcp.gemini", None).resolve("gpt-live-1.1") is None
 
 
 def test_yaml_number_spellings_are_rates():

@@ -49,7 +49,7 @@ def response_fields(record: ResponseRecord) -> dict[str, Any]:
 
 
 def session_fields(record: SessionRecord) -> dict[str, Any]:
-    return {
+    fields = {
         "time": _time(record.end),
         "event": "session",
         "route": record.route_type,
@@ -68,6 +68,9 @@ def session_fields(record: SessionRecord) -> dict[str, Any]:
         "error_type": record.error_type or None,
         "flow_id": record.flow_id,
     }
+    if record.session_seconds is not None:  # a session billed by the second: its time, and how it ended
+        fields |= {"session_seconds": record.session_seconds, "close_reason": record.close_reason}
+    return fields
 
 
 class _Clock:

@@ -23,7 +23,7 @@ from ai_gateway.accounting.metrics import UNKNOWN, GatewayMetrics, ModelLabels, 
 from ai_gateway.accounting.observer import NO_OBSERVER, Observer
 from ai_gateway.accounting.pricing import PriceCatalog
 from ai_gateway.accounting.shared_limits import KeyView, SharedLimits
-from ai_gateway.accounting.usage import CharacterUsage, DurationUsage, TokenUsage
+from ai_gateway.accounting.usage import CharacterUsage, DurationUsage, SessionSeconds, TokenUsage
 
 # While the ledger cannot be written and `gateway_usage_log_on_error` is `refuse`: nothing new starts.
 LEDGER_REFUSAL = Refusal(USAGE_LOG, "usage_log_unavailable", 1.0)
@@ -82,13 +82,15 @@ class Accounting:
         self,
         source: Source,
         labels: ModelLabels,
-        usage: TokenUsage | DurationUsage | CharacterUsage,
+        usage: TokenUsage | DurationUsage | CharacterUsage | SessionSeconds,
         status: str | None = None,
         response_id: str | None = None,
         ticket: Ticket | None = None,
+        ledgered: bool = True,
     ) -> Billed:
         """Record one response's (or transcription's) usage; returns its series (for latency
-        figures) and its cost at catalog prices (None: unpriced)."""
+        figures) and its cost at catalog prices (None: unpriced). Not `ledgered`: the meter writes
+        the ledger line itself (`ledger_line`), as a GPT-Live session does once for all its time."""
         series = self.metrics.series(labels)
         series.record(usage)
         if status is not None:
@@ -97,12 +99,25 @@ class Accounting:
         if self.catalog is not None:
             cost, lookup = self.catalog.cost(pricing_model(labels, source.session), usage)
             series.priced(lookup, cost)
-        if self.ledger is not None and not self.ledger.append(source, labels, usage, status, response_id, cost):
-            self.metrics.usage_log_errors.inc()
+        if ledgered:
+            self.ledger_line(source, labels, usage, status, response_id, cost)
         if self.control is not None:
             tokens = usage.input + (usage.output or 0) if isinstance(usage, TokenUsage) else 0
             self.settle(source, ticket, tokens, cost or 0.0)
         return Billed(series, cost)
+
+    def ledger_line(
+        self,
+        source: Source,
+        labels: ModelLabels,
+        usage: TokenUsage | DurationUsage | CharacterUsage | SessionSeconds,
+        status: str | None,
+        response_id: str | None,
+        cost: float | None,
+    ) -> None:
+        """One line in the usage ledger, when one is written; a line it could not write is counted."""
+        if self.ledger is not None and not self.ledger.append(source, labels, usage, status, response_id, cost):
+            self.metrics.usage_log_errors.inc()
 
     def unbilled(
         self, source: Source, labels: ModelLabels, status: str, response_id: str | None, reason: str

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ai_gateway.accounting.usage import DurationUsage, TokenUsage
+from ai_gateway.accounting.usage import DurationUsage, SessionSeconds, TokenUsage
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +97,15 @@ class UpstreamError:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionTime:
+    """Billable session time so far (GPT-Live `session.usage.updated`, `session.closed`): cumulative,
+    so the meter bills what it adds to the report before. `closed` is the reason of the final one."""
+
+    usage: SessionSeconds
+    closed: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Malformed:
     """A frame or body that looked metered but could not be read; reason is a short label value."""
 
@@ -115,5 +124,6 @@ UsageItem = (
     | SpeechInput
     | RateLimits
     | UpstreamError
+    | SessionTime
     | Malformed
 )

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ai_gateway.accounting.metrics import ModelLabels
-from ai_gateway.accounting.usage import CharacterUsage, DurationUsage, TokenUsage
+from ai_gateway.accounting.usage import CharacterUsage, DurationUsage, SessionSeconds, TokenUsage
 
 CONTINUE, REFUSE = "continue", "refuse"
 USAGE_LOG = "usage_log"  # the refusal scope while the ledger cannot be written (`refuse`)
@@ -36,7 +36,7 @@ class Source:
     session: bool = False  # a WebSocket session (its flow id is the session's), not one HTTP exchange
 
 
-Usage = TokenUsage | DurationUsage | CharacterUsage
+Usage = TokenUsage | DurationUsage | CharacterUsage | SessionSeconds
 
 
 def usage_fields(usage: Usage | None) -> dict[str, Any]:
@@ -46,6 +46,8 @@ def usage_fields(usage: Usage | None) -> dict[str, Any]:
         return {"audio_seconds": usage.seconds}
     if isinstance(usage, CharacterUsage):
         return {"input_characters": usage.characters}
+    if isinstance(usage, SessionSeconds):
+        return {"session_seconds": usage.seconds, "active_seconds": usage.active, "paused_seconds": usage.paused}
     fields: dict[str, Any] = {"input_tokens": usage.input, "output_tokens": usage.output}
     optional = {
         "cached_tokens": usage.cache_read,

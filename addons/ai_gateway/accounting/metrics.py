@@ -19,7 +19,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import RestrictedRegistry
 
-from ai_gateway.accounting.usage import CharacterUsage, DurationUsage, TokenUsage
+from ai_gateway.accounting.usage import CharacterUsage, DurationUsage, SessionSeconds, TokenUsage
 
 # OpenTelemetry GenAI semantic conventions' advisory buckets, as agentgateway uses them.
 STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -131,6 +131,13 @@ class GatewayMetrics:
             f"{prefix}_gen_ai_client_transcription_audio_seconds",
             "Seconds of input audio transcribed, for transcription billed by duration.",
             MODEL_LABELS,
+            registry=self.registry,
+        )
+        self.session_seconds = Counter(
+            f"{prefix}_gen_ai_client_session_seconds",
+            "Seconds of session time billed by the second (GPT-Live), by kind: active, or paused (standby,"
+            " priced at its own rate where the model has one).",
+            ("kind", *MODEL_LABELS),
             registry=self.registry,
         )
         self.speech_characters = Counter(
@@ -380,8 +387,12 @@ class Series:
             child = self._children[family, first, last] = self._metrics.child(family, self._values, first, last)
         return child
 
-    def record(self, usage: TokenUsage | DurationUsage | CharacterUsage) -> None:
+    def record(self, usage: TokenUsage | DurationUsage | CharacterUsage | SessionSeconds) -> None:
         metrics = self._metrics
+        if isinstance(usage, SessionSeconds):
+            self._child(metrics.session_seconds, "active").inc(usage.active)
+            self._child(metrics.session_seconds, "paused").inc(usage.paused)
+            return
         if isinstance(usage, DurationUsage):
             self._child(metrics.transcription_seconds).inc(usage.seconds)
             return

@@ -67,6 +67,8 @@ class SessionRecord:
     close_code: int | None
     closed_by: str
     error_type: str = ""
+    session_seconds: float | None = None  # billed by the second (GPT-Live)
+    close_reason: str | None = None  # GPT-Live: session.closed's reason, or `unclosed` without one
 
 
 class Observer:

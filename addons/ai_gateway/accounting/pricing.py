@@ -1,6 +1,6 @@
 """Model prices, and what one metered usage costs at them.
 
-Rates come from two sources, asked in this order for each model:
+Rates come from three sources, asked in this order for each model:
 
 1. the policy's `prices:` file, if it names one: an OVERRIDE for negotiated, Azure or missing
    prices. A model listed there is priced by that entry alone (it replaces the database's rates
@@ -10,7 +10,11 @@ Rates come from two sources, asked in this order for each model:
    the gateway never starts that, and reads `genai_prices.data.providers` rather than the
    package's process-wide snapshot, so another library starting an update in the same process
    cannot change the gateway's rates either. The provider is the policy's `provider:` (its
-   gen_ai_system), mapped to the database's provider ids by SYSTEM_PROVIDERS.
+   gen_ai_system), mapped to the database's provider ids by SYSTEM_PROVIDERS;
+3. for OpenAI and Azure, the gateway's own supplement (policies/supplement-prices.yaml, the same
+   format): list prices of models the database lacks (gpt-live-1.1 and its standby rate), each
+   with where it was read. The database wins where it lists a model; the supplement is a stopgap
+   until a release of it does.
 
 The override file is validated on the node tree like the policy, so that a typo in a price is
 reported as "prices.yaml:12: models.gpt-realtime.audio_input: ...":
@@ -23,9 +27,15 @@ reported as "prices.yaml:12: models.gpt-realtime.audio_input: ...":
         audio_input / cached_audio_input / audio_output     # audio, USD per 1M tokens
         image_input / cached_image_input / image_output     # image, USD per 1M tokens
         audio_minute                                        # USD per minute of audio (duration-billed transcription)
+        session_minute / paused_session_minute              # USD per minute of session time (GPT-Live), per second
 
-Duration is priced per minute because that is how OpenAI lists it (whisper-1: $0.006/min); a
-per-second figure would be a conversion someone gets wrong when updating the file.
+Duration is priced per minute because that is how OpenAI lists it (whisper-1: $0.006/min,
+gpt-live-1: $0.05/min billed per second); a per-second figure ($0.000833...) would be a
+conversion someone gets wrong when updating the file. Session time is billed per second at those
+rates, not rounded: SessionSeconds costs active / 60 * session_minute + paused / 60 *
+paused_session_minute; a model without a paused rate bills paused time at its session rate, and
+one without a session rate at audio_minute (genai-prices lists gpt-live-1's per-second price as
+audio_hours).
 
 Model resolution. In the file: a model is priced under its own name if listed, else under its
 name without a trailing `-YYYY-MM-DD` snapshot date (`gpt-realtime-2025-08-28` -> `gpt-realtime`).
@@ -88,7 +98,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from yaml.constructor import SafeConstructor
 from yaml.nodes import Node, ScalarNode
 
-from ai_gateway.accounting.usage import MODALITIES, CharacterUsage, DurationUsage, TokenUsage
+from ai_gateway.accounting.usage import MODALITIES, CharacterUsage, DurationUsage, SessionSeconds, TokenUsage
 from ai_gateway.config.policy import (
     DEFAULT_MAX_CONFIG_BYTES,
     DEFAULT_POLICY,
@@ -103,11 +113,17 @@ if TYPE_CHECKING:
     from genai_prices.types import ModelInfo, Provider
 
 DEFAULT_PRICES = DEFAULT_POLICY.with_name("prices.yaml")
+SUPPLEMENT_PRICES = DEFAULT_POLICY.with_name("supplement-prices.yaml")
+# The systems whose models the supplement prices: OpenAI's, also served by Azure.
+SUPPLEMENTED_SYSTEMS = frozenset({"openai", "azure.ai.openai"})
 
 PRICED = "priced"
 UNPRICED = "unpriced"
 
 DURATION_RATE = "audio_minute"
+SESSION_RATE, PAUSED_RATE = "session_minute", "paused_session_minute"
+# Rates per minute, of audio or of session time: the rates a model may have without token rates.
+MINUTE_RATES = frozenset({DURATION_RATE, SESSION_RATE, PAUSED_RATE})
 TOKEN_KINDS = ("input", "cached_input", "output")
 COUNT_KEYS = tuple((m, k) for m in MODALITIES for k in TOKEN_KINDS)
 MAX_RESOLVED = 4096
@@ -186,6 +202,8 @@ class ModelPrices:
     cached_image_input: float | None = None
     image_output: float | None = None
     audio_minute: float | None = None
+    session_minute: float | None = None
+    paused_session_minute: float | None = None
     tiers: tuple[tuple[int, ModelPrices], ...] = ()
     # The rate each (modality, kind) of COUNT_KEYS is billed at, fallbacks applied once: pricing
     # runs on every response.
@@ -345,9 +363,11 @@ class PriceCatalog:
         file: PriceFile | None = None,
         database: PriceDatabase | None = None,
         clock: Callable[[], float] = time.time,
+        supplement: PriceFile | None = None,
     ) -> None:
         self.file = file
         self.database = database
+        self.supplement = supplement
         self.clock = clock  # the day a usage is priced for: dated prices change on it
         self._resolved: dict[str, PricedAs | None] = {}
         self._expires = math.inf  # when a resolved database rate changes: resolve again from then
@@ -355,7 +375,7 @@ class PriceCatalog:
     @property
     def sources(self) -> tuple[CatalogSource, ...]:
         """Where the rates come from, override first (the info metric's series)."""
-        return tuple(s.describe() for s in (self.file, self.database) if s is not None)
+        return tuple(s.describe() for s in (self.file, self.database, self.supplement) if s is not None)
 
     def resolve(self, model: str) -> PricedAs | None:
         """The source and entry a model is priced by, or None when no source lists it."""
@@ -369,6 +389,8 @@ class PriceCatalog:
             if found is not None:
                 priced, expires = found
                 self._expires = min(self._expires, expires)
+        if priced is None and self.supplement is not None:
+            priced = self.supplement.find(model)
         self._resolved[model] = priced
         return priced
 
@@ -381,7 +403,9 @@ class PriceCatalog:
         prices = self.price(model)
         return prices, PRICED if prices is not None else UNPRICED
 
-    def cost(self, model: str, usage: TokenUsage | DurationUsage | CharacterUsage) -> tuple[float | None, str]:
+    def cost(
+        self, model: str, usage: TokenUsage | DurationUsage | CharacterUsage | SessionSeconds
+    ) -> tuple[float | None, str]:
         """What a usage costs and the lookup status; None and `unpriced` when it cannot be priced.
 
         The one call metering needs: it never raises, so a gap in the catalog cannot break metering.
@@ -401,14 +425,18 @@ class PriceCatalog:
 def catalog_for(
     system: str, prices: str | os.PathLike[str] | None, max_bytes: int = DEFAULT_MAX_CONFIG_BYTES
 ) -> PriceCatalog:
-    """A policy's catalog: its override file, if any, over the database's rates for its provider.
+    """A policy's catalog: its override file, if any, over the database's rates for its provider,
+    over the gateway's supplement for OpenAI's models.
 
     Raises PolicyError (one line) for an invalid override file, or one over `max_bytes`.
     """
-    return PriceCatalog(load_catalog(prices, max_bytes) if prices is not None else None, database_for(system))
+    supplement = load_catalog(SUPPLEMENT_PRICES) if system in SUPPLEMENTED_SYSTEMS else None
+    return PriceCatalog(
+        load_catalog(prices, max_bytes) if prices is not None else None, database_for(system), supplement=supplement
+    )
 
 
-def cost_usd(usage: TokenUsage | DurationUsage | CharacterUsage, prices: ModelPrices) -> float:
+def cost_usd(usage: TokenUsage | DurationUsage | CharacterUsage | SessionSeconds, prices: ModelPrices) -> float:
     """USD for one usage at a model's prices (formula in the module docstring).
 
     Raises UnpricedUsage when a non-zero count has no rate, even after fallbacks; characters of
@@ -422,6 +450,8 @@ def cost_usd(usage: TokenUsage | DurationUsage | CharacterUsage, prices: ModelPr
         if usage.seconds and prices.audio_minute is None:
             raise UnpricedUsage(f"no {DURATION_RATE} rate for {usage.seconds:g} s")
         return usage.seconds / 60 * (prices.audio_minute or 0.0)
+    if isinstance(usage, SessionSeconds):
+        return session_cost(usage, prices)
     if prices.tiers:
         prices = prices.tier(usage.input)
     total = 0.0
@@ -431,6 +461,16 @@ def cost_usd(usage: TokenUsage | DurationUsage | CharacterUsage, prices: ModelPr
                 raise UnpricedUsage(f"no {rate_name(*key)} rate for {n}")
             total += n * rate
     return total / PER_MILLION
+
+
+def session_cost(usage: SessionSeconds, prices: ModelPrices) -> float:
+    """Seconds of session time at the model's per-minute rates (fallbacks in the module docstring)."""
+    active = prices.session_minute if prices.session_minute is not None else prices.audio_minute
+    paused = prices.paused_session_minute if prices.paused_session_minute is not None else active
+    for seconds, rate, name in ((usage.active, active, SESSION_RATE), (usage.paused, paused, PAUSED_RATE)):
+        if seconds and rate is None:
+            raise UnpricedUsage(f"no {name} rate for {seconds:g} s")
+    return (usage.active * (active or 0.0) + usage.paused * (paused or 0.0)) / 60
 
 
 def _token_counts(usage: TokenUsage) -> tuple[int, ...]:
@@ -507,7 +547,7 @@ class _CatalogValidator(Validator):
         items = self.mapping(key, node, RATE_KEYS)
         if not items:
             raise self.fail(key, node, f"expected at least one rate of {', '.join(RATE_KEYS)}")
-        if items.keys() - {DURATION_RATE}:
+        if items.keys() - MINUTE_RATES:
             self.require(
                 items, key, node, {"input": "USD per 1M text input tokens, which other token rates fall back to"}
             )
@@ -516,7 +556,8 @@ class _CatalogValidator(Validator):
     def rate(self, key: str, name: str, node: Node) -> float:
         value = _number(node)
         if value is None or not (math.isfinite(value) and value >= 0):
-            unit = "USD per minute of audio" if name == DURATION_RATE else "USD per 1M tokens"
+            units = {DURATION_RATE: "USD per minute of audio", SESSION_RATE: "USD per minute of session time"}
+            unit = units.get(name, "USD per minute paused" if name == PAUSED_RATE else "USD per 1M tokens")
             raise self.fail(key, node, f"expected a non-negative number of {unit}, got {describe(node)}")
         return value
 

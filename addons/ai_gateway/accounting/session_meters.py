@@ -1,15 +1,15 @@
 """Per-session WebSocket accounting: which models a session uses, and what each usage item bills.
 
 A protocol adapter turns each frame into usage items; the session's meter bills them, in order,
-as the frames are relayed. Two protocols run over WebSockets so far: the Realtime API, and the
-Responses API's WebSocket mode.
+as the frames are relayed: the Realtime API, the Responses API's WebSocket mode, Gemini Live,
+and GPT-Live (billed by the second).
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ai_gateway.accounting.billing import Accounting
 from ai_gateway.accounting.items import (
@@ -20,6 +20,7 @@ from ai_gateway.accounting.items import (
     ResponseRequested,
     ResponseStarted,
     SessionModels,
+    SessionTime,
     TranscriptionDone,
     TurnEnded,
     UpstreamError,
@@ -30,7 +31,7 @@ from ai_gateway.accounting.limits import Refusal, Ticket
 from ai_gateway.accounting.metrics import UNKNOWN, ModelLabels, Series
 from ai_gateway.accounting.observer import ResponseRecord, SessionRecord
 from ai_gateway.accounting.turns import NO_TIMING, ResponseClock, ResponseTiming
-from ai_gateway.accounting.usage import TokenUsage
+from ai_gateway.accounting.usage import SessionSeconds, TokenUsage
 
 REALTIME = "realtime"
 TRANSCRIPTION = "transcription"
@@ -51,6 +52,7 @@ class SessionTotals:
     cached: int = 0
     output: int = 0
     transcription_seconds: float = 0.0
+    session_seconds: float = 0.0  # billed by the second (GPT-Live)
     errors: int = 0
     model: str = UNKNOWN
     cost: float = 0.0
@@ -77,6 +79,8 @@ class SessionTotals:
         ]
         if self.transcription_seconds:
             parts.append(f"{self.transcription_seconds:,.1f} s transcribed")
+        if self.session_seconds:
+            parts.append(f"{self.session_seconds:,.0f} s of session")
         if self.cost:
             parts.append(f"${self.cost:,.4f}")
         if self.ttft is not None:
@@ -419,3 +423,100 @@ class GeminiLiveMeter(RealtimeMeter):
         if outcome is None and isinstance(item, ResponseDone):
             return self.accounting.refusal(self.source)
         return outcome
+
+
+UNCLOSED = "unclosed"  # the ledger status of a GPT-Live session that ended without session.closed
+
+
+class LiveMeter(SessionMeter):
+    """Meters a GPT-Live session: its time by the second, and the Responses calls it delegates.
+
+    The upstream reports time cumulatively, so each report bills what it adds to the last one
+    (never the sum of reports); a report lower than the last is not billed and counts as a parse
+    error. Metrics, cost and budgets follow every report; the ledger gets one line for the whole
+    session when it ends, its status the reason of `session.closed`, or `unclosed` when the session
+    ended without one (its last report is what was billed). Delegated responses are billed as they
+    finish, under their own model, one ledger line each.
+
+    Like Gemini Live, GPT-Live has no request per response to refuse: the report (or delegated
+    response) that leaves the session or its key without budget returns the refusal, and the addon
+    closes the session."""
+
+    in_flight = False  # a client hanging up is how a live session ends
+
+    def __init__(self, accounting: Accounting, source: Source, system: str, request_model: str) -> None:
+        super().__init__(accounting, source, system, request_model)
+        self.reported = SessionSeconds(0.0)  # the last cumulative report, all billed
+        self.reports = 0
+        self.cost: float | None = 0.0  # of the time billed so far; None once a part of it was unpriced
+        self.closed: str | None = None  # the reason of session.closed
+        self.ledgered = False
+
+    def apply(self, item: UsageItem) -> Malformed | Refusal | None:
+        match item:
+            case SessionModels(model=model) if model:
+                if self.request_model == UNKNOWN:  # the client's session.start, or a sideband's first event
+                    self.request_model = model
+                self.totals.model = model
+                self.session_id = item.session_id or self.session_id
+                self.totals.changed = True
+            case SessionTime(usage=usage, closed=closed):
+                if self.closed is not None:
+                    return None  # nothing is billed after the final report
+                problem = self.report(usage)
+                self.closed = closed
+                return problem or self.accounting.refusal(self.source)
+            case ResponseDone(response_model=response_model):
+                labels = ModelLabels(CHAT, self.system, response_model, response_model)
+                if self.finished(labels, item, None) is not None:
+                    return self.accounting.refusal(self.source)
+            case UpstreamError():
+                self.totals.error()
+                self.accounting.error(self.source, "error_event")
+            case Malformed():
+                return self.problem(item)
+        return None
+
+    def report(self, usage: SessionSeconds) -> Malformed | None:
+        """A cumulative report: what it adds to the last one is billed now."""
+        added = increase(self.reported, usage)
+        if added is None:
+            return self.problem(
+                Malformed("usage_decreased", f"{usage.seconds:g} s reported after {self.reported.seconds:g} s")
+            )
+        self.reports += 1
+        self.reported = SessionSeconds(self.reported.active + added.active, self.reported.paused + added.paused)
+        if added.seconds:
+            labels = self.labels()
+            _, cost = self.accounting.bill(self.source, labels, added, ledgered=False)
+            self.cost = None if cost is None or self.cost is None else self.cost + cost
+            self.totals.cost += cost or 0.0
+            self.totals.session_seconds = self.reported.seconds
+            self.totals.changed = True
+        return None
+
+    def labels(self) -> ModelLabels:
+        return ModelLabels(REALTIME, self.system, self.request_model, self.totals.model)
+
+    def close(self) -> None:
+        """The session ended: its ledger line, once, if the upstream ever reported its time."""
+        if self.reports and not self.ledgered:
+            status = self.closed or UNCLOSED
+            self.accounting.ledger_line(self.source, self.labels(), self.reported, status, self.session_id, self.cost)
+            self.ledgered = True
+
+    def ended(self, close_code: int | None, closed_by_client: bool, error_type: str) -> SessionRecord:
+        """The session's totals with its billed seconds and how it ended (`unclosed`: no session.closed)."""
+        record = super().ended(close_code, closed_by_client, error_type)
+        return replace(record, session_seconds=self.reported.seconds, close_reason=self.closed or UNCLOSED)
+
+
+def increase(last: SessionSeconds, report: SessionSeconds) -> SessionSeconds | None:
+    """What a cumulative report adds to the last one; None when it is lower (nothing to bill).
+
+    A report without a breakdown (all active) after one with paused time keeps that paused time:
+    its growth is active time."""
+    if not report.paused and last.paused:
+        report = SessionSeconds(report.seconds - last.paused, last.paused)
+    added = SessionSeconds(report.active - last.active, report.paused - last.paused)
+    return None if added.active < 0 or added.paused < 0 else added

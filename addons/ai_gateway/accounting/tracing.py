@@ -248,6 +248,8 @@ class Tracing(Observer):
                 **optional("gen_ai.conversation.id", record.conversation_id),
                 **optional("gen_ai.response.model", record.response_model),
                 **optional("ai_gateway.client_key", record.client_key),
+                **optional("ai_gateway.session.seconds", record.session_seconds),
+                **optional("ai_gateway.session.close_reason", record.close_reason),
             }
         )
         finish(span, record.end, record.error_type)

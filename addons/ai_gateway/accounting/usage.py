@@ -106,6 +106,20 @@ class DurationUsage:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionSeconds:
+    """Seconds of session time billed by the second (GPT-Live): active, and paused (standby), which
+    a model may price lower. One report's figures or one increase of them, never summed by the
+    upstream: its reports are cumulative."""
+
+    active: float
+    paused: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return self.active + self.paused
+
+
+@dataclass(frozen=True, slots=True)
 class CharacterUsage:
     """Speech billed by characters of input (tts-1): what a speech request's `input` had, counted
     by the gateway, because the audio response reports no usage."""
@@ -197,3 +211,29 @@ def parse_transcription_usage(usage: Any) -> TokenUsage | DurationUsage:
     if kind == "tokens":
         return parse_realtime_usage(usage)
     raise InvalidUsage(f"usage type is {kind!r}, expected tokens or duration")
+
+
+def parse_session_usage(usage: Any) -> SessionSeconds:
+    """A GPT-Live `usage` object (`seconds`, optional `active_seconds` and `paused_seconds`): the
+    cumulative billable time. Without a breakdown every second is active; with one, the parts
+    must add up to `seconds`. Numbers may be floats (`5.0` occurs); bools and negatives are not."""
+    usage = require_object(usage)
+    seconds = _seconds(usage, "seconds")
+    assert seconds is not None
+    active, paused = _seconds(usage, "active_seconds", False), _seconds(usage, "paused_seconds", False)
+    if active is None and paused is None:
+        return SessionSeconds(seconds)
+    active = seconds - (paused or 0.0) if active is None else active
+    paused = seconds - active if paused is None else paused
+    if active < 0 or paused < 0 or abs(active + paused - seconds) > 1e-6:
+        raise InvalidUsage(f"active {active:g} and paused {paused:g} seconds do not add up to {seconds:g}")
+    return SessionSeconds(active, paused)
+
+
+def _seconds(usage: Mapping[str, Any], key: str, required: bool = True) -> float | None:
+    value = usage.get(key)
+    if value is None and not required:
+        return None
+    if type(value) not in (int, float) or not 0 <= value <= MAX_SECONDS:
+        raise InvalidUsage(f"{key} is {value!r}, expected seconds")
+    return float(value)

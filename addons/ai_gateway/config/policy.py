@@ -61,10 +61,19 @@ class WireProtocol(enum.StrEnum):
 
     OPENAI = "openai"  # OpenAI's APIs and the servers speaking their dialects (Azure, xAI, Qwen, vLLM)
     GEMINI_LIVE = "gemini-live"  # Google's BidiGenerateContent (AI Studio and Vertex AI)
+    OPENAI_LIVE = "openai-live"  # OpenAI's GPT-Live (/live/sessions and its sideband), billed per second
 
 
 # Route types each non-default protocol can meter.
-PROTOCOL_ROUTE_TYPES = {WireProtocol.GEMINI_LIVE: (RouteType.REALTIME,)}
+PROTOCOL_ROUTE_TYPES = {
+    WireProtocol.GEMINI_LIVE: (RouteType.REALTIME,),
+    WireProtocol.OPENAI_LIVE: (RouteType.REALTIME,),
+}
+# Protocols whose client names the model in its first message: a route's `model` cannot apply.
+MODEL_IN_FIRST_MESSAGE = {
+    WireProtocol.GEMINI_LIVE: "the client's setup message names the model",
+    WireProtocol.OPENAI_LIVE: "the client's session.start names the model",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -536,11 +545,11 @@ class Validator:
         if allowed is not None and route_type not in allowed:
             expected = " or ".join(t.value for t in allowed)
             raise self.fail(f"{key}.type", items["type"][1], f"expected {expected} for protocol {protocol}")
-        if protocol is WireProtocol.GEMINI_LIVE and "model" in items:
+        if protocol in MODEL_IN_FIRST_MESSAGE and "model" in items:
             raise self.fail(
                 f"{key}.model",
                 items["model"][1],
-                "not supported for protocol gemini-live (the client's setup message names the model)",
+                f"not supported for protocol {protocol} ({MODEL_IN_FIRST_MESSAGE[protocol]})",
             )
         return Route(
             suffix,

@@ -17,7 +17,7 @@ from mitmproxy import http
 from mitmproxy.contentviews import Contentview, Metadata, SyntaxHighlight
 from mitmproxy.utils import strutils
 
-from ai_gateway.accounting.items import Malformed, ResponseDone
+from ai_gateway.accounting.items import Malformed, ResponseDone, SessionTime, UsageItem
 from ai_gateway.accounting.usage import (
     MODALITIES,
     DurationUsage,
@@ -28,6 +28,7 @@ from ai_gateway.accounting.usage import (
 )
 from ai_gateway.protocols.json_events import decode_json, event_type
 from ai_gateway.protocols.openai_http import read_completions_chunk, read_responses_event
+from ai_gateway.protocols.openai_live import RESPONSE_EVENT, SESSION_CLOSED, USAGE_UPDATED, read_event
 from ai_gateway.protocols.openai_realtime import (
     RESPONSE_DONE,
     TRANSCRIPTION_COMPLETED,
@@ -44,6 +45,7 @@ HEXDUMP_BYTES = 4096
 _OPENAI_NAMESPACES = frozenset(
     {
         "conversation",
+        "decision",  # GPT-Live's, as its session, response and transport events
         "error",
         "input_audio_buffer",
         "mcp_list_tools",
@@ -52,6 +54,7 @@ _OPENAI_NAMESPACES = frozenset(
         "response",
         "session",
         "transcription_session",
+        "transport",
     }
 )
 # An OpenAI stream shows itself in its first data line: a Chat Completions chunk or a Responses event.
@@ -59,6 +62,7 @@ _OPENAI_SSE = re.compile(
     rb'^data: ?\{[^\n]*?(?:"object"\s*:\s*"chat\.completion\.chunk"|"type"\s*:\s*"response\.)', re.MULTILINE
 )
 _SSE_SNIFF_BYTES = 4096
+_LIVE_SIDEBAND = re.compile(r"/live/sessions/[^/]+/attach\Z")
 
 
 class RealtimeView(Contentview):
@@ -97,8 +101,9 @@ def _is_openai_event(data: bytes) -> bool:
 
 
 def _is_realtime_path(flow: http.HTTPFlow) -> bool:
-    """A Realtime socket's frames are all ours, including client events that put their type last."""
-    return flow.request.path.split("?", 1)[0].rstrip("/").endswith("/realtime")
+    """A Realtime (or GPT-Live) socket's frames are all ours, including client events that put their type last."""
+    path = flow.request.path.split("?", 1)[0].rstrip("/")
+    return path.endswith(("/realtime", "/live/sessions")) or _LIVE_SIDEBAND.search(path) is not None
 
 
 def _render_frame(data: bytes) -> str:
@@ -161,8 +166,12 @@ def _usage_block(event: dict[str, Any]) -> str | None:
             return _banner(f"{RESPONSE_DONE}, {done.status}", _usage_table(done.usage))
         if kind == TRANSCRIPTION_COMPLETED:
             return _banner("transcription", _transcription_lines(parse_transcription_usage(event.get("usage"))))
+        if kind in (USAGE_UPDATED, SESSION_CLOSED):
+            return _session_time(kind, read_event(event))
     except (InvalidEvent, InvalidUsage) as e:
         return _banner(f"{kind}, not metered", [str(e)])
+    if kind == RESPONSE_EVENT and isinstance(event.get("event"), dict):
+        event = event["event"]  # a Responses event GPT-Live delegated: billed as any
     billed = read_completions_chunk(event) if event.get("object") == COMPLETIONS_CHUNK else read_responses_event(event)
     if isinstance(billed, ResponseDone):
         title = f"{billed.response_model or 'model unknown'}, {billed.status}"
@@ -172,6 +181,15 @@ def _usage_block(event: dict[str, Any]) -> str | None:
     if isinstance(billed, Malformed):
         return _banner("not metered", [f"{billed.reason}: {billed.detail}"])
     return None
+
+
+def _session_time(kind: str, item: UsageItem | None) -> str:
+    """GPT-Live's cumulative session time: the gateway bills what it adds to the report before."""
+    if not isinstance(item, SessionTime):
+        return _banner(f"{kind}, not metered", [item.detail if isinstance(item, Malformed) else "no usage"])
+    usage = item.usage
+    title = "session time so far" if item.closed is None else f"session time, final ({item.closed})"
+    return _banner(title, [f"{usage.seconds:g} s: {usage.active:g} active, {usage.paused:g} paused (cumulative)"])
 
 
 def _unread_usage(event: dict[str, Any]) -> str:

@@ -23,6 +23,8 @@ AUDIO_FIELDS: dict[str, str] = {
     "response.output_audio.delta": "delta",
     "response.audio.delta": "delta",
     "input_audio_buffer.append": "audio",
+    "session.output_audio.delta": "delta",  # GPT-Live
+    "session.input_audio.append": "audio",
 }
 PLACEHOLDER_PREFIX = "<audio "
 # The Realtime default format: 24 kHz mono 16-bit PCM, 48 bytes per millisecond.

@@ -12,7 +12,7 @@ from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 from ai_gateway.accounting.http_exchange import HttpExchange
 from ai_gateway.accounting.ledger import Source
 from ai_gateway.accounting.limits import Refusal, Ticket
-from ai_gateway.config.policy import Route, RouteType
+from ai_gateway.config.policy import Route, RouteType, WireProtocol
 from ai_gateway.protocols.encoding import DEFAULT_MAX_BODY_BYTES
 from ai_gateway.protocols.openai_http import METERED_HTTP, OPERATIONS, StreamReader, read_request, read_response
 from ai_gateway.proxy.failures import error_type
@@ -61,7 +61,7 @@ class HttpMetering:
             or is_websocket_upgrade(flow.request)
             or flow.request.method != "POST"
             or route.type not in METERED_HTTP
-            and route.type is not RouteType.REALTIME_CALLS
+            and not is_call(route)
             or refused_unknown_key(self.state, flow, "rejected_request")
         ):
             return None
@@ -85,9 +85,7 @@ class HttpMetering:
             state.accounting.enforced(verdict, "rejected_request")
             return
         request = flow.request
-        if (
-            route.type is RouteType.REALTIME_CALLS
-        ):  # minting a WebRTC/SIP session: checked and counted, billed on its sideband only
+        if is_call(route):
             state.accounting.realtime_call(verdict, request.path.split("?", 1)[0].rpartition("/")[2])
             return
         encoding = request.headers.get("content-encoding", "")
@@ -143,6 +141,12 @@ class HttpMetering:
         flow's `error` hook counts it with its route type, and this one stays out of the way."""
         if ctx.options.connection_strategy == "eager":
             self.state.accounting.error(Source("", UNROUTED), error_type(data.server.error or ""))
+
+
+def is_call(route: Route) -> bool:
+    """A POST that mints a call or session whose media bypasses the gateway (Realtime WebRTC and
+    SIP, GPT-Live's WebRTC creation): admitted and counted; usage is seen on a sideband only."""
+    return route.type is RouteType.REALTIME_CALLS or route.protocol is WireProtocol.OPENAI_LIVE
 
 
 def metered_stream(exchange: HttpExchange, reader: StreamReader) -> Callable[[bytes], bytes]:

@@ -20,9 +20,16 @@ from mitmproxy.websocket import WebSocketMessage
 from ai_gateway.accounting.items import ResponseStarted, UsageItem
 from ai_gateway.accounting.ledger import Source
 from ai_gateway.accounting.limits import Refusal, Ticket
-from ai_gateway.accounting.session_meters import GeminiLiveMeter, RealtimeMeter, ResponsesSocketMeter, SessionMeter
+from ai_gateway.accounting.session_meters import (
+    GeminiLiveMeter,
+    LiveMeter,
+    RealtimeMeter,
+    ResponsesSocketMeter,
+    SessionMeter,
+)
 from ai_gateway.config.policy import Route, RouteType, WireProtocol
 from ai_gateway.protocols.gemini_live import GeminiLiveProtocol
+from ai_gateway.protocols.openai_live import CLOSE_EVENT, LiveProtocol
 from ai_gateway.protocols.openai_realtime import RealtimeProtocol, cancel_event, requested_model
 from ai_gateway.protocols.openai_responses_socket import ResponsesSocketProtocol
 from ai_gateway.proxy import closer, refusals
@@ -86,7 +93,7 @@ class SessionMetering:
         while True:
             await asyncio.sleep(SESSION_CLOCK_SECONDS)
             for flow, reason in self.clock.expired():
-                if closer.close_websocket(flow, 1008, REASONS[reason]):
+                if self.close(flow, REASONS[reason]):
                     self.state.accounting.enforced(Refusal("client_key", reason), "closed_session")
 
     def route(self, flow: http.HTTPFlow) -> Route | None:
@@ -204,15 +211,15 @@ class SessionMetering:
         """What the meter made of a frame's item: a refused response.create never reaches the
         upstream (the client gets an error event), a refused response the upstream started by
         itself (server VAD) is cancelled upstream, a refused Gemini Live session (nothing to refuse
-        per response) is closed with 1008 and the reason."""
+        per response: Gemini Live, GPT-Live) is closed with 1008 and the reason."""
         accounting = self.state.accounting
         if isinstance(outcome, Refusal):
             if message.from_client:
                 message.drop()
                 self.injections.send(flow, True, refusal_event(outcome, message.content))
                 accounting.enforced(outcome, "refused_response")
-            elif isinstance(session.protocol, GeminiLiveProtocol):
-                if closer.close_websocket(flow, 1008, refusals.message(outcome)):
+            elif isinstance(session.protocol, GeminiLiveProtocol | LiveProtocol):
+                if self.close(flow, refusals.message(outcome)):
                     accounting.enforced(outcome, "closed_session")
             elif isinstance(item, ResponseStarted) and item.response_id is not None:
                 self.injections.send(flow, False, cancel_event(item.response_id))
@@ -228,6 +235,15 @@ class SessionMetering:
             flow.comment = totals.summary()
             if totals.errors:
                 flow.marked = ":exclamation:"
+
+    def close(self, flow: http.HTTPFlow, reason: str) -> bool:
+        """Close a session with 1008 on both legs; a GPT-Live session is first ended upstream
+        (`session.close`), as its protocol asks, so that the upstream stops billing it."""
+        session = self.sessions.get(flow.id)
+        closing = flow.live and closer.CLOSE_METADATA not in flow.metadata  # not already under way
+        if closing and session is not None and isinstance(session.protocol, LiveProtocol):
+            self.injections.send(flow, False, CLOSE_EVENT)
+        return closer.close_websocket(flow, 1008, reason)
 
     @never_raises
     def websocket_end(self, flow: http.HTTPFlow) -> None:
@@ -266,13 +282,14 @@ class Session(NamedTuple):
     meter: SessionMeter
 
 
-SessionProtocol = RealtimeProtocol | ResponsesSocketProtocol | GeminiLiveProtocol
+SessionProtocol = RealtimeProtocol | ResponsesSocketProtocol | GeminiLiveProtocol | LiveProtocol
 
 # A WebSocket route's (route type, protocol) -> its protocol adapter and meter.
 SESSION_KINDS: dict[tuple[RouteType, WireProtocol], tuple[type[SessionProtocol], type[SessionMeter]]] = {
     (RouteType.REALTIME, WireProtocol.OPENAI): (RealtimeProtocol, RealtimeMeter),
     (RouteType.RESPONSES, WireProtocol.OPENAI): (ResponsesSocketProtocol, ResponsesSocketMeter),
     (RouteType.REALTIME, WireProtocol.GEMINI_LIVE): (GeminiLiveProtocol, GeminiLiveMeter),
+    (RouteType.REALTIME, WireProtocol.OPENAI_LIVE): (LiveProtocol, LiveMeter),
 }
 
 

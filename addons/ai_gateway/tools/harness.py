@@ -266,6 +266,9 @@ def expected_samples(
         if entry.kind == "gemini_turn":
             _expect_gemini_turn(add, entry, system)
             continue
+        if entry.kind == "live_session":
+            _expect_live_session(add, entry, system)
+            continue
         shape = _SHAPES.get(entry.kind)
         if shape is None:
             continue
@@ -335,6 +338,19 @@ def _expect_observations(add: Callable[..., None], labels: Mapping[str, str], ob
         add("gen_ai_client_token_usage_count", typed, 1)
         for bound in _TOKEN_BUCKETS:
             add("gen_ai_client_token_usage_bucket", {**typed, "le": floatToGoString(bound)}, count <= bound)
+
+
+def _expect_live_session(add: Callable[..., None], entry: Any, system: str) -> None:
+    """A GPT-Live session's last usage report: its seconds, paused as reported, the rest active."""
+    labels = {
+        "gen_ai_operation_name": "realtime",
+        "gen_ai_system": system,
+        "gen_ai_request_model": entry.request_model,
+        "gen_ai_response_model": entry.response_model,
+    }
+    paused = entry.usage.get("paused_seconds", 0)
+    add("gen_ai_client_session_seconds_total", {**labels, "kind": "active"}, entry.usage["seconds"] - paused)
+    add("gen_ai_client_session_seconds_total", {**labels, "kind": "paused"}, paused)
 
 
 # Gemini's modalities as the gateway's metrics name them: video is billed as image frames.
