@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from ai_gateway.tools.harness import GatewayProcess
-from ai_gateway.tools.simulators.realtime import Simulator, SimulatorThread
+from ai_gateway_tools.harness import GatewayProcess
+from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread
 
 LAUNCHERS = ("mitmdump", "serve")
 

@@ -78,7 +78,7 @@ def test_no_module_imports_from_a_layer_above_it():
     violations = []
     for module, path in gateway_modules().items():
         for imported in imports(path):
-            if imported.startswith("ai_gateway.tools"):
+            if imported.startswith("ai_gateway_tools"):
                 violations.append(f"{module} imports the tool {imported}")
             elif imported in ranks and ranks[imported] < ranks[module]:
                 violations.append(f"{module} (layer {ranks[module]}) imports {imported} (layer {ranks[imported]})")

@@ -22,9 +22,9 @@ import yaml
 from websockets.asyncio.client import connect
 
 from ai_gateway.config.policy import DEFAULT_POLICY, load_policy
-from ai_gateway.tools.bench import capacity, limits
-from ai_gateway.tools.bench.__main__ import parse_args
-from ai_gateway.tools.bench.configs import (
+from ai_gateway_tools.bench import capacity, limits
+from ai_gateway_tools.bench.__main__ import parse_args
+from ai_gateway_tools.bench.configs import (
     CONFIGS,
     DEFAULT_CONFIGS,
     LITELLM,
@@ -35,20 +35,20 @@ from ai_gateway.tools.bench.configs import (
     keep_compression_policy,
     resolve_commit,
 )
-from ai_gateway.tools.bench.hooks import BASELINE_FRAMES, DEFAULTS, HOOK_DONE_US, baseline_hook_costs, hook_costs
-from ai_gateway.tools.bench.litellm import CALLBACK_SOURCE, USAGE_LOG_ENV, Metered, Tally, read_log, write_config
-from ai_gateway.tools.bench.measure import percentile, serpentine
-from ai_gateway.tools.bench.portkey import PRELOAD_SOURCE, UPSTREAM_ENV
-from ai_gateway.tools.bench.report import BEGIN, BENCHMARKS, END, PLOT_NAME, Target, splice
-from ai_gateway.tools.loadgen import LoadStats, Stop, Traffic, drive, event_type, pcm16_bytes
-from ai_gateway.tools.simulators.realtime import EXAMPLE_USAGE, SentUsage, SimulatorThread
+from ai_gateway_tools.bench.hooks import BASELINE_FRAMES, DEFAULTS, HOOK_DONE_US, baseline_hook_costs, hook_costs
+from ai_gateway_tools.bench.litellm import CALLBACK_SOURCE, USAGE_LOG_ENV, Metered, Tally, read_log, write_config
+from ai_gateway_tools.bench.measure import percentile, serpentine
+from ai_gateway_tools.bench.portkey import PRELOAD_SOURCE, UPSTREAM_ENV
+from ai_gateway_tools.bench.report import BEGIN, BENCHMARKS, END, PLOT_NAME, Target, splice
+from ai_gateway_tools.loadgen import LoadStats, Stop, Traffic, drive, event_type, pcm16_bytes
+from ai_gateway_tools.simulators.realtime import EXAMPLE_USAGE, SentUsage, SimulatorThread
 
 
 def test_smoke_run_writes_a_table_with_exact_accounting(tmp_path: Path) -> None:
     before = BENCHMARKS.read_bytes() if BENCHMARKS.exists() else None
     output = tmp_path / "BENCH.md"
     result = subprocess.run(
-        [sys.executable, "-m", "ai_gateway.tools.bench", "--smoke", "--output", str(output)],
+        [sys.executable, "-m", "ai_gateway_tools.bench", "--smoke", "--output", str(output)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -196,7 +196,7 @@ def smoke_section(tmp_path: Path, mode: str, begin: str, end: str) -> str:
     output = tmp_path / "BENCH.md"
     output.write_text(splice(None, "relay tables"))
     result = subprocess.run(
-        [sys.executable, "-m", "ai_gateway.tools.bench", mode, "--smoke", "--output", str(output)],
+        [sys.executable, "-m", "ai_gateway_tools.bench", mode, "--smoke", "--output", str(output)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -333,7 +333,7 @@ IN_GIT = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_o
 @pytest.mark.skipif(not IN_GIT, reason="needs this checkout's git repository")
 def test_smoke_with_a_baseline_compares_it_round_by_round(tmp_path: Path) -> None:
     output = tmp_path / "BENCH.md"
-    command = [sys.executable, "-m", "ai_gateway.tools.bench", "--smoke", "--configs", "gateway", "--baseline", "HEAD"]
+    command = [sys.executable, "-m", "ai_gateway_tools.bench", "--smoke", "--configs", "gateway", "--baseline", "HEAD"]
     result = subprocess.run([*command, "--output", str(output)], capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     text = output.read_text()

@@ -31,8 +31,8 @@ from mitmproxy.test import tflow
 from websockets.exceptions import ConnectionClosed
 
 from ai_gateway.proxy.closer import close_websocket, truncate
-from ai_gateway.tools.harness import GatewayProcess, scrape
-from ai_gateway.tools.simulators.realtime import Simulator, SimulatorThread
+from ai_gateway_tools.harness import GatewayProcess, scrape
+from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread
 
 from .clients import wait_until, websocket_base
 

@@ -18,7 +18,7 @@ from wsproto.frame_protocol import Opcode
 
 from ai_gateway.proxy.contentview import realtime_view
 from ai_gateway.proxy.history import AUDIO_FIELDS, audio_placeholder, strip_audio
-from ai_gateway.tools.simulators.realtime import EXAMPLE_USAGE
+from ai_gateway_tools.simulators.realtime import EXAMPLE_USAGE
 
 VIEW = "OpenAI Realtime"
 REFERENCE_TABLE = """\

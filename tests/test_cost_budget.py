@@ -10,8 +10,8 @@ import websockets
 from openai import AsyncOpenAI
 
 from ai_gateway.accounting.pricing import DATABASE, DATABASE_RELEASES, ModelPrices, catalog_for
-from ai_gateway.tools.harness import GatewayProcess, scrape, select
-from ai_gateway.tools.simulators.realtime import SimulatorThread
+from ai_gateway_tools.harness import GatewayProcess, scrape, select
+from ai_gateway_tools.simulators.realtime import SimulatorThread
 
 from .clients import sdk_session, websocket_base
 

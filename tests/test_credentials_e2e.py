@@ -17,9 +17,9 @@ import pytest
 from mitmproxy import certs
 
 from ai_gateway.accounting.limits import client_key_digest
-from ai_gateway.tools.harness import GatewayProcess
-from ai_gateway.tools.simulators.http import HttpSimulator
-from ai_gateway.tools.simulators.realtime import SimulatorThread
+from ai_gateway_tools.harness import GatewayProcess
+from ai_gateway_tools.simulators.http import HttpSimulator
+from ai_gateway_tools.simulators.realtime import SimulatorThread
 
 from .clients import raw_session, websocket_base
 from .conftest import LAUNCHERS

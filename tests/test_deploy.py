@@ -33,7 +33,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from ai_gateway.accounting.metrics import GatewayMetrics
 from ai_gateway.config.policy import load_policy, parse_policy
-from ai_gateway.tools.harness import free_port
+from ai_gateway_tools.harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -13,9 +13,9 @@ import time
 import pytest
 import websockets
 
-from ai_gateway.tools.harness import GatewayProcess, scrape, select
-from ai_gateway.tools.simulators.http import HttpSimulator
-from ai_gateway.tools.simulators.realtime import SimulatorThread
+from ai_gateway_tools.harness import GatewayProcess, scrape, select
+from ai_gateway_tools.simulators.http import HttpSimulator
+from ai_gateway_tools.simulators.realtime import SimulatorThread
 
 from .clients import wait_until, websocket_base
 

@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from ai_gateway.tools.harness import GatewayProcess, expected_samples, free_port, scrape, select, usage_only
-from ai_gateway.tools.simulators.realtime import Simulator, SimulatorThread, junk_frames
+from ai_gateway_tools.harness import GatewayProcess, expected_samples, free_port, scrape, select, usage_only
+from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread, junk_frames
 
 from .clients import wait_until, websocket_base
 

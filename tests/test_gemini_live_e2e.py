@@ -21,9 +21,9 @@ import websockets
 from google import genai
 from google.genai import types
 
-from ai_gateway.tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
-from ai_gateway.tools.simulators.gemini_live import AI_STUDIO_PATH, VERTEX_PATH, GeminiLiveSimulator
-from ai_gateway.tools.simulators.realtime import SimulatorThread
+from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
+from ai_gateway_tools.simulators.gemini_live import AI_STUDIO_PATH, VERTEX_PATH, GeminiLiveSimulator
+from ai_gateway_tools.simulators.realtime import SimulatorThread
 
 from .conftest import LAUNCHERS
 

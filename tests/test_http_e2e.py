@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import pytest
 from openai import OpenAI, RateLimitError
 
-from ai_gateway.tools.harness import GatewayProcess, expected_samples, scrape, scrape_until, select, usage_only
-from ai_gateway.tools.simulators.http import HttpSimulator
-from ai_gateway.tools.simulators.realtime import SimulatorThread
+from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, scrape_until, select, usage_only
+from ai_gateway_tools.simulators.http import HttpSimulator
+from ai_gateway_tools.simulators.realtime import SimulatorThread
 
 PARSE_ERRORS = "agentgateway_gateway_parse_errors_total"
 MESSAGES = [{"role": "user", "content": "hi"}]

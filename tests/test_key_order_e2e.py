@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import pytest
 import websockets
 
-from ai_gateway.tools.harness import GatewayProcess
-from ai_gateway.tools.simulators.http import HttpSimulator
-from ai_gateway.tools.simulators.realtime import SimulatorThread
+from ai_gateway_tools.harness import GatewayProcess
+from ai_gateway_tools.simulators.http import HttpSimulator
+from ai_gateway_tools.simulators.realtime import SimulatorThread
 
 from .clients import websocket_base
 from .conftest import LAUNCHERS

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from openai import AsyncOpenAI
 
-from ai_gateway.tools.debug import mitmweb, web_url
-from ai_gateway.tools.harness import free_port
-from ai_gateway.tools.simulators.realtime import SimulatorThread, resolve_model
+from ai_gateway_tools.debug import mitmweb, web_url
+from ai_gateway_tools.harness import free_port
+from ai_gateway_tools.simulators.realtime import SimulatorThread, resolve_model
 
 from .clients import RESPONSE_DONE, websocket_base
 

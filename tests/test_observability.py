@@ -23,10 +23,10 @@ from ai_gateway.accounting import access_log
 from ai_gateway.accounting.observer import ResponseRecord
 from ai_gateway.accounting.tracing import Tracing
 from ai_gateway.accounting.usage import TokenUsage
-from ai_gateway.tools.harness import GatewayProcess, free_port, scrape, select
-from ai_gateway.tools.simulators.http import HttpSimulator
-from ai_gateway.tools.simulators.otlp import OtlpReceiver, ReceivedSpan
-from ai_gateway.tools.simulators.realtime import Simulator, SimulatorThread
+from ai_gateway_tools.harness import GatewayProcess, free_port, scrape, select
+from ai_gateway_tools.simulators.http import HttpSimulator
+from ai_gateway_tools.simulators.otlp import OtlpReceiver, ReceivedSpan
+from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread
 
 from .clients import wait_until, websocket_base
 from .conftest import LAUNCHERS

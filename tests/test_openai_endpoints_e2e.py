@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from ai_gateway.tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
-from ai_gateway.tools.simulators.http import SPEECH_AUDIO, TEXT, HttpSimulator
-from ai_gateway.tools.simulators.realtime import SimulatorThread
+from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
+from ai_gateway_tools.simulators.http import SPEECH_AUDIO, TEXT, HttpSimulator
+from ai_gateway_tools.simulators.realtime import SimulatorThread
 
 PARSE_ERRORS = "agentgateway_gateway_parse_errors_total"
 CALLS = "agentgateway_gateway_realtime_calls_total"

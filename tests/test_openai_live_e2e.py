@@ -20,9 +20,9 @@ import websockets
 from openai import AsyncOpenAI
 from websockets.sync.client import connect as sync_connect
 
-from ai_gateway.tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
-from ai_gateway.tools.simulators.live import LiveSimulator
-from ai_gateway.tools.simulators.realtime import SimulatorThread
+from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
+from ai_gateway_tools.simulators.live import LiveSimulator
+from ai_gateway_tools.simulators.realtime import SimulatorThread
 
 from .clients import served_module, wait_until, websocket_base
 from .conftest import LAUNCHERS
@@ -317,7 +317,7 @@ def test_max_session_seconds_ends_a_gpt_live_session_upstream_and_on_both_legs(l
 
 
 def test_the_simulator_runs_as_a_module_until_interrupted():
-    with served_module("ai_gateway.tools.simulators.live") as url:
+    with served_module("ai_gateway_tools.simulators.live") as url:
         with sync_connect(websocket_base(url) + "/v1/live/sessions", open_timeout=2) as ws:
             ws.send(json.dumps({"type": "session.start", "session": {"model": "gpt-live-1"}}))
             started = json.loads(ws.recv(timeout=2))

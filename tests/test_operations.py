@@ -21,10 +21,10 @@ import openai
 import pytest
 import websockets
 
-from ai_gateway.tools.debug import mitmweb, web_url
-from ai_gateway.tools.harness import GatewayProcess, free_port, scrape
-from ai_gateway.tools.simulators.http import HttpSimulator
-from ai_gateway.tools.simulators.realtime import SimulatorThread
+from ai_gateway_tools.debug import mitmweb, web_url
+from ai_gateway_tools.harness import GatewayProcess, free_port, scrape
+from ai_gateway_tools.simulators.http import HttpSimulator
+from ai_gateway_tools.simulators.realtime import SimulatorThread
 
 from .clients import wait_until, websocket_base, write_padded
 

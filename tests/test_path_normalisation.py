@@ -17,9 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ai_gateway.config.paths import AmbiguousPath, normalise_target
-from ai_gateway.tools.harness import GatewayProcess, expected_samples, scrape_until, select, usage_only
-from ai_gateway.tools.simulators.http import HttpSimulator
-from ai_gateway.tools.simulators.realtime import SimulatorThread
+from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape_until, select, usage_only
+from ai_gateway_tools.simulators.http import HttpSimulator
+from ai_gateway_tools.simulators.realtime import SimulatorThread
 
 from .clients import websocket_base
 from .conftest import LAUNCHERS

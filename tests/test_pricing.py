@@ -40,7 +40,7 @@ from ai_gateway.accounting.usage import (
     parse_usage,
 )
 from ai_gateway.config.policy import PolicyError, load_policy
-from ai_gateway.tools.simulators.realtime import EXAMPLE_USAGE
+from ai_gateway_tools.simulators.realtime import EXAMPLE_USAGE
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,8 +15,8 @@ from typing import Any
 import websockets
 from websockets.asyncio.server import Server, ServerConnection, serve
 
-from ai_gateway.tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
-from ai_gateway.tools.simulators.realtime import SentUsage, SimulatorThread
+from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
+from ai_gateway_tools.simulators.realtime import SentUsage, SimulatorThread
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 PARSE_ERRORS = "agentgateway_gateway_parse_errors_total"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from mitmproxy import io
 
-from ai_gateway.tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
-from ai_gateway.tools.simulators.realtime import Simulator, SimulatorThread, junk_frames
+from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
+from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread, junk_frames
 
 from .clients import raw_session, sdk_session, websocket_base
 

@@ -20,7 +20,7 @@ from ai_gateway.accounting.items import (
 from ai_gateway.accounting.usage import MAX_TOKENS, DurationUsage, TokenUsage
 from ai_gateway.protocols.json_events import event_type, may_name
 from ai_gateway.protocols.openai_realtime import RealtimeProtocol, delta_response_id, needs_decoding, read_server_event
-from ai_gateway.tools.simulators.realtime import EXAMPLE_USAGE
+from ai_gateway_tools.simulators.realtime import EXAMPLE_USAGE
 
 REFERENCE_USAGE = EXAMPLE_USAGE  # the reference documentation's response.done usage
 

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import pytest
 import websockets
 
-from ai_gateway.tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
-from ai_gateway.tools.simulators.realtime import Simulator, SimulatorThread
+from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
+from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread
 
 from .clients import sdk_session, websocket_base
 

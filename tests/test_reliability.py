@@ -17,8 +17,8 @@ from ai_gateway.accounting.billing import Accounting
 from ai_gateway.accounting.ledger import Source
 from ai_gateway.accounting.metrics import OTHER, GatewayMetrics, ModelLabels
 from ai_gateway.accounting.usage import CharacterUsage, DurationUsage, TokenUsage
-from ai_gateway.tools.harness import GatewayProcess, SampleKey, expected_samples, scrape, select, usage_only
-from ai_gateway.tools.simulators.realtime import SimulatorThread
+from ai_gateway_tools.harness import GatewayProcess, SampleKey, expected_samples, scrape, select, usage_only
+from ai_gateway_tools.simulators.realtime import SimulatorThread
 
 from .clients import sdk_session, wait_until, websocket_base
 from .conftest import LAUNCHERS

@@ -14,9 +14,9 @@ import pytest
 import websockets
 from mitmproxy import io
 
-from ai_gateway.tools.debug import mitmweb, web_url
-from ai_gateway.tools.harness import GatewayProcess, free_port
-from ai_gateway.tools.simulators.realtime import SimulatorThread
+from ai_gateway_tools.debug import mitmweb, web_url
+from ai_gateway_tools.harness import GatewayProcess, free_port
+from ai_gateway_tools.simulators.realtime import SimulatorThread
 
 from .clients import sdk_session
 

@@ -24,10 +24,10 @@ import websockets
 from openai import OpenAI
 from websockets.asyncio.client import ClientConnection
 
-from ai_gateway.tools.bench.serve import CONFIGS
-from ai_gateway.tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
-from ai_gateway.tools.simulators.http import HttpSimulator
-from ai_gateway.tools.simulators.realtime import Simulator, SimulatorThread
+from ai_gateway_tools.bench.serve import CONFIGS
+from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
+from ai_gateway_tools.simulators.http import HttpSimulator
+from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread
 
 from .clients import wait_until, websocket_base
 
@@ -277,10 +277,10 @@ def test_a_killed_worker_is_restarted_and_what_it_counted_stays(upstream, model)
 
 
 def test_the_launcher_benchmark_runs_and_checks_its_accounting():
-    """A tiny run of `python -m ai_gateway.tools.bench.serve`, for its plumbing only: no timing is asserted
+    """A tiny run of `python -m ai_gateway_tools.bench.serve`, for its plumbing only: no timing is asserted
     (it raises if a gateway's /metrics disagree with the simulator's ledger)."""
     tiny = ["--sessions", "2", "--responses", "1", "--rounds", "1", "--dispatch-messages", "500"]
-    command = [sys.executable, "-m", "ai_gateway.tools.bench.serve", *tiny]
+    command = [sys.executable, "-m", "ai_gateway_tools.bench.serve", *tiny]
     report = json.loads(subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout)
     assert set(report["summary"]) == set(CONFIGS)
     assert {"time_vs_mitmdump", "cpu_vs_mitmdump"} <= set(report["summary"]["serve"])

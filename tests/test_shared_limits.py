@@ -22,9 +22,9 @@ from ai_gateway.accounting.limits import Refusal
 from ai_gateway.accounting.metrics import GatewayMetrics
 from ai_gateway.accounting.shared_limits import Grant, KeyView, Owed, SharedLimits, _keys
 from ai_gateway.config.policy import Limit, LimitPolicy, RateLimits
-from ai_gateway.tools.harness import GatewayProcess, RedisServer, scrape, scrape_until
-from ai_gateway.tools.simulators.http import HttpSimulator
-from ai_gateway.tools.simulators.realtime import SimulatorThread
+from ai_gateway_tools.harness import GatewayProcess, RedisServer, scrape, scrape_until
+from ai_gateway_tools.simulators.http import HttpSimulator
+from ai_gateway_tools.simulators.realtime import SimulatorThread
 
 from .clients import sdk_session, until, wait_until, websocket_base
 from .test_serve import WORKERS, connection_pid

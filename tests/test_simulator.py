@@ -18,7 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as sync_connect
 
-from ai_gateway.tools.simulators.realtime import (
+from ai_gateway_tools.simulators.realtime import (
     SentUsage,
     Simulator,
     SimulatorThread,
@@ -493,6 +493,6 @@ def test_simulator_thread_for_synchronous_callers():
 
 
 def test_main_serves_until_interrupted():
-    with served_module("ai_gateway.tools.simulators.realtime") as url:
+    with served_module("ai_gateway_tools.simulators.realtime") as url:
         with sync_connect(url.replace("http://", "ws://") + "/v1/realtime", open_timeout=2) as ws:
             assert json.loads(ws.recv(timeout=2))["session"]["model"] == "gpt-realtime-2025-08-28"

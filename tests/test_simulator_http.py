@@ -20,8 +20,8 @@ import pytest
 from openai import AzureOpenAI, OpenAI
 from websockets.sync.client import ClientConnection, connect
 
-from ai_gateway.tools.simulators.http import DEFAULT_MODEL, EMBEDDING_DIMENSIONS, SHUTDOWN_GRACE, TEXT, HttpSimulator
-from ai_gateway.tools.simulators.realtime import SentUsage, SimulatorThread, resolve_model
+from ai_gateway_tools.simulators.http import DEFAULT_MODEL, EMBEDDING_DIMENSIONS, SHUTDOWN_GRACE, TEXT, HttpSimulator
+from ai_gateway_tools.simulators.realtime import SentUsage, SimulatorThread, resolve_model
 
 from .clients import served_module
 
@@ -431,7 +431,7 @@ def test_simulator_thread_runs_any_upstream(sim: HttpSimulator):
 
 
 def test_main_serves_until_interrupted():
-    with served_module("ai_gateway.tools.simulators.http", timeout=TIMEOUT) as url:
+    with served_module("ai_gateway_tools.simulators.http", timeout=TIMEOUT) as url:
         completion = OpenAI(api_key="sk-test", base_url=url + "/v1", max_retries=0, timeout=TIMEOUT).chat.completions
         assert completion.create(model=MODEL, messages=MESSAGES).model == SNAPSHOT
 

@@ -19,9 +19,9 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.server import ServerConnection, serve
 
 from ai_gateway.accounting.limits import client_key_digest
-from ai_gateway.tools.harness import GatewayProcess, scrape, select
-from ai_gateway.tools.simulators.http import HttpSimulator
-from ai_gateway.tools.simulators.realtime import SimulatorThread
+from ai_gateway_tools.harness import GatewayProcess, scrape, select
+from ai_gateway_tools.simulators.http import HttpSimulator
+from ai_gateway_tools.simulators.realtime import SimulatorThread
 
 from .clients import wait_until, websocket_base, write_ledger
 
@@ -337,7 +337,7 @@ def test_sessions_past_their_duration_or_idle_limit_are_closed_with_1008(tmp_pat
 def test_a_gemini_live_session_that_spent_its_budget_is_closed_after_that_turn(tmp_path):
     """Gemini Live has no per-response request to refuse and no cancel: the session is closed with
     1008 after the turn that spent its budget."""
-    from ai_gateway.tools.simulators.gemini_live import GeminiLiveSimulator
+    from ai_gateway_tools.simulators.gemini_live import GeminiLiveSimulator
 
     text = (
         "budgets:\n  session: {tokens: 1}\n  reserve: {tokens: 1}\n"

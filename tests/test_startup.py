@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from ai_gateway.tools.harness import GatewayProcess
+from ai_gateway_tools.harness import GatewayProcess
 
 from .clients import write_padded
 

@@ -11,8 +11,8 @@ import pytest
 import websockets
 from websockets.asyncio.server import ServerConnection, serve
 
-from ai_gateway.tools.harness import GatewayProcess, scrape, select
-from ai_gateway.tools.simulators.realtime import SimulatorThread
+from ai_gateway_tools.harness import GatewayProcess, scrape, select
+from ai_gateway_tools.simulators.realtime import SimulatorThread
 
 from .clients import wait_until, websocket_base
 from .conftest import LAUNCHERS

@@ -17,8 +17,8 @@ import subprocess
 import sys
 import time
 
-from ai_gateway.tools.demo import drive_session, upstream
-from ai_gateway.tools.harness import GatewayProcess
+from ai_gateway_tools.demo import drive_session, upstream
+from ai_gateway_tools.harness import GatewayProcess
 
 MODEL = "gpt-realtime"
 DRIVEN_RESPONSES = 3

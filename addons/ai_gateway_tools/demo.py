@@ -26,12 +26,12 @@ from google import genai
 from google.genai import types
 from openai import AsyncOpenAI
 
-from ai_gateway.tools.harness import GatewayProcess, SampleKey, expected_samples, scrape, select, usage_only
-from ai_gateway.tools.simulators.gemini_live import AI_STUDIO_PATH, GeminiLiveSimulator
-from ai_gateway.tools.simulators.realtime import Simulator, SimulatorThread
+from ai_gateway_tools.harness import GatewayProcess, SampleKey, expected_samples, scrape, select, usage_only
+from ai_gateway_tools.simulators.gemini_live import AI_STUDIO_PATH, GeminiLiveSimulator
+from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread
 
 PREFIX = "agentgateway"
-GEMINI_POLICY = Path(__file__).resolve().parents[3] / "policies" / "gemini.yaml"
+GEMINI_POLICY = Path(__file__).resolve().parents[2] / "policies" / "gemini.yaml"
 GEMINI_MODEL = "gemini-2.5-flash-native-audio-preview-09-2025"
 
 

@@ -23,7 +23,7 @@ from typing import IO, Any
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
-GATEWAY_SCRIPT = Path(__file__).resolve().parents[2] / "gateway.py"
+GATEWAY_SCRIPT = Path(__file__).resolve().parents[1] / "gateway.py"
 SampleKey = tuple[str, frozenset[tuple[str, str]]]
 
 

@@ -29,7 +29,7 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import WebSocketException
 
-from ai_gateway.tools.simulators.realtime import PCM16_BYTES_PER_SECOND, SentUsage, Simulator
+from ai_gateway_tools.simulators.realtime import PCM16_BYTES_PER_SECOND, SentUsage, Simulator
 
 RECEIVE_TIMEOUT = 30.0  # a relay that stalls this long has failed; the bench must not hang on it
 _TYPE = re.compile(r'\s*\{\s*"type"\s*:\s*"([a-z0-9_.]+)"')

@@ -7,8 +7,8 @@ as a ratio to bare mitmdump. Memory is measured on fresh processes (memory.py), 
 hook cost in-process (hooks.py). Every phase also checks the accounting (checks.py): a difference
 makes the run fail. report.py writes BENCHMARKS.md and the RSS plot.
 
-    python -m ai_gateway.tools.bench [--smoke] [--output FILE] [--configs …]   (what scripts/bench runs)
-    python -m ai_gateway.tools.bench --capacity …   sessions per core (capacity.py; `--capacity --help`)
+    python -m ai_gateway_tools.bench [--smoke] [--output FILE] [--configs …]   (what scripts/bench runs)
+    python -m ai_gateway_tools.bench --capacity …   sessions per core (capacity.py; `--capacity --help`)
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from ai_gateway.tools.bench import capacity, limits
-from ai_gateway.tools.bench.configs import BASELINE, CONFIGS, DEFAULT_CONFIGS, LITELLM, resolve_commit
-from ai_gateway.tools.bench.litellm import install
-from ai_gateway.tools.bench.report import PLOT_NAME, add_run_flags, add_sizes, document, parse_sized, plot, splice
-from ai_gateway.tools.bench.runner import Bench
+from ai_gateway_tools.bench import capacity, limits
+from ai_gateway_tools.bench.configs import BASELINE, CONFIGS, DEFAULT_CONFIGS, LITELLM, resolve_commit
+from ai_gateway_tools.bench.litellm import install
+from ai_gateway_tools.bench.report import PLOT_NAME, add_run_flags, add_sizes, document, parse_sized, plot, splice
+from ai_gateway_tools.bench.runner import Bench
 
 # The sizes of a run: flag, type, default, what it sizes.
 SIZES: tuple[tuple[str, type, float, str], ...] = (

@@ -18,7 +18,7 @@ both on uvloop) to the other, so the relay's figure is per core; the load's CPU 
 timing error (how late its appends went out) are in the table, to show whether it kept up.
 A step where the baseline itself fails or the load saturates its core ends the ramp there.
 
-    python -m ai_gateway.tools.bench --capacity [--smoke] [--configs …] [--ramp 25,50,…]
+    python -m ai_gateway_tools.bench --capacity [--smoke] [--configs …] [--ramp 25,50,…]
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from pathlib import Path
 import psutil
 from tqdm import tqdm
 
-from ai_gateway.tools.bench import litellm, portkey
-from ai_gateway.tools.bench.checks import accounting_problems
-from ai_gateway.tools.bench.configs import (
+from ai_gateway_tools.bench import litellm, portkey
+from ai_gateway_tools.bench.checks import accounting_problems
+from ai_gateway_tools.bench.configs import (
     DIRECT,
     GATEWAY,
     GATEWAY_NOFREEZE,
@@ -56,10 +56,10 @@ from ai_gateway.tools.bench.configs import (
     endpoint,
     model,
 )
-from ai_gateway.tools.bench.measure import cpu_seconds, percentile
-from ai_gateway.tools.bench.report import add_run_flags, add_sizes, machine, parse_sized, splice, table
-from ai_gateway.tools.harness import GatewayProcess
-from ai_gateway.tools.loadgen import LoadStats, Stop, Traffic, UpstreamProcess, event_loop_factory, pcm16_bytes
+from ai_gateway_tools.bench.measure import cpu_seconds, percentile
+from ai_gateway_tools.bench.report import add_run_flags, add_sizes, machine, parse_sized, splice, table
+from ai_gateway_tools.harness import GatewayProcess
+from ai_gateway_tools.loadgen import LoadStats, Stop, Traffic, UpstreamProcess, event_loop_factory, pcm16_bytes
 
 ADDED_P99_MS = 20.0  # the target: p99 latency per frame over the no-relay baseline's
 # Before session.created (simulators/realtime.py): a real upstream's session setup, and what keeps Portkey

@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ai_gateway.tools.bench.configs import Config, model
-from ai_gateway.tools.bench.litellm import LitellmProcess, Metered
-from ai_gateway.tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
-from ai_gateway.tools.loadgen import UpstreamProcess, canonical_usage
-from ai_gateway.tools.simulators.realtime import SentUsage
+from ai_gateway_tools.bench.configs import Config, model
+from ai_gateway_tools.bench.litellm import LitellmProcess, Metered
+from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
+from ai_gateway_tools.loadgen import UpstreamProcess, canonical_usage
+from ai_gateway_tools.simulators.realtime import SentUsage
 
 
 def accounting_problems(

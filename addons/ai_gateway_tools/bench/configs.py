@@ -17,11 +17,11 @@ from typing import Any
 import yaml
 
 from ai_gateway.config.policy import DEFAULT_POLICY, load_policy
-from ai_gateway.tools.bench.litellm import LITELLM_VERSION, LitellmProcess
-from ai_gateway.tools.bench.portkey import PORTKEY_VERSION, PortkeyProcess
-from ai_gateway.tools.bench.probe import EmptyHook
-from ai_gateway.tools.harness import GatewayProcess
-from ai_gateway.tools.loadgen import LoadStats, Stop, Traffic, UpstreamProcess, drive
+from ai_gateway_tools.bench.litellm import LITELLM_VERSION, LitellmProcess
+from ai_gateway_tools.bench.portkey import PORTKEY_VERSION, PortkeyProcess
+from ai_gateway_tools.bench.probe import EmptyHook
+from ai_gateway_tools.harness import GatewayProcess
+from ai_gateway_tools.loadgen import LoadStats, Stop, Traffic, UpstreamProcess, drive
 
 
 class BareMitmdump(GatewayProcess):
@@ -59,7 +59,7 @@ class ObservedGateway(GatewayProcess):
         self.collector: subprocess.Popen[str] | None = None
 
     def start(self, timeout: float = 30.0) -> GatewayProcess:
-        command = [sys.executable, "-m", "ai_gateway.tools.simulators.otlp"]
+        command = [sys.executable, "-m", "ai_gateway_tools.simulators.otlp"]
         self.collector = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=self.env)
         assert self.collector.stdout is not None
         self.options["gateway_otlp_endpoint"] = self.collector.stdout.readline().split()[-1]
@@ -92,7 +92,7 @@ class Workdir:
         return cls(keep_compression_policy(directory), empty_addon, directory, tree)
 
 
-ROOT = Path(__file__).resolve().parents[4]  # the checkout: its git repository has the baseline's commit
+ROOT = Path(__file__).resolve().parents[3]  # the checkout: its git repository has the baseline's commit
 
 
 def resolve_commit(rev: str) -> str:

@@ -26,11 +26,11 @@ from mitmproxy.websocket import WebSocketMessage
 
 from ai_gateway.config.policy import DEFAULT_POLICY
 from ai_gateway.proxy.addon import Gateway
-from ai_gateway.tools.bench import probe
-from ai_gateway.tools.bench.configs import ROOT
-from ai_gateway.tools.bench.measure import traffic
-from ai_gateway.tools.loadgen import audio_base64
-from ai_gateway.tools.simulators.realtime import EXAMPLE_USAGE, GA
+from ai_gateway_tools.bench import probe
+from ai_gateway_tools.bench.configs import ROOT
+from ai_gateway_tools.bench.measure import traffic
+from ai_gateway_tools.loadgen import audio_base64
+from ai_gateway_tools.simulators.realtime import EXAMPLE_USAGE, GA
 
 # The targets of issue #5; shown in BENCHMARKS.md, never asserted by timed tests.
 HOOK_DELTA_US = 3.0
@@ -121,7 +121,7 @@ def time_in_process(
 @contextlib.contextmanager
 def otlp_receiver() -> Iterator[str]:
     """A loopback OTLP/HTTP receiver in a child process (as a collector is): its base URL."""
-    command = [sys.executable, "-m", "ai_gateway.tools.simulators.otlp"]
+    command = [sys.executable, "-m", "ai_gateway_tools.simulators.otlp"]
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as collector:
         assert collector.stdout is not None
         try:

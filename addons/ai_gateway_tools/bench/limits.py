@@ -32,10 +32,10 @@ from pathlib import Path
 from websockets.asyncio.client import connect
 
 from ai_gateway.config.policy import DEFAULT_POLICY
-from ai_gateway.tools.bench.measure import percentile, serpentine, spread
-from ai_gateway.tools.bench.report import add_run_flags, add_sizes, parse_sized, splice, table
-from ai_gateway.tools.harness import GatewayProcess, RedisServer
-from ai_gateway.tools.loadgen import Stop, Traffic, UpstreamProcess, drive
+from ai_gateway_tools.bench.measure import percentile, serpentine, spread
+from ai_gateway_tools.bench.report import add_run_flags, add_sizes, parse_sized, splice, table
+from ai_gateway_tools.harness import GatewayProcess, RedisServer
+from ai_gateway_tools.loadgen import Stop, Traffic, UpstreamProcess, drive
 
 BEGIN = "<!-- bench-limits:begin: written by scripts/bench --limits; text outside these markers is kept -->"
 END = "<!-- bench-limits:end -->"

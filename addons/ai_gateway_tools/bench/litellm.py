@@ -29,10 +29,10 @@ from typing import Any
 
 import yaml
 
-from ai_gateway.tools.harness import GatewayProcess
-from ai_gateway.tools.simulators.realtime import SentUsage
+from ai_gateway_tools.harness import GatewayProcess
+from ai_gateway_tools.simulators.realtime import SentUsage
 
-ROOT = Path(__file__).resolve().parents[4]
+ROOT = Path(__file__).resolve().parents[3]
 LITELLM_VERSION = "1.108.7"  # the newest whose `proxy` extra installs: later ones pin packages PyPI lacks
 REQUIREMENT = f"litellm[proxy]=={LITELLM_VERSION}"
 VENV = ROOT / ".bench" / "litellm-venv"
@@ -43,7 +43,7 @@ LOG_TIMEOUT = 10.0  # seconds for LiteLLM's logging worker to log the sessions t
 # The success callback the proxy loads (`litellm_settings.callbacks`). It runs inside LiteLLM, so it
 # cannot import this package; it only copies out what LiteLLM logged, and Tally reads it.
 CALLBACK_MODULE = "bench_usage"
-CALLBACK_SOURCE = f'''"""Written by ai_gateway.tools.bench.litellm: LiteLLM's usage of each session in JSON lines."""
+CALLBACK_SOURCE = f'''"""Written by ai_gateway_tools.bench.litellm: LiteLLM's usage of each session in JSON lines."""
 
 import json
 import os

@@ -14,8 +14,8 @@ from collections.abc import Iterator, Sequence
 
 import psutil
 
-from ai_gateway.tools.harness import GatewayProcess
-from ai_gateway.tools.loadgen import Traffic
+from ai_gateway_tools.harness import GatewayProcess
+from ai_gateway_tools.loadgen import Traffic
 
 MB = 1e6
 SETTLE = 0.3  # seconds for mitmproxy to finish a closed flow before its RSS is read

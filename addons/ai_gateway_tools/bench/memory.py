@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 import psutil
 from tqdm import tqdm
 
-from ai_gateway.tools.bench.checks import Checks
-from ai_gateway.tools.bench.configs import Address, Config, Workdir, address, endpoint, model
-from ai_gateway.tools.bench.measure import MB, SETTLE, proxy_process, rss_mb, traffic
-from ai_gateway.tools.loadgen import Stop, UpstreamProcess
+from ai_gateway_tools.bench.checks import Checks
+from ai_gateway_tools.bench.configs import Address, Config, Workdir, address, endpoint, model
+from ai_gateway_tools.bench.measure import MB, SETTLE, proxy_process, rss_mb, traffic
+from ai_gateway_tools.loadgen import Stop, UpstreamProcess
 
 RSS_INTERVAL = 0.2  # seconds between RSS samples of a long session
 

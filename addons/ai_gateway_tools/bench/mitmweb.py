@@ -3,7 +3,7 @@
 mitmweb recomputes a flow's message sizes over every stored message each time a message passes, so a
 session slows down as it grows. This measures the message rate (and mitmweb's memory) at a given depth:
 bare mitmweb, the gateway with relayed audio replaced by placeholders (its default under mitmweb), and
-the gateway keeping full audio. `python -m ai_gateway.tools.bench.mitmweb --messages 30000`.
+the gateway keeping full audio. `python -m ai_gateway_tools.bench.mitmweb --messages 30000`.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from dataclasses import dataclass
 import psutil
 import websockets
 
-from ai_gateway.tools.bench.configs import BareMitmdump
-from ai_gateway.tools.bench.measure import MB, rss_mb
-from ai_gateway.tools.debug import web_url
-from ai_gateway.tools.harness import GatewayProcess, free_port
-from ai_gateway.tools.simulators.realtime import SimulatorThread
+from ai_gateway_tools.bench.configs import BareMitmdump
+from ai_gateway_tools.bench.measure import MB, rss_mb
+from ai_gateway_tools.debug import web_url
+from ai_gateway_tools.harness import GatewayProcess, free_port
+from ai_gateway_tools.simulators.realtime import SimulatorThread
 
 WINDOW = 1000  # messages per rate sample
 

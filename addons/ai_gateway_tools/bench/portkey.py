@@ -21,9 +21,9 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from ai_gateway.tools.harness import GatewayProcess
+from ai_gateway_tools.harness import GatewayProcess
 
-ROOT = Path(__file__).resolve().parents[4]
+ROOT = Path(__file__).resolve().parents[3]
 PORTKEY_VERSION = "1.15.2"
 PACKAGE = f"@portkey-ai/gateway@{PORTKEY_VERSION}"
 FOLDER = ROOT / ".bench" / "portkey"
@@ -31,7 +31,7 @@ SERVER = Path("node_modules", "@portkey-ai", "gateway", "build", "start-server.j
 UPSTREAM_ENV = "BENCH_PORTKEY_UPSTREAM"  # host:port the preload sends api.openai.com to
 START_TIMEOUT = 60.0
 
-PRELOAD_SOURCE = f"""// Written by ai_gateway.tools.bench.portkey: Portkey's Realtime route dials api.openai.com;
+PRELOAD_SOURCE = f"""// Written by ai_gateway_tools.bench.portkey: Portkey's Realtime route dials api.openai.com;
 // this sends that one host to the simulator (plain TCP on 127.0.0.1) and leaves every other connection alone.
 "use strict";
 const net = require("net");

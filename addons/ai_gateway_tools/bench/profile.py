@@ -8,7 +8,7 @@ threads waiting in a selector (the metrics server's, an idle event loop) or for 
 next job are left out (uvloop waits in C: its idle time shows as `Runner.run`, not left out). py-spy reads
 Python processes only: Portkey (Node.js) cannot be profiled this way.
 
-    python -m ai_gateway.tools.bench.profile [--configs serve,gateway,mitmdump] [--sessions 100] [--seconds 10]
+    python -m ai_gateway_tools.bench.profile [--configs serve,gateway,mitmdump] [--sessions 100] [--seconds 10]
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from ai_gateway.tools.bench import capacity
-from ai_gateway.tools.bench.configs import GATEWAY, MITMDUMP, PORTKEY, SERVE, Workdir, address, endpoint, model
-from ai_gateway.tools.loadgen import Stop, UpstreamProcess, event_loop_factory, pcm16_bytes
+from ai_gateway_tools.bench import capacity
+from ai_gateway_tools.bench.configs import GATEWAY, MITMDUMP, PORTKEY, SERVE, Workdir, address, endpoint, model
+from ai_gateway_tools.loadgen import Stop, UpstreamProcess, event_loop_factory, pcm16_bytes
 
 # Where a sample's time goes: the first of these found in its stack, innermost frame first.
 AREAS = (
@@ -82,7 +82,7 @@ def summarize(raw: str, top: int = 8) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ai_gateway.tools.bench.profile", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m ai_gateway_tools.bench.profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default=",".join(c.name for c in (SERVE, GATEWAY, MITMDUMP)))
     p.add_argument("--sessions", type=int, default=100)
     p.add_argument("--seconds", type=float, default=10)

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import psutil
 from tqdm import tqdm
 
-from ai_gateway.tools.bench.checks import Checks
-from ai_gateway.tools.bench.configs import Address, Config, Workdir, address, endpoint, model
-from ai_gateway.tools.bench.measure import cpu_seconds, percentile, proxy_process, serpentine, traffic
-from ai_gateway.tools.loadgen import LoadStats, Stop, UpstreamProcess
+from ai_gateway_tools.bench.checks import Checks
+from ai_gateway_tools.bench.configs import Address, Config, Workdir, address, endpoint, model
+from ai_gateway_tools.bench.measure import cpu_seconds, percentile, proxy_process, serpentine, traffic
+from ai_gateway_tools.loadgen import LoadStats, Stop, UpstreamProcess
 
 # The targets of issue #5; shown in BENCHMARKS.md, never asserted by timed tests.
 THROUGHPUT_RATIO = 0.97

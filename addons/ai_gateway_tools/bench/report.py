@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from ai_gateway.tools.bench.configs import (
+from ai_gateway_tools.bench.configs import (
     BASELINE,
     CONFIGS,
     DIRECT,
@@ -28,10 +28,10 @@ from ai_gateway.tools.bench.configs import (
     SERVE_QUIET,
     Config,
 )
-from ai_gateway.tools.bench.hooks import ratios as hook_ratios
-from ai_gateway.tools.bench.measure import spread
-from ai_gateway.tools.bench.memory import CHURN_GROWTH_MB, SOAK_GROWTH_MB
-from ai_gateway.tools.bench.relay import (
+from ai_gateway_tools.bench.hooks import ratios as hook_ratios
+from ai_gateway_tools.bench.measure import spread
+from ai_gateway_tools.bench.memory import CHURN_GROWTH_MB, SOAK_GROWTH_MB
+from ai_gateway_tools.bench.relay import (
     ADDED_P99_MS,
     THROUGHPUT_RATIO,
     Figure,
@@ -39,10 +39,10 @@ from ai_gateway.tools.bench.relay import (
     latency_ms,
     messages_per_second,
 )
-from ai_gateway.tools.bench.runner import Results
-from ai_gateway.tools.loadgen import pcm16_bytes
+from ai_gateway_tools.bench.runner import Results
+from ai_gateway_tools.loadgen import pcm16_bytes
 
-ROOT = Path(__file__).resolve().parents[4]
+ROOT = Path(__file__).resolve().parents[3]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 # Configurations compared with each other rather than with mitmdump, round by round: (configuration,
 # its base, the lowest msg/s ratio the issue allows).

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ai_gateway.tools.bench.checks import Checks
-from ai_gateway.tools.bench.configs import CONFIGS, RUN_ORDER, Workdir
-from ai_gateway.tools.bench.hooks import BaselineHookCost, HookCost, baseline_hook_costs, hook_costs
-from ai_gateway.tools.bench.memory import MemoryRun, memory
-from ai_gateway.tools.bench.relay import RelayRound, relay
-from ai_gateway.tools.loadgen import UpstreamProcess, pcm16_bytes
+from ai_gateway_tools.bench.checks import Checks
+from ai_gateway_tools.bench.configs import CONFIGS, RUN_ORDER, Workdir
+from ai_gateway_tools.bench.hooks import BaselineHookCost, HookCost, baseline_hook_costs, hook_costs
+from ai_gateway_tools.bench.memory import MemoryRun, memory
+from ai_gateway_tools.bench.relay import RelayRound, relay
+from ai_gateway_tools.loadgen import UpstreamProcess, pcm16_bytes
 
 
 @dataclass

@@ -15,7 +15,7 @@ take most of a core, which caps what `--workers 2` can show).
 
 `dispatch_cost()` times mitmproxy's hook dispatch alone for one WebSocket message, in process.
 
-    python -m ai_gateway.tools.bench.serve [--sessions 100] [--responses 20] [--rounds 5]
+    python -m ai_gateway_tools.bench.serve [--sessions 100] [--responses 20] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ from websockets.asyncio.client import connect
 
 from ai_gateway.launcher.serve import GatewayMaster, HookDispatch
 from ai_gateway.proxy.addon import Gateway
-from ai_gateway.tools.bench.measure import cpu_seconds, rss_mb, serpentine
-from ai_gateway.tools.harness import GatewayProcess, scrape, select
-from ai_gateway.tools.simulators.realtime import Simulator, SimulatorThread
+from ai_gateway_tools.bench.measure import cpu_seconds, rss_mb, serpentine
+from ai_gateway_tools.harness import GatewayProcess, scrape, select
+from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread
 
 CONFIGS: dict[str, dict[str, object]] = {
     "mitmdump": {},

@@ -36,8 +36,8 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from ai_gateway.tools.simulators.realtime import Handshake, SentUsage
-from ai_gateway.tools.simulators.served import Served
+from ai_gateway_tools.simulators.realtime import Handshake, SentUsage
+from ai_gateway_tools.simulators.served import Served
 
 AI_STUDIO_PATH = "/ws/google.ai.generativelanguage.{version}.GenerativeService.{method}"
 VERTEX_PATH = "/ws/google.cloud.aiplatform.{version}.LlmBidiService/BidiGenerateContent"

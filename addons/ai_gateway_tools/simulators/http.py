@@ -38,7 +38,7 @@ from typing import Any
 import brotli
 from aiohttp import WSMsgType, web
 
-from ai_gateway.tools.simulators.realtime import SentUsage, SimulatorThread, resolve_model
+from ai_gateway_tools.simulators.realtime import SentUsage, SimulatorThread, resolve_model
 
 try:
     from compression import zstd  # Python 3.14

@@ -42,8 +42,8 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from ai_gateway.tools.simulators.realtime import Handshake, SentUsage
-from ai_gateway.tools.simulators.served import Served
+from ai_gateway_tools.simulators.realtime import Handshake, SentUsage
+from ai_gateway_tools.simulators.served import Served
 
 SESSION_KIND, RESPONSE_KIND = "live_session", "responses"  # the harness's kinds
 UNCLOSED = "unclosed"

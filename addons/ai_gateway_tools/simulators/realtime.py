@@ -35,7 +35,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from ai_gateway.tools.simulators.served import Served
+from ai_gateway_tools.simulators.served import Served
 
 SNAPSHOT_DATE = "2025-08-28"
 DEFAULT_MODEL = "gpt-realtime"
