@@ -3,7 +3,7 @@
 A client text frame `{"type": "test.close_websocket", "delay": S, "code": C, "reason": R}` is
 dropped, and S seconds later `close_websocket(flow, C, R)` runs from a timer. Each call and each
 `websocket_end` is logged for the test to read. Loaded with a second `-s` under mitmdump;
-`python tests/close_trigger.py ARGS` runs scripts/serve's launcher with this addon in its chain.
+`python tests/e2e/close_trigger.py ARGS` runs scripts/serve's launcher with this addon in its chain.
 """
 
 from __future__ import annotations

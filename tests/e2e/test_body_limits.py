@@ -33,7 +33,7 @@ from ai_gateway_tools.harness import GatewayProcess, scrape, select
 from ai_gateway_tools.simulators.http import HttpSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
-from .clients import wait_until, websocket_base
+from ..clients import wait_until, websocket_base
 
 PARSE_ERRORS = "agentgateway_gateway_parse_errors_total"
 MiB = 2**20

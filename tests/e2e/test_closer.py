@@ -1,7 +1,7 @@
 """The gateway closes a relayed WebSocket with a code and reason on both legs (proxy/closer.py).
 
 Against the real gateway under both launchers, the simulated upstream and plain `websockets`
-clients; the close is started from a timer by tests/close_trigger.py, as a session limit will.
+clients; the close is started from a timer by tests/e2e/close_trigger.py, as a session limit will.
 The first tests pin the mitmproxy and wsproto internals the closer relies on.
 """
 
@@ -34,7 +34,7 @@ from ai_gateway.proxy.closer import close_websocket, truncate
 from ai_gateway_tools.harness import GatewayProcess, scrape
 from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread
 
-from .clients import wait_until, websocket_base
+from ..clients import wait_until, websocket_base
 
 TRIGGER_SCRIPT = str(Path(__file__).resolve().parent / "close_trigger.py")
 SESSIONS_GAUGE = "agentgateway_gateway_websocket_sessions"
@@ -126,7 +126,7 @@ class RecordingSimulator(Simulator):
 
 
 class TriggeredGateway(GatewayProcess):
-    """The gateway with tests/close_trigger.py: a second `-s` for mitmdump, the serve launcher run
+    """The gateway with tests/e2e/close_trigger.py: a second `-s` for mitmdump, the serve launcher run
     through the script for serve."""
 
     def command(self) -> list[str]:

@@ -13,7 +13,7 @@ from ai_gateway.accounting.pricing import DATABASE, DATABASE_RELEASES, ModelPric
 from ai_gateway_tools.harness import GatewayProcess, scrape, select
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
-from .clients import sdk_session, websocket_base
+from ..clients import sdk_session, websocket_base
 
 MODALITY_RATES = {
     "text": ("input", "cached_input"),

@@ -21,8 +21,8 @@ from ai_gateway_tools.harness import GatewayProcess
 from ai_gateway_tools.simulators.http import HttpSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
-from .clients import raw_session, websocket_base
-from .conftest import LAUNCHERS
+from ..clients import raw_session, websocket_base
+from ..conftest import LAUNCHERS
 
 SECRET = "sk-upstream-CRED-5e6f7a"
 POLICY = "auth:\n  env: GATEWAY_CRED_KEY\nroutes:\n  /realtime: Realtime\n  /chat/completions: Completions\n  '*': Passthrough\n"

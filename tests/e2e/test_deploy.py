@@ -35,7 +35,7 @@ from ai_gateway.accounting.metrics import GatewayMetrics
 from ai_gateway.config.policy import load_policy, parse_policy
 from ai_gateway_tools.harness import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
 OPERATOR_OVERLAY = KUBERNETES / "prometheus-operator"

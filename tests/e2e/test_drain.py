@@ -17,7 +17,7 @@ from ai_gateway_tools.harness import GatewayProcess, scrape, select
 from ai_gateway_tools.simulators.http import HttpSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
-from .clients import wait_until, websocket_base
+from ..clients import wait_until, websocket_base
 
 DRAIN_SECONDS = 4
 SESSIONS = 40

@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from ai_gateway_tools.harness import GatewayProcess, expected_samples, free_port, scrape, select, usage_only
 from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread, junk_frames
 
-from .clients import wait_until, websocket_base
+from ..clients import wait_until, websocket_base
 
 ERRORS = "agentgateway_gateway_upstream_errors_total"
 

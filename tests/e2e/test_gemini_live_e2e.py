@@ -25,9 +25,9 @@ from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, s
 from ai_gateway_tools.simulators.gemini_live import AI_STUDIO_PATH, VERTEX_PATH, GeminiLiveSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
-from .conftest import LAUNCHERS
+from ..conftest import LAUNCHERS
 
-POLICY = Path(__file__).resolve().parent.parent / "policies" / "gemini.yaml"
+POLICY = Path(__file__).resolve().parents[2] / "policies" / "gemini.yaml"
 UPSTREAM_KEY = "AIza-upstream-SECRET-4b1d"
 AI_STUDIO = AI_STUDIO_PATH.format(version="v1beta", method="BidiGenerateContent")
 CONSTRAINED = AI_STUDIO_PATH.format(version="v1alpha", method="BidiGenerateContentConstrained")

@@ -15,8 +15,8 @@ from ai_gateway_tools.harness import GatewayProcess
 from ai_gateway_tools.simulators.http import HttpSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
-from .clients import websocket_base
-from .conftest import LAUNCHERS
+from ..clients import websocket_base
+from ..conftest import LAUNCHERS
 from .test_spend_controls import policy_file
 
 ASKED = 8

@@ -22,12 +22,12 @@ from ai_gateway_tools.debug import mitmweb, web_url
 from ai_gateway_tools.harness import free_port
 from ai_gateway_tools.simulators.realtime import SimulatorThread, resolve_model
 
-from .clients import RESPONSE_DONE, websocket_base
+from ..clients import RESPONSE_DONE, websocket_base
 
 pytest.importorskip("playwright", reason="playwright is not installed (the test extra has it)")
 from playwright.async_api import Locator, Page, ViewportSize, async_playwright, expect  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = Path("/usr/bin/chromium")
 INSTALL_BROWSER = ROOT / "scripts" / "install-browser"
 SCREENSHOT = ROOT / "docs" / "mitmweb.png"

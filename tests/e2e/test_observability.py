@@ -28,8 +28,8 @@ from ai_gateway_tools.simulators.http import HttpSimulator
 from ai_gateway_tools.simulators.otlp import OtlpReceiver, ReceivedSpan
 from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread
 
-from .clients import wait_until, websocket_base
-from .conftest import LAUNCHERS
+from ..clients import wait_until, websocket_base
+from ..conftest import LAUNCHERS
 
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN = "b7ad6b7169203331"

@@ -24,8 +24,8 @@ from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, s
 from ai_gateway_tools.simulators.live import LiveSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
-from .clients import served_module, wait_until, websocket_base
-from .conftest import LAUNCHERS
+from ..clients import served_module, wait_until, websocket_base
+from ..conftest import LAUNCHERS
 
 PER_MINUTE = {"gpt-live-1": (0.05, 0.05), "gpt-live-1.1": (0.05, 0.02)}  # active, paused (USD per minute)
 COST = "agentgateway_gen_ai_client_cost_usd_total"

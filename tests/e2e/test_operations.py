@@ -26,7 +26,7 @@ from ai_gateway_tools.harness import GatewayProcess, free_port, scrape
 from ai_gateway_tools.simulators.http import HttpSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
-from .clients import wait_until, websocket_base, write_padded
+from ..clients import wait_until, websocket_base, write_padded
 
 LEDGER_ERRORS = "agentgateway_gateway_usage_log_errors_total"
 

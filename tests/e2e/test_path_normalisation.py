@@ -21,8 +21,8 @@ from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape_un
 from ai_gateway_tools.simulators.http import HttpSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
-from .clients import websocket_base
-from .conftest import LAUNCHERS
+from ..clients import websocket_base
+from ..conftest import LAUNCHERS
 
 CHAT_SPELLINGS = (
     "/v1/chat/%63ompletions",

@@ -18,7 +18,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
 from ai_gateway_tools.simulators.realtime import SentUsage, SimulatorThread
 
-POLICIES = Path(__file__).resolve().parent.parent / "policies"
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
 PARSE_ERRORS = "agentgateway_gateway_parse_errors_total"
 AUDIO = base64.b64encode(bytes(9600)).decode()
 

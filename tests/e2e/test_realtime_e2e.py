@@ -13,10 +13,10 @@ from mitmproxy import io
 from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
 from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread, junk_frames
 
-from .clients import raw_session, sdk_session, websocket_base
+from ..clients import raw_session, sdk_session, websocket_base
 
 PARSE_ERRORS = "agentgateway_gateway_parse_errors_total"
-POLICIES = Path(__file__).resolve().parent.parent / "policies"
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
 
 
 def metered(gateway: GatewayProcess, **labels: str) -> dict:

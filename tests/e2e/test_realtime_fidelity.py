@@ -15,7 +15,7 @@ import websockets
 from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
 from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread
 
-from .clients import sdk_session, websocket_base
+from ..clients import sdk_session, websocket_base
 
 ERRORS = "agentgateway_gateway_upstream_errors_total"
 PARSE_ERRORS = "agentgateway_gateway_parse_errors_total"

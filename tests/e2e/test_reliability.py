@@ -20,8 +20,8 @@ from ai_gateway.accounting.usage import CharacterUsage, DurationUsage, TokenUsag
 from ai_gateway_tools.harness import GatewayProcess, SampleKey, expected_samples, scrape, select, usage_only
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
-from .clients import sdk_session, wait_until, websocket_base
-from .conftest import LAUNCHERS
+from ..clients import sdk_session, wait_until, websocket_base
+from ..conftest import LAUNCHERS
 
 PAIR = ("gen_ai_request_model", "gen_ai_response_model")
 FOLDED = "gateway_metric_series_folded_total"

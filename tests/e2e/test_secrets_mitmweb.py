@@ -18,7 +18,7 @@ from ai_gateway_tools.debug import mitmweb, web_url
 from ai_gateway_tools.harness import GatewayProcess, free_port
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
-from .clients import sdk_session
+from ..clients import sdk_session
 
 SECRET = "sk-upstream-MITMWEB-0c1d2e"
 CLIENT_KEY = "sk-client-HELD-9a8b7c"

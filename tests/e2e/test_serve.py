@@ -29,7 +29,7 @@ from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, s
 from ai_gateway_tools.simulators.http import HttpSimulator
 from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread
 
-from .clients import wait_until, websocket_base
+from ..clients import wait_until, websocket_base
 
 WORKERS = ["--workers", "2"]
 MESSAGES = [{"role": "user", "content": "hi"}]

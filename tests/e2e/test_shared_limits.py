@@ -26,7 +26,7 @@ from ai_gateway_tools.harness import GatewayProcess, RedisServer, scrape, scrape
 from ai_gateway_tools.simulators.http import HttpSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
-from .clients import sdk_session, until, wait_until, websocket_base
+from ..clients import sdk_session, until, wait_until, websocket_base
 from .test_serve import WORKERS, connection_pid
 from .test_spend_controls import (
     LIMIT,

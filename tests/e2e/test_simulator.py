@@ -27,7 +27,7 @@ from ai_gateway_tools.simulators.realtime import (
     resolve_model,
 )
 
-from .clients import served_module
+from ..clients import served_module
 
 T = TypeVar("T")
 DONE = "response.done"

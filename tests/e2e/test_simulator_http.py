@@ -23,7 +23,7 @@ from websockets.sync.client import ClientConnection, connect
 from ai_gateway_tools.simulators.http import DEFAULT_MODEL, EMBEDDING_DIMENSIONS, SHUTDOWN_GRACE, TEXT, HttpSimulator
 from ai_gateway_tools.simulators.realtime import SentUsage, SimulatorThread, resolve_model
 
-from .clients import served_module
+from ..clients import served_module
 
 TIMEOUT = 5  # seconds: a missing chunk or event fails the test instead of hanging it
 MODEL = "gpt-4o-mini"

@@ -23,7 +23,7 @@ from ai_gateway_tools.harness import GatewayProcess, scrape, select
 from ai_gateway_tools.simulators.http import HttpSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
-from .clients import wait_until, websocket_base, write_ledger
+from ..clients import wait_until, websocket_base, write_ledger
 
 LIMIT = 100_000  # tokens
 RESERVE = 15_000  # at least what one simulated response bills, so the bound below is the documented one

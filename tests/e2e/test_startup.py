@@ -12,7 +12,7 @@ import pytest
 
 from ai_gateway_tools.harness import GatewayProcess
 
-from .clients import write_padded
+from ..clients import write_padded
 
 
 def run_until_exit(gateway: GatewayProcess, timeout: float = 30) -> tuple[int, str]:

@@ -1,7 +1,7 @@
 """A text frame that is not UTF-8 (RFC 6455 5.6 forbids it): mitmproxy's wsproto ends the session
 with 1007 on both legs, nothing of it is relayed, and the gateway keeps mitmproxy's behaviour
 (issue 13 row 14). Binary frames and malformed JSON in valid UTF-8 are relayed byte for byte
-(tests/test_realtime_e2e.py)."""
+(tests/e2e/test_realtime_e2e.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from websockets.asyncio.server import ServerConnection, serve
 from ai_gateway_tools.harness import GatewayProcess, scrape, select
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
-from .clients import wait_until, websocket_base
-from .conftest import LAUNCHERS
+from ..clients import wait_until, websocket_base
+from ..conftest import LAUNCHERS
 
 INVALID = b'{"type": "conversation.item.create", "text": "caf\xe9"}'  # Latin-1, not UTF-8
 SEND_INVALID = "send me an invalid frame"

@@ -8,7 +8,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "addons" / "ai_gateway"
 DOC = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
 # Third-party imports the gateway process may make: its own dependencies and what mitmproxy installs.

@@ -9,7 +9,7 @@ from pathlib import Path
 from ai_gateway.accounting.metrics import GatewayMetrics
 from ai_gateway.config.policy import parse_policy
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
 
 
 def section(title: str) -> str:

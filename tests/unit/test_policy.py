@@ -16,9 +16,9 @@ from ai_gateway.config.policy import (
     parse_policy,
 )
 
-from .clients import write_padded
+from ..clients import write_padded
 
-POLICIES = Path(__file__).resolve().parent.parent / "policies"
+POLICIES = Path(__file__).resolve().parents[2] / "policies"
 
 
 def parse(text: str, environ: dict[str, str] | None = None):

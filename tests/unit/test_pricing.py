@@ -42,7 +42,7 @@ from ai_gateway.accounting.usage import (
 from ai_gateway.config.policy import PolicyError, load_policy
 from ai_gateway_tools.simulators.realtime import EXAMPLE_USAGE
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # What the default policy prices with: genai-prices' bundled rates for provider openai.
 OPENAI = catalog_for("openai", None)

@@ -35,7 +35,7 @@ A message half received from the upstream when the marker arrives is joined to t
 layer (mitmproxy's `inject.websocket` appends to the message being assembled): it is dropped with
 it, never relayed. What a peer half sent is discarded unparsed once the layer is done.
 
-mitmproxy internals relied on (tests/test_closer.py checks each on the installed version):
+mitmproxy internals relied on (tests/e2e/test_closer.py checks each on the installed version):
 `Proxyserver.connections` (client connection id -> connection handler) for liveness and the layer
 tree, `ConnectionHandler.layer` and the `layer` / `child_layer` / `streams` attributes that lead
 from it to the flow's `WebsocketLayer`, its `client_ws` / `server_ws` wsproto connections and
