@@ -289,3 +289,37 @@ def test_webrtc_sideband_is_metered_under_the_session_model():
         assert len(sent) == 2
         assert usage_only(metered(gateway, gen_ai_request_model=session_model)) == expected
         assert not metered(gateway, gen_ai_request_model="unknown")
+
+
+def test_a_cancelled_response_and_a_function_call_round_trip_are_metered_exactly(gateway, simulator, model):
+    """A barge-in (response.cancel mid-answer) bills what the answer produced; a tool call, its
+    output and the next response bill two responses: /metrics agrees with the simulator's ledger."""
+
+    async def session() -> list[str]:
+        import websockets
+
+        async with websockets.connect(f"{websocket_base(gateway.url)}/v1/realtime?model={model}") as ws:
+            await ws.recv()
+            await ws.send(json.dumps({"type": "response.create", "response": {"metadata": {"sim_deltas": "400"}}}))
+            while json.loads(await ws.recv())["type"] != "response.output_audio.delta":
+                pass
+            await ws.send(json.dumps({"type": "response.cancel"}))
+            statuses = [await done_status(ws)]
+            call = {"sim_function_call": "get_weather"}
+            await ws.send(json.dumps({"type": "response.create", "response": {"metadata": call}}))
+            statuses.append(await done_status(ws))
+            output = {"type": "function_call_output", "call_id": "call_x", "output": "{}"}
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": output}))
+            await ws.send(json.dumps({"type": "response.create"}))
+            statuses.append(await done_status(ws))
+            return statuses
+
+    async def done_status(ws) -> str:  # type: ignore[no-untyped-def]
+        while (event := json.loads(await ws.recv()))["type"] != "response.done":
+            pass
+        return event["response"]["status"]
+
+    assert asyncio.run(session()) == ["cancelled", "completed", "completed"]
+    sent = simulator.usage_for(model)
+    assert [e.status for e in sent] == ["cancelled", "completed", "completed"]
+    assert_metered_exactly(gateway, simulator, model, responses=3)

@@ -426,6 +426,122 @@ def test_concurrent_responses_interleave():
     assert [e.usage for e in sim.ledger] == [d["usage"] for d in done]
 
 
+def test_response_cancel_stops_the_deltas_at_once_and_bills_what_was_produced():
+    """As OpenAI: no delta after the cancel, response.done `cancelled` at once, its whole input and
+    the share of its output it produced billed, and the ledger says so."""
+
+    async def main(cancel: bool) -> tuple[Simulator, list[dict[str, Any]], float]:
+        async with Simulator(seed=7, audio_deltas=50, delta_interval=0.02) as sim, connect(ws_url(sim)) as ws:
+            await ws.recv()
+            await send(ws, create())
+            events = await until(ws.recv, GA_DELTAS[0], count=3)
+            if cancel:
+                await send(ws, {"type": "response.cancel"})
+            started = asyncio.get_running_loop().time()
+            events += await until(ws.recv, DONE)
+            return sim, events, asyncio.get_running_loop().time() - started
+
+    sim, events, waited = run(main(cancel=True))
+    _, whole, _ = run(main(cancel=False))
+    done = events[-1]["response"]
+    assert done["status"] == "cancelled" and waited < 0.5
+    produced = sum(e["type"] in GA_DELTAS for e in events)
+    assert produced < 10, "deltas kept coming after the cancel"
+    planned = sum(e["type"] in GA_DELTAS for e in whole)
+    full, usage = whole[-1]["response"]["usage"], done["usage"]
+    assert usage["input_tokens"] == full["input_tokens"] and usage["input_token_details"] == full["input_token_details"]
+    shares = {m: n * produced // planned for m, n in full["output_token_details"].items()}
+    assert usage["output_token_details"] == shares and 0 < usage["output_tokens"] < full["output_tokens"]
+    assert_consistent(usage)
+    assert [(e.status, e.usage) for e in sim.ledger] == [("cancelled", usage)]
+
+
+def test_response_cancel_names_the_response_it_stops():
+    async def main() -> tuple[Simulator, list[dict[str, Any]]]:
+        async with Simulator(audio_deltas=40, delta_interval=0.01) as sim, connect(ws_url(sim)) as ws:
+            await ws.recv()
+            await send(ws, create(tag="a"), create(tag="b"))
+            events = await until(ws.recv, "response.created", count=2)
+            first = events[-2]["response"]["id"]
+            await send(ws, {"type": "response.cancel", "response_id": first})
+            events += await until(ws.recv, DONE, count=2)
+            await send(ws, {"type": "response.cancel", "response_id": first})  # over: nothing to cancel
+            return sim, events + await until(ws.recv, "error")
+
+    sim, events = run(main())
+    done = {e["response"]["metadata"]["tag"]: e["response"]["status"] for e in events if e["type"] == DONE}
+    assert done == {"a": "cancelled", "b": "completed"}
+    assert events[-1]["error"]["code"] == "response_cancel_not_active"
+    assert sorted(e.status for e in sim.ledger) == ["cancelled", "completed"]
+
+
+@pytest.mark.parametrize("beta", [False, True])
+def test_function_call_then_its_output_then_the_next_response(beta):
+    """A response that calls a tool streams its arguments; the client adds the call's output and asks
+    for the next response, as a voice agent with tools does (the SDK reads every event)."""
+    arguments = '{"city": "Oslo"}'
+
+    async def main() -> tuple[Simulator, list[Any], list[dict[str, Any]]]:
+        async with Simulator(seed=5) as sim, sdk(sim) as client:
+            headers = {"OpenAI-Beta": "realtime=v1"} if beta else {}
+            async with client.realtime.connect(model="gpt-realtime", extra_headers=headers) as conn:
+                await conn.recv_bytes()
+                metadata = {"sim_function_call": "get_weather", "sim_arguments": arguments}
+                await conn.response.create(response={"metadata": metadata})
+                events = await until(conn.recv_bytes, DONE)
+                call = events[-1]["response"]["output"][0]
+                output = {"type": "function_call_output", "call_id": call["call_id"], "output": '{"temp": 4}'}
+                await conn.conversation.item.create(item=output)  # type: ignore[arg-type]
+                await conn.response.create()
+                events += await until(conn.recv_bytes, DONE)
+                parsed = [conn.parse_event(json.dumps(e)) for e in events]
+        return sim, parsed, events
+
+    sim, parsed, events = run(main())
+    kinds = [e["type"] for e in events]
+    first = kinds.index(DONE) + 1
+    argument_deltas = ["response.function_call_arguments.delta"] * 4
+    assert kinds[:first] == [
+        "response.created",
+        "rate_limits.updated",
+        "response.output_item.added",
+        *argument_deltas,
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        DONE,
+    ]
+    call = events[first - 1]["response"]["output"][0]
+    assert call["type"] == "function_call" and call["name"] == "get_weather" and call["arguments"] == arguments
+    deltas = [e for e in events if e["type"] == argument_deltas[0]]
+    assert "".join(e["delta"] for e in deltas) == arguments
+    assert {e["call_id"] for e in deltas} == {call["call_id"]}
+    added = ["conversation.item.created"] if beta else ["conversation.item.added", "conversation.item.done"]
+    assert kinds[first : first + len(added)] == added
+    item = events[first]
+    assert item["previous_item_id"] == call["id"] and item["item"]["call_id"] == call["call_id"]
+    assert kinds[first + len(added)] == "response.created" and kinds[-1] == DONE
+    assert [e.usage for e in sim.ledger] == [e["response"]["usage"] for e in events if e["type"] == DONE]
+    assert all(p.type == e["type"] for p, e in zip(parsed, events, strict=True))
+
+
+def test_truncate_is_acknowledged_for_an_answer_s_audio_only():
+    async def main() -> list[dict[str, Any]]:
+        async with Simulator() as sim, connect(ws_url(sim)) as ws:
+            await ws.recv()
+            await send(ws, create(), create(sim_function_call="lookup"))
+            events = await until(ws.recv, DONE, count=2)
+            spoken = next(e["item_id"] for e in events if e["type"] == GA_DELTAS[0])
+            called = next(e["item"]["id"] for e in events if e["type"] == "response.output_item.added")
+            truncate = {"type": "conversation.item.truncate", "content_index": 0, "audio_end_ms": 150}
+            await send(ws, {**truncate, "item_id": spoken}, {**truncate, "item_id": called})
+            return [json.loads(await ws.recv()) for _ in range(2)]
+
+    truncated, refused = run(main())
+    assert truncated["type"] == "conversation.item.truncated"
+    assert (truncated["content_index"], truncated["audio_end_ms"]) == (0, 150)
+    assert refused["type"] == "error" and refused["error"]["param"] == "item_id"
+
+
 def test_malformed_client_frames_get_errors_and_the_session_goes_on():
     async def main() -> list[dict[str, Any]]:
         async with Simulator() as sim, connect(ws_url(sim)) as ws:
@@ -439,7 +555,10 @@ def test_malformed_client_frames_get_errors_and_the_session_goes_on():
                 create(sim_deltas="many"),
                 {"type": "input_audio_buffer.append", "audio": "not base64!"},
                 {"type": "session.update", "session": "fast"},
-                {"type": "conversation.item.create", "item": {}},  # unknown to the simulator: ignored
+                {"type": "conversation.item.create", "item": {}},
+                {"type": "conversation.item.truncate", "item_id": "item_never", "audio_end_ms": 10},
+                {"type": "response.cancel"},
+                {"type": "output_audio_buffer.clear"},  # unknown to the simulator: ignored
                 create(sim_deltas="0"),
             )
             return await until(ws.recv, DONE)
@@ -454,6 +573,9 @@ def test_malformed_client_frames_get_errors_and_the_session_goes_on():
         "invalid_value",
         "invalid_value",
         "invalid_type",
+        "invalid_value",
+        "invalid_value",
+        "response_cancel_not_active",
     ]
     assert all(e["type"] == "invalid_request_error" and e["message"] for e in errors)
     assert errors[3]["event_id"] == "evt_client"

@@ -8,6 +8,12 @@ metrics with it. Per-response misbehaviour (statuses, fragmented frames, malform
 requested through `response.create`'s `response.metadata`, which the SDK passes through. With
 server VAD (`turn_detection` set by session.update) appended audio makes voice turns: speech
 starts, stops after `vad_speech_bytes`, and the upstream starts a response by itself.
+
+What a voice agent's debugging depends on behaves as OpenAI's does: `response.cancel` stops the
+response's deltas at once and ends it `cancelled`, billed for what it produced; a response asked
+for with `sim_function_call` calls that tool (a `function_call` output item, its arguments
+streamed), whose result the client adds with `conversation.item.create`; and
+`conversation.item.truncate` is acknowledged with `conversation.item.truncated`.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ import random
 import re
 import ssl
 import threading
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Protocol, overload
@@ -46,6 +53,9 @@ MAX_CLIENT_FRAME = 15 * 2**20  # OpenAI accepts audio appends up to 15 MiB
 
 _DATE_SUFFIX = re.compile(r"-\d{4}-\d{2}-\d{2}$")
 _TRANSCRIPT = ["Hello", "from", "the", "simulated", "upstream"]
+DEFAULT_ARGUMENTS = '{"city": "Paris", "unit": "celsius"}'  # a function call's arguments unless sim_arguments says
+ITEM_TYPES = ("message", "function_call", "function_call_output")
+MAX_OUTPUT_ITEMS = 1024  # assistant items a session remembers for conversation.item.truncate
 # Session keys a session.update cannot change.
 _FIXED_SESSION_KEYS = frozenset({"type", "object", "id", "model"})
 _RATE_LIMITS = [
@@ -105,6 +115,7 @@ class Dialect:
     transcription_path: tuple[str, ...]  # where the session keeps its transcription config
     typed_sessions: bool  # GA sessions carry session.type
     turn_detection_path: tuple[str, ...] = ("audio", "input", "turn_detection")
+    item_added: tuple[str, ...] = ("conversation.item.added", "conversation.item.done")  # a client's item, acknowledged
 
 
 GA = Dialect(
@@ -125,6 +136,7 @@ BETA = Dialect(
     transcription_path=("input_audio_transcription",),
     typed_sessions=False,
     turn_detection_path=("turn_detection",),
+    item_added=("conversation.item.created",),
 )
 
 
@@ -150,7 +162,10 @@ class _Session:
     config: dict[str, Any]
     buffered_audio: int = 0  # bytes appended since the last commit
     speech_item: str | None = None  # the item of the speech server VAD heard start and not yet stop
-    active_responses: set[str] = field(default_factory=set)
+    # The responses in progress, each with the event response.cancel sets to stop it.
+    active_responses: dict[str, asyncio.Event] = field(default_factory=dict)
+    output_items: deque[str] = field(default_factory=lambda: deque(maxlen=MAX_OUTPUT_ITEMS))
+    last_item: str | None = None  # the conversation's last item, the previous_item_id of the next
     transcriptions: int = 0
     responses: int = 0  # responses created so far
 
@@ -180,6 +195,8 @@ class _Plan:
     usage_null: bool  # response.done says `usage: null`, as the SDK's types allow
     repeat_done: bool  # response.done goes out twice, as a faulty upstream might send it
     delta_interval: float  # seconds from one delta to the next (0: back to back)
+    function_call: str | None = None  # the tool the response calls instead of speaking
+    arguments: str = DEFAULT_ARGUMENTS
 
 
 def resolve_model(model: str | None) -> str:
@@ -399,7 +416,37 @@ def _plan(response: dict[str, Any], session: _Session, default_deltas: int, defa
         usage_null=metadata.get("sim_usage") == "null",
         repeat_done=metadata.get("sim_repeat_done") == "1",
         delta_interval=default_interval if "sim_delta_ms" not in metadata else _interval(metadata["sim_delta_ms"]),
+        function_call=_tool_name(metadata.get("sim_function_call")),
+        arguments=str(metadata.get("sim_arguments", DEFAULT_ARGUMENTS)),
     )
+
+
+def _tool_name(value: Any) -> str | None:
+    """sim_function_call: the response calls this tool (its arguments from sim_arguments)."""
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ClientError("invalid_value", "sim_function_call must be a tool's name", "response.metadata")
+    return value
+
+
+def _cancelled_usage(usage: dict[str, Any], produced: int, planned: int) -> dict[str, Any]:
+    """A cancelled response bills its whole input and the share of its output it produced."""
+    details = {m: n * produced // planned if planned else 0 for m, n in usage["output_token_details"].items()}
+    output = sum(details.values())
+    return {
+        **usage,
+        "output_tokens": output,
+        "total_tokens": usage["input_tokens"] + output,
+        "output_token_details": details,
+    }
+
+
+async def _cancelled_within(cancel: asyncio.Event, seconds: float) -> bool:
+    """Wait up to `seconds`, returning early (True) as soon as the response is cancelled."""
+    if seconds > 0 and not cancel.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await cancel.wait()
+    return cancel.is_set()
 
 
 class Simulator(Served):
@@ -463,6 +510,9 @@ class Simulator(Served):
             "response.create": self._create_response,
             "input_audio_buffer.append": self._append_audio,
             "input_audio_buffer.commit": self._commit_audio,
+            "response.cancel": self._cancel_response,
+            "conversation.item.create": self._create_item,
+            "conversation.item.truncate": self._truncate_item,
         }
 
     @property
@@ -563,8 +613,40 @@ class Simulator(Served):
                 "Conversation already has an active response in progress. Wait until the response is finished.",
             )
         response_id = self._id("resp")
-        session.active_responses.add(response_id)  # before the task runs: the next frame may be a create
+        session.active_responses[response_id] = asyncio.Event()  # before the task runs: the next frame may be a create
         session.tasks.create_task(self._respond(session, model, plan, response_id))
+
+    async def _cancel_response(self, session: _Session, event: dict[str, Any]) -> None:
+        """Stops the named response, or the latest in progress; its task ends it `cancelled`."""
+        response_id = event.get("response_id") or next(reversed(session.active_responses), None)
+        cancel = session.active_responses.get(response_id) if isinstance(response_id, str) else None
+        if cancel is None:
+            raise ClientError("response_cancel_not_active", "Cancellation failed: no active response found.")
+        cancel.set()
+
+    async def _create_item(self, session: _Session, event: dict[str, Any]) -> None:
+        """A client's item (a message, or a function call's output) added to the conversation."""
+        item = _object_field(event, "item", "item")
+        if item.get("type") not in ITEM_TYPES:
+            raise ClientError("invalid_value", f"item.type must be one of {', '.join(ITEM_TYPES)}", "item.type")
+        if item["type"] == "function_call_output" and not isinstance(item.get("call_id"), str):
+            raise ClientError("missing_required_parameter", "a function_call_output needs its call_id", "item.call_id")
+        added = {**item, "id": item.get("id") or self._id("item"), "object": "realtime.item", "status": "completed"}
+        previous, session.last_item = session.last_item, added["id"]
+        for kind in session.dialect.item_added:
+            await self._send_event(session, self._event(kind, previous_item_id=previous, item=added))
+
+    async def _truncate_item(self, session: _Session, event: dict[str, Any]) -> None:
+        """The client stopped playing an answer's audio (a barge-in): acknowledged, as OpenAI does."""
+        item_id = event.get("item_id")
+        if item_id not in session.output_items:
+            raise ClientError("invalid_value", f"no assistant audio item {item_id!r} to truncate", "item_id")
+        content_index = _count(event.get("content_index", 0), "content_index")
+        audio_end_ms = _count(event.get("audio_end_ms"), "audio_end_ms")
+        truncated = self._event(
+            "conversation.item.truncated", item_id=item_id, content_index=content_index, audio_end_ms=audio_end_ms
+        )
+        await self._send_event(session, truncated)
 
     async def _append_audio(self, session: _Session, event: dict[str, Any]) -> None:
         session.buffered_audio += _audio_length(event.get("audio"))
@@ -589,7 +671,7 @@ class Simulator(Served):
         if session.model is not None and vad.get("create_response", True) is not False:
             plan = _plan({}, session, self.audio_deltas, self.delta_interval)
             response_id = self._id("resp")
-            session.active_responses.add(response_id)
+            session.active_responses[response_id] = asyncio.Event()
             session.tasks.create_task(self._respond(session, session.model, plan, response_id, self.vad_response_delay))
 
     async def _commit_audio(self, session: _Session, event: dict[str, Any]) -> None:
@@ -617,25 +699,29 @@ class Simulator(Served):
     async def _respond(self, session: _Session, model: str, plan: _Plan, response_id: str, delay: float = 0.0) -> None:
         """One response, start to response.done; runs as its own task so responses interleave."""
         try:
-            if delay:
-                await asyncio.sleep(delay)
-            await self._run_response(session, model, plan, response_id)
+            cancel = session.active_responses[response_id]
+            await _cancelled_within(cancel, delay)
+            await self._run_response(session, model, plan, response_id, cancel)
         finally:
-            session.active_responses.discard(response_id)
+            session.active_responses.pop(response_id, None)
 
-    async def _run_response(self, session: _Session, model: str, plan: _Plan, response_id: str) -> None:
+    async def _run_response(
+        self, session: _Session, model: str, plan: _Plan, response_id: str, cancel: asyncio.Event
+    ) -> None:
         if self.renamed_model is not None:
             model = await self._rename_model(session, model)
         item_id = self._id("item")
         response = _response(response_id, "in_progress", plan.metadata, None)
         await self._send_event(session, self._event("response.created", response=response))
         await self._send_event(session, self._event("rate_limits.updated", rate_limits=_RATE_LIMITS))
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        for n, delta in enumerate(self._deltas(session.dialect, plan, response_id, item_id)):
-            if plan.delta_interval and n:  # on the clock: a late delta does not delay the ones after it
-                await asyncio.sleep(max(0.0, start + n * plan.delta_interval - loop.time()))
-            await self._send_event(session, delta)
+        session.last_item = item_id
+        if plan.function_call is None:
+            session.output_items.append(item_id)
+        deltas = self._deltas(session.dialect, plan, response_id, item_id)
+        produced = await self._stream(session, deltas, plan.delta_interval, cancel)
+        if cancel.is_set():  # as OpenAI: no more deltas, response.done at once, what was produced billed
+            await self._finish(session, model, plan, response_id, item_id, "cancelled", (produced, len(deltas)))
+            return
         for frame in junk_frames() * plan.junk:
             if is_unbilled_response(frame):  # a response all the same: counted with its status, no tokens
                 entry = SentUsage(session.id, "unbilled_response", session.request_model, model, "completed", {})
@@ -646,12 +732,43 @@ class Simulator(Served):
         if plan.fault is not None:
             await self._fail(session, plan.fault)
             return
+        await self._finish(session, model, plan, response_id, item_id, plan.status)
+
+    async def _stream(
+        self, session: _Session, deltas: list[dict[str, Any]], interval: float, cancel: asyncio.Event
+    ) -> int:
+        """Sends the deltas on their clock until the response is cancelled; returns how many went out."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for n, delta in enumerate(deltas):
+            # On the clock: a late delta does not delay the ones after it.
+            pause = start + n * interval - loop.time() if interval and n else 0.0
+            if await _cancelled_within(cancel, pause):
+                return n
+            await self._send_event(session, delta)
+        return len(deltas)
+
+    async def _finish(
+        self,
+        session: _Session,
+        model: str,
+        plan: _Plan,
+        response_id: str,
+        item_id: str,
+        status: str,
+        produced: tuple[int, int] | None = None,
+    ) -> None:
+        """response.done, its usage ledgered first; a cancelled response bills the share of its
+        deltas it produced (`produced`: sent, planned)."""
         usage = None if plan.usage_null else _response_usage(self._rng)
+        if usage is not None and produced is not None:
+            usage = _cancelled_usage(usage, *produced)
         kind = "unbilled_response" if usage is None else "response"
-        entry = SentUsage(session.id, kind, session.request_model, model, plan.status, usage or {})
-        response = _response(response_id, plan.status, plan.metadata, usage)
+        entry = SentUsage(session.id, kind, session.request_model, model, status, usage or {})
+        output = [] if plan.function_call is None else [_call_item(plan, response_id, item_id, "completed")]
+        response = _response(response_id, status, plan.metadata, usage, output)
         done = self._dumps(self._event("response.done", response=response))
-        session.active_responses.discard(response_id)  # as OpenAI: once response.done is out, a create is accepted
+        session.active_responses.pop(response_id, None)  # as OpenAI: once response.done is out, a create is accepted
         await self._send_usage(session, entry, _fragments(done) if plan.fragment else done)
         if plan.repeat_done:  # the same response, billed once: the ledger has it once
             await self._send_frame(session, done)
@@ -673,16 +790,33 @@ class Simulator(Served):
         else:
             await session.ws.wait_closed()
 
-    def _deltas(self, dialect: Dialect, plan: _Plan, response_id: str, item_id: str) -> Iterator[dict[str, Any]]:
-        """Audio then its transcript; a text-only response has text deltas instead."""
+    def _deltas(self, dialect: Dialect, plan: _Plan, response_id: str, item_id: str) -> list[dict[str, Any]]:
+        """Audio then its transcript; a text-only response has text deltas instead; a function call
+        its item and its arguments."""
+        if plan.function_call is not None:
+            return self._call_events(plan, response_id, item_id)
         where = {"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0}
-        if plan.audio:
-            for _ in range(plan.audio_deltas):
-                yield self._event(dialect.audio_delta, **where, delta=self._audio_delta)
+        audio = plan.audio_deltas if plan.audio else 0
+        deltas = [self._event(dialect.audio_delta, **where, delta=self._audio_delta) for _ in range(audio)]
         text_delta = dialect.transcript_delta if plan.audio else dialect.text_delta
         for i in range(self.transcript_deltas):
             word = _TRANSCRIPT[i % len(_TRANSCRIPT)]
-            yield self._event(text_delta, **where, delta=word if i == 0 else f" {word}")
+            deltas.append(self._event(text_delta, **where, delta=word if i == 0 else f" {word}"))
+        return deltas
+
+    def _call_events(self, plan: _Plan, response_id: str, item_id: str) -> list[dict[str, Any]]:
+        """A function call as OpenAI streams it: its item, the arguments in pieces, then both done."""
+        where = {"response_id": response_id, "item_id": item_id, "output_index": 0, "call_id": _call_id(response_id)}
+        return [
+            self._event("response.output_item.added", response_id=response_id, output_index=0,
+                        item=_call_item(plan, response_id, item_id, "in_progress", "")),
+            *(self._event("response.function_call_arguments.delta", **where, delta=piece)
+              for piece in _fragments(plan.arguments)),
+            self._event("response.function_call_arguments.done", **where, name=plan.function_call,
+                        arguments=plan.arguments),
+            self._event("response.output_item.done", response_id=response_id, output_index=0,
+                        item=_call_item(plan, response_id, item_id, "completed")),
+        ]  # fmt: skip
 
     async def _send_usage(self, session: _Session, entry: SentUsage, frame: str | list[str]) -> None:
         """Ledgered before sending, so that no reader sees usage the ledger lacks; taken back if
@@ -719,15 +853,37 @@ class Simulator(Served):
         return f"{prefix}_{next(self._ids)}"
 
 
-def _response(response_id: str, status: str, metadata: Any, usage: dict[str, Any] | None) -> dict[str, Any]:
+def _response(
+    response_id: str, status: str, metadata: Any, usage: dict[str, Any] | None, output: list[Any] | None = None
+) -> dict[str, Any]:
     """The response object of response.created/done; metadata is echoed, as OpenAI does."""
     return {
         "object": "realtime.response",
         "id": response_id,
         "status": status,
-        "output": [],  # as OpenAI's (empty here): peers that read it, such as Portkey's event parser, expect a list
+        # As OpenAI's; empty but for function calls: peers that read it, such as Portkey's event parser, expect a list.
+        "output": output or [],
         "metadata": metadata,
         "usage": usage,
+    }
+
+
+def _call_id(response_id: str) -> str:
+    return f"call_{response_id.removeprefix('resp_')}"
+
+
+def _call_item(
+    plan: _Plan, response_id: str, item_id: str, status: str, arguments: str | None = None
+) -> dict[str, Any]:
+    """A function_call item as output_item.added/done and response.done's output carry it."""
+    return {
+        "id": item_id,
+        "object": "realtime.item",
+        "type": "function_call",
+        "status": status,
+        "name": plan.function_call,
+        "call_id": _call_id(response_id),
+        "arguments": plan.arguments if arguments is None else arguments,
     }
 
 
