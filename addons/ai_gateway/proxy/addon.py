@@ -6,7 +6,7 @@ from mitmproxy import contentviews
 from mitmproxy.addonmanager import Loader
 
 from ai_gateway.proxy.collector import StartupObjects
-from ai_gateway.proxy.contentview import realtime_view
+from ai_gateway.proxy.contentview import conversation_view, realtime_view
 from ai_gateway.proxy.drain import Drain
 from ai_gateway.proxy.http_metering import HttpMetering
 from ai_gateway.proxy.metrics_endpoint import MetricsEndpoint
@@ -26,7 +26,8 @@ class Gateway:
     - the metric families before the policy (its shared store counts into them) and before the
       access log and traces (dropped spans are counted);
     - the request policy (path, client key, credentials) before anything reads the request;
-    - observability after the meters: it ends the spans no record ended;
+    - observability after the meters: it ends the spans no record ended; the conversations kept
+      for mitmweb beside it (an option, and an observer of the meters' records);
     - startup's objects frozen last, once everything else is loaded.
     """
 
@@ -48,8 +49,11 @@ class Gateway:
             self.http_metering,
             self.session_metering,
             self.state.observability,
+            self.state.conversations,
             StartupObjects(self.state),
         ]
 
     def load(self, loader: Loader) -> None:
         contentviews.add(realtime_view)
+        contentviews.add(conversation_view)
+        realtime_view.conversations = conversation_view.conversations = self.state.conversations

@@ -2,8 +2,13 @@
 
 A voice session is mostly base64 audio (about 64 KB per second of speech), which buries the few
 events a developer debugs. The view shows each event as JSON with its type first, each audio
-payload as a one-line size, and under the events that carry usage the counts the gateway meters.
-The placeholder is the one proxy/history.py puts into the messages mitmproxy keeps.
+payload as a one-line size, and under the events that carry usage the counts the gateway meters,
+and under a response.done its turn's tokens, cost and latency. The placeholder is the one
+proxy/history.py puts into the messages mitmproxy keeps.
+
+The view "Realtime conversation", on the handshake's response (the Response tab), shows a whole
+Realtime session as turns: who spoke, what was said, tool calls, interruptions, what each answer
+cost and how long it took (proxy/conversation.py keeps them).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from mitmproxy import http
 from mitmproxy.contentviews import Contentview, Metadata, SyntaxHighlight
 from mitmproxy.utils import strutils
 
+from ai_gateway.accounting.conversation import ASSISTANT, TOOL, USER, Conversation, Turn
 from ai_gateway.accounting.items import Malformed, ResponseDone, SessionTime, UsageItem
 from ai_gateway.accounting.usage import (
     MODALITIES,
@@ -35,6 +41,7 @@ from ai_gateway.protocols.openai_realtime import (
     InvalidEvent,
     read_response_done,
 )
+from ai_gateway.proxy.conversation import Conversations, replay
 from ai_gateway.proxy.history import COMPLETIONS_CHUNK, replace_audio
 
 # Above JSON (1) and Raw (0.1): WebSocket messages have no content type for other views to claim them by.
@@ -70,6 +77,7 @@ class RealtimeView(Contentview):
 
     name = "OpenAI Realtime"
     syntax_highlight: SyntaxHighlight = "yaml"  # what mitmproxy's JSON view highlights with
+    conversations: Conversations | None = None  # the gateway's, once loaded: each response.done's turn
 
     def render_priority(self, data: bytes, metadata: Metadata) -> float:
         """Claim OpenAI events on WebSockets and OpenAI streams, read from the first bytes only."""
@@ -82,7 +90,9 @@ class RealtimeView(Contentview):
         try:
             if metadata.content_type == "text/event-stream":
                 return _render_stream(data)
-            return _render_frame(data)
+            flow = metadata.flow
+            conversations = self.conversations
+            return _render_frame(data, conversations.get(flow.id) if conversations and flow else None)
         except RecursionError:  # decoded, but nested too deeply to encode again
             return _unreadable(data, "nested too deeply")
 
@@ -106,9 +116,13 @@ def _is_realtime_path(flow: http.HTTPFlow) -> bool:
     return path.endswith(("/realtime", "/live/sessions")) or _LIVE_SIDEBAND.search(path) is not None
 
 
-def _render_frame(data: bytes) -> str:
+def _render_frame(data: bytes, conversation: Conversation | None = None) -> str:
     event = decode_json(data)
-    return _unreadable(data, event.detail) if isinstance(event, Malformed) else _render_event(event)
+    if isinstance(event, Malformed):
+        return _unreadable(data, event.detail)
+    text = _render_event(event)
+    turn = _answer(event, conversation) if conversation is not None else None
+    return f"{text}\n{_banner('turn', [turn_summary(turn)])}" if turn is not None else text
 
 
 def _render_event(event: dict[str, Any]) -> str:
@@ -118,6 +132,15 @@ def _render_event(event: dict[str, Any]) -> str:
     text = json.dumps(shown, indent=2, ensure_ascii=False)
     usage = _usage_block(event)
     return f"{text}\n\n{usage}" if usage else text
+
+
+def _answer(event: dict[str, Any], conversation: Conversation) -> Turn | None:
+    """The turn a response.done ends."""
+    response = event.get("response")
+    if event.get("type") != RESPONSE_DONE or not isinstance(response, dict):
+        return None
+    response_id = response.get("id")
+    return conversation.find(ASSISTANT, "response_id", response_id if isinstance(response_id, str) else None)
 
 
 def _render_stream(data: bytes) -> str:
@@ -235,4 +258,88 @@ def _count(value: int | None) -> str:
     return "-" if value is None else f"{value:,}"
 
 
+class ConversationView(Contentview):
+    """A Realtime session as its turns, on the handshake's response: read before any event is opened."""
+
+    name = "Realtime conversation"
+    syntax_highlight: SyntaxHighlight = "none"
+    conversations: Conversations | None = None  # the live sessions' turns; a flow read from a file is replayed
+
+    def render_priority(self, data: bytes, metadata: Metadata) -> float:
+        flow = metadata.flow
+        if not isinstance(flow, http.HTTPFlow) or flow.websocket is None or metadata.websocket_message is not None:
+            return 0
+        is_realtime = flow.request.path.split("?", 1)[0].rstrip("/").endswith("/realtime")
+        return PRIORITY if metadata.http_message is flow.response and is_realtime else 0
+
+    def prettify(self, data: bytes, metadata: Metadata) -> str:
+        flow = metadata.flow
+        assert isinstance(flow, http.HTTPFlow) and flow.websocket is not None  # claimed by render_priority
+        live = self.conversations.get(flow.id) if self.conversations is not None else None
+        return render_conversation(live or replay(flow.websocket.messages), recorded=live is not None)
+
+
+def render_conversation(conversation: Conversation, recorded: bool = True) -> str:
+    """The turns, one block each: when, who, what was said or called, what happened to it, its cost."""
+    turns = conversation.turns
+    header = [f"══ conversation: {len(turns):,} turn{'' if len(turns) == 1 else 's'} ══"]
+    if conversation.dropped:
+        header.append(f"(the {conversation.dropped:,} oldest turns dropped to stay within the caps)")
+    if not recorded:
+        header.append("(read from the kept messages: cost and timing were not recorded)")
+    if not turns:
+        return "\n".join([*header, "nobody has spoken yet and no response has started"])
+    start = turns[0].at
+    blocks = []
+    for turn in turns:
+        lines = [f"[{_clock(turn.at - start)}] {_speaker(turn)}: {_said(turn)}"]
+        lines += [f"    → calls {c.name or '?'}({c.arguments}) {c.call_id or ''}".rstrip() for c in turn.calls]
+        lines += [f"    ! {note}" for note in turn.notes]
+        if turn.role == ASSISTANT:
+            lines.append(f"    {turn_summary(turn)}")
+        blocks.append("\n".join(lines))
+    return "\n".join(header) + "\n\n" + "\n\n".join(blocks)
+
+
+def turn_summary(turn: Turn) -> str:
+    """An answer's status, tokens, cost and latency, as the meters measured them."""
+    parts = [turn.status or "in_progress"]
+    if (usage := turn.usage) is not None:
+        output = usage.output or 0
+        parts.append(
+            f"{usage.input + output:,} tokens ({usage.input:,} in, {usage.cache_read or 0:,} cached, {output:,} out)"
+        )
+    if turn.cost is not None:
+        parts.append(f"${turn.cost:,.4f}")
+    if turn.ttft is not None:
+        parts.append(f"TTFT {turn.ttft * 1000:,.0f} ms")
+    if turn.turn_latency is not None:
+        parts.append(f"voice turn {turn.turn_latency * 1000:,.0f} ms")
+    if turn.duration is not None:
+        parts.append(f"{turn.duration * 1000:,.0f} ms in all")
+    return " · ".join(parts)
+
+
+def _speaker(turn: Turn) -> str:
+    if turn.role == USER:
+        return "user (voice)" if turn.voice else "user"
+    if turn.role == TOOL:
+        return f"tool result {turn.call_id or ''}".rstrip()
+    return turn.role
+
+
+def _said(turn: Turn) -> str:
+    if turn.text:
+        return turn.text + (" …(cut)" if turn.clipped else "")
+    if turn.role == USER:
+        return "(speech, no transcript)"
+    return "(a tool call)" if turn.calls else "(nothing said)"
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(max(0.0, seconds), 60)
+    return f"{int(minutes):02d}:{seconds:04.1f}"
+
+
 realtime_view = RealtimeView()
+conversation_view = ConversationView()

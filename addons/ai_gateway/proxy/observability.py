@@ -96,7 +96,9 @@ class Observability(Observers):
         self.refresh()
 
     def refresh(self) -> None:
-        self.replace(o for o in (self.access_log, self.tracing) if o is not None)  # type: ignore[misc]
+        """The observers in force: the access log, the traces, the conversations kept for mitmweb."""
+        conversations = self.state.conversations if self.state.conversations.enabled else None
+        self.replace(o for o in (self.access_log, self.tracing, conversations) if o is not None)  # type: ignore[misc]
 
     def dropped(self, reason: str, count: int) -> None:
         """Spans lost on the export thread, counted in the gateway's current metrics."""

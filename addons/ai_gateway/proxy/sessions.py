@@ -17,6 +17,7 @@ from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.websocket import WebSocketMessage
 
+from ai_gateway.accounting.conversation import Conversation
 from ai_gateway.accounting.items import ResponseStarted, UsageItem
 from ai_gateway.accounting.ledger import Source
 from ai_gateway.accounting.limits import Refusal, Ticket
@@ -33,6 +34,7 @@ from ai_gateway.protocols.openai_live import CLOSE_EVENT, LiveProtocol
 from ai_gateway.protocols.openai_realtime import RealtimeProtocol, cancel_event, requested_model
 from ai_gateway.protocols.openai_responses_socket import ResponsesSocketProtocol
 from ai_gateway.proxy import closer, refusals
+from ai_gateway.proxy.conversation import record
 from ai_gateway.proxy.failures import close_error, error_type
 from ai_gateway.proxy.history import parse_history, shrink_audio, trim
 from ai_gateway.proxy.injection import Injections
@@ -157,6 +159,7 @@ class SessionMetering:
         self.sessions[flow.id] = Session(
             protocol(self.state.max_body_bytes),
             meter(self.state.accounting, origin, provider, requested_model(flow.request.url)),
+            self.state.conversations.open(flow.id) if protocol is RealtimeProtocol else None,
         )
         if self.state.control is not None:
             self.clock.watch(flow, self.state.control.rate_limits(origin.client_key))
@@ -183,6 +186,8 @@ class SessionMetering:
                 item = protocol.client_frame(message.content, message.is_text)
             else:
                 item = protocol.server_frame(message.content, message.is_text)
+            if session.conversation is not None:
+                record(session.conversation, message)
             if item is not None:
                 if self.state.accounting.shared is not None and session.meter.admission_needed(item):
                     return self.shared_admission(flow, message, session, item)
@@ -280,6 +285,7 @@ class Session(NamedTuple):
 
     protocol: SessionProtocol
     meter: SessionMeter
+    conversation: Conversation | None = None  # kept for mitmweb (proxy/conversation.py)
 
 
 SessionProtocol = RealtimeProtocol | ResponsesSocketProtocol | GeminiLiveProtocol | LiveProtocol

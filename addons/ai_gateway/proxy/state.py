@@ -22,6 +22,7 @@ from ai_gateway.accounting.pricing import PriceCatalog
 from ai_gateway.accounting.shared_limits import SharedLimits
 from ai_gateway.config.policy import Policy, Route, RouteType
 from ai_gateway.protocols.encoding import DEFAULT_MAX_BODY_BYTES
+from ai_gateway.proxy.conversation import Conversations
 from ai_gateway.proxy.observability import Observability
 from ai_gateway.proxy.refusals import UNKNOWN_CLIENT_KEY, unknown_key_response
 
@@ -41,6 +42,7 @@ class GatewayState:
         self.ledger: UsageLedger | None = None
         self.metrics = GatewayMetrics("agentgateway")
         self.observability = Observability(self)
+        self.conversations = Conversations(self.observability.refresh)
         self.accounting = Accounting(self.metrics, observer=self.observability)
         self.max_body_bytes = DEFAULT_MAX_BODY_BYTES
         self.is_running = False
