@@ -10,12 +10,16 @@ responses of the session. `UPDATE_SCREENSHOT=1` refreshes docs/mitmweb.png with 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import os
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+import websockets
 from openai import AsyncOpenAI
 
 from ai_gateway_tools.debug import mitmweb, web_url
@@ -53,6 +57,7 @@ AUDIO_DELTAS = 2  # per response; few, so that a whole response fits the screens
 AUDIO_PLACEHOLDER = "<audio pcm16 24 kHz:"
 USAGE_BANNER = "══ usage: response.done, completed ══"
 MESSAGES_CONTENT = re.compile(r"/flows/[^/]+/messages/content/[^/]+\.json")
+RESPONSE_CONTENT = re.compile(r"/flows/[^/]+/response/content/[^/]+\.json")
 
 expect.set_options(timeout=UI_TIMEOUT_MS)
 
@@ -146,3 +151,98 @@ async def drag_splitter(page: Page, to_x: float) -> None:
     await page.mouse.down()
     await page.mouse.move(to_x + box["width"] / 2, y, steps=5)
     await page.mouse.up()
+
+
+CONVERSATION_SCREENSHOT = ROOT / "docs" / "mitmweb-conversation.png"
+CONVERSATION_VIEWPORT: ViewportSize = {"width": 1600, "height": 960}  # the conversation, without a blank half
+VOICE = base64.b64encode(bytes(24_000)).decode()  # half a second of silence: server VAD hears a whole turn
+TRANSCRIPT = "Hello from the simulated upstream"  # what the simulator transcribes and says
+
+
+def test_mitmweb_shows_a_voice_session_as_a_conversation(chromium: Path, tmp_path: Path) -> None:
+    """Voice turns, a barge-in (cancel and truncate) and a tool call, read in the "Realtime conversation"
+    view of the handshake's response, each answer's cost and latency under it and under its response.done."""
+    with (
+        SimulatorThread(seed=20261207, audio_deltas=3, transcript_deltas=5, delta_interval=0.05) as simulator,
+        mitmweb(simulator.url, web_port=free_port()) as gateway,
+    ):
+        asyncio.run(read_conversation(chromium, web_url(gateway), gateway.url, tmp_path / "conversation.png"))
+
+
+async def read_conversation(chromium: Path, ui_url: str, gateway_url: str, screenshot_path: Path) -> None:
+    await voice_session(gateway_url)
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        page = await browser.new_page(viewport=CONVERSATION_VIEWPORT)
+        page.set_default_timeout(UI_TIMEOUT_MS)
+        await page.goto(ui_url)
+        await page.locator(".flow-table tbody tr", has_text="/v1/realtime").click()
+        await page.locator(".nav-tabs a", has_text="WebSocket").click()
+        # mitmweb renders each line as an element: the banner and the line under it read as one text.
+        turn = page.locator(".websocket pre").filter(has_text="══ usage: turn ══")
+        summary = re.compile(
+            r"══ usage: turn ══\s*completed · [\d,]+ tokens .* · \$\d+\.\d{4} · TTFT \d+ ms · voice turn"
+        )
+        await expect(turn.first).to_contain_text(summary)
+        # The 101's body is empty ("No content" above the view): the automatic view is still asked, and is ours.
+        async with page.expect_response(RESPONSE_CONTENT) as shown:
+            await page.locator(".nav-tabs a", has_text="Response").click()
+        assert (await (await shown.value).json())["view_name"] == "Realtime conversation"
+        text = page.locator(".contentview pre")
+        await expect(text).to_contain_text(re.compile(r"══ conversation: \d+ turns ══"))
+        await expect(text).to_contain_text(f"user (voice): {TRANSCRIPT}")
+        await expect(text).to_contain_text(f"assistant: {TRANSCRIPT}")
+        await expect(text).to_contain_text(re.compile(r"completed · [\d,]+ tokens .* · \$\d+\.\d{4} · TTFT \d+ ms"))
+        for shown in (
+            "! interrupted: the user spoke",
+            "! cancelled by the client",
+            "! truncated at 120 ms of audio (what the user heard)",
+            '→ calls get_weather({"city": "Paris", "unit": "celsius"})',
+            "tool result call_",
+            "cancelled · ",
+            "assistant: (cut before any transcript)",
+        ):
+            await expect(text).to_contain_text(shown)
+        await drag_splitter(page, to_x=CONVERSATION_VIEWPORT["width"] * 0.3)
+        await page.screenshot(path=screenshot_path, full_page=True)
+        if os.environ.get("UPDATE_SCREENSHOT") == "1":
+            CONVERSATION_SCREENSHOT.write_bytes(screenshot_path.read_bytes())
+        await browser.close()
+
+
+async def voice_session(gateway_url: str) -> None:
+    """Two server-VAD voice turns, a barge-in on the second answer, a third voice turn, then a tool call,
+    its output and the answer after it: what a voice agent with tools does."""
+    transcribed = {"model": "gpt-4o-transcribe"}
+    vad = {
+        "type": "realtime",
+        "audio": {"input": {"turn_detection": {"type": "server_vad"}, "transcription": transcribed}},
+    }
+    async with websockets.connect(f"{websocket_base(gateway_url)}/v1/realtime?model={MODEL}") as ws:
+
+        async def until(kind: str) -> dict[str, Any]:
+            while (event := json.loads(await ws.recv()))["type"] != kind:
+                pass
+            return event
+
+        async def send(**event: Any) -> None:
+            await ws.send(json.dumps(event))
+
+        await until("session.created")
+        await send(type="session.update", session=vad)
+        await send(type="input_audio_buffer.append", audio=VOICE)
+        await until(RESPONSE_DONE)
+        await send(type="input_audio_buffer.append", audio=VOICE)
+        delta = await until("response.output_audio.delta")
+        await send(type="input_audio_buffer.append", audio=VOICE[: len(VOICE) // 4])  # the user speaks over it
+        await send(type="response.cancel")
+        await send(type="conversation.item.truncate", item_id=delta["item_id"], content_index=0, audio_end_ms=120)
+        assert (await until(RESPONSE_DONE))["response"]["status"] == "cancelled"
+        await send(type="input_audio_buffer.append", audio=VOICE)  # the rest of the user's turn
+        await until(RESPONSE_DONE)
+        await send(type="response.create", response={"metadata": {"sim_function_call": "get_weather"}})
+        call = (await until(RESPONSE_DONE))["response"]["output"][0]
+        output = {"type": "function_call_output", "call_id": call["call_id"], "output": '{"temperature": 18}'}
+        await send(type="conversation.item.create", item=output)
+        await send(type="response.create")
+        await until(RESPONSE_DONE)

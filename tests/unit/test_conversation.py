@@ -207,3 +207,21 @@ def test_off_under_mitmdump_by_default():
         tctx.configure(addon, gateway_metrics_port=0, gateway_policy=str(DEFAULT_POLICY))
         assert not addon.state.conversations.enabled and addon.state.conversations.open("f") is None
         assert addon.state.conversations not in addon.state.observability.observers
+
+
+def test_a_truncation_finds_its_answer_by_the_announced_item_or_as_the_latest_unnamed_one():
+    truncated = {"type": "conversation.item.truncated", "item_id": "item_m", "audio_end_ms": 300}
+    announced = [
+        (False, {"type": "response.created", "response": {"id": "r1"}}),
+        (
+            False,
+            {"type": "response.output_item.added", "response_id": "r1", "item": {"id": "item_m", "type": "message"}},
+        ),
+        (False, {"type": "response.created", "response": {"id": "r2"}}),
+        (False, truncated),
+    ]
+    first, second = fed(announced).turns
+    assert first.item_id == "item_m" and first.notes == ["truncated at 300 ms of audio (what the user heard)"]
+    assert not second.notes
+    (unnamed,) = fed([announced[0], (False, truncated)]).turns  # cut before anything named its item
+    assert unnamed.notes == ["truncated at 300 ms of audio (what the user heard)"]

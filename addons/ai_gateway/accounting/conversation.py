@@ -143,8 +143,12 @@ class Conversation:
             self.response_done(_object(event, "response"), at)
         elif kind == ITEM_ADDED:
             item = _object(event, "item")
-            if item.get("type") == "function_call" and (turn := self.answer(response_id, at)):
+            if (turn := self.answer(response_id, at)) is None:
+                return
+            if item.get("type") == "function_call":
                 self.call(turn, item)
+            elif item.get("type") == "message":
+                turn.item_id = turn.item_id or _string(item.get("id"))
         elif kind in (ARGUMENTS_DELTA, ARGUMENTS_DONE):
             self.arguments(event, at)
         elif kind == TRUNCATED:
@@ -232,7 +236,12 @@ class Conversation:
             turn.notes.append("interrupted: the user spoke")
 
     def truncated(self, event: dict[str, Any]) -> None:
-        if (turn := self.find(ASSISTANT, "item_id", _string(event.get("item_id")))) is not None:
+        """The client cut an answer's audio where its user stopped hearing it. An answer whose item
+        was never named (cut before its first transcript delta, by an upstream that announces no
+        output items) is taken to be the latest such answer."""
+        turn = self.find(ASSISTANT, "item_id", _string(event.get("item_id")))
+        turn = turn or next((t for t in reversed(self.turns) if t.role == ASSISTANT and t.item_id is None), None)
+        if turn is not None:
             turn.notes.append(f"truncated at {event.get('audio_end_ms')} ms of audio (what the user heard)")
 
     def in_progress(self) -> Turn | None:

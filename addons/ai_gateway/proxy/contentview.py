@@ -333,7 +333,9 @@ def _said(turn: Turn) -> str:
         return turn.text + (" …(cut)" if turn.clipped else "")
     if turn.role == USER:
         return "(speech, no transcript)"
-    return "(a tool call)" if turn.calls else "(nothing said)"
+    if turn.calls:
+        return "(a tool call)"
+    return "(cut before any transcript)" if turn.status == "cancelled" else "(nothing said)"
 
 
 def _clock(seconds: float) -> str:
