@@ -171,3 +171,22 @@ def test_a_held_request_never_shows_the_key(tmp_path, kind):
         assert path.split("?")[0].encode() in seen[channel], f"{channel} does not show the held request"
     leaks = [channel for channel, shown in seen.items() if SECRET.encode() in shown]
     assert not leaks, f"the upstream key is visible in {leaks}"
+
+
+def test_the_client_s_own_key_is_relayed_whole_and_shown_masked():
+    """Without `auth` the client's key is passed through: the upstream gets it byte for byte, mitmweb's
+    flow list, dump and exports show its last four characters only (masked once the upstream answered)."""
+    own_key = "sk-client-OWN-KEY-7f3e2d1c"
+    with SimulatorThread() as simulator, mitmweb(simulator.url, web_port=free_port()) as gateway:
+        token = web_url(gateway).split("token=", 1)[1]
+        base = web_base(gateway)
+        asyncio.run(sdk_session(gateway.url, "gpt-realtime-own", metadata=[{}], api_key=own_key))
+        flows = fetch(base, "/flows", token)
+        (flow,) = json.loads(flows)
+        seen = {"/flows": flows, "/flows/dump": fetch(base, "/flows/dump", token)}
+        for export in EXPORTS:
+            seen[export] = fetch(base, "/commands/export", token, [export, f"@{flow['id']}"])
+    assert ("authorization", f"Bearer {own_key}") in simulator.handshakes[-1].headers
+    assert [value for name, value in flow["request"]["headers"] if name.lower() == "authorization"] == ["Bearer …2d1c"]
+    leaks = [channel for channel, shown in seen.items() if own_key.encode() in shown]
+    assert not leaks, f"the client's key is visible in {leaks}"

@@ -176,3 +176,18 @@ def test_session_totals_become_the_flow_comment_and_errors_mark_it(gateway):
     relay(gateway, flow, b'{"type":"error","error":{"type":"invalid_request_error","message":"bad"}}')
     assert flow.comment.endswith("· 1 error")
     assert flow.marked == ":exclamation:"
+
+
+def test_the_client_key_is_relayed_as_sent_and_masked_once_the_upstream_answered(gateway):
+    """Passed through (no auth in the policy): the request mitmproxy writes upstream is the flow's,
+    so it keeps the key through the request hooks; from the response on, the flow shows its last four."""
+    client_key = "sk-client-own-key-0123456789"
+    flow = tflow.tflow()
+    flow.request.path = "/v1/chat/completions"
+    flow.request.headers["authorization"] = f"Bearer {client_key}"
+    gateway.request_policy.requestheaders(flow)
+    gateway.http_metering.request(flow)
+    assert flow.request.headers["authorization"] == f"Bearer {client_key}"
+    flow.response = tflow.tresp()
+    gateway.request_policy.responseheaders(flow)
+    assert flow.request.headers["authorization"] == "Bearer …6789"

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 from mitmproxy.http import Request
 
-from ai_gateway.proxy.headers import client_credential, remove_client_credentials, split_query_keys
+from ai_gateway.proxy.headers import (
+    client_credential,
+    mask_client_credentials,
+    remove_client_credentials,
+    split_query_keys,
+)
 
 
 def request(path: str = "/v1/realtime", *headers: tuple[str, str]) -> Request:
@@ -76,3 +81,47 @@ def test_a_request_without_credentials_is_left_alone():
     remove_client_credentials(flow_request)
     assert flow_request.path == "/r?a=%20b"
     assert flow_request.headers.fields == ((b"Sec-WebSocket-Protocol", b"realtime"),)
+
+
+def key(n: int) -> str:
+    return f"sk-proj-SECRETSECRET{n:04d}"
+
+
+def test_every_client_credential_is_masked_to_its_last_four_characters():
+    flow_request = request(
+        f"/openai/realtime?api-version=2025&api-key={key(1)}&deployment=d&KEY=short&access_token={key(2)}",
+        ("Authorization", f"Bearer {key(3)}"),
+        ("Api-Key", key(4)),
+        ("x-api-key", key(5)),
+        ("openai-api-key", key(6)),
+        ("x-goog-api-key", key(7)),
+        ("Sec-WebSocket-Protocol", f"realtime, openai-insecure-api-key.{key(8)}"),
+        ("Proxy-Authorization", f"Token {key(9)}"),
+        ("User-Agent", "test"),
+    )
+    mask_client_credentials(flow_request)
+    shown = flow_request.path + str(flow_request.headers.fields)
+    assert "SECRET" not in shown and "short" not in shown
+    assert flow_request.path == (
+        "/openai/realtime?api-version=2025&api-key=%E2%80%A60001&deployment=d&KEY=%E2%80%A6&access_token=%E2%80%A60002"
+    )
+    assert flow_request.headers.get_all("authorization") == ["Bearer …0003"]
+    assert [flow_request.headers[h] for h in ("api-key", "x-api-key", "openai-api-key", "x-goog-api-key")] == [
+        "…0004",
+        "…0005",
+        "…0006",
+        "…0007",
+    ]
+    assert flow_request.headers["sec-websocket-protocol"] == "realtime, openai-insecure-api-key.…0008"
+    assert flow_request.headers["proxy-authorization"] == "Token …0009"
+    assert flow_request.headers["user-agent"] == "test"
+    fields, path = flow_request.headers.fields, flow_request.path
+    mask_client_credentials(flow_request)
+    assert (flow_request.headers.fields, flow_request.path) == (fields, path), "masked twice shows the same"
+
+
+def test_a_request_without_credentials_is_not_touched_by_masking():
+    flow_request = request("/r?a=%20b&monkey=1", ("Sec-WebSocket-Protocol", "realtime"), ("X", "y"))
+    before = (flow_request.path, flow_request.headers.fields)
+    mask_client_credentials(flow_request)
+    assert (flow_request.path, flow_request.headers.fields) == before

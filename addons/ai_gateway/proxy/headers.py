@@ -1,10 +1,10 @@
-"""Request edits: the route's header policy and the client's credentials."""
+"""Request edits: the route's header policy and the client's credentials (removed, or masked once relayed)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
-from urllib.parse import unquote_plus
+from urllib.parse import quote, unquote_plus
 
 from mitmproxy.http import Headers, Request
 
@@ -63,6 +63,61 @@ def remove_client_credentials(request: Request) -> None:
         request.path = path
 
 
+MASK = "…"
+MASKED_MIN_LENGTH = 20  # a shorter key shows none of its characters
+
+
+def masked(key: str) -> str:
+    """What a person may see of a client's key: its last four characters, none of a short one.
+    A masked key stays as it is: masking twice shows the same."""
+    if key.startswith(MASK):
+        return key
+    return MASK + key[-4:] if len(key) >= MASKED_MIN_LENGTH else MASK
+
+
+def mask_client_credentials(request: Request) -> None:
+    """Every credential a client may present (OpenAI's places and every protocol's), masked in place.
+
+    Only for a request already relayed (or never to be): what mitmweb, exports and saved flows show
+    of it afterwards. Headers without a credential are left untouched.
+    """
+    headers = request.headers
+    places = _ALL_PLACES
+    for name in (*BEARER_HEADERS, *KEY_HEADERS, *places.headers):
+        values = headers.get_all(name)
+        shown = [_mask_authorization(v) if name in BEARER_HEADERS else masked(v.strip()) for v in values if v]
+        if values and shown != values:
+            headers.set_all(name, shown)
+    offered = list(_offered_protocols(headers))
+    if any(_is_key_protocol(protocol) for protocol in offered):
+        protocols = [
+            INSECURE_KEY_PROTOCOL + masked(p[len(INSECURE_KEY_PROTOCOL) :]) if _is_key_protocol(p) else p
+            for p in offered
+        ]
+        headers["sec-websocket-protocol"] = ", ".join(protocols)
+    path = _mask_query(request.path, KEY_QUERY_PARAMETERS | set(places.query))
+    if path != request.path:
+        request.path = path
+
+
+def _mask_authorization(value: str) -> str:
+    scheme, _, credential = value.strip().partition(" ")
+    return f"{scheme} {masked(credential.strip())}" if credential.strip() else masked(scheme)
+
+
+def _mask_query(path: str, names: set[str]) -> str:
+    """The path with the values of its key parameters masked, the rest byte for byte."""
+    base, mark, query = path.partition("?")
+    if not mark:
+        return path
+    items = query.split("&")
+    for i, item in enumerate(items):
+        name, _, value = item.partition("=")
+        if value and unquote_plus(name).strip().lower() in names:
+            items[i] = f"{name}={quote(masked(unquote_plus(value)))}"
+    return f"{base}?{'&'.join(items)}"
+
+
 def split_query_keys(path: str) -> tuple[str, list[str]]:
     """The path without its key parameters, and their values.
 
@@ -109,6 +164,12 @@ CREDENTIAL_PLACES = {
         headers=("x-goog-api-key",), query=("key", "access_token"), schemes=("token",)
     )
 }
+
+
+_ALL_PLACES = CredentialPlaces(
+    headers=tuple(name for places in CREDENTIAL_PLACES.values() for name in places.headers),
+    query=tuple(name for places in CREDENTIAL_PLACES.values() for name in places.query),
+)
 
 
 def protocol_credential(headers: Headers, query: Mapping[str, str], places: CredentialPlaces) -> str | None:

@@ -1,6 +1,16 @@
 """What the policy does to a request before anything else reads it: the path normalised, the client
 identified by its key, client credentials removed where the gateway supplies its own, the route's
-header edits and model override."""
+header edits and model override; and once the request is relayed, the client's key masked.
+
+Where the client's key is passed through (no `auth` in the policy), the flow's request is what
+mitmproxy writes upstream, so it cannot be masked before it has been sent. It is masked in the
+first hook after that (`responseheaders`: the upstream answered, so the head has gone; `response`
+for a request the gateway answered itself; `error`), so that mitmweb's flow list, exports and
+saved flows show its last four characters at most from then on. Until the upstream answers,
+mitmweb shows the request as it came (mitmweb's own view has published it before any addon
+runs). A flow replayed from mitmweb goes out with the masked key, and is refused upstream: the
+client's key is never sent again on its behalf.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +25,7 @@ from ai_gateway.proxy.headers import (
     CREDENTIAL_PLACES,
     apply_header_policy,
     client_credential,
+    mask_client_credentials,
     protocol_credential,
     remove_client_credentials,
     remove_protocol_credentials,
@@ -60,6 +71,23 @@ class RequestPolicy:
         if session_kind(route) is not None if is_websocket_upgrade(request) else route.type in METERED_HTTP:
             operation = OPERATIONS.get(route.type, route.type.value.lower())  # realtime for a Realtime session
             self.state.observability.request_arrived(flow, operation, model)
+
+    @never_raises
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        self.mask(flow)
+
+    @never_raises
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.mask(flow)
+
+    @never_raises
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.mask(flow)
+
+    def mask(self, flow: http.HTTPFlow) -> None:
+        """The request has been relayed, or never will be: the client's key is masked on the flow."""
+        if CLIENT_KEY_METADATA in flow.metadata:  # a request the policy read
+            mask_client_credentials(flow.request)
 
     def normalise_path(self, flow: http.HTTPFlow) -> bool:
         """Every later decision (route, metering, credentials, limits) reads the path the upstream
