@@ -225,3 +225,17 @@ def test_a_truncation_finds_its_answer_by_the_announced_item_or_as_the_latest_un
     assert not second.notes
     (unnamed,) = fed([announced[0], (False, truncated)]).turns  # cut before anything named its item
     assert unnamed.notes == ["truncated at 300 ms of audio (what the user heard)"]
+
+
+def test_a_hostile_session_stays_within_the_caps():
+    huge = "r" * 100_000
+    events = [(False, {"type": "response.created", "response": {"id": huge}})]
+    events += [(True, {"type": "response.cancel"})] * 1000
+    events += [(False, {"type": "response.output_text.delta", "response_id": huge, "delta": "y" * 100_000})]
+    events += [(False, {"type": "error", "error": {"code": "c" * 1000, "message": "m" * 100_000}})] * 3
+    conversation = fed(events)
+    answer, *errors = conversation.turns
+    assert len(answer.response_id or "") == conv.MAX_ID_CHARS and answer.notes == ["cancelled by the client"]
+    assert len(answer.text) == conv.MAX_TURN_CHARS and answer.clipped
+    assert all(len(e.text) == conv.MAX_TURN_CHARS for e in errors)
+    assert conversation.chars == sum(t.chars for t in conversation.turns)

@@ -6,7 +6,8 @@ user's transcript, the model's transcript or text joined from its deltas, tool c
 results, barge-ins, cancels, truncations, errors) into a turn list, and takes each finished
 response's usage, cost and timing from the meter's `ResponseRecord`, so that nothing the meters
 measure is measured twice. It is bounded whatever the session's length: at most MAX_TURNS turns
-and MAX_CHARS characters of text, the oldest turns dropped first, each text cut at MAX_TURN_CHARS.
+and MAX_CHARS characters of text, the oldest turns dropped first, each text cut at MAX_TURN_CHARS,
+and ids, notes and tool calls each capped.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ MAX_TURNS = 200
 MAX_TURN_CHARS = 2_000
 MAX_CHARS = 100_000
 MAX_CALLS = 16  # per response
+MAX_NOTES = 8  # per turn: a client cancelling one response a thousand times adds one note, not a thousand
+MAX_ID_CHARS = 128  # of an id or a tool's name, as hostile upstreams may send any length
 ELLIPSIS = " …"
 
 USER, ASSISTANT, TOOL, ERROR = "user", "assistant", "tool", "error"
@@ -125,18 +128,18 @@ class Conversation:
             if turn := self.answer(response_id, at):
                 turn.item_id = turn.item_id or _string(event.get("item_id"))  # the item a truncation names
                 if kind in TEXT_DONE:
-                    self.replace_text(turn, _string(event.get(TEXT_DONE[kind])) or "")
+                    self.replace_text(turn, _text(event.get(TEXT_DONE[kind])))
                 else:
-                    self.add_text(turn, _string(event.get("delta")) or "")
+                    self.add_text(turn, _text(event.get("delta")))
         elif kind == SPEECH_STARTED:
             self.interrupt()
             self.user(_string(event.get("item_id")), at)
         elif kind == COMMITTED:
             self.user(_string(event.get("item_id")), at)
         elif kind == TRANSCRIBED:
-            self.replace_text(self.user(_string(event.get("item_id")), at), _string(event.get("transcript")) or "")
+            self.replace_text(self.user(_string(event.get("item_id")), at), _text(event.get("transcript")))
         elif kind == TRANSCRIPTION_FAILED:
-            self.user(_string(event.get("item_id")), at).notes.append(f"transcription failed: {_error(event)}")
+            _note(self.user(_string(event.get("item_id")), at), f"transcription failed: {_error(event)}")
         elif kind == RESPONSE_CREATED:
             self.answer(_string(_object(event, "response").get("id")), at)
         elif kind == RESPONSE_DONE:
@@ -154,7 +157,7 @@ class Conversation:
         elif kind == TRUNCATED:
             self.truncated(event)
         elif kind == ERROR_EVENT:
-            self.append(Turn(ERROR, at, _error(event)))
+            self.add_text(self.append(Turn(ERROR, at)), _error(event))
 
     def client_event(self, event: dict[str, Any], at: float) -> None:
         """A client event: a cancel (the barge-in a client makes itself), an item it adds."""
@@ -162,7 +165,7 @@ class Conversation:
         if kind == CANCEL:
             turn = self.find(ASSISTANT, "response_id", _string(event.get("response_id"))) or self.in_progress()
             if turn is not None:
-                turn.notes.append("cancelled by the client")
+                _note(turn, "cancelled by the client")
         elif kind == ITEM_CREATE:
             item = _object(event, "item")
             if item.get("type") == "function_call_output":
@@ -225,7 +228,7 @@ class Conversation:
         if event.get("type") == ARGUMENTS_DONE:
             self.call(turn, {**fields, "arguments": event.get("arguments")})
             call.name = call.name or _string(event.get("name"))
-        elif (delta := _string(event.get("delta"))) and len(call.arguments) < MAX_TURN_CHARS:
+        elif (delta := _text(event.get("delta"))) and len(call.arguments) < MAX_TURN_CHARS:
             piece = delta[: MAX_TURN_CHARS - len(call.arguments)]
             call.arguments += piece
             self.grow(len(piece))
@@ -233,7 +236,7 @@ class Conversation:
     def interrupt(self) -> None:
         """The user spoke over an answer still streaming: a barge-in."""
         if (turn := self.in_progress()) is not None:
-            turn.notes.append("interrupted: the user spoke")
+            _note(turn, "interrupted: the user spoke")
 
     def truncated(self, event: dict[str, Any]) -> None:
         """The client cut an answer's audio where its user stopped hearing it. An answer whose item
@@ -241,8 +244,8 @@ class Conversation:
         output items) is taken to be the latest such answer."""
         turn = self.find(ASSISTANT, "item_id", _string(event.get("item_id")))
         turn = turn or next((t for t in reversed(self.turns) if t.role == ASSISTANT and t.item_id is None), None)
-        if turn is not None:
-            turn.notes.append(f"truncated at {event.get('audio_end_ms')} ms of audio (what the user heard)")
+        if turn is not None and isinstance(end := event.get("audio_end_ms"), int):
+            _note(turn, f"truncated at {end:,} ms of audio (what the user heard)")
 
     def in_progress(self) -> Turn | None:
         return next((t for t in reversed(self.turns) if t.role == ASSISTANT and t.status == "in_progress"), None)
@@ -282,6 +285,12 @@ class Conversation:
             self.dropped += 1
 
 
+def _note(turn: Turn, note: str) -> None:
+    """A note once, up to MAX_NOTES per turn; error texts in it are clipped already."""
+    if note not in turn.notes and len(turn.notes) < MAX_NOTES:
+        turn.notes.append(note[:MAX_TURN_CHARS])
+
+
 def _clip(text: str) -> str:
     return text if len(text) <= MAX_TURN_CHARS else text[:MAX_TURN_CHARS]
 
@@ -292,12 +301,18 @@ def _object(event: dict[str, Any], key: str) -> dict[str, Any]:
 
 
 def _string(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
+    """An id or a name, clipped: never the whole of a hostile upstream's megabyte string."""
+    return value[:MAX_ID_CHARS] if isinstance(value, str) and value else None
+
+
+def _text(value: Any) -> str:
+    """Words or arguments: whole here, clipped where they are kept."""
+    return value if isinstance(value, str) else ""
 
 
 def _error(event: dict[str, Any]) -> str:
     error = _object(event, "error")
-    code, message = _string(error.get("code")) or _string(error.get("type")), _string(error.get("message"))
+    code, message = _string(error.get("code")) or _string(error.get("type")), _text(error.get("message"))
     return _clip(": ".join(part for part in (code, message) if part) or "error")
 
 
