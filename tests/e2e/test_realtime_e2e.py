@@ -300,7 +300,8 @@ def test_a_cancelled_response_and_a_function_call_round_trip_are_metered_exactly
 
         async with websockets.connect(f"{websocket_base(gateway.url)}/v1/realtime?model={model}") as ws:
             await ws.recv()
-            await ws.send(json.dumps({"type": "response.create", "response": {"metadata": {"sim_deltas": "400"}}}))
+            slow = {"sim_deltas": "100", "sim_delta_ms": "20"}  # two seconds of answer: the cancel comes first
+            await ws.send(json.dumps({"type": "response.create", "response": {"metadata": slow}}))
             while json.loads(await ws.recv())["type"] != "response.output_audio.delta":
                 pass
             await ws.send(json.dumps({"type": "response.cancel"}))
