@@ -8,6 +8,7 @@ from mitmproxy.addonmanager import Loader
 from ai_gateway.proxy.collector import StartupObjects
 from ai_gateway.proxy.contentview import conversation_view, realtime_view
 from ai_gateway.proxy.drain import Drain
+from ai_gateway.proxy.export import SessionExport
 from ai_gateway.proxy.http_metering import HttpMetering
 from ai_gateway.proxy.metrics_endpoint import MetricsEndpoint
 from ai_gateway.proxy.policy_file import PolicyFile
@@ -27,7 +28,8 @@ class Gateway:
       access log and traces (dropped spans are counted);
     - the request policy (path, client key, credentials) before anything reads the request;
     - observability after the meters: it ends the spans no record ended; the conversations kept
-      for mitmweb beside it (an option, and an observer of the meters' records);
+      for mitmweb beside it (an option, and an observer of the meters' records), and the
+      `realtime.export` command that writes them out;
     - startup's objects frozen last, once everything else is loaded.
     """
 
@@ -40,6 +42,7 @@ class Gateway:
         self.http_metering = HttpMetering(self.state)
         self.session_metering = SessionMetering(self.state)
         self.usage_log = UsageLog(self.state)
+        self.session_export = SessionExport(self.state.conversations)
         self.addons = [
             self.drain,
             self.usage_log,
@@ -50,6 +53,7 @@ class Gateway:
             self.session_metering,
             self.state.observability,
             self.state.conversations,
+            self.session_export,
             StartupObjects(self.state),
         ]
 

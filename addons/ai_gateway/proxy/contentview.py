@@ -292,7 +292,7 @@ def render_conversation(conversation: Conversation, recorded: bool = True) -> st
     start = turns[0].at
     blocks = []
     for turn in turns:
-        lines = [f"[{_clock(turn.at - start)}] {_speaker(turn)}: {_said(turn)}"]
+        lines = [f"[{clock(turn.at - start)}] {speaker(turn)}: {said(turn)}"]
         lines += [f"    → calls {c.name or '?'}({c.arguments}) {c.call_id or ''}".rstrip() for c in turn.calls]
         lines += [f"    ! {note}" for note in turn.notes]
         if turn.role == ASSISTANT:
@@ -320,7 +320,7 @@ def turn_summary(turn: Turn) -> str:
     return " · ".join(parts)
 
 
-def _speaker(turn: Turn) -> str:
+def speaker(turn: Turn) -> str:
     if turn.role == USER:
         return "user (voice)" if turn.voice else "user"
     if turn.role == TOOL:
@@ -328,7 +328,7 @@ def _speaker(turn: Turn) -> str:
     return turn.role
 
 
-def _said(turn: Turn) -> str:
+def said(turn: Turn) -> str:
     if turn.text:
         return turn.text + (" …(cut)" if turn.clipped else "")
     if turn.role == USER:
@@ -338,7 +338,7 @@ def _said(turn: Turn) -> str:
     return "(cut before any transcript)" if turn.status == "cancelled" else "(nothing said)"
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
     minutes, seconds = divmod(max(0.0, seconds), 60)
     return f"{int(minutes):02d}:{seconds:04.1f}"
 
