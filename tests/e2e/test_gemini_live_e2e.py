@@ -22,6 +22,7 @@ from google import genai
 from google.genai import types
 
 from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
+from ai_gateway_tools.harness import assert_metered_exactly as metered_exactly
 from ai_gateway_tools.simulators.gemini_live import AI_STUDIO_PATH, VERTEX_PATH, GeminiLiveSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
@@ -102,8 +103,7 @@ async def sdk_session(
 def assert_metered_exactly(gateway: GatewayProcess, simulator: GeminiLiveSimulator, model: str, system: str) -> None:
     sent = simulator.usage_for(model)
     assert sent, "the upstream sent no usage"
-    expected = expected_samples(sent, system=system)
-    assert usage_only(select(scrape(gateway.metrics_url), gen_ai_request_model=model)) == expected
+    metered_exactly(gateway.metrics_url, model, sent, system=system)
 
 
 def test_ai_studio_text_session_is_metered_exactly(live_gateway, live_simulator, live_model):

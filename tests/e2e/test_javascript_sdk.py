@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape_until, select, usage_only
+from ai_gateway_tools.harness import GatewayProcess, assert_metered_exactly
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,8 +57,4 @@ def test_the_readme_javascript_example_is_metered_exactly_over_wss(node_project,
         handshake = simulator.handshakes[-1]
         assert handshake.path == "/v1/realtime" and handshake.query["model"] == "gpt-realtime"
 
-        def metered(samples: dict) -> dict:
-            return usage_only(select(samples, gen_ai_request_model=model))
-
-        expected = expected_samples(simulator.usage_for(model))
-        assert metered(scrape_until(gateway.metrics_url, lambda s: metered(s) == expected)) == expected
+        assert_metered_exactly(gateway.metrics_url, model, simulator.usage_for(model))

@@ -74,7 +74,8 @@ def declared_options() -> set[str]:
     """Every option the gateway's addons declare in their `load`."""
     gateway = Gateway()
     with taddons.context(gateway) as context:
-        return {name for name in context.options.keys() if name.startswith("gateway_")}
+        names = context.options.keys()
+        return {name for name in names if name.startswith("gateway_")}
 
 
 def test_the_options_page_names_exactly_the_options_the_addons_declare():
