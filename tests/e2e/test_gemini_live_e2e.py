@@ -26,6 +26,7 @@ from ai_gateway_tools.harness import assert_metered_exactly as metered_exactly
 from ai_gateway_tools.simulators.gemini_live import AI_STUDIO_PATH, VERTEX_PATH, GeminiLiveSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
+from ..clients import served_module
 from ..conftest import LAUNCHERS
 
 POLICY = Path(__file__).resolve().parents[2] / "policies" / "gemini.yaml"
@@ -218,3 +219,13 @@ async def _poll(probe, timeout: float = 10) -> bool:
             return False
         await asyncio.sleep(0.05)
     return True
+
+
+def test_the_simulator_runs_as_a_module_until_interrupted():
+    async def setup(url: str) -> dict:
+        async with websockets.connect(url.replace("http://", "ws://") + AI_STUDIO) as ws:
+            await ws.send(json.dumps({"setup": {"model": "models/gemini-live-2.5-flash"}}))
+            return json.loads(await asyncio.wait_for(ws.recv(), 5))
+
+    with served_module("ai_gateway_tools.simulators.gemini_live") as url:
+        assert "setupComplete" in asyncio.run(setup(url))

@@ -15,7 +15,6 @@ any other request gets a passthrough body that happens to carry usage, which mus
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import contextlib
@@ -28,7 +27,6 @@ import math
 import operator
 import random
 import struct
-import threading
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -38,7 +36,8 @@ from typing import Any
 import brotli
 from aiohttp import WSMsgType, web
 
-from ai_gateway_tools.simulators.realtime import SentUsage, SimulatorThread, resolve_model
+from ai_gateway_tools.simulators.realtime import SentUsage, resolve_model
+from ai_gateway_tools.simulators.served import command_line
 
 try:
     from compression import zstd  # Python 3.14
@@ -818,17 +817,7 @@ class HttpSimulator:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run the simulated OpenAI HTTP upstream until Ctrl-C.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the usage numbers")
-    args = parser.parse_args(argv)
-    with (
-        contextlib.suppress(KeyboardInterrupt),
-        SimulatorThread(server=HttpSimulator(host=args.host, port=args.port, seed=args.seed)) as sim,
-    ):
-        print(f"Simulated OpenAI HTTP upstream listening on {sim.url}", flush=True)
-        threading.Event().wait()
+    command_line("OpenAI HTTP", lambda args: HttpSimulator(host=args.host, port=args.port, seed=args.seed), argv)
 
 
 if __name__ == "__main__":

@@ -12,11 +12,9 @@ starts, stops after `vad_speech_bytes`, and the upstream starts a response by it
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import binascii
-import contextlib
 import itertools
 import json
 import random
@@ -35,7 +33,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from ai_gateway_tools.simulators.served import Served
+from ai_gateway_tools.simulators.served import Served, command_line
 
 SNAPSHOT_DATE = "2025-08-28"
 DEFAULT_MODEL = "gpt-realtime"
@@ -798,20 +796,8 @@ class SimulatorThread[U: Upstream]:
             await self.simulator.stop()
 
 
-async def _serve_forever(args: argparse.Namespace) -> None:
-    async with Simulator(host=args.host, port=args.port, seed=args.seed) as sim:
-        print(f"Simulated OpenAI Realtime upstream listening on {sim.url}", flush=True)
-        await asyncio.Future()
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run the simulated OpenAI Realtime upstream until Ctrl-C.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the usage numbers")
-    args = parser.parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_forever(args))
+    command_line("OpenAI Realtime", lambda args: Simulator(host=args.host, port=args.port, seed=args.seed), argv)
 
 
 if __name__ == "__main__":
