@@ -250,6 +250,8 @@ class SpendControl:
     @staticmethod
     def _idle(state: KeyState, now: float) -> bool:
         state.budget.spend.expire(now)
+        while state.requests and state.requests[0] <= now - MINUTE:  # as key() prunes them
+            state.requests.popleft()
         budget = state.budget
         return not (
             budget.spend.entries or budget.reserved_tokens or budget.reserved_usd or state.sessions or state.requests
