@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import pytest
 import websockets
 
 from ai_gateway_tools.harness import GatewayProcess, scrape, select
+from ai_gateway_tools.simulators.guard import GuardSimulator
 from ai_gateway_tools.simulators.realtime import PCM16_BYTES_PER_SECOND, SimulatorThread
 
 from ..clients import wait_until, websocket_base
@@ -179,3 +181,102 @@ def test_denied_transcribed_speech_cancels_the_answer_and_deletes_the_turn(tmp_p
             e.get("item_id") == stopped["item_id"] for e in upstream.received if e["type"] == "conversation.item.delete"
         )
         assert checks(gateway, "input", "block") == 1
+
+
+def service_policy(tmp_path: Path, guard_url: str, on_error: str = "open", timeout_ms: int = 300) -> str:
+    path = tmp_path / "services.yaml"
+    path.write_text(
+        f"""
+guardrails:
+  - name: hook
+    kind: webhook
+    url: {guard_url}/webhook
+    phases: [input]
+    timeout_ms: {timeout_ms}
+    on_error: {on_error}
+  - name: moderation
+    kind: moderation
+    url: {guard_url}/v1/moderations
+    phases: [output]
+    timeout_ms: {timeout_ms}
+    on_error: {on_error}
+    thresholds: {{violence: 0.5}}
+{ROUTES_YAML}"""
+    )
+    return str(path)
+
+
+ROUTES_YAML = "routes:\n  /realtime: Realtime\n"
+
+
+def service_checks(gateway: GatewayProcess, guard: str, action: str) -> float:
+    samples = select(scrape(gateway.metrics_url), guard=guard, action=action)
+    return sum(v for (name, _), v in samples.items() if name == CHECKS)
+
+
+async def say(ws: websockets.ClientConnection, text: str, event_id: str) -> None:
+    await ws.send(json.dumps(user_item(text, event_id)))
+
+
+def test_webhook_and_moderation_verdicts_block_input_and_output(tmp_path, upstream):
+    with (
+        GuardSimulator() as guard,
+        GatewayProcess(upstream.url, options={"gateway_policy": service_policy(tmp_path, guard.url)}) as gateway,
+    ):
+
+        async def session() -> tuple[dict[str, Any], list[dict[str, Any]]]:
+            async with websockets.connect(f"{websocket_base(gateway.url)}/v1/realtime?model=gpt-realtime") as ws:
+                await read_until(ws, "session.created")
+                await say(ws, "What about Project Falcon?", "hook-denied")
+                refused = (await read_until(ws, "error"))[-1]
+                await say(ws, "What's the weather?", "hook-clean")
+                metadata = {"sim_transcript": DENIED_ANSWER + " " + DENIED_ANSWER, "sim_delta_ms": "20"}
+                await ws.send(json.dumps({"type": "response.create", "response": {"metadata": metadata}}))
+                return refused, await read_until(ws, "response.done")
+
+        refused, events = asyncio.run(session())
+        assert refused["error"]["code"] == "guardrail_blocked" and "'hook'" in refused["error"]["message"]
+        received = {e.get("event_id") for e in upstream.received}
+        assert "hook-clean" in received and "hook-denied" not in received
+        said = "".join(e["delta"] for e in events if e["type"] == "response.output_audio_transcript.delta")
+        assert "'moderation'" in next(e for e in events if e["type"] == "error")["error"]["message"]
+        assert events[-1]["response"]["status"] == "cancelled" and len(said) < len(DENIED_ANSWER) * 2
+        assert service_checks(gateway, "hook", "block") == 1 and service_checks(gateway, "moderation", "block") >= 1
+        assert [path for path, _ in guard.requests].count("/webhook") == 2
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("on_error", ["open", "closed"])
+def test_a_dead_guard_service_neither_stalls_nor_breaks_a_session(tmp_path, upstream, launcher, on_error, capsys):
+    """The service answers after 5 s, the guards wait 300 ms: user text is let through (open) or
+    blocked (closed) within the timeout, and a response streams at full speed meanwhile."""
+    with (
+        GuardSimulator(delay=5.0) as guard,
+        GatewayProcess(
+            upstream.url, launcher=launcher, options={"gateway_policy": service_policy(tmp_path, guard.url, on_error)}
+        ) as gateway,
+    ):
+
+        async def session() -> tuple[float, list[dict[str, Any]], float]:
+            async with websockets.connect(f"{websocket_base(gateway.url)}/v1/realtime?model=gpt-realtime") as ws:
+                await read_until(ws, "session.created")
+                began = time.monotonic()
+                await say(ws, "What's the weather?", f"dead-{launcher}-{on_error}")
+                await ws.send(
+                    json.dumps({"type": "response.create", "response": {"metadata": {"sim_transcript": DENIED_ANSWER}}})
+                )
+                events = await read_until(ws, "response.done")
+                held = time.monotonic() - began
+                streamed = events[-1]
+                return held, events, streamed["response"]["status"] == "completed"
+
+        held, events, completed = asyncio.run(session())
+        errors = [e for e in events if e["type"] == "error"]
+        passed = f"dead-{launcher}-{on_error}" in {e.get("event_id") for e in upstream.received}
+        with capsys.disabled():
+            print(f"\n{launcher}, on_error {on_error}: item and response done in {held * 1000:.0f} ms")
+        assert held < 1.5  # the item waited at most the 300 ms timeout, the response none
+        assert passed == (on_error == "open")
+        assert len(errors) == (1 if on_error == "closed" else 0)
+        assert completed  # output checks were asked off the relay: the answer streamed on whole
+        assert service_checks(gateway, "hook", "error") == 1
