@@ -17,9 +17,11 @@ from typing import Any
 
 import pytest
 import websockets
+from openai import APIError, BadRequestError, OpenAI
 
 from ai_gateway_tools.harness import GatewayProcess, scrape, select
 from ai_gateway_tools.simulators.guard import GuardSimulator
+from ai_gateway_tools.simulators.http import HttpSimulator
 from ai_gateway_tools.simulators.realtime import PCM16_BYTES_PER_SECOND, SimulatorThread
 
 from ..clients import wait_until, websocket_base
@@ -280,3 +282,32 @@ def test_a_dead_guard_service_neither_stalls_nor_breaks_a_session(tmp_path, upst
         assert len(errors) == (1 if on_error == "closed" else 0)
         assert completed  # output checks were asked off the relay: the answer streamed on whole
         assert service_checks(gateway, "hook", "error") == 1
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_http_requests_and_responses_are_guarded(tmp_path, launcher):
+    path = tmp_path / "http.yaml"
+    path.write_text(POLICY + "  /chat/completions: Completions\n  /responses: Responses\n")
+    denied = {"x-sim-text": "Sure. The project falcon launch is next week. It ships in May."}
+    with (
+        SimulatorThread(server=HttpSimulator(seed=26)) as upstream,
+        GatewayProcess(upstream.url, launcher=launcher, options={"gateway_policy": str(path)}) as gateway,
+    ):
+        client = OpenAI(api_key="sk-http", base_url=f"{gateway.url}/v1", max_retries=0)
+        ask = [{"role": "user", "content": "Any news on PROJECT FALCON?"}]
+        with pytest.raises(BadRequestError) as refused:
+            client.chat.completions.create(model="gpt-4o-mini", messages=ask)
+        assert refused.value.code == "guardrail_blocked" and not upstream.requests
+        hello = [{"role": "user", "content": "hello"}]
+        with pytest.raises(BadRequestError) as replaced:
+            client.chat.completions.create(model="gpt-4o-mini", messages=hello, extra_headers=denied)
+        assert replaced.value.code == "guardrail_blocked" and len(upstream.requests) == 1
+        said = []
+        with pytest.raises(APIError, match="guardrail"):
+            for chunk in client.chat.completions.create(model="gpt-4o-mini", messages=hello, stream=True, extra_headers=denied):  # fmt: skip
+                said.extend(c.delta.content or "" for c in chunk.choices)
+        assert "".join(said) == "Sure. The project falcon launch is next"  # up to the sentence's last word
+        events = list(client.responses.create(model="gpt-4o-mini", input="hello", stream=True, extra_headers=denied))
+        assert events[-1].type == "error" and events[-1].code == "guardrail_blocked"
+        assert client.chat.completions.create(model="gpt-4o-mini", messages=hello).choices[0].message.content
+        assert checks(gateway, "input", "block") == 1 and checks(gateway, "output", "block") == 3

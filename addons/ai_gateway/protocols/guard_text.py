@@ -9,11 +9,13 @@ seen whole; a match that lies entirely in that tail was reported by the window b
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from ai_gateway.config.guardrails import normalise
+from ai_gateway.config.policy import RouteType
 from ai_gateway.protocols.json_events import MAX_CLIENT_EVENT_BYTES, decode_json, event_type, read_event
 
 MAX_WINDOW = 160  # characters of streamed output checked at most at once
@@ -201,3 +203,87 @@ def _string(value: Any) -> str | None:
 
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else ""
+
+
+# HTTP: the user's messages in a request, the model's text in a response and in its SSE stream.
+
+GUARDED_HTTP = frozenset({RouteType.COMPLETIONS, RouteType.RESPONSES, RouteType.TEXT_COMPLETIONS})
+
+
+def request_text(route_type: RouteType, body: bytes) -> str:
+    """What the user asks: Chat's user messages, the Responses API's `input` (a string, or its user
+    messages), legacy Completions' `prompt`. Other roles (system, assistant, tools) are the
+    application's, not the user's."""
+    document = decode_json(body)
+    if not isinstance(document, dict):
+        return ""
+    if route_type is RouteType.TEXT_COMPLETIONS:
+        prompt = document.get("prompt")
+        return "\n".join(p for p in (prompt if isinstance(prompt, list) else [prompt]) if isinstance(p, str))
+    messages = document.get("messages" if route_type is RouteType.COMPLETIONS else "input")
+    if isinstance(messages, str):
+        return messages
+    if not isinstance(messages, list):
+        return ""
+    return "\n".join(
+        content_text(m.get("content")) for m in messages if isinstance(m, dict) and m.get("role", "user") == "user"
+    )
+
+
+def response_text(route_type: RouteType, body: bytes) -> str:
+    """The model's text in a whole response: Chat's message contents, the Responses API's
+    output_text parts, legacy Completions' choices."""
+    document = decode_json(body)
+    if not isinstance(document, dict):
+        return ""
+    if route_type is RouteType.RESPONSES:
+        output = document.get("output")
+        items = output if isinstance(output, list) else []
+        messages = [i for i in items if isinstance(i, dict) and i.get("type") == "message"]
+        return "\n".join(content_text(m.get("content")) for m in messages)
+    choices = document.get("choices")
+    texts = []
+    for choice in choices if isinstance(choices, list) else []:
+        if isinstance(choice, dict):
+            message = choice.get("message")
+            text = message.get("content") if isinstance(message, dict) else choice.get("text")
+            texts.append(text if isinstance(text, str) else "")
+    return "\n".join(texts)
+
+
+class SseText:
+    """The model's text deltas in an (uncompressed) SSE stream, as its chunks pass."""
+
+    def __init__(self, route_type: RouteType) -> None:
+        self.route_type = route_type
+        self.buffer = b""
+
+    def feed(self, chunk: bytes) -> str:
+        self.buffer = (self.buffer + chunk).replace(b"\r\n", b"\n")
+        *events, self.buffer = self.buffer.split(b"\n\n")
+        return "".join(self.delta(event) for event in events)
+
+    def delta(self, event: bytes) -> str:
+        data = b"\n".join(line[5:].removeprefix(b" ") for line in event.split(b"\n") if line.startswith(b"data:"))
+        document = decode_json(data) if data and data != b"[DONE]" else None
+        if not isinstance(document, dict):
+            return ""
+        if self.route_type is RouteType.RESPONSES:
+            return _text(document.get("delta")) if document.get("type") == "response.output_text.delta" else ""
+        choices = document.get("choices")
+        texts = []
+        for choice in choices if isinstance(choices, list) else []:
+            if isinstance(choice, dict):
+                delta = choice.get("delta")
+                texts.append(_text(delta.get("content") if isinstance(delta, dict) else choice.get("text")))
+        return "".join(texts)
+
+
+def sse_error(route_type: RouteType, code: str, message: str) -> bytes:
+    """The event that ends a blocked stream, as each API reports an error mid-stream (the OpenAI
+    SDKs raise it as an APIError)."""
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+    if route_type is RouteType.RESPONSES:
+        event = {"type": "error", "code": code, "message": message, "param": None}
+        return b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
+    return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"

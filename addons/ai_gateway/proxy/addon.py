@@ -28,8 +28,8 @@ class Gateway:
     - the metric families before the policy (its shared store counts into them) and before the
       access log and traces (dropped spans are counted);
     - the request policy (path, client key, credentials) before anything reads the request;
-    - guardrails after the meters: a session's frames reach them through SessionMetering, which
-      meters a frame before guards may drop it;
+    - guardrails after the meters: frames, requests and responses reach them through
+      SessionMetering and HttpMetering, which meter what guards may then drop;
     - observability after the meters: it ends the spans no record ended;
     - startup's objects frozen last, once everything else is loaded.
     """
@@ -40,9 +40,9 @@ class Gateway:
         self.metrics_endpoint = MetricsEndpoint(self.state)
         self.policy_file = PolicyFile(self.state)
         self.request_policy = RequestPolicy(self.state)
-        self.http_metering = HttpMetering(self.state)
         injections = Injections()  # one record of what the gateway injected, whoever injects it
         self.guardrails = Guardrails(self.state, injections)
+        self.http_metering = HttpMetering(self.state, self.guardrails)
         self.session_metering = SessionMetering(self.state, injections, self.guardrails)
         self.usage_log = UsageLog(self.state)
         self.addons = [

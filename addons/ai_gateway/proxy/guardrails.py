@@ -1,5 +1,5 @@
-"""Guardrails on OpenAI Realtime sessions: what the user says and what the model answers checked
-as it streams, and blocked as the policy's `guardrails:` say.
+"""Guardrails on OpenAI Realtime sessions and HTTP requests: what the user says and what the
+model answers checked as it streams, and blocked as the policy's `guardrails:` say.
 
 - User text (`conversation.item.create`): checked before it is relayed. Regex guards decide in
   the hook; webhook and moderation guards hold the frame (and only it) until their verdict, at
@@ -10,8 +10,13 @@ as it streams, and blocked as the policy's `guardrails:` say.
   cancels the response in flight upstream (`response.cancel`), drops the rest of it, deletes the
   offending item (`conversation.item.delete`) and sends the client an `error` event.
 
-SessionMetering calls `frame` for every frame of a metered session: the gateway keeps one
-per-frame hook.
+HTTP (Chat, Responses, legacy Completions): the user's messages are checked before the request
+goes upstream (a block answers 400), a whole response before it reaches the client (replaced by
+a 400), a streamed one a window at a time (a block ends what the client gets with an error event).
+
+SessionMetering calls `frame` for every frame of a metered session (the gateway keeps one
+per-frame hook), HttpMetering calls `request`, `responseheaders` and `response` around its own
+reading, so that what a guard drops is metered all the same.
 """
 
 from __future__ import annotations
@@ -39,19 +44,25 @@ from ai_gateway.config.guardrails import (
     first_block,
     normalise,
 )
-from ai_gateway.config.policy import RouteType, WireProtocol
+from ai_gateway.config.policy import Route, RouteType, WireProtocol
 from ai_gateway.protocols.guard_text import (
+    GUARDED_HTTP,
     OutputAudio,
     OutputEnd,
     OutputText,
+    SseText,
     Started,
     Transcript,
     Window,
     client_event,
+    request_text,
     response_id,
+    response_text,
     server_event,
+    sse_error,
 )
 from ai_gateway.protocols.json_events import event_type
+from ai_gateway.protocols.openai_http import decoded
 from ai_gateway.protocols.openai_realtime import cancel_event, error_event
 from ai_gateway.proxy.injection import Injections
 from ai_gateway.proxy.state import CLIENT_KEY_METADATA, GatewayState, never_raises
@@ -237,6 +248,81 @@ class Guardrails:
         self.injections.send(flow, True, blocked_event(verdict, Phase.INPUT))
         self.noted(flow, [verdict])
 
+    def http_guards(self, route: Route, phase: Phase) -> tuple[Guard, ...]:
+        if self.state.policy is None or route.type not in GUARDED_HTTP:
+            return ()
+        return self.state.policy.guardrails_for(route).for_phase(phase)
+
+    def request(self, flow: http.HTTPFlow, route: Route) -> Awaitable[None] | None:
+        """A request's user text, before it goes upstream: a block answers it 400. Only a request
+        with webhook or moderation guards waits (at most their timeout_ms)."""
+        guards = self.http_guards(route, Phase.INPUT)
+        if not guards:
+            return None
+        text = request_text(route.type, body_of(flow.request, self.state.max_body_bytes))
+        if not text:
+            return None
+        verdicts = self.check_regex(guards, Phase.INPUT, normalise(text))
+        if block := first_block(verdicts):
+            self.refuse_request(flow, block)
+            return None
+        self.noted(flow, verdicts)
+        remote = [g for g in guards if g.remote]
+        return self.hold_request(flow, route, remote, text) if remote else None
+
+    async def hold_request(self, flow: http.HTTPFlow, route: Route, guards: list[Guard], text: str) -> None:
+        session = new_session(GuardrailPolicy(), flow, route.suffix)
+        verdicts = await self.ask_all(session, guards, Phase.INPUT, text)
+        if block := first_block(verdicts):
+            self.refuse_request(flow, block)
+        else:
+            self.noted(flow, verdicts)
+
+    def refuse_request(self, flow: http.HTTPFlow, verdict: Verdict) -> None:
+        flow.response = blocked_response(verdict, Phase.INPUT)
+        self.noted(flow, [verdict])
+
+    def responseheaders(self, flow: http.HTTPFlow, route: Route) -> None:
+        """A streamed (SSE) response's text checked a window at a time as it passes; a block ends
+        what the client gets with an error event. Compressed streams pass unchecked."""
+        response = flow.response
+        guards = self.http_guards(route, Phase.OUTPUT)
+        if not guards or response is None or "content-encoding" in response.headers:
+            return
+        if not response.headers.get("content-type", "").startswith("text/event-stream"):
+            return
+        inner = response.stream if callable(response.stream) else None
+        stream = GuardedStream(self, flow, route, guards)
+        response.stream = lambda chunk: stream.filter(inner(chunk) if inner is not None else chunk)  # type: ignore[arg-type]
+
+    def response(self, flow: http.HTTPFlow, route: Route) -> Awaitable[None] | None:
+        """A whole response's text, before it reaches the client: a block replaces it by a 400."""
+        response = flow.response
+        guards = self.http_guards(route, Phase.OUTPUT)
+        if not guards or response is None or response.stream or not 200 <= response.status_code < 300:
+            return None
+        text = response_text(route.type, body_of(response, self.state.max_body_bytes))
+        if not text:
+            return None
+        verdicts = self.check_regex(guards, Phase.OUTPUT, normalise(text))
+        if block := first_block(verdicts):
+            self.replace_response(flow, block)
+            return None
+        self.noted(flow, verdicts)
+        remote = [g for g in guards if g.remote]
+        return self.hold_response(flow, route, remote, text) if remote else None
+
+    async def hold_response(self, flow: http.HTTPFlow, route: Route, guards: list[Guard], text: str) -> None:
+        verdicts = await self.ask_all(new_session(GuardrailPolicy(), flow, route.suffix), guards, Phase.OUTPUT, text)
+        if block := first_block(verdicts):
+            self.replace_response(flow, block)
+        else:
+            self.noted(flow, verdicts)
+
+    def replace_response(self, flow: http.HTTPFlow, verdict: Verdict) -> None:
+        flow.response = blocked_response(verdict, Phase.OUTPUT)
+        self.noted(flow, [verdict])
+
     def ask_later(self, flow: http.HTTPFlow, session: GuardedSession, rid: str, text: str) -> None:
         """A window of output for the services, asked off the relay."""
         remote = [g for g in session.outputs if g.remote]
@@ -339,6 +425,74 @@ def blocked_event(verdict: Verdict, phase: Phase, refused: bytes = b"") -> bytes
     what = "your message" if phase is Phase.INPUT else "the response"
     message = f"The gateway's guardrail {verdict.guard!r} blocked {what}."
     return error_event(BLOCKED_CODE, message, refused)
+
+
+class GuardedStream:
+    """One SSE response's text as it passes: windows checked, and after a block nothing more."""
+
+    def __init__(self, guardrails: Guardrails, flow: http.HTTPFlow, route: Route, guards: tuple[Guard, ...]) -> None:
+        self.guardrails = guardrails
+        self.flow = flow
+        self.route = route
+        self.guards = guards
+        self.remote = [g for g in guards if g.remote]
+        self.session = new_session(GuardrailPolicy(), flow, route.suffix)
+        self.sse = SseText(route.type)
+        self.window = Window()
+        self.block: Verdict | None = None
+        self.told = False
+
+    def filter(self, chunk: bytes) -> bytes | list[bytes]:
+        """The chunk as the client gets it: itself, the error event once a window was blocked, then
+        nothing (an empty list: an empty chunk would end a chunked body early)."""
+        if self.block is None:
+            try:
+                self.check(chunk)
+            except Exception:
+                logger.exception("ai-gateway: guardrails failed on a stream of %s", self.flow.id)
+        if self.block is None:
+            return chunk
+        if self.told:
+            return []
+        self.told = True
+        message = f"The gateway's guardrail {self.block.guard!r} blocked the response."
+        return sse_error(self.route.type, BLOCKED_CODE, message)
+
+    def check(self, chunk: bytes) -> None:
+        windows = self.window.feed(self.sse.feed(chunk)) if chunk else self.window.flush()
+        for normalised, start in windows:
+            verdicts = self.guardrails.check_regex(self.guards, Phase.OUTPUT, normalised, start)
+            if block := first_block(verdicts):
+                self.blocked(block)
+                return
+            self.guardrails.noted(self.flow, verdicts)
+            if self.remote and normalised[start:].strip():
+                self.guardrails.spawn(self.ask(normalised[start:]))
+
+    async def ask(self, text: str) -> None:
+        verdicts = await self.guardrails.ask_all(self.session, self.remote, Phase.OUTPUT, text)
+        if (block := first_block(verdicts)) and self.block is None:
+            self.blocked(block)
+        else:
+            self.guardrails.noted(self.flow, verdicts)
+
+    def blocked(self, verdict: Verdict) -> None:
+        self.block = verdict
+        self.guardrails.noted(self.flow, [verdict])
+
+
+def body_of(message: http.Message, limit: int) -> bytes:
+    """A body decoded within `limit`; empty when it cannot be (then there is nothing to check)."""
+    body = decoded(message.raw_content or b"", message.headers.get("content-encoding", ""), limit)
+    return body if isinstance(body, bytes) else b""
+
+
+def blocked_response(verdict: Verdict, phase: Phase) -> http.Response:
+    """What an HTTP client gets for a blocked request or response: 400, OpenAI-shaped."""
+    what = "the request" if phase is Phase.INPUT else "the response"
+    message = f"The gateway's guardrail {verdict.guard!r} blocked {what}."
+    error = {"message": message, "type": "invalid_request_error", "param": None, "code": BLOCKED_CODE}
+    return http.Response.make(400, json.dumps({"error": error}), {"content-type": "application/json"})
 
 
 def delete_event(item_id: str) -> bytes:
