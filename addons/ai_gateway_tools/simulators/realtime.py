@@ -8,6 +8,13 @@ metrics with it. Per-response misbehaviour (statuses, fragmented frames, malform
 requested through `response.create`'s `response.metadata`, which the SDK passes through. With
 server VAD (`turn_detection` set by session.update) appended audio makes voice turns: speech
 starts, stops after `vad_speech_bytes`, and the upstream starts a response by itself.
+
+For guardrail tests: every client event received is kept in `received` (an audio append without
+its audio); `sim_transcript` in `response.metadata` makes a response say that text, a word per
+transcript delta, each after an audio delta of its own (as speech streams); `user_transcript`
+is what the transcription of the user's speech says. A `response.cancel` ends a response in
+flight (its response.done says cancelled), a `conversation.item.delete` is answered with
+`conversation.item.deleted`.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import itertools
 import json
 import random
@@ -149,6 +157,7 @@ class _Session:
     buffered_audio: int = 0  # bytes appended since the last commit
     speech_item: str | None = None  # the item of the speech server VAD heard start and not yet stop
     active_responses: set[str] = field(default_factory=set)
+    cancelled: set[str] = field(default_factory=set)  # responses a response.cancel ended
     transcriptions: int = 0
     responses: int = 0  # responses created so far
 
@@ -178,6 +187,7 @@ class _Plan:
     usage_null: bool  # response.done says `usage: null`, as the SDK's types allow
     repeat_done: bool  # response.done goes out twice, as a faulty upstream might send it
     delta_interval: float  # seconds from one delta to the next (0: back to back)
+    transcript: str | None = None  # sim_transcript: what the response says, a word per delta
 
 
 def resolve_model(model: str | None) -> str:
@@ -397,6 +407,7 @@ def _plan(response: dict[str, Any], session: _Session, default_deltas: int, defa
         usage_null=metadata.get("sim_usage") == "null",
         repeat_done=metadata.get("sim_repeat_done") == "1",
         delta_interval=default_interval if "sim_delta_ms" not in metadata else _interval(metadata["sim_delta_ms"]),
+        transcript=metadata.get("sim_transcript") if isinstance(metadata.get("sim_transcript"), str) else None,
     )
 
 
@@ -420,6 +431,7 @@ class Simulator(Served):
         compression: str | None = "deflate",
         greeting_delay: float = 0.0,
         renamed_model: str | None = None,
+        user_transcript: str = " ".join(_TRANSCRIPT),
     ) -> None:
         if key_order not in KEY_ORDERS:
             raise ValueError(f"key_order must be one of {', '.join(KEY_ORDERS)}")
@@ -447,6 +459,8 @@ class Simulator(Served):
         # template, formatted with the session's `model` and the response's number `n`, from 1): every
         # response makes a new request x response model pair, which the gateway's series bound must hold.
         self.renamed_model = renamed_model
+        self.user_transcript = user_transcript  # what transcribed user speech says
+        self.received: list[dict[str, Any]] = []  # client events, audio appends without their audio
         self.ledger: list[SentUsage] = []
         self.handshakes: list[Handshake] = []
         self.junk_sent = 0
@@ -461,6 +475,8 @@ class Simulator(Served):
             "response.create": self._create_response,
             "input_audio_buffer.append": self._append_audio,
             "input_audio_buffer.commit": self._commit_audio,
+            "response.cancel": self._cancel_response,
+            "conversation.item.delete": self._delete_item,
         }
 
     @property
@@ -531,6 +547,7 @@ class Simulator(Served):
         event: dict[str, Any] = {}
         try:
             event = _client_event(message)
+            self.received.append({k: v for k, v in event.items() if k != "audio"})
             handler = self._handlers.get(event["type"])
             if handler is not None:  # unknown events are ignored, as a lenient upstream would
                 await handler(session, event)
@@ -563,6 +580,14 @@ class Simulator(Served):
         response_id = self._id("resp")
         session.active_responses.add(response_id)  # before the task runs: the next frame may be a create
         session.tasks.create_task(self._respond(session, model, plan, response_id))
+
+    async def _cancel_response(self, session: _Session, event: dict[str, Any]) -> None:
+        response_id = event.get("response_id")
+        if response_id in session.active_responses:
+            session.cancelled.add(response_id)
+
+    async def _delete_item(self, session: _Session, event: dict[str, Any]) -> None:
+        await self._send_event(session, self._event("conversation.item.deleted", item_id=event.get("item_id")))
 
     async def _append_audio(self, session: _Session, event: dict[str, Any]) -> None:
         session.buffered_audio += _audio_length(event.get("audio"))
@@ -606,7 +631,7 @@ class Simulator(Served):
             "conversation.item.input_audio_transcription.completed",
             item_id=item_id,
             content_index=0,
-            transcript=" ".join(_TRANSCRIPT),
+            transcript=self.user_transcript,
             usage=usage,
         )
         entry = SentUsage(session.id, "transcription", session.request_model, model, "completed", usage)
@@ -633,7 +658,12 @@ class Simulator(Served):
         for n, delta in enumerate(self._deltas(session.dialect, plan, response_id, item_id)):
             if plan.delta_interval and n:  # on the clock: a late delta does not delay the ones after it
                 await asyncio.sleep(max(0.0, start + n * plan.delta_interval - loop.time()))
+            if response_id in session.cancelled:
+                break
             await self._send_event(session, delta)
+        if response_id in session.cancelled:
+            session.cancelled.discard(response_id)
+            plan = dataclasses.replace(plan, status="cancelled", junk=0)
         for frame in junk_frames() * plan.junk:
             if is_unbilled_response(frame):  # a response all the same: counted with its status, no tokens
                 entry = SentUsage(session.id, "unbilled_response", session.request_model, model, "completed", {})
@@ -674,10 +704,16 @@ class Simulator(Served):
     def _deltas(self, dialect: Dialect, plan: _Plan, response_id: str, item_id: str) -> Iterator[dict[str, Any]]:
         """Audio then its transcript; a text-only response has text deltas instead."""
         where = {"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0}
+        text_delta = dialect.transcript_delta if plan.audio else dialect.text_delta
+        if plan.transcript is not None:  # spoken as it streams: each word's audio, then its transcript
+            for i, word in enumerate(plan.transcript.split(" ")):
+                if plan.audio:
+                    yield self._event(dialect.audio_delta, **where, delta=self._audio_delta)
+                yield self._event(text_delta, **where, delta=word if i == 0 else f" {word}")
+            return
         if plan.audio:
             for _ in range(plan.audio_deltas):
                 yield self._event(dialect.audio_delta, **where, delta=self._audio_delta)
-        text_delta = dialect.transcript_delta if plan.audio else dialect.text_delta
         for i in range(self.transcript_deltas):
             word = _TRANSCRIPT[i % len(_TRANSCRIPT)]
             yield self._event(text_delta, **where, delta=word if i == 0 else f" {word}")
