@@ -1,10 +1,21 @@
-"""Shared real parts: the simulated upstream, a running gateway in front of it, unique model names."""
+"""Shared real parts: the simulated upstream, a running gateway in front of it, unique model names.
+
+scripts/test runs the suite in a process per core (pytest-xdist, `-n auto --dist loadfile`). Each
+worker is a pytest session of its own: the session fixtures below (simulators, a gateway per
+launcher) and `_models` exist once per worker, never shared, and every gateway, simulator and Redis
+server listens on a free port of its own (`free_port`), with its files under the worker's tmp_path.
+A module's tests stay on one worker (loadfile), so its module fixtures start once. The one thing
+workers share is mitmproxy's default confdir (~/.mitmproxy, where most gateways keep their CA):
+`pytest_configure` makes the CA there before any worker starts a gateway, because two mitmdumps
+creating it at once on a fresh machine write the same files unsynchronised.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +24,18 @@ from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread
 
 LAUNCHERS = ("mitmdump", "serve")
 
+# Per process: with xdist each worker counts from 0, which is safe because a worker's model names
+# only ever reach that worker's own gateways and simulators.
 _models = itertools.count()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Make mitmproxy's CA in its default confdir once, in the controlling process (or the only one)."""
+    if hasattr(config, "workerinput"):
+        return
+    from mitmproxy import certs, options
+
+    certs.CertStore.from_store(Path(options.CONF_DIR).expanduser(), options.CONF_BASENAME, options.KEY_SIZE)
 
 
 @pytest.fixture(scope="session")

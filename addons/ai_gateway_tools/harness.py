@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -158,6 +158,26 @@ def scrape_until(
         time.sleep(0.02)
         samples = scrape(metrics_url)
     return samples
+
+
+def assert_metered_exactly(metrics_url: str, model: str, sent: Sequence[Any], *, system: str = "openai") -> None:
+    """/metrics shows exactly the usage the upstream sent for a request model (a simulator's ledger
+    entries; none: nothing metered) under that model: polled with a deadline, as `scrape_until` says why."""
+    expected = expected_samples(sent, system=system)
+
+    def metered(samples: Mapping[SampleKey, float]) -> dict[SampleKey, float]:
+        return usage_only(select(samples, gen_ai_request_model=model))
+
+    assert metered(scrape_until(metrics_url, lambda samples: metered(samples) == expected)) == expected
+
+
+def parse_errors(metrics_url: str, reason: str | None = None) -> float:
+    """parse_errors_total, summed over route types (and reasons, unless one is named)."""
+    return sum(
+        value
+        for (name, labels), value in scrape(metrics_url).items()
+        if name.endswith("_gateway_parse_errors_total") and (reason is None or ("reason", reason) in labels)
+    )
 
 
 def select(samples: Mapping[SampleKey, float], **labels: str) -> dict[SampleKey, float]:

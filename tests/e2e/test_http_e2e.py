@@ -13,7 +13,9 @@ from collections.abc import Iterator
 import pytest
 from openai import OpenAI, RateLimitError
 
-from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, scrape_until, select, usage_only
+from ai_gateway_tools.harness import GatewayProcess, scrape, scrape_until, select, usage_only
+from ai_gateway_tools.harness import assert_metered_exactly as metered_exactly
+from ai_gateway_tools.harness import parse_errors as count_parse_errors
 from ai_gateway_tools.simulators.http import HttpSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
@@ -41,20 +43,11 @@ def client(http_gateway) -> OpenAI:
 def assert_metered_exactly(gateway: GatewayProcess, simulator: HttpSimulator, model: str, count: int) -> None:
     sent = [e for e in simulator.usage_for(model) if e.kind != "passthrough"]
     assert len(sent) == count
-    expected = expected_samples(sent)
-
-    def metered(samples: dict) -> dict:
-        return usage_only(select(samples, gen_ai_request_model=model))
-
-    assert metered(scrape_until(gateway.metrics_url, lambda s: metered(s) == expected)) == expected
+    metered_exactly(gateway.metrics_url, model, sent)
 
 
 def parse_errors(gateway: GatewayProcess, reason: str) -> float:
-    return sum(
-        v
-        for (name, labels), v in scrape(gateway.metrics_url).items()
-        if name == PARSE_ERRORS and ("reason", reason) in labels
-    )
+    return count_parse_errors(gateway.metrics_url, reason)
 
 
 def last_request_body(simulator: HttpSimulator) -> dict:

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
-from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
+from ai_gateway_tools.harness import GatewayProcess, scrape, select
+from ai_gateway_tools.harness import assert_metered_exactly as metered_exactly
+from ai_gateway_tools.harness import parse_errors as count_parse_errors
 from ai_gateway_tools.simulators.http import SPEECH_AUDIO, TEXT, HttpSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
@@ -49,13 +51,11 @@ def client(http_gateway) -> OpenAI:
 def assert_metered_exactly(gateway: GatewayProcess, simulator: HttpSimulator, model: str, count: int) -> None:
     sent = simulator.usage_for(model)
     assert len(sent) == count
-    expected = expected_samples(sent)
-    assert expected
-    assert usage_only(select(scrape(gateway.metrics_url), gen_ai_request_model=model)) == expected
+    metered_exactly(gateway.metrics_url, model, sent)
 
 
 def parse_errors(gateway: GatewayProcess) -> float:
-    return sum(v for (name, _), v in scrape(gateway.metrics_url).items() if name == PARSE_ERRORS)
+    return count_parse_errors(gateway.metrics_url)
 
 
 def ledger_lines(path: Path, model: str) -> list[dict]:

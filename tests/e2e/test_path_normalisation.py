@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ai_gateway.config.paths import AmbiguousPath, normalise_target
-from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape_until, select, usage_only
+from ai_gateway_tools.harness import GatewayProcess, assert_metered_exactly
 from ai_gateway_tools.simulators.http import HttpSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
@@ -139,12 +139,7 @@ def test_an_over_budget_key_is_refused_however_the_path_is_spelled(tmp_path: Pat
         other = f"gpt-4o-paths-metered-{launcher}"
         assert post(gateway, "/v1/chat/%63ompletions#x", "sk-other", other) == 200
         assert http_upstream.requests[-1].path == "/v1/chat/completions"
-        expected = expected_samples(http_upstream.usage_for(other))
-
-        def metered(samples: dict) -> dict:
-            return usage_only(select(samples, gen_ai_request_model=other))
-
-        assert metered(scrape_until(gateway.metrics_url, lambda s: metered(s) == expected)) == expected
+        assert_metered_exactly(gateway.metrics_url, other, http_upstream.usage_for(other))
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)

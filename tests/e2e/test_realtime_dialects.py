@@ -15,7 +15,9 @@ from typing import Any
 import websockets
 from websockets.asyncio.server import Server, ServerConnection, serve
 
-from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
+from ai_gateway_tools.harness import GatewayProcess, scrape, select
+from ai_gateway_tools.harness import assert_metered_exactly as metered_exactly
+from ai_gateway_tools.harness import parse_errors as count_parse_errors
 from ai_gateway_tools.simulators.realtime import SentUsage, SimulatorThread
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
@@ -70,11 +72,8 @@ def run_session(
 
 
 def assert_metered_exactly(gateway: GatewayProcess, sent: list[SentUsage], system: str) -> None:
-    samples = scrape(gateway.metrics_url)
-    assert usage_only(select(samples, gen_ai_request_model=sent[0].request_model)) == expected_samples(
-        sent, system=system
-    )
-    assert not [v for (name, _), v in samples.items() if name == PARSE_ERRORS and v]
+    metered_exactly(gateway.metrics_url, sent[0].request_model, sent, system=system)
+    assert count_parse_errors(gateway.metrics_url) == 0
 
 
 def test_qwen_dashscope_event_id_first_frames_and_tokens_details_spelling(tmp_path):

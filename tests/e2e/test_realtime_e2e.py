@@ -11,6 +11,8 @@ from pathlib import Path
 from mitmproxy import io
 
 from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
+from ai_gateway_tools.harness import assert_metered_exactly as metered_exactly
+from ai_gateway_tools.harness import parse_errors as count_parse_errors
 from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread, junk_frames
 
 from ..clients import raw_session, sdk_session, websocket_base
@@ -26,13 +28,11 @@ def metered(gateway: GatewayProcess, **labels: str) -> dict:
 def assert_metered_exactly(gateway: GatewayProcess, simulator: Simulator, model: str, responses: int) -> None:
     sent = simulator.usage_for(model)
     assert sum(e.kind == "response" for e in sent) == responses
-    expected = expected_samples(sent)
-    assert expected, "the upstream sent no usage"
-    assert usage_only(metered(gateway, gen_ai_request_model=model)) == expected
+    metered_exactly(gateway.metrics_url, model, sent)
 
 
 def parse_errors(gateway: GatewayProcess) -> float:
-    return sum(v for (name, _), v in scrape(gateway.metrics_url).items() if name == PARSE_ERRORS)
+    return count_parse_errors(gateway.metrics_url)
 
 
 def test_ga_sdk_session_is_metered_exactly(gateway, simulator, model):

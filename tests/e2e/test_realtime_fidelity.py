@@ -78,8 +78,9 @@ async def refused_then_next(url: str) -> tuple[list[float], dict]:
     Returns what the client saw: for c1 and c3, the time from sending to the first delta."""
     seen: list[float] = []
     error: dict | None = None
-    # c1 streams long enough that c2 surely arrives while it is in progress
-    long = {"metadata": {"sim_deltas": "200"}}
+    # c1 streams long enough that c2 surely arrives while it is in progress: its deltas are on the
+    # clock (a second in all), as 200 unpaced ones could all be out before c2 on a loaded machine
+    long = {"metadata": {"sim_deltas": "20", "sim_delta_ms": "50"}}
     async with websockets.connect(url) as ws:
         await ws.recv()  # session.created
         for event_id in ("c1", "c3"):

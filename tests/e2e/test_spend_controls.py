@@ -24,6 +24,7 @@ from ai_gateway_tools.simulators.http import HttpSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
 from ..clients import wait_until, websocket_base, write_ledger
+from ..conftest import LAUNCHERS
 
 LIMIT = 100_000  # tokens
 RESERVE = 15_000  # at least what one simulated response bills, so the bound below is the documented one
@@ -276,14 +277,15 @@ def test_a_restart_does_not_forgive_spend(tmp_path, upstream):
         assert handshake(gateway, "sk-restarted") == 101  # without the ledger the spend is forgotten
 
 
-def test_a_restart_restores_100_000_client_keys_before_serving_within_seconds(tmp_path, upstream):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_restart_restores_100_000_client_keys_before_serving_within_seconds(tmp_path, upstream, launcher):
     """A ledger of 100,000 distinct client keys in the window (quadratic before: 12,000 took 15 s
     to serve, 20,000 took 147 s). Handshakes are tried from the start: the first one answered
     waited for the restore, so the over-budget key is refused."""
     spends = [(client_key_digest("sk-spent"), 30_000), *((f"{i:016x}", 10) for i in range(100_000))]
     ledger = write_ledger(tmp_path / "usage.jsonl", spends)
     options = {"gateway_policy": budget(tmp_path, "client_key", 20_000), "gateway_usage_log": str(ledger)}
-    gateway = GatewayProcess(upstream.url, options=options)
+    gateway = GatewayProcess(upstream.url, options=options, launcher=launcher)
     started = time.monotonic()
     starting = threading.Thread(target=gateway.start, kwargs={"timeout": 60})
     starting.start()

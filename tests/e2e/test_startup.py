@@ -13,6 +13,7 @@ import pytest
 from ai_gateway_tools.harness import GatewayProcess
 
 from ..clients import write_padded
+from ..conftest import LAUNCHERS
 
 
 def run_until_exit(gateway: GatewayProcess, timeout: float = 30) -> tuple[int, str]:
@@ -47,11 +48,13 @@ def test_invalid_policy_stops_startup_with_one_line(tmp_path, policy, environ, m
     assert sum("policy.yaml" in line for line in output.splitlines()) == 1
 
 
-def test_a_100_mb_policy_stops_startup_at_once_with_one_line(tmp_path):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_100_mb_policy_stops_startup_at_once_with_one_line(tmp_path, launcher):
     """Valid but 100 MB of comments: refused by its size, unread (pyyaml would take minutes)."""
     path = write_padded(tmp_path / "policy.yaml", "routes:\n  /realtime: Realtime\n", 100 * 2**20)
     started = time.monotonic()
-    returncode, output = run_until_exit(GatewayProcess("http://127.0.0.1:9", options={"gateway_policy": str(path)}))
+    gateway = GatewayProcess("http://127.0.0.1:9", options={"gateway_policy": str(path)}, launcher=launcher)
+    returncode, output = run_until_exit(gateway)
     print(f"a 100 MB policy: exit {returncode} after {time.monotonic() - started:.2f} s")
     assert returncode != 0
     assert time.monotonic() - started < 10

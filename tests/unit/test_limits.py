@@ -152,3 +152,23 @@ def test_restoring_many_client_keys_scans_each_a_bounded_number_of_times(monkeyp
     assert "k0" not in spend.keys and len(spend.keys) == keys
     print(f"{2 * keys} keys created, {checks} idle checks")
     assert checks <= 2 * (2 * keys)
+
+
+def test_a_key_holding_only_a_usd_reservation_is_not_forgotten_as_idle():
+    """A response in flight on a USD-only budget holds no token reservation: forgetting its key as
+    idle would drop the reservation, and a burst of new keys could then free a spent budget."""
+    spend = control(BudgetPolicy(client_key=Limit(usd=1.0), reserve=Limit(usd=1.0)))
+    ticket = spend.admit("k", None, now=0)
+    assert isinstance(ticket, Ticket)
+    spend.forget_at = 1  # the next new key looks for idle ones
+    spend.admit("other", None, now=120)  # the request minute is over, the response still in flight
+    assert "k" in spend.keys
+    assert isinstance(spend.admit("k", None, now=120), Refusal)  # the budget is all reserved while it is held
+
+
+def test_keys_whose_request_minute_is_over_are_forgotten_when_idle():
+    spend = control(limits=RateLimits(requests_per_minute=10))
+    spend.release(spend.admit("k", None, now=0), now=1)
+    spend.forget_at = 1
+    spend.admit("other", None, now=120)
+    assert "k" not in spend.keys

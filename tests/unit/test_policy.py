@@ -114,7 +114,7 @@ def test_auth_reads_the_key_from_the_environment():
         (
             "routes:\n  /x: Realtime\nprovder: x\n",
             {},
-            "p.yaml:3: provder: unknown key; expected one of provider, auth, model, prices, budgets, limits, client_keys, routes",
+            "p.yaml:3: provder: unknown key; expected one of provider, auth, model, prices, budgets, limits, client_keys, routes, guardrails, redact",
         ),
         ("provider: openai\n", {}, "p.yaml:1: routes: missing; expected a mapping of path suffix to route type"),
         ("routes: [a]\n", {}, "p.yaml:1: routes: expected a mapping, got a list"),
@@ -131,7 +131,7 @@ def test_auth_reads_the_key_from_the_environment():
         (
             "routes:\n  /x:\n    type: Realtime\n    reqest: {}\n",
             {},
-            "p.yaml:4: routes./x.reqest: unknown key; expected one of type, request, model, protocol, provider",
+            "p.yaml:4: routes./x.reqest: unknown key; expected one of type, request, model, protocol, provider, guardrails",
         ),
         (
             "auth:\n  env: NOPE\nroutes:\n  /x: Realtime\n",

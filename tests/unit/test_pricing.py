@@ -133,10 +133,10 @@ def test_the_database_version_is_the_pinned_one_and_dated():
     assert supplement == ("supplement-prices.yaml", "", "2026-12-07")
     assert source == (DATABASE, version, DATABASE_RELEASES[version])
     assert date.fromisoformat(source.data_date)
-    assert f"genai-prices {version}" in README and source.data_date in README
+    assert f"genai-prices {version}" in PRICES_DOC and source.data_date in PRICES_DOC
 
 
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+PRICES_DOC = (ROOT / "docs" / "limits.md").read_text(encoding="utf-8")
 
 
 # Hand-computed costs at the database's published rates. The rates are those of genai-prices

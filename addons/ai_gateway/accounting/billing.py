@@ -259,6 +259,14 @@ class Accounting:
     def enforced(self, refusal: Refusal, action: str) -> None:
         self.metrics.budget_enforcements.labels(refusal.scope, action, refusal.code).inc()
 
+    def guardrail_checked(self, guard: str, phase: str, outcome: str, seconds: float) -> None:
+        self.metrics.guardrail_checks.labels(guard, phase, outcome).inc()
+        self.metrics.guardrail_duration.labels(guard).observe(seconds)
+
+    def guardrail_audio(self, guard: str, seconds: float) -> None:
+        """Audio of a blocked response that had reached the client before the block."""
+        self.metrics.guardrail_audio_before_block.labels(guard).observe(seconds)
+
     def parse_error(self, source: Source, reason: str) -> None:
         self.metrics.parse_error(source.route_type, reason)
 

@@ -250,7 +250,12 @@ class SpendControl:
     @staticmethod
     def _idle(state: KeyState, now: float) -> bool:
         state.budget.spend.expire(now)
-        return not (state.budget.spend.entries or state.budget.reserved_tokens or state.sessions or state.requests)
+        while state.requests and state.requests[0] <= now - MINUTE:  # as key() prunes them
+            state.requests.popleft()
+        budget = state.budget
+        return not (
+            budget.spend.entries or budget.reserved_tokens or budget.reserved_usd or state.sessions or state.requests
+        )
 
     def session(self, session_id: str) -> Scope:
         scope = self.sessions.get(session_id)

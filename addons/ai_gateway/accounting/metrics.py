@@ -236,6 +236,29 @@ class GatewayMetrics:
             ("scope", "action", "reason"),
             registry=self.registry,
         )
+        self.guardrail_checks = Counter(
+            f"{prefix}_guardrail_checks",
+            "Guardrail checks by guard (its name in the policy), phase (input, output) and action, what happened:"
+            " allow, block, warn, log, or error (the guard service failed or timed out; on_error decided).",
+            ("guard", "phase", "action"),
+            registry=self.registry,
+        )
+        self.guardrail_duration = Histogram(
+            f"{prefix}_guardrail_check_duration_seconds",
+            "Seconds a guardrail check took, by guard: microseconds for regex, the service's answer (at most"
+            " timeout_ms) for webhook and moderation.",
+            ("guard",),
+            buckets=STORE_BUCKETS,
+            registry=self.registry,
+        )
+        self.guardrail_audio_before_block = Histogram(
+            f"{prefix}_guardrail_audio_before_block_seconds",
+            "Seconds of a blocked response's audio the client had been sent before the block: what a voice"
+            " session cannot take back.",
+            ("guard",),
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
         self.rate_limit_remaining = Gauge(
             f"{prefix}_gateway_upstream_rate_limit_remaining",
             "The upstream's own remaining rate limit from Realtime rate_limits.updated events.",

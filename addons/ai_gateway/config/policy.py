@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import re
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -20,6 +21,19 @@ from urllib.parse import urlsplit
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from ai_gateway.config.guardrails import (
+    BUILTIN_DETECTORS,
+    DEFAULT_TIMEOUT_MS,
+    ON_ERROR_CLOSED,
+    ON_ERROR_OPEN,
+    Action,
+    Guard,
+    GuardKind,
+    GuardrailPolicy,
+    Phase,
+    RedactPolicy,
+)
 
 # Headers the gateway can send the upstream key in (`auth.header`).
 AUTH_HEADERS = ("authorization", "api-key", "x-goog-api-key")
@@ -178,6 +192,7 @@ class Route:
     model: str | None = None
     protocol: WireProtocol = WireProtocol.OPENAI
     provider: str | None = None  # gen_ai_system for this route; the policy's provider when None
+    guardrails: GuardrailPolicy = GuardrailPolicy()  # the route's own guards, after the policy's
 
 
 @dataclass(frozen=True)
@@ -204,6 +219,8 @@ class Policy:
     limits: LimitPolicy = LimitPolicy()
     client_keys: ClientKeys = ClientKeys()
     routes: tuple[Route, ...] = field(default_factory=tuple)
+    guardrails: GuardrailPolicy = GuardrailPolicy()  # for every route
+    redact: RedactPolicy = RedactPolicy()
 
     def match(self, path: str) -> Route:
         """agentgateway's matching: longest path suffix first (query excluded), "*" last."""
@@ -220,6 +237,12 @@ class Policy:
     def provider_for(self, route: Route) -> str:
         """The gen_ai_system of a route's usage: its own provider, else the policy's."""
         return route.provider or self.provider
+
+    def guardrails_for(self, route: Route) -> GuardrailPolicy:
+        """The guards a route's traffic passes: the policy's, then the route's own."""
+        if not route.guardrails:
+            return self.guardrails
+        return GuardrailPolicy(self.guardrails.guards + route.guardrails.guards)
 
 
 NO_MATCH = Route(suffix="", type=RouteType.COMPLETIONS)
@@ -388,7 +411,20 @@ class Validator:
 
     def policy(self, root: Node) -> Policy:
         items = self.mapping(
-            "", root, ("provider", "auth", "model", "prices", "budgets", "limits", "client_keys", "routes")
+            "",
+            root,
+            (
+                "provider",
+                "auth",
+                "model",
+                "prices",
+                "budgets",
+                "limits",
+                "client_keys",
+                "routes",
+                "guardrails",
+                "redact",
+            ),
         )
         if "routes" not in items:
             raise self.fail("routes", root, "missing; expected a mapping of path suffix to route type")
@@ -402,6 +438,8 @@ class Validator:
             limits=self.optional(items, "limits", self.limits, "", LimitPolicy()),
             client_keys=self.optional(items, "client_keys", self.client_keys, "", ClientKeys()),
             routes=self.routes("routes", items["routes"][1]),
+            guardrails=self.optional(items, "guardrails", self.guardrails, "", GuardrailPolicy()),
+            redact=self.optional(items, "redact", self.redact, "", RedactPolicy()),
         )
 
     def relative_path(self, key: str, node: Node) -> Path:
@@ -536,7 +574,7 @@ class Validator:
     def route(self, key: str, suffix: str, node: Node) -> Route:
         if isinstance(node, ScalarNode):
             return Route(suffix, self.route_type(key, node))
-        items = self.mapping(key, node, ("type", "request", "model", "protocol", "provider"))
+        items = self.mapping(key, node, ("type", "request", "model", "protocol", "provider", "guardrails"))
         if "type" not in items:
             raise self.fail(f"{key}.type", node, f"missing; expected one of {_ROUTE_TYPES}")
         route_type = self.route_type(f"{key}.type", items["type"][1])
@@ -558,7 +596,112 @@ class Validator:
             self.optional(items, "model", self.string, key, None),
             protocol,
             self.optional(items, "provider", self.string, key, None),
+            self.optional(items, "guardrails", self.guardrails, key, GuardrailPolicy()),
         )
+
+    def guardrails(self, key: str, node: Node) -> GuardrailPolicy:
+        guards = tuple(self.guard(f"{key}[{i}]", item) for i, item in enumerate(self.sequence(key, node, "guards")))
+        seen: set[str] = set()
+        for i, guard in enumerate(guards):
+            if guard.name in seen:
+                raise self.fail(f"{key}[{i}].name", node.value[i], f"duplicate guard name {guard.name!r}")
+            seen.add(guard.name)
+        return GuardrailPolicy(guards)
+
+    def guard(self, key: str, node: Node) -> Guard:
+        names = ("name", "kind", "deny", "allow", "phases", "action", "url", "timeout_ms", "on_error", "thresholds")
+        items = self.mapping(key, node, (*names, "model", "key_env"))
+        for required in ("name", "kind"):
+            if required not in items:
+                raise self.fail(f"{key}.{required}", node, "missing")
+        kind = self.choice(f"{key}.kind", items["kind"][1], GuardKind)
+        own = {GuardKind.REGEX: ("deny", "allow"), GuardKind.WEBHOOK: ("url", "timeout_ms", "on_error", "key_env")}
+        own[GuardKind.MODERATION] = (*own[GuardKind.WEBHOOK], "thresholds", "model")
+        for name in items.keys() - {"name", "kind", "phases", "action"} - set(own[kind]):
+            raise self.fail(f"{key}.{name}", items[name][0], f"not a key of a {kind} guard")
+        required = "deny" if kind is GuardKind.REGEX else "url"
+        if required not in items:
+            raise self.fail(f"{key}.{required}", node, f"missing; a {kind} guard needs it")
+        on_error = self.optional(items, "on_error", self.string, key, ON_ERROR_OPEN)
+        if on_error not in (ON_ERROR_OPEN, ON_ERROR_CLOSED):
+            raise self.fail(f"{key}.on_error", items["on_error"][1], f"expected open or closed, got {on_error!r}")
+        return Guard(
+            name=self.string(f"{key}.name", items["name"][1]),
+            kind=kind,
+            phases=self.optional(items, "phases", self.phases, key, frozenset(Phase)),
+            action=self.optional(items, "action", lambda k, n: self.choice(k, n, Action), key, Action.BLOCK),
+            deny=self.optional(items, "deny", self.patterns, key, ()),
+            allow=self.optional(items, "allow", self.patterns, key, ()),
+            url=self.optional(items, "url", self.http_url, key, None),
+            timeout_ms=self.optional(items, "timeout_ms", self.positive_number, key, DEFAULT_TIMEOUT_MS),
+            on_error=on_error,
+            thresholds=self.optional(items, "thresholds", self.thresholds, key, ()),
+            model=self.optional(items, "model", self.string, key, None),
+            api_key=self.optional(items, "key_env", self.secret, key, None),
+        )
+
+    def secret(self, key: str, node: Node) -> str:
+        """The value of the environment variable a key names (a guard service's token)."""
+        env = self.string(key, node)
+        if not self.environ.get(env):
+            raise self.fail(key, node, f"environment variable {env} is not set or empty")
+        return self.environ[env]
+
+    def phases(self, key: str, node: Node) -> frozenset[Phase]:
+        phases = frozenset(self.choice(f"{key}[{i}]", item, Phase) for i, item in enumerate(self.sequence(key, node)))
+        if not phases:
+            raise self.fail(key, node, "expected at least one of input, output")
+        return phases
+
+    def patterns(self, key: str, node: Node) -> tuple[re.Pattern[str], ...]:
+        """Regular expressions (Python's syntax), matched case-insensitively against normalised text."""
+        compiled = []
+        for i, item in enumerate(self.sequence(key, node, "patterns")):
+            try:
+                compiled.append(re.compile(self.string(f"{key}[{i}]", item), re.IGNORECASE))
+            except re.error as e:
+                raise self.fail(f"{key}[{i}]", item, f"invalid regular expression: {e}") from None
+        return tuple(compiled)
+
+    def thresholds(self, key: str, node: Node) -> tuple[tuple[str, float], ...]:
+        items = self.mapping(key, node, None)
+        scores = []
+        for name, (_, value) in items.items():
+            score = self.positive_number(f"{key}.{name}", value)
+            if score > 1:
+                raise self.fail(f"{key}.{name}", value, f"expected a score up to 1, got {score:g}")
+            scores.append((name, score))
+        return tuple(scores)
+
+    def http_url(self, key: str, node: Node) -> str:
+        url = self.string(key, node)
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise self.fail(key, node, f"expected an http:// or https:// URL, got {url!r}")
+        return url
+
+    def redact(self, key: str, node: Node) -> RedactPolicy:
+        items = self.mapping(key, node, ("builtin", "patterns"))
+        builtin = ()
+        if "builtin" in items:
+            items_node = items["builtin"][1]
+            builtin = tuple(
+                self.choice(f"{key}.builtin[{i}]", item, BUILTIN_DETECTORS)
+                for i, item in enumerate(self.sequence(f"{key}.builtin", items_node))
+            )
+        return RedactPolicy(builtin, self.optional(items, "patterns", self.patterns, key, ()))
+
+    def sequence(self, key: str, node: Node, what: str = "values") -> list[Node]:
+        if not isinstance(node, SequenceNode):
+            raise self.fail(key, node, f"expected a list of {what}, got {describe(node)}")
+        return node.value
+
+    def choice[C: str](self, key: str, node: Node, choices: Iterable[C]) -> C:
+        """One of `choices` (an enum's members, or strings), spelled as its value."""
+        options = {str(c): c for c in choices}
+        if not (isinstance(node, ScalarNode) and node.tag == STR_TAG and node.value in options):
+            raise self.fail(key, node, f"expected one of {', '.join(options)}, got {describe(node)}")
+        return options[node.value]
 
     def protocol(self, key: str, node: Node) -> WireProtocol:
         if not (isinstance(node, ScalarNode) and node.value in WireProtocol._value2member_map_):

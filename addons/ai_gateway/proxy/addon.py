@@ -9,7 +9,9 @@ from ai_gateway.proxy.collector import StartupObjects
 from ai_gateway.proxy.contentview import conversation_view, realtime_view
 from ai_gateway.proxy.drain import Drain
 from ai_gateway.proxy.export import SessionExport
+from ai_gateway.proxy.guardrails import Guardrails
 from ai_gateway.proxy.http_metering import HttpMetering
+from ai_gateway.proxy.injection import Injections
 from ai_gateway.proxy.metrics_endpoint import MetricsEndpoint
 from ai_gateway.proxy.policy_file import PolicyFile
 from ai_gateway.proxy.request_policy import RequestPolicy
@@ -27,6 +29,8 @@ class Gateway:
     - the metric families before the policy (its shared store counts into them) and before the
       access log and traces (dropped spans are counted);
     - the request policy (path, client key, credentials) before anything reads the request;
+    - guardrails after the meters: frames, requests and responses reach them through
+      SessionMetering and HttpMetering, which meter what guards may then drop;
     - observability after the meters: it ends the spans no record ended; the conversations kept
       for mitmweb beside it (an option, and an observer of the meters' records), and the
       `realtime.export` command that writes them out;
@@ -39,8 +43,10 @@ class Gateway:
         self.metrics_endpoint = MetricsEndpoint(self.state)
         self.policy_file = PolicyFile(self.state)
         self.request_policy = RequestPolicy(self.state)
-        self.http_metering = HttpMetering(self.state)
-        self.session_metering = SessionMetering(self.state)
+        injections = Injections()  # one record of what the gateway injected, whoever injects it
+        self.guardrails = Guardrails(self.state, injections)
+        self.http_metering = HttpMetering(self.state, self.guardrails)
+        self.session_metering = SessionMetering(self.state, injections, self.guardrails)
         self.usage_log = UsageLog(self.state)
         self.session_export = SessionExport(self.state.conversations)
         self.addons = [
@@ -51,6 +57,7 @@ class Gateway:
             self.request_policy,
             self.http_metering,
             self.session_metering,
+            self.guardrails,
             self.state.observability,
             self.state.conversations,
             self.session_export,

@@ -16,6 +16,7 @@ from ai_gateway.config.policy import Route, RouteType, WireProtocol
 from ai_gateway.protocols.encoding import DEFAULT_MAX_BODY_BYTES
 from ai_gateway.protocols.openai_http import METERED_HTTP, OPERATIONS, StreamReader, read_request, read_response
 from ai_gateway.proxy.failures import error_type
+from ai_gateway.proxy.guardrails import Guardrails
 from ai_gateway.proxy.refusals import refusal_response
 from ai_gateway.proxy.state import (
     UNROUTED,
@@ -28,9 +29,10 @@ from ai_gateway.proxy.state import (
 
 
 class HttpMetering:
-    def __init__(self, state: GatewayState) -> None:
+    def __init__(self, state: GatewayState, guardrails: Guardrails | None = None) -> None:
         self.state = state
         self.exchanges: dict[str, HttpExchange] = {}
+        self.guardrails = guardrails  # checks requests before admission, responses after their reading
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -67,14 +69,26 @@ class HttpMetering:
             return None
         accounting = self.state.accounting
         origin = source(flow, route.type)
-        if accounting.shared is not None:
-            return self.shared_request(flow, route, origin)
+        guarded = self.guardrails.request(flow, route) if self.guardrails is not None else None
+        if flow.response is not None:  # blocked by a guard: neither admitted nor metered
+            return None
+        if accounting.shared is not None or guarded is not None:
+            return self.held_request(flow, route, origin, guarded)
         self.admitted(flow, route, origin, accounting.admit(origin))
         return None
 
-    async def shared_request(self, flow: http.HTTPFlow, route: Route, origin: Source) -> None:
-        """The request waits for the shared store (at most limits.store_timeout_ms) before it goes upstream."""
-        self.admitted(flow, route, origin, await self.state.accounting.admit_shared(origin))
+    async def held_request(
+        self, flow: http.HTTPFlow, route: Route, origin: Source, guarded: Awaitable[None] | None
+    ) -> None:
+        """The request waits for its guards' services (at most their timeout_ms), then for the
+        shared store (at most limits.store_timeout_ms), before it goes upstream."""
+        if guarded is not None:
+            await guarded
+            if flow.response is not None:
+                return
+        accounting = self.state.accounting
+        verdict = await accounting.admit_shared(origin) if accounting.shared is not None else accounting.admit(origin)
+        self.admitted(flow, route, origin, verdict)
 
     def admitted(self, flow: http.HTTPFlow, route: Route, origin: Source, verdict: Ticket | Refusal | None) -> None:
         """A metered HTTP request, admitted (its reservation held) or refused with the reason."""
@@ -112,22 +126,27 @@ class HttpMetering:
             encoding = response.headers.get("content-encoding", "")
             reader = StreamReader(RouteType(exchange.source.route_type), encoding, self.state.max_body_bytes)
             response.stream = metered_stream(exchange, reader)
+            if self.guardrails is not None and (route := self.state.route(flow)) is not None:
+                self.guardrails.responseheaders(flow, route)  # reads what metering read, after it
 
     @never_raises
-    def response(self, flow: http.HTTPFlow) -> None:
+    def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
         exchange = self.exchanges.pop(flow.id, None)
         if exchange is None or flow.response is None:
-            return
+            return None
         status = flow.response.status_code
         if status >= 400:
             exchange.finish(str(status), status)
-            return
+            return None
         if not exchange.streamed:
             route_type = RouteType(exchange.source.route_type)
             encoding = flow.response.headers.get("content-encoding", "")
             raw = flow.response.raw_content or b""
             exchange.apply(read_response(route_type, raw, encoding, self.state.max_body_bytes))
         exchange.finish("", status)
+        if self.guardrails is not None and (route := self.state.route(flow)) is not None:
+            return self.guardrails.response(flow, route)  # metered first: a blocked answer was still billed
+        return None
 
     @never_raises
     def error(self, flow: http.HTTPFlow) -> None:

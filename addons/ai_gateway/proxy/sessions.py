@@ -36,6 +36,7 @@ from ai_gateway.protocols.openai_responses_socket import ResponsesSocketProtocol
 from ai_gateway.proxy import closer, refusals
 from ai_gateway.proxy.conversation import record
 from ai_gateway.proxy.failures import close_error, error_type
+from ai_gateway.proxy.guardrails import Guardrails, guard_comment
 from ai_gateway.proxy.history import parse_history, shrink_audio, trim
 from ai_gateway.proxy.injection import Injections
 from ai_gateway.proxy.refusals import refusal_event, refusal_response
@@ -49,11 +50,14 @@ logger = logging.getLogger(__name__)
 
 
 class SessionMetering:
-    def __init__(self, state: GatewayState) -> None:
+    def __init__(
+        self, state: GatewayState, injections: Injections | None = None, guardrails: Guardrails | None = None
+    ) -> None:
         self.state = state
         self.sessions: dict[str, Session] = {}
         self.clock = SessionClock()
-        self.injections = Injections()
+        self.injections = injections or Injections()
+        self.guardrails = guardrails  # told of every frame after its metering
         self.clock_task: asyncio.Task[None] | None = None
         self.history: int | None = 1
         self.shrink_relayed_audio = True
@@ -194,6 +198,8 @@ class SessionMetering:
                 self.applied(flow, message, session, item, session.meter.apply(item))
         # The current message is relayed after this hook returns; the one before it has gone.
         trim(messages, self.history, self.shrink_relayed_audio)
+        if session is not None and self.guardrails is not None:
+            return self.guardrails.frame(flow, message)
         return None
 
     async def shared_admission(
@@ -237,7 +243,7 @@ class SessionMetering:
             # The session's spend as the flow's comment, marked on errors. mitmproxy sends every
             # flow a hook touched to mitmweb's list after the hook: the comment updates live there.
             totals.changed = False
-            flow.comment = totals.summary()
+            flow.comment = guard_comment(flow, totals.summary())
             if totals.errors:
                 flow.marked = ":exclamation:"
 

@@ -37,7 +37,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ai_gateway_tools.simulators.realtime import Handshake, SentUsage
-from ai_gateway_tools.simulators.served import Served
+from ai_gateway_tools.simulators.served import Served, command_line
 
 AI_STUDIO_PATH = "/ws/google.ai.generativelanguage.{version}.GenerativeService.{method}"
 VERTEX_PATH = "/ws/google.cloud.aiplatform.{version}.LlmBidiService/BidiGenerateContent"
@@ -254,21 +254,14 @@ class GeminiLiveSimulator(Served):
         await asyncio.sleep(0)
 
 
-async def _serve_forever(args: argparse.Namespace) -> None:
-    async with GeminiLiveSimulator(host=args.host, port=args.port, seed=args.seed, frames=args.frames) as sim:
-        print(f"Simulated Gemini Live upstream listening on {sim.url}", flush=True)
-        await asyncio.Future()
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run the simulated Gemini Live upstream until Ctrl-C.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the usage numbers")
-    parser.add_argument("--frames", choices=FRAMES, default="alternate", help="frame type of server messages")
-    args = parser.parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_forever(args))
+    def frames(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--frames", choices=FRAMES, default="alternate", help="frame type of server messages")
+
+    def make(args: argparse.Namespace) -> GeminiLiveSimulator:
+        return GeminiLiveSimulator(host=args.host, port=args.port, seed=args.seed, frames=args.frames)
+
+    command_line("Gemini Live", make, argv, frames)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ A real aiohttp server on localhost that the gateway forwards to, answering enoug
 `openai` SDK. Metering can only be checked against ground truth, so the simulator keeps an exact
 ledger of every usage object it sent; tests compare the gateway's metrics with it. Misbehaviour
 (compression, error statuses, malformed bodies, truncated or held-back streams, latency) is
-requested per request through `x-sim-*` headers, which the SDK sends as `extra_headers`.
+requested per request through `x-sim-*` headers, which the SDK sends as `extra_headers`;
+`x-sim-text` sets what the model answers.
 
 Endpoints are matched by path suffix, whatever the prefix (/v1, Azure's /openai/deployments/<name>);
 any other request gets a passthrough body that happens to carry usage, which must never be metered.
@@ -15,7 +16,6 @@ any other request gets a passthrough body that happens to carry usage, which mus
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import contextlib
@@ -28,7 +28,6 @@ import math
 import operator
 import random
 import struct
-import threading
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -38,7 +37,8 @@ from typing import Any
 import brotli
 from aiohttp import WSMsgType, web
 
-from ai_gateway_tools.simulators.realtime import SentUsage, SimulatorThread, resolve_model
+from ai_gateway_tools.simulators.realtime import SentUsage, resolve_model
+from ai_gateway_tools.simulators.served import command_line
 
 try:
     from compression import zstd  # Python 3.14
@@ -99,6 +99,11 @@ class Overrides:
     truncate: bool = False
     gate: str | None = None
     delay: float = 0.0  # seconds before each streamed message; before the body when not streaming
+    text: str = TEXT  # x-sim-text: what the model answers (Chat, Responses, Completions), a word per delta
+
+    @property
+    def deltas(self) -> list[str]:
+        return [word if i == 0 else f" {word}" for i, word in enumerate(self.text.split())]
 
     async def pause(self) -> None:
         if self.delay:
@@ -219,6 +224,7 @@ def read_overrides(headers: Mapping[str, str]) -> Overrides:
         truncate=_choice(headers, "x-sim-truncate", ("0", "1")) == "1",
         gate=headers.get("x-sim-gate") or None,
         delay=(_number(headers, "x-sim-delay-ms", 0, 60_000) or 0) / 1000,
+        text=headers.get("x-sim-text") or TEXT,
     )
 
 
@@ -273,7 +279,7 @@ def _chat(exchange: _Exchange, request: dict[str, Any], rng: random.Random) -> l
     usage = _chat_usage(rng)
     base = {"id": f"chatcmpl-{exchange.serial}", "created": CREATED, "model": exchange.response_model}
     if not exchange.stream:
-        message = {"role": "assistant", "content": TEXT, "refusal": None}
+        message = {"role": "assistant", "content": exchange.overrides.text, "refusal": None}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
         return [
             _Message({**base, "object": "chat.completion", "choices": [choice], "usage": usage}, usage_at=("usage",))
@@ -282,8 +288,9 @@ def _chat(exchange: _Exchange, request: dict[str, Any], rng: random.Random) -> l
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     # With include_usage every chunk carries "usage": null, as OpenAI's do.
     chunk = {**base, "object": "chat.completion.chunk", **({"usage": None} if include_usage else {})}
-    deltas = [{"role": "assistant", "content": _DELTAS[0]}] + [{"content": d} for d in _DELTAS[1:]] + [{}]
-    finishes = [None] * len(_DELTAS) + ["stop"]
+    words = exchange.overrides.deltas
+    deltas = [{"role": "assistant", "content": words[0]}] + [{"content": d} for d in words[1:]] + [{}]
+    finishes = [None] * len(words) + ["stop"]
     messages = [
         _Message({**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
         for delta, finish in zip(deltas, finishes, strict=True)
@@ -296,7 +303,7 @@ def _chat(exchange: _Exchange, request: dict[str, Any], rng: random.Random) -> l
 def _responses(exchange: _Exchange, request: dict[str, Any], rng: random.Random) -> list[_Message]:
     """A response object, or its events (the same on SSE and on the WebSocket mode)."""
     usage = _responses_usage(rng)
-    content = {"type": "output_text", "text": TEXT, "annotations": []}
+    content = {"type": "output_text", "text": exchange.overrides.text, "annotations": []}
     item = {"id": f"msg_{exchange.serial}", "type": "message", "status": "completed", "role": "assistant"}
     response = {
         "id": f"resp_{exchange.serial}",
@@ -314,8 +321,8 @@ def _responses(exchange: _Exchange, request: dict[str, Any], rng: random.Random)
     events = [
         ("response.created", {"response": started}),
         ("response.in_progress", {"response": started}),
-        *(("response.output_text.delta", {**where, "delta": delta, "logprobs": []}) for delta in _DELTAS),
-        ("response.output_text.done", {**where, "text": TEXT, "logprobs": []}),
+        *(("response.output_text.delta", {**where, "delta": d, "logprobs": []}) for d in exchange.overrides.deltas),
+        ("response.output_text.done", {**where, "text": exchange.overrides.text, "logprobs": []}),
     ]
     messages = [
         _Message({"type": name, "sequence_number": n, **fields}, name=name) for n, (name, fields) in enumerate(events)
@@ -374,14 +381,14 @@ def _text_completion(exchange: _Exchange, request: dict[str, Any], rng: random.R
     base = {"id": f"cmpl-{exchange.serial}", "object": "text_completion", "created": CREATED}
     base["model"] = exchange.response_model
     if not exchange.stream:
-        choice = {"text": TEXT, "index": 0, "logprobs": None, "finish_reason": "stop"}
+        choice = {"text": exchange.overrides.text, "index": 0, "logprobs": None, "finish_reason": "stop"}
         return [_Message({**base, "choices": [choice], "usage": usage}, usage_at=("usage",))]
     options = request.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    finishes = [None] * (len(_DELTAS) - 1) + ["stop"]
+    finishes = [None] * (len(exchange.overrides.deltas) - 1) + ["stop"]
     messages = [
         _Message({**base, "choices": [{"text": delta, "index": 0, "logprobs": None, "finish_reason": finish}]})
-        for delta, finish in zip(_DELTAS, finishes, strict=True)
+        for delta, finish in zip(exchange.overrides.deltas, finishes, strict=True)
     ]
     if include_usage:
         messages.append(_Message({**base, "choices": [], "usage": usage}, usage_at=("usage",)))
@@ -818,17 +825,7 @@ class HttpSimulator:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run the simulated OpenAI HTTP upstream until Ctrl-C.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the usage numbers")
-    args = parser.parse_args(argv)
-    with (
-        contextlib.suppress(KeyboardInterrupt),
-        SimulatorThread(server=HttpSimulator(host=args.host, port=args.port, seed=args.seed)) as sim,
-    ):
-        print(f"Simulated OpenAI HTTP upstream listening on {sim.url}", flush=True)
-        threading.Event().wait()
+    command_line("OpenAI HTTP", lambda args: HttpSimulator(host=args.host, port=args.port, seed=args.seed), argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ here (the model `gpt-live-1.1`, announced in `session.updated`): nothing else at
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import itertools
@@ -43,7 +42,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from ai_gateway_tools.simulators.realtime import Handshake, SentUsage
-from ai_gateway_tools.simulators.served import Served
+from ai_gateway_tools.simulators.served import Served, command_line
 
 SESSION_KIND, RESPONSE_KIND = "live_session", "responses"  # the harness's kinds
 UNCLOSED = "unclosed"
@@ -234,20 +233,9 @@ class LiveSimulator(Served):
         await asyncio.sleep(0)
 
 
-async def _serve_forever(args: argparse.Namespace) -> None:
-    async with LiveSimulator(host=args.host, port=args.port, seed=args.seed) as sim:
-        print(f"Simulated GPT-Live upstream listening on {sim.url}", flush=True)
-        await asyncio.Future()
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run the simulated GPT-Live upstream until Ctrl-C.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the delegated usage numbers")
-    args = parser.parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_forever(args))
+    make = lambda args: LiveSimulator(host=args.host, port=args.port, seed=args.seed)  # noqa: E731
+    command_line("GPT-Live", make, argv, seed="seed of the delegated usage numbers")
 
 
 if __name__ == "__main__":

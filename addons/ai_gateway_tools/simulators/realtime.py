@@ -9,6 +9,12 @@ requested through `response.create`'s `response.metadata`, which the SDK passes 
 server VAD (`turn_detection` set by session.update) appended audio makes voice turns: speech
 starts, stops after `vad_speech_bytes`, and the upstream starts a response by itself.
 
+For guardrail tests: every client event received is kept in `received` (an audio append without
+its audio); `sim_transcript` in `response.metadata` makes a response say that text, a word per
+transcript delta, each after an audio delta of its own (as speech streams); `user_transcript`
+is what the transcription of the user's speech says. A `conversation.item.delete` is answered
+with `conversation.item.deleted`.
+
 What a voice agent's debugging depends on behaves as OpenAI's does: `response.cancel` stops the
 response's deltas at once and ends it `cancelled`, billed for what it produced; a response asked
 for with `sim_function_call` calls that tool (a `function_call` output item, its arguments
@@ -18,7 +24,6 @@ streamed), whose result the client adds with `conversation.item.create`; and
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import binascii
@@ -42,7 +47,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from ai_gateway_tools.simulators.served import Served
+from ai_gateway_tools.simulators.served import Served, command_line
 
 SNAPSHOT_DATE = "2025-08-28"
 DEFAULT_MODEL = "gpt-realtime"
@@ -195,6 +200,7 @@ class _Plan:
     usage_null: bool  # response.done says `usage: null`, as the SDK's types allow
     repeat_done: bool  # response.done goes out twice, as a faulty upstream might send it
     delta_interval: float  # seconds from one delta to the next (0: back to back)
+    transcript: str | None = None  # sim_transcript: what the response says, a word per delta
     function_call: str | None = None  # the tool the response calls instead of speaking
     arguments: str = DEFAULT_ARGUMENTS
 
@@ -416,6 +422,7 @@ def _plan(response: dict[str, Any], session: _Session, default_deltas: int, defa
         usage_null=metadata.get("sim_usage") == "null",
         repeat_done=metadata.get("sim_repeat_done") == "1",
         delta_interval=default_interval if "sim_delta_ms" not in metadata else _interval(metadata["sim_delta_ms"]),
+        transcript=metadata.get("sim_transcript") if isinstance(metadata.get("sim_transcript"), str) else None,
         function_call=_tool_name(metadata.get("sim_function_call")),
         arguments=str(metadata.get("sim_arguments", DEFAULT_ARGUMENTS)),
     )
@@ -469,6 +476,7 @@ class Simulator(Served):
         compression: str | None = "deflate",
         greeting_delay: float = 0.0,
         renamed_model: str | None = None,
+        user_transcript: str = " ".join(_TRANSCRIPT),
     ) -> None:
         if key_order not in KEY_ORDERS:
             raise ValueError(f"key_order must be one of {', '.join(KEY_ORDERS)}")
@@ -496,6 +504,8 @@ class Simulator(Served):
         # template, formatted with the session's `model` and the response's number `n`, from 1): every
         # response makes a new request x response model pair, which the gateway's series bound must hold.
         self.renamed_model = renamed_model
+        self.user_transcript = user_transcript  # what transcribed user speech says
+        self.received: list[dict[str, Any]] = []  # client events, audio appends without their audio
         self.ledger: list[SentUsage] = []
         self.handshakes: list[Handshake] = []
         self.junk_sent = 0
@@ -513,6 +523,7 @@ class Simulator(Served):
             "response.cancel": self._cancel_response,
             "conversation.item.create": self._create_item,
             "conversation.item.truncate": self._truncate_item,
+            "conversation.item.delete": self._delete_item,
         }
 
     @property
@@ -583,6 +594,7 @@ class Simulator(Served):
         event: dict[str, Any] = {}
         try:
             event = _client_event(message)
+            self.received.append({k: v for k, v in event.items() if k != "audio"})
             handler = self._handlers.get(event["type"])
             if handler is not None:  # unknown events are ignored, as a lenient upstream would
                 await handler(session, event)
@@ -648,6 +660,9 @@ class Simulator(Served):
         )
         await self._send_event(session, truncated)
 
+    async def _delete_item(self, session: _Session, event: dict[str, Any]) -> None:
+        await self._send_event(session, self._event("conversation.item.deleted", item_id=event.get("item_id")))
+
     async def _append_audio(self, session: _Session, event: dict[str, Any]) -> None:
         session.buffered_audio += _audio_length(event.get("audio"))
         vad = session.server_vad
@@ -690,7 +705,7 @@ class Simulator(Served):
             "conversation.item.input_audio_transcription.completed",
             item_id=item_id,
             content_index=0,
-            transcript=" ".join(_TRANSCRIPT),
+            transcript=self.user_transcript,
             usage=usage,
         )
         entry = SentUsage(session.id, "transcription", session.request_model, model, "completed", usage)
@@ -796,9 +811,16 @@ class Simulator(Served):
         if plan.function_call is not None:
             return self._call_events(plan, response_id, item_id)
         where = {"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0}
+        text_delta = dialect.transcript_delta if plan.audio else dialect.text_delta
+        if plan.transcript is not None:  # spoken as it streams: each word's audio, then its transcript
+            deltas = []
+            for i, word in enumerate(plan.transcript.split(" ")):
+                if plan.audio:
+                    deltas.append(self._event(dialect.audio_delta, **where, delta=self._audio_delta))
+                deltas.append(self._event(text_delta, **where, delta=word if i == 0 else f" {word}"))
+            return deltas
         audio = plan.audio_deltas if plan.audio else 0
         deltas = [self._event(dialect.audio_delta, **where, delta=self._audio_delta) for _ in range(audio)]
-        text_delta = dialect.transcript_delta if plan.audio else dialect.text_delta
         for i in range(self.transcript_deltas):
             word = _TRANSCRIPT[i % len(_TRANSCRIPT)]
             deltas.append(self._event(text_delta, **where, delta=word if i == 0 else f" {word}"))
@@ -954,20 +976,8 @@ class SimulatorThread[U: Upstream]:
             await self.simulator.stop()
 
 
-async def _serve_forever(args: argparse.Namespace) -> None:
-    async with Simulator(host=args.host, port=args.port, seed=args.seed) as sim:
-        print(f"Simulated OpenAI Realtime upstream listening on {sim.url}", flush=True)
-        await asyncio.Future()
-
-
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run the simulated OpenAI Realtime upstream until Ctrl-C.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the usage numbers")
-    args = parser.parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve_forever(args))
+    command_line("OpenAI Realtime", lambda args: Simulator(host=args.host, port=args.port, seed=args.seed), argv)
 
 
 if __name__ == "__main__":

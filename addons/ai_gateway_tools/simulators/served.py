@@ -1,9 +1,13 @@
-"""What the simulated WebSocket upstreams share: listening, stopping, and `async with`."""
+"""What the simulated upstreams share: listening, stopping, `async with`, and the command line."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Self
+from typing import Protocol, Self
 
 from websockets.asyncio.server import Server
 
@@ -35,3 +39,40 @@ class Served:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.stop()
+
+
+class Upstream(Protocol):
+    url: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def command_line(
+    what: str,
+    make: Callable[[argparse.Namespace], Upstream],
+    argv: Sequence[str] | None,
+    options: Callable[[argparse.ArgumentParser], None] = lambda parser: None,
+    seed: str = "seed of the usage numbers",
+) -> None:
+    """`python -m ai_gateway_tools.simulators.X`: the simulated upstream on a port until Ctrl-C,
+    its URL printed first (tests and users read it from there)."""
+    parser = argparse.ArgumentParser(description=f"Run the simulated {what} upstream until Ctrl-C.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (default)")
+    parser.add_argument("--seed", type=int, default=0, help=seed)
+    options(parser)
+    args = parser.parse_args(argv)
+
+    async def serve_forever() -> None:
+        upstream = make(args)
+        await upstream.start()
+        try:
+            print(f"Simulated {what} upstream listening on {upstream.url}", flush=True)
+            await asyncio.Future()
+        finally:
+            await upstream.stop()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve_forever())

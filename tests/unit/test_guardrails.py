@@ -1,0 +1,220 @@
+"""Guardrails' pure parts: the policy's guards and their one-line errors, normalisation, the windows
+streamed output is checked in, verdicts from guard services, and redaction's detectors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ai_gateway.accounting.guard_service import ServiceError, moderation_verdict, response_body, webhook_verdict
+from ai_gateway.accounting.redaction import Redactor, iban_valid, luhn
+from ai_gateway.config.guardrails import (
+    Action,
+    GuardKind,
+    Phase,
+    RedactPolicy,
+    check_regex,
+    failed,
+    normalise,
+)
+from ai_gateway.config.policy import PolicyError, parse_policy
+from ai_gateway.protocols.guard_text import (
+    CARRY,
+    MAX_WINDOW,
+    OutputAudio,
+    OutputText,
+    Transcript,
+    UserText,
+    Window,
+    client_event,
+    server_event,
+)
+
+ROUTES = "routes:\n  /realtime: Realtime\n"
+ISSUE_EXAMPLE = """
+guardrails:
+  - name: no-project-names
+    kind: regex
+    deny: ["(?i)project\\\\s+falcon"]
+    phases: [input, output]
+    action: block
+  - name: moderation
+    kind: moderation               # or webhook
+    url: http://moderation.internal:8080/v1/moderations
+    phases: [input, output]
+    action: block
+    timeout_ms: 500
+    on_error: open
+"""
+
+
+def guards(text: str):
+    return parse_policy(text + ROUTES, "p.yaml", {"MOD_KEY": "sk-mod"}).guardrails.guards
+
+
+def test_the_issue_spelling_is_a_valid_policy():
+    regex, moderation = guards(ISSUE_EXAMPLE)
+    assert (regex.kind, moderation.kind) == (GuardKind.REGEX, GuardKind.MODERATION)
+    assert regex.phases == {Phase.INPUT, Phase.OUTPUT} and regex.action is Action.BLOCK
+    assert (moderation.timeout_ms, moderation.on_error, moderation.url.endswith("/v1/moderations")) == (
+        500,
+        "open",
+        True,
+    )
+
+
+def test_a_route_adds_its_own_guards_after_the_policy_s():
+    text = (
+        ISSUE_EXAMPLE
+        + "routes:\n  /realtime:\n    type: Realtime\n    guardrails:\n      - {name: r, kind: regex, deny: [x]}\n"
+    )
+    policy = parse_policy(text, "p.yaml", {})
+    assert [g.name for g in policy.guardrails_for(policy.routes[0]).guards] == ["no-project-names", "moderation", "r"]
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('guardrails:\n  - name: x\n    kind: regex\n    deny: ["(open"]\n', "p.yaml:4: guardrails[0].deny[0]: invalid regular expression: missing ), unterminated subpattern at position 0"),
+        ("guardrails:\n  - {name: x, kind: regex}\n", "p.yaml:2: guardrails[0].deny: missing; a regex guard needs it"),
+        ("guardrails:\n  - {name: x, kind: webhook, url: ftp://h}\n", "p.yaml:2: guardrails[0].url: expected an http:// or https:// URL, got 'ftp://h'"),
+        ("guardrails:\n  - {name: x, kind: regex, deny: [a], url: http://h}\n", "p.yaml:2: guardrails[0].url: not a key of a regex guard"),
+        ("guardrails:\n  - {name: x, kind: regex, deny: [a], action: deny}\n", "p.yaml:2: guardrails[0].action: expected one of block, warn, log, got 'deny'"),
+        ("guardrails:\n  - {name: x, kind: regex, deny: [a], phases: []}\n", "p.yaml:2: guardrails[0].phases: expected at least one of input, output"),
+        ("guardrails:\n  - {name: x, kind: webhook, url: http://h, on_error: maybe}\n", "p.yaml:2: guardrails[0].on_error: expected open or closed, got 'maybe'"),
+        ("guardrails:\n  - {name: x, kind: moderation, url: http://h, thresholds: {hate: 1.5}}\n", "p.yaml:2: guardrails[0].thresholds.hate: expected a score up to 1, got 1.5"),
+        ("guardrails:\n  - {name: x, kind: moderation, url: http://h, key_env: UNSET}\n", "p.yaml:2: guardrails[0].key_env: environment variable UNSET is not set or empty"),
+        ("guardrails:\n  - {name: x, kind: regex, deny: [a]}\n  - {name: x, kind: regex, deny: [b]}\n", "p.yaml:3: guardrails[1].name: duplicate guard name 'x'"),
+        ("guardrails: {name: x}\n", "p.yaml:1: guardrails: expected a list of guards, got a mapping"),
+        ("redact: {builtin: [ssn]}\n", "p.yaml:1: redact.builtin[0]: expected one of email, phone, card, iban, got 'ssn'"),
+    ],
+)  # fmt: skip
+def test_invalid_guards_are_one_line_naming_key_and_line(text, error):
+    with pytest.raises(PolicyError) as caught:
+        guards(text)
+    assert str(caught.value) == error
+
+
+@pytest.mark.parametrize(
+    "text", ["Project Falcon", "PROJECT\tFALCON", "ｐｒｏｊｅｃｔ ｆａｌｃｏｎ", "pro\u200bject fal\u00adcon"]
+)
+def test_look_alike_spellings_normalise_to_one_phrase(text):
+    (guard, _) = guards(ISSUE_EXAMPLE)
+    assert check_regex(guard, normalise(text)).blocks
+
+
+def test_an_allow_pattern_excuses_only_the_match_it_covers():
+    (guard,) = guards('guardrails:\n  - {name: x, kind: regex, deny: ["falcon"], allow: ["falcon heavy"]}\n')
+    assert not check_regex(guard, normalise("The Falcon Heavy flew")).blocks
+    assert check_regex(guard, normalise("Falcon Heavy and then falcon")).blocks
+
+
+def test_a_service_failure_blocks_only_when_closed():
+    text = "guardrails:\n  - {name: o, kind: webhook, url: http://h}\n  - {name: c, kind: webhook, url: http://h, on_error: closed}\n"
+    opened, closed = guards(text)
+    assert (failed(opened, "timeout").blocks, failed(closed, "timeout").blocks) == (False, True)
+    assert failed(opened, "timeout").outcome == "error"
+
+
+def feed_all(deltas: list[str]) -> list[tuple[str, int]]:
+    window = Window()
+    return [w for delta in deltas for w in window.feed(delta)] + window.flush()
+
+
+def test_output_is_checked_at_sentence_ends_never_per_delta():
+    windows = feed_all(["Sure", ".", " The", " project", " falcon", " is", " late", ".", " More"])
+    assert [w[start:] for w, start in windows] == ["sure.", " the project falcon is late.", " more"]
+    assert windows[1] == ("sure. the project falcon is late.", 5)  # checked with what came before
+
+
+def test_text_without_a_sentence_end_is_checked_every_160_characters():
+    windows = feed_all(["word "] * 100)
+    assert [len(w) - start for w, start in windows] == [160, 160, 160, 20]  # the rest at the end
+
+
+@given(st.text(alphabet="ab .!?\n", max_size=600), st.lists(st.integers(1, 40), max_size=60))
+def test_windows_cover_the_text_however_it_streams(text, sizes):
+    """However the text is cut into deltas, the new parts of its windows are the whole normalised
+    text, in order, each at most MAX_WINDOW characters, with at most CARRY carried before it."""
+    deltas, rest = [], text
+    for size in sizes:
+        deltas.append(rest[:size])
+        rest = rest[size:]
+    deltas.append(rest)
+    windows = feed_all(deltas)
+    assert all(start <= CARRY and len(w) - start <= MAX_WINDOW for w, start in windows)
+    covered, whole = "".join(w[start:] for w, start in windows), normalise(text)
+    assert whole.startswith(covered) and not whole[len(covered) :].strip()  # a blank tail is never checked
+
+
+@given(st.text(alphabet="xyz .", max_size=300), st.integers(0, 300), st.integers(1, 30))
+def test_a_phrase_anywhere_in_the_stream_is_found(prefix, at, size):
+    """A denied phrase is found whatever deltas it arrives in, and wherever the windows fall."""
+    (guard, _) = guards(ISSUE_EXAMPLE)
+    text = prefix[:at] + " project falcon " + prefix[at:]
+    deltas = [text[i : i + size] for i in range(0, len(text), size)]
+    assert any(guard.denies(w, start) for w, start in feed_all(deltas))
+
+
+def test_realtime_events_read_for_guards():
+    item = {
+        "type": "conversation.item.create",
+        "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+    }
+    assert client_event(json.dumps(item).encode()) == UserText("hi")
+    item["item"]["role"] = "system"
+    assert client_event(json.dumps(item).encode()) is None
+    assert client_event(b'{"type": "input_audio_buffer.append", "audio": "AAAA"}') is None
+    delta = {"type": "response.output_audio_transcript.delta", "response_id": "r1", "item_id": "i1", "delta": " hi"}
+    assert server_event(json.dumps(delta).encode()) == OutputText("r1", "i1", " hi")
+    audio = {"type": "response.output_audio.delta", "response_id": "r1", "delta": "A" * 6400}  # 4800 bytes
+    assert server_event(json.dumps(audio).encode()) == OutputAudio("r1", 100.0)
+    done = {"type": "conversation.item.input_audio_transcription.completed", "item_id": "i2", "transcript": "yo"}
+    assert server_event(json.dumps(done).encode()) == Transcript("i2", "yo")  # fmt: skip
+
+
+def test_service_answers_become_verdicts():
+    webhook, moderation = guards(
+        "guardrails:\n  - {name: w, kind: webhook, url: http://h}\n"
+        "  - {name: m, kind: moderation, url: http://h, thresholds: {violence: 0.5}}\n"
+    )
+    assert webhook_verdict(webhook, {"action": "block", "reason": "no"}).reason == "no"
+    assert not webhook_verdict(webhook, {"action": "allow"}).blocks
+    with pytest.raises(ServiceError):
+        webhook_verdict(webhook, {"verdict": "ok"})
+    scores = {"results": [{"flagged": True, "categories": {"hate": True}, "category_scores": {"violence": 0.7}}]}
+    assert moderation_verdict(moderation, scores).reason == "violence"
+    scores["results"][0]["category_scores"]["violence"] = 0.2
+    assert not moderation_verdict(moderation, scores).blocks  # thresholds decide, not the flags
+    body = b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{"a"\r\n3\r\n: 1\r\n1\r\n}\r\n0\r\n\r\n'
+    assert json.loads(response_body(body)) == {"a": 1}
+    with pytest.raises(ServiceError, match="HTTP 503"):
+        response_body(b"HTTP/1.1 503 Unavailable\r\n\r\n")
+
+
+def test_checksums_tell_cards_and_ibans_from_lookalikes():
+    assert luhn("4111111111111111") and not luhn("4111111111111112")
+    assert iban_valid("DE89 3704 0044 0532 0130 00") and not iban_valid("DE88 3704 0044 0532 0130 00")
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("write to jo.doe+x@example.co.uk now", "write to [redacted:email] now"),
+        ("card 4111 1111 1111 1111, exp 12/27", "card [redacted:card], exp 12/27"),
+        ("order 4111 1111 1111 1112", "order 4111 1111 1111 1112"),
+        ("IBAN DE89 3704 0044 0532 0130 00 please", "IBAN [redacted:iban] please"),
+        ("call +44 20 7946 0958 or (555) 123-4567", "call [redacted:phone] or [redacted:phone]"),
+        ("on 2024-01-15 at 12:30", "on 2024-01-15 at 12:30"),
+        ("employee EMP-123456", "employee [redacted:pattern]"),
+    ],
+)
+def test_redaction_replaces_what_it_detects(text, kept):
+    policy = parse_policy(
+        'redact:\n  builtin: [email, phone, card, iban]\n  patterns: ["EMP-\\\\d{6}"]\n' + ROUTES, "p.yaml", {}
+    )
+    assert Redactor(policy.redact).redact(text) == kept
+    assert not Redactor(RedactPolicy())
