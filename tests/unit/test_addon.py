@@ -191,3 +191,27 @@ def test_the_client_key_is_relayed_as_sent_and_masked_once_the_upstream_answered
     flow.response = tflow.tresp()
     gateway.request_policy.responseheaders(flow)
     assert flow.request.headers["authorization"] == "Bearer …6789"
+
+
+def test_every_method_named_after_a_hook_takes_that_hook_s_arguments():
+    """mitmproxy calls any addon method whose name is a hook's with that hook's arguments: a helper
+    named `request(flow, route)` on an addon in the chain fails on every request."""
+    import dataclasses
+    import inspect
+
+    from mitmproxy import hooks
+    from mitmproxy.addonmanager import traverse
+
+    gateway = Gateway()
+    wrong = []
+    for addon in traverse([gateway]):
+        for name, hook in hooks.all_hooks.items():
+            method = getattr(addon, name, None)
+            if not callable(method):
+                continue
+            arguments = [object()] * len(dataclasses.fields(hook))
+            try:
+                inspect.signature(method).bind(*arguments)
+            except TypeError:
+                wrong.append(f"{type(addon).__name__}.{name}")
+    assert wrong == []

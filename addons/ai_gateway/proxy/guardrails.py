@@ -253,7 +253,7 @@ class Guardrails:
             return ()
         return self.state.policy.guardrails_for(route).for_phase(phase)
 
-    def request(self, flow: http.HTTPFlow, route: Route) -> Awaitable[None] | None:
+    def check_request(self, flow: http.HTTPFlow, route: Route) -> Awaitable[None] | None:
         """A request's user text, before it goes upstream: a block answers it 400. Only a request
         with webhook or moderation guards waits (at most their timeout_ms)."""
         guards = self.http_guards(route, Phase.INPUT)
@@ -282,7 +282,7 @@ class Guardrails:
         flow.response = blocked_response(verdict, Phase.INPUT)
         self.noted(flow, [verdict])
 
-    def responseheaders(self, flow: http.HTTPFlow, route: Route) -> None:
+    def check_response_headers(self, flow: http.HTTPFlow, route: Route) -> None:
         """A streamed (SSE) response's text checked a window at a time as it passes; a block ends
         what the client gets with an error event. Compressed streams pass unchecked."""
         response = flow.response
@@ -295,7 +295,7 @@ class Guardrails:
         stream = GuardedStream(self, flow, route, guards)
         response.stream = lambda chunk: stream.filter(inner(chunk) if inner is not None else chunk)  # type: ignore[arg-type]
 
-    def response(self, flow: http.HTTPFlow, route: Route) -> Awaitable[None] | None:
+    def check_response(self, flow: http.HTTPFlow, route: Route) -> Awaitable[None] | None:
         """A whole response's text, before it reaches the client: a block replaces it by a 400."""
         response = flow.response
         guards = self.http_guards(route, Phase.OUTPUT)

@@ -69,7 +69,7 @@ class HttpMetering:
             return None
         accounting = self.state.accounting
         origin = source(flow, route.type)
-        guarded = self.guardrails.request(flow, route) if self.guardrails is not None else None
+        guarded = self.guardrails.check_request(flow, route) if self.guardrails is not None else None
         if flow.response is not None:  # blocked by a guard: neither admitted nor metered
             return None
         if accounting.shared is not None or guarded is not None:
@@ -127,7 +127,7 @@ class HttpMetering:
             reader = StreamReader(RouteType(exchange.source.route_type), encoding, self.state.max_body_bytes)
             response.stream = metered_stream(exchange, reader)
             if self.guardrails is not None and (route := self.state.route(flow)) is not None:
-                self.guardrails.responseheaders(flow, route)  # reads what metering read, after it
+                self.guardrails.check_response_headers(flow, route)  # reads what metering read, after it
 
     @never_raises
     def response(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
@@ -145,7 +145,7 @@ class HttpMetering:
             exchange.apply(read_response(route_type, raw, encoding, self.state.max_body_bytes))
         exchange.finish("", status)
         if self.guardrails is not None and (route := self.state.route(flow)) is not None:
-            return self.guardrails.response(flow, route)  # metered first: a blocked answer was still billed
+            return self.guardrails.check_response(flow, route)  # metered first: a blocked answer was still billed
         return None
 
     @never_raises
