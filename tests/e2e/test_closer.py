@@ -109,20 +109,15 @@ def test_a_long_reason_is_cut_at_a_character_boundary():
 
 
 class RecordingSimulator(Simulator):
-    """The simulated upstream, also recording how each session was closed and how many frames it got."""
+    """The simulated upstream, also recording how each session was closed."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.closes: list[tuple[int | None, str | None]] = []
-        self.received: collections.Counter[str] = collections.Counter()
 
     async def _serve(self, ws: Any) -> None:
         await super()._serve(ws)
         self.closes.append((ws.close_code, ws.close_reason))
-
-    async def _receive(self, session: Any, message: str | bytes) -> None:
-        self.received[session.id] += 1
-        await super()._receive(session, message)
 
 
 class TriggeredGateway(GatewayProcess):
