@@ -22,7 +22,6 @@ from mitmproxy import http
 from mitmproxy.contentviews import Contentview, Metadata, SyntaxHighlight
 from mitmproxy.utils import strutils
 
-from ai_gateway.accounting.conversation import ASSISTANT, TOOL, USER, Conversation, Turn
 from ai_gateway.accounting.items import Malformed, ResponseDone, SessionTime, UsageItem
 from ai_gateway.accounting.usage import (
     MODALITIES,
@@ -41,6 +40,7 @@ from ai_gateway.protocols.openai_realtime import (
     InvalidEvent,
     read_response_done,
 )
+from ai_gateway.protocols.realtime_conversation import ASSISTANT, TOOL, USER, Conversation, Turn
 from ai_gateway.proxy.conversation import Conversations, replay
 from ai_gateway.proxy.history import COMPLETIONS_CHUNK, replace_audio
 

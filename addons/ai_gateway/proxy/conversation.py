@@ -1,7 +1,7 @@
 """The conversations of Realtime sessions, kept for mitmweb's "Realtime conversation" view.
 
 Under mitmweb (`gateway_conversations` auto) each metered OpenAI Realtime session gets a turn list
-(accounting/conversation.py) fed from SessionMetering's per-frame hook: only the few event types
+(protocols/realtime_conversation.py) fed from SessionMetering's per-frame hook: only the few event types
 a turn is made of are decoded (never audio), and the meters' record of each finished response
 (usage, cost, timing) reaches it as an observer, so nothing is measured twice. The turn lists of
 the latest MAX_SESSIONS sessions stay, closed or not, each bounded by its own caps.
@@ -17,10 +17,10 @@ from mitmproxy import ctx
 from mitmproxy.addonmanager import Loader
 from mitmproxy.websocket import WebSocketMessage
 
-from ai_gateway.accounting.conversation import CLIENT_EVENTS, SERVER_EVENTS, Conversation
 from ai_gateway.accounting.items import Malformed
 from ai_gateway.accounting.observer import Observer, ResponseRecord
 from ai_gateway.protocols.json_events import MAX_CLIENT_EVENT_BYTES, decode_json, event_type
+from ai_gateway.protocols.realtime_conversation import CLIENT_EVENTS, SERVER_EVENTS, Conversation
 
 MAX_SESSIONS = 100  # turn lists kept, the oldest session's dropped first
 # A frame whose type is neither at its start nor at its end is decoded only up to this size: an

@@ -23,9 +23,9 @@ from typing import IO, Any
 
 from mitmproxy import command, flow, http, types
 
-from ai_gateway.accounting.conversation import ASSISTANT, Conversation, Turn
 from ai_gateway.accounting.items import Malformed
 from ai_gateway.protocols.json_events import decode_json
+from ai_gateway.protocols.realtime_conversation import ASSISTANT, Conversation, Turn
 from ai_gateway.proxy.contentview import clock, said, speaker, turn_summary
 from ai_gateway.proxy.conversation import Conversations, replay
 from ai_gateway.proxy.history import AUDIO_FIELDS, PLACEHOLDER_PREFIX, replace_audio

@@ -17,7 +17,6 @@ from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.websocket import WebSocketMessage
 
-from ai_gateway.accounting.conversation import Conversation
 from ai_gateway.accounting.items import ResponseStarted, UsageItem
 from ai_gateway.accounting.ledger import Source
 from ai_gateway.accounting.limits import Refusal, Ticket
@@ -33,6 +32,7 @@ from ai_gateway.protocols.gemini_live import GeminiLiveProtocol
 from ai_gateway.protocols.openai_live import CLOSE_EVENT, LiveProtocol
 from ai_gateway.protocols.openai_realtime import RealtimeProtocol, cancel_event, requested_model
 from ai_gateway.protocols.openai_responses_socket import ResponsesSocketProtocol
+from ai_gateway.protocols.realtime_conversation import Conversation
 from ai_gateway.proxy import closer, refusals
 from ai_gateway.proxy.conversation import record
 from ai_gateway.proxy.failures import close_error, error_type
