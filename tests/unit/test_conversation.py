@@ -10,9 +10,9 @@ from mitmproxy import contentviews
 from mitmproxy.test import taddons, tflow
 from mitmproxy.websocket import WebSocketMessage
 
-from ai_gateway.accounting import conversation as conv
 from ai_gateway.accounting.observer import ResponseRecord
 from ai_gateway.config.policy import DEFAULT_POLICY
+from ai_gateway.protocols import realtime_conversation as conv
 from ai_gateway.protocols.realtime_conversation import ASSISTANT, ERROR, TOOL, USER, Conversation
 from ai_gateway.proxy.addon import Gateway
 from ai_gateway.proxy.contentview import conversation_view, realtime_view, render_conversation

@@ -12,8 +12,9 @@ from ai_gateway.accounting.ledger import Source, UsageLedger
 from ai_gateway.accounting.metrics import GatewayMetrics
 from ai_gateway.accounting.pricing import catalog_for
 from ai_gateway.accounting.session_meters import LiveMeter, increase
-from ai_gateway.accounting.usage import InvalidUsage, SessionSeconds, parse_session_usage
+from ai_gateway.accounting.usage import InvalidUsage, SessionSeconds
 from ai_gateway.protocols.openai_live import LiveProtocol
+from ai_gateway.protocols.usage_fields import parse_session_usage
 
 
 def frame(event: dict) -> bytes:

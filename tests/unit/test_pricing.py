@@ -28,18 +28,15 @@ from ai_gateway.accounting.pricing import (
     next_change,
     parse_catalog,
 )
-from ai_gateway.accounting.usage import (
+from ai_gateway.accounting.usage import MODALITIES, DurationUsage, SessionSeconds, TokenUsage
+from ai_gateway.config.policy import PolicyError, load_policy
+from ai_gateway.protocols.usage_fields import (
     COMPLETIONS_USAGE,
     EMBEDDINGS_USAGE,
-    MODALITIES,
-    DurationUsage,
-    SessionSeconds,
-    TokenUsage,
     parse_realtime_usage,
     parse_transcription_usage,
     parse_usage,
 )
-from ai_gateway.config.policy import PolicyError, load_policy
 from ai_gateway_tools.simulators.realtime import EXAMPLE_USAGE
 
 ROOT = Path(__file__).resolve().parents[2]

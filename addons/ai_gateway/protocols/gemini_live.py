@@ -41,9 +41,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from ai_gateway.accounting.items import Malformed, ResponseDone, SessionModels, UsageItem
-from ai_gateway.accounting.usage import InvalidUsage, TokenUsage, require_object, tokens
+from ai_gateway.accounting.usage import InvalidUsage, TokenUsage
 from ai_gateway.protocols.encoding import DEFAULT_MAX_BODY_BYTES
 from ai_gateway.protocols.json_events import MAX_CLIENT_EVENT_BYTES, decode_json, read_event, too_large
+from ai_gateway.protocols.usage_fields import require_object, tokens
 
 COMPLETED, CANCELLED, INCOMPLETE = "completed", "cancelled", "incomplete"
 MODALITIES = {"TEXT": "text", "AUDIO": "audio", "IMAGE": "image", "VIDEO": "image", "DOCUMENT": "text"}

@@ -21,21 +21,19 @@ from dataclasses import replace
 from typing import Any, NamedTuple
 
 from ai_gateway.accounting.items import FirstDelta, Malformed, ResponseDone, SpeechInput
-from ai_gateway.accounting.usage import (
+from ai_gateway.accounting.usage import DurationUsage, InvalidUsage, TokenUsage
+from ai_gateway.config.policy import RouteType
+from ai_gateway.protocols.encoding import BodyDecoder, BodyTooLarge, UnsupportedEncoding, decode_body
+from ai_gateway.protocols.json_events import decode_json
+from ai_gateway.protocols.usage_fields import (
     COMPLETIONS_USAGE,
     EMBEDDINGS_USAGE,
     IMAGES_USAGE,
     RESPONSES_USAGE,
     SPEECH_USAGE,
-    DurationUsage,
-    InvalidUsage,
-    TokenUsage,
     parse_transcription_usage,
     parse_usage,
 )
-from ai_gateway.config.policy import RouteType
-from ai_gateway.protocols.encoding import BodyDecoder, BodyTooLarge, UnsupportedEncoding, decode_body
-from ai_gateway.protocols.json_events import decode_json
 
 Parse = Callable[[Any], TokenUsage | DurationUsage]
 USAGE_PARSERS: dict[RouteType, Parse] = {

@@ -24,11 +24,12 @@ from __future__ import annotations
 from typing import Any
 
 from ai_gateway.accounting.items import Malformed, SessionModels, SessionTime, UpstreamError, UsageItem
-from ai_gateway.accounting.usage import InvalidUsage, parse_session_usage
+from ai_gateway.accounting.usage import InvalidUsage
 from ai_gateway.protocols.encoding import DEFAULT_MAX_BODY_BYTES
 from ai_gateway.protocols.json_events import MAX_CLIENT_EVENT_BYTES, decode_json, event_type
 from ai_gateway.protocols.json_events import read_event as read_client_event
 from ai_gateway.protocols.openai_http import RESPONSES_FINAL_EVENTS, read_responses_event
+from ai_gateway.protocols.usage_fields import parse_session_usage
 
 SESSION_START = "session.start"
 USAGE_UPDATED = "session.usage.updated"

@@ -31,13 +31,7 @@ from ai_gateway.accounting.items import (
     UpstreamError,
     UsageItem,
 )
-from ai_gateway.accounting.usage import (
-    COMPLETIONS_USAGE,
-    InvalidUsage,
-    parse_realtime_usage,
-    parse_transcription_usage,
-    parse_usage,
-)
+from ai_gateway.accounting.usage import InvalidUsage
 from ai_gateway.protocols.encoding import DEFAULT_MAX_BODY_BYTES
 from ai_gateway.protocols.json_events import (
     MAX_CLIENT_EVENT_BYTES,
@@ -45,6 +39,12 @@ from ai_gateway.protocols.json_events import (
     event_type,
     read_event,
     too_large,
+)
+from ai_gateway.protocols.usage_fields import (
+    COMPLETIONS_USAGE,
+    parse_realtime_usage,
+    parse_transcription_usage,
+    parse_usage,
 )
 
 ERROR = "error"

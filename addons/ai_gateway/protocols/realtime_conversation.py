@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ai_gateway.accounting.observer import ResponseRecord
-from ai_gateway.accounting.usage import InvalidUsage, TokenUsage, parse_realtime_usage
+from ai_gateway.accounting.usage import InvalidUsage, TokenUsage
+from ai_gateway.protocols.usage_fields import parse_realtime_usage
 
 MAX_TURNS = 200
 MAX_TURN_CHARS = 2_000

@@ -23,14 +23,7 @@ from mitmproxy.contentviews import Contentview, Metadata, SyntaxHighlight
 from mitmproxy.utils import strutils
 
 from ai_gateway.accounting.items import Malformed, ResponseDone, SessionTime, UsageItem
-from ai_gateway.accounting.usage import (
-    MODALITIES,
-    DurationUsage,
-    InvalidUsage,
-    TokenUsage,
-    parse_realtime_usage,
-    parse_transcription_usage,
-)
+from ai_gateway.accounting.usage import MODALITIES, DurationUsage, InvalidUsage, TokenUsage
 from ai_gateway.protocols.json_events import decode_json, event_type
 from ai_gateway.protocols.openai_http import read_completions_chunk, read_responses_event
 from ai_gateway.protocols.openai_live import RESPONSE_EVENT, SESSION_CLOSED, USAGE_UPDATED, read_event
@@ -41,6 +34,7 @@ from ai_gateway.protocols.openai_realtime import (
     read_response_done,
 )
 from ai_gateway.protocols.realtime_conversation import ASSISTANT, TOOL, USER, Conversation, Turn
+from ai_gateway.protocols.usage_fields import parse_realtime_usage, parse_transcription_usage
 from ai_gateway.proxy.conversation import Conversations, replay
 from ai_gateway.proxy.history import COMPLETIONS_CHUNK, replace_audio
 
