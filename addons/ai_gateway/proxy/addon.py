@@ -8,6 +8,7 @@ from mitmproxy.addonmanager import Loader
 from ai_gateway.proxy.collector import StartupObjects
 from ai_gateway.proxy.contentview import realtime_view
 from ai_gateway.proxy.drain import Drain
+from ai_gateway.proxy.frame_relay import FrameRelay
 from ai_gateway.proxy.http_metering import HttpMetering
 from ai_gateway.proxy.metrics_endpoint import MetricsEndpoint
 from ai_gateway.proxy.policy_file import PolicyFile
@@ -26,6 +27,7 @@ class Gateway:
     - the metric families before the policy (its shared store counts into them) and before the
       access log and traces (dropped spans are counted);
     - the request policy (path, client key, credentials) before anything reads the request;
+    - the frame relay after session metering: it takes an admitted handshake's WebSocket away;
     - observability after the meters: it ends the spans no record ended;
     - startup's objects frozen last, once everything else is loaded.
     """
@@ -38,6 +40,7 @@ class Gateway:
         self.request_policy = RequestPolicy(self.state)
         self.http_metering = HttpMetering(self.state)
         self.session_metering = SessionMetering(self.state)
+        self.frame_relay = FrameRelay(self.state, self.session_metering)
         self.usage_log = UsageLog(self.state)
         self.addons = [
             self.drain,
@@ -47,6 +50,7 @@ class Gateway:
             self.request_policy,
             self.http_metering,
             self.session_metering,
+            self.frame_relay,
             self.state.observability,
             StartupObjects(self.state),
         ]
