@@ -5,14 +5,27 @@ protocols through the existing tests' helpers."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Iterator
 
 import pytest
+import websockets
 
-from ai_gateway_tools.harness import GatewayProcess
+from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
 from ai_gateway_tools.simulators.realtime import Simulator
 
+from ..clients import wait_until, websocket_base
 from ..conftest import LAUNCHERS
+from .test_gemini_live_e2e import (  # noqa: F401  (fixtures and tests, collected again against live_gateway below)
+    LiveGateway,
+    live_model,
+    live_simulator,
+    live_simulators,
+    test_a_report_left_open_by_the_upstream_closing_is_billed_as_incomplete,
+    test_ai_studio_text_session_is_metered_exactly,
+    test_vertex_audio_session_is_metered_exactly,
+)
 from .test_realtime_e2e import (  # noqa: F401  (collected again here, against the fixture below)
     test_beta_sdk_session_is_metered_exactly,
     test_cancelled_failed_and_incomplete_responses_are_counted,
@@ -25,6 +38,20 @@ from .test_realtime_e2e import (  # noqa: F401  (collected again here, against t
     test_realtime_latency_from_response_create_to_first_delta_and_done,
     test_transcription_only_session,
     test_transcription_usage_is_metered_under_the_transcription_model,
+)
+from .test_spend_controls import (  # noqa: F401  (upstream: a fixture)
+    LIMIT,
+    RESERVE,
+    TARGET,
+    assert_cancelled_after_the_first_turn,
+    assert_closed_by_the_limit,
+    budget,
+    policy,
+    respond_until_refused,
+    tokens,
+    until_closed,
+    upstream,
+    vad_over_budget,
 )
 
 FRAMES = {"gateway_relay": "frames"}
@@ -42,3 +69,70 @@ def gateway(request: pytest.FixtureRequest, simulators: dict[str, Simulator]) ->
 def test_sessions_take_the_frames_path(gateway, simulator, model):
     test_ga_sdk_session_is_metered_exactly(gateway, simulator, model)
     assert CHOSEN in gateway.log()
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_refused_response_creates_are_cut_out_and_answered_with_an_error(tmp_path, upstream, launcher):  # noqa: F811 (a fixture)
+    model = f"gpt-realtime-frames-budget-{launcher}"
+    options = {**FRAMES, "gateway_policy": budget(tmp_path, "session")}
+    with GatewayProcess(upstream.url, launcher=launcher, options=options) as gateway:
+        url = f"{websocket_base(gateway.url)}/v1/realtime?model={model}"
+        finished = asyncio.run(respond_until_refused(url, "sk-pipeliner", pipelined=10))
+        samples = scrape(gateway.metrics_url)
+    spent = tokens(upstream.usage_for(model))
+    assert finished == sum(e.kind == "response" for e in upstream.usage_for(model))  # none refused went upstream
+    assert LIMIT - RESERVE <= spent <= TARGET * LIMIT
+    assert sum(select(samples, action="refused_response", reason="budget_exceeded").values()) >= 10
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_responses_the_upstream_starts_over_budget_are_cancelled(tmp_path, launcher):
+    text = "budgets:\n  session: {tokens: 1000}\n  reserve: {tokens: 1}\n"
+    seen, samples = vad_over_budget(policy(tmp_path, text), launcher, FRAMES)
+    assert_cancelled_after_the_first_turn(seen, samples, "session")
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_session_past_max_session_seconds_is_closed_with_1008(tmp_path, upstream, launcher):  # noqa: F811 (a fixture)
+    options = {**FRAMES, "gateway_policy": policy(tmp_path, "limits:\n  client_key: {max_session_seconds: 2}\n")}
+    with GatewayProcess(upstream.url, launcher=launcher, options=options) as gateway:
+        code, text, seconds = asyncio.run(until_closed(gateway, busy=True))
+        wait_until(lambda: not open_sessions(gateway))
+        samples = scrape(gateway.metrics_url)
+    assert_closed_by_the_limit(code, text, seconds, samples, "session_too_long")
+
+
+def open_sessions(gateway: GatewayProcess) -> float:
+    samples = scrape(gateway.metrics_url)
+    return sum(v for (name, _), v in samples.items() if name == "agentgateway_gateway_websocket_sessions")
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_client_that_closes_without_a_code_ends_the_session_normally(upstream, launcher):  # noqa: F811 (a fixture)
+    model = f"gpt-realtime-frames-bare-close-{launcher}"
+    with GatewayProcess(upstream.url, launcher=launcher, options=FRAMES) as gateway:
+
+        async def session() -> None:
+            async with websockets.connect(f"{websocket_base(gateway.url)}/v1/realtime?model={model}") as ws:
+                await ws.recv()
+                await ws.send(json.dumps({"type": "response.create"}))
+                while json.loads(await ws.recv())["type"] != "response.done":
+                    pass
+                await ws.close(code=None)  # type: ignore[arg-type]  # websockets then sends an empty close frame
+
+        asyncio.run(session())
+        wait_until(lambda: not open_sessions(gateway))
+        samples = scrape(gateway.metrics_url)
+        log = gateway.log()
+    assert "close_code=1005 closed_by=client errors=0" in log
+    assert not select(samples, route_type="Realtime", error_type="client_disconnected")
+    assert sum(e.kind == "response" for e in upstream.usage_for(model)) == 1
+    assert usage_only(select(samples, gen_ai_request_model=model)) == expected_samples(upstream.usage_for(model))
+
+
+@pytest.fixture(scope="module", params=LAUNCHERS)
+def live_gateway(request, live_simulators, tmp_path_factory) -> Iterator[LiveGateway]:  # noqa: F811 (a fixture)
+    """Gemini Live over TLS, relayed as frames: its e2e tests run again here."""
+    confdir = tmp_path_factory.mktemp(f"confdir-frames-{request.param}")
+    with LiveGateway(live_simulators[request.param].url, confdir, launcher=request.param, options=FRAMES) as gw:
+        yield gw

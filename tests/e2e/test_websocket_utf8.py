@@ -77,11 +77,13 @@ def ended(gateway: GatewayProcess) -> tuple[dict[str, float]] | None:
     return ({dict(labels)["error_type"]: value for (sample, labels), value in errors.items() if sample == name},)
 
 
+@pytest.mark.parametrize("relay", ["messages", "frames"])
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 @pytest.mark.parametrize("sender", ["client", "upstream"])
-def test_invalid_utf8_text_frame_closes_the_session_with_1007(launcher, sender):
+def test_invalid_utf8_text_frame_closes_the_session_with_1007(launcher, sender, relay):
+    """The same on the frames path (gateway_relay=frames), where the gateway's reader finds it."""
     with SimulatorThread(server=InvalidTextUpstream()) as upstream:
-        with GatewayProcess(upstream.url, launcher=launcher) as gateway:
+        with GatewayProcess(upstream.url, launcher=launcher, options={"gateway_relay": relay}) as gateway:
             first = INVALID if sender == "client" else SEND_INVALID
             close_code, received = asyncio.run(session(websocket_base(gateway.url), first))
             wait_until(lambda: upstream.close_codes)
