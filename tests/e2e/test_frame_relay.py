@@ -11,11 +11,12 @@ from collections.abc import Iterator
 
 import pytest
 import websockets
+from mitmproxy import io
 
 from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
 from ai_gateway_tools.simulators.realtime import Simulator
 
-from ..clients import wait_until, websocket_base
+from ..clients import raw_session, wait_until, websocket_base
 from ..conftest import LAUNCHERS
 from .test_gemini_live_e2e import (  # noqa: F401  (fixtures and tests, collected again against live_gateway below)
     LiveGateway,
@@ -136,3 +137,23 @@ def live_gateway(request, live_simulators, tmp_path_factory) -> Iterator[LiveGat
     confdir = tmp_path_factory.mktemp(f"confdir-frames-{request.param}")
     with LiveGateway(live_simulators[request.param].url, confdir, launcher=request.param, options=FRAMES) as gw:
         yield gw
+
+
+def test_auto_takes_frames_unless_flows_are_saved(tmp_path, upstream):  # noqa: F811 (a fixture)
+    """`auto` under mitmdump takes frames; saving flows keeps mitmproxy's WebSocket layer, so that
+    the saved session is a WebSocket flow with its messages."""
+    saved = tmp_path / "flows.mitm"
+    chosen = {}
+    for name, options in (("plain", {}), ("saving", {"save_stream_file": str(saved)})):
+        settings = {"gateway_relay": "auto", "termlog_verbosity": "debug", **options}
+        with GatewayProcess(upstream.url, options=settings) as gateway:
+            url = f"{websocket_base(gateway.url)}/v1/realtime?model=gpt-realtime-frames-auto"
+            asyncio.run(raw_session(url, [{"type": "response.create"}]))
+        chosen[name] = CHOSEN in gateway.log()
+    assert chosen == {"plain": True, "saving": False}
+    with saved.open("rb") as f:
+        flows = list(io.FlowReader(f).stream())
+    assert [type(flow).__name__ for flow in flows] == ["HTTPFlow"]
+    assert (
+        flows[0].websocket is not None and flows[0].websocket.messages
+    )  # the last one, as gateway_websocket_history keeps

@@ -27,8 +27,8 @@ class Gateway:
     - the metric families before the policy (its shared store counts into them) and before the
       access log and traces (dropped spans are counted);
     - the request policy (path, client key, credentials) before anything reads the request;
-    - the frame relay after session metering: it takes an admitted handshake's WebSocket away;
     - observability after the meters: it ends the spans no record ended;
+    - the frame relay after both: it takes an admitted handshake's WebSocket away once they saw the 101;
     - startup's objects frozen last, once everything else is loaded.
     """
 
@@ -50,8 +50,8 @@ class Gateway:
             self.request_policy,
             self.http_metering,
             self.session_metering,
-            self.frame_relay,
             self.state.observability,
+            self.frame_relay,
             StartupObjects(self.state),
         ]
 

@@ -94,7 +94,7 @@ class FrameRelay:
         )
 
     def response(self, flow: http.HTTPFlow) -> None:
-        """After SessionMetering's: an admitted session's 101 goes to the TCP layer."""
+        """After SessionMetering's and Observability's: an admitted session's 101 goes to the TCP layer."""
         try:
             if (
                 flow.websocket is not None
@@ -310,3 +310,4 @@ class ByteSession:
     def ended(self) -> None:
         code = self.close_code or 1006  # no close frame: the connection dropped, as mitmproxy reports it
         self.metering.finish_session(self.handshake, code, self.closed_by_client)
+        self.metering.state.observability.websocket_end(self.handshake)  # the spans no record ended
