@@ -29,7 +29,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 
-from mitmproxy import ctx, http, tcp
+from mitmproxy import connection, ctx, http, tcp
 from mitmproxy.addonmanager import Loader
 
 from ai_gateway.accounting.items import Malformed
@@ -110,6 +110,9 @@ class FrameRelay:
                 logger.debug("ai-gateway: relaying %s as frames", flow.id)
         except Exception:
             logger.exception("ai-gateway: choosing the relay failed for %s", flow.id)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.upgrading.pop(client.id, None)  # a handshake whose TCP relay never started
 
     def tcp_start(self, flow: tcp.TCPFlow) -> None:
         handshake = self.upgrading.pop(flow.client_conn.id, None)

@@ -14,7 +14,8 @@ import uvloop
 
 
 class Pipe(asyncio.Protocol):
-    """One leg: what arrives is written to the other leg's transport, with its flow control."""
+    """One leg: what arrives is written to the other leg's transport (no flow control: the bench's
+    peers read as fast as they are sent to)."""
 
     def __init__(self, peer: Pipe | None = None) -> None:
         self.peer = peer
@@ -36,19 +37,29 @@ async def relay(port: int, host: str, upstream_port: int) -> None:
     loop = asyncio.get_running_loop()
 
     class Client(Pipe):
+        """The client's leg: what it sends before the upstream leg is connected waits in a list."""
+
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             super().connection_made(transport)
-            transport.pause_reading()  # until the upstream leg is connected
-            loop.create_task(self.dial(transport))
+            self.early: list[bytes] | None = []
+            self.dialing = loop.create_task(self.dial())  # referenced: the loop keeps tasks weakly
 
-        async def dial(self, transport: asyncio.BaseTransport) -> None:
+        def data_received(self, data: bytes) -> None:
+            if self.early is not None:
+                self.early.append(data)
+            else:
+                super().data_received(data)
+
+        async def dial(self) -> None:
             try:
                 _, upstream = await loop.create_connection(lambda: Pipe(self), host, upstream_port)
             except OSError:
-                transport.close()
+                assert self.transport is not None
+                self.transport.close()
                 return
             self.peer = upstream
-            transport.resume_reading()  # type: ignore[attr-defined]
+            early, self.early = self.early or [], None
+            upstream.transport.write(b"".join(early))  # type: ignore[union-attr]
 
     server = await loop.create_server(Client, "127.0.0.1", port)
     print(f"floor relay listening at 127.0.0.1:{port}", flush=True)
