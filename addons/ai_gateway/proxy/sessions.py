@@ -255,7 +255,7 @@ class SessionMetering:
         (`session.close`), as its protocol asks, so that the upstream stops billing it."""
         session = self.sessions.get(flow.id)
         link = self.links.get(flow.id)
-        # Not closing already.
+        # Whether a close is not already under way.
         closing = link.open if link is not None else flow.live and closer.CLOSE_METADATA not in flow.metadata
         if closing and session is not None and isinstance(session.protocol, LiveProtocol):
             self.send(flow, False, CLOSE_EVENT)
@@ -268,6 +268,8 @@ class SessionMetering:
             shrink_audio(websocket.messages[-1])
         if websocket is not None:
             self.finish_session(flow, websocket.close_code, websocket.closed_by_client)
+        else:
+            self.end_session(flow)
 
     def finish_session(self, flow: http.HTTPFlow, close_code: int | None, closed_by_client: bool | None) -> None:
         """A relayed session ended, on either path: what it still billed, its record."""
