@@ -179,9 +179,13 @@ async def vad_turns(gateway_url: str) -> list[dict]:
 
 
 def vad_over_budget(
-    policy_path: str, launcher: str = "mitmdump", options: Mapping[str, str] | None = None
+    policy_path: str,
+    launcher: str = "mitmdump",
+    options: Mapping[str, str] | None = None,
+    logs: list[str] | None = None,
 ) -> tuple[list[dict], dict]:
-    """`vad_turns` through a gateway with this policy (and options); what the client saw and the gateway's metrics."""
+    """`vad_turns` through a gateway with this policy (and options); what the client saw and the
+    gateway's metrics; its log appended to `logs`."""
 
     async def run() -> tuple[list[dict], dict]:
         async with serve(vad_upstream, "127.0.0.1", 0) as server:
@@ -189,7 +193,10 @@ def vad_over_budget(
             settings = {"gateway_policy": policy_path, **(options or {})}
             with GatewayProcess(upstream, launcher=launcher, options=settings) as gateway:
                 seen = await vad_turns(gateway.url)
-                return seen, scrape(gateway.metrics_url)
+                samples = scrape(gateway.metrics_url)
+            if logs is not None:
+                logs.append(gateway.log())
+            return seen, samples
 
     return asyncio.run(run())
 
@@ -351,12 +358,18 @@ def test_a_gemini_live_session_that_spent_its_budget_is_closed_after_that_turn(t
     text = (
         "budgets:\n  session: {tokens: 1}\n  reserve: {tokens: 1}\n"
         "routes:\n  BidiGenerateContent:\n    type: Realtime\n    protocol: gemini-live\n"
+        "    request: {remove: [sec-websocket-extensions]}\n"  # as policies/gemini.yaml: frames need no compression
     )
     path = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
     with (
         SimulatorThread(server=GeminiLiveSimulator(seed=23)) as upstream,
         GatewayProcess(
-            upstream.url, options={"gateway_policy": policy_file(tmp_path, text), "gateway_relay": relay}
+            upstream.url,
+            options={
+                "gateway_policy": policy_file(tmp_path, text),
+                "gateway_relay": relay,
+                "termlog_verbosity": "debug",
+            },
         ) as gateway,
     ):
 
@@ -377,5 +390,6 @@ def test_a_gemini_live_session_that_spent_its_budget_is_closed_after_that_turn(t
         turns, code = asyncio.run(session())
         samples = scrape(gateway.metrics_url)
     assert (turns, code) == (1, 1008)
+    assert ("as frames" in gateway.log()) == (relay == "frames")
     assert sum(select(samples, action="closed_session", reason="budget_exceeded").values()) == 1
     assert len(upstream.ledger) == 1
