@@ -30,6 +30,7 @@ from ai_gateway_tools.bench.configs import (
     LITELLM,
     ROOT,
     BaselineGateway,
+    FloorRelay,
     Workdir,
     extract,
     keep_compression_policy,
@@ -40,7 +41,7 @@ from ai_gateway_tools.bench.litellm import CALLBACK_SOURCE, USAGE_LOG_ENV, Meter
 from ai_gateway_tools.bench.measure import percentile, serpentine
 from ai_gateway_tools.bench.portkey import PRELOAD_SOURCE, UPSTREAM_ENV
 from ai_gateway_tools.bench.report import BEGIN, BENCHMARKS, END, PLOT_NAME, Target, splice
-from ai_gateway_tools.loadgen import LoadStats, Stop, Traffic, drive, event_type, pcm16_bytes
+from ai_gateway_tools.loadgen import LoadStats, Stop, Traffic, canonical_usage, drive, event_type, pcm16_bytes
 from ai_gateway_tools.simulators.realtime import EXAMPLE_USAGE, SentUsage, SimulatorThread
 
 
@@ -395,3 +396,14 @@ def test_limits_smoke_writes_its_own_section(tmp_path: Path) -> None:
     assert set(rows) == set(limits.NAMES)
     assert re.search(r"\| \d[\d.]* \([+-]\d", rows["redis"])  # a latency with what it adds to off's
     assert "scripts/bench --limits --smoke" in section
+
+
+def test_the_floor_relays_sessions_byte_for_byte() -> None:
+    """The byte floor (issue #22) forwards what a client sends before its upstream leg is connected too."""
+    with SimulatorThread(seed=5) as upstream, FloorRelay(upstream.url) as floor:
+        stats = asyncio.run(
+            drive(floor.url, "bench-floor", Traffic(appends=2, audio_deltas=3), Stop(turns=2), sessions=4)
+        )
+    assert len(stats.usages) == 8
+    sent = [canonical_usage(e.usage) for e in upstream.usage_for("bench-floor") if e.kind == "response"]
+    assert sorted(stats.usages) == sorted(sent)

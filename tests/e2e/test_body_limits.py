@@ -205,16 +205,20 @@ def upstream() -> Iterator[Upstream]:
 
 
 def compare(
-    upstream: Upstream, probe: Callable[[GatewayProcess], None], label: str, launcher: str = "mitmdump"
+    upstream: Upstream,
+    probe: Callable[[GatewayProcess], None],
+    label: str,
+    launcher: str = "mitmdump",
+    options: dict[str, str] | None = None,
 ) -> None:
-    """The probe against bare mitmdump, then against the gateway (under `launcher`): what the probe
-    adds to the gateway's memory within 1.5x of what it adds to bare mitmdump's, plus one body read
-    up to the cap (the gateway reads a metered body by design; inflating one whole, before the
-    fixes, added hundreds of MiB). Growth, not the peak: the gateway's own footprint at rest
-    (its modules, the price database) is not what a probe costs."""
+    """The probe against bare mitmdump, then against the gateway (under `launcher`, with these
+    options): what the probe adds to the gateway's memory within 1.5x of what it adds to bare
+    mitmdump's, plus one body read up to the cap (the gateway reads a metered body by design;
+    inflating one whole, before the fixes, added hundreds of MiB). Growth, not the peak: the
+    gateway's own footprint at rest (its modules, the price database) is not what a probe costs."""
     with BareMitmdump(upstream.url) as bare:
         baseline = measured(bare, lambda: probe(bare))
-    with GatewayProcess(upstream.url, launcher=launcher) as gateway:
+    with GatewayProcess(upstream.url, launcher=launcher, options=options) as gateway:
         figures = measured(gateway, lambda: probe(gateway))
         print(f"\n{label}: bare mitmdump {baseline}; gateway {figures}")
         assert too_large(gateway) == 1
@@ -355,12 +359,14 @@ def test_invalid_cap_is_one_line_at_startup():
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_issue_20_a_client_frame_of_8_mib(launcher):
+@pytest.mark.parametrize("relay", ["messages", "frames"])
+def test_issue_20_a_client_frame_of_8_mib(launcher, relay):
     """A conversation item of 8 MiB, a huge array (of empty objects, what costs a decoder most) after
     a non-ASCII text (json.dumps escapes it, so the frame may spell a response.create): over the
     1 MiB a client event is decoded up to, its type is read from its head, and it is relayed
     unread (before: decoded whole, +226 MB against bare mitmdump's +51 MB, another session
-    waiting 0.70 s)."""
+    waiting 0.70 s). On the frames path the frame is held until complete (under
+    gateway_max_body_bytes), as the WebSocket layer holds a message."""
     parts = [{"type": "input_text", "text": "café"}] + [{}] * (8 * MiB // 4)
     frame = json.dumps({"type": "conversation.item.create", "item": {"type": "message", "content": parts}})
     assert 8 * MiB <= len(frame) < 9 * MiB and "\\u00e9" in frame
@@ -377,4 +383,5 @@ def test_issue_20_a_client_frame_of_8_mib(launcher):
         assert [(r.size, r.sha256) for r in upstream.received] == [(len(frame), digest)]
 
     with SimulatorThread(server=Upstream()) as upstream:
-        compare(upstream, probe, f"issue 20 item 5, an 8 MiB client frame, {launcher}", launcher)
+        label = f"issue 20 item 5, an 8 MiB client frame, {launcher} ({relay})"
+        compare(upstream, probe, label, launcher, {"gateway_relay": relay})

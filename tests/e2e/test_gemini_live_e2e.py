@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import json
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -41,8 +41,15 @@ _models = itertools.count()
 class LiveGateway(GatewayProcess):
     """The gateway with policies/gemini.yaml, its CA in its own confdir for the SDK to trust."""
 
-    def __init__(self, upstream: str, confdir: Path, launcher: str = "mitmdump", **kwargs: object) -> None:
-        options = {"gateway_policy": str(POLICY), "confdir": str(confdir)}
+    def __init__(
+        self,
+        upstream: str,
+        confdir: Path,
+        launcher: str = "mitmdump",
+        options: Mapping[str, str] | None = None,
+        **kwargs: object,
+    ) -> None:
+        options = {"gateway_policy": str(POLICY), "confdir": str(confdir), **(options or {})}
         super().__init__(upstream, options=options, env={"GEMINI_API_KEY": UPSTREAM_KEY}, launcher=launcher, **kwargs)
         self.confdir = confdir
 

@@ -294,15 +294,19 @@ def test_handshakes_are_admitted_like_other_sessions(live_simulators, tmp_path):
         assert sum(v for (name, _), v in calls.items() if name == "agentgateway_gateway_realtime_calls_total") == 1
 
 
-def test_max_session_seconds_ends_a_gpt_live_session_upstream_and_on_both_legs(live_simulators, tmp_path):
+@pytest.mark.parametrize("relay", ["messages", "frames"])
+def test_max_session_seconds_ends_a_gpt_live_session_upstream_and_on_both_legs(live_simulators, tmp_path, relay):
     simulator = live_simulators[LAUNCHERS[0]]
     policy = tmp_path / "limits.yaml"
     policy.write_text(
         "limits:\n  client_key: {max_session_seconds: 1}\nroutes:\n"
-        "  /live/sessions: {type: Realtime, protocol: openai-live}\n"
-    )
+        "  /live/sessions: {type: Realtime, protocol: openai-live, request: {remove: [sec-websocket-extensions]}}\n"
+    )  # no compression, as the default policy: a session with permessage-deflate stays on messages
     ledger = tmp_path / "usage.jsonl"
-    options = {"gateway_policy": str(policy), "gateway_usage_log": str(ledger)}
+    options = {
+        "gateway_policy": str(policy), "gateway_usage_log": str(ledger), "gateway_relay": relay,
+        "termlog_verbosity": "debug",
+    }  # fmt: skip
     with GatewayProcess(simulator.url, options=options) as gateway:
         gateway.ledger = ledger  # type: ignore[attr-defined]
         with pytest.raises(websockets.ConnectionClosed) as closed:
@@ -314,6 +318,7 @@ def test_max_session_seconds_ends_a_gpt_live_session_upstream_and_on_both_legs(l
         assert sum(select(samples, action="closed_session", reason="session_too_long").values()) == 1
     (entry,) = [e for e in simulator.ledger if e.kind == "live_session" and e.session_id == line["response_id"]]
     assert entry.status == "close_requested"  # the upstream was told to end the session
+    assert ("as frames" in gateway.log()) == (relay == "frames")
 
 
 def test_the_simulator_runs_as_a_module_until_interrupted():

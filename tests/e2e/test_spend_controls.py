@@ -9,7 +9,7 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -179,15 +179,25 @@ async def vad_turns(gateway_url: str) -> list[dict]:
     return seen
 
 
-def vad_over_budget(policy_path: str) -> tuple[list[dict], dict]:
-    """`vad_turns` through a gateway with this policy; what the client saw and the gateway's metrics."""
+def vad_over_budget(
+    policy_path: str,
+    launcher: str = "mitmdump",
+    options: Mapping[str, str] | None = None,
+    logs: list[str] | None = None,
+) -> tuple[list[dict], dict]:
+    """`vad_turns` through a gateway with this policy (and options); what the client saw and the
+    gateway's metrics; its log appended to `logs`."""
 
     async def run() -> tuple[list[dict], dict]:
         async with serve(vad_upstream, "127.0.0.1", 0) as server:
-            port = server.sockets[0].getsockname()[1]
-            with GatewayProcess(f"http://127.0.0.1:{port}", options={"gateway_policy": policy_path}) as gateway:
+            upstream = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+            settings = {"gateway_policy": policy_path, **(options or {})}
+            with GatewayProcess(upstream, launcher=launcher, options=settings) as gateway:
                 seen = await vad_turns(gateway.url)
-                return seen, scrape(gateway.metrics_url)
+                samples = scrape(gateway.metrics_url)
+            if logs is not None:
+                logs.append(gateway.log())
+            return seen, samples
 
     return asyncio.run(run())
 
@@ -314,29 +324,35 @@ def test_a_restart_restores_100_000_client_keys_before_serving_within_seconds(tm
 def test_sessions_past_their_duration_or_idle_limit_are_closed_with_1008(tmp_path, upstream, limit, reason):
     options = {"gateway_policy": policy(tmp_path, f"limits:\n  client_key: {{{limit}}}\n")}
     with GatewayProcess(upstream.url, options=options) as gateway:
-
-        async def session() -> tuple[int, str, float]:
-            url = f"{websocket_base(gateway.url)}/v1/realtime?model=gpt-realtime"
-            async with websockets.connect(url) as ws:
-                opened = asyncio.get_running_loop().time()
-                await ws.recv()
-                with pytest.raises(websockets.ConnectionClosed):
-                    while True:  # an idle client only waits; a busy one asks for one response after another
-                        if reason == "session_too_long":
-                            await ws.send(json.dumps({"type": "response.create"}))
-                        while json.loads(await asyncio.wait_for(ws.recv(), timeout=10))["type"] != "response.done":
-                            pass
-                return ws.close_code, ws.close_reason, asyncio.get_running_loop().time() - opened
-
-        code, text, seconds = asyncio.run(session())
+        code, text, seconds = asyncio.run(until_closed(gateway, busy=reason == "session_too_long"))
         samples = scrape(gateway.metrics_url)
+    assert_closed_by_the_limit(code, text, seconds, samples, reason)
+
+
+async def until_closed(gateway: GatewayProcess, busy: bool) -> tuple[int | None, str, float]:
+    """A session kept until the gateway closes it: the close code and reason, and how long it was open."""
+    url = f"{websocket_base(gateway.url)}/v1/realtime?model=gpt-realtime"
+    async with websockets.connect(url) as ws:
+        opened = asyncio.get_running_loop().time()
+        await ws.recv()
+        with pytest.raises(websockets.ConnectionClosed):
+            while True:  # an idle client only waits; a busy one asks for one response after another
+                if busy:
+                    await ws.send(json.dumps({"type": "response.create"}))
+                while json.loads(await asyncio.wait_for(ws.recv(), timeout=10))["type"] != "response.done":
+                    pass
+        return ws.close_code, ws.close_reason, asyncio.get_running_loop().time() - opened
+
+
+def assert_closed_by_the_limit(code: int | None, text: str, seconds: float, samples: dict, reason: str) -> None:
     assert code == 1008 and "gateway allows" in text
     assert seconds < 10  # the limit plus the once-a-second clock, with room for a loaded machine
     assert sum(select(samples, action="closed_session", reason=reason).values()) == 1
     assert not select(samples, error_type="ws_close_1008")  # the gateway's own close is no upstream error
 
 
-def test_a_gemini_live_session_that_spent_its_budget_is_closed_after_that_turn(tmp_path):
+@pytest.mark.parametrize("relay", ["messages", "frames"])
+def test_a_gemini_live_session_that_spent_its_budget_is_closed_after_that_turn(tmp_path, relay):
     """Gemini Live has no per-response request to refuse and no cancel: the session is closed with
     1008 after the turn that spent its budget."""
     from ai_gateway_tools.simulators.gemini_live import GeminiLiveSimulator
@@ -344,11 +360,19 @@ def test_a_gemini_live_session_that_spent_its_budget_is_closed_after_that_turn(t
     text = (
         "budgets:\n  session: {tokens: 1}\n  reserve: {tokens: 1}\n"
         "routes:\n  BidiGenerateContent:\n    type: Realtime\n    protocol: gemini-live\n"
+        "    request: {remove: [sec-websocket-extensions]}\n"  # as policies/gemini.yaml: frames need no compression
     )
     path = "/ws/google.ai.generativelanguage.v1beta.GenerativeService.BidiGenerateContent"
     with (
         SimulatorThread(server=GeminiLiveSimulator(seed=23)) as upstream,
-        GatewayProcess(upstream.url, options={"gateway_policy": policy_file(tmp_path, text)}) as gateway,
+        GatewayProcess(
+            upstream.url,
+            options={
+                "gateway_policy": policy_file(tmp_path, text),
+                "gateway_relay": relay,
+                "termlog_verbosity": "debug",
+            },
+        ) as gateway,
     ):
 
         async def session() -> tuple[int, int | None]:
@@ -368,5 +392,6 @@ def test_a_gemini_live_session_that_spent_its_budget_is_closed_after_that_turn(t
         turns, code = asyncio.run(session())
         samples = scrape(gateway.metrics_url)
     assert (turns, code) == (1, 1008)
+    assert ("as frames" in gateway.log()) == (relay == "frames")
     assert sum(select(samples, action="closed_session", reason="budget_exceeded").values()) == 1
     assert len(upstream.ledger) == 1

@@ -77,11 +77,14 @@ def ended(gateway: GatewayProcess) -> tuple[dict[str, float]] | None:
     return ({dict(labels)["error_type"]: value for (sample, labels), value in errors.items() if sample == name},)
 
 
+@pytest.mark.parametrize("relay", ["messages", "frames"])
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 @pytest.mark.parametrize("sender", ["client", "upstream"])
-def test_invalid_utf8_text_frame_closes_the_session_with_1007(launcher, sender):
+def test_invalid_utf8_text_frame_closes_the_session_with_1007(launcher, sender, relay):
+    """The same on the frames path (gateway_relay=frames), where the gateway's reader finds it."""
     with SimulatorThread(server=InvalidTextUpstream()) as upstream:
-        with GatewayProcess(upstream.url, launcher=launcher) as gateway:
+        options = {"gateway_relay": relay, "termlog_verbosity": "debug"}
+        with GatewayProcess(upstream.url, launcher=launcher, options=options) as gateway:
             first = INVALID if sender == "client" else SEND_INVALID
             close_code, received = asyncio.run(session(websocket_base(gateway.url), first))
             wait_until(lambda: upstream.close_codes)
@@ -90,6 +93,7 @@ def test_invalid_utf8_text_frame_closes_the_session_with_1007(launcher, sender):
     # Counted as the upstream's failure only when the upstream sent the frame.
     assert errors == ({"ws_close_1007": 1.0} if sender == "upstream" else {})
     assert close_code == 1007  # what the client sees, whichever side sent the frame
+    assert ("as frames" in gateway.log()) == (relay == "frames")
     assert upstream.close_codes == [1007]
     assert len(received) == 1, "nothing after session.created reached the client"
     assert upstream.received == ([] if sender == "client" else [SEND_INVALID])

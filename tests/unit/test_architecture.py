@@ -24,8 +24,9 @@ RUNTIME_IMPORTS = {
     "compression",
     "wsproto",  # mitmproxy's WebSocket protocol: proxy/closer.py hands its layer a close event
     "opentelemetry",
+    "websockets",  # its C apply_mask unmasks client frames on gateway_relay=frames (protocols/ws_frames.py)
 }
-TOOL_ONLY = {"websockets", "aiohttp", "openai", "psutil", "tqdm", "matplotlib", "playwright", "pytest"}
+TOOL_ONLY = {"aiohttp", "openai", "psutil", "tqdm", "matplotlib", "playwright", "pytest"}
 
 
 def layer_ranks() -> dict[str, int]:
@@ -105,6 +106,6 @@ def test_tool_dependencies_are_an_extra():
     def names(deps: list[str]) -> set[str]:
         return {re.split(r"[\[<>=;! ]", dep, maxsplit=1)[0].lower() for dep in deps}
 
-    tools = {"websockets", "aiohttp", "openai", "psutil", "tqdm", "matplotlib"}
+    tools = {"aiohttp", "openai", "psutil", "tqdm", "matplotlib"}
     assert names(project["dependencies"]).isdisjoint(tools)
     assert tools <= names(project["optional-dependencies"]["tools"])

@@ -9,6 +9,7 @@ from ai_gateway.proxy.collector import StartupObjects
 from ai_gateway.proxy.contentview import conversation_view, realtime_view
 from ai_gateway.proxy.drain import Drain
 from ai_gateway.proxy.export import SessionExport
+from ai_gateway.proxy.frame_relay import FrameRelay
 from ai_gateway.proxy.guardrails import Guardrails
 from ai_gateway.proxy.http_metering import HttpMetering
 from ai_gateway.proxy.injection import Injections
@@ -34,6 +35,8 @@ class Gateway:
     - observability after the meters: it ends the spans no record ended; the conversations kept
       for mitmweb beside it (an option, and an observer of the meters' records), and the
       `realtime.export` command that writes them out;
+    - the frame relay after them all: it takes an admitted handshake's WebSocket away once they
+      saw the 101;
     - startup's objects frozen last, once everything else is loaded.
     """
 
@@ -47,6 +50,7 @@ class Gateway:
         self.guardrails = Guardrails(self.state, injections)
         self.http_metering = HttpMetering(self.state, self.guardrails)
         self.session_metering = SessionMetering(self.state, injections, self.guardrails)
+        self.frame_relay = FrameRelay(self.state, self.session_metering)
         self.usage_log = UsageLog(self.state)
         self.session_export = SessionExport(self.state.conversations)
         self.addons = [
@@ -61,6 +65,7 @@ class Gateway:
             self.state.observability,
             self.state.conversations,
             self.session_export,
+            self.frame_relay,
             StartupObjects(self.state),
         ]
 

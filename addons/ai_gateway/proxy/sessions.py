@@ -11,11 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
-from mitmproxy.websocket import WebSocketMessage
 
 from ai_gateway.accounting.items import ResponseStarted, UsageItem
 from ai_gateway.accounting.ledger import Source
@@ -58,6 +57,7 @@ class SessionMetering:
         self.clock = SessionClock()
         self.injections = injections or Injections()
         self.guardrails = guardrails  # told of every frame after its metering
+        self.links: dict[str, SessionLink] = {}  # sessions relayed as bytes (proxy/frame_relay.py), by flow id
         self.clock_task: asyncio.Task[None] | None = None
         self.history: int | None = 1
         self.shrink_relayed_audio = True
@@ -153,6 +153,10 @@ class SessionMetering:
 
     @never_raises
     def websocket_start(self, flow: http.HTTPFlow) -> None:
+        self.start_session(flow)
+
+    def start_session(self, flow: http.HTTPFlow) -> None:
+        """A metered session's relay begins: its adapter and meter, its clock."""
         route = self.state.route(flow)
         kinds = session_kind(route) if route is not None else None
         if route is None or kinds is None:
@@ -182,29 +186,33 @@ class SessionMetering:
         elif message.from_client and closer.CLOSE_METADATA in flow.metadata:
             message.drop()  # the gateway is closing the session: nothing more goes upstream
             session = None
-        if session is not None:
-            if self.clock.sessions:
-                self.clock.touch(flow.id)
-            protocol = session.protocol
-            if message.from_client:
-                item = protocol.client_frame(message.content, message.is_text)
-            else:
-                item = protocol.server_frame(message.content, message.is_text)
-            if session.conversation is not None:
-                record(session.conversation, message)
-            if item is not None:
-                if self.state.accounting.shared is not None and session.meter.admission_needed(item):
-                    return self.shared_admission(flow, message, session, item)
-                self.applied(flow, message, session, item, session.meter.apply(item))
+        if session is not None and (admission := self.frame(flow, message, session)) is not None:
+            return admission
         # The current message is relayed after this hook returns; the one before it has gone.
         trim(messages, self.history, self.shrink_relayed_audio)
         if session is not None and self.guardrails is not None:
             return self.guardrails.frame(flow, message)
         return None
 
-    async def shared_admission(
-        self, flow: http.HTTPFlow, message: WebSocketMessage, session: Session, item: UsageItem
-    ) -> None:
+    def frame(self, flow: http.HTTPFlow, message: Frame, session: Session) -> Awaitable[None] | None:
+        """A peer's message, on either path: adapter, meter, enforcement. An awaitable when the
+        message waits for the shared store's admission."""
+        if self.clock.sessions:
+            self.clock.touch(flow.id)
+        protocol = session.protocol
+        if message.from_client:
+            item = protocol.client_frame(message.content, message.is_text)
+        else:
+            item = protocol.server_frame(message.content, message.is_text)
+        if session.conversation is not None:
+            record(session.conversation, message)
+        if item is not None:
+            if self.state.accounting.shared is not None and session.meter.admission_needed(item):
+                return self.shared_admission(flow, message, session, item)
+            self.applied(flow, message, session, item, session.meter.apply(item))
+        return None
+
+    async def shared_admission(self, flow: http.HTTPFlow, message: Frame, session: Session, item: UsageItem) -> None:
         """A response starts (response.create, or one the upstream started): its admission waits
         for the shared store, at most limits.store_timeout_ms, before the frame is relayed. No
         other frame ever waits for the store."""
@@ -216,9 +224,7 @@ class SessionMetering:
         if flow.websocket is not None:
             trim(flow.websocket.messages, self.history, self.shrink_relayed_audio)
 
-    def applied(
-        self, flow: http.HTTPFlow, message: WebSocketMessage, session: Session, item: UsageItem, outcome: object
-    ) -> None:
+    def applied(self, flow: http.HTTPFlow, message: Frame, session: Session, item: UsageItem, outcome: object) -> None:
         """What the meter made of a frame's item: a refused response.create never reaches the
         upstream (the client gets an error event), a refused response the upstream started by
         itself (server VAD) is cancelled upstream, a refused Gemini Live session (nothing to refuse
@@ -227,14 +233,14 @@ class SessionMetering:
         if isinstance(outcome, Refusal):
             if message.from_client:
                 message.drop()
-                self.injections.send(flow, True, refusal_event(outcome, message.content))
+                self.send(flow, True, refusal_event(outcome, message.content))
                 accounting.enforced(outcome, "refused_response")
             elif isinstance(session.protocol, GeminiLiveProtocol | LiveProtocol):
                 if self.close(flow, refusals.message(outcome)):
                     accounting.enforced(outcome, "closed_session")
             elif isinstance(item, ResponseStarted) and item.response_id is not None:
-                self.injections.send(flow, False, cancel_event(item.response_id))
-                self.injections.send(flow, True, refusal_event(outcome))
+                self.send(flow, False, cancel_event(item.response_id))
+                self.send(flow, True, refusal_event(outcome))
                 accounting.enforced(outcome, "cancelled_response")
         elif outcome is not None:
             logger.debug("ai-gateway: unreadable frame (%s): %s", outcome.reason, outcome.detail)  # type: ignore[attr-defined]
@@ -247,28 +253,48 @@ class SessionMetering:
             if totals.errors:
                 flow.marked = ":exclamation:"
 
+    def send(self, flow: http.HTTPFlow, to_client: bool, payload: bytes) -> None:
+        """A text message of the gateway's own into the session, kept whole."""
+        link = self.links.get(flow.id)
+        if link is not None:
+            link.send(to_client, payload)
+        else:
+            self.injections.send(flow, to_client, payload)
+
     def close(self, flow: http.HTTPFlow, reason: str) -> bool:
         """Close a session with 1008 on both legs; a GPT-Live session is first ended upstream
         (`session.close`), as its protocol asks, so that the upstream stops billing it."""
         session = self.sessions.get(flow.id)
-        closing = flow.live and closer.CLOSE_METADATA not in flow.metadata  # not already under way
+        link = self.links.get(flow.id)
+        # Whether a close is not already under way.
+        closing = link.open if link is not None else flow.live and closer.CLOSE_METADATA not in flow.metadata
         if closing and session is not None and isinstance(session.protocol, LiveProtocol):
-            self.injections.send(flow, False, CLOSE_EVENT)
-        return closer.close_websocket(flow, 1008, reason)
+            self.send(flow, False, CLOSE_EVENT)
+        return link.close(1008, reason) if link is not None else closer.close_websocket(flow, 1008, reason)
 
     @never_raises
     def websocket_end(self, flow: http.HTTPFlow) -> None:
-        if flow.websocket is not None and self.shrink_relayed_audio and flow.websocket.messages:
-            shrink_audio(flow.websocket.messages[-1])
+        websocket = flow.websocket
+        if websocket is not None and self.shrink_relayed_audio and websocket.messages:
+            shrink_audio(websocket.messages[-1])
+        if websocket is not None:
+            self.finish_session(flow, websocket.close_code, websocket.closed_by_client)
+        else:
+            self.end_session(flow)
+
+    def finish_session(self, flow: http.HTTPFlow, close_code: int | None, closed_by_client: bool | None) -> None:
+        """A relayed session ended, on either path: what it still billed, its record."""
         session = self.sessions.pop(flow.id, None)
         self.clock.forget(flow.id)
         self.injections.forget(flow.id)
-        if session is not None and flow.websocket is not None:
-            self.session_ended(flow, session)
+        self.links.pop(flow.id, None)
+        if session is not None:
+            self.session_ended(flow, session, close_code, closed_by_client)
         self.end_session(flow)  # last: what the session still billed above counted against it
 
-    def session_ended(self, flow: http.HTTPFlow, session: Session) -> None:
-        assert flow.websocket is not None
+    def session_ended(
+        self, flow: http.HTTPFlow, session: Session, close_code: int | None, closed_by_client: bool | None
+    ) -> None:
         meter = session.meter
         if isinstance(session.protocol, GeminiLiveProtocol) and (item := session.protocol.closed()) is not None:
             meter.apply(item)
@@ -277,13 +303,34 @@ class SessionMetering:
         self.state.accounting.relaying(meter.source, -1)
         failure = None
         if closer.CLOSED_BY_GATEWAY not in flow.metadata:  # the gateway's own close: an enforcement, not an error
-            failure = close_error(flow.websocket.close_code, flow.websocket.closed_by_client, in_flight)
+            failure = close_error(close_code, closed_by_client, in_flight)
             if failure:
                 self.state.accounting.error(meter.source, failure)
         observability = self.state.observability
         if observability.active:
-            closed_by_client = flow.websocket.closed_by_client
-            observability.session_ended(meter.ended(flow.websocket.close_code, closed_by_client, failure or ""))
+            observability.session_ended(meter.ended(close_code, closed_by_client, failure or ""))
+
+
+class Frame(Protocol):
+    """A message as the metering path reads it: mitmproxy's WebSocketMessage, or one read from
+    the byte stream (proxy/frame_relay.py)."""
+
+    from_client: bool
+    content: bytes
+    is_text: bool
+
+    def drop(self) -> None: ...
+
+
+class SessionLink(Protocol):
+    """How the gateway reaches a session relayed as bytes rather than by mitmproxy's WebSocket layer."""
+
+    @property
+    def open(self) -> bool: ...
+
+    def send(self, to_client: bool, payload: bytes) -> None: ...
+
+    def close(self, code: int, reason: str) -> bool: ...
 
 
 class Session(NamedTuple):

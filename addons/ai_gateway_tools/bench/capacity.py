@@ -43,12 +43,15 @@ from ai_gateway_tools.bench import litellm, portkey
 from ai_gateway_tools.bench.checks import accounting_problems
 from ai_gateway_tools.bench.configs import (
     DIRECT,
+    FLOOR,
     GATEWAY,
+    GATEWAY_FRAMES,
     GATEWAY_NOFREEZE,
     LITELLM,
     MITMDUMP,
     PORTKEY,
     SERVE,
+    SERVE_FRAMES,
     SERVE_WORKERS2,
     Config,
     Workdir,
@@ -66,7 +69,10 @@ ADDED_P99_MS = 20.0  # the target: p99 latency per frame over the no-relay basel
 # from losing it (BENCHMARKS.md); outside the latency figures, which time frames from `response.create`.
 GREETING_DELAY = 0.05
 LOAD_SATURATED = 0.9  # the load's share of its CPU above which a miss may be the load's own
-CONFIGS = (DIRECT, SERVE, SERVE_WORKERS2, GATEWAY, GATEWAY_NOFREEZE, MITMDUMP, LITELLM, PORTKEY)
+CONFIGS = (
+    DIRECT, SERVE, SERVE_FRAMES, SERVE_WORKERS2, GATEWAY, GATEWAY_FRAMES, GATEWAY_NOFREEZE, MITMDUMP, FLOOR, LITELLM,
+    PORTKEY,
+)  # fmt: skip
 DEFAULT_CONFIGS = (DIRECT, SERVE, SERVE_WORKERS2, GATEWAY, MITMDUMP)
 INSTALLS: dict[str, Callable[[], Path]] = {LITELLM.name: litellm.install, PORTKEY.name: portkey.install}
 # The targets of issue #17: (configuration, reference, ratio of their capacities it must reach).

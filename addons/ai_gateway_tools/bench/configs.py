@@ -38,6 +38,17 @@ class BareMitmdump(GatewayProcess):
         return " listening at " in self.log()
 
 
+class FloorRelay(GatewayProcess):
+    """The byte floor (floor.py): forwards bytes both ways, parses nothing."""
+
+    def command(self) -> list[str]:
+        upstream = self.upstream.removeprefix("http://").rstrip("/")
+        return [sys.executable, "-m", "ai_gateway_tools.bench.floor", str(self.port), upstream]
+
+    def ready(self) -> bool:
+        return " listening at " in self.log()
+
+
 class BaselineGateway(GatewayProcess):
     """`mitmdump -s addons/gateway.py` of an earlier commit's tree, with its own package and default policy."""
 
@@ -147,6 +158,28 @@ SERVE = Config(
     metered=True,
 )
 
+# gateway_relay=frames (issue #22): the session's bytes relayed by mitmproxy's TCP layer, frames read
+# on the side; and the floor they are measured against.
+FRAMES = {"gateway_relay": "frames"}
+GATEWAY_FRAMES = Config(
+    "gateway-frames",
+    "`mitmdump -s addons/gateway.py --set gateway_relay=frames`: sessions relayed by mitmproxy's TCP layer, "
+    "the gateway reading frames from the bytes",
+    lambda upstream, work: GatewayProcess(upstream, options=FRAMES),
+    metered=True,
+)
+SERVE_FRAMES = Config(
+    "serve-frames",
+    "`scripts/serve --set gateway_relay=frames`",
+    lambda upstream, work: GatewayProcess(upstream, launcher="serve", options=FRAMES),
+    metered=True,
+)
+FLOOR = Config(
+    "floor",
+    "a plain uvloop relay forwarding bytes both ways, parsing nothing (bench/floor.py): the Python floor",
+    lambda upstream, work: FloorRelay(upstream),
+)
+
 
 def _baseline(work: Workdir) -> Path:
     if work.baseline is None:
@@ -214,12 +247,14 @@ PORTKEY = Config(
 )
 CONFIGS = (
     DIRECT, MITMDUMP, EMPTY_ADDON, BASELINE, GATEWAY, GATEWAY_DEFLATE, SERVE, SERVE_QUIET, SERVE_OBSERVED, LITELLM,
+    GATEWAY_FRAMES, SERVE_FRAMES, FLOOR,
 )  # fmt: skip
 DEFAULT_CONFIGS = (DIRECT, MITMDUMP, GATEWAY, GATEWAY_DEFLATE, SERVE)
 # Measured in this order (and back): mitmdump sits next to each gateway, and the baseline next to
 # the gateway, so the pairs that make the ratios are measured one right after the other.
 RUN_ORDER = (
-    DIRECT, BASELINE, GATEWAY, MITMDUMP, GATEWAY_DEFLATE, SERVE, SERVE_QUIET, SERVE_OBSERVED, LITELLM, EMPTY_ADDON,
+    DIRECT, FLOOR, BASELINE, GATEWAY, GATEWAY_FRAMES, MITMDUMP, GATEWAY_DEFLATE, SERVE, SERVE_FRAMES, SERVE_QUIET,
+    SERVE_OBSERVED, LITELLM, EMPTY_ADDON,
 )  # fmt: skip
 
 
