@@ -16,13 +16,15 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from ai_gateway_tools.simulators.served import LoopbackHttpServer
 
 MODERATION_CATEGORIES = ("hate", "harassment", "self-harm", "sexual", "violence")
 
 
-class GuardSimulator:
+class GuardSimulator(LoopbackHttpServer):
     def __init__(self, denied: Sequence[str] = ("project falcon",), delay: float = 0.0) -> None:
         self.denied = [d.casefold() for d in denied]
         self.delay = delay
@@ -46,13 +48,7 @@ class GuardSimulator:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.serve(Handler)
 
     def flags(self, text: Any) -> bool:
         return isinstance(text, str) and any(d in text.casefold() for d in self.denied)
@@ -68,14 +64,6 @@ class GuardSimulator:
             result = {"flagged": flagged, "categories": categories, "category_scores": scores}
             return {"id": "modr-sim", "model": body.get("model", "omni-moderation-latest"), "results": [result]}
         return None
-
-    def __enter__(self) -> GuardSimulator:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -10,7 +10,7 @@ import signal
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -18,6 +18,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+from ai_gateway_tools.simulators.served import LoopbackHttpServer
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ def value(any_value: AnyValue) -> Any:
     return getattr(any_value, kind) if kind else None
 
 
-class OtlpReceiver:
+class OtlpReceiver(LoopbackHttpServer):
     """`with OtlpReceiver() as receiver:` listens on a free loopback port; `receiver.spans` fills as batches arrive."""
 
     def __init__(self, keep: bool = True) -> None:
@@ -77,13 +79,8 @@ class OtlpReceiver:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.serve(Handler)
         self.paths: list[str] = []
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_port}"
 
     def add(self, request: ExportTraceServiceRequest, path: str) -> None:
         self.requests += 1
@@ -109,14 +106,6 @@ class OtlpReceiver:
                             resource=resource,
                         )
                     )
-
-    def __enter__(self) -> OtlpReceiver:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def main(argv: Sequence[str] | None = None) -> None:
