@@ -14,6 +14,8 @@ from ai_gateway.config.policy import DEFAULT_POLICY
 from ai_gateway.proxy.addon import Gateway
 from ai_gateway.proxy.history import parse_history
 
+from .conftest import configured_gateway
+
 
 def realtime_flow():
     flow = tflow.twebsocketflow()
@@ -29,11 +31,7 @@ def relay(gateway: Gateway, flow, content: bytes, from_client: bool = False) -> 
 
 @pytest.fixture
 def gateway():
-    addon = Gateway()
-    with taddons.context(addon) as tctx:
-        tctx.configure(
-            addon, gateway_metrics_port=0, gateway_policy=str(DEFAULT_POLICY), gateway_websocket_history="auto"
-        )
+    with configured_gateway(gateway_websocket_history="auto") as addon:
         yield addon
 
 
@@ -127,11 +125,7 @@ def audio_delta(i: int) -> bytes:
 
 
 def test_relayed_audio_is_replaced_by_a_placeholder_in_kept_history(tmp_path):
-    addon = Gateway()
-    with taddons.context(addon) as tctx:
-        tctx.configure(
-            addon, gateway_metrics_port=0, gateway_policy=str(DEFAULT_POLICY), gateway_websocket_history="all"
-        )
+    with configured_gateway(gateway_websocket_history="all") as addon:
         flow = realtime_flow()
         addon.session_metering.websocket_start(flow)
         for i in range(3):

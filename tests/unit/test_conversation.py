@@ -7,16 +7,17 @@ from typing import Any
 
 import pytest
 from mitmproxy import contentviews
-from mitmproxy.test import taddons, tflow
+from mitmproxy.test import tflow
 from mitmproxy.websocket import WebSocketMessage
 
 from ai_gateway.accounting.observer import ResponseRecord
-from ai_gateway.config.policy import DEFAULT_POLICY
 from ai_gateway.protocols import realtime_conversation as conv
 from ai_gateway.protocols.realtime_conversation import ASSISTANT, ERROR, TOOL, USER, Conversation
 from ai_gateway.proxy.addon import Gateway
 from ai_gateway.proxy.contentview import conversation_view, realtime_view, render_conversation
 from ai_gateway.proxy.conversation import MAX_SESSIONS, replay
+
+from .conftest import configured_gateway
 
 USAGE = {"input_tokens": 1200, "output_tokens": 30, "input_token_details": {"cached_tokens": 1000}}
 
@@ -138,15 +139,7 @@ def test_the_view_renders_the_conversation():
 
 @pytest.fixture
 def gateway():
-    addon = Gateway()
-    with taddons.context(addon) as tctx:
-        tctx.configure(
-            addon,
-            gateway_metrics_port=0,
-            gateway_policy=str(DEFAULT_POLICY),
-            gateway_conversations="on",
-            gateway_websocket_history="all",
-        )
+    with configured_gateway(gateway_conversations="on", gateway_websocket_history="all") as addon:
         yield addon
 
 
@@ -202,9 +195,7 @@ def test_the_latest_sessions_only_are_kept(gateway):
 
 
 def test_off_under_mitmdump_by_default():
-    addon = Gateway()
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, gateway_metrics_port=0, gateway_policy=str(DEFAULT_POLICY))
+    with configured_gateway() as addon:
         assert not addon.state.conversations.enabled and addon.state.conversations.open("f") is None
         assert addon.state.conversations not in addon.state.observability.observers
 

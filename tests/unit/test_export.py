@@ -10,28 +10,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mitmproxy.test import taddons, tflow
+from mitmproxy.test import tflow
 from mitmproxy.websocket import WebSocketMessage
 
-from ai_gateway.config.policy import DEFAULT_POLICY
 from ai_gateway.proxy.addon import Gateway
 from ai_gateway.proxy.export import ALAW_PCM16, ULAW_PCM16, decode_g711
+
+from .conftest import configured_gateway
 
 USAGE = {"input_tokens": 1200, "output_tokens": 30, "input_token_details": {"cached_tokens": 1000}}
 
 
 @pytest.fixture
 def gateway():
-    addon = Gateway()
-    with taddons.context(addon) as tctx:
-        tctx.configure(
-            addon,
-            gateway_metrics_port=0,
-            gateway_policy=str(DEFAULT_POLICY),
-            gateway_conversations="on",
-            gateway_websocket_history="all",
-            gateway_strip_audio=False,
-        )
+    options = {"gateway_conversations": "on", "gateway_websocket_history": "all", "gateway_strip_audio": False}
+    with configured_gateway(**options) as addon:
         yield addon
 
 
