@@ -79,7 +79,8 @@ class Replay:
             logger.warning("ai-gateway: gateway_replay: %s", note)
         events = len(recording.messages)
         logger.info("ai-gateway: replaying %s (%d events) to Realtime clients", recording.source, events)
-        if ctx.options.connection_strategy == "eager":  # the upstream need not be reachable
+        # The upstream need not be reachable: mitmproxy's eager default would dial it for every client.
+        if getattr(ctx.options, "connection_strategy", None) == "eager":
             ctx.options.update(connection_strategy="lazy")
 
     @never_raises
