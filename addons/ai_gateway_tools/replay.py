@@ -105,7 +105,8 @@ def figures(events: Iterable[Timed], catalog: PriceCatalog) -> Figures:
             out.turns.append(turn)
         elif kind == TRANSCRIPTION_COMPLETED and transcription_model:
             with contextlib.suppress(ValueError, KeyError):
-                out.transcription_cost += _cost(catalog, transcription_model, parse_transcription_usage(event["usage"]))
+                usage = parse_transcription_usage(event["usage"])
+                out.transcription_cost += _cost(catalog, transcription_model, usage) or 0.0
         elif response_id in started:
             begun, turn = started[response_id]
             if str(kind).endswith(".delta") and turn.ttft is None:
@@ -117,8 +118,9 @@ def figures(events: Iterable[Timed], catalog: PriceCatalog) -> Figures:
     return out
 
 
-def _cost(catalog: PriceCatalog, model: str | None, usage: TokenUsage | DurationUsage) -> float:
-    return catalog.cost(model or "", usage)[0] or 0.0
+def _cost(catalog: PriceCatalog, model: str | None, usage: TokenUsage | DurationUsage) -> float | None:
+    """None for a model the catalog does not price."""
+    return catalog.cost(model or "", usage)[0]
 
 
 def _response_id(event: dict[str, Any]) -> str | None:
