@@ -152,8 +152,7 @@ async def drive(recording: Recording, upstream: str, model: str, fast: bool, wai
             await _until(lambda: all(seen[k] >= n for k, n in recorded.items()) or reader.done(), wait)
             if not fast and previous is not None:
                 await asyncio.sleep(max(0.0, message.at - previous[0] - (time.monotonic() - previous[1])))
-            frame = recording.frame(message)
-            await ws.send(frame, text=True)
+            await ws.send(recording.frame(message).decode(errors="replace"))
             previous = (message.at, time.monotonic())
             if message.event is not None:
                 timed.append((time.time(), True, message.event))

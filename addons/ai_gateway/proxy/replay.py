@@ -7,7 +7,8 @@ the recording's server events back as the client's events call for them. Everyth
 for a live upstream: the session is metered, enforced, kept and shown by the same addons, so
 /metrics, the ledger, the access log and traces count the replayed usage; the meter labels it
 `gen_ai_system="replay"` (REPLAY_SYSTEM), which keeps it apart from the providers' own spend.
-The upstream key is never needed: nothing leaves the process.
+The upstream key is never needed: nothing leaves the process (a policy's key, if it names one,
+reaches only the loopback server, which ignores it).
 """
 
 from __future__ import annotations
@@ -98,7 +99,13 @@ class Replay:
     async def point_when_started(self, flow: http.HTTPFlow) -> None:
         if self.starting is None:
             self.starting = asyncio.get_running_loop().create_task(self.start())
-        self.point(flow, await self.starting)
+        try:
+            server = await self.starting
+        except OSError as e:  # never to the upstream instead: the client is told
+            self.starting = None
+            flow.response = http.Response.make(502, f"gateway_replay: the replay server did not start: {e}\n")
+            return
+        self.point(flow, server)
 
     async def start(self) -> ReplayServer:
         recording = self.recording

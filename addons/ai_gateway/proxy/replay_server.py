@@ -123,7 +123,7 @@ class Player:
             for message in answer.messages:
                 if not self.fast and (wait := started + message.at - answer.anchor - time.monotonic()) > 0:
                     await asyncio.sleep(wait)
-                await self.ws.send(self.recording.frame(message), text=True)
+                await self.ws.send(self.recording.frame(message).decode(errors="replace"))
 
     def send_later(self, frame: bytes) -> None:
         task = asyncio.get_running_loop().create_task(self.send(frame))
@@ -132,7 +132,7 @@ class Player:
 
     async def send(self, frame: bytes) -> None:
         with contextlib.suppress(ConnectionClosed):
-            await self.ws.send(frame, text=True)
+            await self.ws.send(frame.decode())
 
     def stop(self) -> None:
         for task in self.tasks:
