@@ -28,7 +28,7 @@ from ai_gateway_tools.debug import mitmweb, web_url
 from ai_gateway_tools.harness import GatewayProcess, assert_metered_exactly, free_port
 from ai_gateway_tools.simulators.realtime import SentUsage, SimulatorThread
 
-from ..clients import websocket_base
+from ..clients import raw_session, websocket_base
 from ..conftest import LAUNCHERS
 from .test_secrets_mitmweb import fetch, web_base
 
@@ -161,6 +161,10 @@ def test_a_pipecat_like_client_is_answered_when_it_stops_speaking(recorded, laun
     with replaying(recorded.bundles[VAD_MODEL], launcher, "fast") as gateway:
         seen = asyncio.run(pipecat_client(gateway.url))
         assert_metered_exactly(gateway.metrics_url, VAD_MODEL, recorded.sent[VAD_MODEL], system="replay")
+        # A response.create the recording has no answer for is told so rather than left waiting.
+        url = f"{websocket_base(gateway.url)}/v1/realtime?model={VAD_MODEL}"
+        frames, _ = asyncio.run(raw_session(url, [{"type": "response.create"}], until="error"))
+        assert json.loads(frames[-1])["error"]["code"] == "replay_exhausted"
     assert_same(seen, recorded.seen[VAD_MODEL])
     assert seen.types.count("input_audio_buffer.speech_stopped") == 2 and "response.create" not in seen.types
     assert {s.kind for s in recorded.sent[VAD_MODEL]} == {"response", "transcription"}

@@ -70,7 +70,7 @@ class Replay:
             self.server.fast = ctx.options.gateway_replay_pacing == "fast"
 
     def use(self, recording: Recording | None) -> None:
-        """The recording in force from the next session on; sessions already replaying keep theirs."""
+        """The recording in force from the next session on; sessions replaying the previous one are closed."""
         self.recording, old, self.server, self.starting = recording, self.server, None, None
         if old is not None:
             asyncio.get_running_loop().create_task(old.stop())
