@@ -140,14 +140,20 @@ def load(path: str | Path) -> Recording:
 
 def read_bundle(events: Path) -> Recording:
     """A bundle: its events.jsonl, audio cut from its WAVs where they match the events exactly."""
-    messages = []
+    messages, binary = [], 0
     with events.open(encoding="utf-8", errors="replace") as lines:
         for number, line in enumerate(lines, 1):
             if line.strip():
-                messages.append(_bundle_message(events, number, line))
+                message = _bundle_message(events, number, line)
+                if message.event is None and message.raw is None:
+                    binary += 1  # only its size was written
+                else:
+                    messages.append(message)
     if not messages:
         raise RecordingError(f"{events}: empty; expected one recorded event a line, {AS_EXPORTED}")
     recording = Recording(events, messages, {}, None)
+    if binary:
+        recording.notes.append(f"{binary} binary messages are left out: the bundle holds only their sizes")
     _place_audio(recording, events.parent)
     return recording
 
@@ -229,11 +235,11 @@ def _flow_recording(path: Path, flow: http.HTTPFlow) -> Recording:
     formats = {speaker: AudioFormat() for speaker in SPEAKERS.values()}
     messages = []
     for m in flow.websocket.messages:
-        if m.injected:
+        if m.injected or not m.is_text:  # the gateway's own; Realtime sends no binary messages
             continue
-        event = decode_json(m.content) if m.is_text else None
+        event = decode_json(m.content)
         if not isinstance(event, dict):
-            messages.append(Message(m.timestamp, m.from_client, None, None, m.content if m.is_text else None))
+            messages.append(Message(m.timestamp, m.from_client, None, None, m.content))
             continue
         kind = event.get("type") if isinstance(event.get("type"), str) else None
         if not m.from_client:
