@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,10 +57,12 @@ class Seen:
     types: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     audio: bytearray = field(default_factory=bytearray)
+    times: list[float] = field(default_factory=list)
 
     def add(self, event: dict[str, Any]) -> bool:
         """Returns whether the event ends a response."""
         self.types.append(event["type"])
+        self.times.append(time.monotonic())
         if event["type"] == "response.output_audio.delta":
             self.audio += base64.b64decode(event["delta"])
         elif event["type"] == "response.output_audio_transcript.delta":
@@ -72,7 +75,7 @@ async def sdk_client(gateway_url: str) -> Seen:
     seen = Seen()
     client = AsyncOpenAI(api_key="sk-client-own-key", websocket_base_url=websocket_base(gateway_url) + "/v1")
     async with client.realtime.connect(model=SDK_MODEL) as connection:
-        for metadata in ({}, {"sim_transcript": "replayed word for word"}):
+        for metadata in ({}, {"sim_transcript": "replayed word for word", "sim_delta_ms": "80"}):
             await connection.response.create(response={"metadata": metadata} if metadata else None)  # type: ignore[arg-type]
             async for event in connection:
                 if seen.add(event.model_dump(mode="json")):
@@ -150,10 +153,19 @@ def test_the_sdk_is_answered_from_the_recording_at_its_pace(recorded, tmp_path, 
         assert_metered_exactly(gateway.metrics_url, SDK_MODEL, recorded.sent[SDK_MODEL], system="replay")
     assert_same(seen, recorded.seen[SDK_MODEL])
     assert "".join(seen.texts).endswith("replayed word for word")
+    # At the recorded pace: the second answer's deltas came 80 ms apart, and do again (a loaded
+    # machine only makes it slower).
+    assert last_response_time(seen) >= 0.9 * last_response_time(recorded.seen[SDK_MODEL]) >= 0.9 * 7 * 0.08
     lines = [json.loads(line) for line in ledger.read_text().splitlines()]
     assert [(line["system"], line["input_tokens"]) for line in lines] == [
         ("replay", sent.usage["input_tokens"]) for sent in recorded.sent[SDK_MODEL]
     ]
+
+
+def last_response_time(seen: Seen) -> float:
+    """Seconds from the last response.created to its response.done, as the client saw them."""
+    created = len(seen.types) - 1 - seen.types[::-1].index("response.created")
+    return seen.times[-1] - seen.times[created]
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
