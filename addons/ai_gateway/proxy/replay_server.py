@@ -34,7 +34,9 @@ SPEECH_EVENTS = frozenset({"input_audio_buffer.speech_started", "input_audio_buf
 OPEN, AUDIO = "open", "audio"  # the causes that are not a client event
 MAX_CLIENT_MESSAGE = 16 * 2**20  # OpenAI accepts audio appends up to 15 MiB
 
-logger = logging.getLogger(__name__)
+# websockets logs every connection at INFO: the gateway's log already has mitmproxy's line for each.
+connection_log = logging.getLogger(f"{__name__}.connections")
+connection_log.setLevel(logging.WARNING)
 
 
 @dataclass
@@ -155,7 +157,13 @@ class ReplayServer:
 
     async def start(self) -> None:
         self.server = await serve(
-            self.play, "127.0.0.1", 0, compression=None, max_size=MAX_CLIENT_MESSAGE, select_subprotocol=_realtime
+            self.play,
+            "127.0.0.1",
+            0,
+            compression=None,
+            max_size=MAX_CLIENT_MESSAGE,
+            select_subprotocol=_realtime,
+            logger=connection_log,
         )
 
     async def stop(self) -> None:
