@@ -15,6 +15,7 @@ from ai_gateway.proxy.http_metering import HttpMetering
 from ai_gateway.proxy.injection import Injections
 from ai_gateway.proxy.metrics_endpoint import MetricsEndpoint
 from ai_gateway.proxy.policy_file import PolicyFile
+from ai_gateway.proxy.replay import Replay
 from ai_gateway.proxy.request_policy import RequestPolicy
 from ai_gateway.proxy.sessions import SessionMetering
 from ai_gateway.proxy.state import GatewayState
@@ -30,6 +31,8 @@ class Gateway:
     - the metric families before the policy (its shared store counts into them) and before the
       access log and traces (dropped spans are counted);
     - the request policy (path, client key, credentials) before anything reads the request;
+    - the replay after the session meter: a handshake it admitted goes to the recording's
+      loopback server instead of the upstream (`gateway_replay`);
     - guardrails after the meters: frames, requests and responses reach them through
       SessionMetering and HttpMetering, which meter what guards may then drop;
     - observability after the meters: it ends the spans no record ended; the conversations kept
@@ -52,6 +55,7 @@ class Gateway:
         self.session_metering = SessionMetering(self.state, injections, self.guardrails)
         self.frame_relay = FrameRelay(self.state, self.session_metering)
         self.usage_log = UsageLog(self.state)
+        self.replay = Replay(self.state)
         self.session_export = SessionExport(self.state.conversations)
         self.addons = [
             self.drain,
@@ -61,6 +65,7 @@ class Gateway:
             self.request_policy,
             self.http_metering,
             self.session_metering,
+            self.replay,
             self.guardrails,
             self.state.observability,
             self.state.conversations,

@@ -39,6 +39,7 @@ from ai_gateway.proxy.guardrails import Guardrails, guard_comment
 from ai_gateway.proxy.history import parse_history, shrink_audio, trim
 from ai_gateway.proxy.injection import Injections
 from ai_gateway.proxy.refusals import refusal_event, refusal_response
+from ai_gateway.proxy.replay import REPLAY_SYSTEM, REPLAYED_METADATA
 from ai_gateway.proxy.session_limits import REASONS, SessionClock
 from ai_gateway.proxy.state import GatewayState, is_websocket_upgrade, never_raises, refused_unknown_key, source
 
@@ -163,7 +164,9 @@ class SessionMetering:
             return
         protocol, meter = kinds
         origin = source(flow, route.type, session=True)
-        provider = self.state.policy.provider_for(route)  # type: ignore[union-attr]
+        # A replayed session is metered as any other, under its own gen_ai_system.
+        replayed = flow.metadata.get(REPLAYED_METADATA)
+        provider = REPLAY_SYSTEM if replayed else self.state.policy.provider_for(route)  # type: ignore[union-attr]
         self.sessions[flow.id] = Session(
             protocol(self.state.max_body_bytes),
             meter(self.state.accounting, origin, provider, requested_model(flow.request.url)),
