@@ -87,10 +87,8 @@ class GeminiLiveProtocol:
         return SessionModels(model=model_name(model) if isinstance(model, str) else None, transcription_model=None)
 
     def server_frame(self, content: bytes, is_text: bool) -> UsageItem | None:
-        head = _MEDIA_HEAD.match(content)
-        if head is not None:
-            end = content.find(b'"', head.end())
-            tail = content[end:] if end >= 0 else b""
+        tail = media_tail(content)
+        if tail is not None:
             if not any(key in tail for key in _METERED_KEYS):
                 return self.model_output()
         elif not any(key in content for key in _METERED_KEYS):
@@ -134,6 +132,16 @@ class GeminiLiveProtocol:
             self.ended = True
             return self.bill(CANCELLED if self.interrupted else COMPLETED)
         return earlier
+
+
+def media_tail(content: bytes) -> bytes | None:
+    """What follows the base64 data of a media frame (from the quote that ends it); None when the
+    frame does not start as one. Read without decoding: base64 has no quote."""
+    head = _MEDIA_HEAD.match(content)
+    if head is None:
+        return None
+    end = content.find(b'"', head.end())
+    return content[end:] if end >= 0 else b""
 
 
 def model_name(resource: str) -> str:

@@ -138,7 +138,7 @@ def write_bundle(session: http.HTTPFlow, directory: Path, live: Conversation | N
     """The bundle of one session; returns what it holds, in a few words."""
     assert session.websocket is not None
     directory.mkdir(parents=True, exist_ok=True)
-    conversation = live or replay(session.websocket.messages)
+    conversation = live or replay(session)
     (directory / "turns.md").write_text(turns_markdown(session, conversation, live is not None), encoding="utf-8")
     turns = {"flow": session.id, "dropped": conversation.dropped, "turns": [turn_record(t) for t in conversation.turns]}
     (directory / "turns.json").write_text(json.dumps(turns, indent=2, ensure_ascii=False), encoding="utf-8")
