@@ -8,7 +8,10 @@ conversation out before sessions are recorded).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import os
+import wave
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +41,12 @@ AUDIO_MESSAGES = 3
 SPOKEN = " ".join(_WORDS[:AUDIO_MESSAGES])  # the simulated model's words for an answer of that many parts
 TYPED = "sim_function_call=get_weather"
 RESULT = {"temperature": 18}
+SPOKEN_AUDIO = os.urandom(3200)  # 100 ms of 16 kHz PCM16
 
 
-async def session(gateway: LiveGateway) -> None:
+async def session(gateway: LiveGateway) -> bytes:
     """A spoken turn, a typed turn the model answers with a function call and, after its result, words;
-    then a typed turn cut off by a barge-in (the simulator's `interrupted`)."""
+    then a typed turn cut off by a barge-in (the simulator's `interrupted`). Returns the audio heard."""
     client = genai.Client(
         vertexai=True,
         http_options=types.HttpOptions(base_url=gateway.wss(PATH), async_client_args={"ssl": gateway.ssl_context()}),
@@ -53,22 +57,24 @@ async def session(gateway: LiveGateway) -> None:
         output_audio_transcription=types.AudioTranscriptionConfig(),
     )
     async with client.aio.live.connect(model=f"models/{MODEL}", config=config) as live:
-        await live.send_realtime_input(audio=types.Blob(data=bytes(3200), mime_type="audio/pcm;rate=16000"))
+        await live.send_realtime_input(audio=types.Blob(data=SPOKEN_AUDIO, mime_type="audio/pcm;rate=16000"))
         await live.send_realtime_input(audio_stream_end=True)
-        _ = [message async for message in live.receive()]
+        received = [message async for message in live.receive()]
         await live.send_client_content(turns=types.Content(role="user", parts=[types.Part(text=TYPED)]))
         call = None
         async for message in live.receive():
+            received.append(message)
             if message.tool_call is not None:
                 (call,) = message.tool_call.function_calls
                 break
         assert call is not None and call.args == CALL_ARGUMENTS
         response = types.FunctionResponse(id=call.id, name=call.name, response=RESULT)
         await live.send_tool_response(function_responses=[response])
-        _ = [message async for message in live.receive()]
+        received += [message async for message in live.receive()]
         await live.send_client_content(turns=types.Content(role="user", parts=[types.Part(text="sim_interrupt=1")]))
-        received = [message async for message in live.receive()]
+        received += [message async for message in live.receive()]
         assert any(m.server_content and m.server_content.interrupted for m in received)
+    return b"".join(m.data for m in received if m.data)
 
 
 def check(bundle: Path, gateway: LiveGateway) -> None:
@@ -121,10 +127,21 @@ def test_mitmweb_keeps_a_gemini_live_session_as_its_turns(simulator, tmp_path):
     args = ["--web-port", str(free_port()), "--no-web-open-browser"]
     with LiveGateway(simulator.url, tmp_path / "confdir", tool="mitmweb", args=args) as gateway:
         token = web_url(gateway).split("token=", 1)[1]
-        asyncio.run(session(gateway))
+        heard = asyncio.run(session(gateway))
         fetch(web_base(gateway), "/commands/realtime.export", token, ["@all", str(tmp_path / "export")])
         (bundle,) = (tmp_path / "export").iterdir()
         check(bundle, gateway)
+    # mitmweb keeps every message: the audio both ways, as WAV at the rates the mime types name.
+    for name, rate, audio in (("user", 16_000, SPOKEN_AUDIO), ("model", 24_000, heard)):
+        with wave.open(str(bundle / f"{name}.wav"), "rb") as wav:
+            assert (wav.getframerate(), wav.getsampwidth(), wav.getnchannels()) == (rate, 2, 1)
+            assert wav.readframes(wav.getnframes()) == audio
+    assert len(heard) == (2 * AUDIO_MESSAGES + 1) * simulator.audio_bytes
+    events = (bundle / "events.jsonl").read_text()
+    assert (
+        base64.b64encode(heard[:600]).decode() not in events and base64.b64encode(SPOKEN_AUDIO).decode() not in events
+    )
+    assert "<audio audio/pcm;rate=24000: 9,600 bytes, 200 ms>" in events and '"turnComplete": true' in events
 
 
 def test_a_mitmdump_script_exports_a_gemini_live_session_as_its_turns(simulator, tmp_path):

@@ -30,7 +30,7 @@ from ai_gateway.accounting.items import Malformed, ResponseDone, SessionTime, Us
 from ai_gateway.accounting.usage import MODALITIES, DurationUsage, InvalidUsage, TokenUsage
 from ai_gateway.config.policy import WireProtocol
 from ai_gateway.protocols.conversation import ASSISTANT, TOOL, USER, Conversation, Turn
-from ai_gateway.protocols.gemini_live import parse_usage_metadata
+from ai_gateway.protocols.gemini_live import INPUT_RATE, OUTPUT_RATE, audio_slots, describe_audio, parse_usage_metadata
 from ai_gateway.protocols.json_events import decode_json, event_type
 from ai_gateway.protocols.openai_http import RESPONSES_FINAL_EVENTS, read_completions_chunk, read_responses_event
 from ai_gateway.protocols.openai_live import RESPONSE_EVENT, SESSION_CLOSED, USAGE_UPDATED, read_event
@@ -307,7 +307,10 @@ class GeminiLiveView(Contentview):
         message = decode_json(data)
         if isinstance(message, Malformed):
             return _unreadable(data, message.detail)
-        blocks = [json.dumps(_gemini_audio_elided(message), indent=2, ensure_ascii=False)]
+        from_client = metadata.websocket_message is not None and metadata.websocket_message.from_client
+        for slot in audio_slots(message):
+            slot["data"] = describe_audio(slot, INPUT_RATE if from_client else OUTPUT_RATE)
+        blocks = [json.dumps(message, indent=2, ensure_ascii=False)]
         if "usageMetadata" in message:
             try:
                 blocks.append(_banner("usageMetadata", _usage_table(parse_usage_metadata(message["usageMetadata"]))))
@@ -318,21 +321,6 @@ class GeminiLiveView(Contentview):
         if conversation is not None and (turn := conversation.find(ASSISTANT, "ended_at", at)) is not None:
             blocks.append(_banner("turn", [turn_summary(turn)]))
         return "\n\n".join(blocks)
-
-
-def _gemini_audio_elided(value: Any) -> Any:
-    """The message with each inline audio (or media chunk) as its size, read from its mime type's rate."""
-    if isinstance(value, list):
-        return [_gemini_audio_elided(v) for v in value]
-    if not isinstance(value, dict):
-        return value
-    data, mime = value.get("data"), value.get("mimeType", value.get("mime_type"))
-    if isinstance(data, str) and isinstance(mime, str) and mime.startswith("audio/"):
-        size = (len(data) - len(data[-2:]) + len(data[-2:].rstrip("="))) * 3 // 4
-        rate = re.search(r"rate=(\d+)", mime)
-        length = f", {size / (int(rate.group(1)) * 2 / 1000):,.0f} ms" if rate and int(rate.group(1)) else ""
-        return {**value, "data": f"<audio {mime}: {size:,} bytes{length}>"}
-    return {key: _gemini_audio_elided(v) for key, v in value.items()}
 
 
 def render_conversation(conversation: Conversation, recorded: bool = True) -> str:

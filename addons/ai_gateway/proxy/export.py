@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import logging
 import wave
@@ -24,10 +25,12 @@ from typing import IO, Any
 from mitmproxy import command, flow, http, types
 
 from ai_gateway.accounting.items import Malformed
+from ai_gateway.config.policy import WireProtocol
+from ai_gateway.protocols.gemini_live import INPUT_RATE, OUTPUT_RATE, audio_rate, audio_slots, describe_audio
 from ai_gateway.protocols.json_events import decode_json
 from ai_gateway.protocols.realtime_conversation import ASSISTANT, Conversation, Turn
 from ai_gateway.proxy.contentview import clock, said, speaker, turn_summary
-from ai_gateway.proxy.conversation import Conversations, replay
+from ai_gateway.proxy.conversation import Conversations, kind_of, replay
 from ai_gateway.proxy.history import AUDIO_FIELDS, PLACEHOLDER_PREFIX, replace_audio
 
 logger = logging.getLogger(__name__)
@@ -38,6 +41,7 @@ G711_RATE = 8_000
 G711_ULAW = frozenset({"audio/pcmu", "g711_ulaw"})
 G711_ALAW = frozenset({"audio/pcma", "g711_alaw"})
 SPEAKERS = {True: "user", False: "model"}  # from_client -> whose audio
+URLSAFE_BASE64 = str.maketrans("-_", "+/")
 
 
 def _ulaw(byte: int) -> int:
@@ -160,10 +164,13 @@ def write_events(
     """Every kept message as a JSON line, its audio (still there) appended to its speaker's track."""
     assert session.websocket is not None
     count = 0
+    gemini = kind_of(session) == WireProtocol.GEMINI_LIVE  # its JSON comes in binary frames too
     for message in session.websocket.messages:
         line: dict[str, Any] = {"at": message.timestamp, "from": "client" if message.from_client else "server"}
-        event = decode_json(message.content) if message.is_text else None
+        event = decode_json(message.content) if message.is_text or gemini else None
         if isinstance(event, dict):
+            for chunk, rate in _gemini_audio(event, message.from_client) if gemini else ():
+                tracks[SPEAKERS[message.from_client]].add(chunk, rate)
             if not message.from_client:
                 _session_formats(event, formats)
             for chunk in _audio(event):
@@ -189,6 +196,18 @@ def _audio(event: dict[str, Any]) -> Iterator[bytes]:
             yield base64.b64decode(value, validate=True)
         except binascii.Error:
             return
+
+
+def _gemini_audio(event: dict[str, Any], from_client: bool) -> Iterator[tuple[bytes, int]]:
+    """A Gemini Live message's audio (PCM16 at the rate its mime type names), each replaced by its size."""
+    default = INPUT_RATE if from_client else OUTPUT_RATE
+    for slot in list(audio_slots(event)):
+        data, rate = slot["data"], audio_rate(slot.get("mimeType", slot.get("mime_type")), default)
+        if data.startswith(PLACEHOLDER_PREFIX):
+            continue
+        slot["data"] = describe_audio(slot, default)
+        with contextlib.suppress(binascii.Error):  # google-genai sends URL-safe base64, the servers standard
+            yield base64.b64decode(data.translate(URLSAFE_BASE64), validate=True), rate
 
 
 def _session_formats(event: dict[str, Any], formats: dict[str, AudioFormat]) -> None:
