@@ -15,6 +15,7 @@ from mitmproxy.websocket import WebSocketMessage
 
 from ai_gateway.accounting.observer import ResponseRecord
 from ai_gateway.config.policy import WireProtocol
+from ai_gateway.protocols import conversation as conv
 from ai_gateway.protocols.conversation import ASSISTANT, ERROR, TOOL, USER, Conversation
 from ai_gateway.protocols.gemini_conversation import GeminiConversation
 from ai_gateway.protocols.gemini_live import parse_usage_metadata
@@ -261,3 +262,35 @@ def test_a_gemini_flow_read_from_a_file_is_read_as_gemini():
     assert conversation_view.render_priority(b"", contentviews.make_metadata(flow.response, flow)) > 0
     message = flow.websocket.messages[0]
     assert gemini_view.render_priority(message.content, contentviews.make_metadata(message, flow)) > 0
+
+
+def test_a_relayed_gpt_live_session_prices_its_delegated_turn_and_shows_it_under_the_final_event():
+    with configured_gateway(gateway_conversations="on", gateway_websocket_history="all") as gateway:
+        flow = tflow.twebsocketflow()
+        flow.request.path = "/v1/live/sessions"
+        flow.websocket.messages.clear()
+        gateway.session_metering.websocket_start(flow)
+        for from_client, event in live_session():
+            flow.websocket.messages.append(WebSocketMessage(1, from_client, json.dumps(event).encode()))
+            gateway.session_metering.websocket_message(flow)
+        gateway.session_metering.websocket_end(flow)
+        (delegated,) = [t for t in gateway.state.conversations.get(flow.id).turns if t.response_id == "resp_1"]
+        assert delegated.cost is not None and delegated.cost > 0 and delegated.usage.input == 50
+        final = next(m for m in flow.websocket.messages if b'"response.completed"' in m.content)
+        text = contentviews.prettify_message(final, flow).text
+        assert f"══ usage: turn ══\ncompleted · 59 tokens (50 in, 0 cached, 9 out) · ${delegated.cost:,.4f}" in text
+        shown = contentviews.prettify_message(flow.response, flow)
+        assert shown.view_name == "Realtime conversation" and "user (voice): What time is it?" in shown.text
+
+
+def test_a_long_gemini_session_stays_within_the_caps():
+    turn = [
+        (True, {"clientContent": {"turns": [{"parts": [{"text": "q" * 900}]}], "turnComplete": True}}),
+        (False, {"serverContent": {"outputTranscription": {"text": "a" * 900}}}),
+        (False, {"serverContent": {"outputTranscription": {"text": "a" * 1500}}}),
+        (False, {"serverContent": {"turnComplete": True}, "usageMetadata": U1}),
+    ]
+    conversation = fed(GeminiConversation(), turn * conv.MAX_TURNS)
+    assert len(conversation.turns) <= conv.MAX_TURNS and conversation.dropped > 0
+    assert conversation.chars == sum(t.chars for t in conversation.turns) <= conv.MAX_CHARS
+    assert all(len(t.text) == conv.MAX_TURN_CHARS and t.clipped for t in conversation.turns if t.role == ASSISTANT)
