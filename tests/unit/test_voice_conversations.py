@@ -197,6 +197,16 @@ def test_a_gpt_live_session_reads_as_turns():
     assert "assistant: (a tool call)\n    → calls get_time" in text and "completed · $0.0042" in text
 
 
+def test_a_wrapped_event_naming_no_delegation_is_the_latest_delegations_and_an_unbilled_record_prices_nothing():
+    delegation = {"type": "session.delegation.created", "delegation": {"id": "dlg_1", "target": "responses"}}
+    text = {"type": "response.event", "event": {"type": "response.output_text.delta", "delta": "Done."}}
+    conversation = fed(LiveConversation(), [(False, delegation), (False, text), (False, text)], binary=False)
+    (turn,) = conversation.turns
+    assert turn.text == "Done.Done."
+    conversation.priced(record(None, "failed", None, cost=0.0))
+    assert turn.cost is None and turn.status == "in_progress"
+
+
 def record(response_id: str | None, status: str, usage: Any, cost: float) -> ResponseRecord:
     return ResponseRecord(
         "f", "realtime", None, "realtime", "gcp.gemini", MODEL, MODEL, response_id, status, usage, cost, 0.0

@@ -85,7 +85,7 @@ class Conversation:
     def priced(self, record: ResponseRecord) -> None:
         """What the meter made of a finished response: its usage, cost and timing. A record without
         a response id (Gemini Live's) is the oldest unpriced answer's that holds the same usage."""
-        if record.response_id is not None:
+        if record.response_id is not None or record.usage is None:
             turn = self.find(ASSISTANT, "response_id", record.response_id)
         else:
             turn = next(

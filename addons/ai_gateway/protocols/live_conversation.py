@@ -54,6 +54,10 @@ ARGUMENTS_DELTA, ARGUMENTS_DONE = "response.function_call_arguments.delta", "res
 class LiveConversation(Conversation):
     """The turn list of one GPT-Live session (or sideband)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.latest_delegation: Turn | None = None
+
     def frame(self, content: bytes, is_text: bool, from_client: bool, at: float) -> None:
         if not is_text:
             return
@@ -108,12 +112,16 @@ class LiveConversation(Conversation):
             turn.status = identifier(response.get("status")) or kind.rpartition(".")[2]
 
     def delegated(self, delegation_id: str | None, response_id: str | None, at: float) -> Turn:
-        """The turn of this delegation (or response), begun by whichever event names it first."""
+        """The turn of this delegation (or response), begun by whichever event names it first; an
+        event that names neither ("when the event cannot be correlated") is the latest delegation's."""
         turn = self.find(ASSISTANT, "item_id", delegation_id) or self.find(ASSISTANT, "response_id", response_id)
+        if turn is None and delegation_id is None and response_id is None:
+            turn = self.latest_delegation
         if turn is None:
             turn = self.append(Turn(ASSISTANT, at, item_id=delegation_id, status=IN_PROGRESS))
         turn.item_id = turn.item_id or delegation_id
         turn.response_id = turn.response_id or response_id
+        self.latest_delegation = turn
         return turn
 
     def client_event(self, event: dict[str, Any], at: float) -> None:
