@@ -18,7 +18,7 @@ from ai_gateway.config.policy import WireProtocol
 from ai_gateway.protocols import conversation as conv
 from ai_gateway.protocols.conversation import ASSISTANT, ERROR, TOOL, USER, Conversation
 from ai_gateway.protocols.gemini_conversation import GeminiConversation
-from ai_gateway.protocols.gemini_live import parse_usage_metadata
+from ai_gateway.protocols.gemini_live import audio_slots, parse_usage_metadata
 from ai_gateway.protocols.live_conversation import LiveConversation
 from ai_gateway.proxy import conversation as glue
 from ai_gateway.proxy.contentview import conversation_view, gemini_view, render_conversation
@@ -315,3 +315,12 @@ def test_a_frame_read_from_the_byte_stream_has_no_timestamp_and_is_recorded_all_
     conversation = LiveConversation()
     glue.record(conversation, ReadFrame())
     assert [(t.role, t.text) for t in conversation.turns] == [(ASSISTANT, "Hi.")] and conversation.turns[0].at > 0
+
+
+def test_a_deeply_nested_gemini_message_is_shown_and_exported_without_recursing():
+    nested: Any = {"data": AUDIO, "mimeType": "audio/pcm"}
+    for _ in range(5000):
+        nested = {"x": [nested]}
+    assert list(audio_slots(nested)) == []
+    shallow = {"serverContent": {"modelTurn": {"parts": [audio_part(), {"text": "hi"}, audio_part()]}}}
+    assert len(list(audio_slots(shallow))) == 2

@@ -59,6 +59,7 @@ _MEDIA_HEAD = re.compile(
 _METERED_KEYS = (b'"usageMetadata"', b'"turnComplete"', b'"interrupted"')
 _RATE = re.compile(r"rate=(\d{1,6})")
 INPUT_RATE, OUTPUT_RATE = 16_000, 24_000  # Google's PCM16 rates where a mime type names none
+MAX_AUDIO_DEPTH = 8  # audio sits 4 (serverContent.modelTurn.parts[].inlineData) or 3 levels deep
 _MODEL_OUTPUT_KEYS = (b'"modelTurn"', b'"toolCall"')
 
 
@@ -146,19 +147,25 @@ def media_tail(content: bytes) -> bytes | None:
     return content[end:] if end >= 0 else b""
 
 
-def audio_slots(value: Any) -> Iterator[dict[str, Any]]:
+def audio_slots(message: Any) -> Iterator[dict[str, Any]]:
     """The objects of a message that hold base64 audio (`{"data", "mimeType": "audio/..."}`): the
-    model's `inlineData` parts, the client's `realtimeInput.audio` and `mediaChunks`, in either spelling."""
-    if isinstance(value, list):
-        for entry in value:
-            yield from audio_slots(entry)
-    elif isinstance(value, dict):
-        mime = value.get("mimeType", value.get("mime_type"))
-        if isinstance(value.get("data"), str) and isinstance(mime, str) and mime.startswith("audio/"):
-            yield value
+    model's `inlineData` parts, the client's `realtimeInput.audio` and `mediaChunks`, in either
+    spelling; looked for MAX_AUDIO_DEPTH levels deep at most (a hostile message may nest further)."""
+    stack = [(message, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            mime = value.get("mimeType", value.get("mime_type"))
+            if isinstance(value.get("data"), str) and isinstance(mime, str) and mime.startswith("audio/"):
+                yield value
+                continue
+            children = list(value.values())
+        elif isinstance(value, list):
+            children = value
         else:
-            for entry in value.values():
-                yield from audio_slots(entry)
+            continue
+        if depth < MAX_AUDIO_DEPTH:
+            stack.extend((child, depth + 1) for child in reversed(children))
 
 
 def audio_rate(mime: str, default: int) -> int:

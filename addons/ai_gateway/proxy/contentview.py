@@ -307,6 +307,13 @@ class GeminiLiveView(Contentview):
         message = decode_json(data)
         if isinstance(message, Malformed):
             return _unreadable(data, message.detail)
+        try:
+            return self.render(message, metadata)
+        except RecursionError:  # decoded, but nested too deeply to encode again
+            return _unreadable(data, "nested too deeply")
+
+    def render(self, message: dict[str, Any], metadata: Metadata) -> str:
+        """The message as JSON, its audio as sizes; its usage tabled; the turn it ends, summarised."""
         from_client = metadata.websocket_message is not None and metadata.websocket_message.from_client
         for slot in audio_slots(message):
             slot["data"] = describe_audio(slot, INPUT_RATE if from_client else OUTPUT_RATE)
