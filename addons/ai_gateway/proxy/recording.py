@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,7 +79,7 @@ class Recorder:
                     return
                 directory = self.directory / f"{flow.id}{PARTIAL}"
                 writer = self.writers[flow.id] = BundleWriter(directory, self.state.redactor)
-            writer.message(message.from_client, message.is_text, message.content, time.time())
+            writer.message(message.from_client, message.is_text, message.content, message.timestamp)
         except Exception:
             logger.exception("ai-gateway: recording %s failed; it is dropped", flow.id)
             self.abandon(flow.id)

@@ -302,6 +302,7 @@ class Frame(Protocol):
     from_client: bool
     content: bytes
     is_text: bool
+    timestamp: float
 
     def drop(self) -> None: ...
 
