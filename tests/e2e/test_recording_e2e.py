@@ -26,7 +26,7 @@ EMAIL, CARD = "jo.doe@example.com", "4111 1111 1111 1111"
 SECRET = "sk-upstream-SECRET-5e4d3c2b1a"
 CLIENT_KEY = "sk-client-RECORDED-77aa"
 SPOKEN = [os.urandom(4800) for _ in range(3)]
-POLICY = f"""
+POLICY = """
 auth:
   env: GATEWAY_RECORD_KEY
 redact:

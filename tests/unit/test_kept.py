@@ -167,7 +167,7 @@ def test_what_is_kept_is_redacted_what_is_relayed_is_not(redacting: Gateway, tmp
     assert carried == [True, False, False, False, True, False, True, False]
     kept = b"".join(m.content for m in flow.websocket.messages)
     assert EMAIL.encode() not in kept and CARD.encode() not in kept and b"[redacted:email]" in kept
-    assert SPOKEN == base64.b64decode(json.loads(flow.websocket.messages[1].content)["audio"])
+    assert base64.b64decode(json.loads(flow.websocket.messages[1].content)["audio"]) == SPOKEN
     conversation = redacting.state.conversations.get(flow.id)
     shown = render_conversation(conversation, True, redacting.state.redactor)
     assert EMAIL not in shown and CARD not in shown and "[redacted:card]" in shown
