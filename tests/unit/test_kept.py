@@ -224,3 +224,24 @@ def test_negative_caps_are_refused(option: str):
         gateway.state.is_running = True
         with pytest.raises(exceptions.OptionsError, match=f"{option}: expected a size in MB"):
             ctx.options.update(**{option: -1})
+
+
+AUDIO_SESSION = [
+    (True, {"type": "input_audio_buffer.append", "audio": b64(SPOKEN)}),
+    (False, {"type": "response.output_audio.delta", "response_id": "r1", "delta": b64(SPOKEN)}),
+    (False, {"type": "response.done", "response": {"id": "r1", "status": "completed"}}),
+]
+
+
+@pytest.mark.parametrize(
+    ("options", "kept"),
+    [
+        ({"gateway_websocket_history": "all"}, [True, True, False]),  # the whole history: audio kept within caps
+        ({"gateway_websocket_history": "all", "gateway_audio_session_mb": 0}, [False, False, False]),
+        ({"gateway_websocket_history": "3"}, [False, False, False]),  # a trimmed history: shrunk as before
+    ],
+)
+def test_relayed_audio_is_kept_only_where_the_whole_history_is(options: dict[str, Any], kept: list[bool]):
+    with configured_gateway(**options) as gateway:
+        flow = relay(gateway, AUDIO_SESSION)
+    assert [base64.b64encode(SPOKEN) in m.content for m in flow.websocket.messages] == kept

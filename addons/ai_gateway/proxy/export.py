@@ -3,9 +3,9 @@
 Callable from mitmweb's command bar (`realtime.export @focus ~/sessions`) and from mitmdump
 scripts. For each selected Realtime flow it writes a directory named after the flow (the files of
 proxy/bundle.py: the turns, the events with audio replaced by its size, the whole session's and
-each turn's audio as WAV). Audio is only there to export when mitmproxy kept it: under mitmweb the
-newest relayed audio within `gateway_audio_session_mb` and `gateway_audio_total_mb`, everywhere
-with `gateway_strip_audio` off, and for the messages `gateway_websocket_history` keeps.
+each turn's audio as WAV). Audio is only there to export when mitmproxy kept it: where the whole
+history is kept (mitmweb; `gateway_websocket_history=all`) the newest relayed audio within
+`gateway_audio_session_mb` and `gateway_audio_total_mb`, all of it with `gateway_strip_audio` off.
 
 A selection it cannot export is one error (mitmweb shows it in the command bar, a script gets a
 CommandError), before anything is written: no Realtime session among the flows, or a bundle's

@@ -1,9 +1,11 @@
 """What becomes of a kept WebSocket message once it has been relayed: its personal data redacted
-(`redact:`), and its audio either replaced by its size or, under mitmweb, kept within two caps.
+(`redact:`), and its audio either replaced by its size or, where the whole history is kept, kept
+within two caps.
 
 The frame on the wire is never changed: a message's hook runs before it is relayed, so these
-edits apply to the message before it (history.trim) and to the last one at websocket_end. Under
-mitmweb the newest relayed audio stays in the history so that `realtime.export` has audio to
+edits apply to the message before it (history.trim) and to the last one at websocket_end. Where
+`gateway_websocket_history` keeps every message (under mitmweb by default, or `all` to save
+sessions with `-w`) the newest relayed audio stays so that `realtime.export` has audio to
 write: at most `gateway_audio_session_mb` per session and `gateway_audio_total_mb` across
 sessions, counted in the kept messages' bytes; past either cap the oldest kept audio is replaced
 by its placeholder first (that session's for the session cap, any session's for the total).
@@ -38,7 +40,7 @@ class KeptHistory:
         self.state = state
         self.history: int | None = 1
         self.strip = True
-        self.retention: AudioRetention | None = None  # under mitmweb, with gateway_strip_audio
+        self.retention: AudioRetention | None = None  # with the whole history kept, and gateway_strip_audio
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -46,8 +48,8 @@ class KeptHistory:
             bool,
             True,
             "Replace audio payloads of kept WebSocket messages by a short placeholder once they were relayed "
-            "(under mitmweb, once they fall out of gateway_audio_session_mb / gateway_audio_total_mb); "
-            "off keeps all audio, unbounded.",
+            "(where the whole history is kept, as under mitmweb, once they fall out of gateway_audio_session_mb "
+            "/ gateway_audio_total_mb); off keeps all audio, unbounded.",
         )
         loader.add_option(
             "gateway_websocket_history",
@@ -60,34 +62,35 @@ class KeptHistory:
             "gateway_audio_session_mb",
             int,
             SESSION_MB,
-            "Under mitmweb, relayed audio kept per session for realtime.export (MB of kept messages, about "
-            "7.5 s of 24 kHz audio per MB); past it the session's oldest audio is replaced by its size. 0: none.",
+            "Where the whole WebSocket history is kept (mitmweb; gateway_websocket_history=all), relayed audio "
+            "kept per session for realtime.export and -w (MB of kept messages, about 7.5 s of 24 kHz audio per "
+            "MB); past it the session's oldest audio is replaced by its size. 0: none.",
         )
         loader.add_option(
             "gateway_audio_total_mb",
             int,
             TOTAL_MB,
-            "Under mitmweb, relayed audio kept across all sessions (MB); past it the oldest audio of any "
-            "session is replaced by its size first. 0: none.",
+            "Where the whole WebSocket history is kept, relayed audio kept across all sessions (MB); past it "
+            "the oldest audio of any session is replaced by its size first. 0: none.",
         )
 
     def configure(self, updated: set[str]) -> None:
         options = ctx.options
-        under_web = "web_port" in options
         if "gateway_websocket_history" in updated:
             try:
-                self.history = parse_history(options.gateway_websocket_history, under_web)
+                self.history = parse_history(options.gateway_websocket_history, under_web="web_port" in options)
             except ValueError as e:
                 self.state.refuse(str(e))
         caps = {"gateway_audio_session_mb", "gateway_audio_total_mb"}
-        if not updated & (caps | {"gateway_strip_audio"}):
+        if not updated & (caps | {"gateway_strip_audio", "gateway_websocket_history"}):
             return
         if bad := [name for name in sorted(caps) if getattr(options, name) < 0]:
             self.state.refuse(f"{bad[0]}: expected a size in MB, 0 or more, got {getattr(options, bad[0])}")
             return
         self.strip = options.gateway_strip_audio
         session, total = options.gateway_audio_session_mb * MB, options.gateway_audio_total_mb * MB
-        if not (under_web and self.strip and session and total):
+        # Kept where the whole history is: under mitmweb, or `all` (saving sessions with -w).
+        if self.history is not None or not (self.strip and session and total):
             self.retention = None
         elif self.retention is None:
             self.retention = AudioRetention(session, total)
