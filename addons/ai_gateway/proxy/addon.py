@@ -15,7 +15,7 @@ from ai_gateway.proxy.http_metering import HttpMetering
 from ai_gateway.proxy.injection import Injections
 from ai_gateway.proxy.metrics_endpoint import MetricsEndpoint
 from ai_gateway.proxy.policy_file import PolicyFile
-from ai_gateway.proxy.recording import Recorder
+from ai_gateway.proxy.recorder import Recorder
 from ai_gateway.proxy.request_policy import RequestPolicy
 from ai_gateway.proxy.retention import KeptHistory
 from ai_gateway.proxy.sessions import SessionMetering

@@ -36,7 +36,7 @@ from ai_gateway.proxy.conversation import record
 from ai_gateway.proxy.failures import close_error, error_type
 from ai_gateway.proxy.guardrails import Guardrails, guard_comment
 from ai_gateway.proxy.injection import Injections
-from ai_gateway.proxy.recording import Recorder
+from ai_gateway.proxy.recorder import Recorder
 from ai_gateway.proxy.refusals import refusal_event, refusal_response
 from ai_gateway.proxy.retention import KeptHistory
 from ai_gateway.proxy.session_limits import REASONS, SessionClock
