@@ -15,8 +15,10 @@ from ai_gateway.proxy.http_metering import HttpMetering
 from ai_gateway.proxy.injection import Injections
 from ai_gateway.proxy.metrics_endpoint import MetricsEndpoint
 from ai_gateway.proxy.policy_file import PolicyFile
+from ai_gateway.proxy.recorder import Recorder
 from ai_gateway.proxy.replay import Replay
 from ai_gateway.proxy.request_policy import RequestPolicy
+from ai_gateway.proxy.retention import KeptHistory
 from ai_gateway.proxy.sessions import SessionMetering
 from ai_gateway.proxy.state import GatewayState
 from ai_gateway.proxy.usage_log import UsageLog
@@ -36,8 +38,8 @@ class Gateway:
     - guardrails after the meters: frames, requests and responses reach them through
       SessionMetering and HttpMetering, which meter what guards may then drop;
     - observability after the meters: it ends the spans no record ended; the conversations kept
-      for mitmweb beside it (an option, and an observer of the meters' records), and the
-      `realtime.export` command that writes them out;
+      for mitmweb beside it (an option, and an observer of the meters' records), the
+      `realtime.export` command that writes them out, and the recorder (`gateway_record`);
     - the frame relay after them all: it takes an admitted handshake's WebSocket away once they
       saw the 101;
     - startup's objects frozen last, once everything else is loaded.
@@ -52,11 +54,15 @@ class Gateway:
         injections = Injections()  # one record of what the gateway injected, whoever injects it
         self.guardrails = Guardrails(self.state, injections)
         self.http_metering = HttpMetering(self.state, self.guardrails)
-        self.session_metering = SessionMetering(self.state, injections, self.guardrails)
+        self.kept_history = KeptHistory(self.state)
+        self.recorder = Recorder(self.state)
+        self.session_metering = SessionMetering(
+            self.state, injections, self.guardrails, self.kept_history, self.recorder
+        )
         self.frame_relay = FrameRelay(self.state, self.session_metering)
         self.usage_log = UsageLog(self.state)
         self.replay = Replay(self.state)
-        self.session_export = SessionExport(self.state.conversations)
+        self.session_export = SessionExport(self.state)
         self.addons = [
             self.drain,
             self.usage_log,
@@ -66,10 +72,12 @@ class Gateway:
             self.http_metering,
             self.session_metering,
             self.replay,
+            self.kept_history,
             self.guardrails,
             self.state.observability,
             self.state.conversations,
             self.session_export,
+            self.recorder,
             self.frame_relay,
             StartupObjects(self.state),
         ]
@@ -80,3 +88,4 @@ class Gateway:
         contentviews.add(conversation_view)
         for view in (realtime_view, gemini_view, conversation_view):
             view.conversations = self.state.conversations
+            view.state = self.state  # the policy's redaction in force

@@ -27,6 +27,7 @@ from mitmproxy.contentviews import Contentview, Metadata, SyntaxHighlight
 from mitmproxy.utils import strutils
 
 from ai_gateway.accounting.items import Malformed, ResponseDone, SessionTime, UsageItem
+from ai_gateway.accounting.redaction import Redactor
 from ai_gateway.accounting.usage import MODALITIES, DurationUsage, InvalidUsage, TokenUsage
 from ai_gateway.config.policy import WireProtocol
 from ai_gateway.protocols.conversation import ASSISTANT, TOOL, USER, Conversation, Turn
@@ -43,6 +44,7 @@ from ai_gateway.protocols.openai_realtime import (
 from ai_gateway.protocols.usage_fields import parse_realtime_usage, parse_transcription_usage
 from ai_gateway.proxy.conversation import KIND_METADATA, KINDS, Conversations, kind_of, replay
 from ai_gateway.proxy.history import COMPLETIONS_CHUNK, replace_audio
+from ai_gateway.proxy.state import GatewayState
 
 # Above JSON (1) and Raw (0.1): WebSocket messages have no content type for other views to claim them by.
 PRIORITY = 2.0
@@ -78,6 +80,7 @@ class RealtimeView(Contentview):
     name = "OpenAI Realtime"
     syntax_highlight: SyntaxHighlight = "yaml"  # what mitmproxy's JSON view highlights with
     conversations: Conversations | None = None  # the gateway's, once loaded: each response.done's turn
+    state: GatewayState | None = None  # the gateway's, once loaded: the policy's redaction
 
     def render_priority(self, data: bytes, metadata: Metadata) -> float:
         """Claim OpenAI events on WebSockets and OpenAI streams, read from the first bytes only."""
@@ -92,7 +95,8 @@ class RealtimeView(Contentview):
                 return _render_stream(data)
             flow = metadata.flow
             conversations = self.conversations
-            return _render_frame(data, conversations.get(flow.id) if conversations and flow else None)
+            redactor = self.state.redactor if self.state is not None else None
+            return _render_frame(data, conversations.get(flow.id) if conversations and flow else None, redactor)
         except RecursionError:  # decoded, but nested too deeply to encode again
             return _unreadable(data, "nested too deeply")
 
@@ -116,11 +120,15 @@ def _is_realtime_path(flow: http.HTTPFlow) -> bool:
     return path.endswith(("/realtime", "/live/sessions")) or _LIVE_SIDEBAND.search(path) is not None
 
 
-def _render_frame(data: bytes, conversation: Conversation | None = None) -> str:
+def _render_frame(data: bytes, conversation: Conversation | None = None, redactor: Redactor | None = None) -> str:
+    """An event as shown: also a message not yet redacted in the history (the one being relayed) is
+    shown redacted."""
     event = decode_json(data)
     if isinstance(event, Malformed):
-        return _unreadable(data, event.detail)
-    text = _render_event(event)
+        shown = data if redactor is None else redactor.redact(data.decode("utf-8", "replace")).encode()
+        return _unreadable(shown, event.detail)
+    replace_audio(event)
+    text = _render_event(redactor.redact_value(event) if redactor is not None else event)
     turn = _answer(event, conversation) if conversation is not None else None
     return f"{text}\n{_banner('turn', [turn_summary(turn)])}" if turn is not None else text
 
@@ -270,26 +278,20 @@ class ConversationView(Contentview):
     name = "Realtime conversation"
     syntax_highlight: SyntaxHighlight = "none"
     conversations: Conversations | None = None  # the live sessions' turns; a flow read from a file is replayed
+    state: GatewayState | None = None  # the gateway's, once loaded: the policy's redaction
 
     def render_priority(self, data: bytes, metadata: Metadata) -> float:
         flow = metadata.flow
         if not isinstance(flow, http.HTTPFlow) or flow.websocket is None or metadata.websocket_message is not None:
             return 0
-        return PRIORITY if metadata.http_message is flow.response and _is_voice_session(flow) else 0
+        return PRIORITY if metadata.http_message is flow.response and is_realtime_session(flow) else 0
 
     def prettify(self, data: bytes, metadata: Metadata) -> str:
         flow = metadata.flow
         assert isinstance(flow, http.HTTPFlow) and flow.websocket is not None  # claimed by render_priority
         live = self.conversations.get(flow.id) if self.conversations is not None else None
-        return render_conversation(live or replay(flow), recorded=live is not None)
-
-
-def _is_voice_session(flow: http.HTTPFlow) -> bool:
-    """A session the gateway reads as a conversation: recorded as one, or on a Realtime, Gemini
-    Live or GPT-Live path (a flow saved before the gateway named its kind)."""
-    if KIND_METADATA in flow.metadata:
-        return flow.metadata[KIND_METADATA] in KINDS
-    return kind_of(flow) != WireProtocol.OPENAI or _is_realtime_path(flow)
+        redactor = self.state.redactor if self.state is not None else None
+        return render_conversation(live or replay(flow), live is not None, redactor)
 
 
 class GeminiLiveView(Contentview):
@@ -298,6 +300,7 @@ class GeminiLiveView(Contentview):
     name = "Gemini Live"
     syntax_highlight: SyntaxHighlight = "yaml"
     conversations: Conversations | None = None
+    state: GatewayState | None = None  # the policy's redaction in force
 
     def render_priority(self, data: bytes, metadata: Metadata) -> float:
         flow = _websocket_flow(metadata)
@@ -317,6 +320,8 @@ class GeminiLiveView(Contentview):
         from_client = metadata.websocket_message is not None and metadata.websocket_message.from_client
         for slot in audio_slots(message):
             slot["data"] = describe_audio(slot, INPUT_RATE if from_client else OUTPUT_RATE)
+        if self.state is not None and self.state.redactor is not None:
+            message = self.state.redactor.redact_value(message)
         blocks = [json.dumps(message, indent=2, ensure_ascii=False)]
         if "usageMetadata" in message:
             try:
@@ -330,7 +335,18 @@ class GeminiLiveView(Contentview):
         return "\n\n".join(blocks)
 
 
-def render_conversation(conversation: Conversation, recorded: bool = True) -> str:
+def is_realtime_session(flow: http.HTTPFlow) -> bool:
+    """A voice session the gateway reads as a conversation (what the conversation view and the export
+    take): recorded as a Realtime, Gemini Live or GPT-Live one, or, saved before the gateway named
+    its kind, a WebSocket flow on one of their paths."""
+    if flow.websocket is None:
+        return False
+    if KIND_METADATA in flow.metadata:
+        return flow.metadata[KIND_METADATA] in KINDS
+    return kind_of(flow) != WireProtocol.OPENAI or _is_realtime_path(flow)
+
+
+def render_conversation(conversation: Conversation, recorded: bool = True, redactor: Redactor | None = None) -> str:
     """The turns, one block each: when, who, what was said or called, what happened to it, its cost."""
     turns = conversation.turns
     header = [f"══ conversation: {len(turns):,} turn{'' if len(turns) == 1 else 's'} ══"]
@@ -341,11 +357,12 @@ def render_conversation(conversation: Conversation, recorded: bool = True) -> st
     if not turns:
         return "\n".join([*header, "nobody has spoken yet and no response has started"])
     start = turns[0].at
+    scrub = redactor.redact if redactor is not None else str
     blocks = []
     for turn in turns:
-        lines = [f"[{clock(turn.at - start)}] {speaker(turn)}: {said(turn)}"]
-        lines += [f"    → calls {c.name or '?'}({c.arguments}) {c.call_id or ''}".rstrip() for c in turn.calls]
-        lines += [f"    ! {note}" for note in turn.notes]
+        lines = [f"[{clock(turn.at - start)}] {speaker(turn)}: {scrub(said(turn))}"]
+        lines += [f"    → calls {c.name or '?'}({scrub(c.arguments)}) {c.call_id or ''}".rstrip() for c in turn.calls]
+        lines += [f"    ! {scrub(note)}" for note in turn.notes]
         if turn.role == ASSISTANT and (turn.status is not None or turn.usage is not None):
             lines.append(f"    {turn_summary(turn)}")  # GPT-Live's speech has neither: it bills the session's time
         blocks.append("\n".join(lines))

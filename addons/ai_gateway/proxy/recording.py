@@ -30,7 +30,7 @@ from mitmproxy import exceptions, http, io
 
 from ai_gateway.protocols.json_events import decode_json
 from ai_gateway.protocols.openai_realtime import SESSION_EVENTS, requested_model
-from ai_gateway.proxy.export import ALAW_PCM16, G711_ALAW, G711_ULAW, ULAW_PCM16, AudioFormat, _session_formats
+from ai_gateway.proxy.bundle import ALAW_PCM16, G711_ALAW, G711_ULAW, ULAW_PCM16, AudioFormat, session_formats
 from ai_gateway.proxy.history import AUDIO_FIELDS, PLACEHOLDER_PREFIX
 
 AS_EXPORTED = "as realtime.export writes them"
@@ -183,7 +183,7 @@ def _place_audio(recording: Recording, directory: Path) -> None:
         if message.event is None:
             continue
         if not message.from_client:
-            _session_formats(message.event, formats)
+            session_formats(message.event, formats)
         size = placeholder_size(message.event.get(AUDIO_FIELDS.get(message.kind or "", "")))
         if size is None:
             continue
@@ -243,7 +243,7 @@ def _flow_recording(path: Path, flow: http.HTTPFlow) -> Recording:
             continue
         kind = event.get("type") if isinstance(event.get("type"), str) else None
         if not m.from_client:
-            _session_formats(event, formats)
+            session_formats(event, formats)
         message = Message(m.timestamp, m.from_client, kind, event, m.content)
         size = placeholder_size(event.get(AUDIO_FIELDS.get(kind or "", "")))
         if size is not None:  # stripped before it was saved: silence of its length
