@@ -5,7 +5,7 @@ flow holds the newest audio the caps kept (without the caps the process would ho
 about 460 MB of base64 audio).
 
 mitmdump rather than mitmweb: mitmweb sums the sizes of all a flow's messages on every message
-(`flow_to_json`'s `messages_meta`), so a 72,000-message session costs it quadratic time, which
+(`flow_to_json`'s `messages_meta`), so an hour-long session's many messages cost it quadratic time, which
 is mitmweb's and not what this test measures."""
 
 from __future__ import annotations
@@ -27,17 +27,18 @@ from ai_gateway_tools.simulators.realtime import SimulatorThread
 
 from ..clients import websocket_base
 
-CHUNK_MS = 100  # real-time-sized appends and deltas: 100 ms of 24 kHz PCM16 each
+CHUNK_MS = 500  # appends and deltas of 500 ms of 24 kHz PCM16 (clients send 20 ms to 1 s)
 CHUNK_BYTES = 48 * CHUNK_MS
 SECONDS = 3600
 RESPONSES = 60  # a minute of the model's audio each, answering a minute of the user's
 CHUNKS_PER_TURN = SECONDS * 1000 // CHUNK_MS // RESPONSES
 SESSION_MB, TOTAL_MB = 8, 12
-# What mitmproxy and Python hold besides the kept audio: the flow's 72,000 messages stay listed
+# What mitmproxy and Python hold besides the kept audio: the flow's 14,400 messages stay listed
 # (as placeholders, a few hundred bytes each), -w serialises the whole flow when it closes, and
-# allocator slack. Measured: 158 MB grown in all with 12 MB of audio kept (load average 9, two
-# cores); without the caps the hour's audio alone is about 460 MB.
-MARGIN_MB = 250
+# allocator slack. Measured: 37 MB grown in all with 12 MB of audio kept (load average 9, two
+# cores; 158 MB with 100 ms chunks, five times the messages); without the caps the hour's audio
+# alone is about 460 MB.
+MARGIN_MB = 60
 
 
 def chunk(index: int) -> bytes:
