@@ -208,7 +208,9 @@ def test_export_refuses_what_it_cannot_write(tmp_path: Path):
         http_only = tflow.tflow()
         other_socket = tflow.twebsocketflow()
         other_socket.request.path = "/v1/responses"
-        with pytest.raises(exceptions.CommandError, match="none of the 2 flows is a Realtime, Gemini Live or GPT-Live session"):
+        with pytest.raises(
+            exceptions.CommandError, match="none of the 2 flows is a Realtime, Gemini Live or GPT-Live session"
+        ):
             gateway.session_export.export([http_only, other_socket], str(tmp_path))
         flow = relay(gateway, SESSION[:2])
         (tmp_path / flow.id).mkdir()

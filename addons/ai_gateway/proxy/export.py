@@ -21,10 +21,11 @@ from pathlib import Path
 from mitmproxy import command, exceptions, flow, http, types
 
 from ai_gateway.accounting.redaction import Redactor
+from ai_gateway.config.policy import WireProtocol
 from ai_gateway.protocols.realtime_conversation import Conversation
 from ai_gateway.proxy.bundle import BundleWriter
 from ai_gateway.proxy.contentview import is_realtime_session
-from ai_gateway.proxy.conversation import replay
+from ai_gateway.proxy.conversation import kind_of, replay
 from ai_gateway.proxy.state import GatewayState
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def write_bundle(
 ) -> str:
     """The bundle of one session from its kept messages; returns what it holds, in a few words."""
     assert session.websocket is not None
-    writer = BundleWriter(directory, redactor)
+    writer = BundleWriter(directory, redactor, gemini=kind_of(session) == WireProtocol.GEMINI_LIVE)
     try:
         for message in session.websocket.messages:
             writer.message(message.from_client, message.is_text, message.content, message.timestamp)
