@@ -20,7 +20,6 @@ from ai_gateway.protocols.conversation import ASSISTANT, ERROR, TOOL, USER, Conv
 from ai_gateway.protocols.gemini_conversation import GeminiConversation
 from ai_gateway.protocols.gemini_live import audio_slots, parse_usage_metadata
 from ai_gateway.protocols.live_conversation import LiveConversation
-from ai_gateway.proxy import conversation as glue
 from ai_gateway.proxy.contentview import conversation_view, gemini_view, render_conversation
 from ai_gateway.proxy.conversation import KIND_METADATA, replay
 
@@ -305,16 +304,6 @@ def test_a_long_gemini_session_stays_within_the_caps():
     assert len(conversation.turns) <= conv.MAX_TURNS and conversation.dropped > 0
     assert conversation.chars == sum(t.chars for t in conversation.turns) <= conv.MAX_CHARS
     assert all(len(t.text) == conv.MAX_TURN_CHARS and t.clipped for t in conversation.turns if t.role == ASSISTANT)
-
-
-def test_a_frame_read_from_the_byte_stream_has_no_timestamp_and_is_recorded_all_the_same():
-    class ReadFrame:  # as proxy/frame_relay.py hands frames to the metering path: no timestamp
-        from_client, is_text = False, True
-        content = json.dumps({"type": "session.output_transcript.delta", "delta": "Hi."}).encode()
-
-    conversation = LiveConversation()
-    glue.record(conversation, ReadFrame())
-    assert [(t.role, t.text) for t in conversation.turns] == [(ASSISTANT, "Hi.")] and conversation.turns[0].at > 0
 
 
 def test_a_deeply_nested_gemini_message_is_shown_and_exported_without_recursing():

@@ -13,7 +13,6 @@ read the same way (`replay`).
 from __future__ import annotations
 
 import logging
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -92,9 +91,7 @@ def record(conversation: Conversation, message: WebSocketMessage) -> None:
     """One relayed frame into the turn list; a frame no turn is made of is not decoded. Never raises:
     the turn list is for reading, and must not cost the session its metering."""
     try:
-        # A frame read from the byte stream (gateway_relay=frames) carries no timestamp: it passes now.
-        at = getattr(message, "timestamp", None) or time.time()
-        conversation.frame(message.content, message.is_text, message.from_client, at)
+        conversation.frame(message.content, message.is_text, message.from_client, message.timestamp)
     except Exception:  # a bug here must not break the relay hook
         logger.debug("ai-gateway: a frame was left out of the conversation", exc_info=True)
 
