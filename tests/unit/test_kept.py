@@ -171,7 +171,7 @@ def test_what_is_kept_is_redacted_what_is_relayed_is_not(redacting: Gateway, tmp
     conversation = redacting.state.conversations.get(flow.id)
     shown = render_conversation(conversation, True, redacting.state.redactor)
     assert EMAIL not in shown and CARD not in shown and "[redacted:card]" in shown
-    assert EMAIL not in render_conversation(replay(flow.websocket.messages))
+    assert EMAIL not in render_conversation(replay(flow))
     unredacted = json.dumps(SESSION[0][1]).encode()  # the message being relayed, shown before it is redacted
     assert EMAIL not in _render_frame(unredacted, None, redacting.state.redactor)
     redacting.session_export.export([flow], str(tmp_path / "export"))
@@ -208,7 +208,9 @@ def test_export_refuses_what_it_cannot_write(tmp_path: Path):
         http_only = tflow.tflow()
         other_socket = tflow.twebsocketflow()
         other_socket.request.path = "/v1/responses"
-        with pytest.raises(exceptions.CommandError, match="none of the 2 flows is an OpenAI Realtime session"):
+        with pytest.raises(
+            exceptions.CommandError, match="none of the 2 flows is a Realtime, Gemini Live or GPT-Live session"
+        ):
             gateway.session_export.export([http_only, other_socket], str(tmp_path))
         flow = relay(gateway, SESSION[:2])
         (tmp_path / flow.id).mkdir()

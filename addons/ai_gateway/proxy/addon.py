@@ -6,7 +6,7 @@ from mitmproxy import contentviews
 from mitmproxy.addonmanager import Loader
 
 from ai_gateway.proxy.collector import StartupObjects
-from ai_gateway.proxy.contentview import conversation_view, realtime_view
+from ai_gateway.proxy.contentview import conversation_view, gemini_view, realtime_view
 from ai_gateway.proxy.drain import Drain
 from ai_gateway.proxy.export import SessionExport
 from ai_gateway.proxy.frame_relay import FrameRelay
@@ -84,6 +84,8 @@ class Gateway:
 
     def load(self, loader: Loader) -> None:
         contentviews.add(realtime_view)
+        contentviews.add(gemini_view)
         contentviews.add(conversation_view)
-        realtime_view.conversations = conversation_view.conversations = self.state.conversations
-        realtime_view.state = conversation_view.state = self.state  # the policy's redaction in force
+        for view in (realtime_view, gemini_view, conversation_view):
+            view.conversations = self.state.conversations
+            view.state = self.state  # the policy's redaction in force

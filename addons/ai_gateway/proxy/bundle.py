@@ -3,7 +3,8 @@ flow's kept messages and `gateway_record` from the relay's messages as they pass
 
 `events.jsonl` (every message, audio replaced by its size), `user.wav` and `model.wav` (the whole
 session's audio of each speaker, decoded to PCM16 in the session's negotiated format: pcm16 at its
-rate, G.711 μ-law or A-law at 8 kHz), `turns/NNN-user.wav` and `turns/NNN-model.wav` (each turn's
+rate, G.711 μ-law or A-law at 8 kHz; Gemini Live's at the rates its mime types name),
+`turns/NNN-user.wav` and `turns/NNN-model.wav` (each turn's
 audio, NNN its 1-based place in turns.json), `turns.md` and `turns.json` (the conversation). Audio
 and events go to disk as they come: a writer holds in memory only where each turn's audio starts
 and ends in the whole-session files, which are cut into the turns' files when it finishes.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import wave
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ from typing import IO, Any
 
 from ai_gateway.accounting.items import Malformed
 from ai_gateway.accounting.redaction import Redactor
+from ai_gateway.protocols.gemini_live import INPUT_RATE, OUTPUT_RATE, audio_rate, audio_slots, describe_audio
 from ai_gateway.protocols.json_events import decode_json
 from ai_gateway.protocols.realtime_conversation import ASSISTANT, USER, Conversation, Turn
 from ai_gateway.proxy.contentview import clock, said, speaker, turn_summary
@@ -32,6 +35,7 @@ G711_RATE = 8_000
 G711_ULAW = frozenset({"audio/pcmu", "g711_ulaw"})
 G711_ALAW = frozenset({"audio/pcma", "g711_alaw"})
 SPEAKERS = {True: "user", False: "model"}  # from_client -> whose audio
+URLSAFE_BASE64 = str.maketrans("-_", "+/")
 TURNS_DIR = "turns"
 MAX_SEGMENTS = 4_096  # turns' audio spans remembered per speaker, the oldest forgotten first
 COMMIT = "input_audio_buffer.commit"
@@ -144,9 +148,10 @@ class WavTrack:
 class BundleWriter:
     """One session's bundle in `directory`, fed its messages in order, finished with its turns."""
 
-    def __init__(self, directory: Path, redactor: Redactor | None = None) -> None:
+    def __init__(self, directory: Path, redactor: Redactor | None = None, gemini: bool = False) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
+        self.gemini = gemini  # a Gemini Live session: JSON in binary frames too, audio in inline data
         self.redactor = redactor or None  # a policy without detectors redacts nothing
         self.tracks = {speaker: WavTrack(directory / f"{speaker}.wav") for speaker in SPEAKERS.values()}
         self.formats = {speaker: AudioFormat() for speaker in SPEAKERS.values()}
@@ -158,10 +163,14 @@ class BundleWriter:
     def message(self, from_client: bool, is_text: bool, content: bytes, at: float) -> None:
         """One message: a JSON line, and its audio (when still there) appended to its speaker's track."""
         line: dict[str, Any] = {"at": at, "from": "client" if from_client else "server"}
-        event = decode_json(content) if is_text else None
+        event = decode_json(content) if is_text or self.gemini else None
         if isinstance(event, dict):
-            self.audio(from_client, event)
-            replace_audio(event)
+            if self.gemini:
+                for chunk, rate in gemini_audio(event, from_client):
+                    self.tracks[SPEAKERS[from_client]].add(chunk, rate)
+            else:
+                self.audio(from_client, event)
+                replace_audio(event)
             line["event"] = self.redactor.redact_value(event) if self.redactor else event
         elif isinstance(event, Malformed):
             text = content.decode("utf-8", "replace")
@@ -237,6 +246,18 @@ def _audio(event: dict[str, Any]) -> Iterator[bytes]:
             yield base64.b64decode(value, validate=True)
         except binascii.Error:
             return
+
+
+def gemini_audio(event: dict[str, Any], from_client: bool) -> Iterator[tuple[bytes, int]]:
+    """A Gemini Live message's audio (PCM16 at the rate its mime type names), each replaced by its size."""
+    default = INPUT_RATE if from_client else OUTPUT_RATE
+    for slot in list(audio_slots(event)):
+        data, rate = slot["data"], audio_rate(slot.get("mimeType", slot.get("mime_type")), default)
+        if data.startswith(PLACEHOLDER_PREFIX):
+            continue
+        slot["data"] = describe_audio(slot, default)
+        with contextlib.suppress(binascii.Error):  # google-genai sends URL-safe base64, the servers standard
+            yield base64.b64decode(data.translate(URLSAFE_BASE64), validate=True), rate
 
 
 def session_formats(event: dict[str, Any], formats: dict[str, AudioFormat]) -> None:

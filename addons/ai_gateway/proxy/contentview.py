@@ -6,9 +6,13 @@ payload as a one-line size, and under the events that carry usage the counts the
 and under a response.done its turn's tokens, cost and latency. The placeholder is the one
 proxy/history.py puts into the messages mitmproxy keeps.
 
+The view "Gemini Live" does the same for Gemini Live messages (in text or binary frames): inline
+audio as a one-line size, a `usageMetadata` tabled as the gateway meters it, and under a message
+that ends a turn (`turnComplete`, or `interrupted`) that turn's tokens, cost and latency.
+
 The view "Realtime conversation", on the handshake's response (the Response tab), shows a whole
-Realtime session as turns: who spoke, what was said, tool calls, interruptions, what each answer
-cost and how long it took (proxy/conversation.py keeps them).
+Realtime, Gemini Live or GPT-Live session as turns: who spoke, what was said, tool calls,
+interruptions, what each answer cost and how long it took (proxy/conversation.py keeps them).
 """
 
 from __future__ import annotations
@@ -25,8 +29,11 @@ from mitmproxy.utils import strutils
 from ai_gateway.accounting.items import Malformed, ResponseDone, SessionTime, UsageItem
 from ai_gateway.accounting.redaction import Redactor
 from ai_gateway.accounting.usage import MODALITIES, DurationUsage, InvalidUsage, TokenUsage
+from ai_gateway.config.policy import WireProtocol
+from ai_gateway.protocols.conversation import ASSISTANT, TOOL, USER, Conversation, Turn
+from ai_gateway.protocols.gemini_live import INPUT_RATE, OUTPUT_RATE, audio_slots, describe_audio, parse_usage_metadata
 from ai_gateway.protocols.json_events import decode_json, event_type
-from ai_gateway.protocols.openai_http import read_completions_chunk, read_responses_event
+from ai_gateway.protocols.openai_http import RESPONSES_FINAL_EVENTS, read_completions_chunk, read_responses_event
 from ai_gateway.protocols.openai_live import RESPONSE_EVENT, SESSION_CLOSED, USAGE_UPDATED, read_event
 from ai_gateway.protocols.openai_realtime import (
     RESPONSE_DONE,
@@ -34,9 +41,8 @@ from ai_gateway.protocols.openai_realtime import (
     InvalidEvent,
     read_response_done,
 )
-from ai_gateway.protocols.realtime_conversation import ASSISTANT, TOOL, USER, Conversation, Turn
 from ai_gateway.protocols.usage_fields import parse_realtime_usage, parse_transcription_usage
-from ai_gateway.proxy.conversation import Conversations, replay
+from ai_gateway.proxy.conversation import KIND_METADATA, KINDS, Conversations, kind_of, replay
 from ai_gateway.proxy.history import COMPLETIONS_CHUNK, replace_audio
 from ai_gateway.proxy.state import GatewayState
 
@@ -137,9 +143,15 @@ def _render_event(event: dict[str, Any]) -> str:
 
 
 def _answer(event: dict[str, Any], conversation: Conversation) -> Turn | None:
-    """The turn a response.done ends."""
+    """The turn a response.done ends, or a GPT-Live delegation's final Responses event."""
+    if event.get("type") == RESPONSE_EVENT and isinstance(event.get("event"), dict):
+        event = event["event"]
+        if event.get("type") not in RESPONSES_FINAL_EVENTS:
+            return None
+    elif event.get("type") != RESPONSE_DONE:
+        return None
     response = event.get("response")
-    if event.get("type") != RESPONSE_DONE or not isinstance(response, dict):
+    if not isinstance(response, dict):
         return None
     response_id = response.get("id")
     return conversation.find(ASSISTANT, "response_id", response_id if isinstance(response_id, str) else None)
@@ -261,7 +273,7 @@ def _count(value: int | None) -> str:
 
 
 class ConversationView(Contentview):
-    """A Realtime session as its turns, on the handshake's response: read before any event is opened."""
+    """A voice session as its turns, on the handshake's response: read before any event is opened."""
 
     name = "Realtime conversation"
     syntax_highlight: SyntaxHighlight = "none"
@@ -279,12 +291,59 @@ class ConversationView(Contentview):
         assert isinstance(flow, http.HTTPFlow) and flow.websocket is not None  # claimed by render_priority
         live = self.conversations.get(flow.id) if self.conversations is not None else None
         redactor = self.state.redactor if self.state is not None else None
-        return render_conversation(live or replay(flow.websocket.messages), live is not None, redactor)
+        return render_conversation(live or replay(flow), live is not None, redactor)
+
+
+class GeminiLiveView(Contentview):
+    """Gemini Live messages with inline audio elided, usage tabled, and each turn's end summarised."""
+
+    name = "Gemini Live"
+    syntax_highlight: SyntaxHighlight = "yaml"
+    conversations: Conversations | None = None
+    state: GatewayState | None = None  # the policy's redaction in force
+
+    def render_priority(self, data: bytes, metadata: Metadata) -> float:
+        flow = _websocket_flow(metadata)
+        return PRIORITY if flow is not None and kind_of(flow) == WireProtocol.GEMINI_LIVE else 0
+
+    def prettify(self, data: bytes, metadata: Metadata) -> str:
+        message = decode_json(data)
+        if isinstance(message, Malformed):
+            return _unreadable(data, message.detail)
+        try:
+            return self.render(message, metadata)
+        except RecursionError:  # decoded, but nested too deeply to encode again
+            return _unreadable(data, "nested too deeply")
+
+    def render(self, message: dict[str, Any], metadata: Metadata) -> str:
+        """The message as JSON, its audio as sizes; its usage tabled; the turn it ends, summarised."""
+        from_client = metadata.websocket_message is not None and metadata.websocket_message.from_client
+        for slot in audio_slots(message):
+            slot["data"] = describe_audio(slot, INPUT_RATE if from_client else OUTPUT_RATE)
+        if self.state is not None and self.state.redactor is not None:
+            message = self.state.redactor.redact_value(message)
+        blocks = [json.dumps(message, indent=2, ensure_ascii=False)]
+        if "usageMetadata" in message:
+            try:
+                blocks.append(_banner("usageMetadata", _usage_table(parse_usage_metadata(message["usageMetadata"]))))
+            except InvalidUsage as e:
+                blocks.append(_banner("usageMetadata, not metered", [str(e)]))
+        flow, at = metadata.flow, metadata.websocket_message.timestamp if metadata.websocket_message else None
+        conversation = self.conversations.get(flow.id) if self.conversations is not None and flow else None
+        if conversation is not None and (turn := conversation.find(ASSISTANT, "ended_at", at)) is not None:
+            blocks.append(_banner("turn", [turn_summary(turn)]))
+        return "\n\n".join(blocks)
 
 
 def is_realtime_session(flow: http.HTTPFlow) -> bool:
-    """A WebSocket flow on an OpenAI Realtime path: what the conversation view and the export take."""
-    return flow.websocket is not None and flow.request.path.split("?", 1)[0].rstrip("/").endswith("/realtime")
+    """A voice session the gateway reads as a conversation (what the conversation view and the export
+    take): recorded as a Realtime, Gemini Live or GPT-Live one, or, saved before the gateway named
+    its kind, a WebSocket flow on one of their paths."""
+    if flow.websocket is None:
+        return False
+    if KIND_METADATA in flow.metadata:
+        return flow.metadata[KIND_METADATA] in KINDS
+    return kind_of(flow) != WireProtocol.OPENAI or _is_realtime_path(flow)
 
 
 def render_conversation(conversation: Conversation, recorded: bool = True, redactor: Redactor | None = None) -> str:
@@ -304,8 +363,8 @@ def render_conversation(conversation: Conversation, recorded: bool = True, redac
         lines = [f"[{clock(turn.at - start)}] {speaker(turn)}: {scrub(said(turn))}"]
         lines += [f"    → calls {c.name or '?'}({scrub(c.arguments)}) {c.call_id or ''}".rstrip() for c in turn.calls]
         lines += [f"    ! {scrub(note)}" for note in turn.notes]
-        if turn.role == ASSISTANT:
-            lines.append(f"    {turn_summary(turn)}")
+        if turn.role == ASSISTANT and (turn.status is not None or turn.usage is not None):
+            lines.append(f"    {turn_summary(turn)}")  # GPT-Live's speech has neither: it bills the session's time
         blocks.append("\n".join(lines))
     return "\n".join(header) + "\n\n" + "\n\n".join(blocks)
 
@@ -353,4 +412,5 @@ def clock(seconds: float) -> str:
 
 
 realtime_view = RealtimeView()
+gemini_view = GeminiLiveView()
 conversation_view = ConversationView()

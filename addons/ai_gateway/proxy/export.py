@@ -21,10 +21,11 @@ from pathlib import Path
 from mitmproxy import command, exceptions, flow, http, types
 
 from ai_gateway.accounting.redaction import Redactor
+from ai_gateway.config.policy import WireProtocol
 from ai_gateway.protocols.realtime_conversation import Conversation
 from ai_gateway.proxy.bundle import BundleWriter
 from ai_gateway.proxy.contentview import is_realtime_session
-from ai_gateway.proxy.conversation import replay
+from ai_gateway.proxy.conversation import kind_of, replay
 from ai_gateway.proxy.state import GatewayState
 
 logger = logging.getLogger(__name__)
@@ -42,8 +43,8 @@ class SessionExport:
         sessions = [f for f in flows if isinstance(f, http.HTTPFlow) and is_realtime_session(f)]
         if not sessions:
             raise exceptions.CommandError(
-                f"realtime.export: none of the {len(flows)} flows is an OpenAI Realtime session "
-                "(a WebSocket flow on a /realtime path)"
+                f"realtime.export: none of the {len(flows)} flows is a Realtime, Gemini Live or GPT-Live session "
+                "(a WebSocket flow the gateway read as one, or on such a path)"
             )
         directories = [Path(path).expanduser() / session.id for session in sessions]
         if taken := [str(d) for d in directories if d.exists() and (not d.is_dir() or any(d.iterdir()))]:
@@ -60,11 +61,11 @@ def write_bundle(
 ) -> str:
     """The bundle of one session from its kept messages; returns what it holds, in a few words."""
     assert session.websocket is not None
-    writer = BundleWriter(directory, redactor)
+    writer = BundleWriter(directory, redactor, gemini=kind_of(session) == WireProtocol.GEMINI_LIVE)
     try:
         for message in session.websocket.messages:
             writer.message(message.from_client, message.is_text, message.content, message.timestamp)
     finally:
         writer.close()
-    conversation = live or replay(session.websocket.messages)
+    conversation = live or replay(session)
     return writer.finish(conversation, session.request.path.split("?", 1)[0], session.id, live is not None)

@@ -26,11 +26,11 @@ from ai_gateway.accounting.session_meters import (
     SessionMeter,
 )
 from ai_gateway.config.policy import Route, RouteType, WireProtocol
+from ai_gateway.protocols.conversation import Conversation
 from ai_gateway.protocols.gemini_live import GeminiLiveProtocol
 from ai_gateway.protocols.openai_live import CLOSE_EVENT, LiveProtocol
 from ai_gateway.protocols.openai_realtime import RealtimeProtocol, cancel_event, requested_model
 from ai_gateway.protocols.openai_responses_socket import ResponsesSocketProtocol
-from ai_gateway.protocols.realtime_conversation import Conversation
 from ai_gateway.proxy import closer, refusals
 from ai_gateway.proxy.conversation import record
 from ai_gateway.proxy.failures import close_error, error_type
@@ -151,7 +151,7 @@ class SessionMetering:
         self.sessions[flow.id] = Session(
             protocol(self.state.max_body_bytes),
             meter(self.state.accounting, origin, provider, requested_model(flow.request.url)),
-            self.state.conversations.open(flow.id) if protocol is RealtimeProtocol else None,
+            self.state.conversations.open(flow, route.protocol) if route.type is RouteType.REALTIME else None,
         )
         if self.state.control is not None:
             self.clock.watch(flow, self.state.control.rate_limits(origin.client_key))
