@@ -36,6 +36,7 @@ is looked at, and the frame is decoded only if a metered key appears there.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -52,7 +53,7 @@ MAX_DETAILS = 16  # modality entries per list; Google sends at most one per moda
 SETUP = ("setup",)  # the one client message that is read, in any key order and spelling
 
 # The head of a media frame, up to where its base64 data begins.
-_MEDIA_HEAD = re.compile(
+MEDIA_HEAD = re.compile(
     rb'\s*\{\s*"serverContent"\s*:\s*\{\s*"modelTurn"\s*:\s*\{\s*"parts"\s*:\s*\[\s*'
     rb'\{\s*"inlineData"\s*:\s*\{\s*"mimeType"\s*:\s*"[^"\\]{0,64}"\s*,\s*"data"\s*:\s*"'
 )
@@ -87,7 +88,7 @@ class GeminiLiveProtocol:
         return SessionModels(model=model_name(model) if isinstance(model, str) else None, transcription_model=None)
 
     def server_frame(self, content: bytes, is_text: bool) -> UsageItem | None:
-        head = _MEDIA_HEAD.match(content)
+        head = MEDIA_HEAD.match(content)
         if head is not None:
             end = content.find(b'"', head.end())
             tail = content[end:] if end >= 0 else b""
@@ -134,6 +135,15 @@ class GeminiLiveProtocol:
             self.ended = True
             return self.bill(CANCELLED if self.interrupted else COMPLETED)
         return earlier
+
+
+def error_message(message: str, reason: str, metadata: Mapping[str, str]) -> bytes:
+    """A server message Google's SDK raises as an error (google-genai: a message with none of the
+    Live API's members is an error, a google.rpc.Status: `code` 400 raises ClientError), the
+    stable reason in a google.rpc.ErrorInfo. The session stays open."""
+    info = {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason, "domain": "ai-gateway"}
+    status = {"code": 400, "message": message, "status": "INVALID_ARGUMENT", "details": [info | {"metadata": metadata}]}
+    return json.dumps(status).encode()
 
 
 def model_name(resource: str) -> str:
