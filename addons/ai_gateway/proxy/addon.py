@@ -11,6 +11,7 @@ from ai_gateway.proxy.drain import Drain
 from ai_gateway.proxy.export import SessionExport
 from ai_gateway.proxy.frame_relay import FrameRelay
 from ai_gateway.proxy.guardrails import Guardrails
+from ai_gateway.proxy.http_guardrails import HttpGuardrails
 from ai_gateway.proxy.http_metering import HttpMetering
 from ai_gateway.proxy.injection import Injections
 from ai_gateway.proxy.metrics_endpoint import MetricsEndpoint
@@ -30,8 +31,8 @@ class Gateway:
     - the metric families before the policy (its shared store counts into them) and before the
       access log and traces (dropped spans are counted);
     - the request policy (path, client key, credentials) before anything reads the request;
-    - guardrails after the meters: frames, requests and responses reach them through
-      SessionMetering and HttpMetering, which meter what guards may then drop;
+    - guardrails after the meters (sessions', then HTTP's): frames, requests and responses reach
+      them through SessionMetering and HttpMetering, which meter what guards may then drop;
     - observability after the meters: it ends the spans no record ended; the conversations kept
       for mitmweb beside it (an option, and an observer of the meters' records), and the
       `realtime.export` command that writes them out;
@@ -48,7 +49,8 @@ class Gateway:
         self.request_policy = RequestPolicy(self.state)
         injections = Injections()  # one record of what the gateway injected, whoever injects it
         self.guardrails = Guardrails(self.state, injections)
-        self.http_metering = HttpMetering(self.state, self.guardrails)
+        self.http_guardrails = HttpGuardrails(self.state)
+        self.http_metering = HttpMetering(self.state, self.http_guardrails)
         self.session_metering = SessionMetering(self.state, injections, self.guardrails)
         self.frame_relay = FrameRelay(self.state, self.session_metering)
         self.usage_log = UsageLog(self.state)
@@ -62,6 +64,7 @@ class Gateway:
             self.http_metering,
             self.session_metering,
             self.guardrails,
+            self.http_guardrails,
             self.state.observability,
             self.state.conversations,
             self.session_export,

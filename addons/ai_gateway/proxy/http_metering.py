@@ -16,7 +16,7 @@ from ai_gateway.config.policy import Route, RouteType, WireProtocol
 from ai_gateway.protocols.encoding import DEFAULT_MAX_BODY_BYTES
 from ai_gateway.protocols.openai_http import METERED_HTTP, OPERATIONS, StreamReader, read_request, read_response
 from ai_gateway.proxy.failures import error_type
-from ai_gateway.proxy.guardrails import Guardrails
+from ai_gateway.proxy.http_guardrails import HttpGuardrails
 from ai_gateway.proxy.refusals import refusal_response
 from ai_gateway.proxy.state import (
     UNROUTED,
@@ -29,7 +29,7 @@ from ai_gateway.proxy.state import (
 
 
 class HttpMetering:
-    def __init__(self, state: GatewayState, guardrails: Guardrails | None = None) -> None:
+    def __init__(self, state: GatewayState, guardrails: HttpGuardrails | None = None) -> None:
         self.state = state
         self.exchanges: dict[str, HttpExchange] = {}
         self.guardrails = guardrails  # checks requests before admission, responses after their reading

@@ -35,7 +35,8 @@ from ai_gateway.protocols.realtime_conversation import Conversation
 from ai_gateway.proxy import closer, refusals
 from ai_gateway.proxy.conversation import record
 from ai_gateway.proxy.failures import close_error, error_type
-from ai_gateway.proxy.guardrails import Guardrails, guard_comment
+from ai_gateway.proxy.guard_checks import guard_comment
+from ai_gateway.proxy.guardrails import Guardrails
 from ai_gateway.proxy.history import parse_history, shrink_audio, trim
 from ai_gateway.proxy.injection import Injections
 from ai_gateway.proxy.refusals import refusal_event, refusal_response
