@@ -185,6 +185,30 @@ def test_denied_transcribed_speech_cancels_the_answer_and_deletes_the_turn(tmp_p
         assert checks(gateway, "input", "block") == 1
 
 
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_session_blocked_more_than_max_blocks_times_is_closed_with_1008(tmp_path, upstream, launcher):
+    path = tmp_path / "max_blocks.yaml"
+    path.write_text(POLICY.replace("    action: block\n", "    action: block\n    max_blocks: 1\n"))
+    with GatewayProcess(upstream.url, launcher=launcher, options={"gateway_policy": str(path)}) as gateway:
+
+        async def session() -> tuple[list[dict[str, Any]], websockets.ConnectionClosed]:
+            async with websockets.connect(f"{websocket_base(gateway.url)}/v1/realtime?model=gpt-realtime") as ws:
+                await read_until(ws, "session.created")
+                await ws.send(json.dumps(user_item("project falcon?", f"{launcher}-first")))
+                errors = [(await read_until(ws, "error"))[-1]]
+                await ws.send(json.dumps(user_item("project falcon!", f"{launcher}-second")))
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    while True:
+                        errors += [e for e in await read_until(ws, "error") if e["type"] == "error"]
+                return errors, closed.value
+
+        errors, closed = asyncio.run(session())
+        assert [e["error"]["event_id"] for e in errors] == [f"{launcher}-first", f"{launcher}-second"]
+        assert closed.rcvd is not None and closed.rcvd.code == 1008
+        assert closed.rcvd.reason == f"guardrail '{GUARD}' blocked this session 2 times"
+        assert checks(gateway, "input", "block") == 2
+
+
 def service_policy(tmp_path: Path, guard_url: str, on_error: str = "open", timeout_ms: int = 300) -> str:
     path = tmp_path / "services.yaml"
     path.write_text(

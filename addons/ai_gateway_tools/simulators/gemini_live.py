@@ -14,6 +14,11 @@ are sent can be asked for per turn with words in the client's text (`sim_usage=r
 cumulative reports on every audio message of the turn; `sim_usage=late`: the report after
 `turnComplete`; `sim_interrupt=1`: the turn is cut off by `interrupted`; `sim_close=1`: the
 upstream closes after a report without completing the turn).
+
+For guardrail tests: every client message is kept in `received` (audio data left out); `answer`
+is what the model says in each turn (its text parts one word a message, or with
+`outputAudioTranscription` set up, an audio message and a transcript piece per word), and
+`user_transcript` what the user's audio turns are transcribed as (`inputAudioTranscription`).
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ class _Session:
     vertex: bool
     model: str = "unknown"
     response_modalities: tuple[str, ...] = ("AUDIO",)
+    transcribe_output: bool = False
+    transcribe_input: bool = False
     sent: int = 0  # messages sent, for alternating frame types
 
 
@@ -145,8 +152,11 @@ class GeminiLiveSimulator(Served):
     frames: str = "alternate"
     audio_messages: int = 4
     audio_bytes: int = 9600
+    answer: str = " ".join(_WORDS)
+    user_transcript: str = "what is the weather like"
     ledger: list[SentUsage] = field(default_factory=list)
     handshakes: list[Handshake] = field(default_factory=list)
+    received: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.frames not in FRAMES:
@@ -193,13 +203,17 @@ class GeminiLiveSimulator(Served):
                 except ValueError:
                     await ws.close(1007, "Request contains an invalid argument.")
                     return
-                await self._receive(session, message if isinstance(message, dict) else {})
+                message = message if isinstance(message, dict) else {}
+                self.received.append(_without_audio(message))
+                await self._receive(session, message)
 
     async def _receive(self, session: _Session, message: dict[str, Any]) -> None:
         if isinstance(setup := _field(message, "setup"), dict):
             session.model = str(setup.get("model") or "unknown")
             modalities = _field(_field(setup, "generationConfig") or {}, "responseModalities") or ["AUDIO"]
             session.response_modalities = tuple(modalities)
+            session.transcribe_output = _field(setup, "outputAudioTranscription") is not None
+            session.transcribe_input = _field(setup, "inputAudioTranscription") is not None
             await self._send(session, {"setupComplete": {}})
         elif isinstance(content := _field(message, "clientContent"), dict):
             if _field(content, "turnComplete"):
@@ -213,6 +227,9 @@ class GeminiLiveSimulator(Served):
         elif isinstance(realtime := _field(message, "realtimeInput"), dict) and (
             _field(realtime, "audioStreamEnd") or _field(realtime, "activityEnd") is not None
         ):
+            if session.transcribe_input:
+                for word in self.user_transcript.split():
+                    await self._send(session, {"serverContent": {"inputTranscription": {"text": " " + word}}})
             await self._respond(session, _Turn())
 
     async def _respond(self, session: _Session, plan: _Turn) -> None:
@@ -221,17 +238,21 @@ class GeminiLiveSimulator(Served):
         status = "cancelled" if plan.interrupt else ("incomplete" if plan.close else "completed")
         entry = SentUsage(session.id, KIND, model_label(session.model), model_label(session.model), status, usage)
         self.ledger.append(entry)  # before sending, so that no reader sees usage the ledger lacks
-        parts = self.audio_messages if audio else len(_WORDS)
+        words = self.answer.split()
+        spoken = audio and session.transcribe_output
+        parts = len(words) if spoken or not audio else self.audio_messages
         for n in range(parts):
             part = (
                 {"inlineData": {"mimeType": OUTPUT_AUDIO_MIME, "data": self._audio}}
                 if audio
-                else {"text": _WORDS[n % len(_WORDS)] + " "}
+                else {"text": words[n] + " "}
             )
             message: dict[str, Any] = {"serverContent": {"modelTurn": {"parts": [part]}}}
             if plan.usage == "repeated":
                 message["usageMetadata"] = _partial(usage, (n + 1) / (parts + 1))
             await self._send(session, message)
+            if spoken:
+                await self._send(session, {"serverContent": {"outputTranscription": {"text": " " + words[n]}}})
             if plan.interrupt and n == 0:
                 await self._send(session, {"serverContent": {"interrupted": True}})
                 break
@@ -252,6 +273,14 @@ class GeminiLiveSimulator(Served):
         session.sent += 1
         await session.ws.send(data.encode() if binary else data)
         await asyncio.sleep(0)
+
+
+def _without_audio(message: dict[str, Any]) -> dict[str, Any]:
+    """A client message as kept in `received`: realtimeInput's media left out."""
+    realtime = _field(message, "realtimeInput")
+    if not isinstance(realtime, dict):
+        return message
+    return {"realtimeInput": {k: v for k, v in realtime.items() if k not in ("audio", "mediaChunks", "media_chunks")}}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
