@@ -22,9 +22,11 @@ from openai import APIError, BadRequestError, OpenAI
 from ai_gateway_tools.harness import GatewayProcess, scrape, select
 from ai_gateway_tools.simulators.guard import GuardSimulator
 from ai_gateway_tools.simulators.http import HttpSimulator
+from ai_gateway_tools.simulators.otlp import OtlpReceiver
 from ai_gateway_tools.simulators.realtime import PCM16_BYTES_PER_SECOND, SimulatorThread
 
 from ..clients import wait_until, websocket_base
+from .test_observability import FAST_EXPORT, json_lines
 
 LAUNCHERS = ["mitmdump", "serve"]
 GUARD = "no-project-names"
@@ -146,6 +148,49 @@ def test_a_denied_phrase_in_the_spoken_answer_stops_the_response_within_its_sent
             print(
                 f"\n{launcher}: blocked after {len(said.split())} words, {audio_seconds * 1000:.0f} ms of audio passed"
             )
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_block_is_in_the_access_log_and_the_traces(tmp_path, upstream, launcher):
+    """The blocked response's line and span, and its session's, name the guard, phase and action."""
+    with (
+        OtlpReceiver() as receiver,
+        GatewayProcess(
+            upstream.url,
+            launcher=launcher,
+            options={
+                "gateway_policy": policy(tmp_path),
+                "gateway_access_log": "json",
+                "gateway_otlp_endpoint": receiver.url,
+            },
+            env=FAST_EXPORT,
+        ) as gateway,
+    ):
+        model = f"gpt-realtime-guarded-{launcher}"
+
+        async def session() -> str:
+            async with websockets.connect(f"{websocket_base(gateway.url)}/v1/realtime?model={model}") as ws:
+                await read_until(ws, "session.created")
+                metadata = {"sim_transcript": DENIED_ANSWER}
+                await ws.send(json.dumps({"type": "response.create", "response": {"metadata": metadata}}))
+                return (await read_until(ws, "response.done"))[-1]["response"]["id"]
+
+        response_id = asyncio.run(session())
+        blocked = {"guardrail": GUARD, "guardrail_phase": "output", "guardrail_action": "block"}
+
+        def lines() -> dict[str, dict[str, Any]]:
+            return {line["event"]: line for line in json_lines(gateway.log()) if line.get("request_model") == model}
+
+        logged = wait_until(lambda: (found := lines()).keys() >= {"response", "session"} and found)
+        assert logged["response"]["response_id"] == response_id
+        assert all(logged[event].items() >= blocked.items() for event in ("response", "session"))
+
+        def guarded_spans() -> list[Any]:
+            return [s for s in receiver.spans if model in s.name and "ai_gateway.guardrail.name" in s.attributes]
+
+        spans = wait_until(lambda: len(guarded_spans()) == 2 and guarded_spans())  # the response's and the session's
+        traced = {k.rsplit(".", 1)[-1]: v for s in spans for k, v in s.attributes.items() if "guardrail" in k}
+        assert traced == {"name": GUARD, "phase": "output", "action": "block"}
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from mitmproxy import http
 
 from ai_gateway.accounting.guard_service import ask
+from ai_gateway.accounting.observer import GuardrailBlock
+from ai_gateway.accounting.session_meters import SessionMeter
 from ai_gateway.config.guardrails import Guard, GuardrailPolicy, Phase, Verdict, check_regex, failed
 from ai_gateway.proxy import closer
 from ai_gateway.proxy.state import CLIENT_KEY_METADATA, GatewayState
@@ -55,6 +57,7 @@ class GuardedSession:
     inputs: tuple[Guard, ...] = ()
     outputs: tuple[Guard, ...] = ()
     blocks: dict[str, int] = field(default_factory=dict)
+    meter: SessionMeter | None = None  # told of blocks, for the session's and responses' records
 
     def __post_init__(self) -> None:
         self.inputs = self.guards.for_phase(Phase.INPUT)
@@ -125,11 +128,19 @@ class GuardChecks:
             logger.info("ai-gateway: %s on %s (%s)", text, flow.id, verdict.reason)
 
     def blocked(
-        self, flow: http.HTTPFlow, session: GuardedSession, verdict: Verdict, phase: Phase, detail: str = ""
+        self,
+        flow: http.HTTPFlow,
+        session: GuardedSession,
+        verdict: Verdict,
+        phase: Phase,
+        detail: str = "",
+        response_id: str | None = None,
     ) -> bool:
-        """A block on a session, noted; True when it is one more than the guard's max_blocks allow,
-        and the session is then closed with 1008."""
+        """A block on a session (on a response, with its id), noted and told to the session's meter;
+        True when it is one more than the guard's max_blocks allow: the session is then closed with 1008."""
         self.noted(flow, [verdict], phase, detail)
+        if session.meter is not None:
+            session.meter.guardrail_blocked(GuardrailBlock(verdict.guard, phase.value, verdict.outcome), response_id)
         count = session.blocks[verdict.guard] = session.blocks.get(verdict.guard, 0) + 1
         limit = session.guards.max_blocks(verdict.guard)
         if limit is None or count <= limit:
@@ -144,6 +155,12 @@ class GuardChecks:
             flow.metadata.setdefault(GUARDRAIL_METADATA, []).append(f"guardrail {verdict.guard}: closed the session")
             flow.comment = guard_comment(flow, flow.comment)
             logger.info("ai-gateway: closed %s: %s", flow.id, reason)
+
+
+def guardrail_block(flow: http.HTTPFlow) -> GuardrailBlock | None:
+    """The last guard block on an HTTP flow, for its record."""
+    kept = flow.metadata.get(BLOCKED_METADATA)
+    return GuardrailBlock(*kept) if kept else None
 
 
 def guard_comment(flow: http.HTTPFlow, comment: str) -> str:

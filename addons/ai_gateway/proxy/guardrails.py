@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from mitmproxy import http
 from mitmproxy.websocket import WebSocketMessage
 
+from ai_gateway.accounting.session_meters import SessionMeter
 from ai_gateway.config.guardrails import BLOCKED_CODE, Guard, Phase, Verdict, first_block, normalise
 from ai_gateway.config.policy import RouteType, WireProtocol
 from ai_gateway.protocols.guard_text import (
@@ -98,12 +99,13 @@ class Guardrails:
     def done(self) -> None:
         self.checks.cancel()
 
-    def frame(self, flow: http.HTTPFlow, message: WebSocketMessage) -> Awaitable[None] | None:
-        """A relayed frame of a guarded session; an awaitable only for user text held for a
-        service's verdict."""
+    def frame(self, flow: http.HTTPFlow, message: WebSocketMessage, meter: SessionMeter) -> Awaitable[None] | None:
+        """A relayed frame of a guarded session (its meter told of blocks, for its records); an
+        awaitable only for user text held for a service's verdict."""
         session = self.sessions.get(flow.id)
         if session is None:
-            return self.live.frame(flow, message) if self.live.sessions else None
+            return self.live.frame(flow, message, meter) if self.live.sessions else None
+        session.meter = meter
         if not message.is_text or message.dropped:
             return None
         try:
@@ -258,7 +260,7 @@ class Guardrails:
         self.injections.send(flow, True, blocked_event(verdict, Phase.OUTPUT))
         self.state.accounting.guardrail_audio(verdict.guard, response.audio_ms / 1000)
         note = f"{response.audio_ms:.0f} ms of audio before the block"
-        self.checks.blocked(flow, session, verdict, Phase.OUTPUT, note)
+        self.checks.blocked(flow, session, verdict, Phase.OUTPUT, note, rid)
 
 
 def blocked_event(verdict: Verdict, phase: Phase, refused: bytes = b"") -> bytes:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from mitmproxy import http
 from mitmproxy.websocket import WebSocketMessage
 
+from ai_gateway.accounting.session_meters import SessionMeter
 from ai_gateway.config.guardrails import BLOCKED_CODE, Guard, GuardrailPolicy, Phase, Verdict, first_block, normalise
 from ai_gateway.protocols.gemini_live import error_message
 from ai_gateway.protocols.guard_text import Window, live_client_text, live_server_event
@@ -55,12 +56,13 @@ class LiveGuardrails:
     def open(self, flow: http.HTTPFlow, guards: GuardrailPolicy, asker: Asker) -> None:
         self.sessions[flow.id] = LiveSession(guards, asker)
 
-    def frame(self, flow: http.HTTPFlow, message: WebSocketMessage) -> Awaitable[None] | None:
+    def frame(self, flow: http.HTTPFlow, message: WebSocketMessage, meter: SessionMeter) -> Awaitable[None] | None:
         """A frame of a guarded Live session (JSON in text or binary frames); an awaitable only
         for user text held for a service's verdict."""
         session = self.sessions.get(flow.id)
         if session is None or message.dropped:
             return None
+        session.meter = meter
         try:
             if message.from_client:
                 return self.client_frame(flow, message, session) if session.inputs else None
@@ -148,7 +150,7 @@ class LiveGuardrails:
         if phase is Phase.OUTPUT:
             self.checks.state.accounting.guardrail_audio(verdict.guard, session.audio_ms / 1000)
             detail = f"{session.audio_ms:.0f} ms of audio before the block"
-        if not self.checks.blocked(flow, session, verdict, phase, detail):
+        if not self.checks.blocked(flow, session, verdict, phase, detail, ""):  # "": the turn in flight
             self.checks.close(
                 flow, verdict, "blocked " + ("what the user said" if phase is Phase.INPUT else "the response")
             )

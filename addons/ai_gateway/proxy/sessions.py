@@ -192,7 +192,7 @@ class SessionMetering:
         # The current message is relayed after this hook returns; the one before it has gone.
         trim(messages, self.history, self.shrink_relayed_audio)
         if session is not None and self.guardrails is not None:
-            return self.guardrails.frame(flow, message)
+            return self.guardrails.frame(flow, message, session.meter)
         return None
 
     def frame(self, flow: http.HTTPFlow, message: Frame, session: Session) -> Awaitable[None] | None:
