@@ -150,6 +150,32 @@ def test_a_denied_phrase_in_the_spoken_answer_stops_the_response_within_its_sent
             )
 
 
+def test_output_no_sentence_end_closed_is_checked_when_the_response_is_done(tmp_path, upstream):
+    """The simulator, as some upstreams, sends no transcript .done: the last window is checked at
+    response.done, which then reaches the client without output, its item deleted upstream."""
+    with GatewayProcess(upstream.url, options={"gateway_policy": policy(tmp_path)}) as gateway:
+
+        async def session() -> list[dict[str, Any]]:
+            async with websockets.connect(f"{websocket_base(gateway.url)}/v1/realtime?model=gpt-realtime") as ws:
+                await read_until(ws, "session.created")
+                metadata = {"sim_transcript": "ask me about project falcon"}
+                await ws.send(json.dumps({"type": "response.create", "response": {"metadata": metadata}}))
+                events = await read_until(ws, "response.done")
+                if not any(e["type"] == "error" for e in events):  # the block is decided on response.done
+                    events += await read_until(ws, "error")
+                return events
+
+        events = asyncio.run(session())
+        done = next(e for e in events if e["type"] == "response.done")
+        assert done["response"]["output"] == []
+        assert [e["error"]["code"] for e in events if e["type"] == "error"] == ["guardrail_blocked"]
+        item = next(e["item_id"] for e in events if e["type"].endswith("transcript.delta"))
+        wait_until(
+            lambda: any(e.get("item_id") == item for e in upstream.received if e["type"] == "conversation.item.delete")
+        )
+        assert checks(gateway, "output", "block") == 1
+
+
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_a_block_is_in_the_access_log_and_the_traces(tmp_path, upstream, launcher):
     """The blocked response's line and span, and its session's, name the guard, phase and action."""

@@ -171,6 +171,8 @@ class Guardrails:
             return
         if isinstance(event, OutputEnd) and event.finished:
             session.in_flight.discard(rid)
+            if rid not in session.blocked and (response := session.responses.get(rid)) is not None:
+                self.check_output(flow, session, rid, response.window.flush())  # text no .done event ended
             session.responses.pop(rid, None)
             if rid in session.blocked:
                 session.blocked.discard(rid)
@@ -190,14 +192,21 @@ class Guardrails:
             windows = response.window.feed(event.text)
         else:
             windows = response.window.flush()
+        if self.check_output(flow, session, rid, windows):
+            message.drop()
+
+    def check_output(
+        self, flow: http.HTTPFlow, session: RealtimeSession, rid: str, windows: list[tuple[str, int]]
+    ) -> bool:
+        """A response's windows of output checked; True when one was blocked."""
         for normalised, start in windows:
             verdicts = self.checks.regex(session.outputs, Phase.OUTPUT, normalised, start)
             if block := first_block(verdicts):
-                message.drop()
                 self.block_response(flow, session, rid, block)
-                return
+                return True
             self.checks.noted(flow, verdicts, Phase.OUTPUT)
             self.ask_later(flow, session, rid, normalised[start:])
+        return False
 
     def check_transcript(
         self, flow: http.HTTPFlow, message: WebSocketMessage, session: RealtimeSession, transcript: Transcript
