@@ -37,8 +37,7 @@ from .test_secrets_mitmweb import fetch, web_base
 MODEL = "gemini-live-2.5-flash-preview"  # priced by the database: the turns get a cost
 PATH = AI_STUDIO_PATH.format(version="v1beta", method="BidiGenerateContent")
 EXPORT_SCRIPT = Path(__file__).with_name("export_on_close.py")
-AUDIO_MESSAGES = 3
-SPOKEN = " ".join(_WORDS[:AUDIO_MESSAGES])  # the simulated model's words for an answer of that many parts
+SPOKEN = " ".join(_WORDS)  # the simulated model's answer: with its audio transcribed, an audio message a word
 TYPED = "sim_function_call=get_weather"
 RESULT = {"temperature": 18}
 SPOKEN_AUDIO = os.urandom(3200)  # 100 ms of 16 kHz PCM16
@@ -119,7 +118,7 @@ def check(bundle: Path, gateway: LiveGateway) -> None:
 
 @pytest.fixture
 def simulator() -> Any:
-    with SimulatorThread(server=GeminiLiveSimulator(seed=2512, audio_messages=AUDIO_MESSAGES)) as simulator:
+    with SimulatorThread(server=GeminiLiveSimulator(seed=2512)) as simulator:
         yield simulator
 
 
@@ -136,7 +135,7 @@ def test_mitmweb_keeps_a_gemini_live_session_as_its_turns(simulator, tmp_path):
         with wave.open(str(bundle / f"{name}.wav"), "rb") as wav:
             assert (wav.getframerate(), wav.getsampwidth(), wav.getnchannels()) == (rate, 2, 1)
             assert wav.readframes(wav.getnframes()) == audio
-    assert len(heard) == (2 * AUDIO_MESSAGES + 1) * simulator.audio_bytes
+    assert len(heard) == (2 * len(_WORDS) + 1) * simulator.audio_bytes
     events = (bundle / "events.jsonl").read_text()
     assert (
         base64.b64encode(heard[:600]).decode() not in events and base64.b64encode(SPOKEN_AUDIO).decode() not in events

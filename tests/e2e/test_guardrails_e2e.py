@@ -22,9 +22,11 @@ from openai import APIError, BadRequestError, OpenAI
 from ai_gateway_tools.harness import GatewayProcess, scrape, select
 from ai_gateway_tools.simulators.guard import GuardSimulator
 from ai_gateway_tools.simulators.http import HttpSimulator
+from ai_gateway_tools.simulators.otlp import OtlpReceiver
 from ai_gateway_tools.simulators.realtime import PCM16_BYTES_PER_SECOND, SimulatorThread
 
 from ..clients import wait_until, websocket_base
+from .test_observability import FAST_EXPORT, json_lines
 
 LAUNCHERS = ["mitmdump", "serve"]
 GUARD = "no-project-names"
@@ -148,6 +150,75 @@ def test_a_denied_phrase_in_the_spoken_answer_stops_the_response_within_its_sent
             )
 
 
+def test_output_no_sentence_end_closed_is_checked_when_the_response_is_done(tmp_path, upstream):
+    """The simulator, as some upstreams, sends no transcript .done: the last window is checked at
+    response.done, which then reaches the client without output, its item deleted upstream."""
+    with GatewayProcess(upstream.url, options={"gateway_policy": policy(tmp_path)}) as gateway:
+
+        async def session() -> list[dict[str, Any]]:
+            async with websockets.connect(f"{websocket_base(gateway.url)}/v1/realtime?model=gpt-realtime") as ws:
+                await read_until(ws, "session.created")
+                metadata = {"sim_transcript": "ask me about project falcon"}
+                await ws.send(json.dumps({"type": "response.create", "response": {"metadata": metadata}}))
+                events = await read_until(ws, "response.done")
+                if not any(e["type"] == "error" for e in events):  # the block is decided on response.done
+                    events += await read_until(ws, "error")
+                return events
+
+        events = asyncio.run(session())
+        done = next(e for e in events if e["type"] == "response.done")
+        assert done["response"]["output"] == []
+        assert [e["error"]["code"] for e in events if e["type"] == "error"] == ["guardrail_blocked"]
+        item = next(e["item_id"] for e in events if e["type"].endswith("transcript.delta"))
+        wait_until(
+            lambda: any(e.get("item_id") == item for e in upstream.received if e["type"] == "conversation.item.delete")
+        )
+        assert checks(gateway, "output", "block") == 1
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_block_is_in_the_access_log_and_the_traces(tmp_path, upstream, launcher):
+    """The blocked response's line and span, and its session's, name the guard, phase and action."""
+    with (
+        OtlpReceiver() as receiver,
+        GatewayProcess(
+            upstream.url,
+            launcher=launcher,
+            options={
+                "gateway_policy": policy(tmp_path),
+                "gateway_access_log": "json",
+                "gateway_otlp_endpoint": receiver.url,
+            },
+            env=FAST_EXPORT,
+        ) as gateway,
+    ):
+        model = f"gpt-realtime-guarded-{launcher}"
+
+        async def session() -> str:
+            async with websockets.connect(f"{websocket_base(gateway.url)}/v1/realtime?model={model}") as ws:
+                await read_until(ws, "session.created")
+                metadata = {"sim_transcript": DENIED_ANSWER}
+                await ws.send(json.dumps({"type": "response.create", "response": {"metadata": metadata}}))
+                return (await read_until(ws, "response.done"))[-1]["response"]["id"]
+
+        response_id = asyncio.run(session())
+        blocked = {"guardrail": GUARD, "guardrail_phase": "output", "guardrail_action": "block"}
+
+        def lines() -> dict[str, dict[str, Any]]:
+            return {line["event"]: line for line in json_lines(gateway.log()) if line.get("request_model") == model}
+
+        logged = wait_until(lambda: (found := lines()).keys() >= {"response", "session"} and found)
+        assert logged["response"]["response_id"] == response_id
+        assert all(logged[event].items() >= blocked.items() for event in ("response", "session"))
+
+        def guarded_spans() -> list[Any]:
+            return [s for s in receiver.spans if model in s.name and "ai_gateway.guardrail.name" in s.attributes]
+
+        spans = wait_until(lambda: len(guarded_spans()) == 2 and guarded_spans())  # the response's and the session's
+        traced = {k.rsplit(".", 1)[-1]: v for s in spans for k, v in s.attributes.items() if "guardrail" in k}
+        assert traced == {"name": GUARD, "phase": "output", "action": "block"}
+
+
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_denied_transcribed_speech_cancels_the_answer_and_deletes_the_turn(tmp_path, launcher):
     spoken = "so what is the status of project falcon"
@@ -183,6 +254,30 @@ def test_denied_transcribed_speech_cancels_the_answer_and_deletes_the_turn(tmp_p
             e.get("item_id") == stopped["item_id"] for e in upstream.received if e["type"] == "conversation.item.delete"
         )
         assert checks(gateway, "input", "block") == 1
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_session_blocked_more_than_max_blocks_times_is_closed_with_1008(tmp_path, upstream, launcher):
+    path = tmp_path / "max_blocks.yaml"
+    path.write_text(POLICY.replace("    action: block\n", "    action: block\n    max_blocks: 1\n"))
+    with GatewayProcess(upstream.url, launcher=launcher, options={"gateway_policy": str(path)}) as gateway:
+
+        async def session() -> tuple[list[dict[str, Any]], websockets.ConnectionClosed]:
+            async with websockets.connect(f"{websocket_base(gateway.url)}/v1/realtime?model=gpt-realtime") as ws:
+                await read_until(ws, "session.created")
+                await ws.send(json.dumps(user_item("project falcon?", f"{launcher}-first")))
+                errors = [(await read_until(ws, "error"))[-1]]
+                await ws.send(json.dumps(user_item("project falcon!", f"{launcher}-second")))
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    while True:
+                        errors += [e for e in await read_until(ws, "error") if e["type"] == "error"]
+                return errors, closed.value
+
+        errors, closed = asyncio.run(session())
+        assert [e["error"]["event_id"] for e in errors] == [f"{launcher}-first", f"{launcher}-second"]
+        assert closed.rcvd is not None and closed.rcvd.code == 1008
+        assert closed.rcvd.reason == f"guardrail '{GUARD}' blocked this session 2 times"
+        assert checks(gateway, "input", "block") == 2
 
 
 def service_policy(tmp_path: Path, guard_url: str, on_error: str = "open", timeout_ms: int = 300) -> str:

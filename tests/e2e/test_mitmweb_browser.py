@@ -214,7 +214,7 @@ def test_mitmweb_shows_a_gemini_live_session_as_a_conversation(chromium: Path, t
     conversation" view of its handshake, and each turn's tokens and cost under its turnComplete."""
     args = ["--web-port", str(free_port()), "--no-web-open-browser"]
     with (
-        SimulatorThread(server=GeminiLiveSimulator(seed=20261207, audio_messages=gemini.AUDIO_MESSAGES)) as simulator,
+        SimulatorThread(server=GeminiLiveSimulator(seed=20261207)) as simulator,
         LiveGateway(simulator.url, tmp_path / "confdir", tool="mitmweb", args=args) as gateway,
     ):
         asyncio.run(gemini.session(gateway))

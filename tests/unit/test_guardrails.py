@@ -24,12 +24,15 @@ from ai_gateway.config.policy import PolicyError, parse_policy
 from ai_gateway.protocols.guard_text import (
     CARRY,
     MAX_WINDOW,
+    LiveOutput,
     OutputAudio,
     OutputText,
     Transcript,
     UserText,
     Window,
     client_event,
+    live_client_text,
+    live_server_event,
     server_event,
 )
 
@@ -89,6 +92,8 @@ def test_a_route_adds_its_own_guards_after_the_policy_s():
         ("guardrails:\n  - {name: x, kind: moderation, url: http://h, key_env: UNSET}\n", "p.yaml:2: guardrails[0].key_env: environment variable UNSET is not set or empty"),
         ("guardrails:\n  - {name: x, kind: regex, deny: [a]}\n  - {name: x, kind: regex, deny: [b]}\n", "p.yaml:3: guardrails[1].name: duplicate guard name 'x'"),
         ("guardrails: {name: x}\n", "p.yaml:1: guardrails: expected a list of guards, got a mapping"),
+        ("guardrails:\n  - {name: x, kind: regex, deny: [a], max_blocks: -1}\n", "p.yaml:2: guardrails[0].max_blocks: expected a whole number, 0 or more, got int -1"),
+        ("guardrails:\n  - {name: x, kind: regex, deny: [a], max_blocks: 1.5}\n", "p.yaml:2: guardrails[0].max_blocks: expected a whole number, 0 or more, got float 1.5"),
         ("redact: {builtin: [ssn]}\n", "p.yaml:1: redact.builtin[0]: expected one of email, phone, card, iban, got 'ssn'"),
     ],
 )  # fmt: skip
@@ -174,6 +179,33 @@ def test_realtime_events_read_for_guards():
     assert server_event(json.dumps(audio).encode()) == OutputAudio("r1", 100.0)
     done = {"type": "conversation.item.input_audio_transcription.completed", "item_id": "i2", "transcript": "yo"}
     assert server_event(json.dumps(done).encode()) == Transcript("i2", "yo")  # fmt: skip
+
+
+def test_max_blocks_is_per_guard_and_never_by_default():
+    policy = parse_policy(
+        "guardrails:\n  - {name: a, kind: regex, deny: [x], max_blocks: 0}\n  - {name: b, kind: regex, deny: [y]}\n"
+        + ROUTES,
+        "p.yaml",
+        {},
+    )
+    assert (policy.guardrails.max_blocks("a"), policy.guardrails.max_blocks("b")) == (0, None)
+
+
+def test_gemini_live_messages_read_for_guards():
+    turn = {"clientContent": {"turns": [{"role": "user", "parts": [{"text": "hi"}, {"text": "there"}]}]}}
+    assert live_client_text(json.dumps(turn).encode()) == "hi\nthere"
+    turn["clientContent"]["turns"][0]["role"] = "model"  # history the client replays is not the user's
+    assert live_client_text(json.dumps(turn).encode()) == ""
+    assert live_client_text(b'{"realtime_input": {"text": "typed"}}') == "typed"
+    assert live_client_text(b'{"setup": {"systemInstruction": {"parts": [{"text": "be brief"}]}}}') == ""
+    audio = {"serverContent": {"modelTurn": {"parts": [{"inlineData": {"mimeType": "audio/pcm", "data": "A" * 6400}}]}}}
+    assert live_server_event(json.dumps(audio).encode()) == LiveOutput(audio_ms=100.0)  # 4800 bytes at 24 kHz
+    parts = [{"text": "thinking", "thought": True}, {"text": "Hello"}]
+    text = {"serverContent": {"modelTurn": {"parts": parts}, "outputTranscription": {"text": " hi"}}}
+    assert live_server_event(json.dumps(text).encode()) == LiveOutput(text="Hello", spoken=" hi")
+    heard = {"serverContent": {"inputTranscription": {"text": " yo"}, "turnComplete": True}}
+    assert live_server_event(json.dumps(heard).encode()) == LiveOutput(heard=" yo", turn_over=True)
+    assert live_server_event(b'{"setupComplete": {}}') is None
 
 
 def test_service_answers_become_verdicts():

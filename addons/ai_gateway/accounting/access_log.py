@@ -16,7 +16,7 @@ import sys
 import time
 from typing import IO, Any
 
-from ai_gateway.accounting.observer import Observer, ResponseRecord, SessionRecord
+from ai_gateway.accounting.observer import GuardrailBlock, Observer, ResponseRecord, SessionRecord
 
 FORMATS = ("text", "json", "off")
 
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 def response_fields(record: ResponseRecord) -> dict[str, Any]:
     usage = record.usage
-    return {
+    fields = {
         "time": _time(record.end),
         "event": record.event,
         "route": record.route_type,
@@ -46,6 +46,12 @@ def response_fields(record: ResponseRecord) -> dict[str, Any]:
         "error_type": record.error_type or None,
         "flow_id": record.flow_id,
     }
+    return fields | guardrail_fields(record.guardrail) if record.guardrail else fields
+
+
+def guardrail_fields(block: GuardrailBlock) -> dict[str, Any]:
+    """Where a guard blocked: only on lines it did (a blocked response, a session with a block)."""
+    return {"guardrail": block.guard, "guardrail_phase": block.phase, "guardrail_action": block.action}
 
 
 def session_fields(record: SessionRecord) -> dict[str, Any]:
@@ -70,7 +76,7 @@ def session_fields(record: SessionRecord) -> dict[str, Any]:
     }
     if record.session_seconds is not None:  # a session billed by the second: its time, and how it ended
         fields |= {"session_seconds": record.session_seconds, "close_reason": record.close_reason}
-    return fields
+    return fields | guardrail_fields(record.guardrail) if record.guardrail else fields
 
 
 class _Clock:

@@ -10,7 +10,7 @@ from ai_gateway.accounting.items import FirstDelta, Malformed, ResponseDone, Spe
 from ai_gateway.accounting.ledger import Source
 from ai_gateway.accounting.limits import Ticket
 from ai_gateway.accounting.metrics import ModelLabels
-from ai_gateway.accounting.observer import ResponseRecord
+from ai_gateway.accounting.observer import GuardrailBlock, ResponseRecord
 from ai_gateway.accounting.usage import CharacterUsage, TokenUsage
 
 
@@ -71,7 +71,7 @@ class HttpExchange:
         response_model = self.billed.response_model if self.billed else None
         return ModelLabels(self.operation, self.system, self.request_model, response_model)
 
-    def finish(self, error_type: str, http_status: int | None = None) -> None:
+    def finish(self, error_type: str, http_status: int | None = None, guardrail: GuardrailBlock | None = None) -> None:
         """The exchange ended (response complete, or error_type set): latencies and what never came."""
         ended = time.time()
         if self.ticket is not None:
@@ -90,16 +90,18 @@ class HttpExchange:
             output = usage.output if isinstance(usage, TokenUsage) else None
             series.latency(self.first_token - self.started, ended - self.started, output)
         if self.accounting.observer.active:
-            self.accounting.observer.response_finished(self.record(ended, error_type, http_status))
+            self.accounting.observer.response_finished(self.record(ended, error_type, http_status, guardrail))
 
-    def record(self, ended: float, error_type: str, http_status: int | None) -> ResponseRecord:
+    def record(
+        self, ended: float, error_type: str, http_status: int | None, guardrail: GuardrailBlock | None = None
+    ) -> ResponseRecord:
         labels, billed, source = self.labels(), self.billed, self.source
         return ResponseRecord(
             source.flow_id, source.route_type, source.client_key, labels.operation, labels.system,
             labels.request_model, labels.response_model, billed and billed.response_id,
             billed.status if billed else error_type or "unbilled", billed and billed.usage, self.cost, ended,
             ended - self.started, None if self.first_token is None else self.first_token - self.started,
-            error_type=error_type, http_status=http_status, event="request",
+            error_type=error_type, http_status=http_status, event="request", guardrail=guardrail,
         )  # fmt: skip
 
     def spoken(self, speech: SpeechInput) -> None:

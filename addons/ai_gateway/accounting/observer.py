@@ -15,6 +15,16 @@ from ai_gateway.accounting.usage import TokenUsage
 
 
 @dataclass(frozen=True, slots=True)
+class GuardrailBlock:
+    """A guard's block on a response or session: its name, the phase (input, output) and the
+    action (`block`, or `error` for a failed service whose on_error is closed)."""
+
+    guard: str
+    phase: str
+    action: str
+
+
+@dataclass(frozen=True, slots=True)
 class ResponseRecord:
     """One finished response: a Realtime or Responses-WebSocket response, or one HTTP exchange.
 
@@ -42,6 +52,7 @@ class ResponseRecord:
     error_type: str = ""
     http_status: int | None = None
     event: str = "response"  # "request" for an HTTP exchange
+    guardrail: GuardrailBlock | None = None  # the guard that blocked it
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +80,7 @@ class SessionRecord:
     error_type: str = ""
     session_seconds: float | None = None  # billed by the second (GPT-Live)
     close_reason: str | None = None  # GPT-Live: session.closed's reason, or `unclosed` without one
+    guardrail: GuardrailBlock | None = None  # the last guard block in the session
 
 
 class Observer:

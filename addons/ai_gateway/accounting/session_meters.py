@@ -29,7 +29,7 @@ from ai_gateway.accounting.items import (
 from ai_gateway.accounting.ledger import Source
 from ai_gateway.accounting.limits import Refusal, Ticket
 from ai_gateway.accounting.metrics import UNKNOWN, ModelLabels, Series
-from ai_gateway.accounting.observer import ResponseRecord, SessionRecord
+from ai_gateway.accounting.observer import GuardrailBlock, ResponseRecord, SessionRecord
 from ai_gateway.accounting.turns import NO_TIMING, ResponseClock, ResponseTiming
 from ai_gateway.accounting.usage import SessionSeconds, TokenUsage
 
@@ -40,6 +40,7 @@ CHAT = "chat"
 MAX_PENDING_CREATES = 64
 # Response ids remembered per session so that none is billed twice; the oldest are forgotten first.
 MAX_BILLED_IDS = 1024
+MAX_BLOCKED_RESPONSES = 64  # guard blocks awaiting their response's end, per session
 NOT_DECIDED = object()  # no admission was decided before the item was applied
 
 
@@ -113,6 +114,15 @@ class SessionMeter:
         self.billed_ids: set[str] = set()
         self.billed_order: deque[str] = deque(maxlen=MAX_BILLED_IDS)
         self.verdict: object = NOT_DECIDED
+        self.guardrail: GuardrailBlock | None = None  # the session's last guard block
+        self.blocked: dict[str, GuardrailBlock] = {}  # responses blocked and not yet finished, by id
+
+    def guardrail_blocked(self, block: GuardrailBlock, response_id: str | None) -> None:
+        """A guard blocked the session (response_id None) or a response ("" for one the protocol
+        does not name): their records say so."""
+        self.guardrail = block
+        if response_id is not None and len(self.blocked) < MAX_BLOCKED_RESPONSES:
+            self.blocked[response_id] = block
 
     def apply(self, item: UsageItem) -> Malformed | Refusal | None:
         """Bill one usage item. Returns the problem when its frame could not be read, or the refusal
@@ -185,6 +195,7 @@ class SessionMeter:
         if timing.turn is not None and timing.turn_latency is not None:
             series.turn_latency(timing.turn, timing.turn_latency)
             self.totals.turn_latency = timing.turn_latency
+        guardrail = self.blocked.pop(done.response_id or "", None) if self.blocked else None
         observer = self.accounting.observer
         if observer.active:
             source = self.source
@@ -193,6 +204,7 @@ class SessionMeter:
                     source.flow_id, source.route_type, source.client_key, labels.operation, labels.system,
                     labels.request_model, labels.response_model or self.totals.model, done.response_id,
                     done.status, done.usage, cost, time.time(), timing.duration, timing.ttft, timing.turn_latency,
+                    guardrail=guardrail,
                 )
             )  # fmt: skip
 
@@ -207,7 +219,7 @@ class SessionMeter:
             source.flow_id, source.route_type, source.client_key, self.operation, self.system, self.session_id,
             self.request_model, totals.model, totals.responses, totals.input, totals.cached, totals.output,
             totals.cost, totals.errors, now, now - self.opened, close_code,
-            "client" if closed_by_client else "server", error_type,
+            "client" if closed_by_client else "server", error_type, guardrail=self.guardrail,
         )  # fmt: skip
 
     def remember_billed(self, response_id: str) -> None:

@@ -37,7 +37,7 @@ from opentelemetry.sdk.trace.sampling import ParentBased
 from opentelemetry.trace import Span, SpanContext, SpanKind, Status, StatusCode, set_span_in_context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from ai_gateway.accounting.observer import Observer, ResponseRecord, SessionRecord
+from ai_gateway.accounting.observer import GuardrailBlock, Observer, ResponseRecord, SessionRecord
 from ai_gateway.accounting.usage import TokenUsage
 
 SERVICE_NAME = "ai-gateway"
@@ -250,6 +250,7 @@ class Tracing(Observer):
                 **optional("ai_gateway.client_key", record.client_key),
                 **optional("ai_gateway.session.seconds", record.session_seconds),
                 **optional("ai_gateway.session.close_reason", record.close_reason),
+                **guardrail_attributes(record.guardrail),
             }
         )
         finish(span, record.end, record.error_type)
@@ -319,7 +320,19 @@ def response_attributes(record: ResponseRecord) -> dict[str, Any]:
             attributes[key] = value
     if record.usage is not None:
         add_usage(attributes, record.usage)
+    if record.guardrail is not None:
+        attributes |= guardrail_attributes(record.guardrail)
     return attributes
+
+
+def guardrail_attributes(block: GuardrailBlock | None) -> dict[str, Any]:
+    if block is None:
+        return {}
+    return {
+        "ai_gateway.guardrail.name": block.guard,
+        "ai_gateway.guardrail.phase": block.phase,
+        "ai_gateway.guardrail.action": block.action,
+    }
 
 
 def add_usage(attributes: dict[str, Any], usage: TokenUsage) -> None:

@@ -61,6 +61,7 @@ class Guard:
     thresholds: tuple[tuple[str, float], ...] = ()  # moderation category -> score that counts as flagged
     model: str | None = None  # moderation model asked for, when the endpoint needs one
     api_key: str | None = field(default=None, repr=False)  # sent as a bearer token (from key_env)
+    max_blocks: int | None = None  # a session this guard blocked more often is closed (None: never)
 
     @property
     def remote(self) -> bool:
@@ -122,6 +123,10 @@ class GuardrailPolicy:
 
     def for_phase(self, phase: Phase) -> tuple[Guard, ...]:
         return tuple(g for g in self.guards if phase in g.phases)
+
+    def max_blocks(self, name: str) -> int | None:
+        """How many blocks by the guard named a session may take before it is closed."""
+        return next((g.max_blocks for g in self.guards if g.name == name), None)
 
     def __bool__(self) -> bool:
         return bool(self.guards)

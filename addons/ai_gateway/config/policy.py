@@ -526,6 +526,14 @@ class Validator:
             raise self.fail(key, node, f"expected a whole number, got {value:g}")
         return int(value)
 
+    def count(self, key: str, node: Node) -> int:
+        """A whole number, zero included."""
+        if isinstance(node, ScalarNode) and node.tag == _INT_TAG:
+            with contextlib.suppress(ValueError):
+                if (value := int(yaml.safe_load(node.value))) >= 0:
+                    return value
+        raise self.fail(key, node, f"expected a whole number, 0 or more, got {describe(node)}")
+
     def boolean(self, key: str, node: Node) -> bool:
         if isinstance(node, ScalarNode) and node.tag == _BOOL_TAG:
             return bool(yaml.safe_load(node.value))
@@ -610,14 +618,14 @@ class Validator:
 
     def guard(self, key: str, node: Node) -> Guard:
         names = ("name", "kind", "deny", "allow", "phases", "action", "url", "timeout_ms", "on_error", "thresholds")
-        items = self.mapping(key, node, (*names, "model", "key_env"))
+        items = self.mapping(key, node, (*names, "model", "key_env", "max_blocks"))
         for required in ("name", "kind"):
             if required not in items:
                 raise self.fail(f"{key}.{required}", node, "missing")
         kind = self.choice(f"{key}.kind", items["kind"][1], GuardKind)
         own = {GuardKind.REGEX: ("deny", "allow"), GuardKind.WEBHOOK: ("url", "timeout_ms", "on_error", "key_env")}
         own[GuardKind.MODERATION] = (*own[GuardKind.WEBHOOK], "thresholds", "model")
-        for name in items.keys() - {"name", "kind", "phases", "action"} - set(own[kind]):
+        for name in items.keys() - {"name", "kind", "phases", "action", "max_blocks"} - set(own[kind]):
             raise self.fail(f"{key}.{name}", items[name][0], f"not a key of a {kind} guard")
         required = "deny" if kind is GuardKind.REGEX else "url"
         if required not in items:
@@ -638,6 +646,7 @@ class Validator:
             thresholds=self.optional(items, "thresholds", self.thresholds, key, ()),
             model=self.optional(items, "model", self.string, key, None),
             api_key=self.optional(items, "key_env", self.secret, key, None),
+            max_blocks=self.optional(items, "max_blocks", self.count, key, None),
         )
 
     def secret(self, key: str, node: Node) -> str:

@@ -36,6 +36,7 @@ is looked at, and the frame is decoded only if a metered key appears there.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -52,7 +53,7 @@ MAX_DETAILS = 16  # modality entries per list; Google sends at most one per moda
 SETUP = ("setup",)  # the one client message that is read, in any key order and spelling
 
 # The head of a media frame, up to where its base64 data begins.
-_MEDIA_HEAD = re.compile(
+MEDIA_HEAD = re.compile(
     rb'\s*\{\s*"serverContent"\s*:\s*\{\s*"modelTurn"\s*:\s*\{\s*"parts"\s*:\s*\[\s*'
     rb'\{\s*"inlineData"\s*:\s*\{\s*"mimeType"\s*:\s*"[^"\\]{0,64}"\s*,\s*"data"\s*:\s*"'
 )
@@ -140,7 +141,7 @@ class GeminiLiveProtocol:
 def media_tail(content: bytes) -> bytes | None:
     """What follows the base64 data of a media frame (from the quote that ends it); None when the
     frame does not start as one. Read without decoding: base64 has no quote."""
-    head = _MEDIA_HEAD.match(content)
+    head = MEDIA_HEAD.match(content)
     if head is None:
         return None
     end = content.find(b'"', head.end())
@@ -180,6 +181,15 @@ def describe_audio(slot: dict[str, Any], default_rate: int) -> str:
     data, mime = slot["data"], slot.get("mimeType", slot.get("mime_type"))
     size = (len(data) - len(data[-2:]) + len(data[-2:].rstrip("="))) * 3 // 4
     return f"<audio {mime}: {size:,} bytes, {size / (audio_rate(mime, default_rate) * 2 / 1000):,.0f} ms>"
+
+
+def error_message(message: str, reason: str, metadata: Mapping[str, str]) -> bytes:
+    """A server message Google's SDK raises as an error (google-genai: a message with none of the
+    Live API's members is an error, a google.rpc.Status: `code` 400 raises ClientError), the
+    stable reason in a google.rpc.ErrorInfo. The session stays open."""
+    info = {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": reason, "domain": "ai-gateway"}
+    status = {"code": 400, "message": message, "status": "INVALID_ARGUMENT", "details": [info | {"metadata": metadata}]}
+    return json.dumps(status).encode()
 
 
 def model_name(resource: str) -> str:

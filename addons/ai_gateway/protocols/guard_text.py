@@ -16,6 +16,7 @@ from typing import Any
 
 from ai_gateway.config.guardrails import normalise
 from ai_gateway.config.policy import RouteType
+from ai_gateway.protocols.gemini_live import MEDIA_HEAD
 from ai_gateway.protocols.json_events import MAX_CLIENT_EVENT_BYTES, decode_json, event_type, read_event
 
 MAX_WINDOW = 160  # characters of streamed output checked at most at once
@@ -287,3 +288,94 @@ def sse_error(route_type: RouteType, code: str, message: str) -> bytes:
         event = {"type": "error", "code": code, "message": message, "param": None}
         return b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
     return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
+
+
+# Gemini Live: the user's text and speech transcript, the model's text parts and speech transcript.
+
+LIVE_AUDIO_BYTES_PER_MS = 48  # the Live API's output audio: 24 kHz mono 16-bit PCM
+_LIVE_CLIENT_KEYS = (b'"clientContent"', b'"client_content"', b'"realtimeInput"', b'"realtime_input"')
+_LIVE_SERVER_KEYS = (b'"text"', b'"turnComplete"', b'"interrupted"', b'"generationComplete"')
+_LIVE_TURN_ENDS = ("turnComplete", "interrupted", "generationComplete")
+
+
+@dataclass(frozen=True, slots=True)
+class LiveOutput:
+    """What a Gemini Live server message holds for guards."""
+
+    text: str = ""  # the model's text parts
+    spoken: str = ""  # outputTranscription: the model's speech, transcribed
+    heard: str = ""  # inputTranscription: the user's speech, transcribed
+    audio_ms: float = 0.0  # the model's audio in this message
+    turn_over: bool = False  # generationComplete, turnComplete or interrupted
+
+
+def live_client_text(content: bytes) -> str:
+    """The user's text in a Live client message: `clientContent.turns[].parts[].text` (user turns)
+    and `realtimeInput.text`; "" for anything else (setup, audio, tool responses), read without
+    decoding when no such key is in it."""
+    if not any(key in content for key in _LIVE_CLIENT_KEYS):
+        return ""
+    message = decode_json(content, limit=MAX_CLIENT_EVENT_BYTES)
+    if not isinstance(message, dict):
+        return ""
+    texts = []
+    client = _member(message, "clientContent")
+    turns = _member(client, "turns") if isinstance(client, dict) else None
+    for turn in turns if isinstance(turns, list) else [turns]:
+        if isinstance(turn, dict) and turn.get("role", "user") == "user":
+            texts.append(_parts_text(turn.get("parts"), "\n"))
+    realtime = _member(message, "realtimeInput")
+    if isinstance(realtime, dict):
+        texts.append(_text(realtime.get("text")))
+    return "\n".join(t for t in texts if t)
+
+
+def live_server_event(content: bytes) -> LiveOutput | None:
+    """What a Live server message means to guards; an audio message is measured without decoding
+    it (MEDIA_HEAD), unless a key guards read follows its data."""
+    head = MEDIA_HEAD.match(content)
+    if head is not None:
+        end = content.find(b'"', head.end())
+        audio_ms = max(end - head.end(), 0) * 3 / 4 / LIVE_AUDIO_BYTES_PER_MS
+        if end >= 0 and not any(key in content[end:] for key in _LIVE_SERVER_KEYS):
+            return LiveOutput(audio_ms=audio_ms)
+    elif not any(key in content for key in _LIVE_SERVER_KEYS):
+        return None
+    message = decode_json(content, limit=MAX_CLIENT_EVENT_BYTES * 16)
+    server = message.get("serverContent") if isinstance(message, dict) else None
+    if not isinstance(server, dict):
+        return None
+    turn = server.get("modelTurn")
+    parts = turn.get("parts") if isinstance(turn, dict) else None
+    audio = 0
+    for part in parts if isinstance(parts, list) else []:
+        data = part.get("inlineData") if isinstance(part, dict) else None
+        if isinstance(data, dict) and str(data.get("mimeType", "")).startswith("audio/"):
+            audio += len(_text(data.get("data")))
+    return LiveOutput(
+        text=_parts_text(parts, "", thoughts=False),
+        spoken=_transcription(server.get("outputTranscription")),
+        heard=_transcription(server.get("inputTranscription")),
+        audio_ms=audio * 3 / 4 / LIVE_AUDIO_BYTES_PER_MS,
+        turn_over=any(server.get(key) is True for key in _LIVE_TURN_ENDS),
+    )
+
+
+def _member(message: Any, name: str) -> Any:
+    """A member by its JSON name or its proto name (`clientContent`, `client_content`): Google accepts both."""
+    if not isinstance(message, dict):
+        return None
+    return message.get(name, message.get(re.sub(r"[A-Z]", lambda m: "_" + m.group(0).lower(), name)))
+
+
+def _parts_text(parts: Any, separator: str, thoughts: bool = True) -> str:
+    """The text of a Content's parts (a model's thought summaries left out when `thoughts` is False)."""
+    if not isinstance(parts, list):
+        return ""
+    return separator.join(
+        _text(p.get("text")) for p in parts if isinstance(p, dict) and (thoughts or p.get("thought") is not True)
+    )
+
+
+def _transcription(value: Any) -> str:
+    return _text(value.get("text")) if isinstance(value, dict) else ""

@@ -11,6 +11,7 @@ from ai_gateway.proxy.drain import Drain
 from ai_gateway.proxy.export import SessionExport
 from ai_gateway.proxy.frame_relay import FrameRelay
 from ai_gateway.proxy.guardrails import Guardrails
+from ai_gateway.proxy.http_guardrails import HttpGuardrails
 from ai_gateway.proxy.http_metering import HttpMetering
 from ai_gateway.proxy.injection import Injections
 from ai_gateway.proxy.metrics_endpoint import MetricsEndpoint
@@ -35,8 +36,8 @@ class Gateway:
     - the request policy (path, client key, credentials) before anything reads the request;
     - the replay after the session meter: a handshake it admitted goes to the recording's
       loopback server instead of the upstream (`gateway_replay`);
-    - guardrails after the meters: frames, requests and responses reach them through
-      SessionMetering and HttpMetering, which meter what guards may then drop;
+    - guardrails after the meters (sessions', then HTTP's): frames, requests and responses reach
+      them through SessionMetering and HttpMetering, which meter what guards may then drop;
     - observability after the meters: it ends the spans no record ended; the conversations kept
       for mitmweb beside it (an option, and an observer of the meters' records), the
       `realtime.export` command that writes them out, and the recorder (`gateway_record`);
@@ -53,7 +54,8 @@ class Gateway:
         self.request_policy = RequestPolicy(self.state)
         injections = Injections()  # one record of what the gateway injected, whoever injects it
         self.guardrails = Guardrails(self.state, injections)
-        self.http_metering = HttpMetering(self.state, self.guardrails)
+        self.http_guardrails = HttpGuardrails(self.state)
+        self.http_metering = HttpMetering(self.state, self.http_guardrails)
         self.kept_history = KeptHistory(self.state)
         self.recorder = Recorder(self.state)
         self.session_metering = SessionMetering(
@@ -74,6 +76,7 @@ class Gateway:
             self.replay,
             self.kept_history,
             self.guardrails,
+            self.http_guardrails,
             self.state.observability,
             self.state.conversations,
             self.session_export,

@@ -1,5 +1,6 @@
-"""Guardrails on OpenAI Realtime sessions and HTTP requests: what the user says and what the
-model answers checked as it streams, and blocked as the policy's `guardrails:` say.
+"""Guardrails on WebSocket sessions: what the user says and what the model answers checked as it
+streams, and blocked as the policy's `guardrails:` say. OpenAI Realtime here; Gemini Live in
+proxy/live_guardrails.py; HTTP in proxy/http_guardrails.py.
 
 - User text (`conversation.item.create`): checked before it is relayed. Regex guards decide in
   the hook; webhook and moderation guards hold the frame (and only it) until their verdict, at
@@ -9,67 +10,45 @@ model answers checked as it streams, and blocked as the policy's `guardrails:` s
   characters: protocols/guard_text.py); a service's verdict arrives while frames flow on. A block
   cancels the response in flight upstream (`response.cancel`), drops the rest of it, deletes the
   offending item (`conversation.item.delete`) and sends the client an `error` event.
-
-HTTP (Chat, Responses, legacy Completions): the user's messages are checked before the request
-goes upstream (a block answers 400), a whole response before it reaches the client (replaced by
-a 400), a streamed one a window at a time (a block ends what the client gets with an error event).
+- A session a guard blocked more than its `max_blocks` times is closed with 1008.
 
 SessionMetering calls `frame` for every frame of a metered session (the gateway keeps one
-per-frame hook), HttpMetering calls `request`, `responseheaders` and `response` around its own
-reading, so that what a guard drops is metered all the same.
+per-frame hook), after its metering, so that what a guard drops is metered all the same.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import time
 import uuid
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 from mitmproxy import http
 from mitmproxy.websocket import WebSocketMessage
 
-from ai_gateway.accounting.guard_service import ask
-from ai_gateway.config.guardrails import (
-    BLOCKED_CODE,
-    Guard,
-    GuardrailPolicy,
-    Phase,
-    Verdict,
-    check_regex,
-    failed,
-    first_block,
-    normalise,
-)
-from ai_gateway.config.policy import Route, RouteType, WireProtocol
+from ai_gateway.accounting.session_meters import SessionMeter
+from ai_gateway.config.guardrails import BLOCKED_CODE, Guard, Phase, Verdict, first_block, normalise
+from ai_gateway.config.policy import RouteType, WireProtocol
 from ai_gateway.protocols.guard_text import (
-    GUARDED_HTTP,
     OutputAudio,
     OutputEnd,
     OutputText,
-    SseText,
     Started,
     Transcript,
     Window,
     client_event,
-    request_text,
     response_id,
-    response_text,
     server_event,
-    sse_error,
 )
 from ai_gateway.protocols.json_events import event_type
-from ai_gateway.protocols.openai_http import decoded
 from ai_gateway.protocols.openai_realtime import cancel_event, error_event
+from ai_gateway.proxy.guard_checks import GuardChecks, GuardedSession, asker, blocked_message
 from ai_gateway.proxy.injection import Injections
-from ai_gateway.proxy.state import CLIENT_KEY_METADATA, GatewayState, never_raises
+from ai_gateway.proxy.live_guardrails import LiveGuardrails
+from ai_gateway.proxy.state import GatewayState, never_raises
 
-GUARDRAIL_METADATA = "ai_gateway.guardrails"  # what guards did on a flow: its comment in mitmweb
 SPEECH_STARTED = "input_audio_buffer.speech_started"
-MAX_PENDING_CHECKS = 32  # service calls in flight per session; beyond, a check is an error verdict
 
 logger = logging.getLogger(__name__)
 
@@ -84,46 +63,50 @@ class GuardedResponse:
 
 
 @dataclass
-class GuardedSession:
-    inputs: tuple[Guard, ...]
-    outputs: tuple[Guard, ...]
-    context: dict[str, str]  # what a webhook is told besides the text
+class RealtimeSession(GuardedSession):
     responses: dict[str, GuardedResponse] = field(default_factory=dict)
     in_flight: set[str] = field(default_factory=set)
     blocked: set[str] = field(default_factory=set)  # responses whose every later frame is dropped
     cancel_next: bool = False  # a blocked turn with no response yet: the one it starts is cancelled
-    pending: int = 0
 
 
 class Guardrails:
     def __init__(self, state: GatewayState, injections: Injections) -> None:
         self.state = state
         self.injections = injections
-        self.sessions: dict[str, GuardedSession] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.checks = GuardChecks(state)
+        self.sessions: dict[str, RealtimeSession] = {}
+        self.live = LiveGuardrails(self.checks, injections)  # Gemini Live sessions
 
     @never_raises
     def websocket_start(self, flow: http.HTTPFlow) -> None:
         policy, route = self.state.policy, self.state.route(flow)
-        if policy is None or route is None or (route.type, route.protocol) != (RouteType.REALTIME, WireProtocol.OPENAI):
+        if policy is None or route is None or route.type is not RouteType.REALTIME:
             return
         guards = policy.guardrails_for(route)
-        if guards:
-            self.sessions[flow.id] = new_session(guards, flow, route.suffix)
+        if not guards:
+            return
+        if route.protocol is WireProtocol.OPENAI:
+            self.sessions[flow.id] = RealtimeSession(guards, asker(flow, route.suffix))
+        elif route.protocol is WireProtocol.GEMINI_LIVE:
+            self.live.open(flow, guards, asker(flow, route.suffix))
 
     @never_raises
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         self.sessions.pop(flow.id, None)
+        self.live.sessions.pop(flow.id, None)
 
     def done(self) -> None:
-        for task in self.tasks:
-            task.cancel()
+        self.checks.cancel()
 
-    def frame(self, flow: http.HTTPFlow, message: WebSocketMessage) -> Awaitable[None] | None:
-        """A relayed frame of a guarded session; an awaitable only for a user text item held for a
-        service's verdict."""
+    def frame(self, flow: http.HTTPFlow, message: WebSocketMessage, meter: SessionMeter) -> Awaitable[None] | None:
+        """A relayed frame of a guarded session (its meter told of blocks, for its records); an
+        awaitable only for user text held for a service's verdict."""
         session = self.sessions.get(flow.id)
-        if session is None or not message.is_text or message.dropped:
+        if session is None:
+            return self.live.frame(flow, message, meter) if self.live.sessions else None
+        session.meter = meter
+        if not message.is_text or message.dropped:
             return None
         try:
             if message.from_client:
@@ -134,35 +117,37 @@ class Guardrails:
         return None
 
     def client_frame(
-        self, flow: http.HTTPFlow, message: WebSocketMessage, session: GuardedSession
+        self, flow: http.HTTPFlow, message: WebSocketMessage, session: RealtimeSession
     ) -> Awaitable[None] | None:
         user = client_event(message.content)
         if user is None or not user.text:
             return None
-        verdicts = self.check_regex(session.inputs, Phase.INPUT, normalise(user.text))
+        verdicts = self.checks.regex(session.inputs, Phase.INPUT, normalise(user.text))
         if block := first_block(verdicts):
-            self.refuse_item(flow, message, block)
+            self.refuse_item(flow, message, session, block)
             return None
-        self.noted(flow, verdicts)
+        self.checks.noted(flow, verdicts, Phase.INPUT)
         remote = [g for g in session.inputs if g.remote]
         return self.hold(flow, message, session, remote, user.text) if remote else None
 
     async def hold(
-        self, flow: http.HTTPFlow, message: WebSocketMessage, session: GuardedSession, guards: list[Guard], text: str
+        self, flow: http.HTTPFlow, message: WebSocketMessage, session: RealtimeSession, guards: list[Guard], text: str
     ) -> None:
         """The user's text waits for the services' verdicts (each within its timeout) before it is relayed."""
-        verdicts = await self.ask_all(session, guards, Phase.INPUT, text)
+        verdicts = await self.checks.ask_all(session.asker, guards, Phase.INPUT, text)
         if block := first_block(verdicts):
-            self.refuse_item(flow, message, block)
+            self.refuse_item(flow, message, session, block)
         else:
-            self.noted(flow, verdicts)
+            self.checks.noted(flow, verdicts, Phase.INPUT)
 
-    def refuse_item(self, flow: http.HTTPFlow, message: WebSocketMessage, verdict: Verdict) -> None:
+    def refuse_item(
+        self, flow: http.HTTPFlow, message: WebSocketMessage, session: RealtimeSession, verdict: Verdict
+    ) -> None:
         message.drop()
         self.injections.send(flow, True, blocked_event(verdict, Phase.INPUT, message.content))
-        self.noted(flow, [verdict])
+        self.checks.blocked(flow, session, verdict, Phase.INPUT)
 
-    def server_frame(self, flow: http.HTTPFlow, message: WebSocketMessage, session: GuardedSession) -> None:
+    def server_frame(self, flow: http.HTTPFlow, message: WebSocketMessage, session: RealtimeSession) -> None:
         kind = event_type(message.content)
         if kind == SPEECH_STARTED:
             session.cancel_next = False  # a new turn: what the last one started is its own
@@ -186,6 +171,8 @@ class Guardrails:
             return
         if isinstance(event, OutputEnd) and event.finished:
             session.in_flight.discard(rid)
+            if rid not in session.blocked and (response := session.responses.get(rid)) is not None:
+                self.check_output(flow, session, rid, response.window.flush())  # text no .done event ended
             session.responses.pop(rid, None)
             if rid in session.blocked:
                 session.blocked.discard(rid)
@@ -205,38 +192,45 @@ class Guardrails:
             windows = response.window.feed(event.text)
         else:
             windows = response.window.flush()
+        if self.check_output(flow, session, rid, windows):
+            message.drop()
+
+    def check_output(
+        self, flow: http.HTTPFlow, session: RealtimeSession, rid: str, windows: list[tuple[str, int]]
+    ) -> bool:
+        """A response's windows of output checked; True when one was blocked."""
         for normalised, start in windows:
-            verdicts = self.check_regex(session.outputs, Phase.OUTPUT, normalised, start)
+            verdicts = self.checks.regex(session.outputs, Phase.OUTPUT, normalised, start)
             if block := first_block(verdicts):
-                message.drop()
                 self.block_response(flow, session, rid, block)
-                return
-            self.noted(flow, verdicts)
+                return True
+            self.checks.noted(flow, verdicts, Phase.OUTPUT)
             self.ask_later(flow, session, rid, normalised[start:])
+        return False
 
     def check_transcript(
-        self, flow: http.HTTPFlow, message: WebSocketMessage, session: GuardedSession, transcript: Transcript
+        self, flow: http.HTTPFlow, message: WebSocketMessage, session: RealtimeSession, transcript: Transcript
     ) -> None:
-        verdicts = self.check_regex(session.inputs, Phase.INPUT, normalise(transcript.text))
+        verdicts = self.checks.regex(session.inputs, Phase.INPUT, normalise(transcript.text))
         if block := first_block(verdicts):
             message.drop()
             self.block_turn(flow, session, transcript.item_id, block)
             return
-        self.noted(flow, verdicts)
+        self.checks.noted(flow, verdicts, Phase.INPUT)
         remote = [g for g in session.inputs if g.remote]
         if remote:
-            self.spawn(self.ask_turn(flow, session, remote, transcript))
+            self.checks.spawn(self.ask_turn(flow, session, remote, transcript))
 
     async def ask_turn(
-        self, flow: http.HTTPFlow, session: GuardedSession, guards: list[Guard], transcript: Transcript
+        self, flow: http.HTTPFlow, session: RealtimeSession, guards: list[Guard], transcript: Transcript
     ) -> None:
-        verdicts = await self.ask_all(session, guards, Phase.INPUT, transcript.text)
+        verdicts = await self.checks.ask_all(session.asker, guards, Phase.INPUT, transcript.text)
         if (block := first_block(verdicts)) and flow.id in self.sessions:
             self.block_turn(flow, session, transcript.item_id, block)
         else:
-            self.noted(flow, verdicts)
+            self.checks.noted(flow, verdicts, Phase.INPUT)
 
-    def block_turn(self, flow: http.HTTPFlow, session: GuardedSession, item_id: str | None, verdict: Verdict) -> None:
+    def block_turn(self, flow: http.HTTPFlow, session: RealtimeSession, item_id: str | None, verdict: Verdict) -> None:
         """A user turn blocked: whatever answers it is cancelled (or the response it is about to
         start), the item deleted, the client told."""
         for rid in session.in_flight - session.blocked:
@@ -246,99 +240,24 @@ class Guardrails:
         if item_id:
             self.injections.send(flow, False, delete_event(item_id))
         self.injections.send(flow, True, blocked_event(verdict, Phase.INPUT))
-        self.noted(flow, [verdict])
+        self.checks.blocked(flow, session, verdict, Phase.INPUT)
 
-    def http_guards(self, route: Route, phase: Phase) -> tuple[Guard, ...]:
-        if self.state.policy is None or route.type not in GUARDED_HTTP:
-            return ()
-        return self.state.policy.guardrails_for(route).for_phase(phase)
-
-    def check_request(self, flow: http.HTTPFlow, route: Route) -> Awaitable[None] | None:
-        """A request's user text, before it goes upstream: a block answers it 400. Only a request
-        with webhook or moderation guards waits (at most their timeout_ms)."""
-        guards = self.http_guards(route, Phase.INPUT)
-        if not guards:
-            return None
-        text = request_text(route.type, body_of(flow.request, self.state.max_body_bytes))
-        if not text:
-            return None
-        verdicts = self.check_regex(guards, Phase.INPUT, normalise(text))
-        if block := first_block(verdicts):
-            self.refuse_request(flow, block)
-            return None
-        self.noted(flow, verdicts)
-        remote = [g for g in guards if g.remote]
-        return self.hold_request(flow, route, remote, text) if remote else None
-
-    async def hold_request(self, flow: http.HTTPFlow, route: Route, guards: list[Guard], text: str) -> None:
-        session = new_session(GuardrailPolicy(), flow, route.suffix)
-        verdicts = await self.ask_all(session, guards, Phase.INPUT, text)
-        if block := first_block(verdicts):
-            self.refuse_request(flow, block)
-        else:
-            self.noted(flow, verdicts)
-
-    def refuse_request(self, flow: http.HTTPFlow, verdict: Verdict) -> None:
-        flow.response = blocked_response(verdict, Phase.INPUT)
-        self.noted(flow, [verdict])
-
-    def check_response_headers(self, flow: http.HTTPFlow, route: Route) -> None:
-        """A streamed (SSE) response's text checked a window at a time as it passes; a block ends
-        what the client gets with an error event. Compressed streams pass unchecked."""
-        response = flow.response
-        guards = self.http_guards(route, Phase.OUTPUT)
-        if not guards or response is None or "content-encoding" in response.headers:
-            return
-        if not response.headers.get("content-type", "").startswith("text/event-stream"):
-            return
-        inner = response.stream if callable(response.stream) else None
-        stream = GuardedStream(self, flow, route, guards)
-        response.stream = lambda chunk: stream.filter(inner(chunk) if inner is not None else chunk)  # type: ignore[arg-type]
-
-    def check_response(self, flow: http.HTTPFlow, route: Route) -> Awaitable[None] | None:
-        """A whole response's text, before it reaches the client: a block replaces it by a 400."""
-        response = flow.response
-        guards = self.http_guards(route, Phase.OUTPUT)
-        if not guards or response is None or response.stream or not 200 <= response.status_code < 300:
-            return None
-        text = response_text(route.type, body_of(response, self.state.max_body_bytes))
-        if not text:
-            return None
-        verdicts = self.check_regex(guards, Phase.OUTPUT, normalise(text))
-        if block := first_block(verdicts):
-            self.replace_response(flow, block)
-            return None
-        self.noted(flow, verdicts)
-        remote = [g for g in guards if g.remote]
-        return self.hold_response(flow, route, remote, text) if remote else None
-
-    async def hold_response(self, flow: http.HTTPFlow, route: Route, guards: list[Guard], text: str) -> None:
-        verdicts = await self.ask_all(new_session(GuardrailPolicy(), flow, route.suffix), guards, Phase.OUTPUT, text)
-        if block := first_block(verdicts):
-            self.replace_response(flow, block)
-        else:
-            self.noted(flow, verdicts)
-
-    def replace_response(self, flow: http.HTTPFlow, verdict: Verdict) -> None:
-        flow.response = blocked_response(verdict, Phase.OUTPUT)
-        self.noted(flow, [verdict])
-
-    def ask_later(self, flow: http.HTTPFlow, session: GuardedSession, rid: str, text: str) -> None:
+    def ask_later(self, flow: http.HTTPFlow, session: RealtimeSession, rid: str, text: str) -> None:
         """A window of output for the services, asked off the relay."""
         remote = [g for g in session.outputs if g.remote]
         if remote and text.strip():
-            self.spawn(self.ask_output(flow, session, remote, rid, text))
+            self.checks.spawn(self.ask_output(flow, session, remote, rid, text))
 
     async def ask_output(
-        self, flow: http.HTTPFlow, session: GuardedSession, guards: list[Guard], rid: str, text: str
+        self, flow: http.HTTPFlow, session: RealtimeSession, guards: list[Guard], rid: str, text: str
     ) -> None:
-        verdicts = await self.ask_all(session, guards, Phase.OUTPUT, text)
+        verdicts = await self.checks.ask_all(session.asker, guards, Phase.OUTPUT, text)
         if (block := first_block(verdicts)) and flow.id in self.sessions and rid not in session.blocked:
             self.block_response(flow, session, rid, block)
         else:
-            self.noted(flow, verdicts)
+            self.checks.noted(flow, verdicts, Phase.OUTPUT)
 
-    def block_response(self, flow: http.HTTPFlow, session: GuardedSession, rid: str, verdict: Verdict) -> None:
+    def block_response(self, flow: http.HTTPFlow, session: RealtimeSession, rid: str, verdict: Verdict) -> None:
         """Output blocked: the response cancelled upstream (if still running), its item deleted,
         the rest of it dropped, the client told; the audio it had already sent is recorded."""
         session.blocked.add(rid)
@@ -350,149 +269,11 @@ class Guardrails:
         self.injections.send(flow, True, blocked_event(verdict, Phase.OUTPUT))
         self.state.accounting.guardrail_audio(verdict.guard, response.audio_ms / 1000)
         note = f"{response.audio_ms:.0f} ms of audio before the block"
-        self.noted(flow, [verdict], note)
-
-    def check_regex(self, guards: Iterable[Guard], phase: Phase, normalised: str, start: int = 0) -> list[Verdict]:
-        verdicts = []
-        for guard in guards:
-            if not guard.remote:
-                began = time.perf_counter()
-                verdict = check_regex(guard, normalised, start)
-                self.state.accounting.guardrail_checked(guard.name, phase, verdict.outcome, time.perf_counter() - began)
-                verdicts.append(verdict)
-        return verdicts
-
-    async def ask_all(self, session: GuardedSession, guards: list[Guard], phase: Phase, text: str) -> list[Verdict]:
-        return list(await asyncio.gather(*(self.ask_one(session, g, phase, text) for g in guards)))
-
-    async def ask_one(self, session: GuardedSession, guard: Guard, phase: Phase, text: str) -> Verdict:
-        began = time.perf_counter()
-        if session.pending >= MAX_PENDING_CHECKS:
-            verdict = failed(guard, "too many checks in flight")
-        else:
-            session.pending += 1
-            try:
-                verdict = await ask(guard, text, {**session.context, "phase": phase.value})
-            finally:
-                session.pending -= 1
-        self.state.accounting.guardrail_checked(guard.name, phase, verdict.outcome, time.perf_counter() - began)
-        return verdict
-
-    def spawn(self, work: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(work)
-        self.tasks.add(task)
-        task.add_done_callback(self.finished)
-
-    def finished(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and (error := task.exception()) is not None:
-            logger.error("ai-gateway: a guardrail check failed: %r", error)
-
-    def noted(self, flow: http.HTTPFlow, verdicts: Iterable[Verdict], detail: str = "") -> None:
-        """Blocks, warnings and errors marked on the flow and kept for its comment."""
-        for verdict in verdicts:
-            if not verdict.marks:
-                continue
-            notes = flow.metadata.setdefault(GUARDRAIL_METADATA, [])
-            text = f"guardrail {verdict.guard}: {verdict.outcome}" + (f" ({detail})" if detail else "")
-            if len(notes) < 20:
-                notes.append(text)
-            flow.marked = ":no_entry:" if verdict.blocks else ":warning:"
-            flow.comment = guard_comment(flow, flow.comment)
-            logger.info("ai-gateway: %s on %s (%s)", text, flow.id, verdict.reason)
-
-
-def new_session(guards: GuardrailPolicy, flow: http.HTTPFlow, route: str) -> GuardedSession:
-    context = {
-        "session": flow.id,
-        "client_key_name": flow.metadata.get(CLIENT_KEY_METADATA, ""),
-        "model": flow.request.query.get("model", ""),
-        "route": route,
-    }
-    return GuardedSession(guards.for_phase(Phase.INPUT), guards.for_phase(Phase.OUTPUT), context)
-
-
-def guard_comment(flow: http.HTTPFlow, comment: str) -> str:
-    """A flow's comment with what its guards did after it (mitmweb's comment column)."""
-    notes = flow.metadata.get(GUARDRAIL_METADATA)
-    if not notes:
-        return comment
-    base = comment.split(" | guardrail ", 1)[0]
-    return " | ".join([base, *notes[-3:]]) if base else " | ".join(notes[-3:])
+        self.checks.blocked(flow, session, verdict, Phase.OUTPUT, note, rid)
 
 
 def blocked_event(verdict: Verdict, phase: Phase, refused: bytes = b"") -> bytes:
-    what = "your message" if phase is Phase.INPUT else "the response"
-    message = f"The gateway's guardrail {verdict.guard!r} blocked {what}."
-    return error_event(BLOCKED_CODE, message, refused)
-
-
-class GuardedStream:
-    """One SSE response's text as it passes: windows checked, and after a block nothing more."""
-
-    def __init__(self, guardrails: Guardrails, flow: http.HTTPFlow, route: Route, guards: tuple[Guard, ...]) -> None:
-        self.guardrails = guardrails
-        self.flow = flow
-        self.route = route
-        self.guards = guards
-        self.remote = [g for g in guards if g.remote]
-        self.session = new_session(GuardrailPolicy(), flow, route.suffix)
-        self.sse = SseText(route.type)
-        self.window = Window()
-        self.block: Verdict | None = None
-        self.told = False
-
-    def filter(self, chunk: bytes) -> bytes | list[bytes]:
-        """The chunk as the client gets it: itself, the error event once a window was blocked, then
-        nothing (an empty list: an empty chunk would end a chunked body early)."""
-        if self.block is None:
-            try:
-                self.check(chunk)
-            except Exception:
-                logger.exception("ai-gateway: guardrails failed on a stream of %s", self.flow.id)
-        if self.block is None:
-            return chunk
-        if self.told:
-            return []
-        self.told = True
-        message = f"The gateway's guardrail {self.block.guard!r} blocked the response."
-        return sse_error(self.route.type, BLOCKED_CODE, message)
-
-    def check(self, chunk: bytes) -> None:
-        windows = self.window.feed(self.sse.feed(chunk)) if chunk else self.window.flush()
-        for normalised, start in windows:
-            verdicts = self.guardrails.check_regex(self.guards, Phase.OUTPUT, normalised, start)
-            if block := first_block(verdicts):
-                self.blocked(block)
-                return
-            self.guardrails.noted(self.flow, verdicts)
-            if self.remote and normalised[start:].strip():
-                self.guardrails.spawn(self.ask(normalised[start:]))
-
-    async def ask(self, text: str) -> None:
-        verdicts = await self.guardrails.ask_all(self.session, self.remote, Phase.OUTPUT, text)
-        if (block := first_block(verdicts)) and self.block is None:
-            self.blocked(block)
-        else:
-            self.guardrails.noted(self.flow, verdicts)
-
-    def blocked(self, verdict: Verdict) -> None:
-        self.block = verdict
-        self.guardrails.noted(self.flow, [verdict])
-
-
-def body_of(message: http.Message, limit: int) -> bytes:
-    """A body decoded within `limit`; empty when it cannot be (then there is nothing to check)."""
-    body = decoded(message.raw_content or b"", message.headers.get("content-encoding", ""), limit)
-    return body if isinstance(body, bytes) else b""
-
-
-def blocked_response(verdict: Verdict, phase: Phase) -> http.Response:
-    """What an HTTP client gets for a blocked request or response: 400, OpenAI-shaped."""
-    what = "the request" if phase is Phase.INPUT else "the response"
-    message = f"The gateway's guardrail {verdict.guard!r} blocked {what}."
-    error = {"message": message, "type": "invalid_request_error", "param": None, "code": BLOCKED_CODE}
-    return http.Response.make(400, json.dumps({"error": error}), {"content-type": "application/json"})
+    return error_event(BLOCKED_CODE, blocked_message(verdict, phase), refused)
 
 
 def delete_event(item_id: str) -> bytes:

@@ -16,7 +16,8 @@ from ai_gateway.config.policy import Route, RouteType, WireProtocol
 from ai_gateway.protocols.encoding import DEFAULT_MAX_BODY_BYTES
 from ai_gateway.protocols.openai_http import METERED_HTTP, OPERATIONS, StreamReader, read_request, read_response
 from ai_gateway.proxy.failures import error_type
-from ai_gateway.proxy.guardrails import Guardrails
+from ai_gateway.proxy.guard_checks import guardrail_block
+from ai_gateway.proxy.http_guardrails import HttpGuardrails
 from ai_gateway.proxy.refusals import refusal_response
 from ai_gateway.proxy.state import (
     UNROUTED,
@@ -29,7 +30,7 @@ from ai_gateway.proxy.state import (
 
 
 class HttpMetering:
-    def __init__(self, state: GatewayState, guardrails: Guardrails | None = None) -> None:
+    def __init__(self, state: GatewayState, guardrails: HttpGuardrails | None = None) -> None:
         self.state = state
         self.exchanges: dict[str, HttpExchange] = {}
         self.guardrails = guardrails  # checks requests before admission, responses after their reading
@@ -143,10 +144,22 @@ class HttpMetering:
             encoding = flow.response.headers.get("content-encoding", "")
             raw = flow.response.raw_content or b""
             exchange.apply(read_response(route_type, raw, encoding, self.state.max_body_bytes))
-        exchange.finish("", status)
+        guarded = None
         if self.guardrails is not None and (route := self.state.route(flow)) is not None:
-            return self.guardrails.check_response(flow, route)  # metered first: a blocked answer was still billed
+            guarded = self.guardrails.check_response(flow, route)  # metered first: a blocked answer is still billed
+        if guarded is not None:
+            return self.finish_checked(flow, exchange, status, guarded)
+        exchange.finish("", status, guardrail_block(flow))
         return None
+
+    async def finish_checked(
+        self, flow: http.HTTPFlow, exchange: HttpExchange, status: int, guarded: Awaitable[None]
+    ) -> None:
+        """The exchange's record once the guard services have answered (a block is in it)."""
+        try:
+            await guarded
+        finally:
+            exchange.finish("", status, guardrail_block(flow))
 
     @never_raises
     def error(self, flow: http.HTTPFlow) -> None:

@@ -34,7 +34,8 @@ from ai_gateway.protocols.openai_responses_socket import ResponsesSocketProtocol
 from ai_gateway.proxy import closer, refusals
 from ai_gateway.proxy.conversation import record
 from ai_gateway.proxy.failures import close_error, error_type
-from ai_gateway.proxy.guardrails import Guardrails, guard_comment
+from ai_gateway.proxy.guard_checks import guard_comment
+from ai_gateway.proxy.guardrails import Guardrails
 from ai_gateway.proxy.injection import Injections
 from ai_gateway.proxy.recorder import Recorder
 from ai_gateway.proxy.refusals import refusal_event, refusal_response
@@ -175,7 +176,7 @@ class SessionMetering:
         # The current message is relayed after this hook returns; the one before it has gone.
         self.kept.relayed(flow)
         if session is not None and self.guardrails is not None:
-            return self.guardrails.frame(flow, message)
+            return self.guardrails.frame(flow, message, session.meter)
         return None
 
     def frame(self, flow: http.HTTPFlow, message: Frame, session: Session) -> Awaitable[None] | None:

@@ -52,6 +52,7 @@ from ai_gateway_tools.bench.configs import (
     PORTKEY,
     SERVE,
     SERVE_FRAMES,
+    SERVE_GUARDED,
     SERVE_WORKERS2,
     Config,
     Workdir,
@@ -70,8 +71,8 @@ ADDED_P99_MS = 20.0  # the target: p99 latency per frame over the no-relay basel
 GREETING_DELAY = 0.05
 LOAD_SATURATED = 0.9  # the load's share of its CPU above which a miss may be the load's own
 CONFIGS = (
-    DIRECT, SERVE, SERVE_FRAMES, SERVE_WORKERS2, GATEWAY, GATEWAY_FRAMES, GATEWAY_NOFREEZE, MITMDUMP, FLOOR, LITELLM,
-    PORTKEY,
+    DIRECT, SERVE, SERVE_FRAMES, SERVE_GUARDED, SERVE_WORKERS2, GATEWAY, GATEWAY_FRAMES, GATEWAY_NOFREEZE, MITMDUMP,
+    FLOOR, LITELLM, PORTKEY,
 )  # fmt: skip
 DEFAULT_CONFIGS = (DIRECT, SERVE, SERVE_WORKERS2, GATEWAY, MITMDUMP)
 INSTALLS: dict[str, Callable[[], Path]] = {LITELLM.name: litellm.install, PORTKEY.name: portkey.install}
@@ -81,6 +82,7 @@ RATIOS = (
     (SERVE, PORTKEY, 1.5),
     (SERVE, LITELLM, 2.5),
     (SERVE_WORKERS2, SERVE, 1.6),
+    (SERVE_GUARDED, SERVE, 0.95),  # issue #24: guards on, a moderation service asked off the relay
 )
 BEGIN = "<!-- capacity:begin: written by scripts/bench --capacity; text outside these markers is kept -->"
 END = "<!-- capacity:end -->"

@@ -85,6 +85,52 @@ class ObservedGateway(GatewayProcess):
                 self.collector.wait(timeout)
 
 
+class GuardedGateway(GatewayProcess):
+    """scripts/serve with a regex guard and a moderation guard, both phases, the moderation guard
+    asking the guard simulator in a process of its own (issue #24: capacity with guards on)."""
+
+    def __init__(self, upstream: str, directory: Path) -> None:
+        super().__init__(upstream, launcher="serve")
+        self.directory = directory  # a copy of the default policy's directory: its price list beside it
+        self.service: subprocess.Popen[str] | None = None
+
+    def start(self, timeout: float = 30.0) -> GatewayProcess:
+        command = [sys.executable, "-m", "ai_gateway_tools.simulators.guard"]
+        self.service = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=self.env)
+        assert self.service.stdout is not None
+        url = self.service.stdout.readline().split()[-1]
+        self.options["gateway_policy"] = str(guarded_policy(self.directory, url))
+        return super().start(timeout)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        try:
+            return super().stop(timeout)
+        finally:
+            if self.service is not None:
+                self.service.terminate()
+                self.service.wait(timeout)
+
+
+def guarded_policy(directory: Path, guard_url: str) -> Path:
+    """The default policy with a deny pattern and a moderation endpoint on both phases, in `directory`."""
+    document = yaml.safe_load(DEFAULT_POLICY.read_text(encoding="utf-8"))
+    document["guardrails"] = [
+        {"name": "no-project-names", "kind": "regex", "deny": [r"project\s+falcon"], "phases": ["input", "output"]},
+        {
+            "name": "moderation",
+            "kind": "moderation",
+            "url": f"{guard_url}/v1/moderations",
+            "phases": ["input", "output"],
+            "timeout_ms": 500,
+            "on_error": "open",
+        },
+    ]
+    path = directory / f"guarded-{DEFAULT_POLICY.name}"
+    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    load_policy(path)
+    return path
+
+
 @dataclass(frozen=True)
 class Workdir:
     """Files some configurations start their proxy with, written to the run's temp directory."""
@@ -207,6 +253,14 @@ SERVE_OBSERVED = Config(
     lambda upstream, work: ObservedGateway(upstream),
     metered=True,
 )
+# Not run by default (issue #24): what guardrails cost, against `serve` (target: 0.95 of its capacity).
+SERVE_GUARDED = Config(
+    "serve-guarded",
+    "`scripts/serve` with a regex guard and a moderation guard on both phases, the moderation guard asking "
+    "the guard simulator (its own process) about every window of each response's transcript",
+    lambda upstream, work: GuardedGateway(upstream, work.policy.parent),
+    metered=True,
+)
 # Not run by default: where the gateway misses a relay target, it tells how much of the cost any
 # addon has (mitmproxy dispatching the hook to a script) and how much is the gateway's own.
 EMPTY_ADDON = Config(
@@ -247,14 +301,14 @@ PORTKEY = Config(
 )
 CONFIGS = (
     DIRECT, MITMDUMP, EMPTY_ADDON, BASELINE, GATEWAY, GATEWAY_DEFLATE, SERVE, SERVE_QUIET, SERVE_OBSERVED, LITELLM,
-    GATEWAY_FRAMES, SERVE_FRAMES, FLOOR,
+    GATEWAY_FRAMES, SERVE_FRAMES, FLOOR, SERVE_GUARDED,
 )  # fmt: skip
 DEFAULT_CONFIGS = (DIRECT, MITMDUMP, GATEWAY, GATEWAY_DEFLATE, SERVE)
 # Measured in this order (and back): mitmdump sits next to each gateway, and the baseline next to
 # the gateway, so the pairs that make the ratios are measured one right after the other.
 RUN_ORDER = (
-    DIRECT, FLOOR, BASELINE, GATEWAY, GATEWAY_FRAMES, MITMDUMP, GATEWAY_DEFLATE, SERVE, SERVE_FRAMES, SERVE_QUIET,
-    SERVE_OBSERVED, LITELLM, EMPTY_ADDON,
+    DIRECT, FLOOR, BASELINE, GATEWAY, GATEWAY_FRAMES, MITMDUMP, GATEWAY_DEFLATE, SERVE, SERVE_GUARDED, SERVE_FRAMES,
+    SERVE_QUIET, SERVE_OBSERVED, LITELLM, EMPTY_ADDON,
 )  # fmt: skip
 
 

@@ -15,9 +15,13 @@ cumulative reports on every audio message of the turn; `sim_usage=late`: the rep
 `turnComplete`; `sim_interrupt=1`: the turn is cut off by `interrupted`; `sim_close=1`: the
 upstream closes after a report without completing the turn; `sim_function_call=NAME`: the model
 calls that function, `toolCall`, and answers the client's `toolResponse` with the rest of the
-turn, whose one report covers both). A setup asking for `inputAudioTranscription` gets each audio
-turn transcribed (`inputTranscription`, USER_TRANSCRIPT) before the answer; one asking for
-`outputAudioTranscription` gets the answer's words (`outputTranscription`, one per audio message).
+turn, whose one report covers both).
+
+What the model says in each turn is `answer` (its text parts one word a message; with
+`outputAudioTranscription` set up, an audio message and an `outputTranscription` piece per word);
+a setup asking for `inputAudioTranscription` gets each audio turn transcribed as `user_transcript`
+(`inputTranscription`, one piece per word) before the answer. Every client message is kept in
+`received` (audio data left out), for guardrail tests.
 """
 
 from __future__ import annotations
@@ -156,8 +160,11 @@ class GeminiLiveSimulator(Served):
     frames: str = "alternate"
     audio_messages: int = 4
     audio_bytes: int = 9600
+    answer: str = " ".join(_WORDS)
+    user_transcript: str = USER_TRANSCRIPT
     ledger: list[SentUsage] = field(default_factory=list)
     handshakes: list[Handshake] = field(default_factory=list)
+    received: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.frames not in FRAMES:
@@ -204,7 +211,9 @@ class GeminiLiveSimulator(Served):
                 except ValueError:
                     await ws.close(1007, "Request contains an invalid argument.")
                     return
-                await self._receive(session, message if isinstance(message, dict) else {})
+                message = message if isinstance(message, dict) else {}
+                self.received.append(_without_audio(message))
+                await self._receive(session, message)
 
     async def _receive(self, session: _Session, message: dict[str, Any]) -> None:
         if isinstance(setup := _field(message, "setup"), dict):
@@ -227,7 +236,10 @@ class GeminiLiveSimulator(Served):
             _field(realtime, "audioStreamEnd") or _field(realtime, "activityEnd") is not None
         ):
             if session.transcribe_input:
-                await self._send(session, {"serverContent": {"inputTranscription": {"text": USER_TRANSCRIPT}}})
+                words = self.user_transcript.split()
+                for n, word in enumerate(words):
+                    piece = word + (" " if n + 1 < len(words) else "")
+                    await self._send(session, {"serverContent": {"inputTranscription": {"text": piece}}})
             await self._respond(session, _Turn())
         elif isinstance(_field(message, "toolResponse"), dict):
             await self._respond(session, _Turn())  # the rest of the turn that called
@@ -243,20 +255,22 @@ class GeminiLiveSimulator(Served):
         status = "cancelled" if plan.interrupt else ("incomplete" if plan.close else "completed")
         entry = SentUsage(session.id, KIND, model_label(session.model), model_label(session.model), status, usage)
         self.ledger.append(entry)  # before sending, so that no reader sees usage the ledger lacks
-        parts = self.audio_messages if audio else len(_WORDS)
+        words = self.answer.split()
+        spoken = audio and session.transcribe_output
+        parts = len(words) if spoken or not audio else self.audio_messages
         for n in range(parts):
             part = (
                 {"inlineData": {"mimeType": OUTPUT_AUDIO_MIME, "data": self._audio}}
                 if audio
-                else {"text": _WORDS[n % len(_WORDS)] + " "}
+                else {"text": words[n] + " "}
             )
             message: dict[str, Any] = {"serverContent": {"modelTurn": {"parts": [part]}}}
             if plan.usage == "repeated":
                 message["usageMetadata"] = _partial(usage, (n + 1) / (parts + 1))
             await self._send(session, message)
-            if audio and session.transcribe_output:
-                word = _WORDS[n % len(_WORDS)] + (" " if n + 1 < parts else "")
-                await self._send(session, {"serverContent": {"outputTranscription": {"text": word}}})
+            if spoken:
+                piece = words[n] + (" " if n + 1 < parts else "")
+                await self._send(session, {"serverContent": {"outputTranscription": {"text": piece}}})
             if plan.interrupt and n == 0:
                 await self._send(session, {"serverContent": {"interrupted": True}})
                 break
@@ -277,6 +291,14 @@ class GeminiLiveSimulator(Served):
         session.sent += 1
         await session.ws.send(data.encode() if binary else data)
         await asyncio.sleep(0)
+
+
+def _without_audio(message: dict[str, Any]) -> dict[str, Any]:
+    """A client message as kept in `received`: realtimeInput's media left out."""
+    realtime = _field(message, "realtimeInput")
+    if not isinstance(realtime, dict):
+        return message
+    return {"realtimeInput": {k: v for k, v in realtime.items() if k not in ("audio", "mediaChunks", "media_chunks")}}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

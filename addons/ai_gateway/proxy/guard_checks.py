@@ -1,0 +1,178 @@
+"""What the session and HTTP guardrails share: running a list of guards on some text (regex in
+the hook, services off it), counting each check, and noting blocks, warnings and errors on the
+flow (mitmweb's mark and comment, the record the access log and traces read).
+
+Each guardrail addon holds a `GuardChecks` of its own, and cancels its service calls when done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Iterable
+from dataclasses import dataclass, field
+
+from mitmproxy import http
+
+from ai_gateway.accounting.guard_service import ask
+from ai_gateway.accounting.observer import GuardrailBlock
+from ai_gateway.accounting.session_meters import SessionMeter
+from ai_gateway.config.guardrails import Guard, GuardrailPolicy, Phase, Verdict, check_regex, failed
+from ai_gateway.proxy import closer
+from ai_gateway.proxy.state import CLIENT_KEY_METADATA, GatewayState
+
+GUARDRAIL_METADATA = "ai_gateway.guardrails"  # what guards did on a flow: its comment in mitmweb
+BLOCKED_METADATA = "ai_gateway.guardrail_blocked"  # the last block on a flow: (guard, phase, action)
+MAX_PENDING_CHECKS = 32  # service calls in flight per session; beyond, a check is an error verdict
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Asker:
+    """What a guard service is told besides the text, and the calls in flight for one flow."""
+
+    context: dict[str, str]
+    pending: int = 0
+
+
+def asker(flow: http.HTTPFlow, route: str) -> Asker:
+    return Asker(
+        {
+            "session": flow.id,
+            "client_key_name": flow.metadata.get(CLIENT_KEY_METADATA, ""),
+            "model": flow.request.query.get("model", ""),
+            "route": route,
+        }
+    )
+
+
+@dataclass
+class GuardedSession:
+    """A WebSocket session's guards, each phase's, and how often each guard blocked it."""
+
+    guards: GuardrailPolicy
+    asker: Asker
+    inputs: tuple[Guard, ...] = ()
+    outputs: tuple[Guard, ...] = ()
+    blocks: dict[str, int] = field(default_factory=dict)
+    meter: SessionMeter | None = None  # told of blocks, for the session's and responses' records
+
+    def __post_init__(self) -> None:
+        self.inputs = self.guards.for_phase(Phase.INPUT)
+        self.outputs = self.guards.for_phase(Phase.OUTPUT)
+
+
+class GuardChecks:
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+
+    def regex(self, guards: Iterable[Guard], phase: Phase, normalised: str, start: int = 0) -> list[Verdict]:
+        """The regex guards' verdicts, decided here and now (services are asked by `ask_all`)."""
+        verdicts = []
+        for guard in guards:
+            if not guard.remote:
+                began = time.perf_counter()
+                verdict = check_regex(guard, normalised, start)
+                self.state.accounting.guardrail_checked(guard.name, phase, verdict.outcome, time.perf_counter() - began)
+                verdicts.append(verdict)
+        return verdicts
+
+    async def ask_all(self, asker: Asker, guards: Iterable[Guard], phase: Phase, text: str) -> list[Verdict]:
+        return list(await asyncio.gather(*(self.ask_one(asker, g, phase, text) for g in guards)))
+
+    async def ask_one(self, asker: Asker, guard: Guard, phase: Phase, text: str) -> Verdict:
+        began = time.perf_counter()
+        if asker.pending >= MAX_PENDING_CHECKS:
+            verdict = failed(guard, "too many checks in flight")
+        else:
+            asker.pending += 1
+            try:
+                verdict = await ask(guard, text, {**asker.context, "phase": phase.value})
+            finally:
+                asker.pending -= 1
+        self.state.accounting.guardrail_checked(guard.name, phase, verdict.outcome, time.perf_counter() - began)
+        return verdict
+
+    def spawn(self, work: Awaitable[None]) -> None:
+        """Service calls whose verdict nothing waits for: kept until done, cancelled at shutdown."""
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.finished)
+
+    def finished(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            logger.error("ai-gateway: a guardrail check failed: %r", error)
+
+    def noted(self, flow: http.HTTPFlow, verdicts: Iterable[Verdict], phase: Phase, detail: str = "") -> None:
+        """Blocks, warnings and errors marked on the flow and kept for its comment; a block is also
+        kept for the flow's records (access log, trace)."""
+        for verdict in verdicts:
+            if not verdict.marks:
+                continue
+            notes = flow.metadata.setdefault(GUARDRAIL_METADATA, [])
+            text = f"guardrail {verdict.guard}: {verdict.outcome}" + (f" ({detail})" if detail else "")
+            if len(notes) < 20:
+                notes.append(text)
+            if verdict.blocks:
+                flow.metadata[BLOCKED_METADATA] = (verdict.guard, phase.value, verdict.outcome)
+            flow.marked = ":no_entry:" if verdict.blocks else ":warning:"
+            flow.comment = guard_comment(flow, flow.comment)
+            logger.info("ai-gateway: %s on %s (%s)", text, flow.id, verdict.reason)
+
+    def blocked(
+        self,
+        flow: http.HTTPFlow,
+        session: GuardedSession,
+        verdict: Verdict,
+        phase: Phase,
+        detail: str = "",
+        response_id: str | None = None,
+    ) -> bool:
+        """A block on a session (on a response, with its id), noted and told to the session's meter;
+        True when it is one more than the guard's max_blocks allow: the session is then closed with 1008."""
+        self.noted(flow, [verdict], phase, detail)
+        if session.meter is not None:
+            session.meter.guardrail_blocked(GuardrailBlock(verdict.guard, phase.value, verdict.outcome), response_id)
+        count = session.blocks[verdict.guard] = session.blocks.get(verdict.guard, 0) + 1
+        limit = session.guards.max_blocks(verdict.guard)
+        if limit is None or count <= limit:
+            return False
+        self.close(flow, verdict, f"blocked this session {count} times")
+        return True
+
+    def close(self, flow: http.HTTPFlow, verdict: Verdict, why: str) -> None:
+        """The session closed with 1008 on both legs, the guard and why in the close reason."""
+        reason = f"guardrail {verdict.guard!r} {why}"
+        if closer.close_websocket(flow, 1008, reason):
+            flow.metadata.setdefault(GUARDRAIL_METADATA, []).append(f"guardrail {verdict.guard}: closed the session")
+            flow.comment = guard_comment(flow, flow.comment)
+            logger.info("ai-gateway: closed %s: %s", flow.id, reason)
+
+
+def guardrail_block(flow: http.HTTPFlow) -> GuardrailBlock | None:
+    """The last guard block on an HTTP flow, for its record."""
+    kept = flow.metadata.get(BLOCKED_METADATA)
+    return GuardrailBlock(*kept) if kept else None
+
+
+def guard_comment(flow: http.HTTPFlow, comment: str) -> str:
+    """A flow's comment with what its guards did after it (mitmweb's comment column)."""
+    notes = flow.metadata.get(GUARDRAIL_METADATA)
+    if not notes:
+        return comment
+    base = comment.split(" | guardrail ", 1)[0]
+    return " | ".join([base, *notes[-3:]]) if base else " | ".join(notes[-3:])
+
+
+def blocked_message(verdict: Verdict, phase: Phase, request: str = "your message") -> str:
+    """What a client is told of a block, the guard named."""
+    what = request if phase is Phase.INPUT else "the response"
+    return f"The gateway's guardrail {verdict.guard!r} blocked {what}."
