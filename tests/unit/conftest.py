@@ -6,12 +6,23 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+from hypothesis import settings
 from mitmproxy.test import taddons
 
 from ai_gateway.accounting.metrics import GatewayMetrics
 from ai_gateway.accounting.observer import Observer, ResponseRecord
 from ai_gateway.config.policy import DEFAULT_POLICY
 from ai_gateway.proxy.addon import Gateway
+
+# scripts/test --fast (`--hypothesis-profile=fast`): each property test runs a quarter of its examples,
+# for the edit loop; the whole suite (scripts/test, CI) runs every one.
+settings.register_profile("fast", max_examples=25)
+
+
+def examples(full: int) -> int:
+    """A property test's example count: `full` in the whole suite, scaled by the loaded profile's
+    share of hypothesis' default 100 (a quarter under `fast`)."""
+    return max(10, full * settings.default.max_examples // 100)
 
 
 @contextlib.contextmanager

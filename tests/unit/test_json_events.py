@@ -17,6 +17,8 @@ from ai_gateway.protocols.json_events import event_type, head_strings, read_even
 from ai_gateway.protocols.openai_realtime import AUDIO_COMMIT, RESPONSE_CREATE, RealtimeProtocol
 from ai_gateway.protocols.openai_responses_socket import ResponsesSocketProtocol
 
+from .conftest import examples
+
 NAMES = (RESPONSE_CREATE, AUDIO_COMMIT, "setup")
 TYPES = [RESPONSE_CREATE, AUDIO_COMMIT, "input_audio_buffer.append", "conversation.item.create", "session.update"]
 KEYS = ["type", "model", "event_id", "x", "audio", "setup"]
@@ -94,7 +96,7 @@ def events(draw: st.DrawFn) -> tuple[bytes, list[tuple[str, Any]]]:
     return (draw(spaces) + dump(draw, pairs) + draw(spaces)).encode(), pairs
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=examples(600), deadline=None)
 @given(events())
 def test_the_reader_agrees_with_json_loads(generated):
     content, pairs = generated
@@ -117,7 +119,7 @@ def test_the_reader_agrees_with_json_loads(generated):
         assert all(decoded[k] == v for k, v in large.members.items() if k in once)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(events())
 def test_every_adapter_reads_client_events_as_json_loads_does(generated):
     content, pairs = generated
