@@ -202,7 +202,8 @@ def test_hostile_stream_of_10000_junk_frames(gateway, upstream, model):
 
     async def hostile() -> int:
         received = 0
-        async with websockets.connect(realtime_url(gateway, model), max_size=None) as ws:
+        # no keepalive pings: a gateway busy with 10,000 frames on a loaded machine may answer one late
+        async with websockets.connect(realtime_url(gateway, model), max_size=None, ping_interval=None) as ws:
             await ws.recv()  # session.created
             await ws.send(json.dumps({"type": "response.create", "response": {"metadata": {"sim_junk": str(repeats)}}}))
             expected = repeats * len(junk)
@@ -230,8 +231,8 @@ def test_hostile_stream_of_10000_junk_frames(gateway, upstream, model):
     # anything like the data volume (mitmproxy alone would keep every frame of a session). The
     # allocator's high-water mark still rises over the first sessions on a gateway that served other
     # tests (over two to five of them, seen here), so sessions run until one adds less than a
-    # twentieth of its volume (at most six: a leak never settles); one more must then add less than a
-    # quarter of its own (the bound two sessions under half of one volume set, at one session's cost).
+    # twentieth of its volume (at most six: a leak never settles); two more must then add less than
+    # half of theirs.
     volume_kb = sum(len(frame) for frame in junk) * repeats // 1024
     rss_settled = vm_rss_kb(gateway.process.pid)
     for _ in range(6):
@@ -240,9 +241,10 @@ def test_hostile_stream_of_10000_junk_frames(gateway, upstream, model):
         if rss_settled - previous < volume_kb // 20:
             break
     asyncio.run(hostile())
+    asyncio.run(hostile())
     growth_kb = vm_rss_kb(gateway.process.pid) - rss_settled
     print(
-        f"\n10,000 junk frames: RSS {rss_before} -> settled {rss_settled} KB, growth {growth_kb} KB over a session of {volume_kb} KB"
+        f"\n10,000 junk frames: RSS {rss_before} -> settled {rss_settled} KB, growth {growth_kb} KB over two sessions of {volume_kb} KB"
     )
-    assert growth_kb < volume_kb // 4, (rss_before, rss_settled, growth_kb, volume_kb)
+    assert growth_kb < volume_kb // 2, (rss_before, rss_settled, growth_kb, volume_kb)
     assert "Traceback" not in gateway.log() and "failed for" not in gateway.log()
