@@ -8,6 +8,7 @@ events are ever decoded. A client event is read by read_event() in any key order
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Collection
@@ -127,7 +128,7 @@ def read_event(content: bytes, names: Collection[str], limit: int = MAX_CLIENT_E
     of images, an 8 MB array) would cost the relay many times its size in objects and block every
     session meanwhile. It is read with bounded work instead (see Event).
     """
-    quoted = [b'"' + name.encode() + b'"' for name in names]
+    quoted = _quoted(names) if isinstance(names, tuple) else [b'"' + n.encode() + b'"' for n in names]
     if not may_name(content, quoted):
         return None
     if len(content) > limit:
@@ -148,6 +149,12 @@ def read_event(content: bytes, names: Collection[str], limit: int = MAX_CLIENT_E
     if not isinstance(event, dict):
         return None
     return Event(tuple(value for key, value in top if key == "type" and isinstance(value, str)), event)
+
+
+@functools.lru_cache(maxsize=32)
+def _quoted(names: tuple[str, ...]) -> tuple[bytes, ...]:
+    """The names as may_name() looks for them, made once per set of names (the adapters' constants)."""
+    return tuple(b'"' + name.encode() + b'"' for name in names)
 
 
 def too_large(content: bytes, limit: int) -> Malformed:
