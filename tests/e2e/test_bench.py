@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import random
-import re
 import shutil
 import socket
 import subprocess
@@ -22,47 +21,25 @@ import yaml
 from websockets.asyncio.client import connect
 
 from ai_gateway.config.policy import DEFAULT_POLICY, load_policy
-from ai_gateway_tools.bench import capacity, limits
+from ai_gateway_tools.bench import capacity
 from ai_gateway_tools.bench.__main__ import parse_args
 from ai_gateway_tools.bench.configs import (
     CONFIGS,
     DEFAULT_CONFIGS,
     LITELLM,
-    ROOT,
-    BaselineGateway,
     FloorRelay,
     Workdir,
-    extract,
     keep_compression_policy,
-    resolve_commit,
 )
-from ai_gateway_tools.bench.hooks import BASELINE_FRAMES, DEFAULTS, HOOK_DONE_US, baseline_hook_costs, hook_costs
+from ai_gateway_tools.bench.hooks import DEFAULTS, HOOK_DONE_US, hook_costs
 from ai_gateway_tools.bench.litellm import CALLBACK_SOURCE, USAGE_LOG_ENV, Metered, Tally, read_log, write_config
 from ai_gateway_tools.bench.measure import percentile, serpentine
 from ai_gateway_tools.bench.portkey import PRELOAD_SOURCE, UPSTREAM_ENV
-from ai_gateway_tools.bench.report import BEGIN, BENCHMARKS, END, PLOT_NAME, Target, splice
+from ai_gateway_tools.bench.report import BEGIN, BENCHMARKS, END, Target, splice
 from ai_gateway_tools.loadgen import LoadStats, Stop, Traffic, canonical_usage, drive, event_type, pcm16_bytes
 from ai_gateway_tools.simulators.realtime import EXAMPLE_USAGE, SentUsage, SimulatorThread
 
-
-def test_smoke_run_writes_a_table_with_exact_accounting(tmp_path: Path) -> None:
-    before = BENCHMARKS.read_bytes() if BENCHMARKS.exists() else None
-    output = tmp_path / "BENCH.md"
-    result = subprocess.run(
-        [sys.executable, "-m", "ai_gateway_tools.bench", "--smoke", "--output", str(output)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    text = output.read_text()
-    for config in DEFAULT_CONFIGS:
-        row = next(line for line in text.splitlines() if line.startswith(f"| **{config.name}** | ") and "exact" in line)
-        assert "MISMATCH" not in row
-    assert "| server audio delta |" in text and "| response.done |" in text
-    assert "### Targets" in text and "scripts/bench --smoke" in text
-    assert (tmp_path / PLOT_NAME).read_bytes().startswith(b"\x89PNG")
-    assert (BENCHMARKS.read_bytes() if BENCHMARKS.exists() else None) == before
+from .bench_smoke import SMOKE_RUNS
 
 
 def test_smoke_never_writes_benchmarks_md_by_default() -> None:
@@ -191,33 +168,6 @@ def test_litellm_metering_is_compared_with_the_ledger() -> None:
 # --- the capacity benchmark (scripts/bench --capacity) ------------------------------------------
 
 
-def smoke_section(tmp_path: Path, mode: str, begin: str, end: str) -> str:
-    """`scripts/bench MODE --smoke` into a file that already holds the relay block: that block is
-    left as it was, and the mode's own section (between its markers) is returned."""
-    output = tmp_path / "BENCH.md"
-    output.write_text(splice(None, "relay tables"))
-    result = subprocess.run(
-        [sys.executable, "-m", "ai_gateway_tools.bench", mode, "--smoke", "--output", str(output)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    text = output.read_text()
-    assert "relay tables" in text and text.count(BEGIN) == 1
-    return text.split(begin, 1)[1].split(end, 1)[0]
-
-
-def test_capacity_smoke_writes_its_own_section_and_plot(tmp_path: Path) -> None:
-    section = smoke_section(tmp_path, "--capacity", capacity.BEGIN, capacity.END)
-    for name in ("serve", "mitmdump"):
-        assert f"| **{name}** | **" in section
-        steps = [line for line in section.splitlines() if line.startswith(f"| {name} | ")]
-        assert len(steps) >= 1 and all("exact, none lost" in line for line in steps)
-    assert "scripts/bench --capacity --smoke" in section
-    assert (tmp_path / capacity.PLOT_NAME).read_bytes().startswith(b"\x89PNG")
-
-
 def test_capacity_options() -> None:
     args = capacity.parse_args(["--smoke"])
     assert args.output != BENCHMARKS
@@ -326,58 +276,6 @@ def test_splice_adds_a_section_without_touching_the_others() -> None:
     assert "relay v2" in again and "capacity v2" in again and "v1" not in again
 
 
-# --- issues #13 and #16: the observed configurations, and the tree before the hardening ------------
-
-IN_GIT = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode == 0
-
-
-@pytest.mark.skipif(not IN_GIT, reason="needs this checkout's git repository")
-def test_smoke_with_a_baseline_compares_it_round_by_round(tmp_path: Path) -> None:
-    output = tmp_path / "BENCH.md"
-    command = [sys.executable, "-m", "ai_gateway_tools.bench", "--smoke", "--configs", "gateway", "--baseline", "HEAD"]
-    result = subprocess.run([*command, "--output", str(output)], capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stdout + result.stderr
-    text = output.read_text()
-    assert next(line for line in text.splitlines() if line.startswith("| **baseline** | ") and "exact" in line)
-    assert "| **gateway** ÷ **baseline** | " in text
-    assert "### Hook cost against the baseline (`--baseline HEAD`" in text
-    for frame in BASELINE_FRAMES:
-        assert f"| hook cost ÷ baseline's, {frame} | " in text
-    assert "| gateway: msg/s ÷ baseline's | " in text
-
-
-@pytest.mark.skipif(not IN_GIT, reason="needs this checkout's git repository")
-def test_baseline_is_resolved_and_needs_its_option(capsys: pytest.CaptureFixture[str]) -> None:
-    args = parse_args(["--baseline", "HEAD", "--configs", "mitmdump"])
-    assert len(args.baseline_commit) == 40 and args.configs == ["mitmdump", "baseline"]
-    assert parse_args([]).baseline_commit is None
-    with pytest.raises(SystemExit):
-        parse_args(["--baseline", "no-such-commit-anywhere"])
-    with pytest.raises(SystemExit):
-        parse_args(["--configs", "gateway,baseline"])
-    assert "needs --baseline" in capsys.readouterr().err
-
-
-@pytest.mark.skipif(not IN_GIT, reason="needs this checkout's git repository")
-def test_the_baseline_tree_is_the_commits_and_runs_its_own_script(tmp_path: Path) -> None:
-    commit = resolve_commit("HEAD")
-    tree = extract(commit, tmp_path / "tree")
-    assert (tree / "addons" / "gateway.py").is_file() and (tree / "policies" / "openai.yaml").is_file()
-    proxy = BaselineGateway("http://127.0.0.1:9", tree)
-    assert proxy.command()[proxy.command().index("-s") + 1] == str(tree / "addons" / "gateway.py")
-    assert proxy.env["PYTHONPATH"] == str(tree / "addons")
-
-
-def test_the_hook_probe_times_a_tree_in_a_child_process_as_in_process() -> None:
-    args = parse_args(["--smoke", "--hook-iterations", "400", "--rounds", "2"])
-    costs = baseline_hook_costs(args, ROOT)  # this tree against itself: the mechanics, not the figures
-    assert [c.frame for c in costs] == list(BASELINE_FRAMES)
-    for cost in costs:
-        assert len(cost.current_us) == len(cost.baseline_us) == 2
-        assert all(us > 0 for us in cost.current_us + cost.baseline_us)
-    shutil.rmtree(args.output.parent)
-
-
 def test_hook_rows_time_the_default_access_log_and_the_observed_one() -> None:
     args = parse_args(["--smoke", "--hook-iterations", "200"])
     rows = {cost.frame: cost for cost in hook_costs(args)}
@@ -390,14 +288,6 @@ def test_hook_rows_time_the_default_access_log_and_the_observed_one() -> None:
 # --- what the spend controls cost (scripts/bench --limits) -----------------------------------------
 
 
-def test_limits_smoke_writes_its_own_section(tmp_path: Path) -> None:
-    section = smoke_section(tmp_path, "--limits", limits.BEGIN, limits.END)
-    rows = {line.split(" | ")[0].strip("| *"): line for line in section.splitlines() if line.startswith("| **")}
-    assert set(rows) == set(limits.NAMES)
-    assert re.search(r"\| \d[\d.]* \([+-]\d", rows["redis"])  # a latency with what it adds to off's
-    assert "scripts/bench --limits --smoke" in section
-
-
 def test_the_floor_relays_sessions_byte_for_byte() -> None:
     """The byte floor (issue #22) forwards what a client sends before its upstream leg is connected too."""
     with SimulatorThread(seed=5) as upstream, FloorRelay(upstream.url) as floor:
@@ -407,3 +297,11 @@ def test_the_floor_relays_sessions_byte_for_byte() -> None:
     assert len(stats.usages) == 8
     sent = [canonical_usage(e.usage) for e in upstream.usage_for("bench-floor") if e.kind == "response"]
     assert sorted(stats.usages) == sorted(sent)
+
+
+def test_every_default_configuration_is_in_a_smoke_run() -> None:
+    """A configuration added to the bench's defaults is smoke-tested: it belongs in bench_smoke.SMOKE_RUNS,
+    and each run has its module."""
+    assert {c.name for c in DEFAULT_CONFIGS} <= {name for configs in SMOKE_RUNS.values() for name in configs}
+    for run in SMOKE_RUNS:
+        assert (Path(__file__).parent / f"test_bench_smoke_{run}.py").is_file()

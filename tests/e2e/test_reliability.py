@@ -169,13 +169,13 @@ def renaming_upstream(bound: int) -> dict[SampleKey, float]:
     for n in range(100):
         labels = ModelLabels("realtime", "openai", f"m{n % 7}", f"renamed-{n}")
         usage = TokenUsage(100 + n, 20, 10, input_by_modality=(("audio", 30),), reasoning=5)
-        series, _ = accounting.bill(source, labels, usage, "completed" if n % 3 else "cancelled")
+        accounting.bill(source, labels, usage, "completed" if n % 3 else "cancelled")
         accounting.bill(source, labels, DurationUsage(1.5))
         accounting.bill(source, labels, CharacterUsage(7))
-        series.priced("priced", 0.25)
-        series.latency(0.125, 0.5, 20)
-        series.turn_latency("commit", 0.25)
-        series.duration(0.5, "503" if n % 2 else "")
+        metrics.series(labels).priced("priced", 0.25)
+        accounting.latency(labels, 0.125, 0.5, 20)
+        accounting.turn_latency(labels, "commit", 0.25)
+        accounting.duration(labels, 0.5, "503" if n % 2 else "")
     return samples_of(metrics.registry)
 
 

@@ -20,6 +20,8 @@ from ai_gateway.proxy.contentview import realtime_view
 from ai_gateway.proxy.history import AUDIO_FIELDS, audio_placeholder, strip_audio
 from ai_gateway_tools.simulators.realtime import EXAMPLE_USAGE
 
+from .conftest import examples
+
 VIEW = "OpenAI Realtime"
 REFERENCE_TABLE = """\
 ══ usage: response.done, completed ══
@@ -293,7 +295,7 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(
     kind=st.sampled_from(sorted(AUDIO_FIELDS)),
     audio=st.binary(max_size=300).map(lambda b: base64.b64encode(b).decode()),
@@ -348,7 +350,7 @@ hostile = (
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(data=hostile, metadata=st.sampled_from(METADATA))
 def test_arbitrary_bytes_never_raise(data, metadata):
     assert isinstance(realtime_view.render_priority(data, metadata), float | int)

@@ -17,6 +17,8 @@ from ai_gateway.protocols.json_events import event_type, head_strings, read_even
 from ai_gateway.protocols.openai_realtime import AUDIO_COMMIT, RESPONSE_CREATE, RealtimeProtocol
 from ai_gateway.protocols.openai_responses_socket import ResponsesSocketProtocol
 
+from .conftest import examples
+
 NAMES = (RESPONSE_CREATE, AUDIO_COMMIT, "setup")
 TYPES = [RESPONSE_CREATE, AUDIO_COMMIT, "input_audio_buffer.append", "conversation.item.create", "session.update"]
 KEYS = ["type", "model", "event_id", "x", "audio", "setup"]
@@ -94,7 +96,7 @@ def events(draw: st.DrawFn) -> tuple[bytes, list[tuple[str, Any]]]:
     return (draw(spaces) + dump(draw, pairs) + draw(spaces)).encode(), pairs
 
 
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=examples(600), deadline=None)
 @given(events())
 def test_the_reader_agrees_with_json_loads(generated):
     content, pairs = generated
@@ -117,7 +119,7 @@ def test_the_reader_agrees_with_json_loads(generated):
         assert all(decoded[k] == v for k, v in large.members.items() if k in once)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(events())
 def test_every_adapter_reads_client_events_as_json_loads_does(generated):
     content, pairs = generated
@@ -136,3 +138,27 @@ def test_every_adapter_reads_client_events_as_json_loads_does(generated):
     setup = decoded.get("setup")
     expected = SessionModels(model_name(setup["model"]), None) if isinstance(setup, dict) else None
     assert GeminiLiveProtocol().client_frame(content, True) == expected
+
+
+AUDIO = "QUJD" * 12_000  # a 48 KB append's base64
+
+
+def test_an_escape_is_looked_for_outside_the_audio_and_in_an_audio_value_short_enough_to_be_a_name():
+    """The stretch after `"audio"` is skipped by the escape search as by the name search; one that
+    may itself be a name spelled with escapes (six bytes a character at most) is not."""
+    spelled = escape("r") + "esponse" + escape(".") + "create"
+    for content in (
+        f'{{"type":"x","audio":"{AUDIO}","event_id":"{spelled}"}}',  # after the audio
+        f'{{"event_id":"{spelled}","audio":"{AUDIO}"}}',  # before it
+        f'{{"type":"x","audio":"{spelled}"}}',  # the stretch is the name
+        f'{{"type":"x","audio":"{"".join(escape(c) for c in AUDIO_COMMIT)}"}}',  # the longest name, all escaped
+        f'{{"type":"{spelled}"}}',  # no audio
+        f'{{"type":"x","x":{{"audio":{{"{spelled}":1}}}}}}',  # the stretch is an object's key
+    ):
+        event = read_event(content.encode(), NAMES)
+        assert event is not None and event.members == json.loads(content), content[:80]
+
+
+def test_escapes_inside_a_long_audio_value_are_not_read_as_a_name():
+    content = f'{{"type":"input_audio_buffer.append","audio":"{AUDIO}{escape("A")}"}}'.encode()
+    assert read_event(content, NAMES) is None  # no string of it can be a name: left undecoded

@@ -39,6 +39,8 @@ from ai_gateway.protocols.usage_fields import (
 )
 from ai_gateway_tools.simulators.realtime import EXAMPLE_USAGE
 
+from .conftest import examples
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # What the default policy prices with: genai-prices' bundled rates for provider openai.
@@ -220,7 +222,7 @@ GENAI_KEYS = {  # TokenUsage counts -> genai-prices Usage keys
 }
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     model=st.sampled_from(
         [

@@ -22,6 +22,8 @@ from ai_gateway.protocols.json_events import event_type, may_name
 from ai_gateway.protocols.openai_realtime import RealtimeProtocol, delta_response_id, needs_decoding, read_server_event
 from ai_gateway_tools.simulators.realtime import EXAMPLE_USAGE
 
+from .conftest import examples
+
 REFERENCE_USAGE = EXAMPLE_USAGE  # the reference documentation's response.done usage
 
 
@@ -242,7 +244,7 @@ def is_valid_count(value: object) -> bool:
     return type(value) is int and 0 <= value <= MAX_TOKENS
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(usage_like, st.sampled_from(["response.done", "conversation.item.input_audio_transcription.completed"]))
 def test_arbitrary_usage_never_raises_and_counts_only_valid_numbers(usage, kind):
     key = "response" if kind == "response.done" else "usage"
@@ -262,7 +264,7 @@ def test_arbitrary_usage_never_raises_and_counts_only_valid_numbers(usage, kind)
         assert event is None or isinstance(event, (Malformed, TranscriptionDone))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(json_values)
 def test_arbitrary_json_events_never_raise(value):
     content = frame({"type": "response.done", "response": value}) if isinstance(value, dict) else frame(value)
@@ -270,7 +272,7 @@ def test_arbitrary_json_events_never_raise(value):
         read_server_event(content)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(st.binary(max_size=300))
 def test_arbitrary_bytes_never_raise(content):
     for candidate in (content, b'{"type":"response.done"' + content):

@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from ai_gateway.config.policy import RouteType
 from ai_gateway.protocols.openai_http import rewrite_request
 
+from .conftest import examples
+
 _MISSING = object()
 
 
@@ -108,7 +110,7 @@ def fixed_parts_pattern(body: bytes, spans: list[tuple[int, int]]) -> re.Pattern
     return re.compile(pattern + re.escape(body[position:]), re.DOTALL)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(
     request_bodies(),
     st.sampled_from([RouteType.COMPLETIONS, RouteType.RESPONSES, RouteType.EMBEDDINGS]),

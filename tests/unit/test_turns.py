@@ -8,22 +8,13 @@ from ai_gateway.accounting.billing import Accounting
 from ai_gateway.accounting.items import FirstDelta, ResponseDone, ResponseRequested, ResponseStarted, TurnEnded
 from ai_gateway.accounting.ledger import Source
 from ai_gateway.accounting.metrics import GatewayMetrics
-from ai_gateway.accounting.observer import Observer, ResponseRecord
 from ai_gateway.accounting.session_meters import RealtimeMeter, ResponsesSocketMeter
 from ai_gateway.accounting.turns import MAX_TRACKED, ResponseClock
 from ai_gateway.accounting.usage import TokenUsage
 
+from .conftest import Records, sample_total
+
 USAGE = TokenUsage(input=100, output=20)
-
-
-class Records(Observer):
-    active = True
-
-    def __init__(self) -> None:
-        self.responses: list[ResponseRecord] = []
-
-    def response_finished(self, record: ResponseRecord) -> None:
-        self.responses.append(record)
 
 
 def meter() -> tuple[RealtimeMeter, GatewayMetrics, Records]:
@@ -43,12 +34,7 @@ def respond(m: RealtimeMeter, response_id: str, *before: object) -> None:
 
 
 def count(metrics: GatewayMetrics, family: str, **labels: str) -> float:
-    total = 0.0
-    for metric in metrics.registry.collect():
-        for sample in metric.samples:
-            if sample.name == f"t_gen_ai_server_{family}_count" and labels.items() <= sample.labels.items():
-                total += sample.value
-    return total
+    return sample_total(metrics, f"t_gen_ai_server_{family}_count", **labels)
 
 
 def test_a_turn_is_answered_by_the_next_response_only():

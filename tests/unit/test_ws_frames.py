@@ -25,6 +25,8 @@ from ai_gateway.protocols.ws_frames import (
     encode_frame,
 )
 
+from .conftest import examples
+
 # Large payloads (a 64-bit length) built, not drawn byte by byte.
 payloads = st.binary(max_size=300) | st.builds(
     lambda n, b: bytes([b]) * n, st.integers(65530, 65540), st.integers(0, 255)
@@ -59,7 +61,7 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in zip(points, points[1:], strict=False)]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.lists(messages, max_size=6), st.booleans(), st.lists(st.integers(0, 70000), max_size=12))
 def test_any_sequence_split_anywhere_is_read_and_forwarded_unchanged(sequence, masked, cuts):
     stream, expected = encode(sequence, masked)
@@ -76,7 +78,7 @@ def test_any_sequence_split_anywhere_is_read_and_forwarded_unchanged(sequence, m
     assert b"".join(forwarded) == stream
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(st.lists(messages, min_size=1, max_size=5), st.booleans(), st.lists(st.integers(0, 70000), max_size=8))
 def test_a_message_over_the_cap_is_forwarded_as_it_comes_and_reported_unread(sequence, masked, cuts):
     stream, expected = encode(sequence, masked)
@@ -95,7 +97,7 @@ def test_a_message_over_the_cap_is_forwarded_as_it_comes_and_reported_unread(seq
     assert b"".join(forwarded) == stream
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(st.lists(messages, min_size=2, max_size=5), st.data())
 def test_a_cut_message_is_gone_and_an_inserted_frame_lands_on_a_boundary(sequence, data):
     stream, _ = encode(sequence, True)

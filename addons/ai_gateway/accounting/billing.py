@@ -7,7 +7,6 @@ route type is accounted for the same way.
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
 
 from ai_gateway.accounting.ledger import USAGE_LOG, Source, UsageLedger
 from ai_gateway.accounting.limits import (
@@ -40,11 +39,6 @@ def pricing_model(labels: ModelLabels, session: bool = False) -> str:
     return labels.request_model or "" if labels.operation != "transcription" or not session else ""
 
 
-class Billed(NamedTuple):
-    series: Series
-    cost: float | None
-
-
 class Accounting:
     def __init__(
         self,
@@ -69,6 +63,7 @@ class Accounting:
         """Where billed usage goes from now on; meters keep this object, so open sessions follow.
         `shared` (with a control whose limits name a Redis store) holds the client keys' state."""
         self.metrics = metrics
+        self.recent: tuple[ModelLabels, Series] | None = None  # the label set billed last, and its series
         self.ledger = ledger
         self.catalog = catalog
         self.control = control
@@ -87,11 +82,10 @@ class Accounting:
         response_id: str | None = None,
         ticket: Ticket | None = None,
         ledgered: bool = True,
-    ) -> Billed:
-        """Record one response's (or transcription's) usage; returns its series (for latency
-        figures) and its cost at catalog prices (None: unpriced). Not `ledgered`: the meter writes
-        the ledger line itself (`ledger_line`), as a GPT-Live session does once for all its time."""
-        series = self.metrics.series(labels)
+    ) -> float | None:
+        """Record one response's (or transcription's) usage; returns its cost at catalog prices (None: unpriced).
+        Not `ledgered`: the meter writes the ledger line (`ledger_line`), as a GPT-Live session does once for all."""
+        series = self.series(labels)
         series.record(usage)
         if status is not None:
             series.response(status)
@@ -104,7 +98,7 @@ class Accounting:
         if self.control is not None:
             tokens = usage.input + (usage.output or 0) if isinstance(usage, TokenUsage) else 0
             self.settle(source, ticket, tokens, cost or 0.0)
-        return Billed(series, cost)
+        return cost
 
     def ledger_line(
         self,
@@ -119,16 +113,27 @@ class Accounting:
         if self.ledger is not None and not self.ledger.append(source, labels, usage, status, response_id, cost):
             self.metrics.usage_log_errors.inc()
 
-    def unbilled(
-        self, source: Source, labels: ModelLabels, status: str, response_id: str | None, reason: str
-    ) -> Series:
+    def unbilled(self, source: Source, labels: ModelLabels, status: str, response_id: str | None, reason: str) -> None:
         """A response whose usage could not be read: it counts, with its status, and bills nothing."""
-        series = self.metrics.series(labels)
-        series.response(status)
+        self.series(labels).response(status)
         self.parse_error(source, reason)
         if self.ledger is not None:
             self.ledger.append(source, labels, None, status, response_id, None)
-        return series
+
+    def series(self, labels: ModelLabels) -> Series:
+        """The label set's metric children; the last set is kept, as a response's timing follows its bill."""
+        if self.recent is None or self.recent[0] is not labels:
+            self.recent = (labels, self.metrics.series(labels))
+        return self.recent[1]
+
+    def latency(self, labels: ModelLabels, first_token: float | None, done: float, output_tokens: int | None) -> None:
+        self.series(labels).latency(first_token, done, output_tokens)
+
+    def turn_latency(self, labels: ModelLabels, turn_end: str, seconds: float) -> None:
+        self.series(labels).turn_latency(turn_end, seconds)
+
+    def duration(self, labels: ModelLabels, seconds: float, error_type: str) -> None:
+        self.series(labels).duration(seconds, error_type)
 
     def realtime_call(self, ticket: Ticket | None, kind: str) -> None:
         """A WebRTC or SIP call (or its ephemeral key) admitted: counted; it bills nothing here (its
@@ -272,6 +277,9 @@ class Accounting:
 
     def error(self, source: Source, error_type: str) -> None:
         self.metrics.upstream_errors.labels(source.route_type, error_type).inc()
+
+    def spans_dropped(self, reason: str, count: int) -> None:
+        self.metrics.trace_spans_dropped.labels(reason).inc(count)
 
     def relaying(self, source: Source, sessions: int) -> None:
         """A metered WebSocket session started (1) or ended (-1) being relayed."""

@@ -60,9 +60,7 @@ class HttpExchange:
         if done.usage is None:
             self.accounting.unbilled(self.source, self.labels(), done.status, done.response_id, done.unread or "")
         else:
-            self.cost = self.accounting.bill(
-                self.source, self.labels(), done.usage, done.status, ticket=self.ticket
-            ).cost
+            self.cost = self.accounting.bill(self.source, self.labels(), done.usage, done.status, ticket=self.ticket)
 
     def problem(self, problem: Malformed) -> None:
         self.accounting.parse_error(self.source, problem.reason)
@@ -83,12 +81,12 @@ class HttpExchange:
             self.problem(Malformed(reason, "the stream ended without usage"))
         if error_type:
             self.accounting.error(self.source, error_type)
-        series = self.accounting.metrics.series(self.labels())
-        series.duration(ended - self.started, error_type)
+        labels = self.labels()
+        self.accounting.duration(labels, ended - self.started, error_type)
         if self.streamed and self.first_token is not None:
             usage = self.billed.usage if self.billed else None
             output = usage.output if isinstance(usage, TokenUsage) else None
-            series.latency(self.first_token - self.started, ended - self.started, output)
+            self.accounting.latency(labels, self.first_token - self.started, ended - self.started, output)
         if self.accounting.observer.active:
             self.accounting.observer.response_finished(self.record(ended, error_type, http_status, guardrail))
 

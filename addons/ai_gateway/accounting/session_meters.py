@@ -28,7 +28,7 @@ from ai_gateway.accounting.items import (
 )
 from ai_gateway.accounting.ledger import Source
 from ai_gateway.accounting.limits import Refusal, Ticket
-from ai_gateway.accounting.metrics import UNKNOWN, ModelLabels, Series
+from ai_gateway.accounting.metrics import UNKNOWN, ModelLabels
 from ai_gateway.accounting.observer import GuardrailBlock, ResponseRecord, SessionRecord
 from ai_gateway.accounting.turns import NO_TIMING, ResponseClock, ResponseTiming
 from ai_gateway.accounting.usage import SessionSeconds, TokenUsage
@@ -164,36 +164,36 @@ class SessionMeter:
         if item.unread is not None:
             self.problem(Malformed(item.unread, "response.create"))
 
-    def finished(self, labels: ModelLabels, done: ResponseDone, ticket: Ticket | None) -> Series | None:
-        """A response ended: billed once (None when its id was billed already), added to the totals."""
+    def finished(self, labels: ModelLabels, done: ResponseDone, ticket: Ticket | None) -> bool:
+        """A response ended: billed once (False when its id was billed already), added to the totals."""
         if done.response_id is not None:
             if done.response_id in self.billed_ids:
                 self.problem(Malformed("duplicate_usage", f"{done.response_id} was billed already"))
-                return None
+                return False
             if done.usage is not None:
                 self.remember_billed(done.response_id)
         cost = None
         if done.usage is None:
-            series = self.accounting.unbilled(self.source, labels, done.status, done.response_id, done.unread or "")
+            self.accounting.unbilled(self.source, labels, done.status, done.response_id, done.unread or "")
             if ticket is not None:
                 self.accounting.release(ticket)
         else:
-            series, cost = self.accounting.bill(self.source, labels, done.usage, done.status, done.response_id, ticket)
+            cost = self.accounting.bill(self.source, labels, done.usage, done.status, done.response_id, ticket)
             self.totals.add(done.usage)
         self.totals.responses += 1
         self.totals.changed = True
         if done.status == "failed":
             self.totals.error()
-        self.observe(labels, done, series, cost)
-        return series
+        self.observe(labels, done, cost)
+        return True
 
-    def observe(self, labels: ModelLabels, done: ResponseDone, series: Series, cost: float | None) -> None:
+    def observe(self, labels: ModelLabels, done: ResponseDone, cost: float | None) -> None:
         """A finished response's cost and timing: in the totals, the turn latency metric, the observer."""
         timing = self.timing(done.response_id)
         self.totals.cost += cost or 0.0
         self.totals.ttft = timing.ttft if timing.ttft is not None else self.totals.ttft
         if timing.turn is not None and timing.turn_latency is not None:
-            series.turn_latency(timing.turn, timing.turn_latency)
+            self.accounting.turn_latency(labels, timing.turn, timing.turn_latency)
             self.totals.turn_latency = timing.turn_latency
         guardrail = self.blocked.pop(done.response_id or "", None) if self.blocked else None
         observer = self.accounting.observer
@@ -271,9 +271,9 @@ class RealtimeMeter(SessionMeter):
                 self.clock.turn_ended(kind, time.monotonic())
             case ResponseDone(response_id=response_id):
                 ticket = self.tickets.pop(response_id, None) if response_id is not None else None
-                series = self.finished(self.labels(REALTIME, self.response_model), item, ticket)
-                if series is not None and item.usage is not None:
-                    self.latency(series, response_id, item.usage)
+                labels = self.labels(REALTIME, self.response_model)
+                if self.finished(labels, item, ticket) and item.usage is not None:
+                    self.latency(labels, response_id, item.usage)
             case UpstreamError(event_id=event_id):
                 self.totals.error()
                 self.accounting.error(self.source, "error_event")
@@ -285,8 +285,8 @@ class RealtimeMeter(SessionMeter):
                 self.transcription_model = transcription_model or self.transcription_model
                 self.session_id = item.session_id or self.session_id
             case TranscriptionDone(usage=usage):
-                billed = self.accounting.bill(self.source, self.labels(TRANSCRIPTION, self.transcription_model), usage)
-                self.totals.cost += billed.cost or 0.0
+                cost = self.accounting.bill(self.source, self.labels(TRANSCRIPTION, self.transcription_model), usage)
+                self.totals.cost += cost or 0.0
                 if isinstance(usage, TokenUsage):
                     self.totals.add(usage)
                 else:
@@ -362,14 +362,14 @@ class RealtimeMeter(SessionMeter):
         first_delta = self.timings.get(response_id) if response_id is not None else None
         return self.clock.finished(response_id, first_delta, time.monotonic())
 
-    def latency(self, series: Series, response_id: str | None, usage: TokenUsage) -> None:
+    def latency(self, labels: ModelLabels, response_id: str | None, usage: TokenUsage) -> None:
         if response_id is None:
             return
         self.awaiting_first_delta.pop(response_id, None)
         timing = self.timings.pop(response_id, None)
         if timing is not None:
             created, first = timing
-            series.latency(first - created, time.monotonic() - created, usage.output)
+            self.accounting.latency(labels, first - created, time.monotonic() - created, usage.output)
 
     def labels(self, operation: str, response_model: str) -> ModelLabels:
         return ModelLabels(operation, self.system, self.request_model, response_model)
@@ -480,7 +480,7 @@ class LiveMeter(SessionMeter):
                 return problem or self.accounting.refusal(self.source)
             case ResponseDone(response_model=response_model):
                 labels = ModelLabels(CHAT, self.system, response_model, response_model)
-                if self.finished(labels, item, None) is not None:
+                if self.finished(labels, item, None):
                     return self.accounting.refusal(self.source)
             case UpstreamError():
                 self.totals.error()
@@ -500,7 +500,7 @@ class LiveMeter(SessionMeter):
         self.reported = SessionSeconds(self.reported.active + added.active, self.reported.paused + added.paused)
         if added.seconds:
             labels = self.labels()
-            _, cost = self.accounting.bill(self.source, labels, added, ledgered=False)
+            cost = self.accounting.bill(self.source, labels, added, ledgered=False)
             self.cost = None if cost is None or self.cost is None else self.cost + cost
             self.totals.cost += cost or 0.0
             self.totals.session_seconds = self.reported.seconds

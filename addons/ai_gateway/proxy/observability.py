@@ -16,7 +16,6 @@ from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
 
 from ai_gateway.accounting.access_log import FORMATS, AccessLog
-from ai_gateway.accounting.metrics import GatewayMetrics
 from ai_gateway.accounting.observer import Observers
 from ai_gateway.accounting.tracing import Tracing, queue_size, traces_endpoint
 
@@ -26,23 +25,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-# The metric families are recreated when one of these changes: spans dropped count in the new ones.
-TRACING_OPTIONS = {
-    "gateway_otlp_endpoint",
-    "gateway_metrics_prefix",
-    "gateway_max_model_labels",
-    "gateway_max_series_per_family",
-    "gateway_operation_names",
-}
-
-
 class Observability(Observers):
     def __init__(self, state: GatewayState) -> None:
         super().__init__()
         self.state = state
         self.access_log: AccessLog | None = None
         self.tracing: Tracing | None = None
-        self.metrics: GatewayMetrics | None = None
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -61,12 +49,11 @@ class Observability(Observers):
         )
 
     def configure(self, updated: set[str]) -> None:
-        """After the metrics endpoint's: dropped spans are counted in the metrics now in force."""
         try:
             if "gateway_access_log" in updated:
                 self.configure_access_log(ctx.options.gateway_access_log)
-            if updated & TRACING_OPTIONS:
-                self.configure_tracing(ctx.options.gateway_otlp_endpoint, self.state.metrics)
+            if "gateway_otlp_endpoint" in updated:
+                self.configure_tracing(ctx.options.gateway_otlp_endpoint)
         except ValueError as e:
             self.state.refuse(str(e))
 
@@ -83,10 +70,9 @@ class Observability(Observers):
         self.access_log = None if fmt == "off" else AccessLog(fmt)
         self.refresh()
 
-    def configure_tracing(self, option: str, metrics: GatewayMetrics) -> None:
+    def configure_tracing(self, option: str) -> None:
         """Raises ValueError for an endpoint that is not an http(s) URL."""
         endpoint = traces_endpoint(option, os.environ)
-        self.metrics = metrics
         if self.tracing is not None and (endpoint is None or endpoint != self.tracing.endpoint):
             self.tracing.shutdown()
             self.tracing = None
@@ -101,9 +87,8 @@ class Observability(Observers):
         self.replace(o for o in (self.access_log, self.tracing, conversations) if o is not None)  # type: ignore[misc]
 
     def dropped(self, reason: str, count: int) -> None:
-        """Spans lost on the export thread, counted in the gateway's current metrics."""
-        if self.metrics is not None:
-            self.metrics.trace_spans_dropped.labels(reason).inc(count)
+        """Spans lost on the export thread, counted by Accounting in the metrics now in force."""
+        self.state.accounting.spans_dropped(reason, count)
 
     def request_arrived(self, flow: http.HTTPFlow, operation: str, model: str | None) -> None:
         """A metered request (or WebSocket handshake): its span, and the trace forwarded upstream."""
