@@ -18,6 +18,7 @@ from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread
 
 from ..clients import wait_until, websocket_base
 from ..conftest import LAUNCHERS
+from .test_drain import drain_sessions
 from .test_faults import self_signed
 from .test_frame_relay import STRIPPED, open_sessions
 from .test_gemini_live_e2e import (  # noqa: F401  (fixtures and tests, collected again against live_gateway below)
@@ -113,6 +114,12 @@ def test_a_session_past_max_session_seconds_is_closed_with_1008(tmp_path, upstre
         samples = scrape(gateway.metrics_url)
     assert CHOSEN in gateway.log()
     assert_closed_by_the_limit(code, text, seconds, samples, "session_too_long")
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_sigterm_drains_sessions_relayed_by_their_sockets(tmp_path, launcher):
+    log = drain_sessions(tmp_path, launcher, [arg for k, v in SOCKETS.items() for arg in ("--set", f"{k}={v}")])
+    assert CHOSEN in log
 
 
 @pytest.fixture(scope="module", params=LAUNCHERS)

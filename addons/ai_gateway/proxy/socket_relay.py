@@ -96,9 +96,7 @@ class Leg(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.watchdog.register_activity()  # mitmproxy's tcp_timeout counts what is relayed here
-        if self.tls is not None:
-            data = self.decrypt(data)
-        if data and self.session is not None:
+        if self.session is not None:
             self.session.received(self.side, data)
 
     def eof_received(self) -> bool:
@@ -137,10 +135,11 @@ class Leg(asyncio.Protocol):
             self.tls.sendall(data)
         self.flush_tls()
 
-    def decrypt(self, data: bytes) -> bytes:
-        """Ciphertext in, plaintext out; a close_notify or a TLS error closes the leg."""
+    def plaintext(self, data: bytes) -> bytes:
+        """What the peer sent: on a TLS leg decrypted (a close_notify or a TLS error closes the leg)."""
         tls = self.tls
-        assert tls is not None
+        if tls is None:
+            return data
         tls.bio_write(data)
         plaintext = bytearray()
         close = False
@@ -212,9 +211,14 @@ class SocketSession(ByteSession):
         return super().chunk(Chunk(side, content))
 
     def received(self, side: bool, data: bytes) -> None:
+        """Bytes from a peer's socket; held as they came (ciphertext on a TLS leg, which mitmproxy
+        may still be reading records of) while earlier bytes are in mitmproxy's hands."""
         held = self.held[side]
         if held is not None:
             held.append(data)
+            return
+        data = self.legs[side].plaintext(data)
+        if not data:
             return
         pending = super().chunk(Chunk(side, data))
         if pending is not None:  # a response.create waits for the shared store: this peer waits too
