@@ -42,6 +42,7 @@ from .test_realtime_e2e import (  # noqa: F401  (collected again here, against t
     test_transcription_only_session,
     test_transcription_usage_is_metered_under_the_transcription_model,
 )
+from .test_shared_limits import key_budget, redis_server  # noqa: F401  (redis_server: a fixture)
 from .test_spend_controls import (  # noqa: F401  (upstream: a fixture)
     LIMIT,
     RESERVE,
@@ -93,6 +94,27 @@ def test_refused_response_creates_are_cut_out_and_answered_with_an_error(tmp_pat
     assert finished == sum(e.kind == "response" for e in upstream.usage_for(model))  # none refused went upstream
     assert LIMIT - RESERVE <= spent <= TARGET * LIMIT
     assert sum(select(samples, action="refused_response", reason="budget_exceeded").values()) >= 10
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_response_creates_wait_for_the_shared_store_and_are_refused_past_its_budget(
+    tmp_path,
+    redis_server,  # noqa: F811 (a fixture)
+    upstream,  # noqa: F811 (a fixture)
+    launcher,
+):
+    """Each response.create waits for the store's admission while the client's socket is paused;
+    what the client sent meanwhile is relayed after it, in order."""
+    model = f"gpt-realtime-sockets-shared-{launcher}"
+    policy = Path(key_budget(tmp_path, redis_server.url))
+    policy.write_text(policy.read_text().replace("  /realtime: Realtime\n", STRIPPED.removeprefix("routes:\n")))
+    with GatewayProcess(upstream.url, launcher=launcher, options={**SOCKETS, "gateway_policy": str(policy)}) as gateway:
+        url = f"{websocket_base(gateway.url)}/v1/realtime?model={model}"
+        finished = asyncio.run(respond_until_refused(url, f"sk-sockets-shared-{launcher}", pipelined=10))
+    assert CHOSEN in gateway.log()
+    spent = tokens(upstream.usage_for(model))
+    assert finished == sum(e.kind == "response" for e in upstream.usage_for(model))  # none refused went upstream
+    assert LIMIT - RESERVE <= spent <= TARGET * LIMIT
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
