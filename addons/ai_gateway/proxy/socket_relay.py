@@ -96,8 +96,12 @@ class Leg(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.watchdog.register_activity()  # mitmproxy's tcp_timeout counts what is relayed here
-        if self.session is not None:
+        if self.session is None:
+            return
+        try:
             self.session.received(self.side, data)
+        except Exception:  # as in a hook: logged, the session goes on
+            logger.exception("ai-gateway: relaying frames failed for %s", self.session.flow.id)
 
     def eof_received(self) -> bool:
         return False  # the transport closes; connection_lost follows
@@ -105,6 +109,8 @@ class Leg(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.session is not None:
             self.session.lost(self.side, exc)
+        else:  # the session has ended (mitmproxy closed the socket): its parked protocol is told at once
+            self.parked.connection_lost(exc)
 
     def pause_writing(self) -> None:
         if self.session is not None:  # the other peer waits while this one cannot take more
@@ -208,6 +214,8 @@ class SocketSession(ByteSession):
         if content is self.markers[side]:
             self.release(side)
             return None
+        if self.held[side] is None:  # mitmproxy read it after the marker: PRIMING_SECONDS were not enough
+            logger.warning("ai-gateway: %d bytes of %s relayed out of order", len(content), self.flow.id)
         return super().chunk(Chunk(side, content))
 
     def received(self, side: bool, data: bytes) -> None:
