@@ -5,6 +5,7 @@ scenarios run again here, on both launchers, each asserting the path was taken."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import ssl
 from collections.abc import Iterator
@@ -157,39 +158,62 @@ def test_gemini_live_sessions_take_the_sockets_path(live_gateway, live_simulator
     assert "over its sockets (client TLS," in live_gateway.log()
 
 
-async def busy_until_closed(url: str, context: ssl.SSLContext) -> tuple[int | None, str, float, int]:
-    """One response after another until the gateway closes the session: its close code and reason,
-    how long it was open, the responses the client saw finish."""
+async def tls_session(url: str, context: ssl.SSLContext, responses: int | None) -> tuple[int, int | None, str, float]:
+    """`responses` responses one after another and a close by the client, or (None) responses until
+    the gateway closes the session: how many finished, the close code and reason, how long it was open."""
     finished = 0
     async with websockets.connect(url, ssl=context) as ws:
         opened = asyncio.get_running_loop().time()
         await ws.recv()
-        with pytest.raises(websockets.ConnectionClosed):
-            while True:
+        try:
+            while responses is None or finished < responses:
                 await ws.send(json.dumps({"type": "response.create"}))
                 while json.loads(await asyncio.wait_for(ws.recv(), timeout=10))["type"] != "response.done":
                     pass
                 finished += 1
-        return ws.close_code, ws.close_reason, asyncio.get_running_loop().time() - opened, finished
+        except websockets.ConnectionClosed:
+            assert responses is None, "only the gateway's limit closes the session"
+    return finished, ws.close_code, ws.close_reason or "", asyncio.get_running_loop().time() - opened
+
+
+@contextlib.contextmanager
+def tls_upstream_and_gateway(tmp_path: Path, launcher: str, policy: str) -> Iterator[tuple[Simulator, GatewayProcess]]:
+    """An https upstream, and the gateway in front of it relaying by sockets; the client dials wss://
+    (the gateway's CA in its confdir)."""
+    options = {**SOCKETS, "gateway_policy": sockets_policy(tmp_path, policy), "confdir": str(tmp_path / "confdir")}
+    with (
+        SimulatorThread(ssl_context=self_signed(tmp_path), audio_deltas=13) as https_upstream,
+        GatewayProcess(https_upstream.url, launcher=launcher, options={**options, "ssl_insecure": "true"}) as gateway,
+    ):
+        yield https_upstream, gateway
+
+
+def run_tls_session(gateway: GatewayProcess, model: str, responses: int | None) -> tuple[int, int | None, str, float]:
+    context = ssl.create_default_context(cafile=str(Path(gateway.options["confdir"]) / "mitmproxy-ca-cert.pem"))
+    url = gateway.url.replace("http://", "wss://", 1) + f"/v1/realtime?model={model}"
+    return asyncio.run(tls_session(url, context, responses))
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_tls_on_both_legs_is_relayed_metered_and_closed_with_1008(tmp_path, launcher):
+def test_tls_on_both_legs_is_relayed_and_metered_exactly(tmp_path, launcher):
     """The client dials wss:// and the upstream is https: both legs' TLS carried on by the relay."""
     model = f"gpt-realtime-sockets-tls-{launcher}"
-    confdir = tmp_path / "confdir"
+    with tls_upstream_and_gateway(tmp_path, launcher, "") as (https_upstream, gateway):
+        finished, code, _, _ = run_tls_session(gateway, model, 5)
+        wait_until(lambda: not open_sessions(gateway))
+        assert_metered_exactly(gateway.metrics_url, model, https_upstream.usage_for(model))
+        assert sum(e.kind == "response" for e in https_upstream.usage_for(model)) == finished == 5
+        assert code == 1000 and BOTH_TLS in gateway.log()
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_tls_on_both_legs_is_closed_with_1008_past_max_session_seconds(tmp_path, launcher):
+    """Frames the upstream sends after the gateway's close are neither relayed nor metered, on every
+    path: this session is not compared with the upstream's ledger."""
     limit = "limits:\n  client_key: {max_session_seconds: 2}\n"
-    options = {**SOCKETS, "gateway_policy": sockets_policy(tmp_path, limit), "confdir": str(confdir)}
-    with (
-        SimulatorThread(ssl_context=self_signed(tmp_path), audio_deltas=13) as upstream,  # noqa: F811 (not the fixture)
-        GatewayProcess(upstream.url, launcher=launcher, options={**options, "ssl_insecure": "true"}) as gateway,
-    ):
-        context = ssl.create_default_context(cafile=str(confdir / "mitmproxy-ca-cert.pem"))
-        url = gateway.url.replace("http://", "wss://", 1) + f"/v1/realtime?model={model}"
-        code, text, seconds, finished = asyncio.run(busy_until_closed(url, context))
+    with tls_upstream_and_gateway(tmp_path, launcher, limit) as (_, gateway):
+        finished, code, text, seconds = run_tls_session(gateway, f"gpt-realtime-sockets-tls-limit-{launcher}", None)
         wait_until(lambda: not open_sessions(gateway))
         samples = scrape(gateway.metrics_url)
-        assert_metered_exactly(gateway.metrics_url, model, upstream.usage_for(model))
-    assert BOTH_TLS in gateway.log()
-    assert finished >= 1 and finished <= sum(e.kind == "response" for e in upstream.usage_for(model))
+        assert finished >= 1 and BOTH_TLS in gateway.log()
     assert_closed_by_the_limit(code, text, seconds, samples, "session_too_long")
