@@ -23,6 +23,7 @@ from mitmproxy.contentviews import Contentview, Metadata, SyntaxHighlight
 from mitmproxy.utils import strutils
 
 from ai_gateway.accounting.items import Malformed, ResponseDone, SessionTime, UsageItem
+from ai_gateway.accounting.redaction import Redactor
 from ai_gateway.accounting.usage import MODALITIES, DurationUsage, InvalidUsage, TokenUsage
 from ai_gateway.protocols.json_events import decode_json, event_type
 from ai_gateway.protocols.openai_http import read_completions_chunk, read_responses_event
@@ -37,6 +38,7 @@ from ai_gateway.protocols.realtime_conversation import ASSISTANT, TOOL, USER, Co
 from ai_gateway.protocols.usage_fields import parse_realtime_usage, parse_transcription_usage
 from ai_gateway.proxy.conversation import Conversations, replay
 from ai_gateway.proxy.history import COMPLETIONS_CHUNK, replace_audio
+from ai_gateway.proxy.state import GatewayState
 
 # Above JSON (1) and Raw (0.1): WebSocket messages have no content type for other views to claim them by.
 PRIORITY = 2.0
@@ -72,6 +74,7 @@ class RealtimeView(Contentview):
     name = "OpenAI Realtime"
     syntax_highlight: SyntaxHighlight = "yaml"  # what mitmproxy's JSON view highlights with
     conversations: Conversations | None = None  # the gateway's, once loaded: each response.done's turn
+    state: GatewayState | None = None  # the gateway's, once loaded: the policy's redaction
 
     def render_priority(self, data: bytes, metadata: Metadata) -> float:
         """Claim OpenAI events on WebSockets and OpenAI streams, read from the first bytes only."""
@@ -86,7 +89,8 @@ class RealtimeView(Contentview):
                 return _render_stream(data)
             flow = metadata.flow
             conversations = self.conversations
-            return _render_frame(data, conversations.get(flow.id) if conversations and flow else None)
+            redactor = self.state.redactor if self.state is not None else None
+            return _render_frame(data, conversations.get(flow.id) if conversations and flow else None, redactor)
         except RecursionError:  # decoded, but nested too deeply to encode again
             return _unreadable(data, "nested too deeply")
 
@@ -110,11 +114,15 @@ def _is_realtime_path(flow: http.HTTPFlow) -> bool:
     return path.endswith(("/realtime", "/live/sessions")) or _LIVE_SIDEBAND.search(path) is not None
 
 
-def _render_frame(data: bytes, conversation: Conversation | None = None) -> str:
+def _render_frame(data: bytes, conversation: Conversation | None = None, redactor: Redactor | None = None) -> str:
+    """An event as shown: also a message not yet redacted in the history (the one being relayed) is
+    shown redacted."""
     event = decode_json(data)
     if isinstance(event, Malformed):
-        return _unreadable(data, event.detail)
-    text = _render_event(event)
+        shown = data if redactor is None else redactor.redact(data.decode("utf-8", "replace")).encode()
+        return _unreadable(shown, event.detail)
+    replace_audio(event)
+    text = _render_event(redactor.redact_value(event) if redactor is not None else event)
     turn = _answer(event, conversation) if conversation is not None else None
     return f"{text}\n{_banner('turn', [turn_summary(turn)])}" if turn is not None else text
 
@@ -258,22 +266,28 @@ class ConversationView(Contentview):
     name = "Realtime conversation"
     syntax_highlight: SyntaxHighlight = "none"
     conversations: Conversations | None = None  # the live sessions' turns; a flow read from a file is replayed
+    state: GatewayState | None = None  # the gateway's, once loaded: the policy's redaction
 
     def render_priority(self, data: bytes, metadata: Metadata) -> float:
         flow = metadata.flow
         if not isinstance(flow, http.HTTPFlow) or flow.websocket is None or metadata.websocket_message is not None:
             return 0
-        is_realtime = flow.request.path.split("?", 1)[0].rstrip("/").endswith("/realtime")
-        return PRIORITY if metadata.http_message is flow.response and is_realtime else 0
+        return PRIORITY if metadata.http_message is flow.response and is_realtime_session(flow) else 0
 
     def prettify(self, data: bytes, metadata: Metadata) -> str:
         flow = metadata.flow
         assert isinstance(flow, http.HTTPFlow) and flow.websocket is not None  # claimed by render_priority
         live = self.conversations.get(flow.id) if self.conversations is not None else None
-        return render_conversation(live or replay(flow.websocket.messages), recorded=live is not None)
+        redactor = self.state.redactor if self.state is not None else None
+        return render_conversation(live or replay(flow.websocket.messages), live is not None, redactor)
 
 
-def render_conversation(conversation: Conversation, recorded: bool = True) -> str:
+def is_realtime_session(flow: http.HTTPFlow) -> bool:
+    """A WebSocket flow on an OpenAI Realtime path: what the conversation view and the export take."""
+    return flow.websocket is not None and flow.request.path.split("?", 1)[0].rstrip("/").endswith("/realtime")
+
+
+def render_conversation(conversation: Conversation, recorded: bool = True, redactor: Redactor | None = None) -> str:
     """The turns, one block each: when, who, what was said or called, what happened to it, its cost."""
     turns = conversation.turns
     header = [f"══ conversation: {len(turns):,} turn{'' if len(turns) == 1 else 's'} ══"]
@@ -284,11 +298,12 @@ def render_conversation(conversation: Conversation, recorded: bool = True) -> st
     if not turns:
         return "\n".join([*header, "nobody has spoken yet and no response has started"])
     start = turns[0].at
+    scrub = redactor.redact if redactor is not None else str
     blocks = []
     for turn in turns:
-        lines = [f"[{clock(turn.at - start)}] {speaker(turn)}: {said(turn)}"]
-        lines += [f"    → calls {c.name or '?'}({c.arguments}) {c.call_id or ''}".rstrip() for c in turn.calls]
-        lines += [f"    ! {note}" for note in turn.notes]
+        lines = [f"[{clock(turn.at - start)}] {speaker(turn)}: {scrub(said(turn))}"]
+        lines += [f"    → calls {c.name or '?'}({scrub(c.arguments)}) {c.call_id or ''}".rstrip() for c in turn.calls]
+        lines += [f"    ! {scrub(note)}" for note in turn.notes]
         if turn.role == ASSISTANT:
             lines.append(f"    {turn_summary(turn)}")
         blocks.append("\n".join(lines))

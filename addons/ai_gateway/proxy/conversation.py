@@ -51,9 +51,9 @@ class Conversations(Observer):
         )
 
     def configure(self, updated: set[str]) -> None:
-        if "gateway_conversations" in updated:
-            mode = ctx.options.gateway_conversations
-            self.enabled = mode == "on" or (mode == "auto" and "web_port" in ctx.options)
+        if updated & {"gateway_conversations", "gateway_record"}:
+            mode, recording = ctx.options.gateway_conversations, bool(getattr(ctx.options, "gateway_record", ""))
+            self.enabled = mode == "on" or (mode == "auto" and ("web_port" in ctx.options or recording))
             self.active = self.enabled
             self.changed()
 
