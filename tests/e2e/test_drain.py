@@ -68,6 +68,11 @@ def refused(port: int) -> bool:
     ids=["mitmdump", "serve", "serve-workers"],
 )
 def test_sigterm_drains_open_sessions_and_every_finished_response_is_in_the_ledger(tmp_path, launcher, args):
+    drain_sessions(tmp_path, launcher, args)
+
+
+def drain_sessions(tmp_path, launcher: str, args: list[str]) -> str:
+    """SESSIONS sessions drained by SIGTERM, checked; the gateway's log."""
     ledger = tmp_path / "usage.jsonl"
     options = {"gateway_usage_log": str(ledger), "gateway_drain_seconds": str(DRAIN_SECONDS)}
     with (
@@ -116,6 +121,7 @@ def test_sigterm_drains_open_sessions_and_every_finished_response_is_in_the_ledg
     assert counted == len(finished) == len(ids) == len(simulator.ledger)
     assert clients[0].closed_at is not None and clients[0].closed_at - signalled >= DRAIN_SECONDS - 0.5
     assert exited_at - signalled < DRAIN_SECONDS + 3, "the process exits within the drain deadline"
+    return gateway.log()
 
 
 def chat(connection: http.client.HTTPConnection, headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:

@@ -82,7 +82,7 @@ def gateway_for(simulator: SimulatorThread, tmp_path: Path, launcher: str, optio
     return gateway
 
 
-@pytest.mark.parametrize("relay", ["messages", "frames"])
+@pytest.mark.parametrize("relay", ["messages", "frames", "sockets"])
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_a_recorded_session_holds_the_audio_as_sent_and_no_personal_data(tmp_path: Path, launcher: str, relay: str):
     record = tmp_path / "recordings"

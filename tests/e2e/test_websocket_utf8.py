@@ -77,11 +77,11 @@ def ended(gateway: GatewayProcess) -> tuple[dict[str, float]] | None:
     return ({dict(labels)["error_type"]: value for (sample, labels), value in errors.items() if sample == name},)
 
 
-@pytest.mark.parametrize("relay", ["messages", "frames"])
+@pytest.mark.parametrize("relay", ["messages", "frames", "sockets"])
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 @pytest.mark.parametrize("sender", ["client", "upstream"])
 def test_invalid_utf8_text_frame_closes_the_session_with_1007(launcher, sender, relay):
-    """The same on the frames path (gateway_relay=frames), where the gateway's reader finds it."""
+    """The same on the byte paths (gateway_relay=frames, sockets), where the gateway's reader finds it."""
     with SimulatorThread(server=InvalidTextUpstream()) as upstream:
         options = {"gateway_relay": relay, "termlog_verbosity": "debug"}
         with GatewayProcess(upstream.url, launcher=launcher, options=options) as gateway:
@@ -93,7 +93,8 @@ def test_invalid_utf8_text_frame_closes_the_session_with_1007(launcher, sender, 
     # Counted as the upstream's failure only when the upstream sent the frame.
     assert errors == ({"ws_close_1007": 1.0} if sender == "upstream" else {})
     assert close_code == 1007  # what the client sees, whichever side sent the frame
-    assert ("as frames" in gateway.log()) == (relay == "frames")
+    assert ("as frames" in gateway.log()) == (relay != "messages")  # a sockets session is chosen for frames first
+    assert ("over its sockets" in gateway.log()) == (relay == "sockets")
     assert upstream.close_codes == [1007]
     assert len(received) == 1, "nothing after session.created reached the client"
     assert upstream.received == ([] if sender == "client" else [SEND_INVALID])

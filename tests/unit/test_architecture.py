@@ -24,6 +24,7 @@ RUNTIME_IMPORTS = {
     "compression",
     "wsproto",  # mitmproxy's WebSocket protocol: proxy/closer.py hands its layer a close event
     "opentelemetry",
+    "OpenSSL",  # pyOpenSSL, mitmproxy's TLS: proxy/socket_relay.py carries a TLS leg's SSL.Connection on
     "websockets",  # its C apply_mask unmasks client frames on gateway_relay=frames (protocols/ws_frames.py)
 }
 TOOL_ONLY = {"aiohttp", "openai", "psutil", "tqdm", "matplotlib", "playwright", "pytest"}

@@ -9,7 +9,6 @@ from ai_gateway.proxy.collector import StartupObjects
 from ai_gateway.proxy.contentview import conversation_view, gemini_view, realtime_view
 from ai_gateway.proxy.drain import Drain
 from ai_gateway.proxy.export import SessionExport
-from ai_gateway.proxy.frame_relay import FrameRelay
 from ai_gateway.proxy.guardrails import Guardrails
 from ai_gateway.proxy.http_guardrails import HttpGuardrails
 from ai_gateway.proxy.http_metering import HttpMetering
@@ -21,6 +20,7 @@ from ai_gateway.proxy.replay import Replay
 from ai_gateway.proxy.request_policy import RequestPolicy
 from ai_gateway.proxy.retention import KeptHistory
 from ai_gateway.proxy.sessions import SessionMetering
+from ai_gateway.proxy.socket_relay import SocketRelay
 from ai_gateway.proxy.state import GatewayState
 from ai_gateway.proxy.usage_log import UsageLog
 
@@ -61,7 +61,7 @@ class Gateway:
         self.session_metering = SessionMetering(
             self.state, injections, self.guardrails, self.kept_history, self.recorder
         )
-        self.frame_relay = FrameRelay(self.state, self.session_metering)
+        self.frame_relay = SocketRelay(self.state, self.session_metering)  # FrameRelay's paths and `sockets`
         self.usage_log = UsageLog(self.state)
         self.replay = Replay(self.state)
         self.session_export = SessionExport(self.state)

@@ -50,7 +50,7 @@ from ai_gateway.proxy import closer, drain
 from ai_gateway.proxy.sessions import SESSION_OPEN_METADATA, Session, SessionMetering
 from ai_gateway.proxy.state import GatewayState
 
-RELAYS = ("auto", "frames", "messages")
+RELAYS = ("auto", "frames", "messages", "sockets")  # sockets: proxy/socket_relay.py
 # mitmproxy's and the gateway's own addons: any other addon with a WebSocket hook wants messages.
 OWN_MODULES = ("mitmproxy.", "ai_gateway.")
 
@@ -74,8 +74,9 @@ class FrameRelay:
             "messages",
             "How an admitted WebSocket session is relayed: 'messages' by mitmproxy's WebSocket layer, "
             "'frames' as bytes by its TCP layer with the frames read on the side (no WebSocket view, "
-            "nothing saved per message); 'auto' takes frames unless under mitmweb, saving flows, or "
-            "another addon has a WebSocket hook.",
+            "nothing saved per message); 'sockets' as 'frames', relayed between the two sockets by the "
+            "event loop rather than mitmproxy's TCP layer; 'auto' takes frames unless under mitmweb, "
+            "saving flows, or another addon has a WebSocket hook.",
             choices=RELAYS,
         )
 
@@ -85,7 +86,7 @@ class FrameRelay:
 
     def frames(self) -> bool:
         if self.relay != "auto":
-            return self.relay == "frames"
+            return self.relay in ("frames", "sockets")
         options = ctx.options
         if "web_port" in options or getattr(options, "save_stream_file", None):
             return False
@@ -127,11 +128,15 @@ class FrameRelay:
             return
         try:
             self.metering.start_session(handshake)
-            session = ByteSession(handshake, flow, self.metering, self.state.max_body_bytes)
+            session = self.session(handshake, flow)
             self.sessions[flow.id] = session
             self.metering.links[handshake.id] = session
         except Exception:
             logger.exception("ai-gateway: tcp_start failed for %s", handshake.id)
+
+    def session(self, handshake: http.HTTPFlow, flow: tcp.TCPFlow) -> ByteSession:
+        """The relay of an admitted session (proxy/socket_relay.py's SocketRelay chooses its own)."""
+        return ByteSession(handshake, flow, self.metering, self.state.max_body_bytes)
 
     def tcp_message(self, flow: tcp.TCPFlow) -> Awaitable[None] | None:
         session = self.sessions.get(flow.id)

@@ -47,12 +47,14 @@ from ai_gateway_tools.bench.configs import (
     GATEWAY,
     GATEWAY_FRAMES,
     GATEWAY_NOFREEZE,
+    GATEWAY_SOCKETS,
     LITELLM,
     MITMDUMP,
     PORTKEY,
     SERVE,
     SERVE_FRAMES,
     SERVE_GUARDED,
+    SERVE_SOCKETS,
     SERVE_WORKERS2,
     Config,
     Workdir,
@@ -71,8 +73,8 @@ ADDED_P99_MS = 20.0  # the target: p99 latency per frame over the no-relay basel
 GREETING_DELAY = 0.05
 LOAD_SATURATED = 0.9  # the load's share of its CPU above which a miss may be the load's own
 CONFIGS = (
-    DIRECT, SERVE, SERVE_FRAMES, SERVE_GUARDED, SERVE_WORKERS2, GATEWAY, GATEWAY_FRAMES, GATEWAY_NOFREEZE, MITMDUMP,
-    FLOOR, LITELLM, PORTKEY,
+    DIRECT, SERVE, SERVE_FRAMES, SERVE_SOCKETS, SERVE_GUARDED, SERVE_WORKERS2, GATEWAY, GATEWAY_FRAMES,
+    GATEWAY_SOCKETS, GATEWAY_NOFREEZE, MITMDUMP, FLOOR, LITELLM, PORTKEY,
 )  # fmt: skip
 DEFAULT_CONFIGS = (DIRECT, SERVE, SERVE_WORKERS2, GATEWAY, MITMDUMP)
 INSTALLS: dict[str, Callable[[], Path]] = {LITELLM.name: litellm.install, PORTKEY.name: portkey.install}

@@ -220,6 +220,22 @@ SERVE_FRAMES = Config(
     lambda upstream, work: GatewayProcess(upstream, launcher="serve", options=FRAMES),
     metered=True,
 )
+# gateway_relay=sockets (issue #22, design 3): the session's two sockets relayed by the event loop's
+# transports after the handshake, frames read on the side.
+SOCKETS = {"gateway_relay": "sockets"}
+GATEWAY_SOCKETS = Config(
+    "gateway-sockets",
+    "`mitmdump -s addons/gateway.py --set gateway_relay=sockets`: sessions relayed between their sockets by "
+    "the event loop, the gateway reading frames from the bytes",
+    lambda upstream, work: GatewayProcess(upstream, options=SOCKETS),
+    metered=True,
+)
+SERVE_SOCKETS = Config(
+    "serve-sockets",
+    "`scripts/serve --set gateway_relay=sockets`",
+    lambda upstream, work: GatewayProcess(upstream, launcher="serve", options=SOCKETS),
+    metered=True,
+)
 FLOOR = Config(
     "floor",
     "a plain uvloop relay forwarding bytes both ways, parsing nothing (bench/floor.py): the Python floor",
@@ -301,14 +317,14 @@ PORTKEY = Config(
 )
 CONFIGS = (
     DIRECT, MITMDUMP, EMPTY_ADDON, BASELINE, GATEWAY, GATEWAY_DEFLATE, SERVE, SERVE_QUIET, SERVE_OBSERVED, LITELLM,
-    GATEWAY_FRAMES, SERVE_FRAMES, FLOOR, SERVE_GUARDED,
+    GATEWAY_FRAMES, SERVE_FRAMES, GATEWAY_SOCKETS, SERVE_SOCKETS, FLOOR, SERVE_GUARDED,
 )  # fmt: skip
 DEFAULT_CONFIGS = (DIRECT, MITMDUMP, GATEWAY, GATEWAY_DEFLATE, SERVE)
 # Measured in this order (and back): mitmdump sits next to each gateway, and the baseline next to
 # the gateway, so the pairs that make the ratios are measured one right after the other.
 RUN_ORDER = (
-    DIRECT, FLOOR, BASELINE, GATEWAY, GATEWAY_FRAMES, MITMDUMP, GATEWAY_DEFLATE, SERVE, SERVE_GUARDED, SERVE_FRAMES,
-    SERVE_QUIET, SERVE_OBSERVED, LITELLM, EMPTY_ADDON,
+    DIRECT, FLOOR, BASELINE, GATEWAY, GATEWAY_FRAMES, GATEWAY_SOCKETS, MITMDUMP, GATEWAY_DEFLATE, SERVE, SERVE_GUARDED,
+    SERVE_FRAMES, SERVE_SOCKETS, SERVE_QUIET, SERVE_OBSERVED, LITELLM, EMPTY_ADDON,
 )  # fmt: skip
 
 
