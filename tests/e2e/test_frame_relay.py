@@ -104,20 +104,7 @@ def test_responses_the_upstream_starts_over_budget_are_cancelled(tmp_path, launc
     assert CHOSEN in logs[0]
 
 
-@pytest.mark.parametrize(
-    "launcher",
-    [
-        pytest.param(
-            "mitmdump",
-            marks=pytest.mark.xfail(
-                reason="open: under mitmdump (asyncio loop) the client gets its 1008 close frame but, in about half "
-                "the runs, no TCP close from the gateway until its own close_timeout (10 s); scripts/serve passes",
-                strict=False,
-            ),
-        ),
-        "serve",
-    ],
-)
+@pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_a_session_past_max_session_seconds_is_closed_with_1008(tmp_path, upstream, launcher):  # noqa: F811 (a fixture)
     limit = "limits:\n  client_key: {max_session_seconds: 2}\n"
     options = {**FRAMES, "gateway_policy": frames_policy(tmp_path, limit)}

@@ -120,6 +120,7 @@ class Drain:
 
     def client_disconnected(self, client: Client) -> None:
         self.busy.pop(client.id, None)
+        release(client)
 
     def finished(self, flow: http.HTTPFlow) -> None:
         if (flows := self.busy.get(flow.client_conn.id)) is not None:
@@ -138,6 +139,27 @@ async def close_connections() -> None:
     deadline = time.monotonic() + CLOSE_SECONDS
     while proxyserver.connections and time.monotonic() < deadline:
         await asyncio.sleep(POLL_SECONDS)
+
+
+def release(client: Client) -> None:
+    """Close a client's socket that mitmproxy is done with but left open.
+
+    mitmproxy 12.3's `ConnectionHandler.handle_connection` catches a cancel only around its reads:
+    a connection closed by a command (the TCP layer's close after the upstream's, a close frame
+    relayed by the WebSocket layer) while its reader task waits for the handler's event lock ends
+    that task without `writer.close()`. The client then waits for a TCP close that never comes
+    (its close_timeout, 10 s for websockets). By `client_disconnected` the task has ended, so a
+    writer still open is one nobody will close."""
+    proxyserver: Any = ctx.master.addons.get("proxyserver")
+    handler = None if proxyserver is None else proxyserver.connections.get(client.id)
+    io = None if handler is None else handler.transports.get(client)
+    writer = None if io is None else io.writer
+    try:
+        if writer is not None and not writer.is_closing():
+            logger.debug("ai-gateway: closing the socket mitmproxy left open for %s", client.peername)
+            writer.close()
+    except Exception:
+        logger.exception("ai-gateway: closing a client socket failed")
 
 
 def close(handler: Any, reason: str) -> None:
