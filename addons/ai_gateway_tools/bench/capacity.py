@@ -45,13 +45,13 @@ from ai_gateway_tools.bench.configs import (
     DIRECT,
     FLOOR,
     GATEWAY,
-    GATEWAY_FRAMES,
+    GATEWAY_MESSAGES,
     GATEWAY_NOFREEZE,
     LITELLM,
     MITMDUMP,
     PORTKEY,
     SERVE,
-    SERVE_FRAMES,
+    SERVE_MESSAGES,
     SERVE_WORKERS2,
     Config,
     Workdir,
@@ -70,8 +70,8 @@ ADDED_P99_MS = 20.0  # the target: p99 latency per frame over the no-relay basel
 GREETING_DELAY = 0.05
 LOAD_SATURATED = 0.9  # the load's share of its CPU above which a miss may be the load's own
 CONFIGS = (
-    DIRECT, SERVE, SERVE_FRAMES, SERVE_WORKERS2, GATEWAY, GATEWAY_FRAMES, GATEWAY_NOFREEZE, MITMDUMP, FLOOR, LITELLM,
-    PORTKEY,
+    DIRECT, SERVE, SERVE_MESSAGES, SERVE_WORKERS2, GATEWAY, GATEWAY_MESSAGES, GATEWAY_NOFREEZE, MITMDUMP, FLOOR,
+    LITELLM, PORTKEY,
 )  # fmt: skip
 DEFAULT_CONFIGS = (DIRECT, SERVE, SERVE_WORKERS2, GATEWAY, MITMDUMP)
 INSTALLS: dict[str, Callable[[], Path]] = {LITELLM.name: litellm.install, PORTKEY.name: portkey.install}
