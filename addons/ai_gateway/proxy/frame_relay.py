@@ -275,13 +275,7 @@ class ByteSession:
         self.forward(message)
         return None
 
-    async def resume(
-        self,
-        admission: Awaitable[None],
-        message: tcp.TCPMessage,
-        events: list[Read],
-        rest: int,
-    ) -> None:
+    async def resume(self, admission: Awaitable[None], message: tcp.TCPMessage, events: list[Read], rest: int) -> None:
         """A response's admission waited for the shared store; then the chunk's other messages."""
         await admission
         pending = self.read(message, events, rest)
