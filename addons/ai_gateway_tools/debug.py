@@ -2,27 +2,39 @@
 
 Starts mitmweb with the gateway in front of the built-in simulated Realtime upstream (or --upstream),
 prints the web UI's address with its login token and the ws:// address clients connect to, with
---drive runs a short session through it so there is something to look at, relays mitmweb's log and
-runs until Ctrl-C, which stops mitmweb and the simulator.
+--drive runs a session through it so there is something to look at (against the simulator: a voice
+session with every kind of turn, server-VAD turns, a barge-in the client cancels and truncates, a
+function call and its result; against a real upstream: three short text answers), relays mitmweb's
+log and runs until Ctrl-C, which stops mitmweb and the simulator.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from typing import Any
+
+import websockets
 
 from ai_gateway_tools.demo import drive_session, upstream
 from ai_gateway_tools.harness import GatewayProcess
 
 MODEL = "gpt-realtime"
-DRIVEN_RESPONSES = 3
+DRIVEN_RESPONSES = 3  # against a real upstream
 LOG_POLL_SECONDS = 0.2
+# The simulator paced for a voice session: deltas far enough apart for a barge-in to land mid-answer.
+VOICE_SIMULATOR: dict[str, Any] = {"audio_deltas": 3, "transcript_deltas": 5, "delta_interval": 0.05}
+VOICE = base64.b64encode(bytes(24_000)).decode()  # half a second of silence: server VAD hears a whole turn
+TRUNCATED_MS = 120  # where the barge-in cuts the answer's audio
+TOOL = "get_weather"
 
 _WEB_URL = re.compile(r"Web server listening at (\S+)")
 
@@ -33,14 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         with (
-            upstream(args.upstream) as (url, simulator),
+            upstream(args.upstream, **VOICE_SIMULATOR) as (url, simulator),
             mitmweb(url, web_port=args.web_port, port=args.port) as gateway,
         ):
             simulated = simulator is not None
             print(banner(gateway, url, simulated=simulated), flush=True)
             started = len(gateway.log())
-            if args.drive:
-                asyncio.run(drive_session(gateway.url, MODEL, DRIVEN_RESPONSES, real=not simulated))
+            if args.drive and simulated:
+                asyncio.run(drive_voice_session(gateway.url))
+            elif args.drive:
+                asyncio.run(drive_session(gateway.url, MODEL, DRIVEN_RESPONSES, real=True))
             stopped = "mitmweb and the simulator" if simulated else "mitmweb"
             print(f"Ctrl-C stops {stopped}; mitmweb's log follows.\n", flush=True)
             return follow_log(gateway, started)
@@ -57,12 +71,59 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--web-port", type=int, default=8081, help="port of mitmweb's UI (default: %(default)s)")
     parser.add_argument("--upstream", help="a real upstream, e.g. https://api.openai.com, instead of the simulator")
     parser.add_argument(
-        "--drive", action="store_true", help=f"run a {DRIVEN_RESPONSES}-response session with the openai SDK first"
+        "--drive",
+        action="store_true",
+        help="run a session first: a voice session with a barge-in and a function call against the simulator, "
+        f"{DRIVEN_RESPONSES} short text answers with the openai SDK against --upstream",
     )
     args = parser.parse_args(argv)
     if args.drive and args.upstream and not os.environ.get("OPENAI_API_KEY"):
         parser.error("--drive with --upstream needs OPENAI_API_KEY in the environment")
     return args
+
+
+async def drive_voice_session(gateway_url: str, model: str = MODEL) -> None:
+    """Two server-VAD voice turns, a barge-in on the second answer (the user speaks over it, the
+    client cancels it and truncates its audio where the user stopped hearing it), a third voice turn,
+    then a function call, its output and the answer after it: what a voice agent with tools does.
+    Against the simulator (VOICE_SIMULATOR), which transcribes speech and calls a function on request."""
+    transcribed = {"model": "gpt-4o-transcribe"}
+    vad = {
+        "type": "realtime",
+        "audio": {"input": {"turn_detection": {"type": "server_vad"}, "transcription": transcribed}},
+    }
+    base = gateway_url.replace("http://", "ws://", 1)
+    async with websockets.connect(f"{base}/v1/realtime?model={model}") as ws:
+
+        async def until(kind: str) -> dict[str, Any]:
+            while (event := json.loads(await ws.recv()))["type"] != kind:
+                pass
+            return event
+
+        async def send(**event: Any) -> None:
+            await ws.send(json.dumps(event))
+
+        await until("session.created")
+        await send(type="session.update", session=vad)
+        await send(type="input_audio_buffer.append", audio=VOICE)
+        await until("response.done")
+        await send(type="input_audio_buffer.append", audio=VOICE)
+        delta = await until("response.output_audio.delta")
+        await send(type="input_audio_buffer.append", audio=VOICE[: len(VOICE) // 4])  # the user speaks over it
+        await send(type="response.cancel")
+        await send(
+            type="conversation.item.truncate", item_id=delta["item_id"], content_index=0, audio_end_ms=TRUNCATED_MS
+        )
+        if (await until("response.done"))["response"]["status"] != "cancelled":
+            raise RuntimeError("the upstream finished the answer the client cancelled")
+        await send(type="input_audio_buffer.append", audio=VOICE)  # the rest of the user's turn
+        await until("response.done")
+        await send(type="response.create", response={"metadata": {"sim_function_call": TOOL}})
+        call = (await until("response.done"))["response"]["output"][0]
+        output = {"type": "function_call_output", "call_id": call["call_id"], "output": '{"temperature": 18}'}
+        await send(type="conversation.item.create", item=output)
+        await send(type="response.create")
+        await until("response.done")
 
 
 def mitmweb(upstream_url: str, *, web_port: int, port: int | None = None) -> GatewayProcess:

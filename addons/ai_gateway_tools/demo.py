@@ -21,6 +21,7 @@ import tempfile
 from collections import defaultdict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from google import genai
 from google.genai import types
@@ -114,11 +115,12 @@ async def drive_gemini_session(gateway_url: str, ca: ssl.SSLContext, model: str,
 
 
 @contextlib.contextmanager
-def upstream(url: str | None) -> Iterator[tuple[str, Simulator | None]]:
+def upstream(url: str | None, **simulator_options: Any) -> Iterator[tuple[str, Simulator | None]]:
+    """`url`, or the simulator (with these options) started for the duration."""
     if url:
         yield url, None
         return
-    with SimulatorThread() as simulator:
+    with SimulatorThread(**simulator_options) as simulator:
         yield simulator.url, simulator
 
 

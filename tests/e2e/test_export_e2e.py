@@ -1,5 +1,6 @@
-"""realtime.export from mitmweb's command API: the WAVs hold exactly the audio the simulator sent
-and the client appended, the events their frames without audio, the turns the conversation."""
+"""realtime.export from mitmweb's command API, with mitmweb's defaults (relayed audio kept within
+its caps): the WAVs hold exactly the audio the simulator sent and the client appended, whole and
+per turn, the events their frames without audio, the turns the conversation."""
 
 from __future__ import annotations
 
@@ -41,7 +42,6 @@ async def session(gateway_url: str) -> bytes:
 def test_realtime_export_writes_the_session_s_audio_as_sent(tmp_path: Path) -> None:
     with SimulatorThread(seed=25, audio_deltas=4, audio_bytes=9600) as simulator:
         gateway = mitmweb(simulator.url, web_port=free_port())
-        gateway.options |= {"gateway_strip_audio": "false"}
         with gateway:
             token = web_url(gateway).split("token=", 1)[1]
             heard = asyncio.run(session(gateway.url))
@@ -59,5 +59,11 @@ def test_realtime_export_writes_the_session_s_audio_as_sent(tmp_path: Path) -> N
     )
     turns = json.loads((bundle / "turns.json").read_text())["turns"]
     assert [t["role"] for t in turns] == ["user", "assistant", "assistant"]
+    assert [t["wav"] for t in turns] == ["turns/001-user.wav", "turns/002-model.wav", "turns/003-model.wav"]
+    for turn, expected in zip(
+        turns, [b"".join(SPOKEN), heard[: len(heard) // 2], heard[len(heard) // 2 :]], strict=True
+    ):
+        with wave.open(str(bundle / turn["wav"]), "rb") as wav:
+            assert wav.readframes(wav.getnframes()) == expected
     assert all(t["cost_usd"] > 0 and t["ttft_ms"] is not None for t in turns[1:])
     assert f"written to {bundle}" in log

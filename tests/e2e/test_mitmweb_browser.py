@@ -1,4 +1,5 @@
-"""mitmweb in a real browser: session totals updated live in the flow list, the "OpenAI Realtime" view on messages.
+"""mitmweb in a real browser: session totals updated live in the flow list, the "OpenAI Realtime" view on
+messages, Realtime and Gemini Live sessions read as conversations.
 
 The other tests prove what the addon does to flows; only a browser proves what a developer sees in
 mitmweb. Debian's Chromium is the browser, driven by Playwright: test tools cannot download browser
@@ -10,23 +11,22 @@ responses of the session. `UPDATE_SCREENSHOT=1` refreshes docs/mitmweb.png with 
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
 import os
 import re
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
-import websockets
 from openai import AsyncOpenAI
 
-from ai_gateway_tools.debug import mitmweb, web_url
+from ai_gateway_tools.debug import TRUNCATED_MS, VOICE_SIMULATOR, drive_voice_session, mitmweb, web_url
 from ai_gateway_tools.harness import free_port
+from ai_gateway_tools.simulators.gemini_live import USER_TRANSCRIPT, GeminiLiveSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread, resolve_model
 
 from ..clients import RESPONSE_DONE, websocket_base
+from . import test_gemini_conversation_e2e as gemini
+from .test_gemini_live_e2e import LiveGateway
 
 pytest.importorskip("playwright", reason="playwright is not installed (the test extra has it)")
 from playwright.async_api import Locator, Page, ViewportSize, async_playwright, expect  # noqa: E402
@@ -155,7 +155,6 @@ async def drag_splitter(page: Page, to_x: float) -> None:
 
 CONVERSATION_SCREENSHOT = ROOT / "docs" / "mitmweb-conversation.png"
 CONVERSATION_VIEWPORT: ViewportSize = {"width": 1600, "height": 960}  # the conversation, without a blank half
-VOICE = base64.b64encode(bytes(24_000)).decode()  # half a second of silence: server VAD hears a whole turn
 TRANSCRIPT = "Hello from the simulated upstream"  # what the simulator transcribes and says
 
 
@@ -163,14 +162,14 @@ def test_mitmweb_shows_a_voice_session_as_a_conversation(chromium: Path, tmp_pat
     """Voice turns, a barge-in (cancel and truncate) and a tool call, read in the "Realtime conversation"
     view of the handshake's response, each answer's cost and latency under it and under its response.done."""
     with (
-        SimulatorThread(seed=20261207, audio_deltas=3, transcript_deltas=5, delta_interval=0.05) as simulator,
+        SimulatorThread(seed=20261207, **VOICE_SIMULATOR) as simulator,
         mitmweb(simulator.url, web_port=free_port()) as gateway,
     ):
         asyncio.run(read_conversation(chromium, web_url(gateway), gateway.url, tmp_path / "conversation.png"))
 
 
 async def read_conversation(chromium: Path, ui_url: str, gateway_url: str, screenshot_path: Path) -> None:
-    await voice_session(gateway_url)
+    await drive_voice_session(gateway_url)
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
         page = await browser.new_page(viewport=CONVERSATION_VIEWPORT)
@@ -196,7 +195,7 @@ async def read_conversation(chromium: Path, ui_url: str, gateway_url: str, scree
         for shown in (
             "! interrupted: the user spoke",
             "! cancelled by the client",
-            "! truncated at 120 ms of audio (what the user heard)",
+            f"! truncated at {TRUNCATED_MS} ms of audio (what the user heard)",
             '→ calls get_weather({"city": "Paris", "unit": "celsius"})',
             "tool result call_",
             "cancelled · ",
@@ -210,39 +209,50 @@ async def read_conversation(chromium: Path, ui_url: str, gateway_url: str, scree
         await browser.close()
 
 
-async def voice_session(gateway_url: str) -> None:
-    """Two server-VAD voice turns, a barge-in on the second answer, a third voice turn, then a tool call,
-    its output and the answer after it: what a voice agent with tools does."""
-    transcribed = {"model": "gpt-4o-transcribe"}
-    vad = {
-        "type": "realtime",
-        "audio": {"input": {"turn_detection": {"type": "server_vad"}, "transcription": transcribed}},
-    }
-    async with websockets.connect(f"{websocket_base(gateway_url)}/v1/realtime?model={MODEL}") as ws:
+def test_mitmweb_shows_a_gemini_live_session_as_a_conversation(chromium: Path, tmp_path: Path) -> None:
+    """A google-genai session (spoken, typed, a function call, a barge-in) read in the "Realtime
+    conversation" view of its handshake, and each turn's tokens and cost under its turnComplete."""
+    args = ["--web-port", str(free_port()), "--no-web-open-browser"]
+    with (
+        SimulatorThread(server=GeminiLiveSimulator(seed=20261207, audio_messages=gemini.AUDIO_MESSAGES)) as simulator,
+        LiveGateway(simulator.url, tmp_path / "confdir", tool="mitmweb", args=args) as gateway,
+    ):
+        asyncio.run(gemini.session(gateway))
+        asyncio.run(read_gemini_conversation(chromium, web_url(gateway)))
 
-        async def until(kind: str) -> dict[str, Any]:
-            while (event := json.loads(await ws.recv()))["type"] != kind:
-                pass
-            return event
 
-        async def send(**event: Any) -> None:
-            await ws.send(json.dumps(event))
-
-        await until("session.created")
-        await send(type="session.update", session=vad)
-        await send(type="input_audio_buffer.append", audio=VOICE)
-        await until(RESPONSE_DONE)
-        await send(type="input_audio_buffer.append", audio=VOICE)
-        delta = await until("response.output_audio.delta")
-        await send(type="input_audio_buffer.append", audio=VOICE[: len(VOICE) // 4])  # the user speaks over it
-        await send(type="response.cancel")
-        await send(type="conversation.item.truncate", item_id=delta["item_id"], content_index=0, audio_end_ms=120)
-        assert (await until(RESPONSE_DONE))["response"]["status"] == "cancelled"
-        await send(type="input_audio_buffer.append", audio=VOICE)  # the rest of the user's turn
-        await until(RESPONSE_DONE)
-        await send(type="response.create", response={"metadata": {"sim_function_call": "get_weather"}})
-        call = (await until(RESPONSE_DONE))["response"]["output"][0]
-        output = {"type": "function_call_output", "call_id": call["call_id"], "output": '{"temperature": 18}'}
-        await send(type="conversation.item.create", item=output)
-        await send(type="response.create")
-        await until(RESPONSE_DONE)
+async def read_gemini_conversation(chromium: Path, ui_url: str) -> None:
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        page = await browser.new_page(viewport=CONVERSATION_VIEWPORT)
+        page.set_default_timeout(UI_TIMEOUT_MS)
+        await page.goto(ui_url)
+        await page.locator(".flow-table tbody tr", has_text="BidiGenerateContent").click()
+        async with page.expect_response(MESSAGES_CONTENT) as messages_response:
+            await page.locator(".nav-tabs a", has_text="WebSocket").click()
+        views = {message["view_name"] for message in await (await messages_response.value).json()}
+        assert views == {"Gemini Live"}, "mitmweb's automatic view of Gemini Live messages is not the gateway's"
+        turn = page.locator(".websocket pre").filter(has_text="══ usage: turn ══")
+        await expect(turn).to_have_count(3)
+        await expect(turn.first).to_contain_text(
+            re.compile(r"completed · [\d,]+ tokens .* · \$\d+\.\d{4} · TTFT \d+ ms")
+        )
+        await expect(page.locator(".websocket pre").filter(has_text="<audio audio/pcm;rate=24000: ")).not_to_have_count(
+            0
+        )
+        async with page.expect_response(RESPONSE_CONTENT) as shown:
+            await page.locator(".nav-tabs a", has_text="Response").click()
+        assert (await (await shown.value).json())["view_name"] == "Realtime conversation"
+        text = page.locator(".contentview pre")
+        for said in (
+            "══ conversation: 9 turns ══",
+            f"user (voice): {USER_TRANSCRIPT}",
+            f"assistant: {gemini.SPOKEN}",
+            f"user: {gemini.TYPED}",
+            '→ calls get_weather({"city": "Paris", "unit": "celsius"}) fc_1',
+            'tool result fc_1: {"temperature": 18}',
+            "! interrupted: the user spoke",
+        ):
+            await expect(text).to_contain_text(said)
+        await expect(text).to_contain_text(re.compile(r"cancelled · [\d,]+ tokens .* · \$\d+\.\d{4} · TTFT \d+ ms"))
+        await browser.close()

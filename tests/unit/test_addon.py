@@ -125,7 +125,8 @@ def audio_delta(i: int) -> bytes:
 
 
 def test_relayed_audio_is_replaced_by_a_placeholder_in_kept_history(tmp_path):
-    with configured_gateway(gateway_websocket_history="all") as addon:
+    # the whole history, no audio kept by the caps: every relayed frame shrunk
+    with configured_gateway(gateway_websocket_history="all", gateway_audio_session_mb=0) as addon:
         flow = realtime_flow()
         addon.session_metering.websocket_start(flow)
         for i in range(3):

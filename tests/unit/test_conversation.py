@@ -11,8 +11,10 @@ from mitmproxy.test import tflow
 from mitmproxy.websocket import WebSocketMessage
 
 from ai_gateway.accounting.observer import ResponseRecord
-from ai_gateway.protocols import realtime_conversation as conv
-from ai_gateway.protocols.realtime_conversation import ASSISTANT, ERROR, TOOL, USER, Conversation
+from ai_gateway.config.policy import WireProtocol
+from ai_gateway.protocols import conversation as conv
+from ai_gateway.protocols.conversation import ASSISTANT, ERROR, TOOL, USER
+from ai_gateway.protocols.realtime_conversation import RealtimeConversation
 from ai_gateway.proxy.addon import Gateway
 from ai_gateway.proxy.contentview import conversation_view, realtime_view, render_conversation
 from ai_gateway.proxy.conversation import MAX_SESSIONS, replay
@@ -61,8 +63,8 @@ def session_events() -> list[tuple[bool, dict[str, Any]]]:
     ]  # fmt: skip
 
 
-def fed(events: list[tuple[bool, dict[str, Any]]]) -> Conversation:
-    conversation = Conversation()
+def fed(events: list[tuple[bool, dict[str, Any]]]) -> RealtimeConversation:
+    conversation = RealtimeConversation()
     for at, (from_client, event) in enumerate(events):
         (conversation.client_event if from_client else conversation.server_event)(event, 1000.0 + at)
     return conversation
@@ -179,7 +181,7 @@ def test_a_flow_read_from_a_file_is_replayed_from_its_messages():
     flow = tflow.twebsocketflow()
     flow.request.path = "/v1/realtime"
     flow.websocket.messages = [WebSocketMessage(1, c, json.dumps(e).encode()) for c, e in session_events()]
-    assert [t.text for t in replay(flow.websocket.messages).turns] == [t.text for t in fed(session_events()).turns]
+    assert [t.text for t in replay(flow).turns] == [t.text for t in fed(session_events()).turns]
     assert conversation_view.render_priority(b"", contentviews.make_metadata(flow.response, flow)) > 0
     assert conversation_view.render_priority(b"", contentviews.make_metadata(flow.request, flow)) == 0
     text = conversation_view.prettify(b"", contentviews.make_metadata(flow.response, flow))
@@ -190,13 +192,18 @@ def test_a_flow_read_from_a_file_is_replayed_from_its_messages():
 def test_the_latest_sessions_only_are_kept(gateway):
     conversations = gateway.state.conversations
     for n in range(MAX_SESSIONS + 5):
-        conversations.open(f"flow-{n}")
+        flow = tflow.twebsocketflow()
+        flow.id = f"flow-{n}"
+        conversations.open(flow, WireProtocol.OPENAI)
     assert len(conversations.by_flow) == MAX_SESSIONS and conversations.get("flow-4") is None
 
 
 def test_off_under_mitmdump_by_default():
     with configured_gateway() as addon:
-        assert not addon.state.conversations.enabled and addon.state.conversations.open("f") is None
+        assert (
+            not addon.state.conversations.enabled
+            and addon.state.conversations.open(tflow.twebsocketflow(), WireProtocol.OPENAI) is None
+        )
         assert addon.state.conversations not in addon.state.observability.observers
 
 

@@ -14,7 +14,7 @@ from mitmproxy.test import tflow
 from mitmproxy.websocket import WebSocketMessage
 
 from ai_gateway.proxy.addon import Gateway
-from ai_gateway.proxy.export import ALAW_PCM16, ULAW_PCM16, decode_g711
+from ai_gateway.proxy.bundle import ALAW_PCM16, ULAW_PCM16, decode_g711
 
 from .conftest import configured_gateway
 
@@ -88,18 +88,24 @@ def test_a_session_s_bundle_holds_its_turns_events_and_both_voices(gateway, tmp_
     assert sorted(p.name for p in bundle.iterdir()) == [
         "events.jsonl",
         "model.wav",
+        "turns",
         "turns.json",
         "turns.md",
         "user.wav",
     ]
     assert frames(bundle / "user.wav") == (24_000, b"".join(spoken))
     assert frames(bundle / "model.wav") == (24_000, b"".join(answered))
+    assert frames(bundle / "turns" / "001-user.wav") == (24_000, b"".join(spoken))
+    assert frames(bundle / "turns" / "002-model.wav") == (24_000, b"".join(answered))
     lines = [json.loads(line) for line in (bundle / "events.jsonl").read_text().splitlines()]
     assert [line["event"]["type"] for line in lines] == [e["type"] for _, e in events]
     assert lines[1]["from"] == "client" and lines[1]["event"]["audio"].startswith("<audio pcm16 24 kHz: 4,800 bytes")
     assert all(b64(a) not in (bundle / "events.jsonl").read_text() for a in spoken + answered)
     turns = json.loads((bundle / "turns.json").read_text())["turns"]
-    assert [(t["role"], t["text"]) for t in turns] == [("user", "Hi there"), ("assistant", "Hello")]
+    assert [(t["role"], t["text"], t["wav"]) for t in turns] == [
+        ("user", "Hi there", "turns/001-user.wav"),
+        ("assistant", "Hello", "turns/002-model.wav"),
+    ]
     assert turns[1]["usage"] == {"input": 1200, "cached": 1000, "output": 30} and turns[1]["cost_usd"] > 0
     markdown = (bundle / "turns.md").read_text()
     assert "**user (voice)** `00:00.0`: Hi there" in markdown and "- *completed · 1,230 tokens" in markdown

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Any
 
 from ai_gateway.config.guardrails import RedactPolicy
 
@@ -78,6 +79,16 @@ class Redactor:
         for label, pattern, valid in self.detectors:
             text = pattern.sub(_replacer(f"[redacted:{label}]", valid), text)
         return text
+
+    def redact_value(self, value: Any) -> Any:
+        """A decoded JSON value with every string in it redacted (keys left as they are)."""
+        if isinstance(value, str):
+            return self.redact(value)
+        if isinstance(value, dict):
+            return {key: self.redact_value(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self.redact_value(item) for item in value]
+        return value
 
 
 def _replacer(replacement: str, valid: Callable[[str], bool] | None) -> Callable[[re.Match[str]], str]:

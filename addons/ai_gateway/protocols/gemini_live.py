@@ -37,7 +37,7 @@ is looked at, and the frame is decoded only if a metered key appears there.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from ai_gateway.accounting.items import Malformed, ResponseDone, SessionModels, UsageItem
@@ -57,6 +57,9 @@ _MEDIA_HEAD = re.compile(
     rb'\{\s*"inlineData"\s*:\s*\{\s*"mimeType"\s*:\s*"[^"\\]{0,64}"\s*,\s*"data"\s*:\s*"'
 )
 _METERED_KEYS = (b'"usageMetadata"', b'"turnComplete"', b'"interrupted"')
+_RATE = re.compile(r"rate=(\d{1,6})")
+INPUT_RATE, OUTPUT_RATE = 16_000, 24_000  # Google's PCM16 rates where a mime type names none
+MAX_AUDIO_DEPTH = 8  # audio sits 4 (serverContent.modelTurn.parts[].inlineData) or 3 levels deep
 _MODEL_OUTPUT_KEYS = (b'"modelTurn"', b'"toolCall"')
 
 
@@ -87,10 +90,8 @@ class GeminiLiveProtocol:
         return SessionModels(model=model_name(model) if isinstance(model, str) else None, transcription_model=None)
 
     def server_frame(self, content: bytes, is_text: bool) -> UsageItem | None:
-        head = _MEDIA_HEAD.match(content)
-        if head is not None:
-            end = content.find(b'"', head.end())
-            tail = content[end:] if end >= 0 else b""
+        tail = media_tail(content)
+        if tail is not None:
             if not any(key in tail for key in _METERED_KEYS):
                 return self.model_output()
         elif not any(key in content for key in _METERED_KEYS):
@@ -134,6 +135,51 @@ class GeminiLiveProtocol:
             self.ended = True
             return self.bill(CANCELLED if self.interrupted else COMPLETED)
         return earlier
+
+
+def media_tail(content: bytes) -> bytes | None:
+    """What follows the base64 data of a media frame (from the quote that ends it); None when the
+    frame does not start as one. Read without decoding: base64 has no quote."""
+    head = _MEDIA_HEAD.match(content)
+    if head is None:
+        return None
+    end = content.find(b'"', head.end())
+    return content[end:] if end >= 0 else b""
+
+
+def audio_slots(message: Any) -> Iterator[dict[str, Any]]:
+    """The objects of a message that hold base64 audio (`{"data", "mimeType": "audio/..."}`): the
+    model's `inlineData` parts, the client's `realtimeInput.audio` and `mediaChunks`, in either
+    spelling; looked for MAX_AUDIO_DEPTH levels deep at most (a hostile message may nest further)."""
+    stack = [(message, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            mime = value.get("mimeType", value.get("mime_type"))
+            if isinstance(value.get("data"), str) and isinstance(mime, str) and mime.startswith("audio/"):
+                yield value
+                continue
+            children = list(value.values())
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        if depth < MAX_AUDIO_DEPTH:
+            stack.extend((child, depth + 1) for child in reversed(children))
+
+
+def audio_rate(mime: str, default: int) -> int:
+    """The sample rate a PCM mime type names (`audio/pcm;rate=16000`), else `default` (Google's: 16 kHz
+    in, 24 kHz out)."""
+    rate = _RATE.search(mime)
+    return int(rate.group(1)) if rate and int(rate.group(1)) > 0 else default
+
+
+def describe_audio(slot: dict[str, Any], default_rate: int) -> str:
+    """What an audio slot holds, from its base64 length: `<audio audio/pcm;rate=24000: 9,600 bytes, 200 ms>`."""
+    data, mime = slot["data"], slot.get("mimeType", slot.get("mime_type"))
+    size = (len(data) - len(data[-2:]) + len(data[-2:].rstrip("="))) * 3 // 4
+    return f"<audio {mime}: {size:,} bytes, {size / (audio_rate(mime, default_rate) * 2 / 1000):,.0f} ms>"
 
 
 def model_name(resource: str) -> str:

@@ -6,7 +6,7 @@ from mitmproxy import contentviews
 from mitmproxy.addonmanager import Loader
 
 from ai_gateway.proxy.collector import StartupObjects
-from ai_gateway.proxy.contentview import conversation_view, realtime_view
+from ai_gateway.proxy.contentview import conversation_view, gemini_view, realtime_view
 from ai_gateway.proxy.drain import Drain
 from ai_gateway.proxy.export import SessionExport
 from ai_gateway.proxy.frame_relay import FrameRelay
@@ -15,7 +15,10 @@ from ai_gateway.proxy.http_metering import HttpMetering
 from ai_gateway.proxy.injection import Injections
 from ai_gateway.proxy.metrics_endpoint import MetricsEndpoint
 from ai_gateway.proxy.policy_file import PolicyFile
+from ai_gateway.proxy.recorder import Recorder
+from ai_gateway.proxy.replay import Replay
 from ai_gateway.proxy.request_policy import RequestPolicy
+from ai_gateway.proxy.retention import KeptHistory
 from ai_gateway.proxy.sessions import SessionMetering
 from ai_gateway.proxy.state import GatewayState
 from ai_gateway.proxy.usage_log import UsageLog
@@ -30,11 +33,13 @@ class Gateway:
     - the metric families before the policy (its shared store counts into them) and before the
       access log and traces (dropped spans are counted);
     - the request policy (path, client key, credentials) before anything reads the request;
+    - the replay after the session meter: a handshake it admitted goes to the recording's
+      loopback server instead of the upstream (`gateway_replay`);
     - guardrails after the meters: frames, requests and responses reach them through
       SessionMetering and HttpMetering, which meter what guards may then drop;
     - observability after the meters: it ends the spans no record ended; the conversations kept
-      for mitmweb beside it (an option, and an observer of the meters' records), and the
-      `realtime.export` command that writes them out;
+      for mitmweb beside it (an option, and an observer of the meters' records), the
+      `realtime.export` command that writes them out, and the recorder (`gateway_record`);
     - the frame relay after them all: it takes an admitted handshake's WebSocket away once they
       saw the 101;
     - startup's objects frozen last, once everything else is loaded.
@@ -49,10 +54,15 @@ class Gateway:
         injections = Injections()  # one record of what the gateway injected, whoever injects it
         self.guardrails = Guardrails(self.state, injections)
         self.http_metering = HttpMetering(self.state, self.guardrails)
-        self.session_metering = SessionMetering(self.state, injections, self.guardrails)
+        self.kept_history = KeptHistory(self.state)
+        self.recorder = Recorder(self.state)
+        self.session_metering = SessionMetering(
+            self.state, injections, self.guardrails, self.kept_history, self.recorder
+        )
         self.frame_relay = FrameRelay(self.state, self.session_metering)
         self.usage_log = UsageLog(self.state)
-        self.session_export = SessionExport(self.state.conversations)
+        self.replay = Replay(self.state)
+        self.session_export = SessionExport(self.state)
         self.addons = [
             self.drain,
             self.usage_log,
@@ -61,15 +71,21 @@ class Gateway:
             self.request_policy,
             self.http_metering,
             self.session_metering,
+            self.replay,
+            self.kept_history,
             self.guardrails,
             self.state.observability,
             self.state.conversations,
             self.session_export,
+            self.recorder,
             self.frame_relay,
             StartupObjects(self.state),
         ]
 
     def load(self, loader: Loader) -> None:
         contentviews.add(realtime_view)
+        contentviews.add(gemini_view)
         contentviews.add(conversation_view)
-        realtime_view.conversations = conversation_view.conversations = self.state.conversations
+        for view in (realtime_view, gemini_view, conversation_view):
+            view.conversations = self.state.conversations
+            view.state = self.state  # the policy's redaction in force

@@ -6,9 +6,13 @@ payload as a one-line size, and under the events that carry usage the counts the
 and under a response.done its turn's tokens, cost and latency. The placeholder is the one
 proxy/history.py puts into the messages mitmproxy keeps.
 
+The view "Gemini Live" does the same for Gemini Live messages (in text or binary frames): inline
+audio as a one-line size, a `usageMetadata` tabled as the gateway meters it, and under a message
+that ends a turn (`turnComplete`, or `interrupted`) that turn's tokens, cost and latency.
+
 The view "Realtime conversation", on the handshake's response (the Response tab), shows a whole
-Realtime session as turns: who spoke, what was said, tool calls, interruptions, what each answer
-cost and how long it took (proxy/conversation.py keeps them).
+Realtime, Gemini Live or GPT-Live session as turns: who spoke, what was said, tool calls,
+interruptions, what each answer cost and how long it took (proxy/conversation.py keeps them).
 """
 
 from __future__ import annotations
@@ -23,9 +27,13 @@ from mitmproxy.contentviews import Contentview, Metadata, SyntaxHighlight
 from mitmproxy.utils import strutils
 
 from ai_gateway.accounting.items import Malformed, ResponseDone, SessionTime, UsageItem
+from ai_gateway.accounting.redaction import Redactor
 from ai_gateway.accounting.usage import MODALITIES, DurationUsage, InvalidUsage, TokenUsage
+from ai_gateway.config.policy import WireProtocol
+from ai_gateway.protocols.conversation import ASSISTANT, TOOL, USER, Conversation, Turn
+from ai_gateway.protocols.gemini_live import INPUT_RATE, OUTPUT_RATE, audio_slots, describe_audio, parse_usage_metadata
 from ai_gateway.protocols.json_events import decode_json, event_type
-from ai_gateway.protocols.openai_http import read_completions_chunk, read_responses_event
+from ai_gateway.protocols.openai_http import RESPONSES_FINAL_EVENTS, read_completions_chunk, read_responses_event
 from ai_gateway.protocols.openai_live import RESPONSE_EVENT, SESSION_CLOSED, USAGE_UPDATED, read_event
 from ai_gateway.protocols.openai_realtime import (
     RESPONSE_DONE,
@@ -33,10 +41,10 @@ from ai_gateway.protocols.openai_realtime import (
     InvalidEvent,
     read_response_done,
 )
-from ai_gateway.protocols.realtime_conversation import ASSISTANT, TOOL, USER, Conversation, Turn
 from ai_gateway.protocols.usage_fields import parse_realtime_usage, parse_transcription_usage
-from ai_gateway.proxy.conversation import Conversations, replay
+from ai_gateway.proxy.conversation import KIND_METADATA, KINDS, Conversations, kind_of, replay
 from ai_gateway.proxy.history import COMPLETIONS_CHUNK, replace_audio
+from ai_gateway.proxy.state import GatewayState
 
 # Above JSON (1) and Raw (0.1): WebSocket messages have no content type for other views to claim them by.
 PRIORITY = 2.0
@@ -72,6 +80,7 @@ class RealtimeView(Contentview):
     name = "OpenAI Realtime"
     syntax_highlight: SyntaxHighlight = "yaml"  # what mitmproxy's JSON view highlights with
     conversations: Conversations | None = None  # the gateway's, once loaded: each response.done's turn
+    state: GatewayState | None = None  # the gateway's, once loaded: the policy's redaction
 
     def render_priority(self, data: bytes, metadata: Metadata) -> float:
         """Claim OpenAI events on WebSockets and OpenAI streams, read from the first bytes only."""
@@ -86,7 +95,8 @@ class RealtimeView(Contentview):
                 return _render_stream(data)
             flow = metadata.flow
             conversations = self.conversations
-            return _render_frame(data, conversations.get(flow.id) if conversations and flow else None)
+            redactor = self.state.redactor if self.state is not None else None
+            return _render_frame(data, conversations.get(flow.id) if conversations and flow else None, redactor)
         except RecursionError:  # decoded, but nested too deeply to encode again
             return _unreadable(data, "nested too deeply")
 
@@ -110,11 +120,15 @@ def _is_realtime_path(flow: http.HTTPFlow) -> bool:
     return path.endswith(("/realtime", "/live/sessions")) or _LIVE_SIDEBAND.search(path) is not None
 
 
-def _render_frame(data: bytes, conversation: Conversation | None = None) -> str:
+def _render_frame(data: bytes, conversation: Conversation | None = None, redactor: Redactor | None = None) -> str:
+    """An event as shown: also a message not yet redacted in the history (the one being relayed) is
+    shown redacted."""
     event = decode_json(data)
     if isinstance(event, Malformed):
-        return _unreadable(data, event.detail)
-    text = _render_event(event)
+        shown = data if redactor is None else redactor.redact(data.decode("utf-8", "replace")).encode()
+        return _unreadable(shown, event.detail)
+    replace_audio(event)
+    text = _render_event(redactor.redact_value(event) if redactor is not None else event)
     turn = _answer(event, conversation) if conversation is not None else None
     return f"{text}\n{_banner('turn', [turn_summary(turn)])}" if turn is not None else text
 
@@ -129,9 +143,15 @@ def _render_event(event: dict[str, Any]) -> str:
 
 
 def _answer(event: dict[str, Any], conversation: Conversation) -> Turn | None:
-    """The turn a response.done ends."""
+    """The turn a response.done ends, or a GPT-Live delegation's final Responses event."""
+    if event.get("type") == RESPONSE_EVENT and isinstance(event.get("event"), dict):
+        event = event["event"]
+        if event.get("type") not in RESPONSES_FINAL_EVENTS:
+            return None
+    elif event.get("type") != RESPONSE_DONE:
+        return None
     response = event.get("response")
-    if event.get("type") != RESPONSE_DONE or not isinstance(response, dict):
+    if not isinstance(response, dict):
         return None
     response_id = response.get("id")
     return conversation.find(ASSISTANT, "response_id", response_id if isinstance(response_id, str) else None)
@@ -253,27 +273,80 @@ def _count(value: int | None) -> str:
 
 
 class ConversationView(Contentview):
-    """A Realtime session as its turns, on the handshake's response: read before any event is opened."""
+    """A voice session as its turns, on the handshake's response: read before any event is opened."""
 
     name = "Realtime conversation"
     syntax_highlight: SyntaxHighlight = "none"
     conversations: Conversations | None = None  # the live sessions' turns; a flow read from a file is replayed
+    state: GatewayState | None = None  # the gateway's, once loaded: the policy's redaction
 
     def render_priority(self, data: bytes, metadata: Metadata) -> float:
         flow = metadata.flow
         if not isinstance(flow, http.HTTPFlow) or flow.websocket is None or metadata.websocket_message is not None:
             return 0
-        is_realtime = flow.request.path.split("?", 1)[0].rstrip("/").endswith("/realtime")
-        return PRIORITY if metadata.http_message is flow.response and is_realtime else 0
+        return PRIORITY if metadata.http_message is flow.response and is_realtime_session(flow) else 0
 
     def prettify(self, data: bytes, metadata: Metadata) -> str:
         flow = metadata.flow
         assert isinstance(flow, http.HTTPFlow) and flow.websocket is not None  # claimed by render_priority
         live = self.conversations.get(flow.id) if self.conversations is not None else None
-        return render_conversation(live or replay(flow.websocket.messages), recorded=live is not None)
+        redactor = self.state.redactor if self.state is not None else None
+        return render_conversation(live or replay(flow), live is not None, redactor)
 
 
-def render_conversation(conversation: Conversation, recorded: bool = True) -> str:
+class GeminiLiveView(Contentview):
+    """Gemini Live messages with inline audio elided, usage tabled, and each turn's end summarised."""
+
+    name = "Gemini Live"
+    syntax_highlight: SyntaxHighlight = "yaml"
+    conversations: Conversations | None = None
+    state: GatewayState | None = None  # the policy's redaction in force
+
+    def render_priority(self, data: bytes, metadata: Metadata) -> float:
+        flow = _websocket_flow(metadata)
+        return PRIORITY if flow is not None and kind_of(flow) == WireProtocol.GEMINI_LIVE else 0
+
+    def prettify(self, data: bytes, metadata: Metadata) -> str:
+        message = decode_json(data)
+        if isinstance(message, Malformed):
+            return _unreadable(data, message.detail)
+        try:
+            return self.render(message, metadata)
+        except RecursionError:  # decoded, but nested too deeply to encode again
+            return _unreadable(data, "nested too deeply")
+
+    def render(self, message: dict[str, Any], metadata: Metadata) -> str:
+        """The message as JSON, its audio as sizes; its usage tabled; the turn it ends, summarised."""
+        from_client = metadata.websocket_message is not None and metadata.websocket_message.from_client
+        for slot in audio_slots(message):
+            slot["data"] = describe_audio(slot, INPUT_RATE if from_client else OUTPUT_RATE)
+        if self.state is not None and self.state.redactor is not None:
+            message = self.state.redactor.redact_value(message)
+        blocks = [json.dumps(message, indent=2, ensure_ascii=False)]
+        if "usageMetadata" in message:
+            try:
+                blocks.append(_banner("usageMetadata", _usage_table(parse_usage_metadata(message["usageMetadata"]))))
+            except InvalidUsage as e:
+                blocks.append(_banner("usageMetadata, not metered", [str(e)]))
+        flow, at = metadata.flow, metadata.websocket_message.timestamp if metadata.websocket_message else None
+        conversation = self.conversations.get(flow.id) if self.conversations is not None and flow else None
+        if conversation is not None and (turn := conversation.find(ASSISTANT, "ended_at", at)) is not None:
+            blocks.append(_banner("turn", [turn_summary(turn)]))
+        return "\n\n".join(blocks)
+
+
+def is_realtime_session(flow: http.HTTPFlow) -> bool:
+    """A voice session the gateway reads as a conversation (what the conversation view and the export
+    take): recorded as a Realtime, Gemini Live or GPT-Live one, or, saved before the gateway named
+    its kind, a WebSocket flow on one of their paths."""
+    if flow.websocket is None:
+        return False
+    if KIND_METADATA in flow.metadata:
+        return flow.metadata[KIND_METADATA] in KINDS
+    return kind_of(flow) != WireProtocol.OPENAI or _is_realtime_path(flow)
+
+
+def render_conversation(conversation: Conversation, recorded: bool = True, redactor: Redactor | None = None) -> str:
     """The turns, one block each: when, who, what was said or called, what happened to it, its cost."""
     turns = conversation.turns
     header = [f"══ conversation: {len(turns):,} turn{'' if len(turns) == 1 else 's'} ══"]
@@ -284,13 +357,14 @@ def render_conversation(conversation: Conversation, recorded: bool = True) -> st
     if not turns:
         return "\n".join([*header, "nobody has spoken yet and no response has started"])
     start = turns[0].at
+    scrub = redactor.redact if redactor is not None else str
     blocks = []
     for turn in turns:
-        lines = [f"[{clock(turn.at - start)}] {speaker(turn)}: {said(turn)}"]
-        lines += [f"    → calls {c.name or '?'}({c.arguments}) {c.call_id or ''}".rstrip() for c in turn.calls]
-        lines += [f"    ! {note}" for note in turn.notes]
-        if turn.role == ASSISTANT:
-            lines.append(f"    {turn_summary(turn)}")
+        lines = [f"[{clock(turn.at - start)}] {speaker(turn)}: {scrub(said(turn))}"]
+        lines += [f"    → calls {c.name or '?'}({scrub(c.arguments)}) {c.call_id or ''}".rstrip() for c in turn.calls]
+        lines += [f"    ! {scrub(note)}" for note in turn.notes]
+        if turn.role == ASSISTANT and (turn.status is not None or turn.usage is not None):
+            lines.append(f"    {turn_summary(turn)}")  # GPT-Live's speech has neither: it bills the session's time
         blocks.append("\n".join(lines))
     return "\n".join(header) + "\n\n" + "\n\n".join(blocks)
 
@@ -338,4 +412,5 @@ def clock(seconds: float) -> str:
 
 
 realtime_view = RealtimeView()
+gemini_view = GeminiLiveView()
 conversation_view = ConversationView()

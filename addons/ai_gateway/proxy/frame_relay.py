@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 
 from mitmproxy import connection, ctx, http, tcp
@@ -194,9 +195,10 @@ class ReadFrame:
     """A complete data message read from the stream, as `SessionMetering.frame` reads a message:
     dropping it cuts its frames out of what is forwarded."""
 
-    __slots__ = ("content", "from_client", "is_text", "outbox", "spans")
+    __slots__ = ("content", "from_client", "is_text", "outbox", "spans", "timestamp")
 
     def __init__(self, from_client: bool, message: Message | Oversize, outbox: Outbox) -> None:
+        self.timestamp = time.time()  # when it was read, as WebSocketMessage.timestamp (the turns' clock)
         self.from_client = from_client
         self.content = message.payload or b""
         self.is_text = message.opcode == TEXT

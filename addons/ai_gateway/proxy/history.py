@@ -132,10 +132,7 @@ def parse_history(value: str, under_web: bool) -> int | None:
     raise ValueError(f"gateway_websocket_history: expected a positive number, 'all' or 'auto', got {value!r}")
 
 
-def trim(messages: list[WebSocketMessage], keep: int | None, shrink: bool) -> None:
-    """After a message's hook: the message before it has been relayed, so its audio can go; then
-    only the last `keep` messages stay (None: all)."""
-    if shrink and len(messages) >= 2 and (keep is None or keep > 1):
-        shrink_audio(messages[-2])
+def trim(messages: list[WebSocketMessage], keep: int | None) -> None:
+    """Only the last `keep` messages stay (None: all)."""
     if keep is not None and len(messages) > keep:
         del messages[:-keep]

@@ -13,6 +13,7 @@ from mitmproxy.addonmanager import Loader
 
 from ai_gateway.accounting.limits import MINUTE, SpendControl
 from ai_gateway.accounting.pricing import PriceCatalog, catalog_for
+from ai_gateway.accounting.redaction import Redactor
 from ai_gateway.accounting.shared_limits import SharedLimits
 from ai_gateway.config.policy import (
     DEFAULT_MAX_CONFIG_BYTES,
@@ -97,6 +98,7 @@ class PolicyFile:
         """Everything that follows from a policy; spend already counted against budgets is kept."""
         state = self.state
         state.policy, state.catalog = policy, catalog
+        state.redactor = Redactor(policy.redact) or None
         state.control = controls_for(state.control, policy)
         state.shared = self.shared_store(policy.limits.store if state.control is not None else MEMORY_STORE)
         state.rewire()

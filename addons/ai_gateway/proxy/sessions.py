@@ -14,7 +14,6 @@ from collections.abc import Awaitable
 from typing import NamedTuple, Protocol
 
 from mitmproxy import ctx, http
-from mitmproxy.addonmanager import Loader
 
 from ai_gateway.accounting.items import ResponseStarted, UsageItem
 from ai_gateway.accounting.ledger import Source
@@ -27,18 +26,20 @@ from ai_gateway.accounting.session_meters import (
     SessionMeter,
 )
 from ai_gateway.config.policy import Route, RouteType, WireProtocol
+from ai_gateway.protocols.conversation import Conversation
 from ai_gateway.protocols.gemini_live import GeminiLiveProtocol
 from ai_gateway.protocols.openai_live import CLOSE_EVENT, LiveProtocol
 from ai_gateway.protocols.openai_realtime import RealtimeProtocol, cancel_event, requested_model
 from ai_gateway.protocols.openai_responses_socket import ResponsesSocketProtocol
-from ai_gateway.protocols.realtime_conversation import Conversation
 from ai_gateway.proxy import closer, refusals
 from ai_gateway.proxy.conversation import record
 from ai_gateway.proxy.failures import close_error, error_type
 from ai_gateway.proxy.guardrails import Guardrails, guard_comment
-from ai_gateway.proxy.history import parse_history, shrink_audio, trim
 from ai_gateway.proxy.injection import Injections
+from ai_gateway.proxy.recorder import Recorder
 from ai_gateway.proxy.refusals import refusal_event, refusal_response
+from ai_gateway.proxy.replay import REPLAY_SYSTEM, REPLAYED_METADATA
+from ai_gateway.proxy.retention import KeptHistory
 from ai_gateway.proxy.session_limits import REASONS, SessionClock
 from ai_gateway.proxy.state import GatewayState, is_websocket_upgrade, never_raises, refused_unknown_key, source
 
@@ -50,41 +51,22 @@ logger = logging.getLogger(__name__)
 
 class SessionMetering:
     def __init__(
-        self, state: GatewayState, injections: Injections | None = None, guardrails: Guardrails | None = None
+        self,
+        state: GatewayState,
+        injections: Injections | None = None,
+        guardrails: Guardrails | None = None,
+        kept: KeptHistory | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self.state = state
+        self.kept = kept or KeptHistory(state)  # the kept history: trimmed, redacted, audio shrunk
+        self.recorder = recorder  # gateway_record: told of every frame, and of each session's end
         self.sessions: dict[str, Session] = {}
         self.clock = SessionClock()
         self.injections = injections or Injections()
         self.guardrails = guardrails  # told of every frame after its metering
         self.links: dict[str, SessionLink] = {}  # sessions relayed as bytes (proxy/frame_relay.py), by flow id
         self.clock_task: asyncio.Task[None] | None = None
-        self.history: int | None = 1
-        self.shrink_relayed_audio = True
-
-    def load(self, loader: Loader) -> None:
-        loader.add_option(
-            "gateway_strip_audio",
-            bool,
-            True,
-            "Replace audio payloads of kept WebSocket messages by a short placeholder once they were relayed.",
-        )
-        loader.add_option(
-            "gateway_websocket_history",
-            str,
-            "auto",
-            "WebSocket messages kept per flow: a number, 'all', or 'auto' (the last one under mitmdump, "
-            "all under mitmweb). mitmproxy otherwise keeps every message of a session until it closes.",
-        )
-
-    def configure(self, updated: set[str]) -> None:
-        if "gateway_websocket_history" in updated:
-            try:
-                self.history = parse_history(ctx.options.gateway_websocket_history, under_web="web_port" in ctx.options)
-            except ValueError as e:
-                self.state.refuse(str(e))
-        if "gateway_strip_audio" in updated:
-            self.shrink_relayed_audio = ctx.options.gateway_strip_audio
 
     def running(self) -> None:
         show_comment_column()
@@ -163,11 +145,13 @@ class SessionMetering:
             return
         protocol, meter = kinds
         origin = source(flow, route.type, session=True)
-        provider = self.state.policy.provider_for(route)  # type: ignore[union-attr]
+        # A replayed session is metered as any other, under its own gen_ai_system.
+        replayed = flow.metadata.get(REPLAYED_METADATA)
+        provider = REPLAY_SYSTEM if replayed else self.state.policy.provider_for(route)  # type: ignore[union-attr]
         self.sessions[flow.id] = Session(
             protocol(self.state.max_body_bytes),
             meter(self.state.accounting, origin, provider, requested_model(flow.request.url)),
-            self.state.conversations.open(flow.id) if protocol is RealtimeProtocol else None,
+            self.state.conversations.open(flow, route.protocol) if route.type is RouteType.REALTIME else None,
         )
         if self.state.control is not None:
             self.clock.watch(flow, self.state.control.rate_limits(origin.client_key))
@@ -189,7 +173,7 @@ class SessionMetering:
         if session is not None and (admission := self.frame(flow, message, session)) is not None:
             return admission
         # The current message is relayed after this hook returns; the one before it has gone.
-        trim(messages, self.history, self.shrink_relayed_audio)
+        self.kept.relayed(flow)
         if session is not None and self.guardrails is not None:
             return self.guardrails.frame(flow, message)
         return None
@@ -206,6 +190,8 @@ class SessionMetering:
             item = protocol.server_frame(message.content, message.is_text)
         if session.conversation is not None:
             record(session.conversation, message)
+        if self.recorder is not None and self.recorder.active:
+            self.recorder.frame(flow, message, session)
         if item is not None:
             if self.state.accounting.shared is not None and session.meter.admission_needed(item):
                 return self.shared_admission(flow, message, session, item)
@@ -222,7 +208,7 @@ class SessionMetering:
         elif isinstance(verdict, Ticket):
             self.state.accounting.release(verdict)
         if flow.websocket is not None:
-            trim(flow.websocket.messages, self.history, self.shrink_relayed_audio)
+            self.kept.relayed(flow)
 
     def applied(self, flow: http.HTTPFlow, message: Frame, session: Session, item: UsageItem, outcome: object) -> None:
         """What the meter made of a frame's item: a refused response.create never reaches the
@@ -275,8 +261,7 @@ class SessionMetering:
     @never_raises
     def websocket_end(self, flow: http.HTTPFlow) -> None:
         websocket = flow.websocket
-        if websocket is not None and self.shrink_relayed_audio and websocket.messages:
-            shrink_audio(websocket.messages[-1])
+        self.kept.closed(flow)
         if websocket is not None:
             self.finish_session(flow, websocket.close_code, websocket.closed_by_client)
         else:
@@ -290,6 +275,8 @@ class SessionMetering:
         self.links.pop(flow.id, None)
         if session is not None:
             self.session_ended(flow, session, close_code, closed_by_client)
+            if self.recorder is not None and self.recorder.active:
+                self.recorder.finished(flow, session)
         self.end_session(flow)  # last: what the session still billed above counted against it
 
     def session_ended(
@@ -318,6 +305,7 @@ class Frame(Protocol):
     from_client: bool
     content: bytes
     is_text: bool
+    timestamp: float
 
     def drop(self) -> None: ...
 

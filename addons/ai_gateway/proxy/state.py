@@ -19,6 +19,7 @@ from ai_gateway.accounting.ledger import Source, UsageLedger
 from ai_gateway.accounting.limits import ANONYMOUS, Refusal, SpendControl
 from ai_gateway.accounting.metrics import GatewayMetrics
 from ai_gateway.accounting.pricing import PriceCatalog
+from ai_gateway.accounting.redaction import Redactor
 from ai_gateway.accounting.shared_limits import SharedLimits
 from ai_gateway.config.policy import Policy, Route, RouteType
 from ai_gateway.protocols.encoding import DEFAULT_MAX_BODY_BYTES
@@ -45,6 +46,7 @@ class GatewayState:
         self.conversations = Conversations(self.observability.refresh)
         self.accounting = Accounting(self.metrics, observer=self.observability)
         self.max_body_bytes = DEFAULT_MAX_BODY_BYTES
+        self.redactor: Redactor | None = None  # the policy's `redact:`, None when it names no detector
         self.is_running = False
 
     def rewire(self) -> None:

@@ -39,7 +39,7 @@ class Run:
 
 CONFIGURATIONS: dict[str, dict[str, str] | None] = {
     "mitmweb, no addon": None,
-    "mitmweb + gateway (audio placeholders)": {"gateway_strip_audio": "true"},
+    "mitmweb + gateway (audio placeholders)": {"gateway_strip_audio": "true", "gateway_audio_session_mb": "0"},
     "mitmweb + gateway (full audio kept)": {"gateway_strip_audio": "false"},
 }
 

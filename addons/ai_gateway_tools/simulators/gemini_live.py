@@ -13,7 +13,11 @@ The ledger holds each turn's billable usage, the last report of the turn, once. 
 are sent can be asked for per turn with words in the client's text (`sim_usage=repeated`:
 cumulative reports on every audio message of the turn; `sim_usage=late`: the report after
 `turnComplete`; `sim_interrupt=1`: the turn is cut off by `interrupted`; `sim_close=1`: the
-upstream closes after a report without completing the turn).
+upstream closes after a report without completing the turn; `sim_function_call=NAME`: the model
+calls that function, `toolCall`, and answers the client's `toolResponse` with the rest of the
+turn, whose one report covers both). A setup asking for `inputAudioTranscription` gets each audio
+turn transcribed (`inputTranscription`, USER_TRANSCRIPT) before the answer; one asking for
+`outputAudioTranscription` gets the answer's words (`outputTranscription`, one per audio message).
 """
 
 from __future__ import annotations
@@ -46,8 +50,10 @@ FRAMES = ("binary", "text", "alternate")
 OUTPUT_AUDIO_MIME = "audio/pcm;rate=24000"
 MAX_CLIENT_FRAME = 16 * 2**20
 
-_DIRECTIVE = re.compile(r"\bsim_(usage|interrupt|close)=(\w+)")
+_DIRECTIVE = re.compile(r"\bsim_(usage|interrupt|close|function_call)=(\w+)")
 _WORDS = ["Hello", "from", "the", "simulated", "Gemini"]
+USER_TRANSCRIPT = "What is the weather like?"  # what every audio turn is transcribed as
+CALL_ARGUMENTS = {"city": "Paris", "unit": "celsius"}
 
 
 @dataclass
@@ -57,6 +63,9 @@ class _Session:
     vertex: bool
     model: str = "unknown"
     response_modalities: tuple[str, ...] = ("AUDIO",)
+    transcribe_input: bool = False
+    transcribe_output: bool = False
+    calls: int = 0  # function calls made
     sent: int = 0  # messages sent, for alternating frame types
 
 
@@ -65,6 +74,7 @@ class _Turn:
     usage: str = "with_complete"  # with_complete, repeated, late
     interrupt: bool = False
     close: bool = False
+    function_call: str | None = None
 
 
 def model_label(model: str) -> str:
@@ -84,6 +94,7 @@ def _turn_plan(text: str) -> _Turn:
         usage=directives.get("usage", "with_complete"),
         interrupt=directives.get("interrupt") == "1",
         close=directives.get("close") == "1",
+        function_call=directives.get("function_call"),
     )
 
 
@@ -200,6 +211,8 @@ class GeminiLiveSimulator(Served):
             session.model = str(setup.get("model") or "unknown")
             modalities = _field(_field(setup, "generationConfig") or {}, "responseModalities") or ["AUDIO"]
             session.response_modalities = tuple(modalities)
+            session.transcribe_input = _field(setup, "inputAudioTranscription") is not None
+            session.transcribe_output = _field(setup, "outputAudioTranscription") is not None
             await self._send(session, {"setupComplete": {}})
         elif isinstance(content := _field(message, "clientContent"), dict):
             if _field(content, "turnComplete"):
@@ -213,9 +226,18 @@ class GeminiLiveSimulator(Served):
         elif isinstance(realtime := _field(message, "realtimeInput"), dict) and (
             _field(realtime, "audioStreamEnd") or _field(realtime, "activityEnd") is not None
         ):
+            if session.transcribe_input:
+                await self._send(session, {"serverContent": {"inputTranscription": {"text": USER_TRANSCRIPT}}})
             await self._respond(session, _Turn())
+        elif isinstance(_field(message, "toolResponse"), dict):
+            await self._respond(session, _Turn())  # the rest of the turn that called
 
     async def _respond(self, session: _Session, plan: _Turn) -> None:
+        if plan.function_call is not None:
+            session.calls += 1
+            call = {"id": f"fc_{session.calls}", "name": plan.function_call, "args": CALL_ARGUMENTS}
+            await self._send(session, {"toolCall": {"functionCalls": [call]}})
+            return
         audio = "AUDIO" in session.response_modalities
         usage = turn_usage(self._rng, audio, session.vertex)
         status = "cancelled" if plan.interrupt else ("incomplete" if plan.close else "completed")
@@ -232,6 +254,9 @@ class GeminiLiveSimulator(Served):
             if plan.usage == "repeated":
                 message["usageMetadata"] = _partial(usage, (n + 1) / (parts + 1))
             await self._send(session, message)
+            if audio and session.transcribe_output:
+                word = _WORDS[n % len(_WORDS)] + (" " if n + 1 < parts else "")
+                await self._send(session, {"serverContent": {"outputTranscription": {"text": word}}})
             if plan.interrupt and n == 0:
                 await self._send(session, {"serverContent": {"interrupted": True}})
                 break

@@ -5,9 +5,11 @@ A real WebSocket server on localhost speaking enough of GPT-Live for the openai 
 (`client.live.connect()`) to hold sessions through the gateway. Session time is simulated, driven
 by the client: each `session.input_audio.append` stands for `tick_seconds` of session time (one
 `session.output_audio.delta` answers it), active or, after `session.input_audio.mute` until
-`session.input_audio.unmute`, paused (standby: `session.paused`, `session.resumed`). Every
-`report_every` seconds of it a `session.usage.updated` reports the cumulative time, its `seconds`
-sometimes typed as a float (`6.0`), with the active/paused breakdown once the session has paused.
+`session.input_audio.unmute`, paused (standby: `session.paused`, `session.resumed`); each tick is
+transcribed both ways (`session.input_transcript.delta` HEARD before the audio,
+`session.output_transcript.delta` SAID after it). Every `report_every` seconds of it a
+`session.usage.updated` reports the cumulative time, its `seconds` sometimes typed as a float
+(`6.0`), with the active/paused breakdown once the session has paused.
 
 `response.create` makes the model delegate to Responses: `session.delegation.created`, then
 `response.event`s wrapping `response.created`, a text delta and `response.completed` with the
@@ -50,6 +52,7 @@ SIDEBAND_MODEL = "gpt-live-1.1"
 DEFAULT_DELEGATE = "gpt-5-mini"
 _ATTACH = re.compile(r"/live/sessions/([^/]+)/attach\Z")
 _AUDIO = "AAAA" * 256
+HEARD, SAID = "Hello?", "Hi there."  # each tick's transcripts: the user's, then the model's
 
 
 @dataclass
@@ -167,9 +170,14 @@ class LiveSimulator(Served):
             session.paused += self.tick_seconds
         else:
             session.active += self.tick_seconds
+        await self._send(session, {"type": "session.input_transcript.delta", "delta": HEARD} | self._timeline(before))
         await self._send(session, {"type": "session.output_audio.delta", "delta": _AUDIO})
+        await self._send(session, {"type": "session.output_transcript.delta", "delta": SAID} | self._timeline(before))
         if (before + self.tick_seconds) // self.report_every > before // self.report_every:
             await self._send(session, {"type": "session.usage.updated", "usage": self._usage(session)})
+
+    def _timeline(self, start: int) -> dict[str, int]:
+        return {"start_ms": start * 1000, "end_ms": (start + self.tick_seconds) * 1000}
 
     def _usage(self, session: _Session) -> dict[str, Any]:
         """The cumulative usage now, `seconds` a float in every other report; it is recorded as sent."""
