@@ -31,7 +31,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from mitmproxy import connection, ctx, http, tcp
-from mitmproxy.addonmanager import Loader
+from mitmproxy.addonmanager import Loader, traverse
 
 from ai_gateway.accounting.items import Malformed
 from ai_gateway.protocols.json_events import HEAD_BYTES
@@ -57,6 +57,8 @@ RELAYS = ("auto", "frames", "messages")
 EXTENSIONS = "sec-websocket-extensions"
 # mitmproxy's and the gateway's own addons: any other addon with a WebSocket hook wants messages.
 OWN_MODULES = ("mitmproxy.", "ai_gateway.")
+# The hooks a WebSocket flow gets and a session relayed as bytes does not (a script exporting on websocket_end).
+WEBSOCKET_HOOKS = ("websocket_start", "websocket_message", "websocket_end")
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +96,9 @@ class FrameRelay:
         if "web_port" in options or getattr(options, "save_stream_file", None):
             return False
         return not any(
-            callable(getattr(addon, "websocket_message", None)) and not type(addon).__module__.startswith(OWN_MODULES)
-            for addon in ctx.master.addons.chain
+            any(callable(getattr(addon, hook, None)) for hook in WEBSOCKET_HOOKS)
+            and not type(addon).__module__.startswith(OWN_MODULES)
+            for addon in traverse(ctx.master.addons.chain)  # a script's addons too (-s)
         )
 
     def guarded(self, flow: http.HTTPFlow) -> bool:
