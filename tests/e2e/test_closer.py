@@ -134,7 +134,10 @@ class TriggeredGateway(GatewayProcess):
 @pytest.fixture(scope="module", params=("mitmdump", "serve"))
 def setup(request: pytest.FixtureRequest) -> Iterator[tuple[TriggeredGateway, RecordingSimulator]]:
     with SimulatorThread(server=RecordingSimulator(seed=7)) as simulator:
-        with TriggeredGateway(simulator.url, launcher=request.param) as gateway:
+        # proxy/closer.py closes sessions on mitmproxy's WebSocket layer: pinned there, whatever
+        # gateway_relay=auto makes of the trigger script's WebSocket hook.
+        options = {"gateway_relay": "messages"}
+        with TriggeredGateway(simulator.url, launcher=request.param, options=options) as gateway:
             yield gateway, simulator
 
 

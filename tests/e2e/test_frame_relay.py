@@ -49,6 +49,7 @@ from .test_spend_controls import (  # noqa: F401  (upstream: a fixture)
     assert_closed_by_the_limit,
     policy_file,
     respond_until_refused,
+    spend_on,
     tokens,
     until_closed,
     upstream,
@@ -58,8 +59,8 @@ from .test_spend_controls import (  # noqa: F401  (upstream: a fixture)
 # Debug logging shows FrameRelay's line for each session it takes off the WebSocket layer: CHOSEN.
 FRAMES = {"gateway_relay": "frames", "termlog_verbosity": "debug"}
 CHOSEN = "as frames"
-# A session with permessage-deflate negotiated stays on messages: the routes strip the offer, as
-# the default policy's Realtime routes do.
+# The routes strip the permessage-deflate offer, as the default policy's Realtime routes do (the
+# frames path drops it anyway: test_realtime_e2e.test_compressed_session_is_metered).
 STRIPPED = "routes:\n  /realtime: {type: Realtime, request: {remove: [sec-websocket-extensions]}}\n"
 
 
@@ -104,20 +105,7 @@ def test_responses_the_upstream_starts_over_budget_are_cancelled(tmp_path, launc
     assert CHOSEN in logs[0]
 
 
-@pytest.mark.parametrize(
-    "launcher",
-    [
-        pytest.param(
-            "mitmdump",
-            marks=pytest.mark.xfail(
-                reason="open: under mitmdump (asyncio loop) the client gets its 1008 close frame but, in about half "
-                "the runs, no TCP close from the gateway until its own close_timeout (10 s); scripts/serve passes",
-                strict=False,
-            ),
-        ),
-        "serve",
-    ],
-)
+@pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_a_session_past_max_session_seconds_is_closed_with_1008(tmp_path, upstream, launcher):  # noqa: F811 (a fixture)
     limit = "limits:\n  client_key: {max_session_seconds: 2}\n"
     options = {**FRAMES, "gateway_policy": frames_policy(tmp_path, limit)}
@@ -127,6 +115,46 @@ def test_a_session_past_max_session_seconds_is_closed_with_1008(tmp_path, upstre
         samples = scrape(gateway.metrics_url)
     assert CHOSEN in gateway.log()
     assert_closed_by_the_limit(code, text, seconds, samples, "session_too_long")
+
+
+@pytest.mark.parametrize("relay", ["messages", "frames"])
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_response_create_over_the_body_cap_is_refused_from_its_head(tmp_path, upstream, launcher, relay):  # noqa: F811 (a fixture)
+    """A `response.create` larger than gateway_max_body_bytes: read from its head on both paths
+    (the frames path holds it only until its head is in), admitted while the budget lasts and
+    relayed whole, refused once it is spent and never sent upstream."""
+    model = f"gpt-realtime-frames-over-cap-{launcher}-{relay}"
+    cap = 64 * 1024
+    text = f"budgets:\n  session: {{tokens: {LIMIT}}}\n  reserve: {{tokens: {RESERVE}}}\n"
+    options = {
+        **FRAMES,
+        "gateway_relay": relay,
+        "gateway_max_body_bytes": str(cap),
+        "gateway_policy": frames_policy(tmp_path, text),
+    }
+    large = {"type": "response.create", "response": {"instructions": "Be brief. " * (cap // 5)}}
+
+    async def answer(ws: websockets.ClientConnection) -> str:
+        await ws.send(json.dumps(large))
+        while (kind := json.loads(await ws.recv())["type"]) not in ("response.done", "error"):
+            pass
+        return kind
+
+    async def session(url: str) -> tuple[list[str], int]:
+        async with websockets.connect(url, max_size=None) as ws:
+            await ws.recv()
+            first = await answer(ws)  # within the budget
+            finished = await spend_on(ws, pipelined=1)  # until a response.create is refused
+            return [first, await answer(ws)], finished
+
+    with GatewayProcess(upstream.url, launcher=launcher, options=options) as gateway:
+        url = f"{websocket_base(gateway.url)}/v1/realtime?model={model}"
+        seen, finished = asyncio.run(session(url))
+        samples = scrape(gateway.metrics_url)
+    assert (CHOSEN in gateway.log()) == (relay == "frames")
+    assert seen == ["response.done", "error"]
+    assert sum(e.kind == "response" for e in upstream.usage_for(model)) == 1 + finished  # the refused one never went
+    assert sum(select(samples, action="refused_response", reason="budget_exceeded").values()) >= 2
 
 
 def open_sessions(gateway: GatewayProcess) -> float:

@@ -159,7 +159,9 @@ def test_text_access_log_is_one_readable_line_per_response_and_session(vad_simul
 
 
 def test_flow_detail_set_by_the_user_brings_mitmdumps_lines_back(vad_simulator, model):
-    with GatewayProcess(vad_simulator.url, args=["--flow-detail", "2"]) as gw:
+    # mitmdump's per-message lines are its WebSocket layer's (the frames path has no messages).
+    options = {"gateway_relay": "messages"}
+    with GatewayProcess(vad_simulator.url, args=["--flow-detail", "2"], options=options) as gw:
         asyncio.run(voice_session(gw.url, model))
         wait_until(lambda: " session Realtime " in gw.log())
     assert "WebSocket text message" in gw.log()

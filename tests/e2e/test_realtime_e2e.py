@@ -8,6 +8,7 @@ import base64
 import json
 from pathlib import Path
 
+import pytest
 from mitmproxy import io
 
 from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
@@ -115,22 +116,29 @@ def test_extension_header_is_stripped_before_the_upstream(gateway, simulator, mo
     assert_metered_exactly(gateway, simulator, model, responses=1)
 
 
-def test_compressed_session_is_metered(simulator, model, tmp_path):
+@pytest.mark.parametrize("relay", ["messages", "frames"])
+def test_compressed_session_is_metered(simulator, model, tmp_path, relay):
+    """A route whose policy keeps the client's permessage-deflate offer: negotiated on the messages
+    path; the frames path (the default) drops the offer and relays the session uncompressed."""
     policy = tmp_path / "keep-compression.yaml"
     policy.write_text("routes:\n  /realtime: Realtime\n")
-    with GatewayProcess(simulator.url, options={"gateway_policy": str(policy)}) as gateway:
+    model = f"{model}-{relay}"
+    options = {"gateway_policy": str(policy), "gateway_relay": relay, "termlog_verbosity": "debug"}
+    with GatewayProcess(simulator.url, options=options) as gateway:
         url = f"{websocket_base(gateway.url)}/v1/realtime?model={model}"
         events = [
             {"type": "response.create"},
             {"type": "response.create", "response": {"metadata": {"sim_fragment": "1"}}},
         ]
         _, extensions = asyncio.run(raw_session(url, events, count=2))
-        assert extensions == ["permessage-deflate"]
         handshake = next(h for h in simulator.handshakes if h.query.get("model") == model)
-        assert any(
-            name == "sec-websocket-extensions" and "permessage-deflate" in value for name, value in handshake.headers
-        )
+        offered = [value for name, value in handshake.headers if name == "sec-websocket-extensions"]
         assert_metered_exactly(gateway, simulator, model, responses=2)
+    if relay == "messages":
+        assert extensions == ["permessage-deflate"] and "permessage-deflate" in "".join(offered)
+    else:
+        assert extensions == [] and offered == []
+    assert ("as frames" in gateway.log()) == (relay == "frames")
 
 
 def test_malformed_frames_are_relayed_unchanged_and_counted(gateway, simulator, model):

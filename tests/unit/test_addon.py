@@ -6,7 +6,7 @@ import json
 import re
 
 import pytest
-from mitmproxy import exceptions
+from mitmproxy import ctx, exceptions, http
 from mitmproxy.test import taddons, tflow
 from mitmproxy.websocket import WebSocketMessage
 
@@ -228,3 +228,21 @@ def test_a_session_on_a_guarded_route_is_never_relayed_as_bytes(tmp_path):
         responses = realtime_flow()
         responses.request.path = "/v1/responses"
         assert not addon.frame_relay.guarded(responses)
+
+
+def test_auto_keeps_messages_when_a_scripts_addon_has_a_websocket_hook():
+    """gateway_relay=auto: a user's addon loaded with -s is a child of mitmproxy's Script addon; one
+    with any WebSocket hook (here an exporter on websocket_end) keeps sessions on messages."""
+
+    class Exporter:
+        def websocket_end(self, flow: http.HTTPFlow) -> None:
+            pass
+
+    class Script:  # as mitmproxy's Script addon holds a script's addons
+        def __init__(self) -> None:
+            self.addons = [Exporter()]
+
+    with configured_gateway(gateway_relay="auto") as gateway:
+        assert gateway.frame_relay.frames()
+        ctx.master.addons.add(Script())
+        assert not gateway.frame_relay.frames()

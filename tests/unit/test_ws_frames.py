@@ -19,6 +19,7 @@ from ai_gateway.protocols.ws_frames import (
     FrameReader,
     Message,
     Outbox,
+    Oversize,
     Violation,
     close_code,
     encode_close,
@@ -122,6 +123,40 @@ def test_a_cut_message_is_gone_and_an_inserted_frame_lands_on_a_boundary(sequenc
     relayed = [m for m in again.feed(b"".join(forwarded)) if m.opcode in (TEXT, BINARY)]
     assert [m.payload for m in relayed if m.payload != injected_payload] == kept
     assert len(relayed) == len(kept) + 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(messages, min_size=1, max_size=5), st.booleans(), st.data())
+def test_a_message_over_the_cap_is_held_until_its_head_is_read_and_can_then_be_cut_whole(sequence, masked, data):
+    """A reader with head_bytes (the client's) reports an over-cap message's head before any of it
+    is forwarded; cut then, the message is gone from the stream, whichever way it was split."""
+    stream, expected = encode(sequence, masked)
+    cap, head_bytes = 100, 16
+    reader, outbox = FrameReader(masked, max_message=cap, head_bytes=head_bytes), Outbox()
+    heads, kept, forwarded, streaming = [], [], [], False
+    for chunk in split(stream, data.draw(st.lists(st.integers(0, 70000), max_size=8))):
+        outbox.add(chunk)
+        for event in reader.feed(chunk):
+            if isinstance(event, Oversize):
+                assert outbox.base <= event.spans[0][0]  # nothing of it forwarded yet
+                assert len(event.payload) == event.size > cap
+                heads.append(bytes(event.payload))
+                if data.draw(st.booleans()):
+                    outbox.cut(event.spans)
+                else:
+                    kept.append(len(heads) - 1)
+                streaming = True
+            elif event.opcode in (TEXT, BINARY) and event.payload is None:
+                assert streaming
+                outbox.end_cut(event.spans[-1][1])
+                streaming = False
+        forwarded.append(outbox.take(reader.safe))
+    over = [whole for opcode, whole in expected if opcode in (TEXT, BINARY) and len(whole) > cap]
+    assert heads == [whole[:head_bytes] for whole in over]
+    under = [whole for opcode, whole in expected if opcode in (TEXT, BINARY) and len(whole) <= cap]
+    again = FrameReader(masked, max_message=1 << 20)
+    relayed = [m.payload for m in again.feed(b"".join(forwarded)) if m.opcode in (TEXT, BINARY)]
+    assert sorted(relayed) == sorted(under + [over[i] for i in kept])
 
 
 def test_close_frames_are_encoded_as_peers_read_them():

@@ -10,7 +10,10 @@ as mitmproxy's WebSocket layer holds it, so that a refused `response.create` can
 whole), with the gateway's own frames spliced in at frame boundaries.
 
 Memory is bounded per direction: a data message larger than `max_message` bytes is not held or
-read, its frames are passed on as they arrive and it is reported unread (`payload` None).
+read, its frames are passed on as they arrive and it is reported unread (`payload` None). A reader
+given `head_bytes` (the client's) first holds such a message until that many bytes of its payload
+arrived and reports them (`Oversize`), so that the relay can still refuse it from its head, as the
+adapters read a frame over their limit, and cut it out whole as it streams past.
 
 Unmasking uses `websockets.speedups.apply_mask` (C, 6 us for 64 KiB here, 0.16 us for 200 B);
 the portable fallback XORs the payload as one Python integer, C inside CPython but a hundred
@@ -53,12 +56,43 @@ class Message(NamedTuple):
     spans: tuple[tuple[int, int], ...]
 
 
+class Head(bytes):
+    """The first bytes of a data message too large to hold, standing for all of it: its length is
+    the message's (as far as known), so a reader takes it for a frame over its limit and reads its
+    head; the bytes themselves are the head only (no tail to read)."""
+
+    size: int
+
+    def __new__(cls, head: bytes, size: int) -> Head:
+        self = super().__new__(cls, head)
+        self.size = size
+        return self
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class Oversize(NamedTuple):
+    """The head of a data message over the reader's cap, before any of it is forwarded: read as a
+    Message whose payload is the Head; its one span is open (end None) until the message ends, so
+    that cutting it drops the message's bytes as they arrive."""
+
+    opcode: int
+    payload: Head
+    size: int
+    spans: tuple[tuple[int, int | None], ...]
+
+
 class Violation(NamedTuple):
     """The stream broke the protocol at `start` (a frame boundary): the session ends with `code`."""
 
     code: int
     reason: str
     start: int
+
+
+Read = Message | Oversize | Violation
+"""What a reader reports."""
 
 
 @dataclass
@@ -69,15 +103,17 @@ class _Open:
     start: int
     parts: list[bytes] | None  # None once it outgrew the cap
     size: int = 0
+    head: bytearray | None = None  # of an over-cap message, while its head is read (and held)
     spans: list[tuple[int, int]] = field(default_factory=list)
 
 
 class FrameReader:
     """One direction of a WebSocket stream: `masked` for what a client sends (RFC 6455 5.3)."""
 
-    def __init__(self, masked: bool, max_message: int) -> None:
+    def __init__(self, masked: bool, max_message: int, head_bytes: int = 0) -> None:
         self.masked = masked
         self.max_message = max_message
+        self.head_bytes = head_bytes
         self.offset = 0  # stream bytes fed so far
         self.boundary = 0  # the last offset where no frame and no data message was open
         self.failed = False
@@ -85,18 +121,22 @@ class FrameReader:
         self._frame: tuple[int, bool, int, bytes | None, int] | None = None  # opcode, fin, start, mask, length
         self._remaining = 0
         self._frame_parts: list[bytes] = []
+        self._frame_head = b""  # the current frame's masked payload bytes, while its message's head is read
+        self._frame_mask: bytes | None = None
+        self._frame_fin = False
         self._message: _Open | None = None
 
     @property
     def safe(self) -> int:
         """Up to where the stream may be forwarded: all of it but an incomplete message or frame,
-        which is held, unless it is one too large to hold."""
-        if self._message is not None and self._message.parts is None:
+        which is held, unless it is one too large to hold (once its head was reported)."""
+        message = self._message
+        if message is not None and message.parts is None and message.head is None:
             return self.offset
         return self.boundary
 
-    def feed(self, chunk: bytes) -> list[Message | Violation]:
-        out: list[Message | Violation] = []
+    def feed(self, chunk: bytes) -> list[Read]:
+        out: list[Read] = []
         if self.failed:
             self.offset += len(chunk)
             return out
@@ -109,6 +149,10 @@ class FrameReader:
             take = min(self._remaining, n - i)
             if self._collecting():
                 self._frame_parts.append(chunk[i : i + take])
+            elif self._heading():
+                self._frame_head += chunk[i : i + min(take, self._head_needed())]
+                if not self._head_needed():
+                    self._headed(out, self._frame)
             self._remaining -= take
             i += take
             if self._remaining == 0:
@@ -120,7 +164,29 @@ class FrameReader:
         opcode = self._frame[0]  # type: ignore[index]
         return opcode in CONTROL_OPCODES or (self._message is not None and self._message.parts is not None)
 
-    def _read_header(self, chunk: bytes, i: int, base: int, out: list[Message | Violation]) -> int:
+    def _heading(self) -> bool:
+        return self._message is not None and self._message.head is not None
+
+    def _head_needed(self) -> int:
+        return self.head_bytes - len(self._message.head) - len(self._frame_head)  # type: ignore[union-attr]
+
+    def _headed(self, out: list[Read], frame: tuple[int, bool, int, bytes | None, int] | None) -> None:
+        """The part of the head read from `frame` (in progress; None once it ended, its length
+        counted) joins the head; once complete, or the message ended, the head is reported."""
+        message = self._message
+        assert message is not None and message.head is not None
+        mask = self._frame_mask
+        if self._frame_head:
+            message.head += apply_mask(self._frame_head, mask) if mask is not None else self._frame_head
+            self._frame_head = b""
+        ended = frame is None and self._frame_fin
+        if len(message.head) >= self.head_bytes or ended:
+            known = message.size + (frame[4] if frame is not None else 0)
+            head = Head(bytes(message.head), max(known, self.max_message + 1))
+            message.head = None
+            out.append(Oversize(message.opcode, head, len(head), ((message.start, None),)))
+
+    def _read_header(self, chunk: bytes, i: int, base: int, out: list[Read]) -> int:
         """Parse a frame header at chunk[i:], completing one begun in an earlier chunk; returns
         where the payload starts (or the chunk's end, when the header is still incomplete)."""
         data = self._header + chunk[i : i + 14] if self._header else chunk[i : i + 14]
@@ -143,17 +209,28 @@ class FrameReader:
             self._fail(PROTOCOL_ERROR, problem, out)
             return len(chunk)
         mask = data[need - 4 : need] if masked else None
+        grown, head = False, b""  # grown: over the cap from this frame on, its head to be read
         if opcode in DATA_OPCODES:
             holdable = length <= self.max_message
             self._message = _Open(opcode, start, [] if holdable else None)
+            grown = not holdable and bool(self.head_bytes)
         elif opcode == CONTINUATION:
             message = self._message
             assert message is not None
             if message.parts is not None and message.size + length > self.max_message:
+                grown = bool(self.head_bytes)
+                head = b"".join(message.parts)[: self.head_bytes] if grown else b""
                 message.parts = None  # outgrew the cap: what was held goes on, the rest as it comes
         self._frame = (opcode, fin, start, mask, length)
+        self._frame_mask, self._frame_fin = mask, fin
         self._remaining = length
         self._frame_parts = []
+        if grown:
+            message = self._message
+            assert message is not None
+            message.head = bytearray(head)
+            if len(message.head) >= self.head_bytes:
+                self._headed(out, self._frame)
         if length == 0:
             self._end_frame(base + i + consumed, out)
         return i + consumed
@@ -171,7 +248,7 @@ class FrameReader:
             return None if self._message is not None else "continuation without a message"
         return f"unknown opcode {opcode}"
 
-    def _end_frame(self, end: int, out: list[Message | Violation]) -> None:
+    def _end_frame(self, end: int, out: list[Read]) -> None:
         opcode, fin, start, mask, length = self._frame  # type: ignore[misc]
         self._frame = None
         payload = b"".join(self._frame_parts) if len(self._frame_parts) != 1 else self._frame_parts[0]
@@ -192,6 +269,8 @@ class FrameReader:
         message.spans.append((start, end))
         if message.parts is not None:
             message.parts.append(payload)
+        elif message.head is not None:
+            self._headed(out, None)
         if not fin:
             return
         self._message = None
@@ -205,7 +284,7 @@ class FrameReader:
             return
         out.append(Message(message.opcode, content, len(content), tuple(message.spans)))
 
-    def _fail(self, code: int, reason: str, out: list[Message | Violation], start: int | None = None) -> None:
+    def _fail(self, code: int, reason: str, out: list[Read], start: int | None = None) -> None:
         """Nothing after a violation is read; the stream is cut where the offending message began."""
         self.failed = True
         where = self.boundary if start is None else start
@@ -275,18 +354,29 @@ class Outbox:
         self.pending = b""  # the stream from `base` on
         self.closed = False
         self._cuts: list[tuple[int, int]] = []
+        self._open_cut: int | None = None  # a message cut out as it streams past, from here on
         self._inserts: list[tuple[int, bytes, bool]] = []  # position, frame, final
         self._waiting: list[tuple[bytes, bool]] = []
 
     @property
     def idle(self) -> bool:
-        return not (self.pending or self._cuts or self._inserts or self._waiting)
+        return not (self.pending or self._cuts or self._inserts or self._waiting or self._open_cut is not None)
 
     def add(self, chunk: bytes) -> None:
         self.pending = self.pending + chunk if self.pending else chunk
 
-    def cut(self, spans: tuple[tuple[int, int], ...]) -> None:
-        self._cuts.extend(spans)
+    def cut(self, spans: tuple[tuple[int, int | None], ...]) -> None:
+        """Cut spans out; one without an end (an Oversize's) runs on until `end_cut`."""
+        for start, end in spans:
+            if end is None:
+                self._open_cut = start
+            else:
+                self._cuts.append((start, end))
+
+    def end_cut(self, end: int) -> None:
+        if self._open_cut is not None:
+            self._cuts.append((self._open_cut, end))
+            self._open_cut = None
 
     def send(self, frame: bytes, final: bool = False) -> None:
         self._waiting.append((frame, final))
@@ -306,6 +396,9 @@ class Outbox:
 
     def take(self, limit: int) -> bytes:
         """The bytes to forward now: the stream up to `limit`, edited."""
+        if self._open_cut is not None and limit > self._open_cut:
+            self._cuts.append((self._open_cut, limit))
+            self._open_cut = limit
         if self.closed:
             self.pending, self.base = self.pending[limit - self.base :], limit
             return b""

@@ -26,12 +26,14 @@ from typing import Any
 from mitmproxy import ctx, http
 from mitmproxy.addonmanager import Loader
 from mitmproxy.connection import Client
+from mitmproxy.proxy import events
 
 DRAIN_SECONDS = 30  # Kubernetes' default terminationGracePeriodSeconds
 POLL_SECONDS = 0.05
 CLOSE_SECONDS = 5.0  # for closed connections to run their hooks, after the deadline
 
 logger = logging.getLogger(__name__)
+_released: set[asyncio.Task[None]] = set()  # tasks are only weakly referenced by the event loop
 
 
 class Drain:
@@ -120,6 +122,7 @@ class Drain:
 
     def client_disconnected(self, client: Client) -> None:
         self.busy.pop(client.id, None)
+        release(client)
 
     def finished(self, flow: http.HTTPFlow) -> None:
         if (flows := self.busy.get(flow.client_conn.id)) is not None:
@@ -138,6 +141,32 @@ async def close_connections() -> None:
     deadline = time.monotonic() + CLOSE_SECONDS
     while proxyserver.connections and time.monotonic() < deadline:
         await asyncio.sleep(POLL_SECONDS)
+
+
+def release(client: Client) -> None:
+    """Finish what mitmproxy skipped for a client connection it is done with: closing its socket
+    and telling the layers it closed.
+
+    mitmproxy 12.3's `ConnectionHandler.handle_connection` catches a cancel only around its reads:
+    a connection closed by a command (the TCP layer's close after the upstream's, a close frame
+    relayed by the WebSocket layer) while its reader task waits for the handler's event lock ends
+    that task without its tail, `server_event(ConnectionClosed)` and `writer.close()`. The client
+    then waits for a TCP close that never comes (its close_timeout, 10 s for websockets), and the
+    layers never end the flow (no `tcp_end` or `websocket_end`: a session left open). By
+    `client_disconnected` the task has ended, so a writer still open is one whose tail was skipped."""
+    proxyserver: Any = ctx.master.addons.get("proxyserver")
+    handler = None if proxyserver is None else proxyserver.connections.get(client.id)
+    io = None if handler is None else handler.transports.get(client)
+    writer = None if io is None else io.writer
+    try:
+        if writer is not None and not writer.is_closing():
+            logger.debug("ai-gateway: closing the connection mitmproxy left open for %s", client.peername)
+            writer.close()
+            task = asyncio.get_running_loop().create_task(handler.server_event(events.ConnectionClosed(client)))
+            _released.add(task)
+            task.add_done_callback(_released.discard)
+    except Exception:
+        logger.exception("ai-gateway: closing a client connection failed")
 
 
 def close(handler: Any, reason: str) -> None:

@@ -31,9 +31,10 @@ import time
 from collections.abc import Awaitable, Callable
 
 from mitmproxy import connection, ctx, http, tcp
-from mitmproxy.addonmanager import Loader
+from mitmproxy.addonmanager import Loader, traverse
 
 from ai_gateway.accounting.items import Malformed
+from ai_gateway.protocols.json_events import HEAD_BYTES
 from ai_gateway.protocols.ws_frames import (
     CLOSE,
     DATA_OPCODES,
@@ -41,18 +42,23 @@ from ai_gateway.protocols.ws_frames import (
     FrameReader,
     Message,
     Outbox,
+    Oversize,
+    Read,
     Violation,
     close_code,
     encode_close,
     encode_frame,
 )
 from ai_gateway.proxy import closer, drain
-from ai_gateway.proxy.sessions import SESSION_OPEN_METADATA, Session, SessionMetering
+from ai_gateway.proxy.sessions import SESSION_OPEN_METADATA, Session, SessionMetering, session_kind
 from ai_gateway.proxy.state import GatewayState
 
 RELAYS = ("auto", "frames", "messages", "sockets")  # sockets: proxy/socket_relay.py
+EXTENSIONS = "sec-websocket-extensions"
 # mitmproxy's and the gateway's own addons: any other addon with a WebSocket hook wants messages.
 OWN_MODULES = ("mitmproxy.", "ai_gateway.")
+# The hooks a WebSocket flow gets and a session relayed as bytes does not (a script exporting on websocket_end).
+WEBSOCKET_HOOKS = ("websocket_start", "websocket_message", "websocket_end")
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +69,7 @@ class FrameRelay:
     def __init__(self, state: GatewayState, metering: SessionMetering) -> None:
         self.state = state
         self.metering = metering
-        self.relay = "messages"
+        self.relay = "auto"
         self.upgrading: dict[str, http.HTTPFlow] = {}  # client connection id -> its admitted handshake
         self.sessions: dict[str, ByteSession] = {}  # TCP flow id -> its session
 
@@ -71,7 +77,7 @@ class FrameRelay:
         loader.add_option(
             "gateway_relay",
             str,
-            "messages",
+            "auto",
             "How an admitted WebSocket session is relayed: 'messages' by mitmproxy's WebSocket layer, "
             "'frames' as bytes by its TCP layer with the frames read on the side (no WebSocket view, "
             "nothing saved per message); 'sockets' as 'frames', relayed between the two sockets by the "
@@ -91,14 +97,38 @@ class FrameRelay:
         if "web_port" in options or getattr(options, "save_stream_file", None):
             return False
         return not any(
-            callable(getattr(addon, "websocket_message", None)) and not type(addon).__module__.startswith(OWN_MODULES)
-            for addon in ctx.master.addons.chain
+            any(callable(getattr(addon, hook, None)) for hook in WEBSOCKET_HOOKS)
+            and not type(addon).__module__.startswith(OWN_MODULES)
+            for addon in traverse(ctx.master.addons.chain)  # a script's addons too (-s)
         )
 
     def guarded(self, flow: http.HTTPFlow) -> bool:
         """Whether the session's route has guardrails: they run on the WebSocket layer's messages."""
         policy, route = self.state.policy, self.state.route(flow)
         return policy is not None and route is not None and bool(policy.guardrails_for(route))
+
+    def eligible(self, flow: http.HTTPFlow) -> bool:
+        """Whether a session on this flow's route is relayed as frames once admitted."""
+        route = self.state.route(flow)
+        return (
+            route is not None
+            and session_kind(route) is not None
+            and ctx.options.rawtcp
+            and not self.guarded(flow)  # guardrails hold, drop and delete messages: messages
+            and self.frames()
+        )
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        """A session bound for the frames path offers no compression upstream: the reader sees the
+        frames as sent (a compressed session would stay on messages), as agentgateway strips the
+        offer. Whatever the route's header policy says; a client must accept a declined offer
+        (RFC 7692 5)."""
+        try:
+            headers = flow.request.headers
+            if EXTENSIONS in headers and headers.get("upgrade", "").lower() == "websocket" and self.eligible(flow):
+                del headers[EXTENSIONS]
+        except Exception:
+            logger.exception("ai-gateway: choosing the relay failed for %s", flow.id)
 
     def response(self, flow: http.HTTPFlow) -> None:
         """After SessionMetering's and Observability's: an admitted session's 101 goes to the TCP layer."""
@@ -108,10 +138,8 @@ class FrameRelay:
                 and flow.metadata.get(SESSION_OPEN_METADATA)
                 and flow.response is not None
                 and flow.response.status_code == 101
-                and "sec-websocket-extensions" not in flow.response.headers  # compressed frames: messages
-                and ctx.options.rawtcp
-                and not self.guarded(flow)  # guardrails hold, drop and delete messages: messages
-                and self.frames()
+                and EXTENSIONS not in flow.response.headers  # compressed frames: messages
+                and self.eligible(flow)
             ):
                 flow.websocket = None
                 self.upgrading[flow.client_conn.id] = flow
@@ -177,7 +205,7 @@ class ReadFrame:
 
     __slots__ = ("content", "from_client", "is_text", "outbox", "spans", "timestamp")
 
-    def __init__(self, from_client: bool, message: Message, outbox: Outbox) -> None:
+    def __init__(self, from_client: bool, message: Message | Oversize, outbox: Outbox) -> None:
         self.timestamp = time.time()  # when it was read, as WebSocketMessage.timestamp (the turns' clock)
         self.from_client = from_client
         self.content = message.payload or b""
@@ -197,7 +225,9 @@ class ByteSession:
         self.handshake = handshake
         self.flow = flow
         self.metering = metering
-        self.readers = {True: FrameReader(True, cap), False: FrameReader(False, cap)}
+        # A client message over the cap is held until its head is read: a response.create can still be refused.
+        self.readers = {True: FrameReader(True, cap, HEAD_BYTES), False: FrameReader(False, cap)}
+        self.headed = {True: False, False: False}  # an over-cap message whose head was metered is streaming
         self.outboxes = {True: Outbox(), False: Outbox()}
         self.wakes: dict[bool, list[bytes]] = {True: [], False: []}
         self.reading: bool | None = None  # the direction whose chunk is being read
@@ -234,7 +264,7 @@ class ByteSession:
         outbox.place(reader.boundary)
         message.content = outbox.take(reader.safe)
 
-    def read(self, message: tcp.TCPMessage, events: list[Message | Violation], start: int) -> Awaitable[None] | None:
+    def read(self, message: tcp.TCPMessage, events: list[Read], start: int) -> Awaitable[None] | None:
         side = message.from_client
         session = self.metering.sessions.get(self.handshake.id)
         self.reading = side
@@ -255,16 +285,21 @@ class ByteSession:
         self.forward(message)
         return None
 
-    async def resume(
-        self, admission: Awaitable[None], message: tcp.TCPMessage, events: list[Message | Violation], rest: int
-    ) -> None:
+    async def resume(self, admission: Awaitable[None], message: tcp.TCPMessage, events: list[Read], rest: int) -> None:
         """A response's admission waited for the shared store; then the chunk's other messages."""
         await admission
         pending = self.read(message, events, rest)
         if pending is not None:
             await pending
 
-    def metered(self, session: Session, side: bool, event: Message) -> Awaitable[None] | None:
+    def metered(self, session: Session, side: bool, event: Message | Oversize) -> Awaitable[None] | None:
+        if isinstance(event, Oversize):  # read from its head, as the adapters read a frame over their limit
+            self.headed[side] = True
+            return self.metering.frame(self.handshake, ReadFrame(side, event, self.outboxes[side]), session)
+        if event.payload is None and self.headed[side]:  # its head was metered; cut out to its end if refused
+            self.headed[side] = False
+            self.outboxes[side].end_cut(event.spans[-1][1])
+            return None
         if event.payload is None:  # over the cap: relayed unread, as the adapters count a frame too large to read
             session.meter.apply(Malformed("too_large", f"{event.size} bytes, more than {self.cap}"))
             return None

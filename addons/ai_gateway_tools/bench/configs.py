@@ -187,37 +187,42 @@ MITMDUMP = Config(
 )
 GATEWAY = Config(
     "gateway",
-    "`mitmdump -s addons/gateway.py`, default policy (removes `sec-websocket-extensions`: no compression)",
+    "`mitmdump -s addons/gateway.py`, default policy and relay (`gateway_relay=auto`: sessions relayed as bytes "
+    "by mitmproxy's TCP layer, frames read on the side, no compression)",
     lambda upstream, work: GatewayProcess(upstream),
     metered=True,
 )
+# Compression is negotiated only on the messages path (the frames path strips the offer).
 GATEWAY_DEFLATE = Config(
     "gateway-deflate",
-    "the gateway with the default policy minus that removal: permessage-deflate on both legs, as mitmdump",
-    lambda upstream, work: GatewayProcess(upstream, options={"gateway_policy": str(work.policy)}),
+    "the gateway with the default policy minus the removal of `sec-websocket-extensions`, on "
+    "`gateway_relay=messages`: permessage-deflate on both legs, as mitmdump",
+    lambda upstream, work: GatewayProcess(
+        upstream, options={"gateway_policy": str(work.policy), "gateway_relay": "messages"}
+    ),
     metered=True,
 )
 SERVE = Config(
     "serve",
-    "`scripts/serve` (the lean launcher: only the addons a reverse gateway needs, uvloop), default policy",
+    "`scripts/serve` (the lean launcher: only the addons a reverse gateway needs, uvloop), default policy and "
+    "relay (frames)",
     lambda upstream, work: GatewayProcess(upstream, launcher="serve"),
     metered=True,
 )
 
-# gateway_relay=frames (issue #22): the session's bytes relayed by mitmproxy's TCP layer, frames read
-# on the side; and the floor they are measured against.
-FRAMES = {"gateway_relay": "frames"}
-GATEWAY_FRAMES = Config(
-    "gateway-frames",
-    "`mitmdump -s addons/gateway.py --set gateway_relay=frames`: sessions relayed by mitmproxy's TCP layer, "
-    "the gateway reading frames from the bytes",
-    lambda upstream, work: GatewayProcess(upstream, options=FRAMES),
+# gateway_relay=messages: the path before issue #22 (mitmproxy's WebSocket layer, every message a
+# hook), beside the default; and the floor the frames path is measured against.
+MESSAGES = {"gateway_relay": "messages"}
+GATEWAY_MESSAGES = Config(
+    "gateway-messages",
+    "`mitmdump -s addons/gateway.py --set gateway_relay=messages`: sessions relayed by mitmproxy's WebSocket layer",
+    lambda upstream, work: GatewayProcess(upstream, options=MESSAGES),
     metered=True,
 )
-SERVE_FRAMES = Config(
-    "serve-frames",
-    "`scripts/serve --set gateway_relay=frames`",
-    lambda upstream, work: GatewayProcess(upstream, launcher="serve", options=FRAMES),
+SERVE_MESSAGES = Config(
+    "serve-messages",
+    "`scripts/serve --set gateway_relay=messages`",
+    lambda upstream, work: GatewayProcess(upstream, launcher="serve", options=MESSAGES),
     metered=True,
 )
 # gateway_relay=sockets (issue #22, design 3): the session's two sockets relayed by the event loop's
@@ -317,14 +322,14 @@ PORTKEY = Config(
 )
 CONFIGS = (
     DIRECT, MITMDUMP, EMPTY_ADDON, BASELINE, GATEWAY, GATEWAY_DEFLATE, SERVE, SERVE_QUIET, SERVE_OBSERVED, LITELLM,
-    GATEWAY_FRAMES, SERVE_FRAMES, GATEWAY_SOCKETS, SERVE_SOCKETS, FLOOR, SERVE_GUARDED,
+    GATEWAY_MESSAGES, SERVE_MESSAGES, GATEWAY_SOCKETS, SERVE_SOCKETS, FLOOR, SERVE_GUARDED,
 )  # fmt: skip
 DEFAULT_CONFIGS = (DIRECT, MITMDUMP, GATEWAY, GATEWAY_DEFLATE, SERVE)
 # Measured in this order (and back): mitmdump sits next to each gateway, and the baseline next to
 # the gateway, so the pairs that make the ratios are measured one right after the other.
 RUN_ORDER = (
-    DIRECT, FLOOR, BASELINE, GATEWAY, GATEWAY_FRAMES, GATEWAY_SOCKETS, MITMDUMP, GATEWAY_DEFLATE, SERVE, SERVE_GUARDED,
-    SERVE_FRAMES, SERVE_SOCKETS, SERVE_QUIET, SERVE_OBSERVED, LITELLM, EMPTY_ADDON,
+    DIRECT, FLOOR, BASELINE, GATEWAY, GATEWAY_MESSAGES, GATEWAY_SOCKETS, MITMDUMP, GATEWAY_DEFLATE, SERVE,
+    SERVE_GUARDED, SERVE_MESSAGES, SERVE_SOCKETS, SERVE_QUIET, SERVE_OBSERVED, LITELLM, EMPTY_ADDON,
 )  # fmt: skip
 
 
