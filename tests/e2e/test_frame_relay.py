@@ -59,6 +59,7 @@ from .test_spend_controls import (  # noqa: F401  (upstream: a fixture)
 # Debug logging shows FrameRelay's line for each session it takes off the WebSocket layer: CHOSEN.
 FRAMES = {"gateway_relay": "frames", "termlog_verbosity": "debug"}
 CHOSEN = "as frames"
+SOCKETS_CHOSEN = "over its sockets"  # proxy/socket_relay.py
 # The routes strip the permessage-deflate offer, as the default policy's Realtime routes do (the
 # frames path drops it anyway: test_realtime_e2e.test_compressed_session_is_metered).
 STRIPPED = "routes:\n  /realtime: {type: Realtime, request: {remove: [sec-websocket-extensions]}}\n"
@@ -199,9 +200,9 @@ def test_gemini_live_sessions_take_the_frames_path(live_gateway, live_simulator,
     assert CHOSEN in live_gateway.log()
 
 
-def test_auto_takes_frames_unless_flows_are_saved(tmp_path, upstream):  # noqa: F811 (a fixture)
-    """`auto` under mitmdump takes frames; saving flows keeps mitmproxy's WebSocket layer, so that
-    the saved session is a WebSocket flow with its messages."""
+def test_auto_takes_the_sockets_unless_flows_are_saved(tmp_path, upstream):  # noqa: F811 (a fixture)
+    """`auto` under mitmdump takes the byte path, between the sockets; saving flows keeps mitmproxy's
+    WebSocket layer, so that the saved session is a WebSocket flow with its messages."""
     saved = tmp_path / "flows.mitm"
     chosen = {}
     for name, options in (("plain", {}), ("saving", {"save_stream_file": str(saved)})):
@@ -209,8 +210,8 @@ def test_auto_takes_frames_unless_flows_are_saved(tmp_path, upstream):  # noqa: 
         with GatewayProcess(upstream.url, options=settings) as gateway:
             url = f"{websocket_base(gateway.url)}/v1/realtime?model=gpt-realtime-frames-auto"
             asyncio.run(raw_session(url, [{"type": "response.create"}]))
-        chosen[name] = CHOSEN in gateway.log()
-    assert chosen == {"plain": True, "saving": False}
+        chosen[name] = (CHOSEN in gateway.log(), SOCKETS_CHOSEN in gateway.log())
+    assert chosen == {"plain": (True, True), "saving": (False, False)}
     with saved.open("rb") as f:
         flows = list(io.FlowReader(f).stream())
     assert [type(flow).__name__ for flow in flows] == ["HTTPFlow"]

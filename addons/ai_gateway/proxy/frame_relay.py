@@ -81,8 +81,9 @@ class FrameRelay:
             "How an admitted WebSocket session is relayed: 'messages' by mitmproxy's WebSocket layer, "
             "'frames' as bytes by its TCP layer with the frames read on the side (no WebSocket view, "
             "nothing saved per message); 'sockets' as 'frames', relayed between the two sockets by the "
-            "event loop rather than mitmproxy's TCP layer; 'auto' takes frames unless under mitmweb, "
-            "saving flows, or another addon has a WebSocket hook.",
+            "event loop rather than mitmproxy's TCP layer; 'auto' takes sockets (frames where they cannot be "
+            "taken over) unless under mitmweb, saving flows, on a guarded route, or another addon has a "
+            "WebSocket hook.",
             choices=RELAYS,
         )
 

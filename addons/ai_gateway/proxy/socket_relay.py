@@ -1,6 +1,6 @@
 """An admitted session relayed between its two sockets by the event loop's transports, mitmproxy
 keeping the connection handling, TLS handshakes, HTTP routes and the handshake (issue #22,
-`gateway_relay=sockets`, the issue's third design).
+`gateway_relay=sockets`, and what `auto` takes: the issue's third design).
 
 On the frames path (proxy/frame_relay.py) every chunk of an admitted session still takes a trip
 through mitmproxy's connection handler, layer stack and `tcp_message` dispatch. Here, when the TCP
@@ -54,10 +54,11 @@ logger = logging.getLogger(__name__)
 
 
 class SocketRelay(FrameRelay):
-    """FrameRelay whose sessions, under `gateway_relay=sockets`, are relayed by their sockets."""
+    """FrameRelay whose sessions, under `gateway_relay=sockets` or `auto`, are relayed by their sockets
+    (on `frames` by mitmproxy's TCP layer; a session whose sockets cannot be taken over stays there)."""
 
     def session(self, handshake: http.HTTPFlow, flow: tcp.TCPFlow) -> ByteSession:
-        if self.relay == "sockets":
+        if self.relay != "frames":
             legs = take_legs(flow)
             if legs is not None:
                 session = SocketSession(handshake, flow, self.metering, self.state.max_body_bytes, legs)

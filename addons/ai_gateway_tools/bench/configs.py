@@ -187,8 +187,8 @@ MITMDUMP = Config(
 )
 GATEWAY = Config(
     "gateway",
-    "`mitmdump -s addons/gateway.py`, default policy and relay (`gateway_relay=auto`: sessions relayed as bytes "
-    "by mitmproxy's TCP layer, frames read on the side, no compression)",
+    "`mitmdump -s addons/gateway.py`, default policy and relay (`gateway_relay=auto`: sessions relayed between "
+    "their sockets by the event loop, frames read on the side, no compression)",
     lambda upstream, work: GatewayProcess(upstream),
     metered=True,
 )
@@ -205,13 +205,13 @@ GATEWAY_DEFLATE = Config(
 SERVE = Config(
     "serve",
     "`scripts/serve` (the lean launcher: only the addons a reverse gateway needs, uvloop), default policy and "
-    "relay (frames)",
+    "relay (sockets)",
     lambda upstream, work: GatewayProcess(upstream, launcher="serve"),
     metered=True,
 )
 
 # gateway_relay=messages: the path before issue #22 (mitmproxy's WebSocket layer, every message a
-# hook), beside the default; and the floor the frames path is measured against.
+# hook), beside the default; and the floor the byte paths are measured against.
 MESSAGES = {"gateway_relay": "messages"}
 GATEWAY_MESSAGES = Config(
     "gateway-messages",
@@ -225,20 +225,20 @@ SERVE_MESSAGES = Config(
     lambda upstream, work: GatewayProcess(upstream, launcher="serve", options=MESSAGES),
     metered=True,
 )
-# gateway_relay=sockets (issue #22, design 3): the session's two sockets relayed by the event loop's
-# transports after the handshake, frames read on the side.
-SOCKETS = {"gateway_relay": "sockets"}
-GATEWAY_SOCKETS = Config(
-    "gateway-sockets",
-    "`mitmdump -s addons/gateway.py --set gateway_relay=sockets`: sessions relayed between their sockets by "
-    "the event loop, the gateway reading frames from the bytes",
-    lambda upstream, work: GatewayProcess(upstream, options=SOCKETS),
+# gateway_relay=frames (issue #22, the first design): sessions relayed as bytes by mitmproxy's TCP
+# layer, frames read from its chunks on the side.
+FRAMES = {"gateway_relay": "frames"}
+GATEWAY_FRAMES = Config(
+    "gateway-frames",
+    "`mitmdump -s addons/gateway.py --set gateway_relay=frames`: sessions relayed as bytes by mitmproxy's TCP "
+    "layer, the gateway reading frames from its chunks",
+    lambda upstream, work: GatewayProcess(upstream, options=FRAMES),
     metered=True,
 )
-SERVE_SOCKETS = Config(
-    "serve-sockets",
-    "`scripts/serve --set gateway_relay=sockets`",
-    lambda upstream, work: GatewayProcess(upstream, launcher="serve", options=SOCKETS),
+SERVE_FRAMES = Config(
+    "serve-frames",
+    "`scripts/serve --set gateway_relay=frames`",
+    lambda upstream, work: GatewayProcess(upstream, launcher="serve", options=FRAMES),
     metered=True,
 )
 FLOOR = Config(
@@ -322,14 +322,14 @@ PORTKEY = Config(
 )
 CONFIGS = (
     DIRECT, MITMDUMP, EMPTY_ADDON, BASELINE, GATEWAY, GATEWAY_DEFLATE, SERVE, SERVE_QUIET, SERVE_OBSERVED, LITELLM,
-    GATEWAY_MESSAGES, SERVE_MESSAGES, GATEWAY_SOCKETS, SERVE_SOCKETS, FLOOR, SERVE_GUARDED,
+    GATEWAY_MESSAGES, SERVE_MESSAGES, GATEWAY_FRAMES, SERVE_FRAMES, FLOOR, SERVE_GUARDED,
 )  # fmt: skip
 DEFAULT_CONFIGS = (DIRECT, MITMDUMP, GATEWAY, GATEWAY_DEFLATE, SERVE)
 # Measured in this order (and back): mitmdump sits next to each gateway, and the baseline next to
 # the gateway, so the pairs that make the ratios are measured one right after the other.
 RUN_ORDER = (
-    DIRECT, FLOOR, BASELINE, GATEWAY, GATEWAY_MESSAGES, GATEWAY_SOCKETS, MITMDUMP, GATEWAY_DEFLATE, SERVE,
-    SERVE_GUARDED, SERVE_MESSAGES, SERVE_SOCKETS, SERVE_QUIET, SERVE_OBSERVED, LITELLM, EMPTY_ADDON,
+    DIRECT, FLOOR, BASELINE, GATEWAY, GATEWAY_MESSAGES, GATEWAY_FRAMES, MITMDUMP, GATEWAY_DEFLATE, SERVE,
+    SERVE_GUARDED, SERVE_MESSAGES, SERVE_FRAMES, SERVE_QUIET, SERVE_OBSERVED, LITELLM, EMPTY_ADDON,
 )  # fmt: skip
 
 
