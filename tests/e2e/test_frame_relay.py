@@ -60,6 +60,8 @@ from .test_spend_controls import (  # noqa: F401  (upstream: a fixture)
 FRAMES = {"gateway_relay": "frames", "termlog_verbosity": "debug"}
 CHOSEN = "as frames"
 SOCKETS_CHOSEN = "over its sockets"  # proxy/socket_relay.py
+# The enforcement scenarios run on both byte paths (sockets: tests/e2e/test_socket_relay.py has its own).
+CHOSEN_BY = {"frames": CHOSEN, "sockets": SOCKETS_CHOSEN}
 # The routes strip the permessage-deflate offer, as the default policy's Realtime routes do (the
 # frames path drops it anyway: test_realtime_e2e.test_compressed_session_is_metered).
 STRIPPED = "routes:\n  /realtime: {type: Realtime, request: {remove: [sec-websocket-extensions]}}\n"
@@ -81,40 +83,43 @@ def test_sessions_take_the_frames_path(gateway, simulator, model):
     assert CHOSEN in gateway.log()
 
 
+@pytest.mark.parametrize("relay", CHOSEN_BY)
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_refused_response_creates_are_cut_out_and_answered_with_an_error(tmp_path, upstream, launcher):  # noqa: F811 (a fixture)
-    model = f"gpt-realtime-frames-budget-{launcher}"
+def test_refused_response_creates_are_cut_out_and_answered_with_an_error(tmp_path, upstream, launcher, relay):  # noqa: F811 (a fixture)
+    model = f"gpt-realtime-{relay}-budget-{launcher}"
     text = f"budgets:\n  session: {{tokens: {LIMIT}}}\n  reserve: {{tokens: {RESERVE}}}\n"
-    options = {**FRAMES, "gateway_policy": frames_policy(tmp_path, text)}
+    options = {**FRAMES, "gateway_relay": relay, "gateway_policy": frames_policy(tmp_path, text)}
     with GatewayProcess(upstream.url, launcher=launcher, options=options) as gateway:
         url = f"{websocket_base(gateway.url)}/v1/realtime?model={model}"
         finished = asyncio.run(respond_until_refused(url, "sk-pipeliner", pipelined=10))
         samples = scrape(gateway.metrics_url)
-    assert CHOSEN in gateway.log()
+    assert CHOSEN_BY[relay] in gateway.log()
     spent = tokens(upstream.usage_for(model))
     assert finished == sum(e.kind == "response" for e in upstream.usage_for(model))  # none refused went upstream
     assert LIMIT - RESERVE <= spent <= TARGET * LIMIT
     assert sum(select(samples, action="refused_response", reason="budget_exceeded").values()) >= 10
 
 
+@pytest.mark.parametrize("relay", CHOSEN_BY)
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_responses_the_upstream_starts_over_budget_are_cancelled(tmp_path, launcher):
+def test_responses_the_upstream_starts_over_budget_are_cancelled(tmp_path, launcher, relay):
     text = "budgets:\n  session: {tokens: 1000}\n  reserve: {tokens: 1}\n"
     logs: list[str] = []
-    seen, samples = vad_over_budget(frames_policy(tmp_path, text), launcher, FRAMES, logs)
+    seen, samples = vad_over_budget(frames_policy(tmp_path, text), launcher, {**FRAMES, "gateway_relay": relay}, logs)
     assert_cancelled_after_the_first_turn(seen, samples, "session")
-    assert CHOSEN in logs[0]
+    assert CHOSEN_BY[relay] in logs[0]
 
 
+@pytest.mark.parametrize("relay", CHOSEN_BY)
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_a_session_past_max_session_seconds_is_closed_with_1008(tmp_path, upstream, launcher):  # noqa: F811 (a fixture)
+def test_a_session_past_max_session_seconds_is_closed_with_1008(tmp_path, upstream, launcher, relay):  # noqa: F811 (a fixture)
     limit = "limits:\n  client_key: {max_session_seconds: 2}\n"
-    options = {**FRAMES, "gateway_policy": frames_policy(tmp_path, limit)}
+    options = {**FRAMES, "gateway_relay": relay, "gateway_policy": frames_policy(tmp_path, limit)}
     with GatewayProcess(upstream.url, launcher=launcher, options=options) as gateway:
         code, text, seconds = asyncio.run(until_closed(gateway, busy=True))
         wait_until(lambda: not open_sessions(gateway))
         samples = scrape(gateway.metrics_url)
-    assert CHOSEN in gateway.log()
+    assert CHOSEN_BY[relay] in gateway.log()
     assert_closed_by_the_limit(code, text, seconds, samples, "session_too_long")
 
 

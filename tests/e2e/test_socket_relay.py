@@ -1,6 +1,8 @@
 """gateway_relay=sockets end to end: an admitted session relayed between its two sockets by the
 event loop (proxy/socket_relay.py, issue #22). test_frame_relay.py's Realtime and Gemini Live
-scenarios run again here, on both launchers, each asserting the path was taken."""
+sessions run again here, on both launchers, each asserting the path was taken (its enforcement
+scenarios, refusals, cancels and the 1008 close, run there on both byte paths); then what only this
+path has: a shared store's admission pausing the client's socket, the drain, TLS on both legs."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 import websockets
 
-from ai_gateway_tools.harness import GatewayProcess, assert_metered_exactly, scrape, select
+from ai_gateway_tools.harness import GatewayProcess, assert_metered_exactly, scrape
 from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread
 
 from ..clients import wait_until, websocket_base
@@ -82,22 +84,6 @@ def test_sessions_take_the_sockets_path(gateway, simulator, model):
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_refused_response_creates_are_cut_out_and_answered_with_an_error(tmp_path, upstream, launcher):  # noqa: F811 (a fixture)
-    model = f"gpt-realtime-sockets-budget-{launcher}"
-    text = f"budgets:\n  session: {{tokens: {LIMIT}}}\n  reserve: {{tokens: {RESERVE}}}\n"
-    options = {**SOCKETS, "gateway_policy": sockets_policy(tmp_path, text)}
-    with GatewayProcess(upstream.url, launcher=launcher, options=options) as gateway:
-        url = f"{websocket_base(gateway.url)}/v1/realtime?model={model}"
-        finished = asyncio.run(respond_until_refused(url, "sk-pipeliner", pipelined=10))
-        samples = scrape(gateway.metrics_url)
-    assert CHOSEN in gateway.log()
-    spent = tokens(upstream.usage_for(model))
-    assert finished == sum(e.kind == "response" for e in upstream.usage_for(model))  # none refused went upstream
-    assert LIMIT - RESERVE <= spent <= TARGET * LIMIT
-    assert sum(select(samples, action="refused_response", reason="budget_exceeded").values()) >= 10
-
-
-@pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_response_creates_wait_for_the_shared_store_and_are_refused_past_its_budget(
     tmp_path,
     redis_server,  # noqa: F811 (a fixture)
@@ -116,27 +102,6 @@ def test_response_creates_wait_for_the_shared_store_and_are_refused_past_its_bud
     spent = tokens(upstream.usage_for(model))
     assert finished == sum(e.kind == "response" for e in upstream.usage_for(model))  # none refused went upstream
     assert LIMIT - RESERVE <= spent <= TARGET * LIMIT
-
-
-@pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_responses_the_upstream_starts_over_budget_are_cancelled(tmp_path, launcher):
-    text = "budgets:\n  session: {tokens: 1000}\n  reserve: {tokens: 1}\n"
-    logs: list[str] = []
-    seen, samples = vad_over_budget(sockets_policy(tmp_path, text), launcher, SOCKETS, logs)
-    assert_cancelled_after_the_first_turn(seen, samples, "session")
-    assert CHOSEN in logs[0]
-
-
-@pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_a_session_past_max_session_seconds_is_closed_with_1008(tmp_path, upstream, launcher):  # noqa: F811 (a fixture)
-    limit = "limits:\n  client_key: {max_session_seconds: 2}\n"
-    options = {**SOCKETS, "gateway_policy": sockets_policy(tmp_path, limit)}
-    with GatewayProcess(upstream.url, launcher=launcher, options=options) as gateway:
-        code, text, seconds = asyncio.run(until_closed(gateway, busy=True))
-        wait_until(lambda: not open_sessions(gateway))
-        samples = scrape(gateway.metrics_url)
-    assert CHOSEN in gateway.log()
-    assert_closed_by_the_limit(code, text, seconds, samples, "session_too_long")
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
