@@ -126,8 +126,11 @@ class LiveSimulator(Served):
                 except ValueError:
                     await ws.close(1007, "invalid JSON")
                     break
-                if not await self._receive(session, event if isinstance(event, dict) else {}):
-                    return
+                try:
+                    if not await self._receive(session, event if isinstance(event, dict) else {}):
+                        return
+                except ConnectionClosed:
+                    continue  # closed while answering: what the client sent before its close is still read
         except ConnectionClosed:
             pass
         self._ended(session, UNCLOSED)
