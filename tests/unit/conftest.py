@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
 from hypothesis import settings
-from mitmproxy.test import taddons
+from mitmproxy import http
+from mitmproxy.test import taddons, tflow
+from mitmproxy.websocket import WebSocketMessage
 
 from ai_gateway.accounting.metrics import GatewayMetrics
 from ai_gateway.accounting.observer import Observer, ResponseRecord
@@ -55,3 +58,21 @@ def sample_total(metrics: GatewayMetrics, name: str, **labels: str) -> float:
         for sample in metric.samples
         if sample.name == name and labels.items() <= sample.labels.items()
     )
+
+
+def relay(
+    gateway: Gateway, events: list[tuple[bool, dict[str, Any]]], relayed: list[bytes] | None = None
+) -> http.HTTPFlow:
+    """A Realtime session's events through the gateway's session meter, as mitmproxy's WebSocket
+    layer hands them over; `relayed` gets what mitmproxy sends on of each, after the hook."""
+    flow = tflow.twebsocketflow()
+    flow.request.path = "/v1/realtime?model=gpt-realtime"
+    flow.websocket.messages.clear()
+    gateway.session_metering.websocket_start(flow)
+    for from_client, event in events:
+        flow.websocket.messages.append(WebSocketMessage(1, from_client, json.dumps(event).encode()))
+        gateway.session_metering.websocket_message(flow)
+        if relayed is not None:
+            relayed.append(flow.websocket.messages[-1].content)
+    gateway.session_metering.websocket_end(flow)
+    return flow

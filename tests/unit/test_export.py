@@ -7,16 +7,13 @@ import json
 import os
 import wave
 from pathlib import Path
-from typing import Any
 
 import pytest
 from mitmproxy.test import tflow
-from mitmproxy.websocket import WebSocketMessage
 
-from ai_gateway.proxy.addon import Gateway
 from ai_gateway.proxy.bundle import ALAW_PCM16, ULAW_PCM16, decode_g711
 
-from .conftest import configured_gateway
+from .conftest import configured_gateway, relay
 
 USAGE = {"input_tokens": 1200, "output_tokens": 30, "input_token_details": {"cached_tokens": 1000}}
 
@@ -26,18 +23,6 @@ def gateway():
     options = {"gateway_conversations": "on", "gateway_websocket_history": "all", "gateway_strip_audio": False}
     with configured_gateway(**options) as addon:
         yield addon
-
-
-def relay(gateway: Gateway, events: list[tuple[bool, dict[str, Any]]]):
-    flow = tflow.twebsocketflow()
-    flow.request.path = "/v1/realtime?model=gpt-realtime"
-    flow.websocket.messages.clear()
-    gateway.session_metering.websocket_start(flow)
-    for from_client, event in events:
-        flow.websocket.messages.append(WebSocketMessage(1, from_client, json.dumps(event).encode()))
-        gateway.session_metering.websocket_message(flow)
-    gateway.session_metering.websocket_end(flow)
-    return flow
 
 
 def b64(data: bytes) -> str:

@@ -23,7 +23,7 @@ from ai_gateway.proxy.conversation import replay
 from ai_gateway.proxy.policy_file import read_policy
 from ai_gateway.proxy.retention import AudioRetention, redact_message
 
-from .conftest import configured_gateway
+from .conftest import configured_gateway, relay
 
 EMAIL, CARD = "jo.doe@example.com", "4111 1111 1111 1111"
 REDACTOR = Redactor(RedactPolicy(("email", "phone", "card", "iban")))
@@ -115,20 +115,6 @@ def test_audio_events_and_clean_events_are_left_byte_for_byte():
     text = WebSocketMessage(1, True, f"not json {EMAIL}".encode())
     redact_message(text, REDACTOR)
     assert text.content == b"not json [redacted:email]"
-
-
-def relay(gateway: Gateway, events: list[tuple[bool, dict[str, Any]]], relayed: list[bytes] | None = None):
-    flow = tflow.twebsocketflow()
-    flow.request.path = "/v1/realtime?model=gpt-realtime"
-    flow.websocket.messages.clear()
-    gateway.session_metering.websocket_start(flow)
-    for from_client, event in events:
-        flow.websocket.messages.append(WebSocketMessage(1, from_client, json.dumps(event).encode()))
-        gateway.session_metering.websocket_message(flow)
-        if relayed is not None:  # what mitmproxy sends on, after the hook
-            relayed.append(flow.websocket.messages[-1].content)
-    gateway.session_metering.websocket_end(flow)
-    return flow
 
 
 @pytest.fixture
