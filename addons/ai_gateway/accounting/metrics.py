@@ -7,6 +7,8 @@ refuse the duplicate names.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 from collections import defaultdict
 from collections.abc import Iterable
@@ -488,6 +490,10 @@ class MetricsServer:
         return self.registry.restricted_registry(names)
 
     def stop(self) -> None:
+        # serve_forever looks for a stop request between selects of 0.5 s; shutting the listening
+        # socket down wakes its select at once (Linux), so a gateway stops without that wait.
+        with contextlib.suppress(OSError):
+            self._server.socket.shutdown(socket.SHUT_RDWR)
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
