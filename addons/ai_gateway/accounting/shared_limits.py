@@ -339,7 +339,7 @@ class SharedLimits:
         self.answered = asyncio.Event()  # the store answered an operation: time to flush
         self.flusher: asyncio.Task[None] | None = None
         self.leases: dict[str, tuple[str, int]] = {}  # lease id -> (key, HELD or SESSIONS), for renewal
-        self.failing = False
+        self.failing: float | None = None  # since when (perf_counter) the store has not answered
         self.tasks: set[asyncio.Task[None]] = set()
         self.heartbeat: asyncio.Task[None] | None = None
 
@@ -512,8 +512,10 @@ class SharedLimits:
             return None
         self.metrics.limits_store_duration.labels(operation).observe(time.perf_counter() - started)
         self.answered.set()
-        if self.failing:
-            self.failing = False
+        # Only a call made after the outage began ends it: one sent before (its reply already on its
+        # way when the store went) would log the end of an outage that is still going on.
+        if self.failing is not None and started > self.failing:
+            self.failing = None
             logger.warning("ai-gateway: limits store %s answers again", self.url)
         self.views[label] = KeyView(
             float(reply[3]), float(reply[4]), int(float(reply[5])), float(reply[6]), int(reply[7])
@@ -524,8 +526,8 @@ class SharedLimits:
         """A failed operation: counted, and logged once per outage (not per response)."""
         self.metrics.limits_store_duration.labels(operation).observe(time.perf_counter() - started)
         self.metrics.limits_store_errors.labels(operation).inc()
-        if not self.failing:
-            self.failing = True
+        if self.failing is None:
+            self.failing = time.perf_counter()
             logger.error(
                 "ai-gateway: limits store %s failed (%s): on_store_error=%s until it answers again",
                 self.url, describe(error), limits.on_store_error,
