@@ -33,9 +33,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def popen(command: Sequence[str], env: Mapping[str, str], log: IO[bytes]) -> Any:
+    """Run the command, its output in `log`."""
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
 class GatewayProcess:
     """`mitmdump` (or `mitmweb`) with the gateway script, in reverse mode in front of `upstream`;
     with `launcher="serve"`, the production launcher (`python -m ai_gateway.launcher.serve`) instead."""
+
+    # How the command is started (a `subprocess.Popen` or what quacks like one): the tests fork
+    # the gateways they can from a server that has imported them (tests/forkserver.py).
+    spawn: Callable[[Sequence[str], Mapping[str, str], IO[bytes]], Any] = staticmethod(popen)
 
     def __init__(
         self,
@@ -55,7 +64,7 @@ class GatewayProcess:
         self.tool = str(Path(sys.executable).parent / tool)
         self.args = list(args)
         self.launcher = launcher
-        self.process: subprocess.Popen[bytes] | None = None
+        self.process: Any = None  # a subprocess.Popen, or what `spawn` started
         # Outlives the process so a test can read the log after stopping it; closed when collected.
         self._log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
 
@@ -84,7 +93,7 @@ class GatewayProcess:
         return "serve" if self.launcher == "serve" else Path(self.tool).name
 
     def start(self, timeout: float = 30.0) -> GatewayProcess:
-        self.process = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        self.process = self.spawn(self.command(), self.env, self._log)
         deadline = time.monotonic() + timeout
         while not self.ready():
             if self.process.poll() is not None:
@@ -422,12 +431,16 @@ class RedisServer:
         self.binary = binary
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self.holder: socket.socket | None = None  # the port held while the server is stopped
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisServer:
+        if self.holder is not None:
+            self.holder.close()
+            self.holder = None
         command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -447,12 +460,25 @@ class RedisServer:
             return False
 
     def stop(self) -> None:
+        """Kill the server (an outage); its port stays bound, not listening, until start() or
+        close(): connections are refused, and no other test's server (another xdist worker's Redis)
+        takes the port and answers in its place."""
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        if self.holder is None:
+            self.holder = socket.socket()
+            self.holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # its connections in TIME_WAIT
+            self.holder.bind(("127.0.0.1", self.port))
+
+    def close(self) -> None:
+        self.stop()
+        if self.holder is not None:
+            self.holder.close()
+            self.holder = None
 
     def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
-        self.stop()
+        self.close()
