@@ -8,19 +8,25 @@ A module's tests stay on one worker (loadfile), so its module fixtures start onc
 workers share is mitmproxy's default confdir (~/.mitmproxy, where most gateways keep their CA):
 `pytest_configure` makes the CA there before any worker starts a gateway, because two mitmdumps
 creating it at once on a fresh machine write the same files unsynchronised.
+
+Each worker forks its gateways from a fork server that imported mitmproxy and the gateway once
+(tests/forkserver.py says what that changes and what it does not); `AI_GATEWAY_TEST_EXEC=1` execs
+every one instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
 
-from ai_gateway_tools.harness import GatewayProcess
+from ai_gateway_tools.harness import GatewayProcess, popen
 from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread
+from tests.forkserver import ForkServer
 
 LAUNCHERS = ("mitmdump", "serve")
 
@@ -36,6 +42,27 @@ def pytest_configure(config: pytest.Config) -> None:
     from mitmproxy import certs, options
 
     certs.CertStore.from_store(Path(options.CONF_DIR).expanduser(), options.CONF_BASENAME, options.KEY_SIZE)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fork_server() -> Iterator[ForkServer]:
+    """Gateways forked from the worker's fork server where it can start them, else run as commands."""
+    server = ForkServer()
+
+    def spawn(command: Sequence[str], env: Mapping[str, str], log: IO[bytes]) -> Any:
+        return server.spawn(command, env, log) if server.forkable(command, env) else popen(command, env, log)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(GatewayProcess, "spawn", staticmethod(spawn))
+        yield server
+    server.close()
+
+
+@pytest.fixture
+def executed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This test's gateways run their commands from nothing, never forked: for tests of what a
+    process does while it starts, and of its memory against a fresh process's (pytestmark)."""
+    monkeypatch.setattr(GatewayProcess, "spawn", staticmethod(popen))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,8 @@
-"""Startup behaviour of the real mitmdump with the gateway: clear one-line errors, clean shutdown."""
+"""Startup behaviour of the real mitmdump with the gateway: clear one-line errors, clean shutdown.
+
+Each gateway here runs its command from nothing (never forked from the tests' fork server): what a
+process does while it starts is what these tests are about.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,8 @@ from ai_gateway_tools.harness import GatewayProcess
 
 from ..clients import write_padded
 from ..conftest import LAUNCHERS
+
+pytestmark = pytest.mark.usefixtures("executed")
 
 
 def run_until_exit(gateway: GatewayProcess, timeout: float = 30) -> tuple[int, str]:
