@@ -351,7 +351,8 @@ class Outbox:
 
     def __init__(self) -> None:
         self.base = 0  # stream offset of the first byte not yet forwarded
-        self.pending = b""  # the stream from `base` on
+        self.pending = b""  # the stream from `base` on (and then `_more`)
+        self._more: list[bytes] = []  # chunks behind `pending` not yet needed: a held message grows linearly
         self.closed = False
         self._cuts: list[tuple[int, int]] = []
         self._open_cut: int | None = None  # a message cut out as it streams past, from here on
@@ -363,7 +364,10 @@ class Outbox:
         return not (self.pending or self._cuts or self._inserts or self._waiting or self._open_cut is not None)
 
     def add(self, chunk: bytes) -> None:
-        self.pending = self.pending + chunk if self.pending else chunk
+        if self.pending:
+            self._more.append(chunk)  # joined once something after `pending` is forwarded (take)
+        else:
+            self.pending = chunk
 
     def cut(self, spans: tuple[tuple[int, int | None], ...]) -> None:
         """Cut spans out; one without an end (an Oversize's) runs on until `end_cut`."""
@@ -396,6 +400,9 @@ class Outbox:
 
     def take(self, limit: int) -> bytes:
         """The bytes to forward now: the stream up to `limit`, edited."""
+        if self._more and limit >= self.base + len(self.pending):
+            self.pending = b"".join([self.pending, *self._more])
+            self._more.clear()
         if self._open_cut is not None and limit > self._open_cut:
             self._cuts.append((self._open_cut, limit))
             self._open_cut = limit
