@@ -117,7 +117,10 @@ def test_client_disconnects_mid_response(gateway, upstream, model):
 
     async def leave_early() -> None:
         async with websockets.connect(realtime_url(gateway, model)) as ws:
-            await ws.send(json.dumps({"type": "response.create", "response": {"metadata": {"sim_deltas": "500"}}}))
+            # 500 deltas 10 ms apart: still streaming when the client leaves (back to back, a loaded
+            # machine's client read its first delta after the whole response had been relayed).
+            metadata = {"sim_deltas": "500", "sim_delta_ms": "10"}
+            await ws.send(json.dumps({"type": "response.create", "response": {"metadata": metadata}}))
             while "delta" not in json.loads(await ws.recv())["type"]:
                 pass
 
