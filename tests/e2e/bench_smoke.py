@@ -1,5 +1,5 @@
 """What the `scripts/bench --smoke` tests share: the relay smoke split into runs of a few
-configurations each, one test module per run, so that pytest-xdist (`--dist loadfile`) spreads them
+configurations each, one test module per run, so that pytest-xdist spreads them
 over the workers instead of one worker running every configuration in turn.
 
 A configuration added to the bench's defaults goes into one of SMOKE_RUNS (or a new run, with its own
