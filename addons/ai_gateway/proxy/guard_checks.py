@@ -19,7 +19,7 @@ from ai_gateway.accounting.guard_service import ask
 from ai_gateway.accounting.observer import GuardrailBlock
 from ai_gateway.accounting.session_meters import SessionMeter
 from ai_gateway.config.guardrails import Guard, GuardrailPolicy, Phase, Verdict, check_regex, failed
-from ai_gateway.proxy import closer
+from ai_gateway.proxy.injection import Links
 from ai_gateway.proxy.state import CLIENT_KEY_METADATA, GatewayState
 
 GUARDRAIL_METADATA = "ai_gateway.guardrails"  # what guards did on a flow: its comment in mitmweb
@@ -65,8 +65,9 @@ class GuardedSession:
 
 
 class GuardChecks:
-    def __init__(self, state: GatewayState) -> None:
+    def __init__(self, state: GatewayState, links: Links | None = None) -> None:
         self.state = state
+        self.links = links or Links()  # closes a session (max_blocks) on whichever path it is relayed
         self.tasks: set[asyncio.Task[None]] = set()
 
     def cancel(self) -> None:
@@ -151,7 +152,7 @@ class GuardChecks:
     def close(self, flow: http.HTTPFlow, verdict: Verdict, why: str) -> None:
         """The session closed with 1008 on both legs, the guard and why in the close reason."""
         reason = f"guardrail {verdict.guard!r} {why}"
-        if closer.close_websocket(flow, 1008, reason):
+        if self.links.close(flow, 1008, reason):
             flow.metadata.setdefault(GUARDRAIL_METADATA, []).append(f"guardrail {verdict.guard}: closed the session")
             flow.comment = guard_comment(flow, flow.comment)
             logger.info("ai-gateway: closed %s: %s", flow.id, reason)

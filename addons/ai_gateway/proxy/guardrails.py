@@ -44,9 +44,9 @@ from ai_gateway.protocols.guard_text import (
 from ai_gateway.protocols.json_events import event_type
 from ai_gateway.protocols.openai_realtime import cancel_event, error_event
 from ai_gateway.proxy.guard_checks import GuardChecks, GuardedSession, asker, blocked_message
-from ai_gateway.proxy.injection import Injections
+from ai_gateway.proxy.injection import Links
 from ai_gateway.proxy.live_guardrails import LiveGuardrails
-from ai_gateway.proxy.state import GatewayState, never_raises
+from ai_gateway.proxy.state import GatewayState
 
 SPEECH_STARTED = "input_audio_buffer.speech_started"
 
@@ -71,15 +71,15 @@ class RealtimeSession(GuardedSession):
 
 
 class Guardrails:
-    def __init__(self, state: GatewayState, injections: Injections) -> None:
+    def __init__(self, state: GatewayState, links: Links) -> None:
         self.state = state
-        self.injections = injections
-        self.checks = GuardChecks(state)
+        self.links = links  # the session's path: injected on mitmproxy's WebSocket layer, or its byte link
+        self.checks = GuardChecks(state, links)
         self.sessions: dict[str, RealtimeSession] = {}
-        self.live = LiveGuardrails(self.checks, injections)  # Gemini Live sessions
+        self.live = LiveGuardrails(self.checks, links)  # Gemini Live sessions
 
-    @never_raises
-    def websocket_start(self, flow: http.HTTPFlow) -> None:
+    def start(self, flow: http.HTTPFlow) -> None:
+        """A metered session's relay begins, on either path (told by SessionMetering): its guards."""
         policy, route = self.state.policy, self.state.route(flow)
         if policy is None or route is None or route.type is not RouteType.REALTIME:
             return
@@ -91,8 +91,7 @@ class Guardrails:
         elif route.protocol is WireProtocol.GEMINI_LIVE:
             self.live.open(flow, guards, asker(flow, route.suffix))
 
-    @never_raises
-    def websocket_end(self, flow: http.HTTPFlow) -> None:
+    def end(self, flow: http.HTTPFlow) -> None:
         self.sessions.pop(flow.id, None)
         self.live.sessions.pop(flow.id, None)
 
@@ -144,7 +143,7 @@ class Guardrails:
         self, flow: http.HTTPFlow, message: WebSocketMessage, session: RealtimeSession, verdict: Verdict
     ) -> None:
         message.drop()
-        self.injections.send(flow, True, blocked_event(verdict, Phase.INPUT, message.content))
+        self.links.send(flow, True, blocked_event(verdict, Phase.INPUT, message.content))
         self.checks.blocked(flow, session, verdict, Phase.INPUT)
 
     def server_frame(self, flow: http.HTTPFlow, message: WebSocketMessage, session: RealtimeSession) -> None:
@@ -167,7 +166,7 @@ class Guardrails:
             if session.cancel_next:
                 session.cancel_next = False
                 session.blocked.add(rid)
-                self.injections.send(flow, False, cancel_event(rid))
+                self.links.send(flow, False, cancel_event(rid))
             return
         if isinstance(event, OutputEnd) and event.finished:
             session.in_flight.discard(rid)
@@ -235,11 +234,11 @@ class Guardrails:
         start), the item deleted, the client told."""
         for rid in session.in_flight - session.blocked:
             session.blocked.add(rid)
-            self.injections.send(flow, False, cancel_event(rid))
+            self.links.send(flow, False, cancel_event(rid))
         session.cancel_next = not session.in_flight
         if item_id:
-            self.injections.send(flow, False, delete_event(item_id))
-        self.injections.send(flow, True, blocked_event(verdict, Phase.INPUT))
+            self.links.send(flow, False, delete_event(item_id))
+        self.links.send(flow, True, blocked_event(verdict, Phase.INPUT))
         self.checks.blocked(flow, session, verdict, Phase.INPUT)
 
     def ask_later(self, flow: http.HTTPFlow, session: RealtimeSession, rid: str, text: str) -> None:
@@ -262,11 +261,11 @@ class Guardrails:
         the rest of it dropped, the client told; the audio it had already sent is recorded."""
         session.blocked.add(rid)
         if rid in session.in_flight:
-            self.injections.send(flow, False, cancel_event(rid))
+            self.links.send(flow, False, cancel_event(rid))
         response = session.responses.pop(rid, None) or GuardedResponse()
         if response.item_id:
-            self.injections.send(flow, False, delete_event(response.item_id))
-        self.injections.send(flow, True, blocked_event(verdict, Phase.OUTPUT))
+            self.links.send(flow, False, delete_event(response.item_id))
+        self.links.send(flow, True, blocked_event(verdict, Phase.OUTPUT))
         self.state.accounting.guardrail_audio(verdict.guard, response.audio_ms / 1000)
         note = f"{response.audio_ms:.0f} ms of audio before the block"
         self.checks.blocked(flow, session, verdict, Phase.OUTPUT, note, rid)

@@ -33,7 +33,7 @@ from ai_gateway.config.guardrails import BLOCKED_CODE, Guard, GuardrailPolicy, P
 from ai_gateway.protocols.gemini_live import error_message
 from ai_gateway.protocols.guard_text import Window, live_client_text, live_server_event
 from ai_gateway.proxy.guard_checks import Asker, GuardChecks, GuardedSession, blocked_message
-from ai_gateway.proxy.injection import Injections
+from ai_gateway.proxy.injection import Links
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +48,9 @@ class LiveSession(GuardedSession):
 
 
 class LiveGuardrails:
-    def __init__(self, checks: GuardChecks, injections: Injections) -> None:
+    def __init__(self, checks: GuardChecks, links: Links) -> None:
         self.checks = checks
-        self.injections = injections
+        self.links = links
         self.sessions: dict[str, LiveSession] = {}
 
     def open(self, flow: http.HTTPFlow, guards: GuardrailPolicy, asker: Asker) -> None:
@@ -98,7 +98,7 @@ class LiveGuardrails:
     def refuse(self, flow: http.HTTPFlow, message: WebSocketMessage, session: LiveSession, verdict: Verdict) -> None:
         message.drop()
         error = error_message(blocked_message(verdict, Phase.INPUT), BLOCKED_CODE.upper(), {"guard": verdict.guard})
-        self.injections.send(flow, True, error)
+        self.links.send(flow, True, error)
         self.checks.blocked(flow, session, verdict, Phase.INPUT)
 
     def server_frame(self, flow: http.HTTPFlow, message: WebSocketMessage, session: LiveSession) -> None:
