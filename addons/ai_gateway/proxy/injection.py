@@ -102,7 +102,7 @@ class Links:
         return link.open if link is not None else flow.live and closer.CLOSE_METADATA not in flow.metadata
 
     def close(self, flow: http.HTTPFlow, code: int, reason: str) -> bool:
-        """Both legs closed with `code`; False when the session was already closed (or closing)."""
+        """Both legs closed with `code`: whether the session is closing now (False: it had ended)."""
         link = self.links.get(flow.id)
         return link.close(code, reason) if link is not None else closer.close_websocket(flow, code, reason)
 
