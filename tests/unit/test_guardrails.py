@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ai_gateway.accounting.guard_service import ServiceError, moderation_verdict, response_body, webhook_verdict
+from ai_gateway.accounting.guard_service import ServiceError, moderation_verdict, webhook_verdict
 from ai_gateway.accounting.redaction import Redactor, iban_valid, luhn
 from ai_gateway.config.guardrails import (
     Action,
@@ -221,10 +221,6 @@ def test_service_answers_become_verdicts():
     assert moderation_verdict(moderation, scores).reason == "violence"
     scores["results"][0]["category_scores"]["violence"] = 0.2
     assert not moderation_verdict(moderation, scores).blocks  # thresholds decide, not the flags
-    body = b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{"a"\r\n3\r\n: 1\r\n1\r\n}\r\n0\r\n\r\n'
-    assert json.loads(response_body(body)) == {"a": 1}
-    with pytest.raises(ServiceError, match="HTTP 503"):
-        response_body(b"HTTP/1.1 503 Unavailable\r\n\r\n")
 
 
 def test_checksums_tell_cards_and_ibans_from_lookalikes():

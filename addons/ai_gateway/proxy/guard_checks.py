@@ -2,7 +2,7 @@
 the hook, services off it), counting each check, and noting blocks, warnings and errors on the
 flow (mitmweb's mark and comment, the record the access log and traces read).
 
-Each guardrail addon holds a `GuardChecks` of its own, and cancels its service calls when done.
+Each guardrail addon holds a `GuardChecks` of its own (its service calls, their connections), shut down when done.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from mitmproxy import http
 
-from ai_gateway.accounting.guard_service import ask
+from ai_gateway.accounting.guard_service import GuardClients
 from ai_gateway.accounting.observer import GuardrailBlock
 from ai_gateway.accounting.session_meters import SessionMeter
 from ai_gateway.config.guardrails import Guard, GuardrailPolicy, Phase, Verdict, check_regex, failed
@@ -69,10 +69,14 @@ class GuardChecks:
         self.state = state
         self.links = links or Links()  # closes a session (max_blocks) on whichever path it is relayed
         self.tasks: set[asyncio.Task[None]] = set()
+        self.clients = GuardClients()  # pooled connections to the guard services
 
-    def cancel(self) -> None:
+    def shutdown(self) -> Awaitable[None] | None:
+        """At `done`: the service calls in flight cancelled, then their connections closed (awaited
+        by mitmproxy's shutdown)."""
         for task in self.tasks:
             task.cancel()
+        return self.clients.close() if self.clients.session is not None else None
 
     def regex(self, guards: Iterable[Guard], phase: Phase, normalised: str, start: int = 0) -> list[Verdict]:
         """The regex guards' verdicts, decided here and now (services are asked by `ask_all`)."""
@@ -95,7 +99,7 @@ class GuardChecks:
         else:
             asker.pending += 1
             try:
-                verdict = await ask(guard, text, {**asker.context, "phase": phase.value})
+                verdict = await self.clients.ask(guard, text, {**asker.context, "phase": phase.value})
             finally:
                 asker.pending -= 1
         self.state.accounting.guardrail_checked(guard.name, phase, verdict.outcome, time.perf_counter() - began)

@@ -95,8 +95,8 @@ class Guardrails:
         self.sessions.pop(flow.id, None)
         self.live.sessions.pop(flow.id, None)
 
-    def done(self) -> None:
-        self.checks.cancel()
+    def done(self) -> Awaitable[None] | None:
+        return self.checks.shutdown()
 
     def frame(self, flow: http.HTTPFlow, message: WebSocketMessage, meter: SessionMeter) -> Awaitable[None] | None:
         """A relayed frame of a guarded session (its meter told of blocks, for its records); an
