@@ -26,13 +26,14 @@ from ai_gateway_tools.simulators.otlp import OtlpReceiver
 from ai_gateway_tools.simulators.realtime import PCM16_BYTES_PER_SECOND, SimulatorThread
 
 from ..clients import wait_until, websocket_base
-from .test_frame_relay import SOCKETS_CHOSEN
+from .test_frame_relay import CHOSEN, SOCKETS_CHOSEN
 from .test_observability import FAST_EXPORT, json_lines
 
 LAUNCHERS = ["mitmdump", "serve"]
 # Guards run on the path gateway_relay=auto takes (sockets) on both launchers; an input block, an
 # output block and a max_blocks close also on mitmproxy's WebSocket layer (messages), once.
 RELAYS = [("mitmdump", "auto"), ("serve", "auto"), ("serve", "messages")]
+CHOSEN_BY = {"auto": SOCKETS_CHOSEN, "frames": CHOSEN}
 GUARD = "no-project-names"
 POLICY = f"""
 guardrails:
@@ -359,6 +360,43 @@ def test_webhook_and_moderation_verdicts_block_input_and_output(tmp_path, upstre
         assert events[-1]["response"]["status"] == "cancelled" and len(said) < len(DENIED_ANSWER) * 2
         assert service_checks(gateway, "hook", "block") == 1 and service_checks(gateway, "moderation", "block") >= 1
         assert [path for path, _ in guard.requests].count("/webhook") == 2
+
+
+@pytest.mark.parametrize(("launcher", "relay"), [("serve", "auto"), ("mitmdump", "frames")])
+def test_user_text_held_for_a_verdict_holds_what_the_client_sends_after_it(tmp_path, upstream, launcher, relay):
+    """On the byte paths a user item waiting for the webhook holds its direction: the response.create
+    sent right behind it reaches the upstream after the item (let through) or its verdict (blocked)."""
+    with (
+        GuardSimulator(delay=0.5) as guard,
+        GatewayProcess(
+            upstream.url,
+            launcher=launcher,
+            options={
+                "gateway_policy": service_policy(tmp_path, guard.url, timeout_ms=5000),
+                "gateway_relay": relay,
+                "termlog_verbosity": "debug",
+            },
+        ) as gateway,
+    ):
+        ids = {name: f"held-{launcher}-{relay}-{name}" for name in ("clean", "after-clean", "denied", "after-denied")}
+
+        async def session() -> list[dict[str, Any]]:
+            async with websockets.connect(f"{websocket_base(gateway.url)}/v1/realtime?model=gpt-realtime") as ws:
+                await read_until(ws, "session.created")
+                events = []
+                for item, text in (("clean", "What's the weather?"), ("denied", "What about Project Falcon?")):
+                    await say(ws, text, ids[item])
+                    await ws.send(json.dumps({"type": "response.create", "event_id": ids[f"after-{item}"]}))
+                    events += await read_until(ws, "response.done")
+                return events
+
+        (refused,) = [e for e in asyncio.run(session()) if e["type"] == "error"]
+        received = [e.get("event_id") for e in upstream.received]
+        assert received.index(ids["clean"]) < received.index(ids["after-clean"])
+        assert ids["denied"] not in received and ids["after-denied"] in received
+        assert refused["error"]["event_id"] == ids["denied"]
+        assert service_checks(gateway, "hook", "block") == 1
+        assert CHOSEN_BY[relay] in gateway.log()
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
