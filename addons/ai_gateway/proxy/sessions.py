@@ -203,7 +203,7 @@ class SessionMetering:
             if self.state.accounting.shared is not None and session.meter.admission_needed(item):
                 return self.shared_admission(flow, message, session, item)
             self.applied(flow, message, session, item, session.meter.apply(item))
-        return self.guardrails.frame(flow, message, session.meter) if self.guardrails is not None else None
+        return self.guardrails.frame(flow, message, session) if self.guardrails is not None else None
 
     async def shared_admission(self, flow: http.HTTPFlow, message: Frame, session: Session, item: UsageItem) -> None:
         """A response starts (response.create, or one the upstream started): its admission waits
@@ -215,7 +215,7 @@ class SessionMetering:
                 self.state.accounting.release(verdict)
             return
         self.applied(flow, message, session, item, session.meter.apply_admitted(item, verdict))
-        if self.guardrails is not None and (held := self.guardrails.frame(flow, message, session.meter)) is not None:
+        if self.guardrails is not None and (held := self.guardrails.frame(flow, message, session)) is not None:
             await held
 
     def applied(self, flow: http.HTTPFlow, message: Frame, session: Session, item: UsageItem, outcome: object) -> None:
