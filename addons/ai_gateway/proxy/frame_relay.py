@@ -243,6 +243,7 @@ class ByteSession:
         self.outboxes = {True: Outbox(), False: Outbox()}
         self.wakes: dict[bool, list[bytes]] = {True: [], False: []}
         self.reading: bool | None = None  # the direction whose chunk is being read
+        self.waiting: set[bool] = set()  # directions whose chunk waits (an admission, a guard's verdict)
         self.close_code: int | None = None
         self.closed_by_client: bool | None = None
         self.closing = False
@@ -298,8 +299,14 @@ class ByteSession:
         return None
 
     async def resume(self, admission: Awaitable[None], message: tcp.TCPMessage, events: list[Read], rest: int) -> None:
-        """A response's admission waited for the shared store; then the chunk's other messages."""
-        await admission
+        """A response's admission waited for the shared store, or user text for a guard's verdict;
+        then the chunk's other messages. Meanwhile nothing of that direction is forwarded."""
+        side = message.from_client
+        self.waiting.add(side)
+        try:
+            await admission
+        finally:
+            self.waiting.discard(side)
         pending = self.read(message, events, rest)
         if pending is not None:
             await pending
@@ -357,9 +364,13 @@ class ByteSession:
             self.wake(side)
         asyncio.get_running_loop().call_later(closer.LINGER_SECONDS, self.cut_off)
 
+    def busy(self, side: bool) -> bool:
+        """Whether the direction's chunk is being read or waits: its outbox is forwarded once it is done."""
+        return self.reading is side or side in self.waiting
+
     def wake(self, side: bool) -> None:
         """Have the direction's outbox forwarded now, unless its chunk is being read (then it is)."""
-        if self.reading is side:
+        if self.busy(side):
             return
         token = os.urandom(8)  # a fresh object: known by identity when it comes back
         self.wakes[side].append(token)
