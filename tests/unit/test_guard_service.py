@@ -34,13 +34,6 @@ def asked(url: str, texts: list[str], **guard: object) -> list:
     return asyncio.run(ask_all())
 
 
-def test_the_gateway_imports_no_http_client_until_a_service_is_asked():
-    """Startup time: aiohttp is imported by the first call to a guard service, not with the gateway."""
-    code = "import sys, ai_gateway.proxy.addon; print('aiohttp' in sys.modules)"
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert loaded.stdout.strip() == "False"
-
-
 def test_calls_reuse_one_kept_alive_connection_and_give_the_services_verdicts():
     with GuardSimulator() as service:
         verdicts = asked(f"{service.url}/webhook", ["hello", "project falcon", "weather?", "PROJECT FALCON", "bye"])
@@ -76,3 +69,26 @@ def test_a_dead_port_is_an_error_verdict():
         port = unused.getsockname()[1]  # bound, never listening: connections are refused
         (verdict,) = asked(f"http://127.0.0.1:{port}/webhook", ["hello"])
     assert verdict.outcome == ERROR and verdict.reason.startswith("ClientConnectorError")
+
+
+def test_a_policy_with_a_service_guard_imports_the_client_when_applied(tmp_path):
+    """Not in the first check (its import would eat the guard's timeout), not without a service guard."""
+    policy = tmp_path / "services.yaml"
+    policy.write_text(
+        "guardrails:\n  - {name: w, kind: webhook, url: http://127.0.0.1:9/webhook}\nroutes:\n  /realtime: Realtime\n"
+    )
+    code = (
+        "import sys\nfrom mitmproxy.test import taddons\nfrom ai_gateway.proxy.addon import Gateway\n"
+        "gateway = Gateway()\nwith taddons.context(gateway) as context:\n"
+        "    context.configure(gateway, gateway_metrics_port=0, gateway_policy=sys.argv[1])\n"
+        "    print('aiohttp' in sys.modules)\n"
+    )
+    regex = tmp_path / "regex.yaml"
+    regex.write_text("guardrails:\n  - {name: r, kind: regex, deny: [falcon]}\nroutes:\n  /realtime: Realtime\n")
+    loaded = [
+        subprocess.run(
+            [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
+        ).stdout.split()[-1]
+        for path in (regex, policy)
+    ]
+    assert loaded == ["False", "True"]

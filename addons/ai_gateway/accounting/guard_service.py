@@ -1,7 +1,8 @@
 """Asking a guard service for a verdict: the operator's webhook, or a `/v1/moderations` endpoint.
 
-Over aiohttp's client, imported only once a policy's service guard is first asked (a gateway
-without one does not pay for importing it at startup): a `GuardClients` keeps one ClientSession
+Over aiohttp's client, imported (`prepare`) when a policy with a service guard is applied, never
+by a gateway without one (its import takes about 0.4 s, which neither startup nor the first
+check's timeout should pay): a `GuardClients` keeps one ClientSession
 whose keep-alive connections to each guard service are reused call after call (a check costs a
 request, not a TCP and TLS handshake), TLS verified against the system's CAs, each call bounded
 by the guard's timeout_ms. Whatever goes wrong is a verdict (`error`, blocking only where
@@ -11,6 +12,7 @@ on_error is closed), never an exception for the caller.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +26,11 @@ MAX_ANSWER_BYTES = 1 << 20
 
 class ServiceError(Exception):
     """The service did not give a readable answer; str() is the `reason` of the error verdict."""
+
+
+def prepare() -> None:
+    """Import the HTTP client now, before a check is timed (a policy with a service guard was applied)."""
+    importlib.import_module("aiohttp")
 
 
 class GuardClients:
@@ -62,7 +69,7 @@ class GuardClients:
 
     def client(self) -> aiohttp.ClientSession:
         if self.session is None:
-            import aiohttp  # here: only a policy with a service guard pays for it
+            import aiohttp  # imported by `prepare` already: only a policy with a service guard pays for it
 
             # No timeout of its own (each call is bounded by its guard's), no cookies, no proxy from the environment.
             self.session = aiohttp.ClientSession(
