@@ -38,6 +38,7 @@ class GuardSimulator(LoopbackHttpServer):
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive: the connection serves request after request
+            disable_nagle_algorithm = True  # the answer's head and body written apart: no delayed-ACK stall
 
             def setup(self) -> None:
                 super().setup()
