@@ -23,8 +23,11 @@ from ai_gateway_tools.simulators.gemini_live import GeminiLiveSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
 from ..conftest import LAUNCHERS
+from .test_frame_relay import SOCKETS_CHOSEN
 from .test_gemini_live_e2e import AI_STUDIO, POLICY, LiveGateway
 from .test_guardrails_e2e import DENIED_ANSWER
+
+LOGGED = {"termlog_verbosity": "debug"}  # names the path each session took: sockets, under auto
 
 GUARD = "no-project-names"
 CHECKS = "agentgateway_guardrail_checks_total"
@@ -98,7 +101,9 @@ def test_denied_user_text_never_reaches_the_model_and_the_sdk_raises_it(tmp_path
 def test_a_denied_phrase_in_the_spoken_answer_ends_the_session_within_its_sentence(tmp_path, launcher):
     with (
         SimulatorThread(server=GeminiLiveSimulator(seed=32, answer=DENIED_ANSWER)) as upstream,
-        LiveGateway(upstream.url, tmp_path, launcher, {"gateway_policy": guarded_policy(tmp_path)}) as gateway,
+        LiveGateway(
+            upstream.url, tmp_path, launcher, {"gateway_policy": guarded_policy(tmp_path), **LOGGED}
+        ) as gateway,
     ):
 
         async def session() -> tuple[list[types.LiveServerMessage], errors.APIError]:
@@ -117,6 +122,7 @@ def test_a_denied_phrase_in_the_spoken_answer_ends_the_session_within_its_senten
         )
         assert said.strip() == "Sure. The project falcon launch is next week and it is"  # not its last word
         assert closed.code == 1008 and GUARD in closed.details
+        assert SOCKETS_CHOSEN in gateway.log()
         assert not any(m.server_content and m.server_content.turn_complete for m in received)
         assert checks(gateway, "output", "block") == 1
         # An audio message per word, each before its transcript: the blocked word's audio had passed.
@@ -160,7 +166,9 @@ def test_denied_transcribed_speech_ends_the_session_before_the_answer(tmp_path, 
 def test_a_session_blocked_more_than_max_blocks_times_is_closed(tmp_path, launcher):
     with (
         SimulatorThread(server=GeminiLiveSimulator(seed=34)) as upstream,
-        LiveGateway(upstream.url, tmp_path, launcher, {"gateway_policy": guarded_policy(tmp_path, 1)}) as gateway,
+        LiveGateway(
+            upstream.url, tmp_path, launcher, {"gateway_policy": guarded_policy(tmp_path, 1), **LOGGED}
+        ) as gateway,
     ):
 
         async def session() -> tuple[errors.ClientError, errors.APIError]:
@@ -176,4 +184,5 @@ def test_a_session_blocked_more_than_max_blocks_times_is_closed(tmp_path, launch
         first, closed = asyncio.run(session())
         assert first.code == 400
         assert closed.code == 1008 and f"'{GUARD}' blocked this session 2 times" in closed.details
+        assert SOCKETS_CHOSEN in gateway.log()
         assert checks(gateway, "input", "block") == 2

@@ -26,9 +26,14 @@ from ai_gateway_tools.simulators.otlp import OtlpReceiver
 from ai_gateway_tools.simulators.realtime import PCM16_BYTES_PER_SECOND, SimulatorThread
 
 from ..clients import wait_until, websocket_base
+from .test_frame_relay import CHOSEN, SOCKETS_CHOSEN
 from .test_observability import FAST_EXPORT, json_lines
 
 LAUNCHERS = ["mitmdump", "serve"]
+# Guards run on the path gateway_relay=auto takes (sockets) on both launchers; an input block, an
+# output block and a max_blocks close also on mitmproxy's WebSocket layer (messages), once.
+RELAYS = [("mitmdump", "auto"), ("serve", "auto"), ("serve", "messages")]
+CHOSEN_BY = {"auto": SOCKETS_CHOSEN, "frames": CHOSEN}
 GUARD = "no-project-names"
 POLICY = f"""
 guardrails:
@@ -51,6 +56,16 @@ def policy(tmp_path: Path) -> str:
     path = tmp_path / "guardrails.yaml"
     path.write_text(POLICY)
     return str(path)
+
+
+def relay_options(tmp_path: Path, relay: str) -> dict[str, str]:
+    """The guarded policy on `relay`, debug logging naming the path each session took."""
+    return {"gateway_policy": policy(tmp_path), "gateway_relay": relay, "termlog_verbosity": "debug"}
+
+
+def assert_relayed_on(gateway: GatewayProcess, relay: str) -> None:
+    """auto: the session went over its sockets (a guarded route is no longer kept on messages)."""
+    assert (SOCKETS_CHOSEN in gateway.log()) == (relay == "auto")
 
 
 def checks(gateway: GatewayProcess, phase: str, action: str) -> float:
@@ -78,9 +93,10 @@ def upstream():
         yield simulator
 
 
-@pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_denied_user_text_never_reaches_the_upstream(tmp_path, upstream, launcher):
-    with GatewayProcess(upstream.url, launcher=launcher, options={"gateway_policy": policy(tmp_path)}) as gateway:
+@pytest.mark.parametrize(("launcher", "relay"), RELAYS)
+def test_denied_user_text_never_reaches_the_upstream(tmp_path, upstream, launcher, relay):
+    launcher_id = f"{launcher}-{relay}"
+    with GatewayProcess(upstream.url, launcher=launcher, options=relay_options(tmp_path, relay)) as gateway:
 
         async def session() -> list[dict[str, Any]]:
             async with websockets.connect(f"{websocket_base(gateway.url)}/v1/realtime?model=gpt-realtime") as ws:
@@ -90,29 +106,30 @@ def test_denied_user_text_never_reaches_the_upstream(tmp_path, upstream, launche
                 for i, text in enumerate(
                     ["Tell me about Project  Falcon", "ｐｒｏｊｅｃｔ fal\u200bcon?", "PROJECT FALCON"]
                 ):
-                    await ws.send(json.dumps(user_item(text, f"{launcher}-denied-{i}")))
+                    await ws.send(json.dumps(user_item(text, f"{launcher_id}-denied-{i}")))
                     errors.append((await read_until(ws, "error"))[-1])
-                await ws.send(json.dumps(user_item("project falcon is public now", f"{launcher}-allowed")))
-                await ws.send(json.dumps(user_item("What's the weather?", f"{launcher}-clean")))
-                wait_until(lambda: any(e.get("event_id") == f"{launcher}-clean" for e in upstream.received))
+                await ws.send(json.dumps(user_item("project falcon is public now", f"{launcher_id}-allowed")))
+                await ws.send(json.dumps(user_item("What's the weather?", f"{launcher_id}-clean")))
+                wait_until(lambda: any(e.get("event_id") == f"{launcher_id}-clean" for e in upstream.received))
                 return errors
 
         errors = asyncio.run(session())
         assert [e["error"]["code"] for e in errors] == ["guardrail_blocked"] * 3
         assert all(GUARD in e["error"]["message"] for e in errors)
-        assert [e["error"]["event_id"] for e in errors] == [f"{launcher}-denied-{i}" for i in range(3)]
+        assert [e["error"]["event_id"] for e in errors] == [f"{launcher_id}-denied-{i}" for i in range(3)]
         received = {e.get("event_id") for e in upstream.received}
-        assert {f"{launcher}-allowed", f"{launcher}-clean"} <= received
-        assert not any(f"{launcher}-denied" in str(event_id) for event_id in received)
+        assert {f"{launcher_id}-allowed", f"{launcher_id}-clean"} <= received
+        assert not any(f"{launcher_id}-denied" in str(event_id) for event_id in received)
         assert checks(gateway, "input", "block") == 3
         assert checks(gateway, "input", "allow") == 2
+        assert_relayed_on(gateway, relay)
 
 
-@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize(("launcher", "relay"), RELAYS)
 def test_a_denied_phrase_in_the_spoken_answer_stops_the_response_within_its_sentence(
-    tmp_path, upstream, launcher, capsys
+    tmp_path, upstream, launcher, relay, capsys
 ):
-    with GatewayProcess(upstream.url, launcher=launcher, options={"gateway_policy": policy(tmp_path)}) as gateway:
+    with GatewayProcess(upstream.url, launcher=launcher, options=relay_options(tmp_path, relay)) as gateway:
 
         async def session() -> list[dict[str, Any]]:
             async with websockets.connect(f"{websocket_base(gateway.url)}/v1/realtime?model=gpt-realtime") as ws:
@@ -136,6 +153,7 @@ def test_a_denied_phrase_in_the_spoken_answer_stops_the_response_within_its_sent
         deleted = {e["item_id"] for e in upstream.received if e["type"] == "conversation.item.delete"}
         assert {e["item_id"] for e in events if e["type"].endswith(".delta")} <= deleted
         assert checks(gateway, "output", "block") == 1
+        assert_relayed_on(gateway, relay)
         samples = scrape(gateway.metrics_url)
         audio_seconds = sum(
             v
@@ -146,7 +164,7 @@ def test_a_denied_phrase_in_the_spoken_answer_stops_the_response_within_its_sent
         assert audio_seconds == pytest.approx(audio_bytes / PCM16_BYTES_PER_SECOND, rel=0.01)
         with capsys.disabled():
             print(
-                f"\n{launcher}: blocked after {len(said.split())} words, {audio_seconds * 1000:.0f} ms of audio passed"
+                f"\n{launcher} ({relay}): blocked after {len(said.split())} words, {audio_seconds * 1000:.0f} ms of audio passed"
             )
 
 
@@ -256,28 +274,30 @@ def test_denied_transcribed_speech_cancels_the_answer_and_deletes_the_turn(tmp_p
         assert checks(gateway, "input", "block") == 1
 
 
-@pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_a_session_blocked_more_than_max_blocks_times_is_closed_with_1008(tmp_path, upstream, launcher):
+@pytest.mark.parametrize(("launcher", "relay"), RELAYS)
+def test_a_session_blocked_more_than_max_blocks_times_is_closed_with_1008(tmp_path, upstream, launcher, relay):
     path = tmp_path / "max_blocks.yaml"
     path.write_text(POLICY.replace("    action: block\n", "    action: block\n    max_blocks: 1\n"))
-    with GatewayProcess(upstream.url, launcher=launcher, options={"gateway_policy": str(path)}) as gateway:
+    options = {**relay_options(tmp_path, relay), "gateway_policy": str(path)}
+    with GatewayProcess(upstream.url, launcher=launcher, options=options) as gateway:
 
         async def session() -> tuple[list[dict[str, Any]], websockets.ConnectionClosed]:
             async with websockets.connect(f"{websocket_base(gateway.url)}/v1/realtime?model=gpt-realtime") as ws:
                 await read_until(ws, "session.created")
-                await ws.send(json.dumps(user_item("project falcon?", f"{launcher}-first")))
+                await ws.send(json.dumps(user_item("project falcon?", f"{launcher}-{relay}-first")))
                 errors = [(await read_until(ws, "error"))[-1]]
-                await ws.send(json.dumps(user_item("project falcon!", f"{launcher}-second")))
+                await ws.send(json.dumps(user_item("project falcon!", f"{launcher}-{relay}-second")))
                 with pytest.raises(websockets.ConnectionClosed) as closed:
                     while True:
                         errors += [e for e in await read_until(ws, "error") if e["type"] == "error"]
                 return errors, closed.value
 
         errors, closed = asyncio.run(session())
-        assert [e["error"]["event_id"] for e in errors] == [f"{launcher}-first", f"{launcher}-second"]
+        assert [e["error"]["event_id"] for e in errors] == [f"{launcher}-{relay}-first", f"{launcher}-{relay}-second"]
         assert closed.rcvd is not None and closed.rcvd.code == 1008
         assert closed.rcvd.reason == f"guardrail '{GUARD}' blocked this session 2 times"
         assert checks(gateway, "input", "block") == 2
+        assert_relayed_on(gateway, relay)
 
 
 def service_policy(tmp_path: Path, guard_url: str, on_error: str = "open", timeout_ms: int = 300) -> str:
@@ -340,6 +360,43 @@ def test_webhook_and_moderation_verdicts_block_input_and_output(tmp_path, upstre
         assert events[-1]["response"]["status"] == "cancelled" and len(said) < len(DENIED_ANSWER) * 2
         assert service_checks(gateway, "hook", "block") == 1 and service_checks(gateway, "moderation", "block") >= 1
         assert [path for path, _ in guard.requests].count("/webhook") == 2
+
+
+@pytest.mark.parametrize(("launcher", "relay"), [("serve", "auto"), ("mitmdump", "frames")])
+def test_user_text_held_for_a_verdict_holds_what_the_client_sends_after_it(tmp_path, upstream, launcher, relay):
+    """On the byte paths a user item waiting for the webhook holds its direction: the response.create
+    sent right behind it reaches the upstream after the item (let through) or its verdict (blocked)."""
+    with (
+        GuardSimulator(delay=0.5) as guard,
+        GatewayProcess(
+            upstream.url,
+            launcher=launcher,
+            options={
+                "gateway_policy": service_policy(tmp_path, guard.url, timeout_ms=5000),
+                "gateway_relay": relay,
+                "termlog_verbosity": "debug",
+            },
+        ) as gateway,
+    ):
+        ids = {name: f"held-{launcher}-{relay}-{name}" for name in ("clean", "after-clean", "denied", "after-denied")}
+
+        async def session() -> list[dict[str, Any]]:
+            async with websockets.connect(f"{websocket_base(gateway.url)}/v1/realtime?model=gpt-realtime") as ws:
+                await read_until(ws, "session.created")
+                events = []
+                for item, text in (("clean", "What's the weather?"), ("denied", "What about Project Falcon?")):
+                    await say(ws, text, ids[item])
+                    await ws.send(json.dumps({"type": "response.create", "event_id": ids[f"after-{item}"]}))
+                    events += await read_until(ws, "response.done")
+                return events
+
+        (refused,) = [e for e in asyncio.run(session()) if e["type"] == "error"]
+        received = [e.get("event_id") for e in upstream.received]
+        assert received.index(ids["clean"]) < received.index(ids["after-clean"])
+        assert ids["denied"] not in received and ids["after-denied"] in received
+        assert refused["error"]["event_id"] == ids["denied"]
+        assert service_checks(gateway, "hook", "block") == 1
+        assert CHOSEN_BY[relay] in gateway.log()
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)

@@ -212,22 +212,18 @@ def test_every_method_named_after_a_hook_takes_that_hook_s_arguments():
     assert wrong == []
 
 
-def test_a_session_on_a_guarded_route_is_never_relayed_as_bytes(tmp_path):
-    """Guardrails hold, drop and delete WebSocket messages: a route with guards keeps mitmproxy's
-    WebSocket layer even where gateway_relay would take the frames path."""
+def test_a_session_on_a_guarded_route_is_relayed_as_bytes(tmp_path):
+    """Guardrails run on the byte paths as on messages: a route with guards takes them like any other."""
     policy = tmp_path / "guarded.yaml"
     policy.write_text(
-        "routes:\n"
-        "  /realtime:\n    type: Realtime\n    guardrails: [{name: names, kind: regex, deny: ['falcon']}]\n"
-        "  /responses: Responses\n"
+        "routes:\n  /realtime:\n    type: Realtime\n    guardrails: [{name: names, kind: regex, deny: ['falcon']}]\n"
     )
     addon = Gateway()
     with taddons.context(addon) as tctx:
         tctx.configure(addon, gateway_metrics_port=0, gateway_policy=str(policy), gateway_relay="frames")
-        assert addon.frame_relay.guarded(realtime_flow())
-        responses = realtime_flow()
-        responses.request.path = "/v1/responses"
-        assert not addon.frame_relay.guarded(responses)
+        assert addon.frame_relay.eligible(realtime_flow())
+        tctx.configure(addon, gateway_relay="messages")
+        assert not addon.frame_relay.eligible(realtime_flow())
 
 
 def test_auto_keeps_messages_when_a_scripts_addon_has_a_websocket_hook():

@@ -13,6 +13,7 @@ PACKAGE = ROOT / "addons" / "ai_gateway"
 DOC = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
 # Third-party imports the gateway process may make: its own dependencies and what mitmproxy installs.
 RUNTIME_IMPORTS = {
+    "aiohttp",  # guard services, imported when first asked
     "redis",
     "mitmproxy",
     "prometheus_client",
@@ -27,7 +28,7 @@ RUNTIME_IMPORTS = {
     "OpenSSL",  # pyOpenSSL, mitmproxy's TLS: proxy/socket_relay.py carries a TLS leg's SSL.Connection on
     "websockets",  # its C apply_mask unmasks client frames on gateway_relay=frames (protocols/ws_frames.py)
 }
-TOOL_ONLY = {"aiohttp", "openai", "psutil", "tqdm", "matplotlib", "playwright", "pytest"}
+TOOL_ONLY = {"openai", "psutil", "tqdm", "matplotlib", "playwright", "pytest"}
 
 
 def layer_ranks() -> dict[str, int]:
@@ -107,6 +108,6 @@ def test_tool_dependencies_are_an_extra():
     def names(deps: list[str]) -> set[str]:
         return {re.split(r"[\[<>=;! ]", dep, maxsplit=1)[0].lower() for dep in deps}
 
-    tools = {"aiohttp", "openai", "psutil", "tqdm", "matplotlib"}
+    tools = {"openai", "psutil", "tqdm", "matplotlib"}
     assert names(project["dependencies"]).isdisjoint(tools)
     assert tools <= names(project["optional-dependencies"]["tools"])

@@ -3,13 +3,16 @@ streamed output is checked in, verdicts from guard services, and redaction's det
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from mitmproxy.test import taddons
+from mitmproxy.websocket import WebSocketMessage
 
-from ai_gateway.accounting.guard_service import ServiceError, moderation_verdict, response_body, webhook_verdict
+from ai_gateway.accounting.guard_service import ServiceError, moderation_verdict, webhook_verdict
 from ai_gateway.accounting.redaction import Redactor, iban_valid, luhn
 from ai_gateway.config.guardrails import (
     Action,
@@ -35,6 +38,9 @@ from ai_gateway.protocols.guard_text import (
     live_server_event,
     server_event,
 )
+from ai_gateway.proxy.addon import Gateway
+
+from .test_addon import realtime_flow
 
 ROUTES = "routes:\n  /realtime: Realtime\n"
 ISSUE_EXAMPLE = """
@@ -221,10 +227,6 @@ def test_service_answers_become_verdicts():
     assert moderation_verdict(moderation, scores).reason == "violence"
     scores["results"][0]["category_scores"]["violence"] = 0.2
     assert not moderation_verdict(moderation, scores).blocks  # thresholds decide, not the flags
-    body = b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{"a"\r\n3\r\n: 1\r\n1\r\n}\r\n0\r\n\r\n'
-    assert json.loads(response_body(body)) == {"a": 1}
-    with pytest.raises(ServiceError, match="HTTP 503"):
-        response_body(b"HTTP/1.1 503 Unavailable\r\n\r\n")
 
 
 def test_checksums_tell_cards_and_ibans_from_lookalikes():
@@ -250,3 +252,28 @@ def test_redaction_replaces_what_it_detects(text, kept):
     )
     assert Redactor(policy.redact).redact(text) == kept
     assert not Redactor(RedactPolicy())
+
+
+def test_a_response_that_waited_for_the_shared_store_reaches_the_guards(tmp_path, monkeypatch):
+    """A response the upstream started by itself waits for the shared store's admission (its
+    response.created held); once admitted the guards see it too: in flight, to be cancelled on a block."""
+    policy = tmp_path / "guarded.yaml"
+    policy.write_text("guardrails:\n  - {name: names, kind: regex, deny: [falcon]}\n" + ROUTES)
+    gateway = Gateway()
+    with taddons.context(gateway) as context:
+        context.configure(gateway, gateway_metrics_port=0, gateway_policy=str(policy), gateway_relay="messages")
+        flow = realtime_flow()
+        gateway.session_metering.websocket_start(flow)
+        accounting, asked = gateway.state.accounting, []
+
+        async def admitted(source: object) -> None:
+            asked.append(source)
+
+        monkeypatch.setattr(accounting, "shared", object())
+        monkeypatch.setattr(accounting, "admit_shared", admitted)
+        created = {"type": "response.created", "response": {"id": "resp_vad", "status": "in_progress"}}
+        flow.websocket.messages.append(WebSocketMessage(1, False, json.dumps(created).encode()))
+        pending = gateway.session_metering.websocket_message(flow)
+        assert pending is not None and "resp_vad" not in gateway.guardrails.sessions[flow.id].in_flight
+        asyncio.run(pending)
+        assert len(asked) == 1 and gateway.guardrails.sessions[flow.id].in_flight == {"resp_vad"}

@@ -8,7 +8,7 @@ from mitmproxy import ctx
 from mitmproxy.test import tflow
 from mitmproxy.websocket import WebSocketMessage
 
-from ai_gateway.proxy.injection import Injections
+from ai_gateway.proxy.injection import Injections, Links
 
 from .conftest import configured_gateway
 
@@ -76,3 +76,36 @@ def test_a_finished_flow_is_forgotten(sent):
     injections.send(flow, False, b"{}")
     injections.forget(flow.id)
     assert not injections.active and not injections.pending and not injections.cut
+
+
+class Link:
+    """A session relayed as bytes, as SessionMetering and the guards reach it (ByteSession's part)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bool, bytes]] = []
+        self.closed: list[tuple[int, str]] = []
+
+    @property
+    def open(self) -> bool:
+        return not self.closed
+
+    def send(self, to_client: bool, payload: bytes) -> None:
+        self.sent.append((to_client, payload))
+
+    def close(self, code: int, reason: str) -> bool:
+        self.closed.append((code, reason))
+        return True
+
+
+def test_links_reach_a_byte_session_through_its_link_and_forget_it_at_the_end(sent):
+    links, flow, link = Links(), tflow.twebsocketflow(), Link()
+    links.add(flow.id, link)
+    links.send(flow, True, ERROR)
+    assert links.open(flow)
+    assert links.close(flow, 1008, "blocked")
+    assert link.sent == [(True, ERROR)] and link.closed == [(1008, "blocked")]
+    assert not links.open(flow)
+    assert sent == []  # nothing through mitmproxy's WebSocket layer
+    links.forget(flow.id)
+    links.send(flow, False, ERROR)  # the flow is now one on the WebSocket layer
+    assert sent == [("inject.websocket", flow, False, ERROR)] and link.sent == [(True, ERROR)]

@@ -15,6 +15,8 @@ from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
 from mitmproxy.proxy.server import SimpleConnectionHandler
 from mitmproxy.test import tflow
 
+from ai_gateway.protocols.ws_frames import TEXT, FrameReader, Outbox, encode_frame
+from ai_gateway.proxy.frame_relay import ReadFrame
 from ai_gateway.proxy.socket_relay import Leg
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -95,3 +97,20 @@ def test_a_handlers_socket_is_taken_over_and_its_parked_reader_told_of_the_close
 
     received, answer, eof, problems = asyncio.run(run(), loop_factory=LOOPS[loop])
     assert received == [b"hello"] and answer == b"world" and eof == b"" and problems == 0
+
+
+def test_a_read_frame_edited_then_dropped_is_gone_and_dropped_says_so():
+    """ReadFrame as the guards use a message: content replaced in place (a blocked response's
+    response.done), drop() after it takes the edit back too, `dropped` set."""
+    stream = b"".join(encode_frame(TEXT, payload) for payload in (b"one", b"two", b"three"))
+    reader, outbox = FrameReader(False, max_message=1 << 20), Outbox()
+    outbox.add(stream)
+    one, two, three = (ReadFrame(False, message, outbox) for message in reader.feed(stream))
+    two.content = b"edited"
+    assert two.content == b"edited" and not two.dropped
+    three.content = b"3"
+    three.drop()
+    three.content = b"after the drop"  # nothing: it is gone
+    assert three.dropped
+    again = FrameReader(False, max_message=1 << 20)
+    assert [m.payload for m in again.feed(outbox.take(reader.safe))] == [b"one", b"edited"]

@@ -187,3 +187,32 @@ def test_unmasked_client_frames_and_reserved_bits_are_protocol_errors():
 def test_a_close_frame_body_is_capped_at_125_bytes():
     (message,) = FrameReader(False, 1000).feed(encode_close(1008, "x" * 200))
     assert message.size == 125  # type: ignore[union-attr]
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(st.lists(messages, min_size=2, max_size=5), st.booleans(), st.data())
+def test_a_replaced_message_is_relayed_in_its_place_whatever_follows_in_the_chunk(sequence, masked, data):
+    """A guard's edit (a response.done without its output) takes the message's place, not the
+    next boundary's: the messages after it in the same chunk stay after it."""
+    stream, _ = encode(sequence, masked)
+    victim = data.draw(st.integers(0, len(sequence) - 1))
+    edited = b'{"type":"response.done","response":{"output":[]}}'
+    reader, outbox = FrameReader(masked, max_message=1 << 20), Outbox()
+    forwarded, expected, data_index = [], [], 0
+    for chunk in split(stream, data.draw(st.lists(st.integers(0, 70000), max_size=8))):
+        outbox.add(chunk)
+        for message in reader.feed(chunk):
+            if message.opcode in (TEXT, BINARY):
+                if data_index == victim:
+                    first = outbox.replace(
+                        message.spans, encode_frame(TEXT, b"first edit", os.urandom(4) if masked else None)
+                    )
+                    outbox.replace(message.spans, encode_frame(TEXT, edited, os.urandom(4) if masked else None), first)
+                    expected.append(edited)
+                else:
+                    expected.append(message.payload)
+                data_index += 1
+        outbox.place(reader.boundary)
+        forwarded.append(outbox.take(reader.safe))
+    again = FrameReader(masked, max_message=1 << 20)
+    assert [m.payload for m in again.feed(b"".join(forwarded)) if m.opcode in (TEXT, BINARY)] == expected

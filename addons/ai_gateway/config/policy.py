@@ -238,6 +238,12 @@ class Policy:
         """The gen_ai_system of a route's usage: its own provider, else the policy's."""
         return route.provider or self.provider
 
+    @property
+    def asks_services(self) -> bool:
+        """Whether any guard, the policy's or a route's, asks a service (webhook, moderation)."""
+        guards = [*self.guardrails.guards, *(g for route in self.routes for g in route.guardrails.guards)]
+        return any(guard.remote for guard in guards)
+
     def guardrails_for(self, route: Route) -> GuardrailPolicy:
         """The guards a route's traffic passes: the policy's, then the route's own."""
         if not route.guardrails:

@@ -99,6 +99,7 @@ class RealtimeProtocol:
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
         self.awaiting_first_delta: set[str] = set()
         self.max_frame_bytes = max_frame_bytes  # of a server frame; client frames read at most MAX_CLIENT_EVENT_BYTES
+        self.kind: str | None = None  # the last text server frame's type: guardrails read it from here, not again
 
     def client_frame(self, content: bytes, is_text: bool) -> UsageItem | None:
         """A `response.create` or an audio commit, recognised in any key order and spelling."""
@@ -109,7 +110,7 @@ class RealtimeProtocol:
     def server_frame(self, content: bytes, is_text: bool) -> UsageItem | None:
         if not is_text:
             return Malformed("binary", f"{len(content)} bytes")
-        kind = event_type(content)
+        kind = self.kind = event_type(content)
         if needs_decoding(kind):
             item = read_server_event(content, self.max_frame_bytes)
             if isinstance(item, ResponseStarted) and item.response_id is not None:

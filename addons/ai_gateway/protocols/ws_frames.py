@@ -342,6 +342,9 @@ def encode_close(code: int, reason: str, mask: bytes | None = None) -> bytes:
     return encode_frame(CLOSE, _SHORT.pack(code) + reason.encode()[: MAX_CONTROL_PAYLOAD - 2], mask)
 
 
+Edit = tuple[int, bytes, bool]  # a frame of the gateway's at a stream position; final: a close
+
+
 class Outbox:
     """What of one direction's stream is forwarded: the bytes fed, up to a limit the reader gives,
     minus cut messages, with the gateway's frames spliced in at frame boundaries.
@@ -384,6 +387,22 @@ class Outbox:
 
     def send(self, frame: bytes, final: bool = False) -> None:
         self._waiting.append((frame, final))
+
+    def replace(self, spans: tuple[tuple[int, int | None], ...], frame: bytes, previous: Edit | None = None) -> Edit:
+        """A message's frames cut out and `frame` put where it began (in its place, not after the
+        rest of the chunk as `send` would); `previous`, an earlier replacement of it, undone."""
+        if previous is None:
+            self.cut(spans)
+        else:
+            self.unplace(previous)
+        edit = (max(spans[0][0], self.base), frame, False)
+        self._inserts.append(edit)
+        return edit
+
+    def unplace(self, edit: Edit) -> None:
+        """A replacement not yet forwarded taken back."""
+        if edit in self._inserts:
+            self._inserts.remove(edit)
 
     def close(self, frame: bytes, at: int | None = None) -> None:
         """The close frame, last: at the next boundary, or at `at` (where a violating message began)."""

@@ -12,7 +12,7 @@ from ai_gateway.proxy.export import SessionExport
 from ai_gateway.proxy.guardrails import Guardrails
 from ai_gateway.proxy.http_guardrails import HttpGuardrails
 from ai_gateway.proxy.http_metering import HttpMetering
-from ai_gateway.proxy.injection import Injections
+from ai_gateway.proxy.injection import Links
 from ai_gateway.proxy.metrics_endpoint import MetricsEndpoint
 from ai_gateway.proxy.policy_file import PolicyFile
 from ai_gateway.proxy.recorder import Recorder
@@ -52,15 +52,13 @@ class Gateway:
         self.metrics_endpoint = MetricsEndpoint(self.state)
         self.policy_file = PolicyFile(self.state)
         self.request_policy = RequestPolicy(self.state)
-        injections = Injections()  # one record of what the gateway injected, whoever injects it
-        self.guardrails = Guardrails(self.state, injections)
+        links = Links()  # how the gateway reaches a session on either path, one record of what it injected
+        self.guardrails = Guardrails(self.state, links)
         self.http_guardrails = HttpGuardrails(self.state)
         self.http_metering = HttpMetering(self.state, self.http_guardrails)
         self.kept_history = KeptHistory(self.state)
         self.recorder = Recorder(self.state)
-        self.session_metering = SessionMetering(
-            self.state, injections, self.guardrails, self.kept_history, self.recorder
-        )
+        self.session_metering = SessionMetering(self.state, links, self.guardrails, self.kept_history, self.recorder)
         self.frame_relay = SocketRelay(self.state, self.session_metering)  # FrameRelay's paths and `sockets`
         self.usage_log = UsageLog(self.state)
         self.replay = Replay(self.state)

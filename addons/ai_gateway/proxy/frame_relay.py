@@ -36,9 +36,11 @@ from mitmproxy.addonmanager import Loader, traverse
 from ai_gateway.accounting.items import Malformed
 from ai_gateway.protocols.json_events import HEAD_BYTES
 from ai_gateway.protocols.ws_frames import (
+    BINARY,
     CLOSE,
     DATA_OPCODES,
     TEXT,
+    Edit,
     FrameReader,
     Message,
     Outbox,
@@ -82,8 +84,7 @@ class FrameRelay:
             "'frames' as bytes by its TCP layer with the frames read on the side (no WebSocket view, "
             "nothing saved per message); 'sockets' as 'frames', relayed between the two sockets by the "
             "event loop rather than mitmproxy's TCP layer; 'auto' takes sockets (frames where they cannot be "
-            "taken over) unless under mitmweb, saving flows, on a guarded route, or another addon has a "
-            "WebSocket hook.",
+            "taken over) unless under mitmweb, saving flows, or another addon has a WebSocket hook.",
             choices=RELAYS,
         )
 
@@ -103,21 +104,10 @@ class FrameRelay:
             for addon in traverse(ctx.master.addons.chain)  # a script's addons too (-s)
         )
 
-    def guarded(self, flow: http.HTTPFlow) -> bool:
-        """Whether the session's route has guardrails: they run on the WebSocket layer's messages."""
-        policy, route = self.state.policy, self.state.route(flow)
-        return policy is not None and route is not None and bool(policy.guardrails_for(route))
-
     def eligible(self, flow: http.HTTPFlow) -> bool:
         """Whether a session on this flow's route is relayed as frames once admitted."""
         route = self.state.route(flow)
-        return (
-            route is not None
-            and session_kind(route) is not None
-            and ctx.options.rawtcp
-            and not self.guarded(flow)  # guardrails hold, drop and delete messages: messages
-            and self.frames()
-        )
+        return route is not None and session_kind(route) is not None and ctx.options.rawtcp and self.frames()
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         """A session bound for the frames path offers no compression upstream: the reader sees the
@@ -159,7 +149,7 @@ class FrameRelay:
             self.metering.start_session(handshake)
             session = self.session(handshake, flow)
             self.sessions[flow.id] = session
-            self.metering.links[handshake.id] = session
+            self.metering.links.add(handshake.id, session)
         except Exception:
             logger.exception("ai-gateway: tcp_start failed for %s", handshake.id)
 
@@ -202,20 +192,41 @@ def guarded(work: Callable[[], Awaitable[None] | None], flow: tcp.TCPFlow) -> Aw
 
 class ReadFrame:
     """A complete data message read from the stream, as `SessionMetering.frame` reads a message:
-    dropping it cuts its frames out of what is forwarded."""
+    dropping it cuts its frames out of what is forwarded; its content replaced (a guard editing a
+    response.done) cuts them out and puts the edited message, one frame, where they were."""
 
-    __slots__ = ("content", "from_client", "is_text", "outbox", "spans", "timestamp")
+    __slots__ = ("_content", "dropped", "edit", "from_client", "is_text", "outbox", "spans", "timestamp")
 
     def __init__(self, from_client: bool, message: Message | Oversize, outbox: Outbox) -> None:
         self.timestamp = time.time()  # when it was read, as WebSocketMessage.timestamp (the turns' clock)
         self.from_client = from_client
-        self.content = message.payload or b""
+        self._content = message.payload or b""
         self.is_text = message.opcode == TEXT
         self.outbox = outbox
         self.spans = message.spans
+        self.dropped = False
+        self.edit: Edit | None = None  # the edited message put in place of this one
+
+    @property
+    def content(self) -> bytes:
+        return self._content
+
+    @content.setter
+    def content(self, content: bytes) -> None:
+        self._content = content
+        if self.dropped:
+            return
+        frame = encode_frame(TEXT if self.is_text else BINARY, content, os.urandom(4) if self.from_client else None)
+        self.edit = self.outbox.replace(self.spans, frame, self.edit)
 
     def drop(self) -> None:
-        self.outbox.cut(self.spans)
+        if self.dropped:
+            return
+        self.dropped = True
+        if self.edit is None:
+            self.outbox.cut(self.spans)
+        else:
+            self.outbox.unplace(self.edit)  # the spans were cut when it was edited
 
 
 class ByteSession:
@@ -232,6 +243,7 @@ class ByteSession:
         self.outboxes = {True: Outbox(), False: Outbox()}
         self.wakes: dict[bool, list[bytes]] = {True: [], False: []}
         self.reading: bool | None = None  # the direction whose chunk is being read
+        self.waiting: set[bool] = set()  # directions whose chunk waits (an admission, a guard's verdict)
         self.close_code: int | None = None
         self.closed_by_client: bool | None = None
         self.closing = False
@@ -287,8 +299,14 @@ class ByteSession:
         return None
 
     async def resume(self, admission: Awaitable[None], message: tcp.TCPMessage, events: list[Read], rest: int) -> None:
-        """A response's admission waited for the shared store; then the chunk's other messages."""
-        await admission
+        """A response's admission waited for the shared store, or user text for a guard's verdict;
+        then the chunk's other messages. Meanwhile nothing of that direction is forwarded."""
+        side = message.from_client
+        self.waiting.add(side)
+        try:
+            await admission
+        finally:
+            self.waiting.discard(side)
         pending = self.read(message, events, rest)
         if pending is not None:
             await pending
@@ -346,9 +364,13 @@ class ByteSession:
             self.wake(side)
         asyncio.get_running_loop().call_later(closer.LINGER_SECONDS, self.cut_off)
 
+    def busy(self, side: bool) -> bool:
+        """Whether the direction's chunk is being read or waits: its outbox is forwarded once it is done."""
+        return self.reading is side or side in self.waiting
+
     def wake(self, side: bool) -> None:
         """Have the direction's outbox forwarded now, unless its chunk is being read (then it is)."""
-        if self.reading is side:
+        if self.busy(side):
             return
         token = os.urandom(8)  # a fresh object: known by identity when it comes back
         self.wakes[side].append(token)

@@ -2,7 +2,7 @@
 the hook, services off it), counting each check, and noting blocks, warnings and errors on the
 flow (mitmweb's mark and comment, the record the access log and traces read).
 
-Each guardrail addon holds a `GuardChecks` of its own, and cancels its service calls when done.
+Each guardrail addon holds a `GuardChecks` of its own (its service calls, their connections), shut down when done.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 
 from mitmproxy import http
 
-from ai_gateway.accounting.guard_service import ask
+from ai_gateway.accounting.guard_service import GuardClients
 from ai_gateway.accounting.observer import GuardrailBlock
 from ai_gateway.accounting.session_meters import SessionMeter
 from ai_gateway.config.guardrails import Guard, GuardrailPolicy, Phase, Verdict, check_regex, failed
-from ai_gateway.proxy import closer
+from ai_gateway.proxy.injection import Links
 from ai_gateway.proxy.state import CLIENT_KEY_METADATA, GatewayState
 
 GUARDRAIL_METADATA = "ai_gateway.guardrails"  # what guards did on a flow: its comment in mitmweb
@@ -65,13 +65,18 @@ class GuardedSession:
 
 
 class GuardChecks:
-    def __init__(self, state: GatewayState) -> None:
+    def __init__(self, state: GatewayState, links: Links | None = None) -> None:
         self.state = state
+        self.links = links or Links()  # closes a session (max_blocks) on whichever path it is relayed
         self.tasks: set[asyncio.Task[None]] = set()
+        self.clients = GuardClients()  # pooled connections to the guard services
 
-    def cancel(self) -> None:
+    def shutdown(self) -> Awaitable[None] | None:
+        """At `done`: the service calls in flight cancelled, then their connections closed (awaited
+        by mitmproxy's shutdown)."""
         for task in self.tasks:
             task.cancel()
+        return self.clients.close() if self.clients.session is not None else None
 
     def regex(self, guards: Iterable[Guard], phase: Phase, normalised: str, start: int = 0) -> list[Verdict]:
         """The regex guards' verdicts, decided here and now (services are asked by `ask_all`)."""
@@ -94,7 +99,7 @@ class GuardChecks:
         else:
             asker.pending += 1
             try:
-                verdict = await ask(guard, text, {**asker.context, "phase": phase.value})
+                verdict = await self.clients.ask(guard, text, {**asker.context, "phase": phase.value})
             finally:
                 asker.pending -= 1
         self.state.accounting.guardrail_checked(guard.name, phase, verdict.outcome, time.perf_counter() - began)
@@ -151,7 +156,7 @@ class GuardChecks:
     def close(self, flow: http.HTTPFlow, verdict: Verdict, why: str) -> None:
         """The session closed with 1008 on both legs, the guard and why in the close reason."""
         reason = f"guardrail {verdict.guard!r} {why}"
-        if closer.close_websocket(flow, 1008, reason):
+        if self.links.close(flow, 1008, reason):
             flow.metadata.setdefault(GUARDRAIL_METADATA, []).append(f"guardrail {verdict.guard}: closed the session")
             flow.comment = guard_comment(flow, flow.comment)
             logger.info("ai-gateway: closed %s: %s", flow.id, reason)

@@ -13,7 +13,10 @@ proxy/live_guardrails.py; HTTP in proxy/http_guardrails.py.
 - A session a guard blocked more than its `max_blocks` times is closed with 1008.
 
 SessionMetering calls `frame` for every frame of a metered session (the gateway keeps one
-per-frame hook), after its metering, so that what a guard drops is metered all the same.
+per-frame hook), after its metering, so that what a guard drops is metered all the same: a frame
+mitmproxy's WebSocket layer relays, or one read from the byte stream (proxy/frame_relay.py), where
+a drop cuts it out and an edit (a blocked response's response.done) takes its place. Guards send
+and close through `Links`, whichever path the session takes.
 """
 
 from __future__ import annotations
@@ -23,11 +26,10 @@ import logging
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mitmproxy import http
-from mitmproxy.websocket import WebSocketMessage
 
-from ai_gateway.accounting.session_meters import SessionMeter
 from ai_gateway.config.guardrails import BLOCKED_CODE, Guard, Phase, Verdict, first_block, normalise
 from ai_gateway.config.policy import RouteType, WireProtocol
 from ai_gateway.protocols.guard_text import (
@@ -41,12 +43,14 @@ from ai_gateway.protocols.guard_text import (
     response_id,
     server_event,
 )
-from ai_gateway.protocols.json_events import event_type
 from ai_gateway.protocols.openai_realtime import cancel_event, error_event
 from ai_gateway.proxy.guard_checks import GuardChecks, GuardedSession, asker, blocked_message
-from ai_gateway.proxy.injection import Injections
+from ai_gateway.proxy.injection import Links
 from ai_gateway.proxy.live_guardrails import LiveGuardrails
-from ai_gateway.proxy.state import GatewayState, never_raises
+from ai_gateway.proxy.state import GatewayState
+
+if TYPE_CHECKING:
+    from ai_gateway.proxy.sessions import Frame, Session
 
 SPEECH_STARTED = "input_audio_buffer.speech_started"
 
@@ -71,15 +75,15 @@ class RealtimeSession(GuardedSession):
 
 
 class Guardrails:
-    def __init__(self, state: GatewayState, injections: Injections) -> None:
+    def __init__(self, state: GatewayState, links: Links) -> None:
         self.state = state
-        self.injections = injections
-        self.checks = GuardChecks(state)
+        self.links = links  # the session's path: injected on mitmproxy's WebSocket layer, or its byte link
+        self.checks = GuardChecks(state, links)
         self.sessions: dict[str, RealtimeSession] = {}
-        self.live = LiveGuardrails(self.checks, injections)  # Gemini Live sessions
+        self.live = LiveGuardrails(self.checks, links)  # Gemini Live sessions
 
-    @never_raises
-    def websocket_start(self, flow: http.HTTPFlow) -> None:
+    def start(self, flow: http.HTTPFlow) -> None:
+        """A metered session's relay begins, on either path (told by SessionMetering): its guards."""
         policy, route = self.state.policy, self.state.route(flow)
         if policy is None or route is None or route.type is not RouteType.REALTIME:
             return
@@ -91,34 +95,31 @@ class Guardrails:
         elif route.protocol is WireProtocol.GEMINI_LIVE:
             self.live.open(flow, guards, asker(flow, route.suffix))
 
-    @never_raises
-    def websocket_end(self, flow: http.HTTPFlow) -> None:
+    def end(self, flow: http.HTTPFlow) -> None:
         self.sessions.pop(flow.id, None)
         self.live.sessions.pop(flow.id, None)
 
-    def done(self) -> None:
-        self.checks.cancel()
+    def done(self) -> Awaitable[None] | None:
+        return self.checks.shutdown()
 
-    def frame(self, flow: http.HTTPFlow, message: WebSocketMessage, meter: SessionMeter) -> Awaitable[None] | None:
-        """A relayed frame of a guarded session (its meter told of blocks, for its records); an
-        awaitable only for user text held for a service's verdict."""
+    def frame(self, flow: http.HTTPFlow, message: Frame, metered: Session) -> Awaitable[None] | None:
+        """A relayed frame of a metered session, on either path (its meter told of blocks, for its
+        records); an awaitable only for user text held for a service's verdict."""
         session = self.sessions.get(flow.id)
         if session is None:
-            return self.live.frame(flow, message, meter) if self.live.sessions else None
-        session.meter = meter
+            return self.live.frame(flow, message, metered.meter) if self.live.sessions else None
+        session.meter = metered.meter
         if not message.is_text or message.dropped:
             return None
         try:
             if message.from_client:
                 return self.client_frame(flow, message, session) if session.inputs else None
-            self.server_frame(flow, message, session)
+            self.server_frame(flow, message, session, metered.protocol.kind)  # type: ignore[union-attr]
         except Exception:
             logger.exception("ai-gateway: guardrails failed on a frame of %s", flow.id)
         return None
 
-    def client_frame(
-        self, flow: http.HTTPFlow, message: WebSocketMessage, session: RealtimeSession
-    ) -> Awaitable[None] | None:
+    def client_frame(self, flow: http.HTTPFlow, message: Frame, session: RealtimeSession) -> Awaitable[None] | None:
         user = client_event(message.content)
         if user is None or not user.text:
             return None
@@ -131,7 +132,7 @@ class Guardrails:
         return self.hold(flow, message, session, remote, user.text) if remote else None
 
     async def hold(
-        self, flow: http.HTTPFlow, message: WebSocketMessage, session: RealtimeSession, guards: list[Guard], text: str
+        self, flow: http.HTTPFlow, message: Frame, session: RealtimeSession, guards: list[Guard], text: str
     ) -> None:
         """The user's text waits for the services' verdicts (each within its timeout) before it is relayed."""
         verdicts = await self.checks.ask_all(session.asker, guards, Phase.INPUT, text)
@@ -140,15 +141,13 @@ class Guardrails:
         else:
             self.checks.noted(flow, verdicts, Phase.INPUT)
 
-    def refuse_item(
-        self, flow: http.HTTPFlow, message: WebSocketMessage, session: RealtimeSession, verdict: Verdict
-    ) -> None:
+    def refuse_item(self, flow: http.HTTPFlow, message: Frame, session: RealtimeSession, verdict: Verdict) -> None:
         message.drop()
-        self.injections.send(flow, True, blocked_event(verdict, Phase.INPUT, message.content))
+        self.links.send(flow, True, blocked_event(verdict, Phase.INPUT, message.content))
         self.checks.blocked(flow, session, verdict, Phase.INPUT)
 
-    def server_frame(self, flow: http.HTTPFlow, message: WebSocketMessage, session: RealtimeSession) -> None:
-        kind = event_type(message.content)
+    def server_frame(self, flow: http.HTTPFlow, message: Frame, session: RealtimeSession, kind: str | None) -> None:
+        """A server frame, its type as metering read it (RealtimeProtocol.kind)."""
         if kind == SPEECH_STARTED:
             session.cancel_next = False  # a new turn: what the last one started is its own
             return
@@ -167,7 +166,7 @@ class Guardrails:
             if session.cancel_next:
                 session.cancel_next = False
                 session.blocked.add(rid)
-                self.injections.send(flow, False, cancel_event(rid))
+                self.links.send(flow, False, cancel_event(rid))
             return
         if isinstance(event, OutputEnd) and event.finished:
             session.in_flight.discard(rid)
@@ -209,7 +208,7 @@ class Guardrails:
         return False
 
     def check_transcript(
-        self, flow: http.HTTPFlow, message: WebSocketMessage, session: RealtimeSession, transcript: Transcript
+        self, flow: http.HTTPFlow, message: Frame, session: RealtimeSession, transcript: Transcript
     ) -> None:
         verdicts = self.checks.regex(session.inputs, Phase.INPUT, normalise(transcript.text))
         if block := first_block(verdicts):
@@ -235,11 +234,11 @@ class Guardrails:
         start), the item deleted, the client told."""
         for rid in session.in_flight - session.blocked:
             session.blocked.add(rid)
-            self.injections.send(flow, False, cancel_event(rid))
+            self.links.send(flow, False, cancel_event(rid))
         session.cancel_next = not session.in_flight
         if item_id:
-            self.injections.send(flow, False, delete_event(item_id))
-        self.injections.send(flow, True, blocked_event(verdict, Phase.INPUT))
+            self.links.send(flow, False, delete_event(item_id))
+        self.links.send(flow, True, blocked_event(verdict, Phase.INPUT))
         self.checks.blocked(flow, session, verdict, Phase.INPUT)
 
     def ask_later(self, flow: http.HTTPFlow, session: RealtimeSession, rid: str, text: str) -> None:
@@ -262,11 +261,11 @@ class Guardrails:
         the rest of it dropped, the client told; the audio it had already sent is recorded."""
         session.blocked.add(rid)
         if rid in session.in_flight:
-            self.injections.send(flow, False, cancel_event(rid))
+            self.links.send(flow, False, cancel_event(rid))
         response = session.responses.pop(rid, None) or GuardedResponse()
         if response.item_id:
-            self.injections.send(flow, False, delete_event(response.item_id))
-        self.injections.send(flow, True, blocked_event(verdict, Phase.OUTPUT))
+            self.links.send(flow, False, delete_event(response.item_id))
+        self.links.send(flow, True, blocked_event(verdict, Phase.OUTPUT))
         self.state.accounting.guardrail_audio(verdict.guard, response.audio_ms / 1000)
         note = f"{response.audio_ms:.0f} ms of audio before the block"
         self.checks.blocked(flow, session, verdict, Phase.OUTPUT, note, rid)

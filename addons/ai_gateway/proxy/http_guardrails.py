@@ -30,8 +30,8 @@ class HttpGuardrails:
         self.state = state
         self.checks = GuardChecks(state)
 
-    def done(self) -> None:
-        self.checks.cancel()
+    def done(self) -> Awaitable[None] | None:
+        return self.checks.shutdown()
 
     def guards(self, route: Route, phase: Phase) -> tuple[Guard, ...]:
         if self.state.policy is None or route.type not in GUARDED_HTTP:

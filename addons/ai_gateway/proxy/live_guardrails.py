@@ -24,16 +24,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mitmproxy import http
-from mitmproxy.websocket import WebSocketMessage
 
 from ai_gateway.accounting.session_meters import SessionMeter
 from ai_gateway.config.guardrails import BLOCKED_CODE, Guard, GuardrailPolicy, Phase, Verdict, first_block, normalise
 from ai_gateway.protocols.gemini_live import error_message
 from ai_gateway.protocols.guard_text import Window, live_client_text, live_server_event
 from ai_gateway.proxy.guard_checks import Asker, GuardChecks, GuardedSession, blocked_message
-from ai_gateway.proxy.injection import Injections
+from ai_gateway.proxy.injection import Links
+
+if TYPE_CHECKING:
+    from ai_gateway.proxy.sessions import Frame
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +51,15 @@ class LiveSession(GuardedSession):
 
 
 class LiveGuardrails:
-    def __init__(self, checks: GuardChecks, injections: Injections) -> None:
+    def __init__(self, checks: GuardChecks, links: Links) -> None:
         self.checks = checks
-        self.injections = injections
+        self.links = links
         self.sessions: dict[str, LiveSession] = {}
 
     def open(self, flow: http.HTTPFlow, guards: GuardrailPolicy, asker: Asker) -> None:
         self.sessions[flow.id] = LiveSession(guards, asker)
 
-    def frame(self, flow: http.HTTPFlow, message: WebSocketMessage, meter: SessionMeter) -> Awaitable[None] | None:
+    def frame(self, flow: http.HTTPFlow, message: Frame, meter: SessionMeter) -> Awaitable[None] | None:
         """A frame of a guarded Live session (JSON in text or binary frames); an awaitable only
         for user text held for a service's verdict."""
         session = self.sessions.get(flow.id)
@@ -71,9 +74,7 @@ class LiveGuardrails:
             logger.exception("ai-gateway: guardrails failed on a frame of %s", flow.id)
         return None
 
-    def client_frame(
-        self, flow: http.HTTPFlow, message: WebSocketMessage, session: LiveSession
-    ) -> Awaitable[None] | None:
+    def client_frame(self, flow: http.HTTPFlow, message: Frame, session: LiveSession) -> Awaitable[None] | None:
         text = live_client_text(message.content)
         if not text:
             return None
@@ -86,7 +87,7 @@ class LiveGuardrails:
         return self.hold(flow, message, session, remote, text) if remote else None
 
     async def hold(
-        self, flow: http.HTTPFlow, message: WebSocketMessage, session: LiveSession, guards: list[Guard], text: str
+        self, flow: http.HTTPFlow, message: Frame, session: LiveSession, guards: list[Guard], text: str
     ) -> None:
         """The user's text waits for the services' verdicts (each within its timeout) before it is relayed."""
         verdicts = await self.checks.ask_all(session.asker, guards, Phase.INPUT, text)
@@ -95,13 +96,13 @@ class LiveGuardrails:
         else:
             self.checks.noted(flow, verdicts, Phase.INPUT)
 
-    def refuse(self, flow: http.HTTPFlow, message: WebSocketMessage, session: LiveSession, verdict: Verdict) -> None:
+    def refuse(self, flow: http.HTTPFlow, message: Frame, session: LiveSession, verdict: Verdict) -> None:
         message.drop()
         error = error_message(blocked_message(verdict, Phase.INPUT), BLOCKED_CODE.upper(), {"guard": verdict.guard})
-        self.injections.send(flow, True, error)
+        self.links.send(flow, True, error)
         self.checks.blocked(flow, session, verdict, Phase.INPUT)
 
-    def server_frame(self, flow: http.HTTPFlow, message: WebSocketMessage, session: LiveSession) -> None:
+    def server_frame(self, flow: http.HTTPFlow, message: Frame, session: LiveSession) -> None:
         if session.closing:
             message.drop()  # what the upstream sent before the close reached it
             return

@@ -11,6 +11,7 @@ import time
 from mitmproxy import ctx
 from mitmproxy.addonmanager import Loader
 
+from ai_gateway.accounting import guard_service
 from ai_gateway.accounting.limits import MINUTE, SpendControl
 from ai_gateway.accounting.pricing import PriceCatalog, catalog_for
 from ai_gateway.accounting.redaction import Redactor
@@ -103,6 +104,8 @@ class PolicyFile:
         state.shared = self.shared_store(policy.limits.store if state.control is not None else MEMORY_STORE)
         state.rewire()
         self.credential.auth = policy.auth
+        if policy.asks_services:
+            guard_service.prepare()
 
     def shared_store(self, store: str) -> SharedLimits | None:
         """The policy's shared limits store: the same URL keeps its client (and its leases); a new

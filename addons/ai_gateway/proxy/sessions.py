@@ -36,7 +36,7 @@ from ai_gateway.proxy.conversation import record
 from ai_gateway.proxy.failures import close_error, error_type
 from ai_gateway.proxy.guard_checks import guard_comment
 from ai_gateway.proxy.guardrails import Guardrails
-from ai_gateway.proxy.injection import Injections
+from ai_gateway.proxy.injection import Links
 from ai_gateway.proxy.recorder import Recorder
 from ai_gateway.proxy.refusals import refusal_event, refusal_response
 from ai_gateway.proxy.replay import REPLAY_SYSTEM, REPLAYED_METADATA
@@ -54,7 +54,7 @@ class SessionMetering:
     def __init__(
         self,
         state: GatewayState,
-        injections: Injections | None = None,
+        links: Links | None = None,
         guardrails: Guardrails | None = None,
         kept: KeptHistory | None = None,
         recorder: Recorder | None = None,
@@ -64,9 +64,9 @@ class SessionMetering:
         self.recorder = recorder  # gateway_record: told of every frame, and of each session's end
         self.sessions: dict[str, Session] = {}
         self.clock = SessionClock()
-        self.injections = injections or Injections()
+        self.links = links or Links()  # the gateway's messages and closes, on either path
+        self.injections = self.links.injections
         self.guardrails = guardrails  # told of every frame after its metering
-        self.links: dict[str, SessionLink] = {}  # sessions relayed as bytes (proxy/frame_relay.py), by flow id
         self.clock_task: asyncio.Task[None] | None = None
 
     def running(self) -> None:
@@ -157,6 +157,8 @@ class SessionMetering:
         if self.state.control is not None:
             self.clock.watch(flow, self.state.control.rate_limits(origin.client_key))
         self.state.accounting.relaying(origin, 1)
+        if self.guardrails is not None:
+            self.guardrails.start(flow)
 
     @never_raises
     def websocket_message(self, flow: http.HTTPFlow) -> Awaitable[None] | None:
@@ -171,17 +173,21 @@ class SessionMetering:
         elif message.from_client and closer.CLOSE_METADATA in flow.metadata:
             message.drop()  # the gateway is closing the session: nothing more goes upstream
             session = None
-        if session is not None and (admission := self.frame(flow, message, session)) is not None:
-            return admission
+        if session is not None and (pending := self.frame(flow, message, session)) is not None:
+            return self.relayed_after(flow, pending)
         # The current message is relayed after this hook returns; the one before it has gone.
         self.kept.relayed(flow)
-        if session is not None and self.guardrails is not None:
-            return self.guardrails.frame(flow, message, session.meter)
         return None
 
+    async def relayed_after(self, flow: http.HTTPFlow, pending: Awaitable[None]) -> None:
+        """The message waited (the layer with it): the one before it has gone now."""
+        await pending
+        if flow.websocket is not None:
+            self.kept.relayed(flow)
+
     def frame(self, flow: http.HTTPFlow, message: Frame, session: Session) -> Awaitable[None] | None:
-        """A peer's message, on either path: adapter, meter, enforcement. An awaitable when the
-        message waits for the shared store's admission."""
+        """A peer's message, on either path: adapter, meter, enforcement, then the guardrails. An
+        awaitable when the message waits: for the shared store's admission, or a guard's verdict."""
         if self.clock.sessions:
             self.clock.touch(flow.id)
         protocol = session.protocol
@@ -197,19 +203,20 @@ class SessionMetering:
             if self.state.accounting.shared is not None and session.meter.admission_needed(item):
                 return self.shared_admission(flow, message, session, item)
             self.applied(flow, message, session, item, session.meter.apply(item))
-        return None
+        return self.guardrails.frame(flow, message, session) if self.guardrails is not None else None
 
     async def shared_admission(self, flow: http.HTTPFlow, message: Frame, session: Session, item: UsageItem) -> None:
         """A response starts (response.create, or one the upstream started): its admission waits
-        for the shared store, at most limits.store_timeout_ms, before the frame is relayed. No
-        other frame ever waits for the store."""
+        for the shared store, at most limits.store_timeout_ms, before the frame is relayed (and
+        is then the guards' to see, as any frame). No other frame ever waits for the store."""
         verdict = await self.state.accounting.admit_shared(session.meter.source)
-        if flow.id in self.sessions:  # the session may have ended meanwhile
-            self.applied(flow, message, session, item, session.meter.apply_admitted(item, verdict))
-        elif isinstance(verdict, Ticket):
-            self.state.accounting.release(verdict)
-        if flow.websocket is not None:
-            self.kept.relayed(flow)
+        if flow.id not in self.sessions:  # the session ended meanwhile
+            if isinstance(verdict, Ticket):
+                self.state.accounting.release(verdict)
+            return
+        self.applied(flow, message, session, item, session.meter.apply_admitted(item, verdict))
+        if self.guardrails is not None and (held := self.guardrails.frame(flow, message, session)) is not None:
+            await held
 
     def applied(self, flow: http.HTTPFlow, message: Frame, session: Session, item: UsageItem, outcome: object) -> None:
         """What the meter made of a frame's item: a refused response.create never reaches the
@@ -241,23 +248,15 @@ class SessionMetering:
                 flow.marked = ":exclamation:"
 
     def send(self, flow: http.HTTPFlow, to_client: bool, payload: bytes) -> None:
-        """A text message of the gateway's own into the session, kept whole."""
-        link = self.links.get(flow.id)
-        if link is not None:
-            link.send(to_client, payload)
-        else:
-            self.injections.send(flow, to_client, payload)
+        self.links.send(flow, to_client, payload)
 
     def close(self, flow: http.HTTPFlow, reason: str) -> bool:
         """Close a session with 1008 on both legs; a GPT-Live session is first ended upstream
         (`session.close`), as its protocol asks, so that the upstream stops billing it."""
         session = self.sessions.get(flow.id)
-        link = self.links.get(flow.id)
-        # Whether a close is not already under way.
-        closing = link.open if link is not None else flow.live and closer.CLOSE_METADATA not in flow.metadata
-        if closing and session is not None and isinstance(session.protocol, LiveProtocol):
-            self.send(flow, False, CLOSE_EVENT)
-        return link.close(1008, reason) if link is not None else closer.close_websocket(flow, 1008, reason)
+        if session is not None and isinstance(session.protocol, LiveProtocol) and self.links.open(flow):
+            self.links.send(flow, False, CLOSE_EVENT)
+        return self.links.close(flow, 1008, reason)
 
     @never_raises
     def websocket_end(self, flow: http.HTTPFlow) -> None:
@@ -272,8 +271,9 @@ class SessionMetering:
         """A relayed session ended, on either path: what it still billed, its record."""
         session = self.sessions.pop(flow.id, None)
         self.clock.forget(flow.id)
-        self.injections.forget(flow.id)
-        self.links.pop(flow.id, None)
+        self.links.forget(flow.id)
+        if self.guardrails is not None:
+            self.guardrails.end(flow)
         if session is not None:
             self.session_ended(flow, session, close_code, closed_by_client)
             if self.recorder is not None and self.recorder.active:
@@ -307,19 +307,9 @@ class Frame(Protocol):
     content: bytes
     is_text: bool
     timestamp: float
+    dropped: bool
 
     def drop(self) -> None: ...
-
-
-class SessionLink(Protocol):
-    """How the gateway reaches a session relayed as bytes rather than by mitmproxy's WebSocket layer."""
-
-    @property
-    def open(self) -> bool: ...
-
-    def send(self, to_client: bool, payload: bytes) -> None: ...
-
-    def close(self, code: int, reason: str) -> bool: ...
 
 
 class Session(NamedTuple):

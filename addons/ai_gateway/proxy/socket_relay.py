@@ -262,7 +262,7 @@ class SocketSession(ByteSession):
             self.legs[not message.from_client].write(message.content)
 
     def wake(self, side: bool) -> None:
-        if self.reading is not side:
+        if not self.busy(side):
             self.forward(Chunk(side, b""))
 
     def lost(self, side: bool, exc: Exception | None) -> None:

@@ -4,7 +4,9 @@ moderation endpoint (`POST /v1/moderations`) on loopback, for guardrail tests an
 Both flag text containing one of `denied` (case-insensitive): the webhook answers
 `{"action": "block", "reason": ...}`, moderation a flagged `violence` result scored 0.9 (else
 0.01). `delay` seconds before every answer makes it a slow or, past the gateway's timeout_ms, a
-dead service; every request body is kept in `requests`.
+dead service; `padding` bytes added to every answer make it an oversized one; every request body
+is kept in `requests`. HTTP/1.1 with keep-alive, as a production service: `connections` counts the
+connections it accepted (a client reusing its connections opens one per concurrent call).
 """
 
 from __future__ import annotations
@@ -25,18 +27,31 @@ MODERATION_CATEGORIES = ("hate", "harassment", "self-harm", "sexual", "violence"
 
 
 class GuardSimulator(LoopbackHttpServer):
-    def __init__(self, denied: Sequence[str] = ("project falcon",), delay: float = 0.0) -> None:
+    def __init__(self, denied: Sequence[str] = ("project falcon",), delay: float = 0.0, padding: int = 0) -> None:
         self.denied = [d.casefold() for d in denied]
         self.delay = delay
+        self.padding = padding
         self.requests: list[tuple[str, dict[str, Any]]] = []  # (path, body)
+        self.connections = 0
+        counting = threading.Lock()
         simulator = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive: the connection serves request after request
+            disable_nagle_algorithm = True  # the answer's head and body written apart: no delayed-ACK stall
+
+            def setup(self) -> None:
+                super().setup()
+                with counting:
+                    simulator.connections += 1
+
             def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
                 simulator.requests.append((self.path, body))
                 time.sleep(simulator.delay)
                 answer = simulator.answer(self.path, body)
+                if answer is not None and simulator.padding:
+                    answer["padding"] = "x" * simulator.padding
                 data = json.dumps(answer).encode()
                 self.send_response(200 if answer is not None else 404)
                 self.send_header("content-type", "application/json")
