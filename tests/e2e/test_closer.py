@@ -249,7 +249,10 @@ def test_a_session_streaming_audio_both_ways_is_closed_mid_stream_and_others_go_
     assert 20 <= relayed < deltas, "the close came after the stream ended"
     assert "response.done" not in types(frames)
     assert appends > 3
-    wait_until(lambda: len(simulator.closes) == closes + 2)  # this session's and the other's
+    # This session's end and the other's, as the simulator records them: the streaming one's takes
+    # about 10 s after the gateway's close (9.9 s on a quiet machine; why is not known yet, see the
+    # closing note of issue 21), so the usual 15 s deadline failed under load.
+    wait_until(lambda: len(simulator.closes) == closes + 2, timeout=30)
     assert sorted(simulator.closes[closes:]) == [(1000, ""), (1008, reason)]
     assert after["response.done"] == 1 and after["response.output_audio.delta"] > 0
     ended = wait_until(lambda: len(end_lines(gateway)) == ends + 2 and end_lines(gateway)[ends:])
