@@ -54,6 +54,7 @@ from ai_gateway_tools.bench.configs import (
     SERVE,
     SERVE_FRAMES,
     SERVE_GUARDED,
+    SERVE_GUARDED_REGEX,
     SERVE_MESSAGES,
     SERVE_WORKERS2,
     Config,
@@ -73,8 +74,8 @@ ADDED_P99_MS = 20.0  # the target: p99 latency per frame over the no-relay basel
 GREETING_DELAY = 0.05
 LOAD_SATURATED = 0.9  # the load's share of its CPU above which a miss may be the load's own
 CONFIGS = (
-    DIRECT, SERVE, SERVE_MESSAGES, SERVE_FRAMES, SERVE_GUARDED, SERVE_WORKERS2, GATEWAY, GATEWAY_MESSAGES,
-    GATEWAY_FRAMES, GATEWAY_NOFREEZE, MITMDUMP, FLOOR, LITELLM, PORTKEY,
+    DIRECT, SERVE, SERVE_MESSAGES, SERVE_FRAMES, SERVE_GUARDED, SERVE_GUARDED_REGEX, SERVE_WORKERS2, GATEWAY,
+    GATEWAY_MESSAGES, GATEWAY_FRAMES, GATEWAY_NOFREEZE, MITMDUMP, FLOOR, LITELLM, PORTKEY,
 )  # fmt: skip
 DEFAULT_CONFIGS = (DIRECT, SERVE, SERVE_WORKERS2, GATEWAY, MITMDUMP)
 INSTALLS: dict[str, Callable[[], Path]] = {LITELLM.name: litellm.install, PORTKEY.name: portkey.install}
@@ -85,6 +86,7 @@ RATIOS = (
     (SERVE, LITELLM, 2.5),
     (SERVE_WORKERS2, SERVE, 1.6),
     (SERVE_GUARDED, SERVE, 0.95),  # issue #24: guards on, a moderation service asked off the relay
+    (SERVE_GUARDED_REGEX, SERVE, 0.95),  # the same without the service: the guards' own cost
 )
 BEGIN = "<!-- capacity:begin: written by scripts/bench --capacity; text outside these markers is kept -->"
 END = "<!-- capacity:end -->"

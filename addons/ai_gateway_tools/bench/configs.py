@@ -87,18 +87,22 @@ class ObservedGateway(GatewayProcess):
 
 class GuardedGateway(GatewayProcess):
     """scripts/serve with a regex guard and a moderation guard, both phases, the moderation guard
-    asking the guard simulator in a process of its own (issue #24: capacity with guards on)."""
+    asking the guard simulator in a process of its own (issue #24: capacity with guards on); with
+    `service=False`, the regex guard alone (what the guards cost without a call per window)."""
 
-    def __init__(self, upstream: str, directory: Path) -> None:
+    def __init__(self, upstream: str, directory: Path, service: bool = True) -> None:
         super().__init__(upstream, launcher="serve")
         self.directory = directory  # a copy of the default policy's directory: its price list beside it
+        self.with_service = service
         self.service: subprocess.Popen[str] | None = None
 
     def start(self, timeout: float = 30.0) -> GatewayProcess:
-        command = [sys.executable, "-m", "ai_gateway_tools.simulators.guard"]
-        self.service = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=self.env)
-        assert self.service.stdout is not None
-        url = self.service.stdout.readline().split()[-1]
+        url = None
+        if self.with_service:
+            command = [sys.executable, "-m", "ai_gateway_tools.simulators.guard"]
+            self.service = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=self.env)
+            assert self.service.stdout is not None
+            url = self.service.stdout.readline().split()[-1]
         self.options["gateway_policy"] = str(guarded_policy(self.directory, url))
         return super().start(timeout)
 
@@ -111,21 +115,25 @@ class GuardedGateway(GatewayProcess):
                 self.service.wait(timeout)
 
 
-def guarded_policy(directory: Path, guard_url: str) -> Path:
-    """The default policy with a deny pattern and a moderation endpoint on both phases, in `directory`."""
+def guarded_policy(directory: Path, guard_url: str | None) -> Path:
+    """The default policy with a deny pattern and (given its URL) a moderation endpoint on both
+    phases, in `directory`."""
     document = yaml.safe_load(DEFAULT_POLICY.read_text(encoding="utf-8"))
     document["guardrails"] = [
         {"name": "no-project-names", "kind": "regex", "deny": [r"project\s+falcon"], "phases": ["input", "output"]},
-        {
-            "name": "moderation",
-            "kind": "moderation",
-            "url": f"{guard_url}/v1/moderations",
-            "phases": ["input", "output"],
-            "timeout_ms": 500,
-            "on_error": "open",
-        },
     ]
-    path = directory / f"guarded-{DEFAULT_POLICY.name}"
+    if guard_url is not None:
+        document["guardrails"].append(
+            {
+                "name": "moderation",
+                "kind": "moderation",
+                "url": f"{guard_url}/v1/moderations",
+                "phases": ["input", "output"],
+                "timeout_ms": 500,
+                "on_error": "open",
+            }
+        )
+    path = directory / f"guarded-{'service' if guard_url else 'regex'}-{DEFAULT_POLICY.name}"
     path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
     load_policy(path)
     return path
@@ -282,6 +290,13 @@ SERVE_GUARDED = Config(
     lambda upstream, work: GuardedGateway(upstream, work.policy.parent),
     metered=True,
 )
+# Not run by default: the regex guard alone, to tell the guards' own cost from the service call's.
+SERVE_GUARDED_REGEX = Config(
+    "serve-guarded-regex",
+    "`scripts/serve` with the regex guard alone on both phases (no guard service asked)",
+    lambda upstream, work: GuardedGateway(upstream, work.policy.parent, service=False),
+    metered=True,
+)
 # Not run by default: where the gateway misses a relay target, it tells how much of the cost any
 # addon has (mitmproxy dispatching the hook to a script) and how much is the gateway's own.
 EMPTY_ADDON = Config(
@@ -322,14 +337,14 @@ PORTKEY = Config(
 )
 CONFIGS = (
     DIRECT, MITMDUMP, EMPTY_ADDON, BASELINE, GATEWAY, GATEWAY_DEFLATE, SERVE, SERVE_QUIET, SERVE_OBSERVED, LITELLM,
-    GATEWAY_MESSAGES, SERVE_MESSAGES, GATEWAY_FRAMES, SERVE_FRAMES, FLOOR, SERVE_GUARDED,
+    GATEWAY_MESSAGES, SERVE_MESSAGES, GATEWAY_FRAMES, SERVE_FRAMES, FLOOR, SERVE_GUARDED, SERVE_GUARDED_REGEX,
 )  # fmt: skip
 DEFAULT_CONFIGS = (DIRECT, MITMDUMP, GATEWAY, GATEWAY_DEFLATE, SERVE)
 # Measured in this order (and back): mitmdump sits next to each gateway, and the baseline next to
 # the gateway, so the pairs that make the ratios are measured one right after the other.
 RUN_ORDER = (
     DIRECT, FLOOR, BASELINE, GATEWAY, GATEWAY_MESSAGES, GATEWAY_FRAMES, MITMDUMP, GATEWAY_DEFLATE, SERVE,
-    SERVE_GUARDED, SERVE_MESSAGES, SERVE_FRAMES, SERVE_QUIET, SERVE_OBSERVED, LITELLM, EMPTY_ADDON,
+    SERVE_GUARDED, SERVE_GUARDED_REGEX, SERVE_MESSAGES, SERVE_FRAMES, SERVE_QUIET, SERVE_OBSERVED, LITELLM, EMPTY_ADDON,
 )  # fmt: skip
 
 

@@ -26,6 +26,7 @@ from ai_gateway_tools.bench.configs import (
     MITMDUMP,
     SERVE,
     SERVE_GUARDED,
+    SERVE_GUARDED_REGEX,
     SERVE_OBSERVED,
     SERVE_QUIET,
     Config,
@@ -52,6 +53,7 @@ PAIRS: tuple[tuple[Config, Config, float], ...] = (
     (GATEWAY, BASELINE, THROUGHPUT_RATIO),  # issue #13: no regression against the tree before the hardening
     (SERVE_OBSERVED, SERVE_QUIET, 0.95),  # issue #16: the access log and traces cost at most 5 %
     (SERVE_GUARDED, SERVE, 0.95),  # issue #24: guardrails (a pattern, a moderation service) cost at most 5 %
+    (SERVE_GUARDED_REGEX, SERVE, 0.95),  # the pattern alone: the guards' own cost, without a service call
 )
 HOOK_RATIO = 1.0  # issue #13: no regression of the hook cost against the baseline
 PLOT_NAME = "bench-rss.png"
