@@ -141,6 +141,11 @@ async def tls_session(url: str, context: ssl.SSLContext, responses: int | None) 
     return finished, ws.close_code, ws.close_reason or "", asyncio.get_running_loop().time() - opened
 
 
+# A client's close completes once the gateway closes the connection after the upstream's close
+# frame; websockets gives up waiting after 10 s (its close_timeout), which is what a lost close costs.
+CLOSED_WITHIN = 5.0
+
+
 @contextlib.contextmanager
 def tls_upstream_and_gateway(tmp_path: Path, launcher: str, policy: str) -> Iterator[tuple[Simulator, GatewayProcess]]:
     """An https upstream, and the gateway in front of it relaying by sockets; the client dials wss://
@@ -164,11 +169,41 @@ def test_tls_on_both_legs_is_relayed_and_metered_exactly(tmp_path, launcher):
     """The client dials wss:// and the upstream is https: both legs' TLS carried on by the relay."""
     model = f"gpt-realtime-sockets-tls-{launcher}"
     with tls_upstream_and_gateway(tmp_path, launcher, "") as (https_upstream, gateway):
-        finished, code, _, _ = run_tls_session(gateway, model, 5)
+        finished, code, _, seconds = run_tls_session(gateway, model, 5)
         wait_until(lambda: not open_sessions(gateway))
         assert_metered_exactly(gateway.metrics_url, model, https_upstream.usage_for(model))
         assert sum(e.kind == "response" for e in https_upstream.usage_for(model)) == finished == 5
         assert code == 1000 and BOTH_TLS in gateway.log()
+        assert seconds < CLOSED_WITHIN  # the close too (10 s when the upstream's close_notify was lost)
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_client_s_close_behind_an_https_upstream_completes_at_once(tmp_path, launcher):
+    """As in production (`reverse:https://api.openai.com`, clients on ws:// inside): the client closes,
+    the upstream answers with its close frame and its TLS close_notify, which the relay reads in place
+    of mitmproxy's TLS layer; mitmproxy must still learn the upstream closed and close the client's
+    connection (it did not: every client's close waited 10 s, its own timeout)."""
+    model = f"gpt-realtime-sockets-https-close-{launcher}"
+    with (
+        SimulatorThread(ssl_context=self_signed(tmp_path), audio_deltas=3) as https_upstream,
+        GatewayProcess(https_upstream.url, launcher=launcher, options={**SOCKETS, "ssl_insecure": "true"}) as gateway,
+    ):
+
+        async def session() -> float:
+            async with websockets.connect(f"{websocket_base(gateway.url)}/v1/realtime?model={model}") as ws:
+                await ws.recv()
+                await ws.send(json.dumps({"type": "response.create"}))
+                while json.loads(await ws.recv())["type"] != "response.done":
+                    pass
+                began = asyncio.get_running_loop().time()
+                await ws.close()
+                assert ws.close_code == 1000
+                return asyncio.get_running_loop().time() - began
+
+        assert asyncio.run(session()) < CLOSED_WITHIN
+        wait_until(lambda: not open_sessions(gateway))
+        assert "upstream TLS)" in gateway.log()
+        assert_metered_exactly(gateway.metrics_url, model, https_upstream.usage_for(model))
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)

@@ -4,16 +4,24 @@ installed versions so that an upgrade that moves any of it fails here, loudly.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime
+import inspect
 from collections.abc import Callable
 
 import pytest
 import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from mitmproxy import options
 from mitmproxy.addons.proxyserver import Proxyserver
 from mitmproxy.proxy import context, mode_specs
-from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer
+from mitmproxy.proxy.layers.tls import ClientTLSLayer, ServerTLSLayer, TLSLayer
 from mitmproxy.proxy.server import SimpleConnectionHandler
 from mitmproxy.test import tflow
+from OpenSSL import SSL
 
 from ai_gateway.protocols.ws_frames import TEXT, FrameReader, Outbox, encode_frame
 from ai_gateway.proxy.frame_relay import ReadFrame
@@ -114,3 +122,62 @@ def test_a_read_frame_edited_then_dropped_is_gone_and_dropped_says_so():
     assert three.dropped
     again = FrameReader(False, max_message=1 << 20)
     assert [m.payload for m in again.feed(outbox.take(reader.safe))] == [b"one", b"edited"]
+
+
+class Transport:
+    """The socket under a TLS leg: what the leg writes, and whether it closed it."""
+
+    def __init__(self) -> None:
+        self.written = b""
+        self.closed = False
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def tls_pair() -> tuple[SSL.Connection, SSL.Connection]:
+    """A client and a server pyOpenSSL connection, handshaken in memory (as mitmproxy's TLS layer leaves them)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    server_context = SSL.Context(SSL.TLS_METHOD)
+    server_context.use_certificate(cert)
+    server_context.use_privatekey(key)
+    server, client = SSL.Connection(server_context), SSL.Connection(SSL.Context(SSL.TLS_METHOD))
+    server.set_accept_state()
+    client.set_connect_state()
+    for _ in range(10):  # the handshake's flights, back and forth
+        for one, other in ((client, server), (server, client)):
+            with contextlib.suppress(SSL.WantReadError):
+                one.do_handshake()
+            with contextlib.suppress(SSL.WantReadError):
+                other.bio_write(one.bio_read(65535))
+    return client, server
+
+
+def test_a_peers_close_notify_read_by_a_leg_is_left_for_mitmproxy_to_tell_its_layers():
+    """The relay reads the peer's close_notify in place of mitmproxy's TLS layer, which dispatches
+    the close to the layers above only when RECEIVED_SHUTDOWN is not set (it takes the flag to mean
+    it did so itself): the leg clears it, and closes its socket. Without that, mitmproxy never
+    closed the other peer's connection (tests/e2e/test_socket_relay.py, the https upstream)."""
+    assert "SSL.RECEIVED_SHUTDOWN" in inspect.getsource(TLSLayer.receive_close)
+    client, server = tls_pair()
+    server.sendall(b"last words")
+    with contextlib.suppress(SSL.WantReadError):
+        server.shutdown()
+    leg = Leg.__new__(Leg)  # its TLS connection and socket only: what plaintext() reads and writes
+    leg.tls, leg.transport = client, Transport()  # type: ignore[assignment]
+    assert leg.plaintext(server.bio_read(65535)) == b"last words"
+    assert leg.transport.closed  # type: ignore[attr-defined]
+    assert not client.get_shutdown() & SSL.RECEIVED_SHUTDOWN

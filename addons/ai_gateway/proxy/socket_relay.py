@@ -156,6 +156,12 @@ class Leg(asyncio.Protocol):
             except SSL.WantReadError:
                 break
             except SSL.ZeroReturnError:
+                # The peer's close_notify, read here rather than by mitmproxy's TLS layer, which takes
+                # RECEIVED_SHUTDOWN to mean it already told the layers above (TLSLayer.receive_close):
+                # cleared, so the parked loop's end tells them and mitmproxy closes the other leg,
+                # as when a peer closes on the TCP path (else the other peer waited for its own
+                # timeout: a client's close 10 s behind an https upstream).
+                tls.set_shutdown(tls.get_shutdown() & ~SSL.RECEIVED_SHUTDOWN)
                 close = True
                 break
             except SSL.Error as e:
