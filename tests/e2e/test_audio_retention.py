@@ -27,17 +27,17 @@ from ai_gateway_tools.simulators.realtime import SimulatorThread
 
 from ..clients import websocket_base
 
-CHUNK_MS = 500  # appends and deltas of 500 ms of 24 kHz PCM16 (clients send 20 ms to 1 s)
+CHUNK_MS = 1000  # appends and deltas of 1 s of 24 kHz PCM16 (clients send 20 ms to 1 s; the fewer, the faster the test)
 CHUNK_BYTES = 48 * CHUNK_MS
 SECONDS = 3600
 RESPONSES = 60  # a minute of the model's audio each, answering a minute of the user's
 CHUNKS_PER_TURN = SECONDS * 1000 // CHUNK_MS // RESPONSES
 SESSION_MB, TOTAL_MB = 8, 12
-# What mitmproxy and Python hold besides the kept audio: the flow's 14,400 messages stay listed
+# What mitmproxy and Python hold besides the kept audio: the flow's 7,200 messages stay listed
 # (as placeholders, a few hundred bytes each), -w serialises the whole flow when it closes, and
-# allocator slack. Measured: 37 MB grown in all with 12 MB of audio kept (load average 9, two
-# cores; 158 MB with 100 ms chunks, five times the messages); without the caps the hour's audio
-# alone is about 460 MB.
+# allocator slack. Measured: 37 MB grown in all with 12 MB of audio kept and 500 ms chunks (twice
+# the messages; load average 9, two cores; 158 MB with 100 ms chunks); without the caps the hour's
+# audio alone is about 460 MB.
 MARGIN_MB = 60
 
 
