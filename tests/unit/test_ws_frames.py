@@ -3,7 +3,9 @@ with control frames between fragments, split at any chunk boundaries."""
 
 from __future__ import annotations
 
+import itertools
 import os
+from collections.abc import Callable
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -98,30 +100,43 @@ def test_a_message_over_the_cap_is_forwarded_as_it_comes_and_reported_unread(seq
     assert b"".join(forwarded) == stream
 
 
+def relayed_editing(
+    stream: bytes, masked: bool, sizes: list[int], edit: Callable[[Outbox, Message], None]
+) -> list[bytes]:
+    """The data messages forwarded when `stream` arrives in chunks cut at `sizes` and `edit` is given
+    the outbox and each data message as it is read."""
+    reader, outbox = FrameReader(masked, max_message=1 << 20), Outbox()
+    forwarded = []
+    for chunk in split(stream, sizes):
+        outbox.add(chunk)
+        for message in reader.feed(chunk):
+            if message.opcode in (TEXT, BINARY):
+                edit(outbox, message)
+        outbox.place(reader.boundary)
+        forwarded.append(outbox.take(reader.safe))
+    again = FrameReader(masked, max_message=1 << 20)
+    return [m.payload for m in again.feed(b"".join(forwarded)) if m.opcode in (TEXT, BINARY)]
+
+
 @settings(max_examples=examples(40), deadline=None)
 @given(st.lists(messages, min_size=2, max_size=5), st.data())
 def test_a_cut_message_is_gone_and_an_inserted_frame_lands_on_a_boundary(sequence, data):
     stream, _ = encode(sequence, True)
     victim = data.draw(st.integers(0, len(sequence) - 1))
-    reader, outbox = FrameReader(True, max_message=1 << 20), Outbox()
     injected_payload = b'{"type":"error"}'
     injected = encode_frame(TEXT, injected_payload, mask=os.urandom(4))  # upstream, as a client frame
-    forwarded, kept, data_index = [], [], 0
-    for chunk in split(stream, data.draw(st.lists(st.integers(0, 70000), max_size=8))):
-        outbox.add(chunk)
-        for message in reader.feed(chunk):
-            if message.opcode in (TEXT, BINARY):
-                if data_index == victim:
-                    outbox.cut(tuple(s for s in message.spans))
-                    outbox.send(injected)
-                else:
-                    kept.append(message.payload)
-                data_index += 1
-        outbox.place(reader.boundary)
-        forwarded.append(outbox.take(reader.safe))
-    again = FrameReader(True, max_message=1 << 20)
-    relayed = [m for m in again.feed(b"".join(forwarded)) if m.opcode in (TEXT, BINARY)]
-    assert [m.payload for m in relayed if m.payload != injected_payload] == kept
+    kept: list[bytes | None] = []
+    read = itertools.count()
+
+    def edit(outbox: Outbox, message: Message) -> None:
+        if next(read) == victim:
+            outbox.cut(tuple(s for s in message.spans))
+            outbox.send(injected)
+        else:
+            kept.append(message.payload)
+
+    relayed = relayed_editing(stream, True, data.draw(st.lists(st.integers(0, 70000), max_size=8)), edit)
+    assert [payload for payload in relayed if payload != injected_payload] == kept
     assert len(relayed) == len(kept) + 1
 
 
@@ -197,22 +212,15 @@ def test_a_replaced_message_is_relayed_in_its_place_whatever_follows_in_the_chun
     stream, _ = encode(sequence, masked)
     victim = data.draw(st.integers(0, len(sequence) - 1))
     edited = b'{"type":"response.done","response":{"output":[]}}'
-    reader, outbox = FrameReader(masked, max_message=1 << 20), Outbox()
-    forwarded, expected, data_index = [], [], 0
-    for chunk in split(stream, data.draw(st.lists(st.integers(0, 70000), max_size=8))):
-        outbox.add(chunk)
-        for message in reader.feed(chunk):
-            if message.opcode in (TEXT, BINARY):
-                if data_index == victim:
-                    first = outbox.replace(
-                        message.spans, encode_frame(TEXT, b"first edit", os.urandom(4) if masked else None)
-                    )
-                    outbox.replace(message.spans, encode_frame(TEXT, edited, os.urandom(4) if masked else None), first)
-                    expected.append(edited)
-                else:
-                    expected.append(message.payload)
-                data_index += 1
-        outbox.place(reader.boundary)
-        forwarded.append(outbox.take(reader.safe))
-    again = FrameReader(masked, max_message=1 << 20)
-    assert [m.payload for m in again.feed(b"".join(forwarded)) if m.opcode in (TEXT, BINARY)] == expected
+    expected: list[bytes | None] = []
+    read = itertools.count()
+
+    def edit(outbox: Outbox, message: Message) -> None:
+        if next(read) == victim:
+            first = outbox.replace(message.spans, encode_frame(TEXT, b"first edit", os.urandom(4) if masked else None))
+            outbox.replace(message.spans, encode_frame(TEXT, edited, os.urandom(4) if masked else None), first)
+            expected.append(edited)
+        else:
+            expected.append(message.payload)
+
+    assert relayed_editing(stream, masked, data.draw(st.lists(st.integers(0, 70000), max_size=8)), edit) == expected
