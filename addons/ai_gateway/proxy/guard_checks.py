@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from mitmproxy import http
@@ -18,7 +18,16 @@ from mitmproxy import http
 from ai_gateway.accounting.guard_service import GuardClients
 from ai_gateway.accounting.observer import GuardrailBlock
 from ai_gateway.accounting.session_meters import SessionMeter
-from ai_gateway.config.guardrails import Guard, GuardrailPolicy, Phase, Verdict, check_regex, failed
+from ai_gateway.config.guardrails import (
+    Guard,
+    GuardrailPolicy,
+    Phase,
+    Verdict,
+    check_regex,
+    failed,
+    first_block,
+    normalise,
+)
 from ai_gateway.proxy.injection import Links
 from ai_gateway.proxy.state import CLIENT_KEY_METADATA, GatewayState
 
@@ -88,6 +97,41 @@ class GuardChecks:
                 self.state.accounting.guardrail_checked(guard.name, phase, verdict.outcome, time.perf_counter() - began)
                 verdicts.append(verdict)
         return verdicts
+
+    def decide(
+        self,
+        flow: http.HTTPFlow,
+        asker: Asker,
+        guards: Iterable[Guard],
+        phase: Phase,
+        text: str,
+        refuse: Callable[[Verdict], None],
+    ) -> Awaitable[None] | None:
+        """Text that waits for its verdict (user text, an HTTP request or whole response): a regex
+        guard's block refuses it here and now; service guards are asked, and the awaitable is done
+        once they answered (each within its timeout), having refused it on a block."""
+        verdicts = self.regex(guards, phase, normalise(text))
+        if block := first_block(verdicts):
+            refuse(block)
+            return None
+        self.noted(flow, verdicts, phase)
+        remote = [g for g in guards if g.remote]
+        return self.decided(flow, asker, remote, phase, text, refuse) if remote else None
+
+    async def decided(
+        self,
+        flow: http.HTTPFlow,
+        asker: Asker,
+        guards: list[Guard],
+        phase: Phase,
+        text: str,
+        refuse: Callable[[Verdict], None],
+    ) -> None:
+        verdicts = await self.ask_all(asker, guards, phase, text)
+        if block := first_block(verdicts):
+            refuse(block)
+        else:
+            self.noted(flow, verdicts, phase)
 
     async def ask_all(self, asker: Asker, guards: Iterable[Guard], phase: Phase, text: str) -> list[Verdict]:
         return list(await asyncio.gather(*(self.ask_one(asker, g, phase, text) for g in guards)))

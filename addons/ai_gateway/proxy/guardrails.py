@@ -123,23 +123,10 @@ class Guardrails:
         user = client_event(message.content)
         if user is None or not user.text:
             return None
-        verdicts = self.checks.regex(session.inputs, Phase.INPUT, normalise(user.text))
-        if block := first_block(verdicts):
-            self.refuse_item(flow, message, session, block)
-            return None
-        self.checks.noted(flow, verdicts, Phase.INPUT)
-        remote = [g for g in session.inputs if g.remote]
-        return self.hold(flow, message, session, remote, user.text) if remote else None
-
-    async def hold(
-        self, flow: http.HTTPFlow, message: Frame, session: RealtimeSession, guards: list[Guard], text: str
-    ) -> None:
-        """The user's text waits for the services' verdicts (each within its timeout) before it is relayed."""
-        verdicts = await self.checks.ask_all(session.asker, guards, Phase.INPUT, text)
-        if block := first_block(verdicts):
-            self.refuse_item(flow, message, session, block)
-        else:
-            self.checks.noted(flow, verdicts, Phase.INPUT)
+        return self.checks.decide(
+            flow, session.asker, session.inputs, Phase.INPUT, user.text,
+            lambda verdict: self.refuse_item(flow, message, session, verdict),
+        )  # fmt: skip
 
     def refuse_item(self, flow: http.HTTPFlow, message: Frame, session: RealtimeSession, verdict: Verdict) -> None:
         message.drop()

@@ -15,7 +15,7 @@ from collections.abc import Awaitable
 
 from mitmproxy import http
 
-from ai_gateway.config.guardrails import BLOCKED_CODE, Guard, Phase, Verdict, first_block, normalise
+from ai_gateway.config.guardrails import BLOCKED_CODE, Guard, Phase, Verdict, first_block
 from ai_gateway.config.policy import Route
 from ai_gateway.protocols.guard_text import GUARDED_HTTP, SseText, Window, request_text, response_text, sse_error
 from ai_gateway.protocols.openai_http import decoded
@@ -78,20 +78,9 @@ class HttpGuardrails:
     ) -> Awaitable[None] | None:
         """A request's or a whole response's text: regex guards decide at once; an awaitable
         while services are asked."""
-        verdicts = self.checks.regex(guards, phase, normalise(text))
-        if block := first_block(verdicts):
-            self.refuse(flow, block, phase)
-            return None
-        self.checks.noted(flow, verdicts, phase)
-        remote = [g for g in guards if g.remote]
-        return self.hold(flow, route, remote, phase, text) if remote else None
-
-    async def hold(self, flow: http.HTTPFlow, route: Route, guards: list[Guard], phase: Phase, text: str) -> None:
-        verdicts = await self.checks.ask_all(asker(flow, route.suffix), guards, phase, text)
-        if block := first_block(verdicts):
-            self.refuse(flow, block, phase)
-        else:
-            self.checks.noted(flow, verdicts, phase)
+        return self.checks.decide(
+            flow, asker(flow, route.suffix), guards, phase, text, lambda verdict: self.refuse(flow, verdict, phase)
+        )
 
     def refuse(self, flow: http.HTTPFlow, verdict: Verdict, phase: Phase) -> None:
         """The request answered, or the response replaced, by a 400."""

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from mitmproxy import http
 
 from ai_gateway.accounting.session_meters import SessionMeter
-from ai_gateway.config.guardrails import BLOCKED_CODE, Guard, GuardrailPolicy, Phase, Verdict, first_block, normalise
+from ai_gateway.config.guardrails import BLOCKED_CODE, Guard, GuardrailPolicy, Phase, Verdict, first_block
 from ai_gateway.protocols.gemini_live import error_message
 from ai_gateway.protocols.guard_text import Window, live_client_text, live_server_event
 from ai_gateway.proxy.guard_checks import Asker, GuardChecks, GuardedSession, blocked_message
@@ -78,23 +78,10 @@ class LiveGuardrails:
         text = live_client_text(message.content)
         if not text:
             return None
-        verdicts = self.checks.regex(session.inputs, Phase.INPUT, normalise(text))
-        if block := first_block(verdicts):
-            self.refuse(flow, message, session, block)
-            return None
-        self.checks.noted(flow, verdicts, Phase.INPUT)
-        remote = [g for g in session.inputs if g.remote]
-        return self.hold(flow, message, session, remote, text) if remote else None
-
-    async def hold(
-        self, flow: http.HTTPFlow, message: Frame, session: LiveSession, guards: list[Guard], text: str
-    ) -> None:
-        """The user's text waits for the services' verdicts (each within its timeout) before it is relayed."""
-        verdicts = await self.checks.ask_all(session.asker, guards, Phase.INPUT, text)
-        if block := first_block(verdicts):
-            self.refuse(flow, message, session, block)
-        else:
-            self.checks.noted(flow, verdicts, Phase.INPUT)
+        return self.checks.decide(
+            flow, session.asker, session.inputs, Phase.INPUT, text,
+            lambda verdict: self.refuse(flow, message, session, verdict),
+        )  # fmt: skip
 
     def refuse(self, flow: http.HTTPFlow, message: Frame, session: LiveSession, verdict: Verdict) -> None:
         message.drop()
