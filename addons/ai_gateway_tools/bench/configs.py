@@ -62,48 +62,27 @@ class BaselineGateway(GatewayProcess):
         return command
 
 
-class ObservedGateway(GatewayProcess):
-    """scripts/serve with the JSON access log and traces sent to an OTLP receiver in a process of its own."""
+class ServedGateway(GatewayProcess):
+    """scripts/serve beside a simulator in a process of its own (`python -m MODULE`, which prints its
+    URL first), started before the gateway and stopped after it; `serve` sets the gateway's options
+    that point at it (None: no simulator)."""
 
-    def __init__(self, upstream: str) -> None:
-        super().__init__(upstream, options={"gateway_access_log": "json"}, launcher="serve")
-        self.collector: subprocess.Popen[str] | None = None
-
-    def start(self, timeout: float = 30.0) -> GatewayProcess:
-        command = [sys.executable, "-m", "ai_gateway_tools.simulators.otlp"]
-        self.collector = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=self.env)
-        assert self.collector.stdout is not None
-        self.options["gateway_otlp_endpoint"] = self.collector.stdout.readline().split()[-1]
-        return super().start(timeout)
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        try:
-            return super().stop(timeout)
-        finally:
-            if self.collector is not None:
-                self.collector.terminate()
-                self.collector.wait(timeout)
-
-
-class GuardedGateway(GatewayProcess):
-    """scripts/serve with a regex guard and a moderation guard, both phases, the moderation guard
-    asking the guard simulator in a process of its own (issue #24: capacity with guards on); with
-    `service=False`, the regex guard alone (what the guards cost without a call per window)."""
-
-    def __init__(self, upstream: str, directory: Path, service: bool = True) -> None:
-        super().__init__(upstream, launcher="serve")
-        self.directory = directory  # a copy of the default policy's directory: its price list beside it
-        self.with_service = service
+    def __init__(self, upstream: str, module: str | None, options: dict[str, str] | None = None) -> None:
+        super().__init__(upstream, options=options, launcher="serve")
+        self.module = module
         self.service: subprocess.Popen[str] | None = None
+
+    def serve(self, url: str | None) -> None:
+        raise NotImplementedError
 
     def start(self, timeout: float = 30.0) -> GatewayProcess:
         url = None
-        if self.with_service:
-            command = [sys.executable, "-m", "ai_gateway_tools.simulators.guard"]
+        if self.module is not None:
+            command = [sys.executable, "-m", self.module]
             self.service = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=self.env)
             assert self.service.stdout is not None
             url = self.service.stdout.readline().split()[-1]
-        self.options["gateway_policy"] = str(guarded_policy(self.directory, url))
+        self.serve(url)
         return super().start(timeout)
 
     def stop(self, timeout: float = 15.0) -> int | None:
@@ -113,6 +92,30 @@ class GuardedGateway(GatewayProcess):
             if self.service is not None:
                 self.service.terminate()
                 self.service.wait(timeout)
+
+
+class ObservedGateway(ServedGateway):
+    """scripts/serve with the JSON access log and traces sent to an OTLP receiver in a process of its own."""
+
+    def __init__(self, upstream: str) -> None:
+        super().__init__(upstream, "ai_gateway_tools.simulators.otlp", {"gateway_access_log": "json"})
+
+    def serve(self, url: str | None) -> None:
+        assert url is not None
+        self.options["gateway_otlp_endpoint"] = url
+
+
+class GuardedGateway(ServedGateway):
+    """scripts/serve with a regex guard and a moderation guard, both phases, the moderation guard
+    asking the guard simulator in a process of its own (issue #24: capacity with guards on); with
+    `service=False`, the regex guard alone (what the guards cost without a call per window)."""
+
+    def __init__(self, upstream: str, directory: Path, service: bool = True) -> None:
+        super().__init__(upstream, "ai_gateway_tools.simulators.guard" if service else None)
+        self.directory = directory  # a copy of the default policy's directory: its price list beside it
+
+    def serve(self, url: str | None) -> None:
+        self.options["gateway_policy"] = str(guarded_policy(self.directory, url))
 
 
 def guarded_policy(directory: Path, guard_url: str | None) -> Path:
