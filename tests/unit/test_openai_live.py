@@ -16,6 +16,8 @@ from ai_gateway.accounting.usage import InvalidUsage, SessionSeconds
 from ai_gateway.protocols.openai_live import LiveProtocol
 from ai_gateway.protocols.usage_fields import parse_session_usage
 
+from .conftest import sample_total
+
 
 def frame(event: dict) -> bytes:
     return json.dumps(event).encode()
@@ -66,15 +68,6 @@ def test_only_the_increase_of_a_report_is_billed():
     assert increase(SessionSeconds(20.0, 40.0), SessionSeconds(50.0)) is None
 
 
-def counter(metrics: GatewayMetrics, name: str, **labels: str) -> float:
-    return sum(
-        sample.value
-        for family in metrics.registry.collect()
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    )
-
-
 def test_the_meter_differences_reports_and_writes_one_ledger_line(tmp_path):
     metrics = GatewayMetrics("agentgateway")
     ledger = UsageLedger(str(tmp_path / "usage.jsonl"))
@@ -84,10 +77,10 @@ def test_the_meter_differences_reports_and_writes_one_ledger_line(tmp_path):
     for usage in (SessionSeconds(3.0), SessionSeconds(6.0), SessionSeconds(5.0), SessionSeconds(6.0, 6.0)):
         meter.apply(SessionTime(usage))
     seconds = "agentgateway_gen_ai_client_session_seconds_total"
-    assert counter(metrics, seconds, kind="active", gen_ai_request_model="gpt-live-1.1") == 6.0
-    assert counter(metrics, seconds, kind="paused") == 6.0
-    assert counter(metrics, "agentgateway_gateway_parse_errors_total", reason="usage_decreased") == 1
-    cost = counter(metrics, "agentgateway_gen_ai_client_cost_usd_total", gen_ai_request_model="gpt-live-1.1")
+    assert sample_total(metrics, seconds, kind="active", gen_ai_request_model="gpt-live-1.1") == 6.0
+    assert sample_total(metrics, seconds, kind="paused") == 6.0
+    assert sample_total(metrics, "agentgateway_gateway_parse_errors_total", reason="usage_decreased") == 1
+    cost = sample_total(metrics, "agentgateway_gen_ai_client_cost_usd_total", gen_ai_request_model="gpt-live-1.1")
     assert cost == pytest.approx((6 * 0.05 + 6 * 0.02) / 60)
     assert not (tmp_path / "usage.jsonl").read_text()  # the line comes when the session ends
     assert "12 s of session" in meter.totals.summary() and f"${cost:,.4f}" in meter.totals.summary()
@@ -110,4 +103,4 @@ def test_nothing_is_billed_after_the_final_report():
     meter = LiveMeter(Accounting(metrics), Source("f1", "Realtime", session=True), "openai", "gpt-live-1")
     meter.apply(SessionTime(SessionSeconds(9.0), closed="close_requested"))
     meter.apply(SessionTime(SessionSeconds(12.0)))
-    assert counter(metrics, "agentgateway_gen_ai_client_session_seconds_total", kind="active") == 9.0
+    assert sample_total(metrics, "agentgateway_gen_ai_client_session_seconds_total", kind="active") == 9.0
