@@ -1,8 +1,9 @@
 """gateway_relay=sockets end to end: an admitted session relayed between its two sockets by the
-event loop (proxy/socket_relay.py, issue #22). test_frame_relay.py's Realtime and Gemini Live
-sessions run again here, on both launchers, each asserting the path was taken (its enforcement
-scenarios, refusals, cancels and the 1008 close, run there on both byte paths); then what only this
-path has: a shared store's admission pausing the client's socket, the drain, TLS on both legs."""
+event loop (proxy/socket_relay.py, issue #22). It is what `auto`, the default, takes, so every
+Realtime and Gemini Live e2e test runs on it; here each launcher's default gateway is shown to take
+it, and then what only this path has: a shared store's admission pausing the client's socket, the
+drain, TLS on both legs and a TLS peer's close. (The enforcement scenarios, refusals, cancels and
+the 1008 close run in test_frame_relay.py on both byte paths.)"""
 
 from __future__ import annotations
 
@@ -21,29 +22,15 @@ from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread
 
 from ..clients import wait_until, websocket_base
 from ..conftest import LAUNCHERS
+from . import test_gemini_live_e2e, test_realtime_e2e
 from .test_drain import drain_sessions
 from .test_faults import self_signed
 from .test_frame_relay import STRIPPED, open_sessions
-from .test_gemini_live_e2e import (  # noqa: F401  (fixtures and tests, collected again against live_gateway below)
+from .test_gemini_live_e2e import (  # noqa: F401  (fixtures)
     LiveGateway,
     live_model,
     live_simulator,
     live_simulators,
-    test_a_report_left_open_by_the_upstream_closing_is_billed_as_incomplete,
-    test_ai_studio_text_session_is_metered_exactly,
-    test_vertex_audio_session_is_metered_exactly,
-)
-from .test_realtime_e2e import (  # noqa: F401  (collected again here, against the fixture below)
-    test_beta_sdk_session_is_metered_exactly,
-    test_cancelled_failed_and_incomplete_responses_are_counted,
-    test_concurrent_responses_are_all_counted,
-    test_each_response_is_metered_while_the_session_is_open,
-    test_fragmented_response_done_is_metered,
-    test_ga_sdk_session_is_metered_exactly,
-    test_malformed_frames_are_relayed_unchanged_and_counted,
-    test_realtime_latency_from_response_create_to_first_delta_and_done,
-    test_transcription_only_session,
-    test_transcription_usage_is_metered_under_the_transcription_model,
 )
 from .test_shared_limits import key_budget, redis_server  # noqa: F401  (redis_server: a fixture)
 from .test_spend_controls import (  # noqa: F401  (upstream: a fixture)
@@ -62,6 +49,7 @@ from .test_spend_controls import (  # noqa: F401  (upstream: a fixture)
 
 # Debug logging shows SocketRelay's line for each session it relays by its sockets: CHOSEN.
 SOCKETS = {"gateway_relay": "sockets", "termlog_verbosity": "debug"}
+DEFAULT = {"termlog_verbosity": "debug"}  # gateway_relay=auto
 CHOSEN = "over its sockets"
 BOTH_TLS = "over its sockets (client TLS, upstream TLS)"
 
@@ -72,13 +60,14 @@ def sockets_policy(tmp_path: Path, text: str) -> str:
 
 @pytest.fixture(scope="module", params=LAUNCHERS)
 def gateway(request: pytest.FixtureRequest, simulators: dict[str, Simulator]) -> Iterator[GatewayProcess]:
-    """The gateway relaying sessions by their sockets, on each launcher, in front of its simulator."""
-    with GatewayProcess(simulators[request.param].url, launcher=request.param, options=SOCKETS) as gw:
+    """The gateway with its default relay (auto), on each launcher, in front of its simulator."""
+    with GatewayProcess(simulators[request.param].url, launcher=request.param, options=DEFAULT) as gw:
         yield gw
 
 
 def test_sessions_take_the_sockets_path(gateway, simulator, model):
-    test_ga_sdk_session_is_metered_exactly(gateway, simulator, model)
+    """By default: the path every Realtime e2e test's sessions take."""
+    test_realtime_e2e.test_ga_sdk_session_is_metered_exactly(gateway, simulator, model)
     wait_until(lambda: not open_sessions(gateway))  # the session's end reached the meters
     assert CHOSEN in gateway.log()
 
@@ -112,14 +101,15 @@ def test_sigterm_drains_sessions_relayed_by_their_sockets(tmp_path, launcher):
 
 @pytest.fixture(scope="module", params=LAUNCHERS)
 def live_gateway(request, live_simulators, tmp_path_factory) -> Iterator[LiveGateway]:  # noqa: F811 (a fixture)
-    """Gemini Live, the client over TLS (wss://), relayed by its sockets: its e2e tests run again here."""
+    """Gemini Live, the client over TLS (wss://), with the default relay (auto)."""
     confdir = tmp_path_factory.mktemp(f"confdir-sockets-{request.param}")
-    with LiveGateway(live_simulators[request.param].url, confdir, launcher=request.param, options=SOCKETS) as gw:
+    with LiveGateway(live_simulators[request.param].url, confdir, launcher=request.param, options=DEFAULT) as gw:
         yield gw
 
 
 def test_gemini_live_sessions_take_the_sockets_path(live_gateway, live_simulator, live_model):  # noqa: F811 (fixtures)
-    test_ai_studio_text_session_is_metered_exactly(live_gateway, live_simulator, live_model)
+    """By default: the path every Gemini Live e2e test's sessions take."""
+    test_gemini_live_e2e.test_ai_studio_text_session_is_metered_exactly(live_gateway, live_simulator, live_model)
     assert "over its sockets (client TLS," in live_gateway.log()
 
 
