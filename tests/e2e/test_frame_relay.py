@@ -67,7 +67,8 @@ CHOSEN_BY = {"frames": CHOSEN, "sockets": SOCKETS_CHOSEN}
 STRIPPED = "routes:\n  /realtime: {type: Realtime, request: {remove: [sec-websocket-extensions]}}\n"
 
 
-def frames_policy(tmp_path: Path, text: str) -> str:
+def stripped_policy(tmp_path: Path, text: str) -> str:
+    """A policy of `text` whose Realtime route strips the permessage-deflate offer (STRIPPED)."""
     return policy_file(tmp_path, text + STRIPPED)
 
 
@@ -88,7 +89,7 @@ def test_sessions_take_the_frames_path(gateway, simulator, model):
 def test_refused_response_creates_are_cut_out_and_answered_with_an_error(tmp_path, upstream, launcher, relay):  # noqa: F811 (a fixture)
     model = f"gpt-realtime-{relay}-budget-{launcher}"
     text = f"budgets:\n  session: {{tokens: {LIMIT}}}\n  reserve: {{tokens: {RESERVE}}}\n"
-    options = {**FRAMES, "gateway_relay": relay, "gateway_policy": frames_policy(tmp_path, text)}
+    options = {**FRAMES, "gateway_relay": relay, "gateway_policy": stripped_policy(tmp_path, text)}
     with GatewayProcess(upstream.url, launcher=launcher, options=options) as gateway:
         url = f"{websocket_base(gateway.url)}/v1/realtime?model={model}"
         finished = asyncio.run(respond_until_refused(url, "sk-pipeliner", pipelined=10))
@@ -105,7 +106,7 @@ def test_refused_response_creates_are_cut_out_and_answered_with_an_error(tmp_pat
 def test_responses_the_upstream_starts_over_budget_are_cancelled(tmp_path, launcher, relay):
     text = "budgets:\n  session: {tokens: 1000}\n  reserve: {tokens: 1}\n"
     logs: list[str] = []
-    seen, samples = vad_over_budget(frames_policy(tmp_path, text), launcher, {**FRAMES, "gateway_relay": relay}, logs)
+    seen, samples = vad_over_budget(stripped_policy(tmp_path, text), launcher, {**FRAMES, "gateway_relay": relay}, logs)
     assert_cancelled_after_the_first_turn(seen, samples, "session")
     assert CHOSEN_BY[relay] in logs[0]
 
@@ -114,7 +115,7 @@ def test_responses_the_upstream_starts_over_budget_are_cancelled(tmp_path, launc
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_a_session_past_max_session_seconds_is_closed_with_1008(tmp_path, upstream, launcher, relay):  # noqa: F811 (a fixture)
     limit = "limits:\n  client_key: {max_session_seconds: 2}\n"
-    options = {**FRAMES, "gateway_relay": relay, "gateway_policy": frames_policy(tmp_path, limit)}
+    options = {**FRAMES, "gateway_relay": relay, "gateway_policy": stripped_policy(tmp_path, limit)}
     with GatewayProcess(upstream.url, launcher=launcher, options=options) as gateway:
         code, text, seconds = asyncio.run(until_closed(gateway, busy=True))
         wait_until(lambda: not open_sessions(gateway))
@@ -136,7 +137,7 @@ def test_a_response_create_over_the_body_cap_is_refused_from_its_head(tmp_path, 
         **FRAMES,
         "gateway_relay": relay,
         "gateway_max_body_bytes": str(cap),
-        "gateway_policy": frames_policy(tmp_path, text),
+        "gateway_policy": stripped_policy(tmp_path, text),
     }
     large = {"type": "response.create", "response": {"instructions": "Be brief. " * (cap // 5)}}
 

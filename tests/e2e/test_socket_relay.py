@@ -25,7 +25,7 @@ from ..conftest import LAUNCHERS
 from . import test_gemini_live_e2e, test_realtime_e2e
 from .test_drain import drain_sessions
 from .test_faults import self_signed
-from .test_frame_relay import STRIPPED, open_sessions
+from .test_frame_relay import STRIPPED, open_sessions, stripped_policy
 from .test_gemini_live_e2e import (  # noqa: F401  (fixtures)
     LiveGateway,
     live_model,
@@ -52,10 +52,6 @@ SOCKETS = {"gateway_relay": "sockets", "termlog_verbosity": "debug"}
 DEFAULT = {"termlog_verbosity": "debug"}  # gateway_relay=auto
 CHOSEN = "over its sockets"
 BOTH_TLS = "over its sockets (client TLS, upstream TLS)"
-
-
-def sockets_policy(tmp_path: Path, text: str) -> str:
-    return policy_file(tmp_path, text + STRIPPED)
 
 
 @pytest.fixture(scope="module", params=LAUNCHERS)
@@ -140,7 +136,7 @@ CLOSED_WITHIN = 5.0
 def tls_upstream_and_gateway(tmp_path: Path, launcher: str, policy: str) -> Iterator[tuple[Simulator, GatewayProcess]]:
     """An https upstream, and the gateway in front of it relaying by sockets; the client dials wss://
     (the gateway's CA in its confdir)."""
-    options = {**SOCKETS, "gateway_policy": sockets_policy(tmp_path, policy), "confdir": str(tmp_path / "confdir")}
+    options = {**SOCKETS, "gateway_policy": stripped_policy(tmp_path, policy), "confdir": str(tmp_path / "confdir")}
     with (
         SimulatorThread(ssl_context=self_signed(tmp_path), audio_deltas=13) as https_upstream,
         GatewayProcess(https_upstream.url, launcher=launcher, options={**options, "ssl_insecure": "true"}) as gateway,
