@@ -39,7 +39,6 @@ from .test_spend_controls import (  # noqa: F401  (upstream: a fixture)
     TARGET,
     assert_cancelled_after_the_first_turn,
     assert_closed_by_the_limit,
-    policy_file,
     respond_until_refused,
     tokens,
     until_closed,
