@@ -34,7 +34,7 @@ import sys
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 SERVE_MODULE = "ai_gateway.launcher.serve"
 # Imported before any fork: what a gateway process spends its start on.
@@ -205,8 +205,13 @@ def reap(sock: socket.socket) -> None:
 
 def fork(request: dict[str, Any], log: int, inherited: list[int]) -> int:
     pid = os.fork()
-    if pid:
-        return pid
+    if pid == 0:
+        child(request, log, inherited)
+    return pid
+
+
+def child(request: dict[str, Any], log: int, inherited: list[int]) -> NoReturn:
+    """The forked process: the request's output, directory and environment, then its command."""
     code = 1
     try:
         signal.set_wakeup_fd(-1)
@@ -231,7 +236,6 @@ def fork(request: dict[str, Any], log: int, inherited: list[int]) -> int:
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(code)
-    return 0  # never reached: the child leaves through os._exit
 
 
 def run(argv: list[str]) -> int:
