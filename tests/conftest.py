@@ -46,6 +46,12 @@ def pytest_configure(config: pytest.Config) -> None:
     certs.CertStore.from_store(Path(options.CONF_DIR).expanduser(), options.CONF_BASENAME, options.KEY_SIZE)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `slow` first, the rest in their order: the parallel run then ends on short
+    tests that both workers share, not on one worker running a long test while the other waits."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def fork_server() -> Iterator[ForkServer]:
     """Gateways forked from the worker's fork server where it can start them, else run as commands."""

@@ -18,6 +18,7 @@ import wave
 from pathlib import Path
 
 import psutil
+import pytest
 import websockets
 from mitmproxy import io
 
@@ -86,6 +87,7 @@ class PeakRss:
         self.thread.join()
 
 
+@pytest.mark.slow
 def test_an_hour_of_audio_stays_within_the_caps_and_the_newest_is_exported(tmp_path: Path) -> None:
     saved = tmp_path / "session.mitm"
     options = {

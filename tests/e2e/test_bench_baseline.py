@@ -19,6 +19,7 @@ IN_GIT = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_o
 needs_git = pytest.mark.skipif(not IN_GIT, reason="needs this checkout's git repository")
 
 
+@pytest.mark.slow
 @needs_git
 def test_smoke_with_a_baseline_compares_it_round_by_round(tmp_path: Path) -> None:
     text = relay_smoke(tmp_path, ["gateway"], "--baseline", "HEAD")
@@ -52,6 +53,7 @@ def test_the_baseline_tree_is_the_commits_and_runs_its_own_script(tmp_path: Path
     assert proxy.env["PYTHONPATH"] == str(tree / "addons")
 
 
+@pytest.mark.slow
 def test_the_hook_probe_times_a_tree_in_a_child_process_as_in_process() -> None:
     args = parse_args(["--smoke", "--hook-iterations", "400", "--rounds", "2"])
     costs = baseline_hook_costs(args, ROOT)  # this tree against itself: the mechanics, not the figures

@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from ai_gateway_tools.bench import capacity, limits
 
 from .bench_smoke import bench
@@ -18,6 +20,7 @@ def smoke_section(tmp_path: Path, mode: str, begin: str, end: str) -> str:
     return text.split(begin, 1)[1].split(end, 1)[0]
 
 
+@pytest.mark.slow
 def test_capacity_smoke_writes_its_own_section_and_plot(tmp_path: Path) -> None:
     section = smoke_section(tmp_path, "--capacity", capacity.BEGIN, capacity.END)
     for name in ("serve", "mitmdump"):
@@ -28,6 +31,7 @@ def test_capacity_smoke_writes_its_own_section_and_plot(tmp_path: Path) -> None:
     assert (tmp_path / capacity.PLOT_NAME).read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_limits_smoke_writes_its_own_section(tmp_path: Path) -> None:
     section = smoke_section(tmp_path, "--limits", limits.BEGIN, limits.END)
     rows = {line.split(" | ")[0].strip("| *"): line for line in section.splitlines() if line.startswith("| **")}

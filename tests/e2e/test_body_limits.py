@@ -259,6 +259,7 @@ def test_row_2_gzip_response_of_1_gib_decompressed(upstream):
     compare(upstream, probe, f"row 2, {len(body) / MiB:.1f} MiB gzip response inflating to 1 GiB")
 
 
+@pytest.mark.slow
 def test_row_3_request_body_of_100_mb(upstream):
     body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "x" * 100 * MiB}]})
     encoded = body.encode()
@@ -361,6 +362,7 @@ def test_invalid_cap_is_one_line_at_startup():
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 @pytest.mark.parametrize("relay", ["messages", "sockets"])
 def test_issue_20_a_client_frame_of_8_mib(launcher, relay):

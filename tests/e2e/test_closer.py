@@ -198,6 +198,7 @@ def test_an_idle_session_is_closed_with_1008_on_both_legs(setup):
     assert_clean(gateway)
 
 
+@pytest.mark.slow
 def test_a_session_streaming_audio_both_ways_is_closed_mid_stream_and_others_go_on(setup):
     gateway, simulator = setup
     closes, ends = len(simulator.closes), len(end_lines(gateway))

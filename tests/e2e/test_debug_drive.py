@@ -10,6 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from ai_gateway_tools.debug import TOOL, TRUNCATED_MS
 from ai_gateway_tools.harness import free_port
 
@@ -17,6 +19,7 @@ from ..clients import wait_until
 from .test_secrets_mitmweb import fetch
 
 
+@pytest.mark.slow
 def test_debug_drive_leaves_a_session_with_every_kind_of_turn(tmp_path: Path) -> None:
     web_port = free_port()
     command = [sys.executable, "-m", "ai_gateway_tools.debug", "--drive", "--port", str(free_port())]

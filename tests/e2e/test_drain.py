@@ -67,6 +67,7 @@ def refused(port: int) -> bool:
     [("mitmdump", []), ("serve", []), ("serve", ["--workers", "2"])],
     ids=["mitmdump", "serve", "serve-workers"],
 )
+@pytest.mark.slow
 def test_sigterm_drains_open_sessions_and_every_finished_response_is_in_the_ledger(tmp_path, launcher, args):
     drain_sessions(tmp_path, launcher, args)
 

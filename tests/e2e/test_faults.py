@@ -192,6 +192,7 @@ def vm_rss_kb(pid: int) -> int:
     return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
 
 
+@pytest.mark.slow
 def test_hostile_stream_of_10000_junk_frames(gateway, upstream, model):
     junk = junk_frames()
     repeats = -(-10_000 // len(junk))

@@ -73,6 +73,7 @@ def chromium() -> Path:
     return CHROMIUM
 
 
+@pytest.mark.slow
 def test_mitmweb_shows_live_session_totals_and_the_realtime_view(chromium: Path, tmp_path: Path) -> None:
     with (
         SimulatorThread(seed=20261124, audio_deltas=AUDIO_DELTAS, transcript_deltas=1) as simulator,
@@ -158,6 +159,7 @@ CONVERSATION_VIEWPORT: ViewportSize = {"width": 1600, "height": 960}  # the conv
 TRANSCRIPT = "Hello from the simulated upstream"  # what the simulator transcribes and says
 
 
+@pytest.mark.slow
 def test_mitmweb_shows_a_voice_session_as_a_conversation(chromium: Path, tmp_path: Path) -> None:
     """Voice turns, a barge-in (cancel and truncate) and a tool call, read in the "Realtime conversation"
     view of the handshake's response, each answer's cost and latency under it and under its response.done."""
@@ -209,6 +211,7 @@ async def read_conversation(chromium: Path, ui_url: str, gateway_url: str, scree
         await browser.close()
 
 
+@pytest.mark.slow
 def test_mitmweb_shows_a_gemini_live_session_as_a_conversation(chromium: Path, tmp_path: Path) -> None:
     """A google-genai session (spoken, typed, a function call, a barge-in) read in the "Realtime
     conversation" view of its handshake, and each turn's tokens and cost under its turnComplete."""

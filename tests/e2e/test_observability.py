@@ -244,6 +244,7 @@ def session_seconds(gateway: GatewayProcess, model: str, runs: int = 3) -> float
     return time.monotonic() - start
 
 
+@pytest.mark.slow
 def test_a_dead_collector_costs_the_relay_nothing_and_logs_one_line(vad_simulator, model):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with GatewayProcess(vad_simulator.url, options={"gateway_access_log": "off"}) as gw:
@@ -265,6 +266,7 @@ def test_a_dead_collector_costs_the_relay_nothing_and_logs_one_line(vad_simulato
     assert "opentelemetry" not in log and "Traceback" not in log
 
 
+@pytest.mark.slow
 def test_a_collector_that_never_answers_fills_the_queue_not_the_relay(vad_simulator, model):
     """The collector accepts the connection and never replies: the export thread waits (30 s), the
     bounded queue (8 spans here) overflows, and sessions run as fast as without traces."""

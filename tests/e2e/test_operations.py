@@ -288,6 +288,7 @@ def test_a_named_pipe_as_policy_stops_startup_with_one_line(tmp_path, launcher):
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
 def test_policy_replaced_by_a_pipe_or_a_directory_is_refused_and_traffic_keeps_flowing(tmp_path):
     policy = tmp_path / "policy.yaml"
     policy.write_text("provider: team-a\nroutes:\n  /realtime: Realtime\n")
@@ -342,6 +343,7 @@ def test_a_policy_file_still_being_written_is_not_loaded(tmp_path):
     assert first["type"] == "response.done" and second["error"]["code"] == "budget_exceeded"
 
 
+@pytest.mark.slow
 def test_a_large_policy_reloads_fast_and_a_too_large_one_is_refused_unread(tmp_path):
     """3 MiB of comments reloads (libyaml); 100 MB is refused by its size, promptly, while the
     3 MiB policy stays in force and responses keep their pace."""

@@ -43,6 +43,7 @@ async def responses_in_turn(url: str, responses: int, seen: list[str] | None = N
     return done
 
 
+@pytest.mark.slow
 def test_200_concurrent_sessions_of_20_responses_are_metered_exactly():
     with (
         SimulatorThread(seed=5, audio_deltas=1, transcript_deltas=1) as simulator,
@@ -60,6 +61,7 @@ def test_200_concurrent_sessions_of_20_responses_are_metered_exactly():
         assert usage_only(select(scrape(gateway.metrics_url), gen_ai_operation_name="realtime")) == expected
 
 
+@pytest.mark.slow
 def test_policy_edits_apply_to_new_connections_and_invalid_edits_are_refused(tmp_path):
     policy = tmp_path / "policy.yaml"
     policy.write_text("provider: team-a\nroutes:\n  /realtime: Realtime\n")

@@ -135,6 +135,7 @@ def assert_exact(gateway: GatewayProcess, simulator: Simulator, model: str) -> N
     assert usage_only(select(scrape(gateway.metrics_url), gen_ai_request_model=model)) == expected_samples(sent)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [[], WORKERS], ids=["one", "workers"])
 def test_invalid_policy_stops_startup_with_one_line(tmp_path, args):
     path = tmp_path / "policy.yaml"
@@ -146,6 +147,7 @@ def test_invalid_policy_stops_startup_with_one_line(tmp_path, args):
     assert sum("policy.yaml" in line for line in output.splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [[], WORKERS], ids=["one", "workers"])
 def test_metrics_port_in_use_is_one_clear_error(args):
     with socket.socket() as taken:
@@ -174,6 +176,7 @@ def test_what_serve_does_not_run_is_refused_in_one_line(args, message):
     assert (result.returncode, result.stdout + result.stderr) == (1, message + "\n")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [[], WORKERS], ids=["one", "workers"])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_stops_every_process_cleanly(upstream, args, sig):
@@ -214,6 +217,7 @@ def test_http_routes_are_metered_exactly(model):
         assert usage_only(select(scrape(gateway.metrics_url), gen_ai_request_model=model)) == expected_samples(sent)
 
 
+@pytest.mark.slow
 def test_workers_share_the_port_and_one_endpoint_counts_exactly(upstream, model, tmp_path):
     ledger = tmp_path / "usage.jsonl"
     with serve(upstream.url, *WORKERS, gateway_usage_log=str(ledger)) as gateway:
@@ -247,6 +251,7 @@ def test_workers_share_the_port_and_one_endpoint_counts_exactly(upstream, model,
     assert {name for name, _ in workers_samples} == {name for name, _ in single_samples}
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_restarted_and_what_it_counted_stays(upstream, model):
     with serve(upstream.url, *WORKERS) as gateway:
 
@@ -276,6 +281,7 @@ def test_a_killed_worker_is_restarted_and_what_it_counted_stays(upstream, model)
     assert re.search(r"ai-gateway: worker \d \(pid \d+\) was killed by SIGKILL; restarting$", gateway.log(), re.M)
 
 
+@pytest.mark.slow
 def test_the_launcher_benchmark_runs_and_checks_its_accounting():
     """A tiny run of `python -m ai_gateway_tools.bench.serve`, for its plumbing only: no timing is asserted
     (it raises if a gateway's /metrics disagree with the simulator's ledger)."""

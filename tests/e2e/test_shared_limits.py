@@ -283,6 +283,7 @@ def test_three_gateway_processes_share_one_key_budget(tmp_path, redis_server, up
     assert spent >= LIMIT - RESERVE  # the budget was used, not refused early
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pipelined", [1, 10], ids=["sessions", "pipelined"])
 def test_serve_workers_share_one_key_budget(tmp_path, redis_server, upstream, capsys, pipelined):
     model = f"gpt-realtime-shared-workers-{pipelined}"
@@ -437,6 +438,7 @@ def test_spend_in_a_store_outage_reaches_the_store_when_it_answers_again(tmp_pat
     assert status == 429 and after == (0, 0, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("on_error", ["open", "closed"])
 def test_what_a_store_outage_does(tmp_path, upstream, on_error):
     """The store stops answering: `open` admits, `closed` refuses with 503; the errors are counted

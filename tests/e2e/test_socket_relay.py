@@ -88,6 +88,7 @@ def test_response_creates_wait_for_the_shared_store_and_are_refused_past_its_bud
     assert LIMIT - RESERVE <= spent <= TARGET * LIMIT
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_sigterm_drains_sessions_relayed_by_their_sockets(tmp_path, launcher):
     log = drain_sessions(tmp_path, launcher, [arg for k, v in SOCKETS.items() for arg in ("--set", f"{k}={v}")])

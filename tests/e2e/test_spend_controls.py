@@ -287,6 +287,7 @@ def test_a_restart_does_not_forgive_spend(tmp_path, upstream):
         assert handshake(gateway, "sk-restarted") == 101  # without the ledger the spend is forgotten
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_a_restart_restores_100_000_client_keys_before_serving_within_seconds(tmp_path, upstream, launcher):
     """A ledger of 100,000 distinct client keys in the window (quadratic before: 12,000 took 15 s

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -96,6 +97,7 @@ def events(draw: st.DrawFn) -> tuple[bytes, list[tuple[str, Any]]]:
     return (draw(spaces) + dump(draw, pairs) + draw(spaces)).encode(), pairs
 
 
+@pytest.mark.slow
 @settings(max_examples=examples(600), deadline=None)
 @given(events())
 def test_the_reader_agrees_with_json_loads(generated):
@@ -119,6 +121,7 @@ def test_the_reader_agrees_with_json_loads(generated):
         assert all(decoded[k] == v for k, v in large.members.items() if k in once)
 
 
+@pytest.mark.slow
 @settings(max_examples=examples(300), deadline=None)
 @given(events())
 def test_every_adapter_reads_client_events_as_json_loads_does(generated):
