@@ -82,7 +82,9 @@ class GuardClients:
         """The text queued in its guard's batch, which is sent now if full or held, else when its
         first check has lingered batch_ms."""
         loop = asyncio.get_running_loop()
-        batch = self.batches.setdefault(guard, Batch())
+        batch = self.batches.get(guard)
+        if batch is None:
+            batch = self.batches[guard] = Batch()
         answer: asyncio.Future[Verdict] = loop.create_future()
         batch.texts.append(text)
         batch.answers.append(answer)
