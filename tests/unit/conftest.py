@@ -30,11 +30,11 @@ def examples(full: int) -> int:
 
 @contextlib.contextmanager
 def configured_gateway(**options: Any) -> Iterator[Gateway]:
-    """The gateway's addons in mitmproxy's test context with the default policy, no metrics
-    endpoint, and these options; its hooks are called directly by the test."""
+    """The gateway's addons in mitmproxy's test context with the default policy (unless one is
+    given), no metrics endpoint, and these options; its hooks are called directly by the test."""
     gateway = Gateway()
     with taddons.context(gateway) as context:
-        context.configure(gateway, gateway_metrics_port=0, gateway_policy=str(DEFAULT_POLICY), **options)
+        context.configure(gateway, **{"gateway_metrics_port": 0, "gateway_policy": str(DEFAULT_POLICY), **options})
         yield gateway
 
 

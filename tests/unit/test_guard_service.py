@@ -1,5 +1,6 @@
 """Guard services asked over pooled connections (accounting/guard_service.py), against the guard
-simulator on loopback: a connection kept for call after call, and every failure a verdict."""
+simulator on loopback: a connection kept for call after call, moderation checks batched, and
+every failure a verdict."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
-from ai_gateway.accounting.guard_service import MAX_ANSWER_BYTES, GuardClients
-from ai_gateway.config.guardrails import ALLOW, ERROR, Action
+from ai_gateway.accounting.guard_service import MAX_ANSWER_BYTES, SHUTTING_DOWN, GuardClients, prepare
+from ai_gateway.config.guardrails import ALLOW, ERROR, Action, Phase, Verdict
+from ai_gateway.proxy.guard_checks import GuardChecks, asker
 from ai_gateway_tools.simulators.guard import GuardSimulator
 
+from .conftest import configured_gateway, sample_total
+from .test_addon import realtime_flow
 from .test_guardrails import guards
 
 
@@ -92,3 +98,171 @@ def test_a_policy_with_a_service_guard_imports_the_client_when_applied(tmp_path)
         for path in (regex, policy)
     ]
     assert loaded == ["False", "True"]
+
+
+def moderation(url: str, **keys: object):
+    """A moderation guard on `url` with these keys (batch_ms, batch_max, timeout_ms, on_error)."""
+    extra = "".join(f", {k}: {v}" for k, v in keys.items())
+    return guards(f"guardrails:\n  - {{name: m, kind: moderation, url: {url}{extra}}}\n")[0]
+
+
+def run_cleanly[T](main: Callable[[], Awaitable[T]]) -> T:
+    """asyncio.run(main()), failing on the loop's unhandled errors (a task destroyed pending...)."""
+
+    async def checked() -> T:
+        problems: list[dict] = []
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: problems.append(context))
+        result = await main()
+        assert not problems
+        return result
+
+    return asyncio.run(checked())
+
+
+def batched(guard, asks: list[tuple[str, bool]]) -> tuple[list, float]:
+    """The verdicts on (text, held) asks, made concurrently in that order by one client (closed
+    after), and the seconds they took."""
+
+    async def ask_all() -> tuple[list, float]:
+        clients = GuardClients()
+        began = time.monotonic()
+        try:
+            verdicts = await asyncio.gather(*(clients.ask(guard, text, {}, held) for text, held in asks))
+            return verdicts, time.monotonic() - began
+        finally:
+            await clients.close()
+
+    return run_cleanly(ask_all)
+
+
+def inputs(service: GuardSimulator) -> list:
+    return [body["input"] for path, body in service.requests if path == "/v1/moderations"]
+
+
+def test_checks_nothing_waits_for_share_one_request_and_get_their_own_verdicts():
+    with GuardSimulator() as service:
+        guard = moderation(f"{service.url}/v1/moderations", batch_ms=100)
+        asks = [("hello", False), ("project falcon", False), ("weather?", False)]
+        verdicts, _ = batched(guard, asks)
+        assert [v.outcome for v in verdicts] == [ALLOW, Action.BLOCK, ALLOW]
+        assert inputs(service) == [["hello", "project falcon", "weather?"]]
+
+
+def test_a_full_batch_goes_without_lingering():
+    with GuardSimulator() as service:
+        guard = moderation(f"{service.url}/v1/moderations", batch_ms=5000, timeout_ms=10000, batch_max=2)
+        verdicts, took = batched(guard, [("a", False), ("b", False), ("project falcon", False), ("d", False)])
+        assert took < 2.5 and [v.outcome for v in verdicts] == [ALLOW, ALLOW, Action.BLOCK, ALLOW]
+        assert inputs(service) == [["a", "b"], ["project falcon", "d"]]
+
+
+def test_a_held_check_goes_at_once_taking_the_queued_ones_along():
+    with GuardSimulator() as service:
+        guard = moderation(f"{service.url}/v1/moderations", batch_ms=5000, timeout_ms=10000)
+        verdicts, took = batched(guard, [("project falcon", False), ("b", False), ("held", True)])
+        assert took < 2.5 and [v.outcome for v in verdicts] == [Action.BLOCK, ALLOW, ALLOW]
+        assert inputs(service) == [["project falcon", "b", "held"]]
+
+
+def test_without_batching_each_check_is_its_own_request_of_one_string():
+    with GuardSimulator() as service:
+        verdicts, _ = batched(moderation(f"{service.url}/v1/moderations", batch_ms=0), [("a", False), ("b", False)])
+        assert [v.outcome for v in verdicts] == [ALLOW, ALLOW]
+        assert sorted(inputs(service)) == ["a", "b"]
+
+
+def test_the_wait_for_a_batch_counts_against_each_checks_timeout():
+    """A held check is answered within the timeout; one that lingered 300 ms first is not; one that
+    times out while lingering is left out of the request (no one waits for it)."""
+    prepare()  # aiohttp imported before the first check is timed, as when a policy is applied
+    with GuardSimulator(delay=0.3) as service:
+        guard = moderation(f"{service.url}/v1/moderations", batch_ms=300, timeout_ms=500, on_error="closed")
+        (held,), _ = batched(guard, [("first", True)])
+        (lingered,), took = batched(guard, [("second", False)])
+        assert held.outcome == ALLOW
+        assert (lingered.outcome, lingered.reason, lingered.blocks) == (ERROR, "timeout", True) and took < 1.5
+        assert inputs(service) == ["first", "second"]
+
+        async def late() -> Verdict:
+            """Lingering past the timeout (not a policy the validator takes): the text is never sent."""
+            clients = GuardClients()
+            verdict = await clients.ask(replace(guard, batch_ms=1000), "third", {})
+            while clients.batches:  # until its batch's time came, with no one left waiting in it
+                await asyncio.sleep(0.05)
+            await clients.close()
+            return verdict
+
+        verdict = run_cleanly(late)
+        assert (verdict.outcome, verdict.reason) == (ERROR, "timeout")
+        assert inputs(service) == ["first", "second"]
+
+
+def test_a_failed_batch_is_an_error_verdict_for_every_check_in_it():
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead = moderation(f"http://127.0.0.1:{unused.getsockname()[1]}/v1/moderations", on_error="closed")
+        verdicts, _ = batched(dead, [("a", False), ("b", False), ("c", False)])
+    assert [(v.outcome, v.blocks) for v in verdicts] == [(ERROR, True)] * 3
+    assert all(v.reason.startswith("ClientConnectorError") for v in verdicts)
+    with GuardSimulator() as service:
+        verdicts, _ = batched(moderation(f"{service.url}/nowhere"), [("a", False), ("b", True)])
+    assert [(v.outcome, v.reason, v.blocks) for v in verdicts] == [(ERROR, "ServiceError: HTTP 404", False)] * 2
+
+
+def test_closing_ends_lingering_and_sent_batches_with_error_verdicts():
+    """At shutdown, nothing is left pending: each asker gets a verdict, no task is destroyed pending."""
+    with GuardSimulator(delay=2.0) as service:
+        guard = moderation(f"{service.url}/v1/moderations", batch_ms=4000, timeout_ms=10000)
+        other = moderation(f"{service.url}/v1/moderations", timeout_ms=10000)  # another guard, its request sent
+
+        async def closed() -> list:
+            clients = GuardClients()
+            asks = [asyncio.ensure_future(clients.ask(g, "x", {}, held)) for g, held in ((guard, False), (other, True))]
+            while not (clients.sending and clients.batches):  # one batch lingering, one request in flight
+                await asyncio.sleep(0.01)
+            await clients.close()
+            return await asyncio.gather(*asks)
+
+        began = time.monotonic()
+        verdicts = run_cleanly(closed)
+        assert time.monotonic() - began < 1.5
+        assert [(v.outcome, v.reason) for v in verdicts] == [(ERROR, SHUTTING_DOWN)] * 2
+
+
+def test_text_the_relay_holds_takes_the_lingering_output_checks_along(tmp_path):
+    """GuardChecks: windows of output (spawned) linger; a user's text (`decide`, held) goes at once
+    with them, and each check is counted and timed on its own, from its ask to its verdict."""
+    with GuardSimulator() as service:
+        policy = tmp_path / "guarded.yaml"
+        policy.write_text(
+            f"guardrails:\n  - {{name: m, kind: moderation, url: {service.url}/v1/moderations, "
+            "batch_ms: 5000, timeout_ms: 10000}\nroutes:\n  /realtime: Realtime\n"
+        )
+        with configured_gateway(gateway_policy=str(policy)) as gateway:
+            flow = realtime_flow()
+            (guard,) = gateway.state.policy.guardrails.guards
+            refused: list[Verdict] = []
+
+            async def checked() -> float:
+                checks = GuardChecks(gateway.state)
+                session = asker(flow, "/realtime")
+                began = time.monotonic()
+                for text in ("project falcon", "fine"):  # as a stream's windows are asked
+                    checks.spawn(checks.ask_all(session, [guard], Phase.OUTPUT, text))
+                await asyncio.sleep(0)  # their asks queued
+                await checks.decide(flow, session, [guard], Phase.INPUT, "hello", refused.append)
+                while checks.tasks:
+                    await asyncio.sleep(0.01)
+                await checks.shutdown()
+                return time.monotonic() - began
+
+            took = run_cleanly(checked)
+            metrics = gateway.state.accounting.metrics
+            counted = {
+                outcome: sample_total(metrics, "agentgateway_guardrail_checks_total", guard="m", action=outcome)
+                for outcome in ("allow", "block")
+            }
+            timed = sample_total(metrics, "agentgateway_guardrail_check_duration_seconds_count", guard="m")
+    assert took < 2.5 and not refused
+    assert inputs(service) == [["project falcon", "fine", "hello"]]
+    assert (counted, timed) == ({"allow": 2, "block": 1}, 3)

@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 from mitmproxy.test import taddons
 from mitmproxy.websocket import WebSocketMessage
 
-from ai_gateway.accounting.guard_service import ServiceError, moderation_verdict, webhook_verdict
+from ai_gateway.accounting.guard_service import ServiceError, moderation_verdicts, webhook_verdict
 from ai_gateway.accounting.redaction import Redactor, iban_valid, luhn
 from ai_gateway.config.guardrails import (
+    ALLOW,
     Action,
     GuardKind,
     Phase,
@@ -100,6 +101,13 @@ def test_a_route_adds_its_own_guards_after_the_policy_s():
         ("guardrails: {name: x}\n", "p.yaml:1: guardrails: expected a list of guards, got a mapping"),
         ("guardrails:\n  - {name: x, kind: regex, deny: [a], max_blocks: -1}\n", "p.yaml:2: guardrails[0].max_blocks: expected a whole number, 0 or more, got int -1"),
         ("guardrails:\n  - {name: x, kind: regex, deny: [a], max_blocks: 1.5}\n", "p.yaml:2: guardrails[0].max_blocks: expected a whole number, 0 or more, got float 1.5"),
+        ("guardrails:\n  - {name: x, kind: webhook, url: http://h, batch_ms: 10}\n", "p.yaml:2: guardrails[0].batch_ms: not a key of a webhook guard"),
+        ("guardrails:\n  - {name: x, kind: regex, deny: [a], batch_max: 4}\n", "p.yaml:2: guardrails[0].batch_max: not a key of a regex guard"),
+        ("guardrails:\n  - {name: x, kind: moderation, url: http://h, batch_ms: -5}\n", "p.yaml:2: guardrails[0].batch_ms: expected a whole number, 0 or more, got int -5"),
+        ("guardrails:\n  - {name: x, kind: moderation, url: http://h, batch_ms: fast}\n", "p.yaml:2: guardrails[0].batch_ms: expected a whole number, 0 or more, got 'fast'"),
+        ("guardrails:\n  - name: x\n    kind: moderation\n    url: http://h\n    timeout_ms: 100\n    batch_ms: 100\n", "p.yaml:6: guardrails[0].batch_ms: expected less than timeout_ms (100), got 100: checks would time out in their batch"),
+        ("guardrails:\n  - {name: x, kind: moderation, url: http://h, batch_max: 0}\n", "p.yaml:2: guardrails[0].batch_max: expected a whole number, 1 or more, got int 0"),
+        ("guardrails:\n  - {name: x, kind: moderation, url: http://h, batch_max: [8]}\n", "p.yaml:2: guardrails[0].batch_max: expected a whole number, 1 or more, got a list"),
         ("redact: {builtin: [ssn]}\n", "p.yaml:1: redact.builtin[0]: expected one of email, phone, card, iban, got 'ssn'"),
     ],
 )  # fmt: skip
@@ -224,9 +232,50 @@ def test_service_answers_become_verdicts():
     with pytest.raises(ServiceError):
         webhook_verdict(webhook, {"verdict": "ok"})
     scores = {"results": [{"flagged": True, "categories": {"hate": True}, "category_scores": {"violence": 0.7}}]}
-    assert moderation_verdict(moderation, scores).reason == "violence"
+    assert [v.reason for v in moderation_verdicts(moderation, scores, 1)] == ["violence"]
     scores["results"][0]["category_scores"]["violence"] = 0.2
-    assert not moderation_verdict(moderation, scores).blocks  # thresholds decide, not the flags
+    assert not moderation_verdicts(moderation, scores, 1)[0].blocks  # thresholds decide, not the flags
+
+
+def result(violence: float) -> dict:
+    return {
+        "flagged": violence >= 0.5,
+        "categories": {"violence": violence >= 0.5},
+        "category_scores": {"violence": violence},
+    }
+
+
+def test_a_batch_answer_is_split_into_a_verdict_per_text_in_order():
+    (moderation,) = guards("guardrails:\n  - {name: m, kind: moderation, url: http://h}\n")
+    verdicts = moderation_verdicts(moderation, {"results": [result(0.1), result(0.9), result(0.2)]}, 3)
+    assert [(v.outcome, v.reason) for v in verdicts] == [(ALLOW, ""), (Action.BLOCK, "violence"), (ALLOW, "")]
+    # one text (sent as a string) is judged on every result the service gave for it
+    assert moderation_verdicts(moderation, {"results": [result(0.1), result(0.9)]}, 1)[0].blocks
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        ({"results": [result(0.1), result(0.9)]}, "expected 3 results, one per input, got 2"),
+        ({"results": [result(0.1)] * 4}, "expected 3 results, one per input, got 4"),
+        ({"results": []}, "expected results, a list of moderation results"),
+        ({"results": [result(0.1), "flagged", result(0.1)]}, "expected results, a list of moderation results"),
+        (["results"], "expected results, a list of moderation results"),
+    ],
+)
+def test_a_batch_answer_that_does_not_match_its_texts_is_a_service_error(answer, error):
+    (moderation,) = guards("guardrails:\n  - {name: m, kind: moderation, url: http://h}\n")
+    with pytest.raises(ServiceError, match=error):
+        moderation_verdicts(moderation, answer, 3)
+
+
+def test_batching_keys_default_and_are_moderation_only():
+    text = (
+        "guardrails:\n  - {name: a, kind: moderation, url: http://h}\n"
+        "  - {name: b, kind: moderation, url: http://h, timeout_ms: 40}\n"
+        "  - {name: c, kind: moderation, url: http://h, batch_ms: 0, batch_max: 1}\n"
+    )
+    assert [(g.batch_ms, g.batch_max) for g in guards(text)] == [(50, 32), (20, 32), (0, 1)]
 
 
 def test_checksums_tell_cards_and_ibans_from_lookalikes():

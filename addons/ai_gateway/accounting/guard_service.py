@@ -5,8 +5,10 @@ by a gateway without one (its import takes about 0.4 s, which neither startup no
 check's timeout should pay): a `GuardClients` keeps one ClientSession
 whose keep-alive connections to each guard service are reused call after call (a check costs a
 request, not a TCP and TLS handshake), TLS verified against the system's CAs, each call bounded
-by the guard's timeout_ms. Whatever goes wrong is a verdict (`error`, blocking only where
-on_error is closed), never an exception for the caller.
+by the guard's timeout_ms. Moderation checks are batched, many texts to a request (see
+`GuardClients`): a request costs the gateway's event loop about 0.35 ms of CPU whatever it
+carries. Whatever goes wrong is a verdict (`error`, blocking only where on_error is closed), for
+every check of a batch, never an exception for the caller.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ai_gateway.config.guardrails import Guard, GuardKind, Verdict, allowed, failed, matched
@@ -22,6 +25,7 @@ if TYPE_CHECKING:
     import aiohttp
 
 MAX_ANSWER_BYTES = 1 << 20
+SHUTTING_DOWN = "gateway shutting down"  # the reason of checks ended by `close`
 
 
 class ServiceError(Exception):
@@ -33,24 +37,91 @@ def prepare() -> None:
     importlib.import_module("aiohttp")
 
 
+@dataclass
+class Batch:
+    """Moderation checks queued for one request: their texts, each with the future its asker awaits."""
+
+    texts: list[str] = field(default_factory=list)
+    answers: list[asyncio.Future[Verdict]] = field(default_factory=list)
+    timer: asyncio.TimerHandle | None = None
+
+
 class GuardClients:
-    """The connections a guardrail addon asks its guard services over; `close` when done."""
+    """The connections a guardrail addon asks its guard services over; `close` when done.
+
+    Moderation checks share requests (`/v1/moderations` takes a list of inputs and answers a result
+    for each, in order): a check nothing waits for lingers up to its guard's batch_ms for others to
+    join it, at most batch_max to a request, and a held check (text the relay keeps until its
+    verdict) goes at once, taking the queued ones with it. The gateway pays its CPU per request, not
+    per check, and the service's rate limit counts fewer requests."""
 
     def __init__(self) -> None:
         self.session: aiohttp.ClientSession | None = None
+        self.batches: dict[Guard, Batch] = {}  # only guards with checks queued: emptied at each send
+        self.sending: set[asyncio.Task[None]] = set()
 
-    async def ask(self, guard: Guard, text: str, context: dict[str, Any]) -> Verdict:
-        """The guard service's verdict on `text`, within the guard's timeout."""
+    @property
+    def busy(self) -> bool:
+        """Whether `close` has anything to close: a session, checks queued or requests in flight."""
+        return self.session is not None or bool(self.batches or self.sending)
+
+    async def ask(self, guard: Guard, text: str, context: dict[str, Any], held: bool = False) -> Verdict:
+        """The guard service's verdict on `text`, within the guard's timeout (counted from now, the
+        wait for a batch included); `held`: the relay waits for it, so it does not linger."""
         try:
             async with asyncio.timeout(guard.timeout_ms / 1000):
                 if guard.kind is GuardKind.MODERATION:
-                    body: dict[str, Any] = {"input": text, **({"model": guard.model} if guard.model else {})}
-                    return moderation_verdict(guard, await self.post_json(guard.url or "", body, guard.api_key))
+                    return await self.batched(guard, text, held)
                 return webhook_verdict(guard, await self.post_json(guard.url or "", {**context, "text": text}))
         except TimeoutError:
             return failed(guard, "timeout")
         except Exception as e:  # refused, reset, an HTTP error, an unreadable answer: each a verdict
             return failed(guard, f"{type(e).__name__}: {e}"[:200])
+
+    def batched(self, guard: Guard, text: str, held: bool) -> asyncio.Future[Verdict]:
+        """The text queued in its guard's batch, which is sent now if full or held, else when its
+        first check has lingered batch_ms."""
+        loop = asyncio.get_running_loop()
+        batch = self.batches.get(guard)
+        if batch is None:
+            batch = self.batches[guard] = Batch()
+        answer: asyncio.Future[Verdict] = loop.create_future()
+        batch.texts.append(text)
+        batch.answers.append(answer)
+        if held or guard.batch_ms <= 0 or len(batch.texts) >= guard.batch_max:
+            self.send(guard)
+        elif batch.timer is None:
+            batch.timer = loop.call_later(guard.batch_ms / 1000, self.send, guard)
+        return answer
+
+    def send(self, guard: Guard) -> None:
+        """The guard's queued checks off in one request (those whose asker gave up left out)."""
+        batch = self.batches.pop(guard, None)
+        if batch is None:
+            return
+        if batch.timer is not None:
+            batch.timer.cancel()
+        kept = [(t, a) for t, a in zip(batch.texts, batch.answers, strict=True) if not a.done()]
+        if kept:
+            task = asyncio.ensure_future(self.moderate(guard, [t for t, _ in kept], [a for _, a in kept]))
+            self.sending.add(task)
+            task.add_done_callback(self.sending.discard)
+
+    async def moderate(self, guard: Guard, texts: list[str], answers: list[asyncio.Future[Verdict]]) -> None:
+        """One request for the texts, each answer given its verdict (all of them `error` if it failed)."""
+        inputs: str | list[str] = texts[0] if len(texts) == 1 else texts  # one text as a string, as before batching
+        body: dict[str, Any] = {"input": inputs, **({"model": guard.model} if guard.model else {})}
+        verdicts = [failed(guard, SHUTTING_DOWN)] * len(texts)  # unless answered: cancelled by `close`
+        try:
+            async with asyncio.timeout(guard.timeout_ms / 1000):
+                answer = await self.post_json(guard.url or "", body, guard.api_key)
+            verdicts = moderation_verdicts(guard, answer, len(texts))
+        except TimeoutError:
+            verdicts = [failed(guard, "timeout")] * len(texts)
+        except Exception as e:
+            verdicts = [failed(guard, f"{type(e).__name__}: {e}"[:200])] * len(texts)
+        finally:
+            answered(answers, verdicts)
 
     async def post_json(self, url: str, body: dict[str, Any], bearer: str | None = None) -> Any:
         """POST a JSON body, return the decoded JSON answer of a 2xx response (at most MAX_ANSWER_BYTES)."""
@@ -78,9 +149,27 @@ class GuardClients:
         return self.session
 
     async def close(self) -> None:
+        """Queued checks and requests in flight ended (their askers get an `error` verdict), then
+        the connections closed."""
+        for guard, batch in self.batches.items():
+            if batch.timer is not None:
+                batch.timer.cancel()
+            answered(batch.answers, [failed(guard, SHUTTING_DOWN)] * len(batch.answers))
+        self.batches.clear()
+        sending = list(self.sending)
+        for task in sending:
+            task.cancel()
+        await asyncio.gather(*sending, return_exceptions=True)
         if self.session is not None:
             session, self.session = self.session, None
             await session.close()
+
+
+def answered(answers: list[asyncio.Future[Verdict]], verdicts: list[Verdict]) -> None:
+    """Each check its verdict, unless its asker gave up meanwhile (timed out, cancelled)."""
+    for answer, verdict in zip(answers, verdicts, strict=True):
+        if not answer.done():
+            answer.set_result(verdict)
 
 
 def webhook_verdict(guard: Guard, answer: Any) -> Verdict:
@@ -94,11 +183,22 @@ def webhook_verdict(guard: Guard, answer: Any) -> Verdict:
     raise ServiceError(f"expected action allow or block, got {action!r}")
 
 
-def moderation_verdict(guard: Guard, answer: Any) -> Verdict:
-    """OpenAI's moderation result: flagged, or with thresholds, any named category scored at or above its own."""
+def moderation_verdicts(guard: Guard, answer: Any, count: int) -> list[Verdict]:
+    """The verdicts on `count` texts from one moderation answer: a result per text, in order (one
+    text, sent as a string, is judged on every result, as OpenAI answers a string with one)."""
     results = answer.get("results") if isinstance(answer, dict) else None
     if not isinstance(results, list) or not results or not all(isinstance(r, dict) for r in results):
         raise ServiceError("expected results, a list of moderation results")
+    if count == 1:
+        return [moderation_verdict(guard, results)]
+    if len(results) != count:
+        raise ServiceError(f"expected {count} results, one per input, got {len(results)}")
+    return [moderation_verdict(guard, [result]) for result in results]
+
+
+def moderation_verdict(guard: Guard, results: list[dict[str, Any]]) -> Verdict:
+    """OpenAI's moderation results on one text: flagged, or with thresholds, any named category
+    scored at or above its own."""
     for result in results:
         scores = result.get("category_scores")
         if guard.thresholds and isinstance(scores, dict):

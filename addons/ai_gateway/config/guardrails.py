@@ -39,6 +39,8 @@ ALLOW = "allow"
 ERROR = "error"  # the guard service failed or timed out; on_error says whether that blocks
 ON_ERROR_OPEN, ON_ERROR_CLOSED = "open", "closed"
 DEFAULT_TIMEOUT_MS = 500.0
+DEFAULT_BATCH_MS = 50  # how long a moderation check nothing waits for lingers for others to share its request
+DEFAULT_BATCH_MAX = 32  # texts in one moderation request at most
 BLOCKED_CODE = "guardrail_blocked"  # the stable error code clients see on a block
 BUILTIN_DETECTORS = ("email", "phone", "card", "iban")  # redact: built-ins (accounting/redaction.py)
 # Invisible characters that split a word without showing: zero-width space, joiners, BOM, soft hyphen.
@@ -62,6 +64,8 @@ class Guard:
     model: str | None = None  # moderation model asked for, when the endpoint needs one
     api_key: str | None = field(default=None, repr=False)  # sent as a bearer token (from key_env)
     max_blocks: int | None = None  # a session this guard blocked more often is closed (None: never)
+    batch_ms: float = DEFAULT_BATCH_MS  # moderation: a check no frame waits for lingers this long for a batch
+    batch_max: int = DEFAULT_BATCH_MAX  # moderation: texts per request at most
 
     @property
     def remote(self) -> bool:

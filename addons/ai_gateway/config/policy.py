@@ -24,6 +24,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from ai_gateway.config.guardrails import (
     BUILTIN_DETECTORS,
+    DEFAULT_BATCH_MAX,
+    DEFAULT_BATCH_MS,
     DEFAULT_TIMEOUT_MS,
     ON_ERROR_CLOSED,
     ON_ERROR_OPEN,
@@ -532,13 +534,13 @@ class Validator:
             raise self.fail(key, node, f"expected a whole number, got {value:g}")
         return int(value)
 
-    def count(self, key: str, node: Node) -> int:
-        """A whole number, zero included."""
+    def count(self, key: str, node: Node, least: int = 0) -> int:
+        """A whole number, `least` or more (zero included by default)."""
         if isinstance(node, ScalarNode) and node.tag == _INT_TAG:
             with contextlib.suppress(ValueError):
-                if (value := int(yaml.safe_load(node.value))) >= 0:
+                if (value := int(yaml.safe_load(node.value))) >= least:
                     return value
-        raise self.fail(key, node, f"expected a whole number, 0 or more, got {describe(node)}")
+        raise self.fail(key, node, f"expected a whole number, {least} or more, got {describe(node)}")
 
     def boolean(self, key: str, node: Node) -> bool:
         if isinstance(node, ScalarNode) and node.tag == _BOOL_TAG:
@@ -624,13 +626,13 @@ class Validator:
 
     def guard(self, key: str, node: Node) -> Guard:
         names = ("name", "kind", "deny", "allow", "phases", "action", "url", "timeout_ms", "on_error", "thresholds")
-        items = self.mapping(key, node, (*names, "model", "key_env", "max_blocks"))
+        items = self.mapping(key, node, (*names, "model", "key_env", "max_blocks", "batch_ms", "batch_max"))
         for required in ("name", "kind"):
             if required not in items:
                 raise self.fail(f"{key}.{required}", node, "missing")
         kind = self.choice(f"{key}.kind", items["kind"][1], GuardKind)
         own = {GuardKind.REGEX: ("deny", "allow"), GuardKind.WEBHOOK: ("url", "timeout_ms", "on_error", "key_env")}
-        own[GuardKind.MODERATION] = (*own[GuardKind.WEBHOOK], "thresholds", "model")
+        own[GuardKind.MODERATION] = (*own[GuardKind.WEBHOOK], "thresholds", "model", "batch_ms", "batch_max")
         for name in items.keys() - {"name", "kind", "phases", "action", "max_blocks"} - set(own[kind]):
             raise self.fail(f"{key}.{name}", items[name][0], f"not a key of a {kind} guard")
         required = "deny" if kind is GuardKind.REGEX else "url"
@@ -639,6 +641,7 @@ class Validator:
         on_error = self.optional(items, "on_error", self.string, key, ON_ERROR_OPEN)
         if on_error not in (ON_ERROR_OPEN, ON_ERROR_CLOSED):
             raise self.fail(f"{key}.on_error", items["on_error"][1], f"expected open or closed, got {on_error!r}")
+        timeout_ms = self.optional(items, "timeout_ms", self.positive_number, key, DEFAULT_TIMEOUT_MS)
         return Guard(
             name=self.string(f"{key}.name", items["name"][1]),
             kind=kind,
@@ -647,13 +650,30 @@ class Validator:
             deny=self.optional(items, "deny", self.patterns, key, ()),
             allow=self.optional(items, "allow", self.patterns, key, ()),
             url=self.optional(items, "url", self.http_url, key, None),
-            timeout_ms=self.optional(items, "timeout_ms", self.positive_number, key, DEFAULT_TIMEOUT_MS),
+            timeout_ms=timeout_ms,
             on_error=on_error,
             thresholds=self.optional(items, "thresholds", self.thresholds, key, ()),
             model=self.optional(items, "model", self.string, key, None),
             api_key=self.optional(items, "key_env", self.secret, key, None),
             max_blocks=self.optional(items, "max_blocks", self.count, key, None),
+            batch_ms=self.batch_ms(key, items, timeout_ms),
+            batch_max=self.optional(items, "batch_max", lambda k, n: self.count(k, n, 1), key, DEFAULT_BATCH_MAX),
         )
+
+    def batch_ms(self, key: str, items: dict[str, tuple[Node, Node]], timeout_ms: float) -> float:
+        """How long a moderation check lingers for a batch: less than the timeout, which it counts
+        against (by default 50 ms, or half the timeout if that is shorter)."""
+        if "batch_ms" not in items:
+            return min(DEFAULT_BATCH_MS, timeout_ms / 2)
+        node = items["batch_ms"][1]
+        batch_ms = self.count(f"{key}.batch_ms", node)
+        if batch_ms >= timeout_ms:
+            raise self.fail(
+                f"{key}.batch_ms",
+                node,
+                f"expected less than timeout_ms ({timeout_ms:g}), got {batch_ms}: checks would time out in their batch",
+            )
+        return batch_ms
 
     def secret(self, key: str, node: Node) -> str:
         """The value of the environment variable a key names (a guard service's token)."""

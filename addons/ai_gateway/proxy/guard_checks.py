@@ -81,11 +81,11 @@ class GuardChecks:
         self.clients = GuardClients()  # pooled connections to the guard services
 
     def shutdown(self) -> Awaitable[None] | None:
-        """At `done`: the service calls in flight cancelled, then their connections closed (awaited
-        by mitmproxy's shutdown)."""
+        """At `done`: the service calls in flight cancelled, then the moderation batches still
+        lingering and their connections closed (awaited by mitmproxy's shutdown)."""
         for task in self.tasks:
             task.cancel()
-        return self.clients.close() if self.clients.session is not None else None
+        return self.clients.close() if self.clients.busy else None
 
     def regex(self, guards: Iterable[Guard], phase: Phase, normalised: str, start: int = 0) -> list[Verdict]:
         """The regex guards' verdicts, decided here and now (services are asked by `ask_all`)."""
@@ -127,23 +127,27 @@ class GuardChecks:
         text: str,
         refuse: Callable[[Verdict], None],
     ) -> None:
-        verdicts = await self.ask_all(asker, guards, phase, text)
+        verdicts = await self.ask_all(asker, guards, phase, text, held=True)
         if block := first_block(verdicts):
             refuse(block)
         else:
             self.noted(flow, verdicts, phase)
 
-    async def ask_all(self, asker: Asker, guards: Iterable[Guard], phase: Phase, text: str) -> list[Verdict]:
-        return list(await asyncio.gather(*(self.ask_one(asker, g, phase, text) for g in guards)))
+    async def ask_all(
+        self, asker: Asker, guards: Iterable[Guard], phase: Phase, text: str, held: bool = False
+    ) -> list[Verdict]:
+        """The services' verdicts on `text`; `held`: the relay waits for them (`decide`), so no
+        check of it lingers for a moderation batch."""
+        return list(await asyncio.gather(*(self.ask_one(asker, g, phase, text, held) for g in guards)))
 
-    async def ask_one(self, asker: Asker, guard: Guard, phase: Phase, text: str) -> Verdict:
+    async def ask_one(self, asker: Asker, guard: Guard, phase: Phase, text: str, held: bool = False) -> Verdict:
         began = time.perf_counter()
         if asker.pending >= MAX_PENDING_CHECKS:
             verdict = failed(guard, "too many checks in flight")
         else:
             asker.pending += 1
             try:
-                verdict = await self.clients.ask(guard, text, {**asker.context, "phase": phase.value})
+                verdict = await self.clients.ask(guard, text, {**asker.context, "phase": phase.value}, held)
             finally:
                 asker.pending -= 1
         self.state.accounting.guardrail_checked(guard.name, phase, verdict.outcome, time.perf_counter() - began)

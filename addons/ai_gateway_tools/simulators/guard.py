@@ -3,10 +3,11 @@ moderation endpoint (`POST /v1/moderations`) on loopback, for guardrail tests an
 
 Both flag text containing one of `denied` (case-insensitive): the webhook answers
 `{"action": "block", "reason": ...}`, moderation a flagged `violence` result scored 0.9 (else
-0.01). `delay` seconds before every answer makes it a slow or, past the gateway's timeout_ms, a
-dead service; `padding` bytes added to every answer make it an oversized one; every request body
-is kept in `requests`. HTTP/1.1 with keep-alive, as a production service: `connections` counts the
-connections it accepted (a client reusing its connections opens one per concurrent call).
+0.01), a result per input when `input` is a list, in order, as OpenAI answers. `delay` seconds
+before every answer makes it a slow or, past the gateway's timeout_ms, a dead service; `padding`
+bytes added to every answer make it an oversized one; every request body is kept in `requests`.
+HTTP/1.1 with keep-alive, as a production service: `connections` counts the connections it
+accepted (a client reusing its connections opens one per concurrent call).
 """
 
 from __future__ import annotations
@@ -73,12 +74,17 @@ class GuardSimulator(LoopbackHttpServer):
             flagged = self.flags(body.get("text"))
             return {"action": "block", "reason": "denied phrase"} if flagged else {"action": "allow"}
         if path == "/v1/moderations":
-            flagged = self.flags(body.get("input"))
-            categories = {name: flagged and name == "violence" for name in MODERATION_CATEGORIES}
-            scores = {name: 0.9 if flagged and name == "violence" else 0.01 for name in MODERATION_CATEGORIES}
-            result = {"flagged": flagged, "categories": categories, "category_scores": scores}
-            return {"id": "modr-sim", "model": body.get("model", "omni-moderation-latest"), "results": [result]}
+            inputs = body.get("input")
+            results = [self.moderation(text) for text in (inputs if isinstance(inputs, list) else [inputs])]
+            return {"id": "modr-sim", "model": body.get("model", "omni-moderation-latest"), "results": results}
         return None
+
+    def moderation(self, text: Any) -> dict[str, Any]:
+        """One input's result, as OpenAI gives one per input of a list, in order."""
+        flagged = self.flags(text)
+        categories = {name: flagged and name == "violence" for name in MODERATION_CATEGORIES}
+        scores = {name: 0.9 if flagged and name == "violence" else 0.01 for name in MODERATION_CATEGORIES}
+        return {"flagged": flagged, "categories": categories, "category_scores": scores}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
