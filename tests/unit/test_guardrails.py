@@ -25,6 +25,7 @@ from ai_gateway.config.guardrails import (
     normalise,
 )
 from ai_gateway.config.policy import PolicyError, parse_policy
+from ai_gateway.protocols import guard_text
 from ai_gateway.protocols.guard_text import (
     CARRY,
     MAX_WINDOW,
@@ -39,6 +40,7 @@ from ai_gateway.protocols.guard_text import (
     live_server_event,
     server_event,
 )
+from ai_gateway.protocols.openai_realtime import RealtimeProtocol
 from ai_gateway.proxy.addon import Gateway
 
 from .test_addon import realtime_flow
@@ -193,6 +195,25 @@ def test_realtime_events_read_for_guards():
     assert server_event(json.dumps(audio).encode()) == OutputAudio("r1", 100.0)
     done = {"type": "conversation.item.input_audio_transcription.completed", "item_id": "i2", "transcript": "yo"}
     assert server_event(json.dumps(done).encode()) == Transcript("i2", "yo")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"event_id": "e1", "type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}},
+        {"type": "response.done", "response": {"id": "resp_2", "status": "completed", "usage": None}},
+        {"type": "response.done", "response": {"status": "cancelled", "output": [{"id": "item_1"}]}},
+    ],
+)
+def test_a_response_s_start_and_end_are_read_from_what_metering_decoded(event, monkeypatch):
+    """The guard takes a response's id from the item metering read, never decoding the frame a
+    second time, and gets what decoding it would give."""
+    content = json.dumps(event, sort_keys=True).encode()
+    decoded = server_event(content)
+    protocol = RealtimeProtocol()
+    protocol.server_frame(content, True)
+    monkeypatch.setattr(guard_text, "decode_json", lambda *_, **__: pytest.fail("decoded again"))
+    assert server_event(content, protocol.kind, protocol.item) == decoded
 
 
 def test_max_blocks_is_per_guard_and_never_by_default():

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from ai_gateway.accounting.items import ResponseDone, ResponseStarted, UsageItem
 from ai_gateway.config.guardrails import normalise
 from ai_gateway.config.policy import RouteType
 from ai_gateway.protocols.gemini_live import MEDIA_HEAD
@@ -159,9 +160,15 @@ def content_text(parts: Any) -> str:
     return "\n".join(texts)
 
 
-def server_event(content: bytes, kind: str | None = None) -> GuardEvent | None:
-    """What a server frame means to guardrails; audio deltas are measured, never decoded."""
+def server_event(content: bytes, kind: str | None = None, item: UsageItem | None = None) -> GuardEvent | None:
+    """What a server frame means to guardrails; audio deltas are measured, never decoded. `kind` and
+    `item`: what metering read the frame as (RealtimeProtocol), so that a response's start and end,
+    which metering decodes, are not decoded again."""
     kind = kind if kind is not None else event_type(content)
+    if isinstance(item, ResponseStarted) and kind == RESPONSE_CREATED:
+        return Started(item.response_id)
+    if isinstance(item, ResponseDone) and kind == RESPONSE_DONE:
+        return OutputEnd(item.response_id, finished=True)
     if kind in AUDIO_DELTAS:
         return OutputAudio(response_id(content), base64_length(content) * 3 / 4 / PCM16_BYTES_PER_MS)
     if kind not in TEXT_DELTAS and kind not in TEXT_DONES and kind not in _DECODED:

@@ -100,6 +100,7 @@ class RealtimeProtocol:
         self.awaiting_first_delta: set[str] = set()
         self.max_frame_bytes = max_frame_bytes  # of a server frame; client frames read at most MAX_CLIENT_EVENT_BYTES
         self.kind: str | None = None  # the last text server frame's type: guardrails read it from here, not again
+        self.item: UsageItem | None = None  # and what it was read as, when it was decoded (a response's id)
 
     def client_frame(self, content: bytes, is_text: bool) -> UsageItem | None:
         """A `response.create` or an audio commit, recognised in any key order and spelling."""
@@ -111,8 +112,9 @@ class RealtimeProtocol:
         if not is_text:
             return Malformed("binary", f"{len(content)} bytes")
         kind = self.kind = event_type(content)
+        self.item = None
         if needs_decoding(kind):
-            item = read_server_event(content, self.max_frame_bytes)
+            item = self.item = read_server_event(content, self.max_frame_bytes)
             if isinstance(item, ResponseStarted) and item.response_id is not None:
                 if len(self.awaiting_first_delta) < MAX_AWAITED_RESPONSES:
                     self.awaiting_first_delta.add(item.response_id)

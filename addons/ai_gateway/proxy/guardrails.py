@@ -43,7 +43,7 @@ from ai_gateway.protocols.guard_text import (
     response_id,
     server_event,
 )
-from ai_gateway.protocols.openai_realtime import cancel_event, error_event
+from ai_gateway.protocols.openai_realtime import RealtimeProtocol, cancel_event, error_event
 from ai_gateway.proxy.guard_checks import GuardChecks, GuardedSession, asker, blocked_message
 from ai_gateway.proxy.injection import Links
 from ai_gateway.proxy.live_guardrails import LiveGuardrails
@@ -114,7 +114,7 @@ class Guardrails:
         try:
             if message.from_client:
                 return self.client_frame(flow, message, session) if session.inputs else None
-            self.server_frame(flow, message, session, metered.protocol.kind)  # type: ignore[union-attr]
+            self.server_frame(flow, message, session, metered.protocol)  # type: ignore[arg-type]
         except Exception:
             logger.exception("ai-gateway: guardrails failed on a frame of %s", flow.id)
         return None
@@ -133,12 +133,14 @@ class Guardrails:
         self.links.send(flow, True, blocked_event(verdict, Phase.INPUT, message.content))
         self.checks.blocked(flow, session, verdict, Phase.INPUT)
 
-    def server_frame(self, flow: http.HTTPFlow, message: Frame, session: RealtimeSession, kind: str | None) -> None:
-        """A server frame, its type as metering read it (RealtimeProtocol.kind)."""
-        if kind == SPEECH_STARTED:
+    def server_frame(
+        self, flow: http.HTTPFlow, message: Frame, session: RealtimeSession, protocol: RealtimeProtocol
+    ) -> None:
+        """A server frame, its type (and a response's id) as metering read it."""
+        if protocol.kind == SPEECH_STARTED:
             session.cancel_next = False  # a new turn: what the last one started is its own
             return
-        event = server_event(message.content, kind)
+        event = server_event(message.content, protocol.kind, protocol.item)
         if event is None:
             if session.blocked and response_id(message.content) in session.blocked:
                 message.drop()  # content parts and output items of a blocked response
@@ -169,7 +171,9 @@ class Guardrails:
             return
         if not session.outputs:
             return
-        response = session.responses.setdefault(rid, GuardedResponse())
+        response = session.responses.get(rid)
+        if response is None:  # not setdefault: no object made and thrown away per delta
+            response = session.responses[rid] = GuardedResponse()
         if isinstance(event, OutputAudio):
             response.audio_ms += event.milliseconds
             return
