@@ -138,6 +138,9 @@ class GuardChecks:
     ) -> list[Verdict]:
         """The services' verdicts on `text`; `held`: the relay waits for them (`decide`), so no
         check of it lingers for a moderation batch."""
+        guards = tuple(guards)
+        if len(guards) == 1:  # the usual case: no task of its own for the one check
+            return [await self.ask_one(asker, guards[0], phase, text, held)]
         return list(await asyncio.gather(*(self.ask_one(asker, g, phase, text, held) for g in guards)))
 
     async def ask_one(self, asker: Asker, guard: Guard, phase: Phase, text: str, held: bool = False) -> Verdict:
