@@ -198,6 +198,29 @@ def test_realtime_events_read_for_guards():
 
 
 @pytest.mark.parametrize(
+    ("content", "plain"),
+    [
+        (b'{"type": "input_audio_buffer.append", "audio": "AAAA"}', True),
+        (b'{"audio": "AAAA", "event_id": "e1", "type": "input_audio_buffer.append"}', True),
+        (b'{"type": "conversation.item.create", "item": {"role": "user", "content": "hi"}}', False),
+        # a second type, which the upstream's parser may take: not plain, so the guard reads it
+        (b'{"type": "input_audio_buffer.append", "audio": "AAAA", "type": "conversation.item.create"}', False),
+        (b'{"type": "conversation.item.\\u0063reate", "item": {"content": "hi"}}', False),
+        (b'{"type": "response.create"}', False),
+        (b'{"type": "input_audio_buffer.commit"}', False),
+    ],
+)
+def test_metering_tells_guardrails_which_client_frames_name_nothing_they_read(content, plain):
+    """One scan of a client frame for metering and guardrails: a frame it finds plain (an audio
+    append) names no event either reads, in any spelling; guardrails then leave it unread."""
+    protocol = RealtimeProtocol()
+    protocol.client_frame(content, True)
+    assert protocol.plain is plain
+    if plain:
+        assert client_event(content) is None
+
+
+@pytest.mark.parametrize(
     "event",
     [
         {"event_id": "e1", "type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}},

@@ -19,6 +19,7 @@ from ai_gateway.config.guardrails import normalise
 from ai_gateway.config.policy import RouteType
 from ai_gateway.protocols.gemini_live import MEDIA_HEAD
 from ai_gateway.protocols.json_events import MAX_CLIENT_EVENT_BYTES, decode_json, event_type, read_event
+from ai_gateway.protocols.openai_realtime import ITEM_CREATE
 
 MAX_WINDOW = 160  # characters of streamed output checked at most at once
 CARRY = 160  # characters of the checked text carried into the next window
@@ -26,7 +27,6 @@ PCM16_BYTES_PER_MS = 48  # 24 kHz mono 16-bit: the Realtime API's default audio
 # The end of a sentence: its punctuation followed by a space, or at the end of what arrived so far.
 _SENTENCE_END = re.compile(r"[.!?…。！？\n](?=\s|$)")
 
-ITEM_CREATE = "conversation.item.create"
 TRANSCRIPTION_COMPLETED = "conversation.item.input_audio_transcription.completed"
 TEXT_DELTAS = frozenset(
     {
@@ -170,7 +170,7 @@ def server_event(content: bytes, kind: str | None = None, item: UsageItem | None
     if isinstance(item, ResponseDone) and kind == RESPONSE_DONE:
         return OutputEnd(item.response_id, finished=True)
     if kind in AUDIO_DELTAS:
-        return OutputAudio(response_id(content), base64_length(content) * 3 / 4 / PCM16_BYTES_PER_MS)
+        return OutputAudio(response_id(content), audio_milliseconds(content))
     if kind not in TEXT_DELTAS and kind not in TEXT_DONES and kind not in _DECODED:
         return None
     event = decode_json(content, limit=MAX_CLIENT_EVENT_BYTES)
@@ -195,6 +195,11 @@ def response_id(content: bytes) -> str | None:
     """A delta's response id, read near its start (OpenAI puts it before the payload)."""
     match = _RESPONSE_ID.search(content, 0, 512)
     return match.group(1).decode(errors="replace") if match else None
+
+
+def audio_milliseconds(content: bytes) -> float:
+    """The audio an audio delta carries (24 kHz PCM16), from the length of its base64, never decoded."""
+    return base64_length(content) * 3 / 4 / PCM16_BYTES_PER_MS
 
 
 def base64_length(content: bytes) -> int:

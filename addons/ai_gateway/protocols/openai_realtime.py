@@ -37,6 +37,7 @@ from ai_gateway.protocols.json_events import (
     MAX_CLIENT_EVENT_BYTES,
     decode_json,
     event_type,
+    may_name,
     read_event,
     too_large,
 )
@@ -52,6 +53,7 @@ AUDIO_COMMIT = "input_audio_buffer.commit"
 SPEECH_STOPPED = "input_audio_buffer.speech_stopped"
 RESPONSE_CREATE = "response.create"
 CLIENT_EVENTS = (RESPONSE_CREATE, AUDIO_COMMIT)  # the client events that are decoded
+ITEM_CREATE = "conversation.item.create"  # what guardrails read of the client (user text)
 RESPONSE_CREATED = "response.created"
 RESPONSE_DONE = "response.done"
 SESSION_CREATED = "session.created"
@@ -101,10 +103,14 @@ class RealtimeProtocol:
         self.max_frame_bytes = max_frame_bytes  # of a server frame; client frames read at most MAX_CLIENT_EVENT_BYTES
         self.kind: str | None = None  # the last text server frame's type: guardrails read it from here, not again
         self.item: UsageItem | None = None  # and what it was read as, when it was decoded (a response's id)
+        # Whether the last client frame names none of the client events metering or guardrails
+        # read (an audio append): one scan of it for both, and guardrails leave it unread.
+        self.plain = False
 
     def client_frame(self, content: bytes, is_text: bool) -> UsageItem | None:
         """A `response.create` or an audio commit, recognised in any key order and spelling."""
-        if not is_text:
+        self.plain = is_text and not may_name(content, _READ_BY_NAME)
+        if not is_text or self.plain:
             return None
         return read_client_event(content, min(self.max_frame_bytes, MAX_CLIENT_EVENT_BYTES))
 
@@ -127,6 +133,9 @@ class RealtimeProtocol:
                 self.awaiting_first_delta.discard(response_id)
                 return FirstDelta(response_id)
         return None
+
+
+_READ_BY_NAME = tuple(b'"' + name.encode() + b'"' for name in (*CLIENT_EVENTS, ITEM_CREATE))
 
 
 def requested_model(url: str) -> str:

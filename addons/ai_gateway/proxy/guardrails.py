@@ -33,12 +33,14 @@ from mitmproxy import http
 from ai_gateway.config.guardrails import BLOCKED_CODE, Guard, Phase, Verdict, first_block, normalise
 from ai_gateway.config.policy import RouteType, WireProtocol
 from ai_gateway.protocols.guard_text import (
+    AUDIO_DELTAS,
     OutputAudio,
     OutputEnd,
     OutputText,
     Started,
     Transcript,
     Window,
+    audio_milliseconds,
     client_event,
     response_id,
     server_event,
@@ -112,8 +114,9 @@ class Guardrails:
         if not message.is_text or message.dropped:
             return None
         try:
-            if message.from_client:
-                return self.client_frame(flow, message, session) if session.inputs else None
+            if message.from_client:  # what metering found it names none of the events read (audio): unread
+                plain = metered.protocol.plain  # type: ignore[union-attr]
+                return self.client_frame(flow, message, session) if session.inputs and not plain else None
             self.server_frame(flow, message, session, metered.protocol)  # type: ignore[arg-type]
         except Exception:
             logger.exception("ai-gateway: guardrails failed on a frame of %s", flow.id)
@@ -139,6 +142,12 @@ class Guardrails:
         """A server frame, its type (and a response's id) as metering read it."""
         if protocol.kind == SPEECH_STARTED:
             session.cancel_next = False  # a new turn: what the last one started is its own
+            return
+        if protocol.kind in AUDIO_DELTAS and not session.blocked and len(session.in_flight) == 1:
+            # Most frames of a voice session: the audio of the one response streaming, measured
+            # (what passes before a block) without reading its response id or making an event.
+            if session.outputs:
+                self.output_of(session, next(iter(session.in_flight))).audio_ms += audio_milliseconds(message.content)
             return
         event = server_event(message.content, protocol.kind, protocol.item)
         if event is None:
@@ -171,9 +180,7 @@ class Guardrails:
             return
         if not session.outputs:
             return
-        response = session.responses.get(rid)
-        if response is None:  # not setdefault: no object made and thrown away per delta
-            response = session.responses[rid] = GuardedResponse()
+        response = self.output_of(session, rid)
         if isinstance(event, OutputAudio):
             response.audio_ms += event.milliseconds
             return
@@ -184,6 +191,14 @@ class Guardrails:
             windows = response.window.flush()
         if self.check_output(flow, session, rid, windows):
             message.drop()
+
+    @staticmethod
+    def output_of(session: RealtimeSession, rid: str) -> GuardedResponse:
+        """The response's guarded output so far (not setdefault: no object made and thrown away per delta)."""
+        response = session.responses.get(rid)
+        if response is None:
+            response = session.responses[rid] = GuardedResponse()
+        return response
 
     def check_output(
         self, flow: http.HTTPFlow, session: RealtimeSession, rid: str, windows: list[tuple[str, int]]
