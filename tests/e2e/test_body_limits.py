@@ -36,8 +36,9 @@ from ai_gateway_tools.simulators.realtime import SimulatorThread
 from ..clients import wait_until, websocket_base
 from ..conftest import LAUNCHERS
 
-# Memory growth is compared with a fresh bare mitmdump's: both gateways run from nothing.
-pytestmark = pytest.mark.usefixtures("executed")
+# Memory growth is compared with a fresh bare mitmdump's: in those tests (`from_nothing`) both
+# processes run from nothing, never forked; the others' gateways are forked as anywhere else.
+from_nothing = pytest.mark.usefixtures("executed")
 
 PARSE_ERRORS = "agentgateway_gateway_parse_errors_total"
 MiB = 2**20
@@ -235,6 +236,7 @@ def compare(
     assert figures.stall <= 3 * baseline.stall + 1.0
 
 
+@from_nothing
 def test_row_1_gzip_request_body_that_inflates_2_gib(upstream):
     body = gzip_bomb(2 * 1024 * MiB)
 
@@ -247,6 +249,7 @@ def test_row_1_gzip_request_body_that_inflates_2_gib(upstream):
     compare(upstream, probe, f"row 1, {len(body) / MiB:.1f} MiB gzip request inflating to 2 GiB")
 
 
+@from_nothing
 def test_row_2_gzip_response_of_1_gib_decompressed(upstream):
     body = gzip_bomb(1024 * MiB)
     upstream.reply = (body, "gzip")
@@ -259,6 +262,7 @@ def test_row_2_gzip_response_of_1_gib_decompressed(upstream):
     compare(upstream, probe, f"row 2, {len(body) / MiB:.1f} MiB gzip response inflating to 1 GiB")
 
 
+@from_nothing
 @pytest.mark.slow
 def test_row_3_request_body_of_100_mb(upstream):
     body = json.dumps({"model": "m", "stream": True, "messages": [{"role": "user", "content": "x" * 100 * MiB}]})
@@ -362,6 +366,7 @@ def test_invalid_cap_is_one_line_at_startup():
     assert "Traceback" not in output
 
 
+@from_nothing
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 @pytest.mark.parametrize("relay", ["messages", "sockets"])
