@@ -86,17 +86,16 @@ def test_a_policy_with_a_service_guard_imports_the_client_when_applied(tmp_path)
     code = (
         "import sys\nfrom mitmproxy.test import taddons\nfrom ai_gateway.proxy.addon import Gateway\n"
         "gateway = Gateway()\nwith taddons.context(gateway) as context:\n"
-        "    context.configure(gateway, gateway_metrics_port=0, gateway_policy=sys.argv[1])\n"
-        "    print('aiohttp' in sys.modules)\n"
+        "    for policy in sys.argv[1:]:\n"
+        "        context.configure(gateway, gateway_metrics_port=0, gateway_policy=policy)\n"
+        "        print('aiohttp', 'aiohttp' in sys.modules)\n"
     )
     regex = tmp_path / "regex.yaml"
     regex.write_text("guardrails:\n  - {name: r, kind: regex, deny: [falcon]}\nroutes:\n  /realtime: Realtime\n")
-    loaded = [
-        subprocess.run(
-            [sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True
-        ).stdout.split()[-1]
-        for path in (regex, policy)
-    ]
+    # One process: the regex policy applied first, then the one with a service guard.
+    run = subprocess.run([sys.executable, "-c", code, str(regex), str(policy)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    loaded = [line.split()[1] for line in run.stdout.splitlines() if line.startswith("aiohttp ")]
     assert loaded == ["False", "True"]
 
 

@@ -53,7 +53,9 @@ class LoopbackHttpServer:
     def serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        # A stop request is looked for between selects: every 50 ms, not serve_forever's 0.5 s,
+        # which each test starting one of these paid on leaving its `with`.
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
 
     @property
     def url(self) -> str:
