@@ -9,6 +9,8 @@ with SIGKILL is restarted while what it counted stays counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import json
 import os
 import re
@@ -25,6 +27,7 @@ from openai import OpenAI
 from websockets.asyncio.client import ClientConnection
 
 from ai_gateway_tools.bench.serve import CONFIGS
+from ai_gateway_tools.bench.serve import main as launcher_bench
 from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
 from ai_gateway_tools.simulators.http import HttpSimulator
 from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread
@@ -284,10 +287,13 @@ def test_a_killed_worker_is_restarted_and_what_it_counted_stays(upstream, model)
 @pytest.mark.slow
 def test_the_launcher_benchmark_runs_and_checks_its_accounting():
     """A tiny run of `python -m ai_gateway_tools.bench.serve`, for its plumbing only: no timing is asserted
-    (it raises if a gateway's /metrics disagree with the simulator's ledger)."""
+    (it raises if a gateway's /metrics disagree with the simulator's ledger). Run in the worker (its
+    `main`), so that its gateways are forked; its `--workers` children are started as commands."""
     tiny = ["--sessions", "2", "--responses", "1", "--rounds", "1", "--dispatch-messages", "500"]
-    command = [sys.executable, "-m", "ai_gateway_tools.bench.serve", *tiny]
-    report = json.loads(subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        launcher_bench(tiny)
+    report = json.loads(printed.getvalue())
     assert set(report["summary"]) == set(CONFIGS)
     assert {"time_vs_mitmdump", "cpu_vs_mitmdump"} <= set(report["summary"]["serve"])
     assert len(report["rss_idle_mb_per_process"]["serve-workers2"]) == 3  # the supervisor and two workers
