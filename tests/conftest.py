@@ -1,12 +1,12 @@
 """Shared real parts: the simulated upstream, a running gateway in front of it, unique model names.
 
-scripts/test runs the suite in a process per core (pytest-xdist, `-n auto --dist worksteal`). Each
+scripts/test runs the suite in a process per core and one more (pytest-xdist, `--dist worksteal`). Each
 worker is a pytest session of its own: the session fixtures below (simulators, a gateway per
 launcher) and `_models` exist once per worker, never shared, and every gateway, simulator and Redis
 server listens on a free port of its own (`free_port`), with its files under the worker's tmp_path.
 A worker that runs out of tests takes some of another's (worksteal: the last minutes are not one
-worker finishing a long module alone), so a module's tests may run on both workers and its module
-fixtures start on each: a forked gateway starts in a fraction of a second. The one thing
+worker finishing a long module alone), so a module's tests may run on several workers and its
+module fixtures start on each: a forked gateway starts in a fraction of a second. The one thing
 workers share is mitmproxy's default confdir (~/.mitmproxy, where most gateways keep their CA):
 `pytest_configure` makes the CA there before any worker starts a gateway, because two mitmdumps
 creating it at once on a fresh machine write the same files unsynchronised.
