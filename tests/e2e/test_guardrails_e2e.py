@@ -243,7 +243,9 @@ def test_denied_transcribed_speech_cancels_the_answer_and_deletes_the_turn(tmp_p
     chunk = base64.b64encode(bytes(PCM16_BYTES_PER_SECOND // 10)).decode()
     with (
         SimulatorThread(seed=25, user_transcript=spoken, vad_response_delay=0.05, delta_interval=0.02) as upstream,
-        GatewayProcess(upstream.url, launcher=launcher, options={"gateway_policy": policy(tmp_path)}) as gateway,
+        GatewayProcess(
+            upstream.url, launcher=launcher, options={"gateway_policy": policy(tmp_path), "gateway_access_log": "json"}
+        ) as gateway,
     ):
 
         async def session() -> list[dict[str, Any]]:
@@ -272,6 +274,15 @@ def test_denied_transcribed_speech_cancels_the_answer_and_deletes_the_turn(tmp_p
             e.get("item_id") == stopped["item_id"] for e in upstream.received if e["type"] == "conversation.item.delete"
         )
         assert checks(gateway, "input", "block") == 1
+        # The cancelled answer's record says why, as a blocked response's does (access log, traces).
+        cancelled = events[-1]["response"]["id"]
+
+        def logged() -> dict[str, Any] | None:
+            lines = json_lines(gateway.log())
+            return next((e for e in lines if e["event"] == "response" and e.get("response_id") == cancelled), None)
+
+        line = wait_until(logged)
+        assert line.items() >= {"guardrail": GUARD, "guardrail_phase": "input", "guardrail_action": "block"}.items()
 
 
 @pytest.mark.parametrize(("launcher", "relay"), RELAYS)

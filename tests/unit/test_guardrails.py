@@ -13,6 +13,7 @@ from mitmproxy.test import taddons
 from mitmproxy.websocket import WebSocketMessage
 
 from ai_gateway.accounting.guard_service import ServiceError, moderation_verdicts, webhook_verdict
+from ai_gateway.accounting.observer import GuardrailBlock
 from ai_gateway.accounting.redaction import Redactor, iban_valid, luhn
 from ai_gateway.config.guardrails import (
     ALLOW,
@@ -43,6 +44,7 @@ from ai_gateway.protocols.guard_text import (
 from ai_gateway.protocols.openai_realtime import RealtimeProtocol
 from ai_gateway.proxy.addon import Gateway
 
+from .conftest import Records
 from .test_addon import realtime_flow
 
 ROUTES = "routes:\n  /realtime: Realtime\n"
@@ -370,3 +372,36 @@ def test_a_response_that_waited_for_the_shared_store_reaches_the_guards(tmp_path
         assert pending is not None and "resp_vad" not in gateway.guardrails.sessions[flow.id].in_flight
         asyncio.run(pending)
         assert len(asked) == 1 and gateway.guardrails.sessions[flow.id].in_flight == {"resp_vad"}
+
+
+def test_a_turn_blocked_before_its_answer_started_names_the_guard_in_that_answer_s_record(tmp_path, monkeypatch):
+    """Transcribed speech blocked before the response it starts (server VAD) was created: that
+    response is cancelled as it starts, and its record, as a cancelled response's in flight would,
+    names the guard, the input phase and the block (the access log's line, the span)."""
+    policy = tmp_path / "guarded.yaml"
+    policy.write_text("guardrails:\n  - {name: names, kind: regex, deny: [falcon]}\n" + ROUTES)
+    gateway = Gateway()
+    with taddons.context(gateway) as context:
+        context.configure(gateway, gateway_metrics_port=0, gateway_policy=str(policy), gateway_relay="messages")
+        records, sent = Records(), []
+        monkeypatch.setattr(gateway.state.accounting, "observer", records)
+        monkeypatch.setattr(gateway.guardrails.links, "send", lambda _, to_client, payload: sent.append(payload))
+        flow = realtime_flow()
+        gateway.session_metering.websocket_start(flow)
+        heard = {
+            "type": "conversation.item.input_audio_transcription.completed",
+            "item_id": "item_1",
+            "transcript": "about project falcon",
+        }
+        created = {"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}}
+        done = {"type": "response.done", "response": {"id": "resp_1", "status": "cancelled", "output": []}}
+        for event in (heard, created, done):
+            flow.websocket.messages.append(WebSocketMessage(1, False, json.dumps(event).encode()))
+            assert gateway.session_metering.websocket_message(flow) is None
+        assert [json.loads(payload)["type"] for payload in sent] == [
+            "conversation.item.delete",
+            "error",
+            "response.cancel",
+        ]
+        (record,) = records.responses
+        assert record.guardrail == GuardrailBlock("names", "input", "block")

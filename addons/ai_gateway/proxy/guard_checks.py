@@ -190,13 +190,13 @@ class GuardChecks:
         verdict: Verdict,
         phase: Phase,
         detail: str = "",
-        response_id: str | None = None,
+        response_ids: Iterable[str] = (),
     ) -> bool:
-        """A block on a session (on a response, with its id), noted and told to the session's meter;
-        True when it is one more than the guard's max_blocks allow: the session is then closed with 1008."""
+        """A block on a session (on the responses it cancelled, with their ids), noted and told to
+        the session's meter; True when it is one more than the guard's max_blocks allow: the session
+        is then closed with 1008."""
         self.noted(flow, [verdict], phase, detail)
-        if session.meter is not None:
-            session.meter.guardrail_blocked(GuardrailBlock(verdict.guard, phase.value, verdict.outcome), response_id)
+        told(session, verdict, phase, *response_ids)
         count = session.blocks[verdict.guard] = session.blocks.get(verdict.guard, 0) + 1
         limit = session.guards.max_blocks(verdict.guard)
         if limit is None or count <= limit:
@@ -211,6 +211,15 @@ class GuardChecks:
             flow.metadata.setdefault(GUARDRAIL_METADATA, []).append(f"guardrail {verdict.guard}: closed the session")
             flow.comment = guard_comment(flow, flow.comment)
             logger.info("ai-gateway: closed %s: %s", flow.id, reason)
+
+
+def told(session: GuardedSession, verdict: Verdict, phase: Phase, *response_ids: str) -> None:
+    """A block told to the session's meter: the session's record says so, and each response's it
+    cancelled (none: the session's alone)."""
+    if session.meter is not None:
+        block = GuardrailBlock(verdict.guard, phase.value, verdict.outcome)
+        for response_id in response_ids or (None,):
+            session.meter.guardrail_blocked(block, response_id)
 
 
 def guardrail_block(flow: http.HTTPFlow) -> GuardrailBlock | None:

@@ -46,7 +46,7 @@ from ai_gateway.protocols.guard_text import (
     server_event,
 )
 from ai_gateway.protocols.openai_realtime import RealtimeProtocol, cancel_event, error_event
-from ai_gateway.proxy.guard_checks import GuardChecks, GuardedSession, asker, blocked_message
+from ai_gateway.proxy.guard_checks import GuardChecks, GuardedSession, asker, blocked_message, told
 from ai_gateway.proxy.injection import Links
 from ai_gateway.proxy.live_guardrails import LiveGuardrails
 from ai_gateway.proxy.state import GatewayState
@@ -73,7 +73,7 @@ class RealtimeSession(GuardedSession):
     responses: dict[str, GuardedResponse] = field(default_factory=dict)
     in_flight: set[str] = field(default_factory=set)
     blocked: set[str] = field(default_factory=set)  # responses whose every later frame is dropped
-    cancel_next: bool = False  # a blocked turn with no response yet: the one it starts is cancelled
+    cancel_next: Verdict | None = None  # a blocked turn with no response yet: the one it starts is cancelled
 
 
 class Guardrails:
@@ -141,7 +141,7 @@ class Guardrails:
     ) -> None:
         """A server frame, its type (and a response's id) as metering read it."""
         if protocol.kind == SPEECH_STARTED:
-            session.cancel_next = False  # a new turn: what the last one started is its own
+            session.cancel_next = None  # a new turn: what the last one started is its own
             return
         if protocol.kind in AUDIO_DELTAS and not session.blocked and len(session.in_flight) == 1:
             # Most frames of a voice session: the audio of the one response streaming, measured
@@ -161,10 +161,11 @@ class Guardrails:
         rid = event.response_id or ""
         if isinstance(event, Started):
             session.in_flight.add(rid)
-            if session.cancel_next:
-                session.cancel_next = False
+            if (verdict := session.cancel_next) is not None:
+                session.cancel_next = None
                 session.blocked.add(rid)
                 self.links.send(flow, False, cancel_event(rid))
+                told(session, verdict, Phase.INPUT, rid)  # the record of the response it answered
             return
         if isinstance(event, OutputEnd) and event.finished:
             session.in_flight.discard(rid)
@@ -237,15 +238,16 @@ class Guardrails:
 
     def block_turn(self, flow: http.HTTPFlow, session: RealtimeSession, item_id: str | None, verdict: Verdict) -> None:
         """A user turn blocked: whatever answers it is cancelled (or the response it is about to
-        start), the item deleted, the client told."""
-        for rid in session.in_flight - session.blocked:
+        start), the item deleted, the client told; the records of the responses cancelled say why."""
+        cancelled = sorted(session.in_flight - session.blocked)
+        for rid in cancelled:
             session.blocked.add(rid)
             self.links.send(flow, False, cancel_event(rid))
-        session.cancel_next = not session.in_flight
+        session.cancel_next = None if session.in_flight else verdict
         if item_id:
             self.links.send(flow, False, delete_event(item_id))
         self.links.send(flow, True, blocked_event(verdict, Phase.INPUT))
-        self.checks.blocked(flow, session, verdict, Phase.INPUT)
+        self.checks.blocked(flow, session, verdict, Phase.INPUT, response_ids=cancelled)
 
     def ask_later(self, flow: http.HTTPFlow, session: RealtimeSession, rid: str, text: str) -> None:
         """A window of output for the services, asked off the relay."""
@@ -274,7 +276,7 @@ class Guardrails:
         self.links.send(flow, True, blocked_event(verdict, Phase.OUTPUT))
         self.state.accounting.guardrail_audio(verdict.guard, response.audio_ms / 1000)
         note = f"{response.audio_ms:.0f} ms of audio before the block"
-        self.checks.blocked(flow, session, verdict, Phase.OUTPUT, note, rid)
+        self.checks.blocked(flow, session, verdict, Phase.OUTPUT, note, (rid,))
 
 
 def blocked_event(verdict: Verdict, phase: Phase, refused: bytes = b"") -> bytes:

@@ -138,7 +138,7 @@ class LiveGuardrails:
         if phase is Phase.OUTPUT:
             self.checks.state.accounting.guardrail_audio(verdict.guard, session.audio_ms / 1000)
             detail = f"{session.audio_ms:.0f} ms of audio before the block"
-        if not self.checks.blocked(flow, session, verdict, phase, detail, ""):  # "": the turn in flight
+        if not self.checks.blocked(flow, session, verdict, phase, detail, ("",)):  # "": the turn in flight
             self.checks.close(
                 flow, verdict, "blocked " + ("what the user said" if phase is Phase.INPUT else "the response")
             )
