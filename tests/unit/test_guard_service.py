@@ -152,7 +152,8 @@ def test_a_full_batch_goes_without_lingering():
         guard = moderation(f"{service.url}/v1/moderations", batch_ms=5000, timeout_ms=10000, batch_max=2)
         verdicts, took = batched(guard, [("a", False), ("b", False), ("project falcon", False), ("d", False)])
         assert took < 2.5 and [v.outcome for v in verdicts] == [ALLOW, ALLOW, Action.BLOCK, ALLOW]
-        assert inputs(service) == [["a", "b"], ["project falcon", "d"]]
+        # Two requests at once, on two connections: the service may take either first.
+        assert sorted(inputs(service)) == [["a", "b"], ["project falcon", "d"]]
 
 
 def test_a_held_check_goes_at_once_taking_the_queued_ones_along():
