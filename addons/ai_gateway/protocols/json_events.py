@@ -128,12 +128,12 @@ def read_event(content: bytes, names: Collection[str], limit: int = MAX_CLIENT_E
     of images, an 8 MB array) would cost the relay many times its size in objects and block every
     session meanwhile. It is read with bounded work instead (see Event).
     """
-    quoted = _quoted(names) if isinstance(names, tuple) else [b'"' + n.encode() + b'"' for n in names]
-    if not may_name(content, quoted):
+    wanted = quoted(names) if isinstance(names, tuple) else [b'"' + n.encode() + b'"' for n in names]
+    if not may_name(content, wanted):
         return None
     if len(content) > limit:
         kind = event_type(content)
-        spelled = tuple(name for name, q in zip(names, quoted, strict=True) if q in content and name != kind)
+        spelled = tuple(name for name, q in zip(names, wanted, strict=True) if q in content and name != kind)
         return Event((kind, *spelled) if kind else (), head_strings(content), too_large=True)
     top: list[tuple[str, Any]] = []
 
@@ -152,7 +152,7 @@ def read_event(content: bytes, names: Collection[str], limit: int = MAX_CLIENT_E
 
 
 @functools.lru_cache(maxsize=32)
-def _quoted(names: tuple[str, ...]) -> tuple[bytes, ...]:
+def quoted(names: tuple[str, ...]) -> tuple[bytes, ...]:
     """The names as may_name() looks for them, made once per set of names (the adapters' constants)."""
     return tuple(b'"' + name.encode() + b'"' for name in names)
 

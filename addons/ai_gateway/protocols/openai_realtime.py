@@ -38,6 +38,7 @@ from ai_gateway.protocols.json_events import (
     decode_json,
     event_type,
     may_name,
+    quoted,
     read_event,
     too_large,
 )
@@ -135,7 +136,7 @@ class RealtimeProtocol:
         return None
 
 
-_READ_BY_NAME = tuple(b'"' + name.encode() + b'"' for name in (*CLIENT_EVENTS, ITEM_CREATE))
+_READ_BY_NAME = quoted((*CLIENT_EVENTS, ITEM_CREATE))  # what a client frame is scanned for, once
 
 
 def requested_model(url: str) -> str:
