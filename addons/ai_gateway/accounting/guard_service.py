@@ -76,7 +76,7 @@ class GuardClients:
         except TimeoutError:
             return failed(guard, "timeout")
         except Exception as e:  # refused, reset, an HTTP error, an unreadable answer: each a verdict
-            return failed(guard, f"{type(e).__name__}: {e}"[:200])
+            return went_wrong(guard, e)
 
     def batched(self, guard: Guard, text: str, held: bool) -> asyncio.Future[Verdict]:
         """The text queued in its guard's batch, which is sent now if full or held, else when its
@@ -119,7 +119,7 @@ class GuardClients:
         except TimeoutError:
             verdicts = [failed(guard, "timeout")] * len(texts)
         except Exception as e:
-            verdicts = [failed(guard, f"{type(e).__name__}: {e}"[:200])] * len(texts)
+            verdicts = [went_wrong(guard, e)] * len(texts)
         finally:
             answered(answers, verdicts)
 
@@ -163,6 +163,11 @@ class GuardClients:
         if self.session is not None:
             session, self.session = self.session, None
             await session.close()
+
+
+def went_wrong(guard: Guard, error: Exception) -> Verdict:
+    """The error verdict of a call that failed, its reason the error's type and message."""
+    return failed(guard, f"{type(error).__name__}: {error}"[:200])
 
 
 def answered(answers: list[asyncio.Future[Verdict]], verdicts: list[Verdict]) -> None:
