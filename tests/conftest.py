@@ -48,7 +48,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests marked `slow` first, the rest in their order: the parallel run then ends on short
-    tests that both workers share, not on one worker running a long test while the other waits."""
+    tests that every worker shares, not on one worker running a long test while the others wait."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
