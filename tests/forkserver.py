@@ -85,6 +85,7 @@ class ForkServer:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.socket: socket.socket | None = None
+        self.listener: threading.Thread | None = None
         self.server: subprocess.Popen[bytes] | None = None
         self.children: dict[int, ForkedProcess] = {}
         self.started: list[dict[str, Any]] = []  # pid answers, for the one request in flight
@@ -123,7 +124,8 @@ class ForkServer:
         )
         theirs.close()
         self.socket = ours
-        threading.Thread(target=self.listen, name="forkserver", daemon=True).start()
+        self.listener = threading.Thread(target=self.listen, name="forkserver", daemon=True)
+        self.listener.start()
         return ours
 
     def listen(self) -> None:
@@ -146,6 +148,8 @@ class ForkServer:
             child.kill()
         if self.socket is not None:
             self.socket.shutdown(socket.SHUT_RDWR)  # wakes the listening thread; the server sees the end
+            if self.listener is not None:
+                self.listener.join(10)  # closed under a thread still reading, its recv would fail (EBADF)
             self.socket.close()
         if self.server is not None:
             self.server.wait(10)

@@ -8,6 +8,7 @@ fixed sleep) and reads /metrics back with prometheus_client's own parser.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,10 +28,30 @@ GATEWAY_SCRIPT = Path(__file__).resolve().parents[1] / "gateway.py"
 SampleKey = tuple[str, frozenset[tuple[str, str]]]
 
 
+def _ephemeral_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
+    try:
+        return int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port nothing listens on, below the kernel's ephemeral range.
+
+    A port the kernel picks (`bind(0)`) comes from the range it also takes outgoing connections'
+    source ports from, so between this probe and the server's own bind another test's client
+    could take it (`address already in use`, seen under parallel tests); a random port below that
+    range is only ever taken by a server that asked for it.
+    """
+    low = _ephemeral_low()
+    while True:
+        port = random.randrange(10000, low) if low > 11000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
 
 
 def popen(command: Sequence[str], env: Mapping[str, str], log: IO[bytes]) -> Any:
