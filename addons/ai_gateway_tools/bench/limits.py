@@ -113,8 +113,12 @@ def measure(gateway: GatewayProcess, args: argparse.Namespace, samples: Samples,
 
 def run(args: argparse.Namespace) -> dict[str, Samples]:
     results = {name: Samples() for name in NAMES}
-    directory = Path(tempfile.mkdtemp(prefix="bench-limits-"))
-    with RedisServer() as store, UpstreamProcess(uvloop=True, seed=args.seed) as upstream:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-limits-") as temporary,
+        RedisServer() as store,
+        UpstreamProcess(uvloop=True, seed=args.seed) as upstream,
+    ):
+        directory = Path(temporary)
         stores = {"off": None, "memory": "memory", "redis": store.url}
         gateways = {}
         for name in NAMES:
