@@ -230,7 +230,7 @@ def test_closing_ends_lingering_and_sent_batches_with_error_verdicts():
 
 
 def test_text_the_relay_holds_takes_the_lingering_output_checks_along(tmp_path):
-    """GuardChecks: windows of output (spawned) linger; a user's text (`decide`, held) goes at once
+    """GuardChecks: windows of output (`ask_later`) linger; a user's text (`decide`, held) goes at once
     with them, and each check is counted and timed on its own, from its ask to its verdict."""
     with GuardSimulator() as service:
         policy = tmp_path / "guarded.yaml"
@@ -247,11 +247,11 @@ def test_text_the_relay_holds_takes_the_lingering_output_checks_along(tmp_path):
                 checks = GuardChecks(gateway.state)
                 session = asker(flow, "/realtime")
                 began = time.monotonic()
+                later: list[list[Verdict]] = []
                 for text in ("project falcon", "fine"):  # as a stream's windows are asked
-                    checks.spawn(checks.ask_all(session, [guard], Phase.OUTPUT, text))
-                await asyncio.sleep(0)  # their asks queued
+                    checks.ask_later(session, [guard], Phase.OUTPUT, text, later.append)
                 await checks.decide(flow, session, [guard], Phase.INPUT, "hello", refused.append)
-                while checks.tasks:
+                while len(later) < 2:
                     await asyncio.sleep(0.01)
                 await checks.shutdown()
                 return time.monotonic() - began

@@ -8,12 +8,14 @@ request, not a TCP and TLS handshake), TLS verified against the system's CAs, ea
 by the guard's timeout_ms. Moderation checks are batched, many texts to a request (see
 `GuardClients`): a request costs the gateway's event loop about 0.35 ms of CPU whatever it
 carries. Whatever goes wrong is a verdict (`error`, blocking only where on_error is closed), for
-every check of a batch, never an exception for the caller.
+every check of a batch, never an exception for the caller. A check nothing awaits (`soon`) costs
+no task of its own: its verdict is a future the batch resolves, within the batch's deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import json
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ def prepare() -> None:
 class Batch:
     """Moderation checks queued for one request: their texts, each with the future its asker awaits."""
 
+    deadline: float  # the loop's time by which its first check is owed a verdict (the others joined later)
     texts: list[str] = field(default_factory=list)
     answers: list[asyncio.Future[Verdict]] = field(default_factory=list)
     timer: asyncio.TimerHandle | None = None
@@ -58,33 +61,45 @@ class GuardClients:
     def __init__(self) -> None:
         self.session: aiohttp.ClientSession | None = None
         self.batches: dict[Guard, Batch] = {}  # only guards with checks queued: emptied at each send
-        self.sending: set[asyncio.Task[None]] = set()
+        self.sending: set[asyncio.Task[None]] = set()  # moderation requests in flight
+        self.calls: set[asyncio.Task[Verdict]] = set()  # webhook calls nothing awaits (`soon`)
 
     @property
     def busy(self) -> bool:
         """Whether `close` has anything to close: a session, checks queued or requests in flight."""
-        return self.session is not None or bool(self.batches or self.sending)
+        return self.session is not None or bool(self.batches or self.sending or self.calls)
 
     async def ask(self, guard: Guard, text: str, context: dict[str, Any], held: bool = False) -> Verdict:
         """The guard service's verdict on `text`, within the guard's timeout (counted from now, the
-        wait for a batch included); `held`: the relay waits for it, so it does not linger."""
+        wait for a batch included: its batch's deadline is its first check's); `held`: the relay
+        waits for it, so it does not linger."""
+        if guard.kind is GuardKind.MODERATION:
+            return await self.batched(guard, text, held)
         try:
             async with asyncio.timeout(guard.timeout_ms / 1000):
-                if guard.kind is GuardKind.MODERATION:
-                    return await self.batched(guard, text, held)
                 return webhook_verdict(guard, await self.post_json(guard.url or "", {**context, "text": text}))
         except TimeoutError:
             return failed(guard, "timeout")
         except Exception as e:  # refused, reset, an HTTP error, an unreadable answer: each a verdict
             return went_wrong(guard, e)
 
+    def soon(self, guard: Guard, text: str, context: dict[str, Any]) -> asyncio.Future[Verdict]:
+        """`ask` for a caller that does not await the verdict (text already relayed): a moderation
+        check is its batch's future, no task made per check; a webhook call runs as a task."""
+        if guard.kind is GuardKind.MODERATION:
+            return self.batched(guard, text, held=False)
+        call = asyncio.ensure_future(self.ask(guard, text, context))
+        self.calls.add(call)
+        call.add_done_callback(self.calls.discard)
+        return call
+
     def batched(self, guard: Guard, text: str, held: bool) -> asyncio.Future[Verdict]:
         """The text queued in its guard's batch, which is sent now if full or held, else when its
-        first check has lingered batch_ms."""
+        first check has lingered batch_ms; answered by the batch's deadline whatever happens."""
         loop = asyncio.get_running_loop()
         batch = self.batches.get(guard)
         if batch is None:
-            batch = self.batches[guard] = Batch()
+            batch = self.batches[guard] = Batch(loop.time() + guard.timeout_ms / 1000)
         answer: asyncio.Future[Verdict] = loop.create_future()
         batch.texts.append(text)
         batch.answers.append(answer)
@@ -103,17 +118,25 @@ class GuardClients:
             batch.timer.cancel()
         kept = [(t, a) for t, a in zip(batch.texts, batch.answers, strict=True) if not a.done()]
         if kept:
-            task = asyncio.ensure_future(self.moderate(guard, [t for t, _ in kept], [a for _, a in kept]))
+            answers = [a for _, a in kept]
+            task = asyncio.ensure_future(self.moderate(guard, [t for t, _ in kept], answers, batch.deadline))
             self.sending.add(task)
-            task.add_done_callback(self.sending.discard)
+            task.add_done_callback(functools.partial(self.sent, guard, answers))
 
-    async def moderate(self, guard: Guard, texts: list[str], answers: list[asyncio.Future[Verdict]]) -> None:
+    def sent(self, guard: Guard, answers: list[asyncio.Future[Verdict]], task: asyncio.Task[None]) -> None:
+        """A request done; checks it left unanswered (cancelled by `close` before it ran) answered now."""
+        self.sending.discard(task)
+        answered(answers, [failed(guard, SHUTTING_DOWN)] * len(answers))
+
+    async def moderate(
+        self, guard: Guard, texts: list[str], answers: list[asyncio.Future[Verdict]], deadline: float
+    ) -> None:
         """One request for the texts, each answer given its verdict (all of them `error` if it failed)."""
         inputs: str | list[str] = texts[0] if len(texts) == 1 else texts  # one text as a string, as before batching
         body: dict[str, Any] = {"input": inputs, **({"model": guard.model} if guard.model else {})}
         verdicts = [failed(guard, SHUTTING_DOWN)] * len(texts)  # unless answered: cancelled by `close`
         try:
-            async with asyncio.timeout(guard.timeout_ms / 1000):
+            async with asyncio.timeout_at(deadline):
                 answer = await self.post_json(guard.url or "", body, guard.api_key)
             verdicts = moderation_verdicts(guard, answer, len(texts))
         except TimeoutError:
@@ -156,10 +179,10 @@ class GuardClients:
                 batch.timer.cancel()
             answered(batch.answers, [failed(guard, SHUTTING_DOWN)] * len(batch.answers))
         self.batches.clear()
-        sending = list(self.sending)
-        for task in sending:
+        running = [*self.sending, *self.calls]
+        for task in running:
             task.cancel()
-        await asyncio.gather(*sending, return_exceptions=True)
+        await asyncio.gather(*running, return_exceptions=True)
         if self.session is not None:
             session, self.session = self.session, None
             await session.close()

@@ -8,14 +8,15 @@ Each guardrail addon holds a `GuardChecks` of its own (its service calls, their 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from mitmproxy import http
 
-from ai_gateway.accounting.guard_service import GuardClients
+from ai_gateway.accounting.guard_service import SHUTTING_DOWN, GuardClients
 from ai_gateway.accounting.observer import GuardrailBlock
 from ai_gateway.accounting.session_meters import SessionMeter
 from ai_gateway.config.guardrails import (
@@ -77,14 +78,14 @@ class GuardChecks:
     def __init__(self, state: GatewayState, links: Links | None = None) -> None:
         self.state = state
         self.links = links or Links()  # closes a session (max_blocks) on whichever path it is relayed
-        self.tasks: set[asyncio.Task[None]] = set()
         self.clients = GuardClients()  # pooled connections to the guard services
+        self.closing = False  # set at shutdown: verdicts arriving since are nobody's business
 
     def shutdown(self) -> Awaitable[None] | None:
-        """At `done`: the service calls in flight cancelled, then the moderation batches still
-        lingering and their connections closed (awaited by mitmproxy's shutdown)."""
-        for task in self.tasks:
-            task.cancel()
+        """At `done`: the service calls in flight ended, the moderation batches still lingering
+        and their connections closed (awaited by mitmproxy's shutdown); what they were asked for is
+        then neither counted nor acted on."""
+        self.closing = True
         return self.clients.close() if self.clients.busy else None
 
     def regex(self, guards: Iterable[Guard], phase: Phase, normalised: str, start: int = 0) -> list[Verdict]:
@@ -156,16 +157,40 @@ class GuardChecks:
         self.state.accounting.guardrail_checked(guard.name, phase, verdict.outcome, time.perf_counter() - began)
         return verdict
 
-    def spawn(self, work: Awaitable[None]) -> None:
-        """Service calls whose verdict nothing waits for: kept until done, cancelled at shutdown."""
-        task = asyncio.ensure_future(work)
-        self.tasks.add(task)
-        task.add_done_callback(self.finished)
+    def ask_later(
+        self, asker: Asker, guards: Sequence[Guard], phase: Phase, text: str, then: Callable[[list[Verdict]], None]
+    ) -> None:
+        """The services asked about text already relayed (a window of output, a transcript), and
+        `then` given their verdicts, in the guards' order, once all are in. Most frames of a guarded
+        session are relayed while such checks run, so they cost no task: a callback on each call's
+        future (for moderation, its batch's)."""
+        gathered = Gathered(phase, time.perf_counter(), then, [None] * len(guards), len(guards))
+        context = {**asker.context, "phase": phase.value}
+        for index, guard in enumerate(guards):
+            if asker.pending >= MAX_PENDING_CHECKS:
+                self.answered(gathered, index, guard, failed(guard, "too many checks in flight"))
+                continue
+            asker.pending += 1
+            call = self.clients.soon(guard, text, context)
+            call.add_done_callback(functools.partial(self.called, asker, gathered, index, guard))
 
-    def finished(self, task: asyncio.Task[None]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and (error := task.exception()) is not None:
-            logger.error("ai-gateway: a guardrail check failed: %r", error)
+    def called(self, asker: Asker, gathered: Gathered, index: int, guard: Guard, call: asyncio.Future[Verdict]) -> None:
+        asker.pending -= 1
+        self.answered(gathered, index, guard, failed(guard, SHUTTING_DOWN) if call.cancelled() else call.result())
+
+    def answered(self, gathered: Gathered, index: int, guard: Guard, verdict: Verdict) -> None:
+        """One guard's verdict in, counted and timed; the last one in hands them all over."""
+        if self.closing:
+            return
+        elapsed = time.perf_counter() - gathered.began
+        self.state.accounting.guardrail_checked(guard.name, gathered.phase, verdict.outcome, elapsed)
+        gathered.verdicts[index] = verdict
+        gathered.left -= 1
+        if gathered.left == 0:
+            try:
+                gathered.then(gathered.verdicts)  # type: ignore[arg-type]  # none left None
+            except Exception:
+                logger.exception("ai-gateway: acting on a guardrail verdict failed")
 
     def noted(self, flow: http.HTTPFlow, verdicts: Iterable[Verdict], phase: Phase, detail: str = "") -> None:
         """Blocks, warnings and errors marked on the flow and kept for its comment; a block is also
@@ -211,6 +236,17 @@ class GuardChecks:
             flow.metadata.setdefault(GUARDRAIL_METADATA, []).append(f"guardrail {verdict.guard}: closed the session")
             flow.comment = guard_comment(flow, flow.comment)
             logger.info("ai-gateway: closed %s: %s", flow.id, reason)
+
+
+@dataclass
+class Gathered:
+    """The verdicts of one `ask_later`, as its guards' calls answer."""
+
+    phase: Phase
+    began: float
+    then: Callable[[list[Verdict]], None]
+    verdicts: list[Verdict | None]
+    left: int
 
 
 def told(session: GuardedSession, verdict: Verdict, phase: Phase, *response_ids: str) -> None:

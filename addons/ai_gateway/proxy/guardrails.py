@@ -21,6 +21,7 @@ and close through `Links`, whichever path the session takes.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import uuid
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING
 
 from mitmproxy import http
 
-from ai_gateway.config.guardrails import BLOCKED_CODE, Guard, Phase, Verdict, first_block, normalise
+from ai_gateway.config.guardrails import BLOCKED_CODE, Phase, Verdict, first_block, normalise
 from ai_gateway.config.policy import RouteType, WireProtocol
 from ai_gateway.protocols.guard_text import (
     AUDIO_DELTAS,
@@ -225,14 +226,15 @@ class Guardrails:
         self.checks.noted(flow, verdicts, Phase.INPUT)
         remote = [g for g in session.inputs if g.remote]
         if remote:
-            self.checks.spawn(self.ask_turn(flow, session, remote, transcript))
+            then = functools.partial(self.turn_checked, flow, session, transcript.item_id)
+            self.checks.ask_later(session.asker, remote, Phase.INPUT, transcript.text, then)
 
-    async def ask_turn(
-        self, flow: http.HTTPFlow, session: RealtimeSession, guards: list[Guard], transcript: Transcript
+    def turn_checked(
+        self, flow: http.HTTPFlow, session: RealtimeSession, item_id: str | None, verdicts: list[Verdict]
     ) -> None:
-        verdicts = await self.checks.ask_all(session.asker, guards, Phase.INPUT, transcript.text)
+        """The services' verdicts on a transcribed turn, arrived while the session went on."""
         if (block := first_block(verdicts)) and flow.id in self.sessions:
-            self.block_turn(flow, session, transcript.item_id, block)
+            self.block_turn(flow, session, item_id, block)
         else:
             self.checks.noted(flow, verdicts, Phase.INPUT)
 
@@ -253,12 +255,10 @@ class Guardrails:
         """A window of output for the services, asked off the relay."""
         remote = [g for g in session.outputs if g.remote]
         if remote and text.strip():
-            self.checks.spawn(self.ask_output(flow, session, remote, rid, text))
+            then = functools.partial(self.output_checked, flow, session, rid)
+            self.checks.ask_later(session.asker, remote, Phase.OUTPUT, text, then)
 
-    async def ask_output(
-        self, flow: http.HTTPFlow, session: RealtimeSession, guards: list[Guard], rid: str, text: str
-    ) -> None:
-        verdicts = await self.checks.ask_all(session.asker, guards, Phase.OUTPUT, text)
+    def output_checked(self, flow: http.HTTPFlow, session: RealtimeSession, rid: str, verdicts: list[Verdict]) -> None:
         if (block := first_block(verdicts)) and flow.id in self.sessions and rid not in session.blocked:
             self.block_response(flow, session, rid, block)
         else:

@@ -127,10 +127,9 @@ class GuardedStream:
                 return
             self.checks.noted(self.flow, verdicts, Phase.OUTPUT)
             if self.remote and normalised[start:].strip():
-                self.checks.spawn(self.ask(normalised[start:]))
+                self.checks.ask_later(self.asker, self.remote, Phase.OUTPUT, normalised[start:], self.checked)
 
-    async def ask(self, text: str) -> None:
-        verdicts = await self.checks.ask_all(self.asker, self.remote, Phase.OUTPUT, text)
+    def checked(self, verdicts: list[Verdict]) -> None:
         if (block := first_block(verdicts)) and self.block is None:
             self.blocked(block)
         else:

@@ -21,6 +21,7 @@ what the protocol leaves:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
@@ -118,13 +119,11 @@ class LiveGuardrails:
                 self.checks.noted(flow, verdicts, phase)
                 remote = [g for g in guards if g.remote]
                 if remote and normalised[start:].strip():
-                    self.checks.spawn(self.ask_later(flow, session, remote, phase, normalised[start:]))
+                    then = functools.partial(self.checked, flow, session, phase)
+                    self.checks.ask_later(session.asker, remote, phase, normalised[start:], then)
 
-    async def ask_later(
-        self, flow: http.HTTPFlow, session: LiveSession, guards: list[Guard], phase: Phase, text: str
-    ) -> None:
-        """A window of transcript or output for the services, asked off the relay."""
-        verdicts = await self.checks.ask_all(session.asker, guards, phase, text)
+    def checked(self, flow: http.HTTPFlow, session: LiveSession, phase: Phase, verdicts: list[Verdict]) -> None:
+        """The services' verdicts on a window of transcript or output, asked off the relay."""
         if (block := first_block(verdicts)) and flow.id in self.sessions and not session.closing:
             self.block_turn(flow, session, block, phase)
         else:
