@@ -4,12 +4,12 @@ Starting a gateway process costs about 1.5 s of CPU, nearly all of it importing 
 gateway and the price database; the suite starts some 270 of them, so importing was half of its
 work. So each xdist worker starts one fork server (`python tests/forkserver.py`), which imports
 all that once, never starts a thread or an event loop, and forks a child per gateway. The child
-is then what `mitmdump -s addons/gateway.py …` or `python -m ai_gateway.launcher.serve …` is: its
-own process, its own sockets, its argv, environment and working directory, its output in the
-test's log file, started by the same entry point the command runs (`mitmproxy.tools.main.mitmdump`,
-the serve module run as `__main__`). Only the imports happened before the fork.
+is then what `mitmdump -s addons/gateway.py …` (or `mitmweb …`) or `python -m ai_gateway.launcher.serve …`
+is: its own process, its own sockets, its argv, environment and working directory, its output in
+the test's log file, started by the same entry point the command runs (`mitmproxy.tools.main.mitmdump`
+or `.mitmweb`, the serve module run as `__main__`). Only the imports happened before the fork.
 
-What the fork server does not start is started as before (`subprocess.Popen`): mitmweb, anything
+What the fork server does not start is started as before (`subprocess.Popen`): anything
 with a Python environment of its own (PYTHON* variables other than the worker's), other programs.
 Tests about what a process does while it starts exec the real command themselves (test_startup),
 as do the benchmarks (`scripts/bench` never uses this). `AI_GATEWAY_TEST_EXEC=1` turns it off.
@@ -41,6 +41,7 @@ SERVE_MODULE = "ai_gateway.launcher.serve"
 PRELOAD = (
     "mitmproxy.tools.main",
     "mitmproxy.tools.dump",
+    "mitmproxy.tools.web.master",  # mitmweb's (tornado): shared with the rest, it adds little to the server's start
     "ai_gateway.proxy.addon",
     "ai_gateway.launcher.workers",  # and serve's other imports; never serve itself, which runs as __main__
     "uvloop",
@@ -48,6 +49,7 @@ PRELOAD = (
     "genai_prices.data_snapshot",
 )
 MAX_PACKET = 1 << 20
+TOOLS = ("mitmdump", "mitmweb")  # mitmproxy's commands the server runs, by their entry points in mitmproxy.tools.main
 
 
 class ForkedProcess:
@@ -156,9 +158,9 @@ class ForkServer:
 
 
 def entry(argv: Sequence[str]) -> str | None:
-    """What the command runs: `mitmdump`, the serve module, or None (not the fork server's)."""
-    if Path(argv[0]).name == "mitmdump" and Path(argv[0]).parent == Path(sys.executable).parent:
-        return "mitmdump"
+    """What the command runs: `mitmdump` or `mitmweb`, the serve module, or None (not the fork server's)."""
+    if Path(argv[0]).name in TOOLS and Path(argv[0]).parent == Path(sys.executable).parent:
+        return Path(argv[0]).name
     if argv[0] == sys.executable and list(argv[1:3]) == ["-m", SERVE_MODULE]:
         return SERVE_MODULE
     return None
@@ -250,11 +252,11 @@ def run(argv: list[str]) -> int:
 
     random.seed()  # each child its own random sequence, as a fresh process
     try:
-        if entry(argv) == "mitmdump":
-            from mitmproxy.tools.main import mitmdump
+        if (tool := entry(argv)) in TOOLS:
+            from mitmproxy.tools import main as tools
 
             sys.argv = [argv[0], *argv[1:]]
-            result: Any = mitmdump()
+            result: Any = getattr(tools, tool)()
         else:
             sys.argv = [argv[0], *argv[3:]]
             runpy.run_module(SERVE_MODULE, run_name="__main__", alter_sys=True)
