@@ -266,3 +266,39 @@ def test_text_the_relay_holds_takes_the_lingering_output_checks_along(tmp_path):
     assert took < 2.5 and not refused
     assert inputs(service) == [["project falcon", "fine", "hello"]]
     assert (counted, timed) == ({"allow": 2, "block": 1}, 3)
+
+
+def test_checks_asked_later_hand_their_verdicts_over_in_order_and_are_dropped_at_shutdown(tmp_path):
+    """GuardChecks.ask_later: a webhook (a task) and a moderation guard (its batch's future) on one
+    text, their verdicts handed over once both are in, in the guards' order, each counted; asked
+    again while the service is slow, shutdown ends them without acting on or counting them."""
+    with GuardSimulator() as service, GuardSimulator(delay=2.0) as slow:
+        policy = tmp_path / "guarded.yaml"
+        policy.write_text(
+            "guardrails:\n"
+            f"  - {{name: w, kind: webhook, url: {service.url}/webhook}}\n"
+            f"  - {{name: m, kind: moderation, url: {service.url}/v1/moderations, batch_ms: 20}}\n"
+            "routes:\n  /realtime: Realtime\n"
+        )
+        with configured_gateway(gateway_policy=str(policy)) as gateway:
+            both = gateway.state.policy.guardrails.guards
+            stalled = [replace(g, url=g.url.replace(service.url, slow.url)) for g in both]  # type: ignore[union-attr]
+            handed: list[list[Verdict]] = []
+
+            async def checked() -> None:
+                checks = GuardChecks(gateway.state)
+                session = asker(realtime_flow(), "/realtime")
+                checks.ask_later(session, both, Phase.OUTPUT, "project falcon", handed.append)
+                while not handed:
+                    await asyncio.sleep(0.01)
+                checks.ask_later(session, stalled, Phase.OUTPUT, "fine", handed.append)
+                while not (checks.clients.sending and checks.clients.calls):  # both calls in flight
+                    await asyncio.sleep(0.01)
+                await checks.shutdown()
+                assert session.pending == 0
+
+            run_cleanly(checked)
+            metrics = gateway.state.accounting.metrics
+            counted = sample_total(metrics, "agentgateway_guardrail_checks_total")
+    assert [[(v.guard, v.outcome) for v in verdicts] for verdicts in handed] == [[("w", "block"), ("m", "block")]]
+    assert counted == 2
