@@ -91,6 +91,17 @@ def websocket_base(http_url: str) -> str:
     return http_url.replace("http://", "ws://", 1)
 
 
+async def respond(ws: Any, count: int = 1, timeout: float | None = None) -> dict[str, Any]:
+    """`response.create`, then the session read to its `response.done`, `count` times, as a client
+    that waits for each answer does; the last response.done (each read within `timeout` seconds)."""
+    event: dict[str, Any] = {}
+    for _ in range(count):
+        await ws.send(json.dumps({"type": "response.create"}))
+        while (event := json.loads(await asyncio.wait_for(ws.recv(), timeout)))["type"] != "response.done":
+            pass
+    return event
+
+
 async def sdk_session(
     gateway_url: str,
     model: str,

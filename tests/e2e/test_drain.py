@@ -17,7 +17,7 @@ from ai_gateway_tools.harness import GatewayProcess, scrape, select
 from ai_gateway_tools.simulators.http import HttpSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
-from ..clients import wait_until, websocket_base
+from ..clients import respond, wait_until, websocket_base
 
 DRAIN_SECONDS = 4
 SESSIONS = 40
@@ -38,9 +38,7 @@ class Client:
         async with websockets.connect(self.url, max_size=None) as ws:
             try:
                 while not self.stop.is_set():
-                    await ws.send(json.dumps({"type": "response.create"}))
-                    while (event := json.loads(await ws.recv()))["type"] != "response.done":
-                        pass
+                    event = await respond(ws)
                     self.finished.append((event["response"]["id"], time.monotonic()))
                 self.idle.set()
                 leave = asyncio.ensure_future(self.leave.wait())

@@ -17,7 +17,7 @@ from mitmproxy import io
 from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, select, usage_only
 from ai_gateway_tools.simulators.realtime import Simulator
 
-from ..clients import raw_session, wait_until, websocket_base
+from ..clients import raw_session, respond, wait_until, websocket_base
 from ..conftest import LAUNCHERS
 from .test_gemini_live_e2e import (  # noqa: F401  (fixtures and tests, collected again against live_gateway below)
     LiveGateway,
@@ -177,9 +177,7 @@ def test_a_client_that_closes_without_a_code_ends_the_session_normally(upstream,
         async def session() -> None:
             async with websockets.connect(f"{websocket_base(gateway.url)}/v1/realtime?model={model}") as ws:
                 await ws.recv()
-                await ws.send(json.dumps({"type": "response.create"}))
-                while json.loads(await ws.recv())["type"] != "response.done":
-                    pass
+                await respond(ws)
                 await ws.close(code=None)  # type: ignore[arg-type]  # websockets then sends an empty close frame
 
         asyncio.run(session())

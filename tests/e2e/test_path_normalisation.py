@@ -21,7 +21,7 @@ from ai_gateway_tools.harness import GatewayProcess, assert_metered_exactly
 from ai_gateway_tools.simulators.http import HttpSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
-from ..clients import websocket_base
+from ..clients import respond, websocket_base
 from ..conftest import LAUNCHERS
 
 CHAT_SPELLINGS = (
@@ -151,9 +151,7 @@ def test_an_encoded_realtime_path_is_a_metered_session_under_the_same_budget(tmp
     async def one_response(path: str) -> None:
         async with websockets.connect(websocket_base(gateway.url) + path, additional_headers=headers) as ws:
             await ws.recv()  # session.created
-            await ws.send(json.dumps({"type": "response.create"}))
-            while json.loads(await ws.recv())["type"] != "response.done":
-                pass
+            await respond(ws)
 
     async def refused(path: str) -> int:
         with pytest.raises(websockets.InvalidStatus) as caught:

@@ -16,7 +16,7 @@ from ai_gateway_tools.harness import assert_metered_exactly as metered_exactly
 from ai_gateway_tools.harness import parse_errors as count_parse_errors
 from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread, junk_frames
 
-from ..clients import raw_session, sdk_session, websocket_base
+from ..clients import raw_session, respond, sdk_session, websocket_base
 
 PARSE_ERRORS = "agentgateway_gateway_parse_errors_total"
 POLICIES = Path(__file__).resolve().parents[2] / "policies"
@@ -72,9 +72,7 @@ def test_each_response_is_metered_while_the_session_is_open(gateway, simulator, 
 
         async with websockets.connect(url) as ws:
             for _ in range(3):
-                await ws.send(json.dumps({"type": "response.create"}))
-                while json.loads(await ws.recv())["type"] != "response.done":
-                    pass
+                await respond(ws)
                 samples = await asyncio.to_thread(
                     metered, gateway, gen_ai_request_model=model, gen_ai_token_type="output"
                 )

@@ -32,7 +32,7 @@ from ai_gateway_tools.harness import GatewayProcess, expected_samples, scrape, s
 from ai_gateway_tools.simulators.http import HttpSimulator
 from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread
 
-from ..clients import wait_until, websocket_base
+from ..clients import respond, wait_until, websocket_base
 
 WORKERS = ["--workers", "2"]
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -85,13 +85,6 @@ def connection_pid(gateway: GatewayProcess, port: int, since: int) -> int | None
         if int(logged_port) == port:
             return int(pid)
     return None
-
-
-async def respond(ws: ClientConnection, count: int = 1) -> None:
-    for _ in range(count):
-        await ws.send(json.dumps({"type": "response.create"}))
-        while json.loads(await ws.recv())["type"] != "response.done":
-            pass
 
 
 def realtime_url(gateway: GatewayProcess, model: str) -> str:

@@ -26,7 +26,7 @@ from ai_gateway_tools.harness import GatewayProcess, RedisServer, scrape, scrape
 from ai_gateway_tools.simulators.http import HttpSimulator
 from ai_gateway_tools.simulators.realtime import SimulatorThread
 
-from ..clients import sdk_session, until, wait_until, websocket_base
+from ..clients import respond, sdk_session, until, wait_until, websocket_base
 from .test_serve import WORKERS, connection_pid
 from .test_spend_controls import (
     LIMIT,
@@ -414,9 +414,7 @@ def test_spend_in_a_store_outage_reaches_the_store_when_it_answers_again(tmp_pat
                 ws = await connect(url_a, key)
                 store.stop()
                 for _ in range(3):
-                    await ws.send(json.dumps({"type": "response.create"}))
-                    while json.loads(await ws.recv())["type"] != "response.done":
-                        pass
+                    await respond(ws)
                 await ws.close()
 
             asyncio.run(spend_while_down())
@@ -450,9 +448,7 @@ def test_what_a_store_outage_does(tmp_path, upstream, on_error):
 
             async def drive() -> list[str]:
                 ws = await connect(url, "sk-outage")
-                await ws.send(json.dumps({"type": "response.create"}))
-                while json.loads(await ws.recv())["type"] != "response.done":
-                    pass
+                await respond(ws)
                 store.stop()
                 outcomes = []
                 for _ in range(3):

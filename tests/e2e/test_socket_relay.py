@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ import websockets
 from ai_gateway_tools.harness import GatewayProcess, assert_metered_exactly, scrape
 from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread
 
-from ..clients import wait_until, websocket_base
+from ..clients import respond, wait_until, websocket_base
 from ..conftest import LAUNCHERS
 from . import test_gemini_live_e2e, test_realtime_e2e
 from .test_drain import drain_sessions
@@ -118,9 +117,7 @@ async def tls_session(url: str, context: ssl.SSLContext, responses: int | None) 
         await ws.recv()
         try:
             while responses is None or finished < responses:
-                await ws.send(json.dumps({"type": "response.create"}))
-                while json.loads(await asyncio.wait_for(ws.recv(), timeout=10))["type"] != "response.done":
-                    pass
+                await respond(ws, timeout=10)
                 finished += 1
         except websockets.ConnectionClosed:
             assert responses is None, "only the gateway's limit closes the session"
@@ -178,9 +175,7 @@ def test_a_client_s_close_behind_an_https_upstream_completes_at_once(tmp_path, l
         async def session() -> float:
             async with websockets.connect(f"{websocket_base(gateway.url)}/v1/realtime?model={model}") as ws:
                 await ws.recv()
-                await ws.send(json.dumps({"type": "response.create"}))
-                while json.loads(await ws.recv())["type"] != "response.done":
-                    pass
+                await respond(ws)
                 began = asyncio.get_running_loop().time()
                 await ws.close()
                 assert ws.close_code == 1000
