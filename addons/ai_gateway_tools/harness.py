@@ -125,6 +125,16 @@ class GatewayProcess:
             time.sleep(0.05)
         return self
 
+    def run_until_exit(self, timeout: float = 30.0) -> tuple[int, str]:
+        """The command run to its end, for a start that must fail: its exit code and its output."""
+        self.process = self.spawn(self.command(), self.env, self._log)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise
+        return code, self.log()
+
     def ready(self) -> bool:
         """The metrics server starts once the proxy listens; without it, mitmproxy's own log line tells.
 

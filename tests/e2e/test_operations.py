@@ -280,9 +280,8 @@ def test_a_named_pipe_as_policy_stops_startup_with_one_line(tmp_path, launcher):
     pipe = tmp_path / "policy.yaml"
     os.mkfifo(pipe)
     gateway = GatewayProcess("http://127.0.0.1:9", options={"gateway_policy": str(pipe)}, launcher=launcher)
-    result = subprocess.run(gateway.command(), capture_output=True, text=True, timeout=30, env=gateway.env)
-    output = result.stdout + result.stderr
-    assert result.returncode == 1
+    returncode, output = gateway.run_until_exit()
+    assert returncode == 1
     assert f"{pipe}: expected a regular policy file, got a named pipe" in output
     assert sum(str(pipe) in line for line in output.splitlines()) == 1
     assert "Traceback" not in output

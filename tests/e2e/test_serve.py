@@ -57,11 +57,6 @@ def serve(upstream_url: str, *args: str, **options: str) -> GatewayProcess:
     return GatewayProcess(upstream_url, launcher="serve", args=args, options=options)
 
 
-def run_until_exit(gateway: GatewayProcess) -> tuple[int, str]:
-    result = subprocess.run(gateway.command(), capture_output=True, text=True, timeout=30, env=gateway.env)
-    return result.returncode, result.stdout + result.stderr
-
-
 def environment(pid: int) -> dict[str, str]:
     entries = Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
     return dict(entry.split("=", 1) for entry in entries if "=" in entry)
@@ -136,7 +131,7 @@ def assert_exact(gateway: GatewayProcess, simulator: Simulator, model: str) -> N
 def test_invalid_policy_stops_startup_with_one_line(tmp_path, args):
     path = tmp_path / "policy.yaml"
     path.write_text("routes:\n  /realtime: Realtim\n")
-    returncode, output = run_until_exit(serve("http://127.0.0.1:9", *args, gateway_policy=str(path)))
+    returncode, output = serve("http://127.0.0.1:9", *args, gateway_policy=str(path)).run_until_exit()
     assert returncode != 0
     assert POLICY_ERROR in output
     assert "Traceback" not in output
@@ -150,7 +145,7 @@ def test_metrics_port_in_use_is_one_clear_error(args):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        returncode, output = run_until_exit(serve("http://127.0.0.1:9", *args, gateway_metrics_port=str(port)))
+        returncode, output = serve("http://127.0.0.1:9", *args, gateway_metrics_port=str(port)).run_until_exit()
     assert returncode != 0
     assert f"ai-gateway: cannot serve metrics on 127.0.0.1:{port}: Address already in use" in output
     assert "Traceback" not in output
