@@ -52,7 +52,7 @@ SMOKE = {
     "soak_mb": 3.0,
     "churn_sessions": 3,
     "churn_turns": 1,
-    "hook_iterations": 2000,
+    "hook_iterations": 200,
 }
 
 
