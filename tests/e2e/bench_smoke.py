@@ -31,8 +31,8 @@ def bench(tmp_path: Path, *options: str, timeout: float = 180, in_process: bool 
     """`scripts/bench OPTIONS` (a smoke run) into a file of tmp_path, which holds a relay block already;
     the file's text after the run, which exited 0 and left BENCHMARKS.md as it was. `in_process`
     runs it in the worker (`main`, as the command does), so that its gateways are the worker's
-    forked ones and its imports are paid once per worker; the capacity and limits runs must stay
-    commands of their own, since they pin their process to a CPU."""
+    forked ones and its imports are paid once per worker; the capacity run must stay a command of
+    its own, since it pins its process (and the process's children) to a CPU."""
     before = BENCHMARKS.read_bytes() if BENCHMARKS.exists() else None
     output = tmp_path / "BENCH.md"
     output.write_text(splice(None, "relay tables"))
