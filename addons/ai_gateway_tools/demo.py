@@ -23,10 +23,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from google import genai
-from google.genai import types
-from openai import AsyncOpenAI
-
 from ai_gateway_tools.harness import GatewayProcess, SampleKey, expected_samples, scrape, select, usage_only
 from ai_gateway_tools.simulators.gemini_live import AI_STUDIO_PATH, GeminiLiveSimulator
 from ai_gateway_tools.simulators.realtime import Simulator, SimulatorThread
@@ -100,6 +96,11 @@ def gemini_demo(upstream_url: str | None, model: str, turns: int) -> int:
 
 async def drive_gemini_session(gateway_url: str, ca: ssl.SSLContext, model: str, turns: int) -> None:
     """google-genai's "API gateway" mode: a custom base_url and no key; the gateway's policy adds the key."""
+    # The SDKs are imported where a session needs them (about a second of CPU each): scripts/debug
+    # drives the simulator with neither, and each demo needs one.
+    from google import genai
+    from google.genai import types
+
     path = AI_STUDIO_PATH.format(version="v1beta", method="BidiGenerateContent")
     options = types.HttpOptions(base_url=gateway_url + path, async_client_args={"ssl": ca})
     client = genai.Client(vertexai=True, http_options=options)
@@ -126,6 +127,8 @@ def upstream(url: str | None, **simulator_options: Any) -> Iterator[tuple[str, S
 
 async def drive_session(gateway_url: str, model: str, responses: int, real: bool) -> None:
     """One Realtime session through the gateway with the SDK's GA client."""
+    from openai import AsyncOpenAI
+
     client = AsyncOpenAI(
         api_key=os.environ.get("OPENAI_API_KEY", "sk-demo-no-key-needed"),
         websocket_base_url=gateway_url.replace("http://", "ws://", 1) + "/v1",
