@@ -252,6 +252,7 @@ _TOKEN_BUCKETS = (
     67108864,
     float("inf"),
 )
+_BUCKET_LABELS = tuple((bound, floatToGoString(bound)) for bound in _TOKEN_BUCKETS)  # each `le` written once
 
 
 @dataclass(frozen=True)
@@ -396,8 +397,8 @@ def _expect_observations(add: Callable[..., None], labels: Mapping[str, str], ob
         typed = {**labels, "gen_ai_token_type": token_type}
         add("gen_ai_client_token_usage_sum", typed, count)
         add("gen_ai_client_token_usage_count", typed, 1)
-        for bound in _TOKEN_BUCKETS:
-            add("gen_ai_client_token_usage_bucket", {**typed, "le": floatToGoString(bound)}, count <= bound)
+        for bound, le in _BUCKET_LABELS:
+            add("gen_ai_client_token_usage_bucket", {**typed, "le": le}, count <= bound)
 
 
 def _expect_live_session(add: Callable[..., None], entry: Any, system: str) -> None:
