@@ -237,29 +237,35 @@ def test_http_requests_are_logged_and_traced_as_the_ledger_says(http_simulator, 
     assert all("sk-" not in json.dumps(s.attributes) for s in spans)  # no credential in a trace
 
 
-def session_seconds(gateway: GatewayProcess, model: str, runs: int = 3) -> float:
-    start = time.monotonic()
-    for _ in range(runs):
-        asyncio.run(voice_session(gateway.url, model))
-    return time.monotonic() - start
+def fastest_sessions(plain: GatewayProcess, traced: GatewayProcess, model: str, runs: int = 3) -> tuple[float, float]:
+    """The fastest of `runs` voice sessions through each gateway (after one to warm each up), taken
+    in turn: a neighbour's burst on a loaded machine slows a session or two, a cost of the relay's
+    would slow every session through it. Seconds, (plain, traced)."""
+    seconds: dict[GatewayProcess, list[float]] = {plain: [], traced: []}
+    for run in range(runs + 1):
+        for gateway, taken in seconds.items():
+            start = time.monotonic()
+            asyncio.run(voice_session(gateway.url, model))
+            if run:
+                taken.append(time.monotonic() - start)
+    return min(seconds[plain]), min(seconds[traced])
 
 
 @pytest.mark.slow
 def test_a_dead_collector_costs_the_relay_nothing_and_logs_one_line(vad_simulator, model):
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    with GatewayProcess(vad_simulator.url, options={"gateway_access_log": "off"}) as gw:
-        session_seconds(gw, model, runs=1)  # warm up
-        without = session_seconds(gw, model)
     options = {"gateway_otlp_endpoint": dead, "gateway_access_log": "off"}
-    with GatewayProcess(vad_simulator.url, options=options, env=FAST_EXPORT) as gw:
-        session_seconds(gw, model, runs=1)
-        with_dead = session_seconds(gw, model)
+    with (
+        GatewayProcess(vad_simulator.url, options={"gateway_access_log": "off"}) as plain,
+        GatewayProcess(vad_simulator.url, options=options, env=FAST_EXPORT) as gw,
+    ):
+        without, with_dead = fastest_sessions(plain, gw, model)
         key = ("agentgateway_gateway_trace_spans_dropped_total", frozenset({("reason", "export_failed")}))
         # Four sessions of four spans each: every one of them is counted as dropped.
         dropped = wait_until(lambda: scrape(gw.metrics_url).get(key, 0) >= 16 and scrape(gw.metrics_url)[key])
-    # The sessions include fixed waits (THINKING, PAUSE) of 1.2 s for three runs; anything the
-    # export cost the relay would show on top of them.
-    assert with_dead < without * 1.5 + 0.5, (with_dead, without)
+    # A session includes fixed waits (THINKING, PAUSE) of 0.4 s; anything the export cost the
+    # relay would show on top of them.
+    assert with_dead < without * 1.5 + 0.2, (with_dead, without)
     assert dropped == 16
     log = gw.log()
     assert log.count(EXPORT_LOG) == 1
@@ -275,21 +281,18 @@ def test_a_collector_that_never_answers_fills_the_queue_not_the_relay(vad_simula
         silent.listen(64)  # the kernel completes handshakes; nothing ever reads or answers
         env = {**FAST_EXPORT, "OTEL_BSP_MAX_QUEUE_SIZE": "8", "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "4"}
         env["OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"] = "30"
-        with GatewayProcess(vad_simulator.url, options={"gateway_access_log": "off"}) as gw:
-            session_seconds(gw, model, runs=1)
-            without = session_seconds(gw, model)
         options = {"gateway_otlp_endpoint": f"http://127.0.0.1:{silent.getsockname()[1]}", "gateway_access_log": "off"}
-        gw = GatewayProcess(vad_simulator.url, options=options, env=env).start()
-        try:
-            session_seconds(gw, model, runs=1)
-            with_silent = session_seconds(gw, model)
-            key = ("agentgateway_gateway_trace_spans_dropped_total", frozenset({("reason", "queue_full")}))
-            dropped = scrape(gw.metrics_url).get(key, 0)
-        finally:
-            stopping = time.monotonic()
-            gw.stop()
-            stopped_in = time.monotonic() - stopping
-    assert with_silent < without * 1.5 + 0.5, (with_silent, without)
+        with GatewayProcess(vad_simulator.url, options={"gateway_access_log": "off"}) as plain:
+            gw = GatewayProcess(vad_simulator.url, options=options, env=env).start()
+            try:
+                without, with_silent = fastest_sessions(plain, gw, model)
+                key = ("agentgateway_gateway_trace_spans_dropped_total", frozenset({("reason", "queue_full")}))
+                dropped = scrape(gw.metrics_url).get(key, 0)
+            finally:
+                stopping = time.monotonic()
+                gw.stop()
+                stopped_in = time.monotonic() - stopping
+    assert with_silent < without * 1.5 + 0.2, (with_silent, without)
     assert dropped >= 1  # 16 spans, at most one batch in the stuck export and 8 queued
     assert stopped_in < 10  # the last batch is waited for 2 s at most, not the export's 30 s
     assert EXPORT_LOG not in gw.log() and "opentelemetry" not in gw.log()
