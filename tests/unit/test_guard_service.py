@@ -302,3 +302,34 @@ def test_checks_asked_later_hand_their_verdicts_over_in_order_and_are_dropped_at
             counted = sample_total(metrics, "agentgateway_guardrail_checks_total")
     assert [[(v.guard, v.outcome) for v in verdicts] for verdicts in handed] == [[("w", "block"), ("m", "block")]]
     assert counted == 2
+
+
+def test_a_call_that_ends_in_an_exception_is_an_error_verdict_handed_over(tmp_path, caplog):
+    """The clients make every failure a verdict; were a call to end otherwise (a bug), its check is
+    still answered (an error, logged) rather than left hanging with its text's other verdicts."""
+    policy = tmp_path / "guarded.yaml"
+    policy.write_text(
+        "guardrails:\n  - {name: w, kind: webhook, url: http://127.0.0.1:9/webhook}\nroutes:\n  /realtime: Realtime\n"
+    )
+    with configured_gateway(gateway_policy=str(policy)) as gateway:
+        (guard,) = gateway.state.policy.guardrails.guards
+        handed: list[list[Verdict]] = []
+
+        async def checked() -> None:
+            checks = GuardChecks(gateway.state)
+
+            def broken(*_: object) -> asyncio.Future[Verdict]:
+                call: asyncio.Future[Verdict] = asyncio.get_running_loop().create_future()
+                call.set_exception(RuntimeError("boom"))
+                return call
+
+            checks.clients.soon = broken  # type: ignore[method-assign]
+            checks.ask_later(asker(realtime_flow(), "/realtime"), [guard], Phase.OUTPUT, "hello", handed.append)
+            while not handed:
+                await asyncio.sleep(0.01)
+
+        run_cleanly(checked)
+    assert [[(v.guard, v.outcome, v.reason) for v in verdicts] for verdicts in handed] == [
+        [("w", ERROR, "RuntimeError")]
+    ]
+    assert "a guardrail check failed: RuntimeError('boom')" in caplog.text

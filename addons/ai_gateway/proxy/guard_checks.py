@@ -175,8 +175,16 @@ class GuardChecks:
             call.add_done_callback(functools.partial(self.called, asker, gathered, index, guard))
 
     def called(self, asker: Asker, gathered: Gathered, index: int, guard: Guard, call: asyncio.Future[Verdict]) -> None:
+        """A call done: its verdict (the clients make every failure one; what else ends a call is an error)."""
         asker.pending -= 1
-        self.answered(gathered, index, guard, failed(guard, SHUTTING_DOWN) if call.cancelled() else call.result())
+        if call.cancelled():
+            verdict = failed(guard, SHUTTING_DOWN)
+        elif (error := call.exception()) is not None:
+            logger.error("ai-gateway: a guardrail check failed: %r", error)
+            verdict = failed(guard, type(error).__name__)
+        else:
+            verdict = call.result()
+        self.answered(gathered, index, guard, verdict)
 
     def answered(self, gathered: Gathered, index: int, guard: Guard, verdict: Verdict) -> None:
         """One guard's verdict in, counted and timed; the last one in hands them all over."""
