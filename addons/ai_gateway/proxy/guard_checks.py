@@ -89,7 +89,7 @@ class GuardChecks:
         return self.clients.close() if self.clients.busy else None
 
     def regex(self, guards: Iterable[Guard], phase: Phase, normalised: str, start: int = 0) -> list[Verdict]:
-        """The regex guards' verdicts, decided here and now (services are asked by `ask_all`)."""
+        """The regex guards' verdicts, decided here and now (services are asked by `decide` and `ask_later`)."""
         verdicts = []
         for guard in guards:
             if not guard.remote:
@@ -128,30 +128,28 @@ class GuardChecks:
         text: str,
         refuse: Callable[[Verdict], None],
     ) -> None:
-        verdicts = await self.ask_all(asker, guards, phase, text, held=True)
+        verdicts = await self.ask_all(asker, guards, phase, text)
         if block := first_block(verdicts):
             refuse(block)
         else:
             self.noted(flow, verdicts, phase)
 
-    async def ask_all(
-        self, asker: Asker, guards: Iterable[Guard], phase: Phase, text: str, held: bool = False
-    ) -> list[Verdict]:
-        """The services' verdicts on `text`; `held`: the relay waits for them (`decide`), so no
-        check of it lingers for a moderation batch."""
+    async def ask_all(self, asker: Asker, guards: Iterable[Guard], phase: Phase, text: str) -> list[Verdict]:
+        """The services' verdicts on text the relay holds until they are in (`decide`): none of its
+        checks lingers for a moderation batch."""
         guards = tuple(guards)
         if len(guards) == 1:  # the usual case: no task of its own for the one check
-            return [await self.ask_one(asker, guards[0], phase, text, held)]
-        return list(await asyncio.gather(*(self.ask_one(asker, g, phase, text, held) for g in guards)))
+            return [await self.ask_one(asker, guards[0], phase, text)]
+        return list(await asyncio.gather(*(self.ask_one(asker, g, phase, text) for g in guards)))
 
-    async def ask_one(self, asker: Asker, guard: Guard, phase: Phase, text: str, held: bool = False) -> Verdict:
+    async def ask_one(self, asker: Asker, guard: Guard, phase: Phase, text: str) -> Verdict:
         began = time.perf_counter()
         if asker.pending >= MAX_PENDING_CHECKS:
             verdict = failed(guard, "too many checks in flight")
         else:
             asker.pending += 1
             try:
-                verdict = await self.clients.ask(guard, text, {**asker.context, "phase": phase.value}, held)
+                verdict = await self.clients.ask(guard, text, {**asker.context, "phase": phase.value}, held=True)
             finally:
                 asker.pending -= 1
         self.state.accounting.guardrail_checked(guard.name, phase, verdict.outcome, time.perf_counter() - began)
