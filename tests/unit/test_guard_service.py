@@ -330,6 +330,6 @@ def test_a_call_that_ends_in_an_exception_is_an_error_verdict_handed_over(tmp_pa
 
         run_cleanly(checked)
     assert [[(v.guard, v.outcome, v.reason) for v in verdicts] for verdicts in handed] == [
-        [("w", ERROR, "RuntimeError")]
+        [("w", ERROR, "RuntimeError: boom")]
     ]
     assert "a guardrail check failed: RuntimeError('boom')" in caplog.text

@@ -188,7 +188,7 @@ class GuardClients:
             await session.close()
 
 
-def went_wrong(guard: Guard, error: Exception) -> Verdict:
+def went_wrong(guard: Guard, error: BaseException) -> Verdict:
     """The error verdict of a call that failed, its reason the error's type and message."""
     return failed(guard, f"{type(error).__name__}: {error}"[:200])
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from mitmproxy import http
 
-from ai_gateway.accounting.guard_service import SHUTTING_DOWN, GuardClients
+from ai_gateway.accounting.guard_service import SHUTTING_DOWN, GuardClients, went_wrong
 from ai_gateway.accounting.observer import GuardrailBlock
 from ai_gateway.accounting.session_meters import SessionMeter
 from ai_gateway.config.guardrails import (
@@ -179,7 +179,7 @@ class GuardChecks:
             verdict = failed(guard, SHUTTING_DOWN)
         elif (error := call.exception()) is not None:
             logger.error("ai-gateway: a guardrail check failed: %r", error)
-            verdict = failed(guard, type(error).__name__)
+            verdict = went_wrong(guard, error)
         else:
             verdict = call.result()
         self.answered(gathered, index, guard, verdict)
