@@ -7,6 +7,7 @@ fixed sleep) and reads /metrics back with prometheus_client's own parser.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
@@ -28,6 +29,7 @@ GATEWAY_SCRIPT = Path(__file__).resolve().parents[1] / "gateway.py"
 SampleKey = tuple[str, frozenset[tuple[str, str]]]
 
 
+@functools.cache  # read once: every server a test starts asks for a port
 def _ephemeral_low(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> int:
     try:
         return int(Path(path).read_text().split()[0])
