@@ -43,6 +43,7 @@ from ai_gateway.protocols.guard_text import (
 )
 from ai_gateway.protocols.openai_realtime import RealtimeProtocol
 from ai_gateway.proxy.addon import Gateway
+from ai_gateway.proxy.guardrails import GuardedResponse
 
 from .conftest import Records
 from .test_addon import realtime_flow
@@ -197,6 +198,21 @@ def test_realtime_events_read_for_guards():
     assert server_event(json.dumps(audio).encode()) == OutputAudio("r1", 100.0)
     done = {"type": "conversation.item.input_audio_transcription.completed", "item_id": "i2", "transcript": "yo"}
     assert server_event(json.dumps(done).encode()) == Transcript("i2", "yo")  # fmt: skip
+
+
+def test_a_response_s_audio_is_its_deltas_sizes_less_the_envelope_its_first_had():
+    """The first delta's base64 is found; the others' audio is their size less that envelope, the
+    same exact figure for deltas whose ids and members are the same (as one response's are)."""
+    response = GuardedResponse()
+    for size in (6400, 3200, 12800, 4):  # base64 characters: 100 ms, 50 ms, 200 ms, 0.0625 ms
+        delta = {
+            "type": "response.output_audio.delta",
+            "event_id": "event_AbC",
+            "response_id": "r1",
+            "delta": "A" * size,
+        }
+        response.audio(json.dumps(delta).encode())
+    assert response.audio_ms == pytest.approx(350.0625)
 
 
 @pytest.mark.parametrize(

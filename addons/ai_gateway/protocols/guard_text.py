@@ -24,6 +24,7 @@ from ai_gateway.protocols.openai_realtime import ITEM_CREATE
 MAX_WINDOW = 160  # characters of streamed output checked at most at once
 CARRY = 160  # characters of the checked text carried into the next window
 PCM16_BYTES_PER_MS = 48  # 24 kHz mono 16-bit: the Realtime API's default audio
+MS_PER_BASE64_CHAR = 3 / 4 / PCM16_BYTES_PER_MS  # four base64 characters carry three bytes
 # The end of a sentence: its punctuation followed by a space, or at the end of what arrived so far.
 _SENTENCE_END = re.compile(r"[.!?…。！？\n](?=\s|$)")
 
@@ -199,7 +200,7 @@ def response_id(content: bytes) -> str | None:
 
 def audio_milliseconds(content: bytes) -> float:
     """The audio an audio delta carries (24 kHz PCM16), from the length of its base64, never decoded."""
-    return base64_length(content) * 3 / 4 / PCM16_BYTES_PER_MS
+    return base64_length(content) * MS_PER_BASE64_CHAR
 
 
 def base64_length(content: bytes) -> int:

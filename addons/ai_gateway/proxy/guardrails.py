@@ -35,13 +35,14 @@ from ai_gateway.config.guardrails import BLOCKED_CODE, Phase, Verdict, first_blo
 from ai_gateway.config.policy import RouteType, WireProtocol
 from ai_gateway.protocols.guard_text import (
     AUDIO_DELTAS,
+    MS_PER_BASE64_CHAR,
     OutputAudio,
     OutputEnd,
     OutputText,
     Started,
     Transcript,
     Window,
-    audio_milliseconds,
+    base64_length,
     client_event,
     response_id,
     server_event,
@@ -67,6 +68,15 @@ class GuardedResponse:
     window: Window = field(default_factory=Window)
     item_id: str | None = None
     audio_ms: float = 0.0
+    envelope: int = -1  # the bytes of an audio delta of it around the audio (-1: none read yet)
+
+    def audio(self, content: bytes) -> None:
+        """An audio delta of this response, relayed. Its base64 is found once, in the first delta:
+        the others have the same ids and members around theirs, so their audio is their size less
+        that envelope, not a scan of 6-100 KB per delta."""
+        if self.envelope < 0:
+            self.envelope = len(content) - base64_length(content)
+        self.audio_ms += (len(content) - self.envelope) * MS_PER_BASE64_CHAR
 
 
 @dataclass
@@ -75,6 +85,9 @@ class RealtimeSession(GuardedSession):
     in_flight: set[str] = field(default_factory=set)
     blocked: set[str] = field(default_factory=set)  # responses whose every later frame is dropped
     cancel_next: Verdict | None = None  # a blocked turn with no response yet: the one it starts is cancelled
+    # The one response streaming (guarded output, none blocked), once an audio delta found it so;
+    # forgotten at any other server event and at any block, which are all that change that.
+    streaming: GuardedResponse | None = None
 
 
 class Guardrails:
@@ -111,6 +124,14 @@ class Guardrails:
         session = self.sessions.get(flow.id)
         if session is None:
             return self.live.frame(flow, message, metered.meter) if self.live.sessions else None
+        if (
+            session.streaming is not None
+            and message.is_text
+            and not message.from_client
+            and metered.protocol.kind in AUDIO_DELTAS  # type: ignore[union-attr]
+        ):  # most frames of a voice session: measured (what passes before a block), nothing else
+            session.streaming.audio(message.content)
+            return None
         session.meter = metered.meter
         if not message.is_text or message.dropped:
             return None
@@ -145,11 +166,13 @@ class Guardrails:
             session.cancel_next = None  # a new turn: what the last one started is its own
             return
         if protocol.kind in AUDIO_DELTAS and not session.blocked and len(session.in_flight) == 1:
-            # Most frames of a voice session: the audio of the one response streaming, measured
-            # (what passes before a block) without reading its response id or making an event.
+            # The audio of the one response streaming: its response id not read, no event made;
+            # the next ones measured by `frame` until something changes.
             if session.outputs:
-                self.output_of(session, next(iter(session.in_flight))).audio_ms += audio_milliseconds(message.content)
+                session.streaming = self.output_of(session, next(iter(session.in_flight)))
+                session.streaming.audio(message.content)
             return
+        session.streaming = None
         event = server_event(message.content, protocol.kind, protocol.item)
         if event is None:
             if session.blocked and response_id(message.content) in session.blocked:
@@ -241,6 +264,7 @@ class Guardrails:
     def block_turn(self, flow: http.HTTPFlow, session: RealtimeSession, item_id: str | None, verdict: Verdict) -> None:
         """A user turn blocked: whatever answers it is cancelled (or the response it is about to
         start), the item deleted, the client told; the records of the responses cancelled say why."""
+        session.streaming = None
         cancelled = sorted(session.in_flight - session.blocked)
         for rid in cancelled:
             session.blocked.add(rid)
@@ -267,6 +291,7 @@ class Guardrails:
     def block_response(self, flow: http.HTTPFlow, session: RealtimeSession, rid: str, verdict: Verdict) -> None:
         """Output blocked: the response cancelled upstream (if still running), its item deleted,
         the rest of it dropped, the client told; the audio it had already sent is recorded."""
+        session.streaming = None
         session.blocked.add(rid)
         if rid in session.in_flight:
             self.links.send(flow, False, cancel_event(rid))
