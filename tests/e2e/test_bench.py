@@ -21,7 +21,7 @@ import yaml
 from websockets.asyncio.client import connect
 
 from ai_gateway.config.policy import DEFAULT_POLICY, load_policy
-from ai_gateway_tools.bench import capacity
+from ai_gateway_tools.bench import capacity, paired
 from ai_gateway_tools.bench.__main__ import parse_args
 from ai_gateway_tools.bench.configs import (
     CONFIGS,
@@ -212,6 +212,26 @@ def test_capacity_is_the_largest_count_met_below_the_first_missed() -> None:
     assert (mitmdump.sessions, mitmdump.missed, mitmdump.cell()) == (50, None, "≥ 50")
     assert serve.projected == 75 and mitmdump.projected == 75  # 25 and 50 sessions at half a core (median)
     assert not step("x", 1, 22, baseline_ms=1).met and step("x", 1, 21, baseline_ms=1).met
+
+
+def test_paired_ratio_is_the_first_configurations_cpu_per_frame_over_each_ones() -> None:
+    rounds = [paired.Round([2.0, 2.5], [1000, 1000], 0.5), paired.Round([3.0, 3.0], [1000, 900], 0.6)]
+    configs = [c for c in CONFIGS if c.name in ("serve", "serve-guarded")]
+    assert rounds[0].ratio(1) == pytest.approx(0.8) and rounds[1].ratio(1) == pytest.approx(0.9)
+    text = paired.report(configs, rounds)
+    assert "| serve-guarded | 2500 3333 | 0.800 0.900 | **0.850** |" in text
+    assert "not the same for every configuration" in text  # 900 frames against 1000: the ratio's basis differs
+
+
+def test_paired_runs_configurations_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    """Both relays carry the same sessions in the same round; each gets a ratio (not asserted: noise)."""
+    argv = ["--configs", "serve,serve-guarded-regex", "--sessions", "2", "--seconds", "0.5", "--rounds", "1"]
+    assert paired.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| serve | " in out and "| serve-guarded-regex | " in out
+    assert "not the same" not in out and "Server frames per configuration and round: 0" not in out
+    with pytest.raises(SystemExit):
+        paired.main(["--configs", "serve,direct"])  # direct relays nothing
 
 
 def test_simulator_paces_deltas_and_the_client_times_each_from_when_it_was_due() -> None:
