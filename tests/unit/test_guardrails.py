@@ -45,7 +45,7 @@ from ai_gateway.protocols.openai_realtime import RealtimeProtocol
 from ai_gateway.proxy.addon import Gateway
 from ai_gateway.proxy.guardrails import GuardedResponse
 
-from .conftest import Records
+from .conftest import Records, sample_total
 from .test_addon import realtime_flow
 
 ROUTES = "routes:\n  /realtime: Realtime\n"
@@ -421,3 +421,46 @@ def test_a_turn_blocked_before_its_answer_started_names_the_guard_in_that_answer
         ]
         (record,) = records.responses
         assert record.guardrail == GuardrailBlock("names", "input", "block")
+
+
+def test_the_response_streaming_has_its_audio_counted_by_metering_and_its_blocks_hold(tmp_path, monkeypatch):
+    """While one response streams, its audio deltas are not handed to the guards (metering counts
+    them); the audio before a block is still every delta's, what follows the block is dropped, and
+    a client frame between two deltas still reaches the guards."""
+    policy = tmp_path / "guarded.yaml"
+    policy.write_text("guardrails:\n  - {name: names, kind: regex, deny: [falcon]}\n" + ROUTES)
+    gateway = Gateway()
+    with taddons.context(gateway) as context:
+        context.configure(gateway, gateway_metrics_port=0, gateway_policy=str(policy), gateway_relay="messages")
+        sent: list[bytes] = []
+        monkeypatch.setattr(gateway.guardrails.links, "send", lambda _, to_client, payload: sent.append(payload))
+        flow = realtime_flow()
+        gateway.session_metering.websocket_start(flow)
+        where = {"response_id": "resp_1", "item_id": "item_1", "output_index": 0, "content_index": 0}
+
+        def relay(event: dict[str, object], from_client: bool = False) -> WebSocketMessage:
+            message = WebSocketMessage(1, from_client, json.dumps(event).encode())
+            flow.websocket.messages.append(message)
+            assert gateway.session_metering.websocket_message(flow) is None
+            return message
+
+        relay({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}})
+        for size in (6400, 3200, 12800):  # 100, 50 and 200 ms
+            relay({"type": "response.output_audio.delta", "event_id": "event_1", **where, "delta": "A" * size})
+            assert flow.id in gateway.guardrails.unwatched  # from the first delta on
+        user = {"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": "falcon"}}
+        assert relay(user, from_client=True).dropped  # a client frame after an audio delta: guarded
+        relay({"type": "response.output_audio.delta", "event_id": "event_2", **where, "delta": "A" * 6400})
+        said = relay({"type": "response.output_audio_transcript.delta", **where, "delta": "It is project falcon."})
+        assert said.dropped and flow.id not in gateway.guardrails.unwatched
+        after = relay({"type": "response.output_audio.delta", "event_id": "event_3", **where, "delta": "A" * 6400})
+        assert after.dropped  # the blocked response's audio: handed to the guards again, and dropped
+        assert [json.loads(p)["type"] for p in sent] == [
+            "error",
+            "response.cancel",
+            "conversation.item.delete",
+            "error",
+        ]
+        assert gateway.guardrails.sessions[flow.id].responses == {}
+        audio = sample_total(gateway.state.accounting.metrics, "agentgateway_guardrail_audio_before_block_seconds_sum")
+        assert audio == pytest.approx(0.45)  # 100 + 50 + 200 + 100 ms, the dropped delta not among them

@@ -19,7 +19,7 @@ from ai_gateway.config.guardrails import normalise
 from ai_gateway.config.policy import RouteType
 from ai_gateway.protocols.gemini_live import MEDIA_HEAD
 from ai_gateway.protocols.json_events import MAX_CLIENT_EVENT_BYTES, decode_json, event_type, read_event
-from ai_gateway.protocols.openai_realtime import ITEM_CREATE
+from ai_gateway.protocols.openai_realtime import AUDIO_DELTAS, ITEM_CREATE
 
 MAX_WINDOW = 160  # characters of streamed output checked at most at once
 CARRY = 160  # characters of the checked text carried into the next window
@@ -45,7 +45,6 @@ TEXT_DONES = frozenset(
         "response.audio_transcript.done",
     }
 )
-AUDIO_DELTAS = frozenset({"response.output_audio.delta", "response.audio.delta"})
 RESPONSE_CREATED, RESPONSE_DONE = "response.created", "response.done"
 _RESPONSE_ID = re.compile(rb'"response_id"\s*:\s*"([^"\\]{1,128})"')
 

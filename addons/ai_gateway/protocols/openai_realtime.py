@@ -55,6 +55,7 @@ SPEECH_STOPPED = "input_audio_buffer.speech_stopped"
 RESPONSE_CREATE = "response.create"
 CLIENT_EVENTS = (RESPONSE_CREATE, AUDIO_COMMIT)  # the client events that are decoded
 ITEM_CREATE = "conversation.item.create"  # what guardrails read of the client (user text)
+AUDIO_DELTAS = frozenset({"response.output_audio.delta", "response.audio.delta"})  # GA, beta
 RESPONSE_CREATED = "response.created"
 RESPONSE_DONE = "response.done"
 SESSION_CREATED = "session.created"
@@ -107,19 +108,30 @@ class RealtimeProtocol:
         # Whether the last client frame names none of the client events metering or guardrails
         # read (an audio append): one scan of it for both, and guardrails leave it unread.
         self.plain = False
+        # Whether the frame just read is an output audio delta, and the size and number of those so
+        # far: guardrails measure a response's audio from these without being handed each one.
+        self.audio = False
+        self.audio_bytes = 0
+        self.audio_deltas = 0
 
     def client_frame(self, content: bytes, is_text: bool) -> UsageItem | None:
         """A `response.create` or an audio commit, recognised in any key order and spelling."""
         self.plain = is_text and not may_name(content, _READ_BY_NAME)
+        self.audio = False
         if not is_text or self.plain:
             return None
         return read_client_event(content, min(self.max_frame_bytes, MAX_CLIENT_EVENT_BYTES))
 
     def server_frame(self, content: bytes, is_text: bool) -> UsageItem | None:
         if not is_text:
+            self.audio = False
             return Malformed("binary", f"{len(content)} bytes")
         kind = self.kind = event_type(content)
         self.item = None
+        self.audio = kind in AUDIO_DELTAS
+        if self.audio:
+            self.audio_bytes += len(content)
+            self.audio_deltas += 1
         if needs_decoding(kind):
             item = self.item = read_server_event(content, self.max_frame_bytes)
             if isinstance(item, ResponseStarted) and item.response_id is not None:

@@ -13,7 +13,9 @@ proxy/live_guardrails.py; HTTP in proxy/http_guardrails.py.
 - A session a guard blocked more than its `max_blocks` times is closed with 1008.
 
 SessionMetering calls `frame` for every frame of a metered session (the gateway keeps one
-per-frame hook), after its metering, so that what a guard drops is metered all the same: a frame
+per-frame hook) but the audio deltas of a response streaming alone (`unwatched`: metering counts
+them, and the guards measure that response's audio from the counts), after its metering, so that
+what a guard drops is metered all the same: a frame
 mitmproxy's WebSocket layer relays, or one read from the byte stream (proxy/frame_relay.py), where
 a drop cuts it out and an edit (a blocked response's response.done) takes its place. Guards send
 and close through `Links`, whichever path the session takes.
@@ -78,6 +80,12 @@ class GuardedResponse:
             self.envelope = len(content) - base64_length(content)
         self.audio_ms += (len(content) - self.envelope) * MS_PER_BASE64_CHAR
 
+    def audio_since(self, protocol: RealtimeProtocol, since: tuple[int, int]) -> None:
+        """The audio deltas metering counted (their sizes, their number) since `since`: all this
+        response's, relayed while the guards were not handed them."""
+        size, count = protocol.audio_bytes - since[0], protocol.audio_deltas - since[1]
+        self.audio_ms += (size - count * self.envelope) * MS_PER_BASE64_CHAR
+
 
 @dataclass
 class RealtimeSession(GuardedSession):
@@ -85,9 +93,12 @@ class RealtimeSession(GuardedSession):
     in_flight: set[str] = field(default_factory=set)
     blocked: set[str] = field(default_factory=set)  # responses whose every later frame is dropped
     cancel_next: Verdict | None = None  # a blocked turn with no response yet: the one it starts is cancelled
-    # The one response streaming (guarded output, none blocked), once an audio delta found it so;
-    # forgotten at any other server event and at any block, which are all that change that.
+    # The one response streaming (guarded output, none blocked), once an audio delta found it so:
+    # its next audio deltas are not handed to the guards, metering counts them from `counted`
+    # on. Settled at any other server event and at any block, which are all that change that.
     streaming: GuardedResponse | None = None
+    counted: tuple[int, int] = (0, 0)  # metering's audio bytes and deltas when streaming began
+    protocol: RealtimeProtocol | None = None
 
 
 class Guardrails:
@@ -97,6 +108,9 @@ class Guardrails:
         self.checks = GuardChecks(state, links)
         self.sessions: dict[str, RealtimeSession] = {}
         self.live = LiveGuardrails(self.checks, links)  # Gemini Live sessions
+        # Sessions whose output audio deltas SessionMetering need not hand over (most frames of a
+        # voice session): their one response streaming, its audio counted by metering meanwhile.
+        self.unwatched: set[str] = set()
 
     def start(self, flow: http.HTTPFlow) -> None:
         """A metered session's relay begins, on either path (told by SessionMetering): its guards."""
@@ -113,6 +127,7 @@ class Guardrails:
 
     def end(self, flow: http.HTTPFlow) -> None:
         self.sessions.pop(flow.id, None)
+        self.unwatched.discard(flow.id)
         self.live.sessions.pop(flow.id, None)
 
     def done(self) -> Awaitable[None] | None:
@@ -124,14 +139,6 @@ class Guardrails:
         session = self.sessions.get(flow.id)
         if session is None:
             return self.live.frame(flow, message, metered.meter) if self.live.sessions else None
-        if (
-            session.streaming is not None
-            and message.is_text
-            and not message.from_client
-            and metered.protocol.kind in AUDIO_DELTAS  # type: ignore[union-attr]
-        ):  # most frames of a voice session: measured (what passes before a block), nothing else
-            session.streaming.audio(message.content)
-            return None
         session.meter = metered.meter
         if not message.is_text or message.dropped:
             return None
@@ -171,8 +178,10 @@ class Guardrails:
             if session.outputs:
                 session.streaming = self.output_of(session, next(iter(session.in_flight)))
                 session.streaming.audio(message.content)
+                session.protocol, session.counted = protocol, (protocol.audio_bytes, protocol.audio_deltas)
+                self.unwatched.add(flow.id)
             return
-        session.streaming = None
+        self.settle(flow, session)
         event = server_event(message.content, protocol.kind, protocol.item)
         if event is None:
             if session.blocked and response_id(message.content) in session.blocked:
@@ -216,6 +225,14 @@ class Guardrails:
             windows = response.window.flush()
         if self.check_output(flow, session, rid, windows):
             message.drop()
+
+    def settle(self, flow: http.HTTPFlow, session: RealtimeSession) -> None:
+        """The streaming response's audio counted by metering since it began is its own; from now on
+        the guards are handed each audio delta again."""
+        if session.streaming is not None and session.protocol is not None:
+            session.streaming.audio_since(session.protocol, session.counted)
+        session.streaming = None
+        self.unwatched.discard(flow.id)
 
     @staticmethod
     def output_of(session: RealtimeSession, rid: str) -> GuardedResponse:
@@ -264,7 +281,7 @@ class Guardrails:
     def block_turn(self, flow: http.HTTPFlow, session: RealtimeSession, item_id: str | None, verdict: Verdict) -> None:
         """A user turn blocked: whatever answers it is cancelled (or the response it is about to
         start), the item deleted, the client told; the records of the responses cancelled say why."""
-        session.streaming = None
+        self.settle(flow, session)
         cancelled = sorted(session.in_flight - session.blocked)
         for rid in cancelled:
             session.blocked.add(rid)
@@ -291,7 +308,7 @@ class Guardrails:
     def block_response(self, flow: http.HTTPFlow, session: RealtimeSession, rid: str, verdict: Verdict) -> None:
         """Output blocked: the response cancelled upstream (if still running), its item deleted,
         the rest of it dropped, the client told; the audio it had already sent is recorded."""
-        session.streaming = None
+        self.settle(flow, session)
         session.blocked.add(rid)
         if rid in session.in_flight:
             self.links.send(flow, False, cancel_event(rid))

@@ -203,7 +203,10 @@ class SessionMetering:
             if self.state.accounting.shared is not None and session.meter.admission_needed(item):
                 return self.shared_admission(flow, message, session, item)
             self.applied(flow, message, session, item, session.meter.apply(item))
-        return self.guardrails.frame(flow, message, session) if self.guardrails is not None else None
+        guards = self.guardrails
+        if guards is None or (flow.id in guards.unwatched and protocol.audio):  # type: ignore[union-attr]
+            return None  # an audio delta of the response streaming: metering counted it for the guards
+        return guards.frame(flow, message, session)
 
     async def shared_admission(self, flow: http.HTTPFlow, message: Frame, session: Session, item: UsageItem) -> None:
         """A response starts (response.create, or one the upstream started): its admission waits
