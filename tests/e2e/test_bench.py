@@ -28,6 +28,7 @@ from ai_gateway_tools.bench.configs import (
     DEFAULT_CONFIGS,
     LITELLM,
     FloorRelay,
+    GuardedGateway,
     Workdir,
     keep_compression_policy,
 )
@@ -212,6 +213,17 @@ def test_capacity_is_the_largest_count_met_below_the_first_missed() -> None:
     assert (mitmdump.sessions, mitmdump.missed, mitmdump.cell()) == (50, None, "≥ 50")
     assert serve.projected == 75 and mitmdump.projected == 75  # 25 and 50 sessions at half a core (median)
     assert not step("x", 1, 22, baseline_ms=1).met and step("x", 1, 21, baseline_ms=1).met
+
+
+def test_a_guarded_gateway_that_fails_to_start_leaves_no_guard_service_behind(tmp_path: Path) -> None:
+    class Refused(GuardedGateway):
+        def serve(self, url: str | None) -> None:
+            raise ValueError(f"refused with {url}")
+
+    gateway = Refused("http://127.0.0.1:9", tmp_path)
+    with pytest.raises(ValueError, match="refused with http://127.0.0.1:"):
+        gateway.start()
+    assert gateway.service is not None and gateway.service.poll() is not None
 
 
 def test_paired_ratio_is_the_first_configurations_cpu_per_frame_over_each_ones() -> None:

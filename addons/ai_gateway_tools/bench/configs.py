@@ -82,16 +82,23 @@ class ServedGateway(GatewayProcess):
             self.service = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=self.env)
             assert self.service.stdout is not None
             url = self.service.stdout.readline().split()[-1]
-        self.serve(url)
-        return super().start(timeout)
+        try:
+            self.serve(url)
+            return super().start(timeout)
+        except BaseException:  # a policy the gateway refuses, a gateway that never listens: no service left behind
+            self.stop_service()
+            raise
+
+    def stop_service(self, timeout: float = 15.0) -> None:
+        if self.service is not None:
+            self.service.terminate()
+            self.service.wait(timeout)
 
     def stop(self, timeout: float = 15.0) -> int | None:
         try:
             return super().stop(timeout)
         finally:
-            if self.service is not None:
-                self.service.terminate()
-                self.service.wait(timeout)
+            self.stop_service(timeout)
 
 
 class ObservedGateway(ServedGateway):
