@@ -95,15 +95,17 @@ def report(configs: Sequence[Config], rounds: Sequence[Round]) -> str:
             " ".join(f"{x:.3f}" for x in ratios),
             f"**{statistics.median(ratios):.3f}**",
         ])  # fmt: skip
-    frames = {tuple(r.frames) for r in rounds}
-    same = all(len(set(f)) == 1 for f in frames)
     header = ["configuration", "relay CPU per server frame (µs), each round", f"÷ {configs[0].name}'s", "median"]
     notes = [
-        f"Server frames per configuration and round: {', '.join(str(r.frames[0]) for r in rounds)}"
-        + ("" if same else " (**not the same for every configuration**: " + "; ".join(map(str, frames)) + ")"),
+        "Server frames relayed per round (each configuration's where they differ: its sessions stop at "
+        "the round's end, a turn apart): " + ", ".join(_frames(r.frames) for r in rounds),
         "The clients' CPU, of their core: " + ", ".join(f"{r.load_share:.0%}" for r in rounds),
     ]
     return table(header, rows) + "\n\n" + "\n".join(notes)
+
+
+def _frames(frames: Sequence[int]) -> str:
+    return str(frames[0]) if len(set(frames)) == 1 else "/".join(map(str, frames))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
