@@ -12,10 +12,10 @@ proxy/live_guardrails.py; HTTP in proxy/http_guardrails.py.
   offending item (`conversation.item.delete`) and sends the client an `error` event.
 - A session a guard blocked more than its `max_blocks` times is closed with 1008.
 
-SessionMetering calls `frame` for every frame of a metered session (the gateway keeps one
-per-frame hook) but the audio deltas of a response streaming alone (`unwatched`: metering counts
-them, and the guards measure that response's audio from the counts), after its metering, so that
-what a guard drops is metered all the same: a frame
+SessionMetering calls `frame` after its metering, so that what a guard drops is metered all the
+same, for every frame of a metered session (the gateway keeps one per-frame hook) except the audio
+deltas of a response streaming alone (`unwatched`: metering counts them, and the guards measure
+that response's audio from the counts): a frame
 mitmproxy's WebSocket layer relays, or one read from the byte stream (proxy/frame_relay.py), where
 a drop cuts it out and an edit (a blocked response's response.done) takes its place. Guards send
 and close through `Links`, whichever path the session takes.
@@ -174,7 +174,7 @@ class Guardrails:
             return
         if protocol.kind in AUDIO_DELTAS and not session.blocked and len(session.in_flight) == 1:
             # The audio of the one response streaming: its response id not read, no event made;
-            # the next ones measured by `frame` until something changes.
+            # the next ones counted by metering, not handed over, until something else happens.
             if session.outputs:
                 session.streaming = self.output_of(session, next(iter(session.in_flight)))
                 session.streaming.audio(message.content)
