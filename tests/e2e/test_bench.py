@@ -227,12 +227,13 @@ def test_a_guarded_gateway_that_fails_to_start_leaves_no_guard_service_behind(tm
 
 
 def test_paired_ratio_is_the_first_configurations_cpu_per_frame_over_each_ones() -> None:
-    rounds = [paired.Round([2.0, 2.5], [1000, 1000], 0.5), paired.Round([3.0, 3.0], [1000, 900], 0.6)]
+    rounds = [paired.Round([2.0, 2.5], [1000, 1000], 0.5), paired.Round([3.0, 3.0], [1000, 900], 0.6, ["x: reset"])]
     configs = [c for c in CONFIGS if c.name in ("serve", "serve-guarded")]
     assert rounds[0].ratio(1) == pytest.approx(0.8) and rounds[1].ratio(1) == pytest.approx(0.9)
     text = paired.report(configs, rounds)
     assert "| serve-guarded | 2500 3333 | 0.800 0.900 | **0.850** |" in text
     assert "round's end, a turn apart): 1000, 1000/900" in text  # each configuration's count where they differ
+    assert "Sessions that ended early: x: reset" in text
 
 
 def test_paired_runs_configurations_at_once(capsys: pytest.CaptureFixture[str]) -> None:
@@ -241,7 +242,7 @@ def test_paired_runs_configurations_at_once(capsys: pytest.CaptureFixture[str]) 
     assert paired.main(argv) == 0
     out = capsys.readouterr().out
     assert "| serve | " in out and "| serve-guarded-regex | " in out
-    assert "a turn apart): 0" not in out  # frames were relayed
+    assert "a turn apart): 0" not in out and "Sessions that ended early: none" in out
     with pytest.raises(SystemExit):
         paired.main(["--configs", "serve,direct"])  # direct relays nothing
 

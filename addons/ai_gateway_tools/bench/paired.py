@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ai_gateway_tools.bench import capacity
@@ -42,6 +42,7 @@ class Round:
     cpu: list[float]
     frames: list[int]
     load_share: float  # the clients' CPU (this process) over the round's time: whether they kept up
+    failed: list[str] = field(default_factory=list)  # why sessions ended early, any configuration's
 
     def per_frame(self, i: int) -> float:
         return self.cpu[i] / self.frames[i] if self.frames[i] else float("inf")
@@ -81,7 +82,8 @@ def drive_all(configs: Sequence[Config], proxies: Sequence[GatewayProcess], upst
     stats = asyncio.run(load(), loop_factory=event_loop_factory(True))
     load_share = (time.process_time() - load_before) / (time.monotonic() - began)
     cpu = [capacity.cpu_of(r) - b for r, b in zip(relays, before, strict=True)]
-    return Round(cpu, [len(s.latencies) for s in stats], load_share)
+    failed = [f"{config.name}: {why}" for config, s in zip(configs, stats, strict=True) for why in s.failures]
+    return Round(cpu, [len(s.latencies) for s in stats], load_share, failed)
 
 
 def report(configs: Sequence[Config], rounds: Sequence[Round]) -> str:
@@ -100,6 +102,7 @@ def report(configs: Sequence[Config], rounds: Sequence[Round]) -> str:
         "Server frames relayed per round (each configuration's where they differ: its sessions stop at "
         "the round's end, a turn apart): " + ", ".join(_frames(r.frames) for r in rounds),
         "The clients' CPU, of their core: " + ", ".join(f"{r.load_share:.0%}" for r in rounds),
+        "Sessions that ended early: " + ("; ".join(why for r in rounds for why in r.failed) or "none"),
     ]
     return table(header, rows) + "\n\n" + "\n".join(notes)
 
