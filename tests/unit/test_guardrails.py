@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import pytest
 from hypothesis import given
@@ -464,3 +465,24 @@ def test_the_response_streaming_has_its_audio_counted_by_metering_and_its_blocks
         assert gateway.guardrails.sessions[flow.id].responses == {}
         audio = sample_total(gateway.state.accounting.metrics, "agentgateway_guardrail_audio_before_block_seconds_sum")
         assert audio == pytest.approx(0.45)  # 100 + 50 + 200 + 100 ms, the dropped delta not among them
+
+
+def test_a_guarded_route_whose_sessions_no_guard_reads_says_so_once(tmp_path, caplog):
+    """GPT-Live and Responses WebSocket sessions are relayed unchecked: a guarded route of theirs
+    is a warning, once per route and kind of session, never silence (and never one per session)."""
+    policy = tmp_path / "guarded.yaml"
+    policy.write_text(
+        "guardrails:\n  - {name: names, kind: regex, deny: [falcon]}\n"
+        "routes:\n  /realtime: Realtime\n  /responses: Responses\n"
+        "  /live/sessions:\n    type: Realtime\n    protocol: openai-live\n"
+    )
+    gateway = Gateway()
+    with taddons.context(gateway) as context, caplog.at_level(logging.WARNING):
+        context.configure(gateway, gateway_metrics_port=0, gateway_policy=str(policy), gateway_relay="messages")
+        for path in ("/v1/live/sessions", "/v1/live/sessions", "/v1/responses", "/v1/realtime?model=gpt-realtime"):
+            flow = realtime_flow()
+            flow.request.path = path
+            gateway.session_metering.websocket_start(flow)
+    said = [r.getMessage() for r in caplog.records if "relayed unchecked" in r.getMessage()]
+    assert len(said) == 2 and "route /live/sessions" in said[0] and "openai-live" in said[0]
+    assert "route /responses has guardrails, but its Responses sessions" in said[1]

@@ -111,19 +111,25 @@ class Guardrails:
         # Sessions whose output audio deltas SessionMetering need not hand over (most frames of a
         # voice session): their one response streaming, its audio counted by metering meanwhile.
         self.unwatched: set[str] = set()
+        self.unchecked: set[tuple[str, RouteType, WireProtocol]] = set()  # guarded routes whose sessions no guard reads
 
     def start(self, flow: http.HTTPFlow) -> None:
         """A metered session's relay begins, on either path (told by SessionMetering): its guards."""
         policy, route = self.state.policy, self.state.route(flow)
-        if policy is None or route is None or route.type is not RouteType.REALTIME:
+        guards = policy.guardrails_for(route) if policy is not None and route is not None else None
+        if not guards or route is None:
             return
-        guards = policy.guardrails_for(route)
-        if not guards:
-            return
-        if route.protocol is WireProtocol.OPENAI:
+        if route.type is RouteType.REALTIME and route.protocol is WireProtocol.OPENAI:
             self.sessions[flow.id] = RealtimeSession(guards, asker(flow, route.suffix))
-        elif route.protocol is WireProtocol.GEMINI_LIVE:
+        elif route.type is RouteType.REALTIME and route.protocol is WireProtocol.GEMINI_LIVE:
             self.live.open(flow, guards, asker(flow, route.suffix))
+        elif (kind := (route.suffix, route.type, route.protocol)) not in self.unchecked:
+            self.unchecked.add(kind)  # said once per route and kind of session, not per session
+            logger.warning(
+                "ai-gateway: route %s has guardrails, but its %s sessions (%s) are relayed unchecked: "
+                "guards run on OpenAI Realtime and Gemini Live sessions, and on HTTP Chat, Responses and Completions",
+                route.suffix, route.type, route.protocol,
+            )  # fmt: skip
 
     def end(self, flow: http.HTTPFlow) -> None:
         self.sessions.pop(flow.id, None)
