@@ -596,13 +596,10 @@ def plot(steps: Sequence[Step], configs: Sequence[str], path: Path) -> None:
     pyplot.close(figure)
 
 
-def run(args: argparse.Namespace) -> tuple[Ramp, float]:
-    """The ramp, with this process and the simulator on the load's CPUs and every relay on its own."""
-    cpus = Cpus.split()
-    pin(os.getpid(), cpus.load)
-    ramp = Ramp(args, cpus)
-    started = time.perf_counter()
-    simulator = UpstreamProcess(
+def simulator(args: argparse.Namespace) -> UpstreamProcess:
+    """The upstream of the turn `args` sizes, in a child process (uvloop, no compression, the greeting's delay);
+    the profiler and the paired benchmark take it too."""
+    return UpstreamProcess(
         uvloop=True,
         seed=args.seed,
         audio_bytes=pcm16_bytes(args.delta_ms),
@@ -610,7 +607,15 @@ def run(args: argparse.Namespace) -> tuple[Ramp, float]:
         compression=None,
         greeting_delay=GREETING_DELAY,
     )
-    with tempfile.TemporaryDirectory(prefix="bench-capacity-") as tmp, simulator as upstream:
+
+
+def run(args: argparse.Namespace) -> tuple[Ramp, float]:
+    """The ramp, with this process and the simulator on the load's CPUs and every relay on its own."""
+    cpus = Cpus.split()
+    pin(os.getpid(), cpus.load)
+    ramp = Ramp(args, cpus)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-capacity-") as tmp, simulator(args) as upstream:
         ramp.run(upstream, Workdir.create(Path(tmp)))
     return ramp, time.perf_counter() - started
 

@@ -32,7 +32,7 @@ from ai_gateway_tools.bench.configs import SERVE, SERVE_GUARDED, SERVE_GUARDED_R
 from ai_gateway_tools.bench.configs import model as request_model
 from ai_gateway_tools.bench.report import table
 from ai_gateway_tools.harness import GatewayProcess
-from ai_gateway_tools.loadgen import LoadStats, Stop, UpstreamProcess, event_loop_factory, pcm16_bytes
+from ai_gateway_tools.loadgen import LoadStats, Stop, UpstreamProcess, event_loop_factory
 
 
 @dataclass(frozen=True)
@@ -122,16 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     turn = capacity.parse_args([])
     cpus = capacity.Cpus.split()
     capacity.pin(os.getpid(), cpus.load)
-    upstream_process = UpstreamProcess(
-        uvloop=True,
-        audio_bytes=pcm16_bytes(turn.delta_ms),
-        transcript_deltas=turn.transcript_deltas,
-        compression=None,
-        greeting_delay=capacity.GREETING_DELAY,
-    )
     with (
         tempfile.TemporaryDirectory(prefix="bench-paired-") as tmp,
-        upstream_process as upstream,
+        capacity.simulator(turn) as upstream,
         contextlib.ExitStack() as stack,
     ):
         work = Workdir.create(Path(tmp))

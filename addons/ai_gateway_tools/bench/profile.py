@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ai_gateway_tools.bench import capacity
 from ai_gateway_tools.bench.configs import GATEWAY, MITMDUMP, PORTKEY, SERVE, Workdir, address, endpoint, model
-from ai_gateway_tools.loadgen import Stop, UpstreamProcess, event_loop_factory, pcm16_bytes
+from ai_gateway_tools.loadgen import Stop, event_loop_factory
 
 # Where a sample's time goes: the first of these found in its stack, innermost frame first.
 AREAS = (
@@ -95,14 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("py-spy profiles Python processes only; Portkey runs on Node.js")
     cpus = capacity.Cpus.split()
     capacity.pin(os.getpid(), cpus.load)
-    upstream_process = UpstreamProcess(
-        uvloop=True,
-        audio_bytes=pcm16_bytes(args.delta_ms),
-        transcript_deltas=args.transcript_deltas,
-        compression=None,
-        greeting_delay=capacity.GREETING_DELAY,
-    )
-    with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp, upstream_process as upstream:
+    with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp, capacity.simulator(args) as upstream:
         work = Workdir.create(Path(tmp))
         for config in configs:
             with endpoint(config, upstream, work) as proxy:
