@@ -116,8 +116,7 @@ class Guardrails:
     def start(self, flow: http.HTTPFlow) -> None:
         """A metered session's relay begins, on either path (told by SessionMetering): its guards."""
         policy, route = self.state.policy, self.state.route(flow)
-        guards = policy.guardrails_for(route) if policy is not None and route is not None else None
-        if not guards or route is None:
+        if policy is None or route is None or not (guards := policy.guardrails_for(route)):
             return
         if route.type is RouteType.REALTIME and route.protocol is WireProtocol.OPENAI:
             self.sessions[flow.id] = RealtimeSession(guards, asker(flow, route.suffix))
