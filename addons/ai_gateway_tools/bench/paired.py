@@ -62,9 +62,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def drive_all(configs: Sequence[Config], proxies: Sequence[GatewayProcess], upstream: UpstreamProcess,
-              args: argparse.Namespace, n: int) -> Round:  # fmt: skip
-    """One round: every configuration's sessions at once, the relays' CPU taken around them."""
-    turn = capacity.parse_args([])  # the capacity benchmark's turn
+              args: argparse.Namespace, turn: argparse.Namespace, n: int) -> Round:  # fmt: skip
+    """One round: every configuration's sessions at once (each taking `turn`s), the relays' CPU taken around them."""
 
     async def load() -> list[LoadStats]:
         drives = (
@@ -119,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown := [n for n in names if n not in known]:
         p.error(f"--configs: not a relay of the capacity benchmark: {', '.join(unknown)}")
     configs = [known[n] for n in names]
-    turn = capacity.parse_args([])
+    turn = capacity.parse_args([])  # the capacity benchmark's turn
     cpus = capacity.Cpus.split()
     capacity.pin(os.getpid(), cpus.load)
     with (
@@ -132,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for proxy in proxies:
             assert proxy is not None and proxy.process is not None
             capacity.pin(proxy.process.pid, cpus.relay)
-        rounds = [drive_all(configs, proxies, upstream, args, n) for n in range(args.rounds)]
+        rounds = [drive_all(configs, proxies, upstream, args, turn, n) for n in range(args.rounds)]
     print(f"{args.sessions} sessions per configuration, {args.seconds:g} s a round, {cpus.describe()}\n")
     print(report(configs, rounds), flush=True)
     return 0
