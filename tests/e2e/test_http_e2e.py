@@ -217,6 +217,27 @@ def test_stream_is_relayed_chunk_by_chunk_without_buffering(client, http_gateway
     assert_metered_exactly(http_gateway, http_simulator, model, 1)
 
 
+def test_a_client_that_leaves_at_the_streams_last_event_got_a_complete_answer(
+    client, http_gateway, http_simulator, model
+):
+    """The openai SDK stops reading at `[DONE]` and closes the connection; an upstream that ends
+    the response later (here 3 s) then sees the client gone. The answer was whole: metered, and
+    its duration counted without an error (it was `client_disconnected` when the timing fell so)."""
+    stream = client.chat.completions.create(
+        model=model, messages=MESSAGES, stream=True, extra_headers={"x-sim-linger-ms": "3000"}
+    )
+    assert list(stream)[-1].usage is not None
+    duration = "agentgateway_gen_ai_server_request_duration_count"
+
+    def counted(samples: dict) -> dict[str, float]:
+        mine = select(samples, gen_ai_request_model=model)
+        return {dict(ls).get("error_type", ""): v for (name, ls), v in mine.items() if name == duration}
+
+    scraped = scrape_until(http_gateway.metrics_url, lambda s: sum(counted(s).values()) >= 1, timeout=10)
+    assert counted(scraped) == {"": 1}
+    assert_metered_exactly(http_gateway, http_simulator, model, 1)
+
+
 def test_upstream_errors_and_latency_metrics(client, http_gateway, http_simulator, model):
     with pytest.raises(RateLimitError):
         client.chat.completions.create(model=model, messages=MESSAGES, extra_headers={"x-sim-status": "429"})

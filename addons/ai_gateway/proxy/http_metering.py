@@ -164,8 +164,15 @@ class HttpMetering:
     @never_raises
     def error(self, flow: http.HTTPFlow) -> None:
         exchange = self.exchanges.pop(flow.id, None)
-        if exchange is not None and flow.error is not None:
-            exchange.finish(error_type(flow.error.msg))
+        if exchange is None or flow.error is None:
+            return
+        failure = error_type(flow.error.msg)
+        if failure == "client_disconnected" and exchange.stream_finished and flow.response is not None:
+            # The client left after the stream's last event (the SDKs stop reading at `[DONE]` and
+            # close) while the upstream had yet to end the response: an answer complete, not an error.
+            exchange.finish("", flow.response.status_code, guardrail_block(flow))
+            return
+        exchange.finish(failure)
 
     def server_connect_error(self, data: ServerConnectionHookData) -> None:
         """With mitmproxy's eager connection strategy the upstream is dialled before any request

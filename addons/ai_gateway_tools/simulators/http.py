@@ -6,9 +6,9 @@ A real aiohttp server on localhost that the gateway forwards to, answering enoug
 (JSON bodies, server-sent event streams, the Responses API's WebSocket mode) for the official
 `openai` SDK. Metering can only be checked against ground truth, so the simulator keeps an exact
 ledger of every usage object it sent; tests compare the gateway's metrics with it. Misbehaviour
-(compression, error statuses, malformed bodies, truncated or held-back streams, latency) is
-requested per request through `x-sim-*` headers, which the SDK sends as `extra_headers`;
-`x-sim-text` sets what the model answers.
+(compression, error statuses, malformed bodies, truncated or held-back streams, latency, a stream
+left open after its last event) is requested per request through `x-sim-*` headers, which the SDK
+sends as `extra_headers`; `x-sim-text` sets what the model answers.
 
 Endpoints are matched by path suffix, whatever the prefix (/v1, Azure's /openai/deployments/<name>);
 any other request gets a passthrough body that happens to carry usage, which must never be metered.
@@ -99,6 +99,7 @@ class Overrides:
     truncate: bool = False
     gate: str | None = None
     delay: float = 0.0  # seconds before each streamed message; before the body when not streaming
+    linger: float = 0.0  # seconds a stream stays open after its last event, before its end
     text: str = TEXT  # x-sim-text: what the model answers (Chat, Responses, Completions), a word per delta
 
     @property
@@ -224,6 +225,7 @@ def read_overrides(headers: Mapping[str, str]) -> Overrides:
         truncate=_choice(headers, "x-sim-truncate", ("0", "1")) == "1",
         gate=headers.get("x-sim-gate") or None,
         delay=(_number(headers, "x-sim-delay-ms", 0, 60_000) or 0) / 1000,
+        linger=(_number(headers, "x-sim-linger-ms", 0, 60_000) or 0) / 1000,
         text=headers.get("x-sim-text") or TEXT,
     )
 
@@ -765,6 +767,7 @@ class HttpSimulator:
 
         with contextlib.suppress(ConnectionResetError):  # the client left
             await self._stream(exchange, messages, send)
+            await asyncio.sleep(exchange.overrides.linger)  # a client that stops at [DONE] has left by then
             await response.write(encoder.finish())
             await response.write_eof()
         return response
