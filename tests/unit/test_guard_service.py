@@ -5,6 +5,7 @@ every failure a verdict."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
+from ai_gateway.accounting import guard_service
 from ai_gateway.accounting.guard_service import MAX_ANSWER_BYTES, SHUTTING_DOWN, GuardClients, prepare
 from ai_gateway.config.guardrails import ALLOW, ERROR, Action, Phase, Verdict
 from ai_gateway.proxy.guard_checks import GuardChecks, asker
@@ -75,6 +77,49 @@ def test_a_dead_port_is_an_error_verdict():
         port = unused.getsockname()[1]  # bound, never listening: connections are refused
         (verdict,) = asked(f"http://127.0.0.1:{port}/webhook", ["hello"])
     assert verdict.outcome == ERROR and verdict.reason.startswith("ClientConnectorError")
+
+
+def test_a_service_that_keeps_failing_is_paused_then_tried_again(monkeypatch, caplog):
+    """Three calls time out: the service is paused, its next checks an error verdict at once with no
+    request sent; once the pause ends one call tries it again (failing: paused twice as long), and
+    the first answer ends it, for webhook and moderation guards alike."""
+    monkeypatch.setattr(guard_service, "FIRST_PAUSE_SECONDS", 0.3)
+    with GuardSimulator(delay=1.0) as service:
+        kinds = [webhook(f"{service.url}/webhook", timeout_ms=100), moderation(f"{service.url}/v1/moderations", timeout_ms=100)]  # fmt: skip
+
+        async def check(clients: GuardClients, guard) -> tuple[Verdict, float]:
+            began = time.monotonic()
+            return await clients.ask(guard, "hello", {}, held=True), time.monotonic() - began
+
+        async def pause_and_resume(guard) -> None:
+            clients = GuardClients()
+            try:
+                for _ in range(3):
+                    assert (await check(clients, guard))[0].reason == "timeout"
+                sent = len(service.requests)
+                (verdict, took), _ = await check(clients, guard), await check(clients, guard)
+                assert (verdict.outcome, verdict.reason) == (ERROR, "not asked: the service failed its last 3 calls")
+                assert took < 0.05 and len(service.requests) == sent and not clients.batches
+                while clients.paused(guard):
+                    await asyncio.sleep(0.02)
+                assert (await check(clients, guard))[0].reason == "timeout"  # tried again, failed
+                assert len(service.requests) == sent + 1 and clients.health[guard].pause == 0.6
+                service.delay = 0.0
+                while clients.paused(guard):
+                    await asyncio.sleep(0.02)
+                assert [(await check(clients, guard))[0].outcome for _ in range(2)] == [ALLOW, ALLOW]
+                assert guard not in clients.health
+            finally:
+                service.delay = 1.0
+                await clients.close()
+
+        with caplog.at_level(logging.INFO, logger=guard_service.__name__):
+            for guard in kinds:
+                run_cleanly(lambda: pause_and_resume(guard))  # noqa: B023 (run at once)
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("failed 3 calls in a row (the last: timeout); not asked for 0.3 s" in m for m in said) == 2
+    assert sum("failed 4 calls in a row (the last: timeout); not asked for 0.6 s" in m for m in said) == 2
+    assert sum(m.endswith("its service answers again") for m in said) == 2
 
 
 def test_a_policy_with_a_service_guard_imports_the_client_when_applied(tmp_path):

@@ -10,6 +10,11 @@ by the guard's timeout_ms. Moderation checks are batched, many texts to a reques
 carries. Whatever goes wrong is a verdict (`error`, blocking only where on_error is closed), for
 every check of a batch, never an exception for the caller. A check nothing awaits (`soon`) costs
 no task of its own: its verdict is a future the batch resolves, within the batch's deadline.
+
+A service whose calls keep failing (dead, slow past its timeout, answering errors) is paused
+(`Health`): not asked for a while, its checks an error verdict at once, so that neither a held
+user item waits out a timeout nor the relay pays a request per check for a service that cannot
+answer.
 """
 
 from __future__ import annotations
@@ -18,16 +23,21 @@ import asyncio
 import functools
 import importlib
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ai_gateway.config.guardrails import Guard, GuardKind, Verdict, allowed, failed, matched
+from ai_gateway.config.guardrails import ERROR, Guard, GuardKind, Verdict, allowed, failed, matched
 
 if TYPE_CHECKING:
     import aiohttp
 
 MAX_ANSWER_BYTES = 1 << 20
 SHUTTING_DOWN = "gateway shutting down"  # the reason of checks ended by `close`
+FAILURES_BEFORE_PAUSE = 3  # calls in a row a service failed before it is paused
+FIRST_PAUSE_SECONDS, LONGEST_PAUSE_SECONDS = 1.0, 30.0
+
+logger = logging.getLogger(__name__)
 
 
 class ServiceError(Exception):
@@ -37,6 +47,30 @@ class ServiceError(Exception):
 def prepare() -> None:
     """Import the HTTP client now, before a check is timed (a policy with a service guard was applied)."""
     importlib.import_module("aiohttp")
+
+
+@dataclass
+class Health:
+    """A guard service's calls of late. After FAILURES_BEFORE_PAUSE failed in a row it is paused:
+    not asked until the pause ends, its checks an error verdict meanwhile (on_error decides, at
+    once). The first call after a pause tries it again: one more failure pauses it for twice as
+    long (up to LONGEST_PAUSE_SECONDS); an answer ends it all (`GuardClients.called` forgets it)."""
+
+    failures: int = 0
+    pause: float = 0.0  # the last pause's length, seconds
+    until: float = float("-inf")  # the loop's time the current pause ends
+
+    def paused(self, now: float) -> bool:
+        return now < self.until
+
+    def failed(self, now: float) -> float | None:
+        """One more call failed; the pause it starts (seconds), if it starts one."""
+        self.failures += 1
+        if self.failures < FAILURES_BEFORE_PAUSE or self.paused(now):  # calls sent before the pause began
+            return None
+        self.pause = min(self.pause * 2 or FIRST_PAUSE_SECONDS, LONGEST_PAUSE_SECONDS)
+        self.until = now + self.pause
+        return self.pause
 
 
 @dataclass
@@ -63,6 +97,7 @@ class GuardClients:
         self.batches: dict[Guard, Batch] = {}  # only guards with checks queued: emptied at each send
         self.sending: set[asyncio.Task[None]] = set()  # moderation requests in flight
         self.calls: set[asyncio.Task[Verdict]] = set()  # webhook calls nothing awaits (`soon`)
+        self.health: dict[Guard, Health] = {}  # services that failed a call since they last answered
 
     @property
     def busy(self) -> bool:
@@ -75,13 +110,44 @@ class GuardClients:
         waits for it, so it does not linger."""
         if guard.kind is GuardKind.MODERATION:
             return await self.batched(guard, text, held)
+        if (not_asked := self.paused(guard)) is not None:
+            return not_asked
         try:
             async with asyncio.timeout(guard.timeout_ms / 1000):
-                return webhook_verdict(guard, await self.post_json(guard.url or "", {**context, "text": text}))
+                verdict = webhook_verdict(guard, await self.post_json(guard.url or "", {**context, "text": text}))
         except TimeoutError:
-            return failed(guard, "timeout")
+            verdict = failed(guard, "timeout")
         except Exception as e:  # refused, reset, an HTTP error, an unreadable answer: each a verdict
-            return went_wrong(guard, e)
+            verdict = went_wrong(guard, e)
+        self.called(guard, verdict)
+        return verdict
+
+    def paused(self, guard: Guard) -> Verdict | None:
+        """The error verdict of a check whose service is paused (not asked), or None: ask it."""
+        health = self.health.get(guard)
+        if health is None or not health.paused(asyncio.get_running_loop().time()):
+            return None
+        return failed(guard, f"not asked: the service failed its last {health.failures} calls")
+
+    def called(self, guard: Guard, verdict: Verdict) -> None:
+        """A call's verdict (an error: it failed) told to its service's health, said when it pauses
+        the service and when the service answers again."""
+        health = self.health.get(guard)
+        if verdict.outcome != ERROR:
+            if health is not None:
+                del self.health[guard]
+                if health.pause:
+                    logger.info("ai-gateway: guardrail %r: its service answers again", guard.name)
+            return
+        if health is None:
+            health = self.health[guard] = Health()
+        pause = health.failed(asyncio.get_running_loop().time())
+        if pause is not None:
+            logger.warning(
+                "ai-gateway: guardrail %r: its service failed %d calls in a row (the last: %s); not asked "
+                "for %g s, its checks are errors meanwhile (on_error: %s)",
+                guard.name, health.failures, verdict.reason, pause, guard.on_error,
+            )  # fmt: skip
 
     def soon(self, guard: Guard, text: str, context: dict[str, Any]) -> asyncio.Future[Verdict]:
         """`ask` for a caller that does not await the verdict (text already relayed): a moderation
@@ -97,10 +163,13 @@ class GuardClients:
         """The text queued in its guard's batch, which is sent now if full or held, else when its
         first check has lingered batch_ms; answered by the batch's deadline whatever happens."""
         loop = asyncio.get_running_loop()
+        answer: asyncio.Future[Verdict] = loop.create_future()
+        if (not_asked := self.paused(guard)) is not None:
+            answer.set_result(not_asked)
+            return answer
         batch = self.batches.get(guard)
         if batch is None:
             batch = self.batches[guard] = Batch(loop.time() + guard.timeout_ms / 1000)
-        answer: asyncio.Future[Verdict] = loop.create_future()
         batch.texts.append(text)
         batch.answers.append(answer)
         if held or guard.batch_ms <= 0 or len(batch.texts) >= guard.batch_max:
@@ -145,6 +214,7 @@ class GuardClients:
             verdicts = [went_wrong(guard, e)] * len(texts)
         finally:
             answered(answers, verdicts)
+        self.called(guard, verdicts[0])  # not reached when `close` cancelled the call
 
     async def post_json(self, url: str, body: dict[str, Any], bearer: str | None = None) -> Any:
         """POST a JSON body, return the decoded JSON answer of a 2xx response (at most MAX_ANSWER_BYTES)."""
