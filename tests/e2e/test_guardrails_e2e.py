@@ -448,6 +448,38 @@ def test_a_dead_guard_service_neither_stalls_nor_breaks_a_session(tmp_path, upst
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_guard_service_that_keeps_timing_out_is_paused_and_no_user_item_waits_for_it(tmp_path, upstream, launcher):
+    """Three user items each wait out the 300 ms timeout of a service that answers after 5 s; the
+    service is then paused: the next items pass at once (on_error open), no request is sent for
+    them, and the gateway says so once."""
+    with (
+        GuardSimulator(delay=5.0) as guard,
+        GatewayProcess(upstream.url, launcher=launcher, options={"gateway_policy": service_policy(tmp_path, guard.url)}) as gateway,
+    ):  # fmt: skip
+
+        async def session() -> list[float]:
+            async with websockets.connect(f"{websocket_base(gateway.url)}/v1/realtime?model=gpt-realtime") as ws:
+                await read_until(ws, "session.created")
+                waited = []
+                for n in range(5):
+                    began = time.monotonic()
+                    await say(ws, f"item {n}", f"paused-{launcher}-{n}")
+                    await read_until(ws, "conversation.item.done")
+                    waited.append(time.monotonic() - began)
+                return waited
+
+        waited = asyncio.run(session())
+        print(f"\n{launcher}: each item acknowledged after " + ", ".join(f"{w * 1000:.0f} ms" for w in waited))
+        assert all(w >= 0.3 for w in waited[:3]) and all(w < 0.2 for w in waited[3:])
+        assert [path for path, _ in guard.requests].count("/webhook") == 3
+        assert service_checks(gateway, "hook", "error") == 5
+        assert (
+            gateway.log().count("'hook': its service failed 3 calls in a row (the last: timeout); not asked for 1 s")
+            == 1
+        )
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_http_requests_and_responses_are_guarded(tmp_path, launcher):
     path = tmp_path / "http.yaml"
     path.write_text(POLICY + "  /chat/completions: Completions\n  /responses: Responses\n")
