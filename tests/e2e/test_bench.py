@@ -226,6 +226,22 @@ def test_a_guarded_gateway_that_fails_to_start_leaves_no_guard_service_behind(tm
     assert gateway.service is not None and gateway.service.poll() is not None
 
 
+@pytest.mark.parametrize("service", ["slow", "dead"])
+def test_a_guarded_gateway_s_moderation_service_can_be_slow_or_dead(tmp_path: Path, service: str) -> None:
+    """The gateway starts with the moderation guard's URL a simulator answering after 1 s (slow) or
+    a port that refuses connections (dead)."""
+    with GuardedGateway("http://127.0.0.1:9", tmp_path, service=service) as gateway:
+        document = yaml.safe_load(Path(gateway.options["gateway_policy"]).read_text(encoding="utf-8"))
+        (url,) = [g["url"] for g in document["guardrails"] if g["kind"] == "moderation"]
+        host, port = url.removeprefix("http://").split("/")[0].split(":")
+        if service == "dead":
+            assert gateway.service is None
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((host, int(port)), timeout=2).close()
+        else:
+            assert gateway.service is not None and gateway.service.args[-2:] == ["--delay", "1.0"]
+
+
 def test_paired_ratio_is_the_first_configurations_cpu_per_frame_over_each_ones() -> None:
     rounds = [paired.Round([2.0, 2.5], [1000, 1000], 0.5), paired.Round([3.0, 3.0], [1000, 900], 0.6, ["x: reset"])]
     configs = [c for c in CONFIGS if c.name in ("serve", "serve-guarded")]

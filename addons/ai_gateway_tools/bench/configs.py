@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from ai_gateway.config.policy import DEFAULT_POLICY, load_policy
 from ai_gateway_tools.bench.litellm import LITELLM_VERSION, LitellmProcess
 from ai_gateway_tools.bench.portkey import PORTKEY_VERSION, PortkeyProcess
 from ai_gateway_tools.bench.probe import EmptyHook
-from ai_gateway_tools.harness import GatewayProcess
+from ai_gateway_tools.harness import GatewayProcess, free_port
 from ai_gateway_tools.loadgen import LoadStats, Stop, Traffic, UpstreamProcess, drive
 
 
@@ -67,9 +67,12 @@ class ServedGateway(GatewayProcess):
     URL first), started before the gateway and stopped after it; `serve` sets the gateway's options
     that point at it (None: no simulator)."""
 
-    def __init__(self, upstream: str, module: str | None, options: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, upstream: str, module: str | None, options: dict[str, str] | None = None, service_args: Sequence[str] = ()
+    ) -> None:
         super().__init__(upstream, options=options, launcher="serve")
         self.module = module
+        self.service_args = service_args  # the simulator's command line
         self.service: subprocess.Popen[str] | None = None
 
     def serve(self, url: str | None) -> None:
@@ -78,7 +81,7 @@ class ServedGateway(GatewayProcess):
     def start(self, timeout: float = 30.0) -> GatewayProcess:
         url = None
         if self.module is not None:
-            command = [sys.executable, "-m", self.module]
+            command = [sys.executable, "-m", self.module, *self.service_args]
             self.service = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=self.env)
             assert self.service.stdout is not None
             url = self.service.stdout.readline().split()[-1]
@@ -114,14 +117,20 @@ class ObservedGateway(ServedGateway):
 
 class GuardedGateway(ServedGateway):
     """scripts/serve with a regex guard and a moderation guard, both phases, the moderation guard
-    asking the guard simulator in a process of its own (issue #24: capacity with guards on); with
-    `service=False`, the regex guard alone (what the guards cost without a call per window)."""
+    asking the guard simulator in a process of its own (issue #24: capacity with guards on). The
+    service `answering` at once, `slow` (answering after 1 s, past the guard's 500 ms timeout),
+    `dead` (a port nobody listens on), or None: the regex guard alone (what the guards cost
+    without a call per window)."""
 
-    def __init__(self, upstream: str, directory: Path, service: bool = True) -> None:
-        super().__init__(upstream, "ai_gateway_tools.simulators.guard" if service else None)
+    def __init__(self, upstream: str, directory: Path, service: str | None = "answering") -> None:
+        simulated = service in ("answering", "slow")
+        args = ("--delay", "1.0") if service == "slow" else ()
+        super().__init__(upstream, "ai_gateway_tools.simulators.guard" if simulated else None, service_args=args)
         self.directory = directory  # a copy of the default policy's directory: its price list beside it
+        self.dead = service == "dead"
 
     def serve(self, url: str | None) -> None:
+        url = f"http://127.0.0.1:{free_port()}" if self.dead else url
         self.options["gateway_policy"] = str(guarded_policy(self.directory, url))
 
 
@@ -304,7 +313,21 @@ SERVE_GUARDED = Config(
 SERVE_GUARDED_REGEX = Config(
     "serve-guarded-regex",
     "`scripts/serve` with the regex guard alone on both phases (no guard service asked)",
-    lambda upstream, work: GuardedGateway(upstream, work.policy.parent, service=False),
+    lambda upstream, work: GuardedGateway(upstream, work.policy.parent, service=None),
+    metered=True,
+)
+# Not run by default: the moderation service slow past its timeout, or dead (issue #24: "a slow or
+# dead guard service costs the relay nothing measurable").
+SERVE_GUARDED_SLOW = Config(
+    "serve-guarded-slow",
+    "`serve-guarded` with a moderation service that answers after 1 s, past the guard's 500 ms timeout",
+    lambda upstream, work: GuardedGateway(upstream, work.policy.parent, service="slow"),
+    metered=True,
+)
+SERVE_GUARDED_DEAD = Config(
+    "serve-guarded-dead",
+    "`serve-guarded` with the moderation guard's URL a port nobody listens on",
+    lambda upstream, work: GuardedGateway(upstream, work.policy.parent, service="dead"),
     metered=True,
 )
 # Not run by default: where the gateway misses a relay target, it tells how much of the cost any
