@@ -32,7 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,6 +165,17 @@ def traffic(args: argparse.Namespace) -> Traffic:
 
 def turn_seconds(args: argparse.Namespace) -> float:
     return (args.appends * args.append_ms + (args.audio_deltas + args.transcript_deltas) * args.delta_ms) / 1000
+
+
+def turns(config: Config, proxy: GatewayProcess | None, upstream: UpstreamProcess, args: argparse.Namespace,
+          phase: str, stop: Stop, sessions: int) -> Awaitable[LoadStats]:  # fmt: skip
+    """The capacity benchmark's load: `sessions` voice sessions through `proxy` (the simulator itself
+    when None), each taking the turns `args` sizes, started over one turn's time and going on past
+    a failed session; the profiler and the paired benchmark drive the same."""
+    return address(proxy, upstream).drive(
+        model(config, phase), traffic(args), stop, sessions=sessions, seed=args.seed,
+        spread=turn_seconds(args), compression=None, keep_going=True,
+    )  # fmt: skip
 
 
 # --- pinning ------------------------------------------------------------------------------------
@@ -362,17 +373,7 @@ class Ramp:
         stop: Stop,
         phase: str,
     ) -> LoadStats:
-        to = address(proxy, upstream)
-        load = to.drive(
-            model(config, phase),
-            traffic(self.args),
-            stop,
-            sessions=sessions,
-            seed=self.args.seed,
-            spread=turn_seconds(self.args),
-            compression=None,
-            keep_going=True,
-        )
+        load = turns(config, proxy, upstream, self.args, phase, stop, sessions)
         return asyncio.run(load, loop_factory=event_loop_factory(True))
 
     def problems(

@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ai_gateway_tools.bench import capacity
-from ai_gateway_tools.bench.configs import SERVE, SERVE_GUARDED, SERVE_GUARDED_REGEX, Config, Workdir, address, endpoint
-from ai_gateway_tools.bench.configs import model as request_model
+from ai_gateway_tools.bench.configs import SERVE, SERVE_GUARDED, SERVE_GUARDED_REGEX, Config, Workdir, endpoint
 from ai_gateway_tools.bench.report import table
 from ai_gateway_tools.harness import GatewayProcess
 from ai_gateway_tools.loadgen import LoadStats, Stop, UpstreamProcess, event_loop_factory
@@ -66,13 +65,11 @@ def drive_all(configs: Sequence[Config], proxies: Sequence[GatewayProcess], upst
     """One round: every configuration's sessions at once (each taking `turn`s), the relays' CPU taken around them."""
 
     async def load() -> list[LoadStats]:
+        stop = Stop(seconds=args.seconds)
         drives = (
-            address(proxy, upstream).drive(
-                request_model(config, f"paired-{n}"), capacity.traffic(turn), Stop(seconds=args.seconds),
-                sessions=args.sessions, spread=capacity.turn_seconds(turn), compression=None, keep_going=True,
-            )
+            capacity.turns(config, proxy, upstream, turn, f"paired-{n}", stop, args.sessions)
             for config, proxy in zip(configs, proxies, strict=True)
-        )  # fmt: skip
+        )
         return await asyncio.gather(*drives)
 
     relays = [capacity.relay_processes(proxy) for proxy in proxies]

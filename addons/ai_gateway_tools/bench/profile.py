@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ai_gateway_tools.bench import capacity
-from ai_gateway_tools.bench.configs import GATEWAY, MITMDUMP, PORTKEY, SERVE, Workdir, address, endpoint, model
+from ai_gateway_tools.bench.configs import GATEWAY, MITMDUMP, PORTKEY, SERVE, Workdir, endpoint
 from ai_gateway_tools.loadgen import Stop, event_loop_factory
 
 # Where a sample's time goes: the first of these found in its stack, innermost frame first.
@@ -107,14 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "--duration", str(int(options.seconds)), "--output", str(output), "--pid", str(proxy.process.pid),
                 ]  # fmt: skip
                 spy = subprocess.Popen(record, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                load = address(proxy, upstream).drive(
-                    model(config, "profile"),
-                    capacity.traffic(args),
-                    Stop(seconds=options.seconds),
-                    sessions=options.sessions,
-                    spread=capacity.turn_seconds(args),
-                    compression=None,
-                    keep_going=True,
+                load = capacity.turns(
+                    config, proxy, upstream, args, "profile", Stop(seconds=options.seconds), options.sessions
                 )
                 asyncio.run(load, loop_factory=event_loop_factory(True))
                 spy.wait()
