@@ -12,7 +12,7 @@ import tarfile
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -122,7 +122,9 @@ class GuardedGateway(ServedGateway):
     `dead` (a port nobody listens on), or None: the regex guard alone (what the guards cost
     without a call per window)."""
 
-    def __init__(self, upstream: str, directory: Path, service: str | None = "answering") -> None:
+    def __init__(
+        self, upstream: str, directory: Path, service: Literal["answering", "slow", "dead"] | None = "answering"
+    ) -> None:
         simulated = service in ("answering", "slow")
         args = ("--delay", "1.0") if service == "slow" else ()
         super().__init__(upstream, "ai_gateway_tools.simulators.guard" if simulated else None, service_args=args)
